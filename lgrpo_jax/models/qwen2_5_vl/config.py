@@ -1,0 +1,294 @@
+"""Qwen2.5-VL configuration, read from (and written back to) a checkpoint's `config.json`.
+
+Accepts every layout transformers has used: nested `text_config`/`vision_config` (transformers 5) or
+text fields at the top level (the Hub's original 3B/7B files), `rope_scaling` (old) or
+`rope_parameters` (new), `in_chans` or `in_channels`, `tie_word_embeddings` at the top or inside
+`text_config`. Size fields are required (no silent 7B defaults); the rest default as transformers does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+MODEL_TYPE = "qwen2_5_vl"
+
+SUPPORTED_ACTS = ("silu", "gelu", "gelu_pytorch_tanh", "quick_gelu")
+DTYPES = ("float32", "bfloat16")
+
+
+class ConfigError(ValueError):
+  """A checkpoint's config.json cannot describe a model we can build."""
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+  depth: int
+  hidden_size: int
+  num_heads: int
+  intermediate_size: int
+  out_hidden_size: int
+  patch_size: int = 14
+  temporal_patch_size: int = 2
+  spatial_merge_size: int = 2
+  window_size: int = 112
+  fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)
+  in_channels: int = 3
+  hidden_act: str = "silu"
+  tokens_per_second: int = 4
+  rope_theta: float = 10000.0
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
+  @property
+  def patch_dim(self) -> int:
+    """Length of one flattened patch in `pixel_values`: C·T·P·P (3·2·14·14 = 1176)."""
+    return self.in_channels * self.temporal_patch_size * self.patch_size**2
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_hidden_layers: int
+  num_attention_heads: int
+  num_key_value_heads: int
+  rms_norm_eps: float = 1e-6
+  rope_theta: float = 1000000.0
+  mrope_section: tuple[int, int, int] = (16, 24, 24)
+  hidden_act: str = "silu"
+  max_position_embeddings: int = 32768
+  bos_token_id: int | None = None
+  eos_token_id: int | tuple[int, ...] | None = None
+  pad_token_id: int | None = None
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_attention_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen25VLConfig:
+  text: TextConfig
+  vision: VisionConfig
+  image_token_id: int = 151655
+  video_token_id: int = 151656
+  vision_start_token_id: int = 151652
+  vision_end_token_id: int = 151653
+  tie_word_embeddings: bool = False
+  # Ours, not HF's: parameter storage and matmul compute dtypes ("float32" | "bfloat16").
+  param_dtype: str = "float32"
+  dtype: str = "float32"
+
+  def replace(self, **kw) -> "Qwen25VLConfig":
+    out = dataclasses.replace(self, **kw)
+    validate(out)
+    return out
+
+  # ---- HF <-> ours -------------------------------------------------------------------------
+  @classmethod
+  def from_hf_dict(cls, raw: dict[str, Any], *, source: str = "config") -> "Qwen25VLConfig":
+    return from_hf_dict(raw, source=source)
+
+  @classmethod
+  def from_json(cls, path: str | os.PathLike) -> "Qwen25VLConfig":
+    path = os.fspath(path)
+    if os.path.isdir(path):
+      path = os.path.join(path, "config.json")
+    if not os.path.isfile(path):
+      raise ConfigError(f"{path}: no such config file")
+    try:
+      with open(path) as f:
+        raw = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    return from_hf_dict(raw, source=path)
+
+  def to_hf_dict(self) -> dict[str, Any]:
+    """The nested transformers-5 layout, loadable by `Qwen2_5_VLConfig`."""
+    t, v = self.text, self.vision
+    text = {
+        "model_type": "qwen2_5_vl_text",
+        "vocab_size": t.vocab_size,
+        "hidden_size": t.hidden_size,
+        "intermediate_size": t.intermediate_size,
+        "num_hidden_layers": t.num_hidden_layers,
+        "num_attention_heads": t.num_attention_heads,
+        "num_key_value_heads": t.num_key_value_heads,
+        "hidden_act": t.hidden_act,
+        "max_position_embeddings": t.max_position_embeddings,
+        "rms_norm_eps": t.rms_norm_eps,
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": t.rope_theta,
+            "mrope_section": list(t.mrope_section),
+        },
+        "use_sliding_window": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": t.bos_token_id,
+        "eos_token_id": list(t.eos_token_id) if isinstance(t.eos_token_id, tuple) else t.eos_token_id,
+        "pad_token_id": t.pad_token_id,
+    }
+    vision = {
+        "model_type": "qwen2_5_vl_vision",
+        "depth": v.depth,
+        "hidden_size": v.hidden_size,
+        "num_heads": v.num_heads,
+        "intermediate_size": v.intermediate_size,
+        "out_hidden_size": v.out_hidden_size,
+        "hidden_act": v.hidden_act,
+        "in_channels": v.in_channels,
+        "patch_size": v.patch_size,
+        "temporal_patch_size": v.temporal_patch_size,
+        "spatial_merge_size": v.spatial_merge_size,
+        "window_size": v.window_size,
+        "fullatt_block_indexes": list(v.fullatt_block_indexes),
+        "tokens_per_second": v.tokens_per_second,
+        "rope_parameters": {"rope_type": "axial", "rope_theta": v.rope_theta},
+    }
+    return {
+        "model_type": MODEL_TYPE,
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+        "text_config": text,
+        "vision_config": vision,
+        "image_token_id": self.image_token_id,
+        "video_token_id": self.video_token_id,
+        "vision_start_token_id": self.vision_start_token_id,
+        "vision_end_token_id": self.vision_end_token_id,
+        "tie_word_embeddings": self.tie_word_embeddings,
+        "dtype": self.param_dtype,
+    }
+
+
+# ---- parsing -------------------------------------------------------------------------------
+_TEXT_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                  "num_attention_heads")
+_VISION_REQUIRED = ("depth", "hidden_size", "num_heads", "intermediate_size", "out_hidden_size")
+
+
+def _pick(d: dict, source: str, where: str, key: str, required: bool, default=None, aliases=()):
+  for k in (key, *aliases):
+    if k in d and d[k] is not None:
+      return d[k]
+  if required:
+    raise ConfigError(f"{source}: missing required field '{where}{key}'")
+  return default
+
+
+def _rope_params(d: dict, source: str, where: str) -> dict:
+  rp = d.get("rope_parameters") or d.get("rope_scaling") or {}
+  if not isinstance(rp, dict):
+    raise ConfigError(f"{source}: '{where}rope_parameters' must be an object, got {rp!r}")
+  rope_type = rp.get("rope_type", rp.get("type", "default"))
+  if rope_type not in ("default", "mrope", "axial"):
+    raise ConfigError(f"{source}: '{where}rope_parameters.rope_type'={rope_type!r} is not supported "
+                      "(supported: 'default', 'mrope')")
+  return rp
+
+
+def from_hf_dict(raw: dict[str, Any], *, source: str = "config") -> Qwen25VLConfig:
+  if not isinstance(raw, dict):
+    raise ConfigError(f"{source}: expected a JSON object, got {type(raw).__name__}")
+  model_type = raw.get("model_type")
+  if model_type != MODEL_TYPE:
+    raise ConfigError(f"{source}: model_type={model_type!r} is not supported; lgrpo_jax reads "
+                      f"'{MODEL_TYPE}' checkpoints (Qwen2.5-VL)")
+
+  # Text fields: nested (transformers 5) or flat at the top level (original Hub files).
+  text_raw = raw.get("text_config")
+  tw = "text_config."
+  if not isinstance(text_raw, dict):
+    text_raw, tw = raw, ""
+  vision_raw = raw.get("vision_config")
+  if not isinstance(vision_raw, dict):
+    raise ConfigError(f"{source}: missing required field 'vision_config'")
+  vw = "vision_config."
+
+  tp = {k: _pick(text_raw, source, tw, k, True) for k in _TEXT_REQUIRED}
+  rp = _rope_params(text_raw, source, tw)
+  if not rp and tw:  # rope fields may sit at the top level beside a nested text_config
+    rp = _rope_params(raw, source, "")
+  rope_theta = rp.get("rope_theta", _pick(text_raw, source, tw, "rope_theta", False, None))
+  if rope_theta is None:
+    rope_theta = raw.get("rope_theta", 1000000.0)
+  mrope = tuple(int(x) for x in rp.get("mrope_section", (16, 24, 24)))
+  eos = _pick(text_raw, source, tw, "eos_token_id", False, raw.get("eos_token_id"))
+  text = TextConfig(
+      **{k: int(v) for k, v in tp.items()},
+      num_key_value_heads=int(_pick(text_raw, source, tw, "num_key_value_heads", False,
+                                    tp["num_attention_heads"])),
+      rms_norm_eps=float(_pick(text_raw, source, tw, "rms_norm_eps", False, 1e-6)),
+      rope_theta=float(rope_theta),
+      mrope_section=mrope,  # type: ignore[arg-type]
+      hidden_act=str(_pick(text_raw, source, tw, "hidden_act", False, "silu")),
+      max_position_embeddings=int(_pick(text_raw, source, tw, "max_position_embeddings", False, 32768)),
+      bos_token_id=_pick(text_raw, source, tw, "bos_token_id", False, raw.get("bos_token_id")),
+      eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+      pad_token_id=_pick(text_raw, source, tw, "pad_token_id", False, raw.get("pad_token_id")),
+  )
+  if text_raw.get("use_sliding_window"):
+    raise ConfigError(f"{source}: '{tw}use_sliding_window'=true is not supported (Qwen2.5-VL "
+                      "checkpoints ship with it off)")
+
+  vp = {k: int(_pick(vision_raw, source, vw, k, True)) for k in _VISION_REQUIRED}
+  vrp = vision_raw.get("rope_parameters") or {}
+  vision = VisionConfig(
+      **vp,
+      patch_size=int(_pick(vision_raw, source, vw, "patch_size", False, 14)),
+      temporal_patch_size=int(_pick(vision_raw, source, vw, "temporal_patch_size", False, 2)),
+      spatial_merge_size=int(_pick(vision_raw, source, vw, "spatial_merge_size", False, 2)),
+      window_size=int(_pick(vision_raw, source, vw, "window_size", False, 112)),
+      fullatt_block_indexes=tuple(int(i) for i in _pick(
+          vision_raw, source, vw, "fullatt_block_indexes", False, (7, 15, 23, 31))),
+      in_channels=int(_pick(vision_raw, source, vw, "in_channels", False, 3, aliases=("in_chans",))),
+      hidden_act=str(_pick(vision_raw, source, vw, "hidden_act", False, "silu")),
+      tokens_per_second=int(_pick(vision_raw, source, vw, "tokens_per_second", False, 4)),
+      rope_theta=float(vrp.get("rope_theta", 10000.0)) if isinstance(vrp, dict) else 10000.0,
+  )
+  tie = bool(raw.get("tie_word_embeddings", False)) or bool(
+      raw.get("text_config", {}).get("tie_word_embeddings", False)
+      if isinstance(raw.get("text_config"), dict) else False)
+  cfg = Qwen25VLConfig(
+      text=text,
+      vision=vision,
+      image_token_id=int(raw.get("image_token_id", 151655)),
+      video_token_id=int(raw.get("video_token_id", 151656)),
+      vision_start_token_id=int(raw.get("vision_start_token_id", 151652)),
+      vision_end_token_id=int(raw.get("vision_end_token_id", 151653)),
+      tie_word_embeddings=tie,
+  )
+  validate(cfg, source)
+  return cfg
+
+
+def validate(cfg: Qwen25VLConfig, source: str = "config") -> None:
+  t, v = cfg.text, cfg.vision
+  if t.hidden_size % t.num_attention_heads:
+    raise ConfigError(f"{source}: text hidden_size={t.hidden_size} is not divisible by "
+                      f"num_attention_heads={t.num_attention_heads}")
+  if t.num_attention_heads % t.num_key_value_heads:
+    raise ConfigError(f"{source}: num_attention_heads={t.num_attention_heads} is not divisible by "
+                      f"num_key_value_heads={t.num_key_value_heads}")
+  if t.head_dim % 2 or sum(t.mrope_section) != t.head_dim // 2 or len(t.mrope_section) != 3:
+    raise ConfigError(f"{source}: rope mrope_section={list(t.mrope_section)} must be 3 numbers "
+                      f"summing to head_dim/2={t.head_dim // 2}")
+  if v.hidden_size % v.num_heads or v.head_dim % 4:
+    raise ConfigError(f"{source}: vision hidden_size={v.hidden_size} / num_heads={v.num_heads} "
+                      "must give a head_dim divisible by 4 (2-D rotary)")
+  if v.window_size % (v.patch_size * v.spatial_merge_size):
+    raise ConfigError(f"{source}: vision window_size={v.window_size} must be a multiple of "
+                      f"patch_size*spatial_merge_size={v.patch_size * v.spatial_merge_size}")
+  bad = [i for i in v.fullatt_block_indexes if not 0 <= i < v.depth]
+  if bad:
+    raise ConfigError(f"{source}: vision fullatt_block_indexes {bad} outside 0..{v.depth - 1}")
+  for where, act in (("text_config.hidden_act", t.hidden_act), ("vision_config.hidden_act", v.hidden_act)):
+    if act not in SUPPORTED_ACTS:
+      raise ConfigError(f"{source}: {where}={act!r} is not supported (supported: {SUPPORTED_ACTS})")
+  for where, dt in (("param_dtype", cfg.param_dtype), ("dtype", cfg.dtype)):
+    if dt not in DTYPES:
+      raise ConfigError(f"{source}: {where}={dt!r} must be one of {DTYPES}")

@@ -1,0 +1,190 @@
+"""Load a local HF Qwen2.5-VL directory into our model, and write our model back as one.
+
+Both directions walk the one table in `params.py`. Import validates every key and shape from the
+safetensors headers before reading any data, then reads one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lgrpo_jax.models.qwen2_5_vl import params as P
+from lgrpo_jax.models.qwen2_5_vl.config import ConfigError, Qwen25VLConfig
+from lgrpo_jax.models.qwen2_5_vl.model import Qwen25VL
+from lgrpo_jax.safetensors_io import CheckpointError, SafetensorsDir, write_sharded
+
+# transformers-5 in-memory prefixes -> Hub prefixes (what save_pretrained writes).
+_LAYOUT_PREFIXES = (("model.visual.", "visual."), ("model.language_model.", "model."))
+
+# Tokenizer / processor / chat-template files copied from a source checkpoint on export.
+_SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+               "special_tokens_map.json", "added_tokens.json", "chat_template.json",
+               "chat_template.jinja", "preprocessor_config.json", "processor_config.json",
+               "video_preprocessor_config.json", "generation_config.json")
+
+DEFAULT_MAX_SHARD_BYTES = 4 * 2**30
+
+
+def dtype_name(dtype) -> str:
+  return jnp.dtype(dtype).name
+
+
+def normalize_key(key: str) -> str:
+  for old, new in _LAYOUT_PREFIXES:
+    if key.startswith(old):
+      return new + key[len(old):]
+  return key
+
+
+def resolve_config(config, *, dtype=None, param_dtype=None) -> Qwen25VLConfig:
+  """Our config from a Qwen25VLConfig, an HF config dict, or a path to config.json / its directory."""
+  if isinstance(config, Qwen25VLConfig):
+    cfg = config
+  elif isinstance(config, dict):
+    cfg = Qwen25VLConfig.from_hf_dict(config)
+  elif isinstance(config, (str, os.PathLike)):
+    cfg = Qwen25VLConfig.from_json(config)
+  else:
+    raise ConfigError(f"cannot build a config from {type(config).__name__}")
+  kw = {}
+  if dtype is not None:
+    kw["dtype"] = dtype_name(dtype)
+    kw["param_dtype"] = dtype_name(param_dtype or dtype)
+  elif param_dtype is not None:
+    kw["param_dtype"] = dtype_name(param_dtype)
+  return cfg.replace(**kw) if kw else cfg
+
+
+def from_config(config, *, dtype=None, param_dtype=None, seed: int = 0) -> Qwen25VL:
+  """A randomly initialised model (normal(0, 0.02) weights, unit norms, zero biases)."""
+  cfg = resolve_config(config, dtype=dtype, param_dtype=param_dtype)
+  return Qwen25VL(cfg, rngs=nnx.Rngs(seed))
+
+
+def abstract_model(cfg: Qwen25VLConfig):
+  """(graphdef, pure dict of ShapeDtypeStruct) without allocating any parameter."""
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: Qwen25VL(cfg, rngs=nnx.Rngs(0))))
+  return graphdef, state
+
+
+def _get(tree: dict, path: str):
+  for k in path.split("."):
+    tree = tree[k]
+  return tree
+
+
+def _set(tree: dict, path: str, value) -> None:
+  *head, last = path.split(".")
+  for k in head:
+    tree = tree[k]
+  tree[last] = value
+
+
+def plan_import(ckpt: SafetensorsDir, cfg: Qwen25VLConfig, shapes: dict) -> dict[str, str]:
+  """Checks every expected key and shape against the headers; returns Hub key -> key in file."""
+  where = ckpt.path
+  in_file: dict[str, str] = {}
+  for raw in ckpt.keys():
+    key = normalize_key(raw)
+    if key in in_file:
+      raise CheckpointError(f"{where}: tensor '{key}' appears twice (as '{in_file[key]}' and '{raw}')")
+    in_file[key] = raw
+  expected: set[str] = set()
+  for rule in P.rules_for(cfg):
+    full = tuple(_get(shapes, rule.ours).shape)
+    layer_shape = full if P.num_layers(rule, cfg) is None else full[1:]
+    want = P.hf_shape(rule, layer_shape, cfg)
+    for key in P.hf_keys(rule, cfg):
+      expected.add(key)
+      if key not in in_file:
+        raise CheckpointError(f"{where}: missing tensor '{key}' (expected shape {want})")
+      got = ckpt.shape(in_file[key])
+      if tuple(got) != tuple(want):
+        raise CheckpointError(f"{where}: tensor '{in_file[key]}' has shape {tuple(got)}, "
+                              f"expected {tuple(want)} for this config.json")
+  ignorable = {"lm_head.weight"} if cfg.tie_word_embeddings else set()  # tied: head = embeddings
+  unexpected = sorted(set(in_file) - expected - ignorable)
+  if unexpected:
+    more = f" (and {len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
+    raise CheckpointError(f"{where}: unexpected tensors {[in_file[k] for k in unexpected[:5]]}{more}"
+                          " not used by a Qwen2.5-VL model with this config.json")
+  return in_file
+
+
+def load_hf(path, *, dtype="float32", param_dtype=None) -> Qwen25VL:
+  """Loads a local HF Qwen2.5-VL directory (Hub or transformers-5 key layout, bf16 or fp32)."""
+  path = os.fspath(path)
+  if not os.path.isdir(path):
+    raise CheckpointError(f"{path}: not a directory (expected a local HF checkpoint)")
+  cfg = resolve_config(path, dtype=dtype, param_dtype=param_dtype)
+  ckpt = SafetensorsDir(path)
+  graphdef, state = abstract_model(cfg)
+  pure = nnx.to_pure_dict(state)
+  in_file = plan_import(ckpt, cfg, pure)
+  np_dtype = np.dtype(jnp.dtype(cfg.param_dtype))
+  for rule in P.rules_for(cfg):
+    full = tuple(_get(pure, rule.ours).shape)
+    n = P.num_layers(rule, cfg)
+    if n is None:
+      arr = P.to_ours(rule, ckpt.get(in_file[rule.hf]), full).astype(np_dtype)
+    else:
+      arr = np.empty(full, np_dtype)
+      for i, key in enumerate(P.hf_keys(rule, cfg)):
+        arr[i] = P.to_ours(rule, ckpt.get(in_file[key]), full[1:])
+    _set(pure, rule.ours, jnp.asarray(arr))
+  nnx.replace_by_pure_dict(state, pure)
+  return nnx.merge(graphdef, state)
+
+
+def iter_hf_tensors(model: Qwen25VL, dtype=None):
+  """Yields (Hub key, numpy array) one tensor at a time, in `dtype` (default: the params' dtype)."""
+  cfg = model.config
+  pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  out_dtype = np.dtype(jnp.dtype(dtype or cfg.param_dtype))
+  for rule in P.rules_for(cfg):
+    full = np.asarray(jax.device_get(_get(pure, rule.ours)))
+    n = P.num_layers(rule, cfg)
+    items = [(rule.hf, full)] if n is None else list(zip(P.hf_keys(rule, cfg), full))
+    for key, arr in items:
+      yield key, P.to_hf(rule, arr, P.hf_shape(rule, arr.shape, cfg)).astype(out_dtype)
+
+
+def save_hf(model: Qwen25VL, out_dir, *, dtype=None, hf_source=None,
+            max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> str:
+  """Writes a directory `Qwen2_5_VLForConditionalGeneration.from_pretrained` loads.
+
+  Hub key layout, config.json, generation_config.json, safetensors (sharded with an index above
+  `max_shard_bytes`); tokenizer, processor and chat-template files are copied from `hf_source`.
+  """
+  out_dir = os.fspath(out_dir)
+  if hf_source is not None and not os.path.isdir(hf_source):
+    raise CheckpointError(f"{hf_source}: --hf-source is not a directory")
+  os.makedirs(out_dir, exist_ok=True)
+  cfg = model.config
+  out_dtype = dtype_name(dtype or cfg.param_dtype)
+  write_sharded(out_dir, iter_hf_tensors(model, out_dtype), max_shard_bytes=max_shard_bytes)
+  hf_cfg = cfg.to_hf_dict()
+  hf_cfg["dtype"] = out_dtype
+  with open(os.path.join(out_dir, "config.json"), "w") as f:
+    json.dump(hf_cfg, f, indent=2)
+  copied = []
+  if hf_source is not None:
+    for name in _SIDE_FILES:
+      src = os.path.join(hf_source, name)
+      if os.path.isfile(src):
+        shutil.copyfile(src, os.path.join(out_dir, name))
+        copied.append(name)
+  if "generation_config.json" not in copied:
+    t = cfg.text
+    gen = {k: v for k, v in (("bos_token_id", t.bos_token_id), ("eos_token_id", t.eos_token_id),
+                             ("pad_token_id", t.pad_token_id)) if v is not None}
+    with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
+      json.dump(gen, f, indent=2)
+  return out_dir

@@ -1,0 +1,148 @@
+"""Building blocks shared by the vision tower and the decoder.
+
+Every parameter carries logical axis names in its `out_sharding` metadata (e.g. ("embed", "mlp"));
+the sharding module maps them onto a mesh with one rules table. `eager_sharding=False` keeps model
+construction mesh-agnostic: placement is decided where the model is created or loaded.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+INIT_STD = 0.02  # transformers' initializer_range for Qwen2.5-VL
+MASK_VALUE = -1e30  # finite, so fully-masked (padding) rows give uniform weights instead of NaN
+
+
+def param(value, names: Sequence[str | None]) -> nnx.Param:
+  return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+  return {
+      "silu": jax.nn.silu,
+      "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # torch nn.GELU() is exact
+      "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+      "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+  }[name]
+
+
+class RMSNorm(nnx.Module):
+  """Qwen RMSNorm: normalise in fp32, cast back, then multiply by the weight (`x·w`, no 1+w)."""
+
+  def __init__(self, dim: int, *, eps: float, param_dtype, names=("embed",)):
+    self.eps = eps
+    self.weight = param(jnp.ones((dim,), param_dtype), names)
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return self.weight[...].astype(x.dtype) * x32.astype(x.dtype)
+
+
+class Dense(nnx.Module):
+  """y = x·W (+ b), W of shape `in_shape + out_shape`, contracting the last len(in_shape) axes of x.
+
+  Multi-axis kernels (e.g. q: (embed, heads, head_dim)) keep heads as their own axis so tensor
+  parallelism can shard them by name.
+  """
+
+  def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], *, in_names: Sequence[str | None],
+               out_names: Sequence[str | None], use_bias: bool, dtype, param_dtype, rngs: nnx.Rngs):
+    self.n_in = len(in_shape)
+    self.dtype = dtype
+    shape = (*in_shape, *out_shape)
+    self.kernel = param(INIT_STD * jax.random.normal(rngs.params(), shape, param_dtype),
+                        (*in_names, *out_names))
+    self.bias = param(jnp.zeros(tuple(out_shape), param_dtype), out_names) if use_bias else None
+
+  def __call__(self, x):
+    n = self.n_in
+    y = jax.lax.dot_general(
+        x.astype(self.dtype), self.kernel[...].astype(self.dtype),
+        ((tuple(range(x.ndim - n, x.ndim)), tuple(range(n))), ((), ())))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
+
+
+class GatedMLP(nnx.Module):
+  """SwiGLU: down(act(gate(x)) * up(x)). Biases in the vision tower, none in the decoder."""
+
+  def __init__(self, dim: int, hidden: int, *, act: str, use_bias: bool, dtype, param_dtype, rngs):
+    kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.gate_proj = Dense((dim,), (hidden,), in_names=("embed",), out_names=("mlp",), **kw)
+    self.up_proj = Dense((dim,), (hidden,), in_names=("embed",), out_names=("mlp",), **kw)
+    self.down_proj = Dense((hidden,), (dim,), in_names=("mlp",), out_names=("embed",), **kw)
+    self.act = activation(act)
+
+  def __call__(self, x):
+    return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+def rotate_half(x):
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rotary(x, cos, sin):
+  """Half-split rotary in fp32 (cos/sin broadcast over the heads axis), cast back to x's dtype."""
+  x32 = x.astype(jnp.float32)
+  return (x32 * cos + rotate_half(x32) * sin).astype(x.dtype)
+
+
+def attention(q_btkgd, k_bskd, v_bskd, mask_bts, scale: float):
+  """Softmax attention with grouped query heads; scores and softmax in fp32.
+
+  q: (B, T, K, G, D) — K kv heads, G query heads per kv head; k, v: (B, S, K, D);
+  mask: bool, broadcastable to (B, T, S). Returns (B, T, K, G, D).
+  """
+  scores = jnp.einsum("btkgd,bskd->bkgts", q_btkgd, k_bskd,
+                      preferred_element_type=jnp.float32) * scale
+  scores = jnp.where(mask_bts[:, None, None], scores, MASK_VALUE)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_bskd.dtype)
+  return jnp.einsum("bkgts,bskd->btkgd", probs, v_bskd)
+
+
+def stack_modules(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs) -> nnx.Module:
+  """n independently initialised copies of a module with parameters stacked on a 'layers' axis."""
+
+  @nnx.split_rngs(splits=n)
+  @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+  def create(r):
+    return make(r)
+
+  return create(rngs)
+
+
+def scan_layers(stack: nnx.Module, carry, fn, start: int = 0, stop: int | None = None):
+  """carry = fn(layer_i, carry) for the stacked layers [start, stop), as one lax.scan.
+
+  One traced layer body, however deep the model: compile time does not grow with depth.
+  """
+  graphdef, state = nnx.split(stack)
+  if start != 0 or stop is not None:
+    state = jax.tree.map(lambda a: a[start:stop], state)
+
+  def body(c, layer_state):
+    return fn(nnx.merge(graphdef, layer_state), c), None
+
+  return jax.lax.scan(body, carry, state)[0]
+
+
+def is_concrete(x) -> bool:
+  return x is not None and not isinstance(x, jax.core.Tracer)
+
+
+def as_numpy_grid(image_grid_thw) -> tuple[tuple[int, int, int], ...]:
+  """`image_grid_thw` is shape metadata: it must be concrete (numpy / list), never traced."""
+  if isinstance(image_grid_thw, jax.core.Tracer):
+    raise TypeError("image_grid_thw must be concrete (numpy or a tuple), not a traced array: it "
+                    "decides shapes. Under jit pass it as a static argument (see "
+                    "lgrpo_jax.models.qwen2_5_vl.forward).")
+  grid = np.asarray(image_grid_thw, dtype=np.int64).reshape(-1, 3)
+  return tuple(tuple(int(v) for v in row) for row in grid)

@@ -1,0 +1,159 @@
+"""Qwen2.5-VL for conditional generation in Flax NNX: vision tower + Qwen2 decoder with M-RoPE.
+
+    logits = model(input_ids, attention_mask=..., pixel_values=..., image_grid_thw=...)
+
+takes exactly what a transformers processor returns (numpy) and gives (B, T, vocab) fp32 logits.
+Decoder layers are stacked on a 'layers' axis and run as one `lax.scan`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lgrpo_jax.models.qwen2_5_vl.config import Qwen25VLConfig, TextConfig, validate
+from lgrpo_jax.models.qwen2_5_vl.layers import (INIT_STD, Dense, GatedMLP, RMSNorm, apply_rotary,
+                                                as_numpy_grid, attention, is_concrete, param,
+                                                scan_layers, stack_modules)
+from lgrpo_jax.models.qwen2_5_vl.rope import get_rope_index, text_rotary
+from lgrpo_jax.models.qwen2_5_vl.vision import VisionTower
+
+
+class DecoderLayer(nnx.Module):
+  """Qwen2 block: pre-RMSNorm GQA attention (q/k/v bias, o without) and a bias-free SwiGLU MLP."""
+
+  def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    e, h, k, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    self.kv_heads, self.groups, self.head_dim = k, h // k, d
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.input_layernorm = RMSNorm(e, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+    self.q_proj = Dense((e,), (h, d), in_names=("embed",), out_names=("heads", "head_dim"),
+                        use_bias=True, **kw)
+    self.k_proj = Dense((e,), (k, d), in_names=("embed",), out_names=("kv_heads", "head_dim"),
+                        use_bias=True, **kw)
+    self.v_proj = Dense((e,), (k, d), in_names=("embed",), out_names=("kv_heads", "head_dim"),
+                        use_bias=True, **kw)
+    self.o_proj = Dense((h, d), (e,), in_names=("heads", "head_dim"), out_names=("embed",),
+                        use_bias=False, **kw)
+    self.post_attention_layernorm = RMSNorm(e, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
+    self.mlp = GatedMLP(e, cfg.intermediate_size, act=cfg.hidden_act, use_bias=False, **kw)
+
+  def __call__(self, x_btd, cos_btd, sin_btd, mask_bts):
+    h = self.input_layernorm(x_btd)
+    q = apply_rotary(self.q_proj(h), cos_btd[:, :, None], sin_btd[:, :, None])  # (B, T, H, D)
+    k = apply_rotary(self.k_proj(h), cos_btd[:, :, None], sin_btd[:, :, None])  # (B, T, K, D)
+    v = self.v_proj(h)
+    b, t = q.shape[:2]
+    q = q.reshape(b, t, self.kv_heads, self.groups, self.head_dim)
+    o = attention(q, k, v, mask_bts, self.head_dim**-0.5).reshape(b, t, -1, self.head_dim)
+    x_btd = x_btd + self.o_proj(o)
+    return x_btd + self.mlp(self.post_attention_layernorm(x_btd))
+
+
+class Qwen25VL(nnx.Module):
+
+  def __init__(self, config: Qwen25VLConfig, *, rngs: nnx.Rngs):
+    validate(config)
+    self.config = config
+    t = config.text
+    dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
+    self.dtype = dtype
+    self.visual = VisionTower(config.vision, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.embed_tokens = param(
+        INIT_STD * jax.random.normal(rngs.params(), (t.vocab_size, t.hidden_size), param_dtype),
+        ("vocab", "embed"))
+    self.layers = stack_modules(
+        lambda r: DecoderLayer(t, dtype=dtype, param_dtype=param_dtype, rngs=r),
+        t.num_hidden_layers, rngs)
+    self.norm = RMSNorm(t.hidden_size, eps=t.rms_norm_eps, param_dtype=param_dtype)
+    self.lm_head = None if config.tie_word_embeddings else Dense(
+        (t.hidden_size,), (t.vocab_size,), in_names=("embed",), out_names=("vocab",),
+        use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  # ---- pieces (used separately by the sampler, the listener and the loss) -------------------
+  def image_features(self, pixel_values, image_grid_thw):
+    """(N patches, C·T·P·P) → (N/m², hidden) merged image embeddings, images in order."""
+    return self.visual(pixel_values, as_numpy_grid(image_grid_thw))
+
+  def embed(self, input_ids, image_embeds=None):
+    """Token embeddings with `<|image_pad|>` positions replaced, in order, by image embeddings."""
+    x = self.embed_tokens[...][input_ids].astype(self.dtype)
+    if image_embeds is None:
+      return x
+    is_img = input_ids == self.config.image_token_id
+    idx = jnp.clip(jnp.cumsum(is_img.reshape(-1)) - 1, 0, image_embeds.shape[0] - 1)
+    img = image_embeds.astype(self.dtype)[idx].reshape(x.shape)
+    return jnp.where(is_img[..., None], img, x)
+
+  def decode(self, x_btd, position_ids, attention_mask):
+    """Decoder stack + final norm over input embeddings → hidden states (B, T, hidden)."""
+    b, t = x_btd.shape[:2]
+    valid = (jnp.ones((b, t), bool) if attention_mask is None
+             else jnp.asarray(attention_mask).astype(bool))
+    mask_bts = jnp.tril(jnp.ones((t, t), bool))[None] & valid[:, None, :]
+    cos, sin = text_rotary(position_ids, self.config)
+    x_btd = scan_layers(self.layers, x_btd, lambda layer, x: layer(x, cos, sin, mask_bts))
+    return self.norm(x_btd)
+
+  def logits(self, h_btd):
+    """fp32 logits; the head runs in the compute dtype, the cast to fp32 is for the log-softmax."""
+    if self.lm_head is None:
+      w = self.embed_tokens[...].astype(self.dtype)
+      out = jnp.einsum("bte,ve->btv", h_btd.astype(self.dtype), w)
+    else:
+      out = self.lm_head(h_btd)
+    return out.astype(jnp.float32)
+
+  def hidden_states(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                    position_ids=None):
+    input_ids = jnp.asarray(input_ids)
+    grid = () if image_grid_thw is None else as_numpy_grid(image_grid_thw)
+    image_embeds = None
+    if pixel_values is not None:
+      if not grid:
+        raise ValueError("pixel_values given without image_grid_thw")
+      check_image_tokens(input_ids, grid, self.config)
+      image_embeds = self.visual(pixel_values, grid)
+    if position_ids is None:
+      position_ids, _ = get_rope_index(input_ids, attention_mask, grid, self.config)
+    x = self.embed(input_ids, image_embeds)
+    return self.decode(x, jnp.asarray(position_ids), attention_mask)
+
+  def __call__(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+               position_ids=None):
+    """(B, T, vocab) fp32 logits. `image_grid_thw` must be concrete (numpy/tuple)."""
+    return self.logits(self.hidden_states(input_ids, attention_mask, pixel_values, image_grid_thw,
+                                          position_ids))
+
+
+def check_image_tokens(input_ids, grid, cfg: Qwen25VLConfig) -> None:
+  """The number of `<|image_pad|>` tokens must equal the merged patches of all images."""
+  if not is_concrete(input_ids):
+    return  # under jit the host pipeline has checked; the count is data, not shape
+  m2 = cfg.vision.spatial_merge_size**2
+  n_features = sum(t * h * w for t, h, w in grid) // m2
+  n_tokens = int(np.sum(np.asarray(input_ids) == cfg.image_token_id))
+  if n_tokens != n_features:
+    raise ValueError(
+        f"image tokens and image features do not match: input_ids holds {n_tokens} "
+        f"<|image_pad|> tokens (id {cfg.image_token_id}) but image_grid_thw "
+        f"{[list(g) for g in grid]} gives {n_features} merged patches")
+
+
+@functools.partial(nnx.jit, static_argnames=("grid",))
+def _forward_jit(model, input_ids, attention_mask, pixel_values, grid):
+  return model(input_ids, attention_mask, pixel_values, grid or None)
+
+
+def forward(model: Qwen25VL, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None):
+  """Compiled `model(...)`: one XLA program per distinct (shapes, image grids)."""
+  grid = None if image_grid_thw is None else as_numpy_grid(image_grid_thw)
+  if pixel_values is not None:
+    check_image_tokens(input_ids, grid or (), model.config)
+  return _forward_jit(model, jnp.asarray(input_ids),
+                      None if attention_mask is None else jnp.asarray(attention_mask),
+                      None if pixel_values is None else jnp.asarray(pixel_values), grid)

@@ -1,0 +1,132 @@
+"""Reading and writing HF-style safetensors checkpoints, one tensor at a time.
+
+Reading: a directory with `model.safetensors` or a sharded `model.safetensors.index.json`; tensors are
+memory-mapped and read individually, so the checkpoint is never in host memory twice. Pickle formats
+(`pytorch_model.bin`) are refused, never loaded.
+Writing: shards of at most `max_shard_bytes`, with an index when there is more than one shard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterable, Iterator
+
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy; safetensors' numpy reader needs it)
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+  """A checkpoint on disk does not match what the model expects."""
+
+
+class SafetensorsDir:
+  """Key → tensor access over a (possibly sharded) safetensors checkpoint directory."""
+
+  def __init__(self, path: str | os.PathLike):
+    self.path = os.fspath(path)
+    if not os.path.isdir(self.path):
+      raise CheckpointError(f"{self.path}: not a directory")
+    index = os.path.join(self.path, INDEX)
+    single = os.path.join(self.path, SINGLE)
+    if os.path.isfile(index):
+      try:
+        with open(index) as f:
+          weight_map = json.load(f)["weight_map"]
+      except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from None
+      self.file_of = {k: os.path.join(self.path, v) for k, v in weight_map.items()}
+    elif os.path.isfile(single):
+      self.file_of = {k: single for k in self._keys_of(single)}
+    else:
+      found = sorted(os.listdir(self.path))
+      hint = " (pickle checkpoints such as pytorch_model.bin are not read)" if any(
+          f.endswith((".bin", ".pt", ".pth")) for f in found) else ""
+      raise CheckpointError(f"{self.path}: no {SINGLE} or {INDEX}{hint}; found {found[:10]}")
+    self._handles: dict[str, object] = {}
+
+  @staticmethod
+  def _keys_of(file: str) -> list[str]:
+    try:
+      with safe_open(file, framework="np") as f:
+        return list(f.keys())
+    except Exception as e:  # corrupt header, truncated file
+      raise CheckpointError(f"{file}: cannot read safetensors header ({e})") from None
+
+  def keys(self) -> list[str]:
+    return list(self.file_of)
+
+  def shape(self, key: str) -> tuple[int, ...]:
+    return tuple(self._handle(key).get_slice(key).get_shape())
+
+  def get(self, key: str) -> np.ndarray:
+    try:
+      return self._handle(key).get_tensor(key)
+    except CheckpointError:
+      raise
+    except Exception as e:
+      raise CheckpointError(f"{self.file_of[key]}: cannot read tensor '{key}' ({e})") from None
+
+  def _handle(self, key: str):
+    file = self.file_of[key]
+    if file not in self._handles:
+      if not os.path.isfile(file):
+        raise CheckpointError(f"{file}: listed in {INDEX} for '{key}' but missing")
+      try:
+        self._handles[file] = safe_open(file, framework="np")
+      except Exception as e:
+        raise CheckpointError(f"{file}: cannot open ({e})") from None
+    return self._handles[file]
+
+
+def write_sharded(out_dir: str, tensors: Iterable[tuple[str, np.ndarray]], *,
+                  max_shard_bytes: int) -> list[str]:
+  """Writes `model.safetensors` (one shard) or `model-0000k-of-0000n.safetensors` + index.
+
+  Holds at most one shard in memory. Returns the written file names.
+  """
+  os.makedirs(out_dir, exist_ok=True)
+  shards: list[dict[str, np.ndarray]] = [{}]
+  size = 0
+  tmp_names: list[str] = []
+  weight_map: dict[str, int] = {}
+  total = 0
+
+  def flush():
+    name = f".shard-{len(tmp_names):05d}.tmp"
+    save_file(shards[-1], os.path.join(out_dir, name), metadata={"format": "pt"})
+    tmp_names.append(name)
+    shards[-1] = {}
+
+  for key, arr in tensors:
+    nbytes = arr.nbytes
+    if shards[-1] and size + nbytes > max_shard_bytes:
+      flush()
+      size = 0
+    shards[-1][key] = arr
+    weight_map[key] = len(tmp_names)
+    size += nbytes
+    total += nbytes
+  if shards[-1]:
+    flush()
+
+  n = len(tmp_names)
+  names = [SINGLE] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+  for tmp, name in zip(tmp_names, names):
+    os.replace(os.path.join(out_dir, tmp), os.path.join(out_dir, name))
+  if n > 1:
+    index = {"metadata": {"total_size": total},
+             "weight_map": {k: names[i] for k, i in sorted(weight_map.items())}}
+    with open(os.path.join(out_dir, INDEX), "w") as f:
+      json.dump(index, f, indent=2)
+  return names
+
+
+def iter_items(d: SafetensorsDir) -> Iterator[tuple[str, np.ndarray]]:
+  for k in d.keys():
+    yield k, d.get(k)
