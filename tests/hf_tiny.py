@@ -71,7 +71,10 @@ def build_hf(cfg: dict, seed: int = 0, dtype=torch.float32):
       if name.endswith("lm_head.weight") and cfg.get("tie_word_embeddings"):
         continue
       p.add_(0.05 * torch.randn(p.shape, generator=g))
-  return model.to(dtype)
+    # Cast parameters only: rotary inv_freq buffers stay fp32, as from_pretrained(dtype=...) keeps them.
+    for p in model.parameters():
+      p.data = p.data.to(dtype)
+  return model
 
 
 def grid_of(h_px: int, w_px: int, t: int = 1) -> tuple[int, int, int]:

@@ -1,0 +1,64 @@
+"""Orbax checkpoints of a model's parameters, with the model config beside them.
+
+Layout of a checkpoint directory:
+    config.json   the HF-layout config plus {"lgrpo_jax": {"param_dtype", "dtype"}}
+    params/       Orbax (OCDBT/Zarr) tree of the parameters, same nesting as `nnx.state(model)`
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from lgrpo_jax.models.qwen2_5_vl import Qwen25VL, Qwen25VLConfig
+from lgrpo_jax.models.qwen2_5_vl.hf import abstract_model, dtype_name
+from lgrpo_jax.safetensors_io import CheckpointError
+
+CONFIG = "config.json"
+PARAMS = "params"
+
+
+def save_model(model: Qwen25VL, path) -> str:
+  path = os.path.abspath(os.fspath(path))
+  os.makedirs(path, exist_ok=True)
+  if os.path.exists(os.path.join(path, PARAMS)):
+    raise CheckpointError(f"{path}: already holds a checkpoint ({PARAMS}/ exists)")
+  cfg = model.config
+  raw = cfg.to_hf_dict()
+  raw["lgrpo_jax"] = {"param_dtype": cfg.param_dtype, "dtype": cfg.dtype}
+  with open(os.path.join(path, CONFIG), "w") as f:
+    json.dump(raw, f, indent=2)
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(os.path.join(path, PARAMS), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  ckptr.wait_until_finished()
+  return path
+
+
+def is_checkpoint(path) -> bool:
+  path = os.fspath(path)
+  return os.path.isfile(os.path.join(path, CONFIG)) and os.path.isdir(os.path.join(path, PARAMS))
+
+
+def load_model(path, *, dtype=None) -> Qwen25VL:
+  """Restores a model saved by `save_model`; `dtype` overrides the compute dtype only."""
+  path = os.path.abspath(os.fspath(path))
+  if not is_checkpoint(path):
+    raise CheckpointError(f"{path}: not an lgrpo_jax checkpoint (needs {CONFIG} and {PARAMS}/)")
+  with open(os.path.join(path, CONFIG)) as f:
+    raw = json.load(f)
+  ours = raw.pop("lgrpo_jax", {})
+  cfg = Qwen25VLConfig.from_hf_dict(raw, source=os.path.join(path, CONFIG)).replace(
+      param_dtype=ours.get("param_dtype", "float32"),
+      dtype=dtype_name(dtype) if dtype is not None else ours.get("dtype", "float32"))
+  graphdef, state = abstract_model(cfg)
+  target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), nnx.to_pure_dict(state))
+  try:
+    restored = ocp.StandardCheckpointer().restore(os.path.join(path, PARAMS), target)
+  except Exception as e:  # shape/dtype/tree mismatch from Orbax
+    raise CheckpointError(f"{path}: cannot restore parameters for this config ({e})") from None
+  nnx.replace_by_pure_dict(state, restored)
+  return nnx.merge(graphdef, state)

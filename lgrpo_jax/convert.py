@@ -1,0 +1,76 @@
+"""Convert between Hugging Face Qwen2.5-VL directories and lgrpo_jax (Orbax) checkpoints.
+
+  python -m lgrpo_jax.convert to-jax HF_DIR OUT_DIR [--dtype float32|bfloat16]
+  python -m lgrpo_jax.convert to-hf  CKPT_DIR OUT_DIR [--hf-source HF_DIR] [--dtype ...]
+                                     [--max-shard-size 4GB]
+
+to-jax reads a local HF directory (Hub or transformers-5 key layout, sharded or not) and writes an
+Orbax checkpoint plus config.json. to-hf writes a directory that
+`Qwen2_5_VLForConditionalGeneration.from_pretrained` loads; --hf-source copies the tokenizer,
+processor, chat template and generation config from the base checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+
+from lgrpo_jax.models.qwen2_5_vl.config import ConfigError
+from lgrpo_jax.safetensors_io import CheckpointError
+
+
+def parse_size(text: str) -> int:
+  m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", text, re.IGNORECASE)
+  if not m:
+    raise argparse.ArgumentTypeError(f"bad size {text!r} (e.g. 4GB, 500MB, 1000000)")
+  unit = (m.group(2) or "B").upper()
+  scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20,
+           "GIB": 2**30}[unit]
+  return int(float(m.group(1)) * scale)
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="python -m lgrpo_jax.convert", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = p.add_subparsers(dest="cmd", required=True)
+  a = sub.add_parser("to-jax", help="HF directory -> Orbax checkpoint + config.json")
+  a.add_argument("hf_dir", help="local HF Qwen2.5-VL directory (config.json + safetensors)")
+  a.add_argument("out_dir", help="where to write the Orbax checkpoint")
+  a.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                 help="parameter dtype of the checkpoint (default float32)")
+  b = sub.add_parser("to-hf", help="Orbax checkpoint -> HF directory")
+  b.add_argument("ckpt_dir", help="a checkpoint written by `to-jax` (or by training)")
+  b.add_argument("out_dir", help="where to write the HF directory")
+  b.add_argument("--hf-source", default=None,
+                 help="base HF directory to copy tokenizer/processor/chat-template files from")
+  b.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                 help="tensor dtype on disk (default: the checkpoint's parameter dtype)")
+  b.add_argument("--max-shard-size", type=parse_size, default="4GiB",
+                 help="largest safetensors shard before splitting, e.g. 4GB (default 4GiB)")
+  return p
+
+
+def main(argv=None) -> int:
+  args = build_parser().parse_args(argv)
+  # Heavy imports after argument parsing, so --help is instant.
+  from lgrpo_jax import checkpoint
+  from lgrpo_jax.models.qwen2_5_vl import load_hf, save_hf
+  try:
+    if args.cmd == "to-jax":
+      model = load_hf(args.hf_dir, dtype=args.dtype)
+      out = checkpoint.save_model(model, args.out_dir)
+      print(f"wrote Orbax checkpoint {out} ({args.dtype})")
+    else:
+      model = checkpoint.load_model(args.ckpt_dir)
+      out = save_hf(model, args.out_dir, dtype=args.dtype, hf_source=args.hf_source,
+                    max_shard_bytes=args.max_shard_size)
+      print(f"wrote HF directory {out}")
+  except (CheckpointError, ConfigError, FileNotFoundError, NotADirectoryError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

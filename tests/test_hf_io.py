@@ -1,0 +1,167 @@
+"""HF import/export: bit-exact round trips, both key layouts, sharding, and clear errors."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file as torch_save_file
+from transformers import Qwen2_5_VLForConditionalGeneration
+
+import lgrpo_jax
+from lgrpo_jax.models.qwen2_5_vl.hf import normalize_key
+from hf_tiny import CASES, build_hf, config_dict, hf_logits, make_batch, ours_inputs, rel_err
+
+
+def read_all(path) -> dict[str, np.ndarray]:
+  """Every tensor of an HF directory, keys in Hub layout, as raw numpy (bf16 kept as bf16)."""
+  files = [f for f in os.listdir(path) if f.endswith(".safetensors")]
+  out = {}
+  for f in files:
+    with safe_open(os.path.join(path, f), framework="np") as h:
+      for k in h.keys():
+        out[normalize_key(k)] = h.get_tensor(k)
+  return out
+
+
+@pytest.mark.parametrize("variant,dtype", [("a", "float32"), ("b", "float32"), ("a", "bfloat16")])
+def test_round_trip_is_bit_exact_and_loads_in_transformers(tmp_path, variant, dtype):
+  tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+  hf = build_hf(config_dict(variant), seed=7, dtype=tdtype)
+  hf.save_pretrained(tmp_path / "src")
+  ours = lgrpo_jax.load_hf(tmp_path / "src", dtype=dtype)
+  lgrpo_jax.save_hf(ours, tmp_path / "out")
+
+  src, out = read_all(tmp_path / "src"), read_all(tmp_path / "out")
+  assert sorted(src) == sorted(out)
+  for k in src:
+    assert src[k].dtype == out[k].dtype, k
+    assert src[k].shape == out[k].shape, k
+    assert src[k].tobytes() == out[k].tobytes(), f"{k} differs after round trip"
+
+  back = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "out", dtype=tdtype).eval()
+  batch = make_batch(CASES["two_images_sizes"], seed=9)
+  np.testing.assert_array_equal(hf_logits(back, batch), hf_logits(hf, batch))
+  if dtype == "float32":
+    ours_logits = np.asarray(lgrpo_jax.forward(ours, **ours_inputs(batch)))
+    assert rel_err(ours_logits, hf_logits(back, batch)) <= 1e-4
+
+
+def test_in_memory_key_layout_loads_identically(tmp_path):
+  hf = build_hf(config_dict("a"), seed=2)
+  hf.save_pretrained(tmp_path / "hub")
+  # transformers-5 in-memory names: model.visual.*, model.language_model.*, lm_head.weight
+  os.makedirs(tmp_path / "mem")
+  state = {k: v.contiguous() for k, v in hf.state_dict().items()}
+  assert any(k.startswith("model.language_model.") for k in state)
+  torch_save_file(state, str(tmp_path / "mem" / "model.safetensors"), metadata={"format": "pt"})
+  (tmp_path / "mem" / "config.json").write_text((tmp_path / "hub" / "config.json").read_text())
+  a = lgrpo_jax.load_hf(tmp_path / "hub")
+  b = lgrpo_jax.load_hf(tmp_path / "mem")
+  sa, sb = read_state(a), read_state(b)
+  assert sa.keys() == sb.keys()
+  for k in sa:
+    np.testing.assert_array_equal(sa[k], sb[k])
+
+
+def read_state(model):
+  from flax import nnx
+  flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+  return {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in flat}
+
+
+def test_sharded_export_with_index_loads_everywhere(tmp_path):
+  hf = build_hf(config_dict("a"), seed=4)
+  hf.save_pretrained(tmp_path / "src")
+  ours = lgrpo_jax.load_hf(tmp_path / "src")
+  lgrpo_jax.save_hf(ours, tmp_path / "out", max_shard_bytes=60_000)
+  files = sorted(os.listdir(tmp_path / "out"))
+  shards = [f for f in files if f.endswith(".safetensors")]
+  assert len(shards) > 2 and "model.safetensors.index.json" in files
+  index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+  assert set(index["weight_map"].values()) == set(shards)
+  # our own loader reads the sharded layout, and so does transformers
+  again = lgrpo_jax.load_hf(tmp_path / "out")
+  for k, v in read_state(ours).items():
+    np.testing.assert_array_equal(v, read_state(again)[k])
+  back = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "out").eval()
+  batch = make_batch(CASES["one_image_windows"])
+  np.testing.assert_array_equal(hf_logits(back, batch), hf_logits(hf, batch))
+
+
+def test_export_copies_tokenizer_files_and_writes_generation_config(tmp_path):
+  hf = build_hf(config_dict("b"), seed=1)
+  hf.save_pretrained(tmp_path / "src")
+  (tmp_path / "src" / "tokenizer_config.json").write_text('{"model_max_length": 8}')
+  (tmp_path / "src" / "chat_template.jinja").write_text("{{ messages }}")
+  ours = lgrpo_jax.load_hf(tmp_path / "src")
+  lgrpo_jax.save_hf(ours, tmp_path / "out", hf_source=tmp_path / "src")
+  assert (tmp_path / "out" / "chat_template.jinja").read_text() == "{{ messages }}"
+  assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text()) == {"model_max_length": 8}
+  lgrpo_jax.save_hf(ours, tmp_path / "bare")
+  gen = json.loads((tmp_path / "bare" / "generation_config.json").read_text())
+  assert gen["eos_token_id"] == 2 and gen["bos_token_id"] == 1
+
+
+# ---- bad checkpoints -------------------------------------------------------------------------
+@pytest.fixture()
+def hf_dir(tmp_path):
+  hf = build_hf(config_dict("a"), seed=0)
+  hf.save_pretrained(tmp_path / "ckpt")
+  return tmp_path / "ckpt"
+
+
+def rewrite(path, edit):
+  with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+    tensors = {k: f.get_tensor(k) for k in f.keys()}
+  edit(tensors)
+  torch_save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+
+
+def test_missing_key_is_named(hf_dir):
+  rewrite(hf_dir, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+  with pytest.raises(lgrpo_jax.CheckpointError, match=r"missing tensor 'model.layers.1.mlp.up_proj.weight' \(expected shape \(96, 64\)\)"):
+    lgrpo_jax.load_hf(hf_dir)
+
+
+def test_unexpected_key_is_named(hf_dir):
+  rewrite(hf_dir, lambda t: t.__setitem__("model.layers.0.extra.weight", torch.zeros(3)))
+  with pytest.raises(lgrpo_jax.CheckpointError, match="unexpected tensors.*model.layers.0.extra.weight"):
+    lgrpo_jax.load_hf(hf_dir)
+
+
+def test_wrong_shape_names_key_and_both_shapes(hf_dir):
+  rewrite(hf_dir, lambda t: t.__setitem__("visual.blocks.2.attn.qkv.weight", torch.zeros(96, 31)))
+  with pytest.raises(lgrpo_jax.CheckpointError,
+                     match=r"'visual.blocks.2.attn.qkv.weight' has shape \(96, 31\), expected \(96, 32\)"):
+    lgrpo_jax.load_hf(hf_dir)
+
+
+def test_no_safetensors_and_pickle_refused(tmp_path, hf_dir):
+  os.remove(hf_dir / "model.safetensors")
+  (hf_dir / "pytorch_model.bin").write_bytes(b"not read")
+  with pytest.raises(lgrpo_jax.CheckpointError, match="pickle checkpoints .* are not read"):
+    lgrpo_jax.load_hf(hf_dir)
+  with pytest.raises(lgrpo_jax.CheckpointError, match="not a directory"):
+    lgrpo_jax.load_hf(tmp_path / "nope")
+
+
+def test_corrupt_safetensors_is_named(hf_dir):
+  (hf_dir / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")
+  with pytest.raises(lgrpo_jax.CheckpointError, match="model.safetensors: cannot read safetensors header"):
+    lgrpo_jax.load_hf(hf_dir)
+
+
+def test_image_token_count_mismatch_is_clear(hf_dir):
+  ours = lgrpo_jax.load_hf(hf_dir)
+  batch = ours_inputs(make_batch(CASES["one_image_windows"]))
+  ids = batch["input_ids"].copy()
+  ids[0, ids[0].tolist().index(122)] = 5  # drop one <|image_pad|>
+  with pytest.raises(ValueError, match=r"input_ids holds 14 <\|image_pad\|> tokens .* gives 15 merged patches"):
+    ours(ids, batch["attention_mask"], batch["pixel_values"], batch["image_grid_thw"])
+  with pytest.raises(ValueError, match="gives 15 merged patches"):
+    lgrpo_jax.forward(ours, ids, batch["attention_mask"], batch["pixel_values"], batch["image_grid_thw"])
+  with pytest.raises(ValueError, match=r"pixel_values has shape \(59, 1176\)"):
+    ours(batch["input_ids"], batch["attention_mask"], batch["pixel_values"][:59], batch["image_grid_thw"])
