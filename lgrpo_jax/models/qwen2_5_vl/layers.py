@@ -95,17 +95,86 @@ def apply_rotary(x, cos, sin):
   return (x32 * cos + rotate_half(x32) * sin).astype(x.dtype)
 
 
+# Score rows per block of the blocked path: a (512, S) fp32 block stays in cache for S up to a few
+# thousand. Below DIRECT_MAX score elements per (batch, kv head) the plain batched path is used.
+BLOCK_ROWS = 512
+DIRECT_MAX = 1 << 19
+
+
 def attention(q_btkgd, k_bskd, v_bskd, mask_bts, scale: float):
-  """Softmax attention with grouped query heads; scores and softmax in fp32.
+  """Softmax attention with grouped query heads; scores and softmax statistics in fp32.
 
   q: (B, T, K, G, D) — K kv heads, G query heads per kv head; k, v: (B, S, K, D);
-  mask: bool, broadcastable to (B, T, S). Returns (B, T, K, G, D).
+  mask: bool broadcastable to (B, T, S), or None when every key is visible. Returns (B, T, K, G, D).
+
+  Writing the (T, S) score matrix to memory is what costs on CPU (measured: a batch of
+  1024×1024 score blocks runs at ~55 GFLOP/s against ~150 for one cache-resident block), so large
+  problems are cut into blocks of ~BLOCK_ROWS query rows of one (batch, kv head), each computed
+  end to end (scores, softmax, weighted sum) by one iteration of a `lax.map`. The scale is folded
+  into q, and the softmax denominator divides the (T, D) output instead of the (T, S) weights.
   """
-  scores = jnp.einsum("btkgd,bskd->bkgts", q_btkgd, k_bskd,
-                      preferred_element_type=jnp.float32) * scale
-  scores = jnp.where(mask_bts[:, None, None], scores, MASK_VALUE)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v_bskd.dtype)
-  return jnp.einsum("bkgts,bskd->btkgd", probs, v_bskd)
+  b, t, kh, g, d = q_btkgd.shape
+  s = k_bskd.shape[1]
+  q_btkgd = (q_btkgd.astype(jnp.float32) * scale).astype(q_btkgd.dtype)
+  if g * t * s <= DIRECT_MAX:
+    return _attention_direct(q_btkgd, k_bskd, v_bskd, mask_bts)
+  return _attention_blocked(q_btkgd, k_bskd, v_bskd, mask_bts)
+
+
+def _softmax_weighted_sum(s_f32, v, mask):
+  if mask is not None:
+    s_f32 = jnp.where(mask, s_f32, MASK_VALUE)
+  p = jnp.exp(s_f32 - jnp.max(s_f32, axis=-1, keepdims=True))
+  denom = jnp.sum(p, axis=-1, keepdims=True)
+  return p.astype(v.dtype), denom
+
+
+def _attention_direct(q_btkgd, k_bskd, v_bskd, mask_bts):
+  # Flattened (B·K, G·T, D) operands: a plain batched matmul is ~1.7x faster on CPU than the same
+  # contraction with batch axes in the middle.
+  b, t, kh, g, d = q_btkgd.shape
+  s = k_bskd.shape[1]
+  q_nrd = jnp.transpose(q_btkgd, (0, 2, 3, 1, 4)).reshape(b * kh, g * t, d)
+  k_nsd = jnp.transpose(k_bskd, (0, 2, 1, 3)).reshape(b * kh, s, d)
+  v_nsd = jnp.transpose(v_bskd, (0, 2, 1, 3)).reshape(b * kh, s, d)
+  s_nrs = jax.lax.dot_general(q_nrd, k_nsd, (((2,), (2,)), ((0,), (0,))),
+                              preferred_element_type=jnp.float32)
+  mask = None
+  if mask_bts is not None:
+    mask = jnp.broadcast_to(mask_bts[:, None, None], (b, kh, g, t, s)).reshape(b * kh, g * t, s)
+  p_nrs, denom_nr1 = _softmax_weighted_sum(s_nrs, v_bskd, mask)
+  o_nrd = jax.lax.dot_general(p_nrs, v_nsd, (((2,), (1,)), ((0,), (0,))),
+                              preferred_element_type=jnp.float32) / denom_nr1
+  o = jnp.transpose(o_nrd.reshape(b, kh, g, t, d), (0, 3, 1, 2, 4))
+  return o.astype(v_bskd.dtype)
+
+
+def _attention_blocked(q_btkgd, k_bskd, v_bskd, mask_bts):
+  b, t, kh, g, d = q_btkgd.shape
+  s = k_bskd.shape[1]
+  nb = -(-t * g // BLOCK_ROWS)  # query blocks per (batch, kv head)
+  c = -(-t // nb)  # queries per block
+  pad = nb * c - t
+  q = jnp.pad(q_btkgd, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
+  # items: (B·K·nb) blocks of (G·c) query rows against the S keys of their (batch, kv head)
+  q_items = q.reshape(b, nb, c, kh, g, d).transpose(0, 3, 1, 4, 2, 5).reshape(b * kh * nb, g * c, d)
+  k_bksd = jnp.transpose(k_bskd, (0, 2, 1, 3))
+  v_bksd = jnp.transpose(v_bskd, (0, 2, 1, 3))
+  if mask_bts is not None:
+    mask_bts = jnp.broadcast_to(mask_bts, (b, t, s))
+    mask_bncs = jnp.pad(mask_bts, ((0, 0), (0, pad), (0, 0)), constant_values=True).reshape(b, nb, c, s)
+
+  def block(i):
+    bi, ki, ni = i // (kh * nb), (i // nb) % kh, i % nb
+    s_rs = jnp.dot(q_items[i], k_bksd[bi, ki].T, preferred_element_type=jnp.float32)
+    mask = None if mask_bts is None else jnp.tile(mask_bncs[bi, ni], (g, 1))
+    p_rs, denom_r1 = _softmax_weighted_sum(s_rs, v_bskd, mask)
+    o_rd = jnp.dot(p_rs, v_bksd[bi, ki], preferred_element_type=jnp.float32)
+    return (o_rd / denom_r1).astype(v_bskd.dtype)
+
+  o = jax.lax.map(block, jnp.arange(b * kh * nb))  # (B·K·nb, G·c, D)
+  o = o.reshape(b, kh, nb, g, c, d).transpose(0, 2, 4, 1, 3, 5).reshape(b, nb * c, kh, g, d)
+  return o[:, :t]
 
 
 def stack_modules(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs) -> nnx.Module:

@@ -57,7 +57,7 @@ class Groups:
 
   def key_mask(self):
     if self.valid_gl is None:
-      return jnp.ones((self.num_groups, 1, self.length), bool)
+      return None
     return jnp.asarray(self.valid_gl)[:, None, :]
 
 
@@ -196,7 +196,8 @@ class VisionTower(nnx.Module):
     if pixel_values.shape != (layout.num_patches, self.cfg.patch_dim):
       raise ValueError(f"pixel_values has shape {tuple(pixel_values.shape)} but image_grid_thw "
                        f"{[list(g) for g in grid]} needs ({layout.num_patches}, {self.cfg.patch_dim})")
-    x = self.patch_embed(jnp.asarray(pixel_values)[layout.window_perm])
+    # Embed, then reorder into windows: the gather moves hidden_size, not C·T·P·P, values per patch.
+    x = self.patch_embed(jnp.asarray(pixel_values))[layout.window_perm]
     cos, sin = self.rotary(layout.pos_hw)
     for start, stop, full in block_runs(self.cfg):
       groups = layout.frames if full else layout.windows
