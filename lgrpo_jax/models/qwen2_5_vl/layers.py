@@ -84,15 +84,18 @@ class GatedMLP(nnx.Module):
     return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
-def rotate_half(x):
-  x1, x2 = jnp.split(x, 2, axis=-1)
-  return jnp.concatenate([-x2, x1], axis=-1)
-
-
 def apply_rotary(x, cos, sin):
-  """Half-split rotary in fp32 (cos/sin broadcast over the heads axis), cast back to x's dtype."""
+  """Half-split rotary in fp32, cast back to x's dtype; cos/sin broadcast against x.
+
+  Computes transformers' `x·cos + rotate_half(x)·sin` on the two halves directly (cos and sin
+  repeat their first half, so each output half needs one half of each), which is the same IEEE
+  arithmetic without materialising rotate_half(x).
+  """
+  half = x.shape[-1] // 2
   x32 = x.astype(jnp.float32)
-  return (x32 * cos + rotate_half(x32) * sin).astype(x.dtype)
+  x1, x2 = x32[..., :half], x32[..., half:]
+  c, s = cos[..., :half], sin[..., :half]
+  return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
 
 
 # Score rows per block of the blocked path: a (512, S) fp32 block stays in cache for S up to a few
