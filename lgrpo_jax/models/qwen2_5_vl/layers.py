@@ -18,6 +18,12 @@ INIT_STD = 0.02  # transformers' initializer_range for Qwen2.5-VL
 MASK_VALUE = -1e30  # finite, so fully-masked (padding) rows give uniform weights instead of NaN
 
 
+def precision_for(dtype):
+  """fp32 mode means exact: TPUs and GPUs otherwise run fp32 matmuls with bf16/TF32 passes.
+  bf16 mode keeps the default (native) precision."""
+  return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
 def param(value, names: Sequence[str | None]) -> nnx.Param:
   return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)
 
@@ -64,7 +70,8 @@ class Dense(nnx.Module):
     n = self.n_in
     y = jax.lax.dot_general(
         x.astype(self.dtype), self.kernel[...].astype(self.dtype),
-        ((tuple(range(x.ndim - n, x.ndim)), tuple(range(n))), ((), ())))
+        ((tuple(range(x.ndim - n, x.ndim)), tuple(range(n))), ((), ())),
+        precision=precision_for(self.dtype))
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y
@@ -140,13 +147,14 @@ def _attention_direct(q_btkgd, k_bskd, v_bskd, mask_bts):
   q_nrd = jnp.transpose(q_btkgd, (0, 2, 3, 1, 4)).reshape(b * kh, g * t, d)
   k_nsd = jnp.transpose(k_bskd, (0, 2, 1, 3)).reshape(b * kh, s, d)
   v_nsd = jnp.transpose(v_bskd, (0, 2, 1, 3)).reshape(b * kh, s, d)
-  s_nrs = jax.lax.dot_general(q_nrd, k_nsd, (((2,), (2,)), ((0,), (0,))),
+  prec = precision_for(q_btkgd.dtype)
+  s_nrs = jax.lax.dot_general(q_nrd, k_nsd, (((2,), (2,)), ((0,), (0,))), precision=prec,
                               preferred_element_type=jnp.float32)
   mask = None
   if mask_bts is not None:
     mask = jnp.broadcast_to(mask_bts[:, None, None], (b, kh, g, t, s)).reshape(b * kh, g * t, s)
   p_nrs, denom_nr1 = _softmax_weighted_sum(s_nrs, v_bskd, mask)
-  o_nrd = jax.lax.dot_general(p_nrs, v_nsd, (((2,), (1,)), ((0,), (0,))),
+  o_nrd = jax.lax.dot_general(p_nrs, v_nsd, (((2,), (1,)), ((0,), (0,))), precision=prec,
                               preferred_element_type=jnp.float32) / denom_nr1
   o = jnp.transpose(o_nrd.reshape(b, kh, g, t, d), (0, 3, 1, 2, 4))
   return o.astype(v_bskd.dtype)
@@ -163,16 +171,17 @@ def _attention_blocked(q_btkgd, k_bskd, v_bskd, mask_bts):
   q_items = q.reshape(b, nb, c, kh, g, d).transpose(0, 3, 1, 4, 2, 5).reshape(b * kh * nb, g * c, d)
   k_bksd = jnp.transpose(k_bskd, (0, 2, 1, 3))
   v_bksd = jnp.transpose(v_bskd, (0, 2, 1, 3))
+  prec = precision_for(q_btkgd.dtype)
   if mask_bts is not None:
     mask_bts = jnp.broadcast_to(mask_bts, (b, t, s))
     mask_bncs = jnp.pad(mask_bts, ((0, 0), (0, pad), (0, 0)), constant_values=True).reshape(b, nb, c, s)
 
   def block(i):
     bi, ki, ni = i // (kh * nb), (i // nb) % kh, i % nb
-    s_rs = jnp.dot(q_items[i], k_bksd[bi, ki].T, preferred_element_type=jnp.float32)
+    s_rs = jnp.dot(q_items[i], k_bksd[bi, ki].T, precision=prec, preferred_element_type=jnp.float32)
     mask = None if mask_bts is None else jnp.tile(mask_bncs[bi, ni], (g, 1))
     p_rs, denom_r1 = _softmax_weighted_sum(s_rs, v_bskd, mask)
-    o_rd = jnp.dot(p_rs, v_bksd[bi, ki], preferred_element_type=jnp.float32)
+    o_rd = jnp.dot(p_rs, v_bksd[bi, ki], precision=prec, preferred_element_type=jnp.float32)
     return (o_rd / denom_r1).astype(v_bskd.dtype)
 
   o = jax.lax.map(block, jnp.arange(b * kh * nb))  # (B·K·nb, G·c, D)

@@ -18,7 +18,7 @@ from flax import nnx
 from lgrpo_jax.models.qwen2_5_vl.config import Qwen25VLConfig, TextConfig, validate
 from lgrpo_jax.models.qwen2_5_vl.layers import (INIT_STD, Dense, GatedMLP, RMSNorm, apply_rotary,
                                                 as_numpy_grid, attention, is_concrete, param,
-                                                scan_layers, stack_modules)
+                                                precision_for, scan_layers, stack_modules)
 from lgrpo_jax.models.qwen2_5_vl.rope import get_rope_index, text_rotary
 from lgrpo_jax.models.qwen2_5_vl.vision import VisionTower
 
@@ -103,7 +103,8 @@ class Qwen25VL(nnx.Module):
     """fp32 logits; the head runs in the compute dtype, the cast to fp32 is for the log-softmax."""
     if self.lm_head is None:
       w = self.embed_tokens[...].astype(self.dtype)
-      out = jnp.einsum("bte,ve->btv", h_btd.astype(self.dtype), w)
+      out = jnp.einsum("bte,ve->btv", h_btd.astype(self.dtype), w,
+                       precision=precision_for(self.dtype))
     else:
       out = self.lm_head(h_btd)
     return out.astype(jnp.float32)
