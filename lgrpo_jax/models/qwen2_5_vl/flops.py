@@ -1,5 +1,7 @@
-"""Counted matmul FLOPs of a Qwen2.5-VL forward (2·m·n·k per matmul), for benchmarks and MFU.
+"""Counted matmul FLOPs of a Qwen2.5-VL forward (2·m·k·n per matmul), for benchmarks and MFU.
 
+`forward_matmuls` lists every matmul of a forward as (name, count, m, k, n); FLOPs are their sum.
+Names ending in ".attn" are the attention score/weighted-sum products; the rest are weight matmuls.
 Attention is counted as computed: each vision group (window or frame) attends densely within itself,
 and the decoder computes the full T×T score matrix (the causal mask does not skip work). Element-wise
 ops (norms, rotary, softmax, activations) are not counted; they are a few percent at these sizes.
@@ -11,37 +13,53 @@ from lgrpo_jax.models.qwen2_5_vl.config import Qwen25VLConfig
 from lgrpo_jax.models.qwen2_5_vl.vision import block_runs, vision_layout
 
 Grid = tuple[tuple[int, int, int], ...]
+Matmul = tuple[str, int, int, int, int]  # (name, count, m, k, n)
 
 
-def vision_flops(cfg: Qwen25VLConfig, grid: Grid) -> int:
+def vision_matmuls(cfg: Qwen25VLConfig, grid: Grid) -> list[Matmul]:
   if not grid:
-    return 0
+    return []
   v = cfg.vision
   layout = vision_layout(tuple(map(tuple, grid)), v)
-  n, d = layout.num_patches, v.hidden_size
-  total = 2 * n * v.patch_dim * d
-  dense_per_block = 2 * n * d * 3 * d + 2 * n * d * d + 3 * 2 * n * d * v.intermediate_size
+  n, d, hd, heads = layout.num_patches, v.hidden_size, v.head_dim, v.num_heads
+  out: list[Matmul] = [("vision.patch_embed", 1, n, v.patch_dim, d)]
   for start, stop, full in block_runs(v):
     g = layout.frames if full else layout.windows
-    attn = 2 * 2 * g.num_groups * g.length**2 * d  # QK^T and PV over padded groups
-    total += (stop - start) * (dense_per_block + attn)
+    depth, groups = stop - start, (stop - start) * g.num_groups * heads
+    out += [("vision.qkv", depth, n, d, 3 * d), ("vision.proj", depth, n, d, d),
+            ("vision.gate_up", 2 * depth, n, d, v.intermediate_size),
+            ("vision.down", depth, n, v.intermediate_size, d),
+            ("vision.attn", groups, g.length, hd, g.length),  # scores
+            ("vision.attn", groups, g.length, g.length, hd)]  # weighted sum
   m = n // v.spatial_merge_size**2
   dm = d * v.spatial_merge_size**2
-  return total + 2 * m * dm * dm + 2 * m * dm * v.out_hidden_size
+  return out + [("vision.merger", 1, m, dm, dm), ("vision.merger", 1, m, dm, v.out_hidden_size)]
 
 
-def text_flops(cfg: Qwen25VLConfig, batch: int, seq_len: int, *, lm_head: bool = True) -> int:
+def text_matmuls(cfg: Qwen25VLConfig, batch: int, seq_len: int, *, lm_head: bool = True) -> list[Matmul]:
   t = cfg.text
-  e, hd = t.hidden_size, t.head_dim
+  e, hd, layers = t.hidden_size, t.head_dim, t.num_hidden_layers
   q_out, kv_out = t.num_attention_heads * hd, t.num_key_value_heads * hd
   tok = batch * seq_len
-  per_layer = (2 * tok * e * (2 * q_out + 2 * kv_out)  # q, o and k, v projections
-               + 3 * 2 * tok * e * t.intermediate_size  # gate, up, down
-               + 2 * 2 * batch * seq_len * seq_len * q_out)  # scores and weighted sum
-  head = 2 * tok * e * t.vocab_size if lm_head else 0
-  return t.num_hidden_layers * per_layer + head
+  heads = layers * batch * t.num_attention_heads
+  out: list[Matmul] = [
+      ("text.q", layers, tok, e, q_out), ("text.kv", 2 * layers, tok, e, kv_out),
+      ("text.o", layers, tok, q_out, e), ("text.gate_up", 2 * layers, tok, e, t.intermediate_size),
+      ("text.down", layers, tok, t.intermediate_size, e),
+      ("text.attn", heads, seq_len, hd, seq_len),  # scores
+      ("text.attn", heads, seq_len, seq_len, hd),  # weighted sum
+  ]
+  return out + ([("text.lm_head", 1, tok, e, t.vocab_size)] if lm_head else [])
+
+
+def forward_matmuls(cfg: Qwen25VLConfig, batch: int, seq_len: int, grid: Grid = ()) -> list[Matmul]:
+  return vision_matmuls(cfg, grid) + text_matmuls(cfg, batch, seq_len)
+
+
+def matmul_flops(matmuls: list[Matmul]) -> int:
+  return sum(2 * c * m * k * n for _, c, m, k, n in matmuls)
 
 
 def forward_flops(cfg: Qwen25VLConfig, batch: int, seq_len: int, grid: Grid = ()) -> int:
   """One forward of `batch` sequences of `seq_len` tokens holding the images of `grid`."""
-  return vision_flops(cfg, grid) + text_flops(cfg, batch, seq_len)
+  return matmul_flops(forward_matmuls(cfg, batch, seq_len, grid))
