@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy; safetensors' numpy reader needs it)
 import numpy as np
@@ -125,8 +125,3 @@ def write_sharded(out_dir: str, tensors: Iterable[tuple[str, np.ndarray]], *,
     with open(os.path.join(out_dir, INDEX), "w") as f:
       json.dump(index, f, indent=2)
   return names
-
-
-def iter_items(d: SafetensorsDir) -> Iterator[tuple[str, np.ndarray]]:
-  for k in d.keys():
-    yield k, d.get(k)

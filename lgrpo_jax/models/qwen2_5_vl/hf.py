@@ -69,7 +69,7 @@ def from_config(config, *, dtype=None, param_dtype=None, seed: int = 0) -> Qwen2
 
 
 def abstract_model(cfg: Qwen25VLConfig):
-  """(graphdef, pure dict of ShapeDtypeStruct) without allocating any parameter."""
+  """(graphdef, state of ShapeDtypeStructs) for this config, without allocating any parameter."""
   graphdef, state = nnx.split(nnx.eval_shape(lambda: Qwen25VL(cfg, rngs=nnx.Rngs(0))))
   return graphdef, state
 

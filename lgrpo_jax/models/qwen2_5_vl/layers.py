@@ -40,9 +40,9 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
 class RMSNorm(nnx.Module):
   """Qwen RMSNorm: normalise in fp32, cast back, then multiply by the weight (`x·w`, no 1+w)."""
 
-  def __init__(self, dim: int, *, eps: float, param_dtype, names=("embed",)):
+  def __init__(self, dim: int, *, eps: float, param_dtype):
     self.eps = eps
-    self.weight = param(jnp.ones((dim,), param_dtype), names)
+    self.weight = param(jnp.ones((dim,), param_dtype), ("embed",))
 
   def __call__(self, x):
     x32 = x.astype(jnp.float32)
@@ -219,7 +219,7 @@ def is_concrete(x) -> bool:
   return x is not None and not isinstance(x, jax.core.Tracer)
 
 
-def as_numpy_grid(image_grid_thw) -> tuple[tuple[int, int, int], ...]:
+def static_grid(image_grid_thw) -> tuple[tuple[int, int, int], ...]:
   """`image_grid_thw` is shape metadata: it must be concrete (numpy / list), never traced."""
   if isinstance(image_grid_thw, jax.core.Tracer):
     raise TypeError("image_grid_thw must be concrete (numpy or a tuple), not a traced array: it "

@@ -17,7 +17,7 @@ from flax import nnx
 
 from lgrpo_jax.models.qwen2_5_vl.config import Qwen25VLConfig, TextConfig, validate
 from lgrpo_jax.models.qwen2_5_vl.layers import (INIT_STD, Dense, GatedMLP, RMSNorm, apply_rotary,
-                                                as_numpy_grid, attention, is_concrete, param,
+                                                static_grid, attention, is_concrete, param,
                                                 precision_for, scan_layers, stack_modules)
 from lgrpo_jax.models.qwen2_5_vl.rope import get_rope_index, text_rotary
 from lgrpo_jax.models.qwen2_5_vl.vision import VisionTower
@@ -77,7 +77,7 @@ class Qwen25VL(nnx.Module):
   # ---- pieces (used separately by the sampler, the listener and the loss) -------------------
   def image_features(self, pixel_values, image_grid_thw):
     """(N patches, C·T·P·P) → (N/m², hidden) merged image embeddings, images in order."""
-    return self.visual(pixel_values, as_numpy_grid(image_grid_thw))
+    return self.visual(pixel_values, static_grid(image_grid_thw))
 
   def embed(self, input_ids, image_embeds=None):
     """Token embeddings with `<|image_pad|>` positions replaced, in order, by image embeddings."""
@@ -112,7 +112,7 @@ class Qwen25VL(nnx.Module):
   def hidden_states(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                     position_ids=None):
     input_ids = jnp.asarray(input_ids)
-    grid = () if image_grid_thw is None else as_numpy_grid(image_grid_thw)
+    grid = () if image_grid_thw is None else static_grid(image_grid_thw)
     image_embeds = None
     if pixel_values is not None:
       if not grid:
@@ -152,7 +152,7 @@ def _forward_jit(model, input_ids, attention_mask, pixel_values, grid):
 
 def forward(model: Qwen25VL, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None):
   """Compiled `model(...)`: one XLA program per distinct (shapes, image grids)."""
-  grid = None if image_grid_thw is None else as_numpy_grid(image_grid_thw)
+  grid = None if image_grid_thw is None else static_grid(image_grid_thw)
   if pixel_values is not None:
     check_image_tokens(input_ids, grid or (), model.config)
   return _forward_jit(model, jnp.asarray(input_ids),
