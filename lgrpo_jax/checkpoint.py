@@ -14,6 +14,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from lgrpo_jax import sharding
 from lgrpo_jax.models.qwen2_5_vl import Qwen25VL, Qwen25VLConfig
 from lgrpo_jax.models.qwen2_5_vl.hf import abstract_model, dtype_name
 from lgrpo_jax.safetensors_io import CheckpointError
@@ -43,8 +44,11 @@ def is_checkpoint(path) -> bool:
   return os.path.isfile(os.path.join(path, CONFIG)) and os.path.isdir(os.path.join(path, PARAMS))
 
 
-def load_model(path, *, dtype=None) -> Qwen25VL:
-  """Restores a model saved by `save_model`; `dtype` overrides the compute dtype only."""
+def load_model(path, *, dtype=None, mesh=None, rules=None) -> Qwen25VL:
+  """Restores a model saved by `save_model`; `dtype` overrides the compute dtype only.
+
+  With a `mesh`, each parameter is restored directly into its shards on that mesh, whatever mesh
+  the checkpoint was saved from (Orbax reshards on restore)."""
   path = os.path.abspath(os.fspath(path))
   if not is_checkpoint(path):
     raise CheckpointError(f"{path}: not an lgrpo_jax checkpoint (needs {CONFIG} and {PARAMS}/)")
@@ -55,7 +59,12 @@ def load_model(path, *, dtype=None) -> Qwen25VL:
       param_dtype=ours.get("param_dtype", "float32"),
       dtype=dtype_name(dtype) if dtype is not None else ours.get("dtype", "float32"))
   graphdef, state = abstract_model(cfg)
-  target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), nnx.to_pure_dict(state))
+  if mesh is None:
+    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), nnx.to_pure_dict(state))
+  else:
+    shardings = nnx.to_pure_dict(sharding.state_shardings(state, mesh, rules))
+    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          nnx.to_pure_dict(state), shardings)
   try:
     restored = ocp.StandardCheckpointer().restore(os.path.join(path, PARAMS), target)
   except Exception as e:  # shape/dtype/tree mismatch from Orbax

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lgrpo_jax import sharding
 from lgrpo_jax.models.qwen2_5_vl import params as P
 from lgrpo_jax.models.qwen2_5_vl.config import ConfigError, Qwen25VLConfig
 from lgrpo_jax.models.qwen2_5_vl.model import Qwen25VL
@@ -62,10 +63,14 @@ def resolve_config(config, *, dtype=None, param_dtype=None) -> Qwen25VLConfig:
   return cfg.replace(**kw) if kw else cfg
 
 
-def from_config(config, *, dtype=None, param_dtype=None, seed: int = 0) -> Qwen25VL:
-  """A randomly initialised model (normal(0, 0.02) weights, unit norms, zero biases)."""
+def from_config(config, *, dtype=None, param_dtype=None, seed: int = 0, mesh=None,
+                rules=None) -> Qwen25VL:
+  """A randomly initialised model (normal(0, 0.02) weights, unit norms, zero biases).
+
+  With a `mesh`, every parameter is created directly in its shard (the values do not depend on
+  the mesh: JAX's partitionable threefry RNG)."""
   cfg = resolve_config(config, dtype=dtype, param_dtype=param_dtype)
-  return Qwen25VL(cfg, rngs=nnx.Rngs(seed))
+  return sharding.create(lambda: Qwen25VL(cfg, rngs=nnx.Rngs(seed)), mesh, rules)
 
 
 def abstract_model(cfg: Qwen25VLConfig):
@@ -118,14 +123,24 @@ def plan_import(ckpt: SafetensorsDir, cfg: Qwen25VLConfig, shapes: dict) -> dict
   return in_file
 
 
-def load_hf(path, *, dtype="float32", param_dtype=None) -> Qwen25VL:
-  """Loads a local HF Qwen2.5-VL directory (Hub or transformers-5 key layout, bf16 or fp32)."""
+def load_hf(path, *, dtype="float32", param_dtype=None, mesh=None, rules=None) -> Qwen25VL:
+  """Loads a local HF Qwen2.5-VL directory (Hub or transformers-5 key layout, bf16 or fp32).
+
+  With a `mesh`, parameters land directly in their shards: for each parameter this process builds
+  only the shards its own devices hold, reading the checkpoint one (per-layer) tensor at a time.
+  Host memory at any moment: one parameter's local shards plus one checkpoint tensor.
+  """
   path = os.fspath(path)
   if not os.path.isdir(path):
     raise CheckpointError(f"{path}: not a directory (expected a local HF checkpoint)")
   cfg = resolve_config(path, dtype=dtype, param_dtype=param_dtype)
   ckpt = SafetensorsDir(path)
   graphdef, state = abstract_model(cfg)
+  if mesh is None:
+    single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda _: single, nnx.to_pure_dict(state))
+  else:
+    shardings = nnx.to_pure_dict(sharding.state_shardings(state, mesh, rules))
   pure = nnx.to_pure_dict(state)
   in_file = plan_import(ckpt, cfg, pure)
   np_dtype = np.dtype(jnp.dtype(cfg.param_dtype))
@@ -133,14 +148,42 @@ def load_hf(path, *, dtype="float32", param_dtype=None) -> Qwen25VL:
     full = tuple(_get(pure, rule.ours).shape)
     n = P.num_layers(rule, cfg)
     if n is None:
-      arr = P.to_ours(rule, ckpt.get(in_file[rule.hf]), full).astype(np_dtype)
+      layers = [lambda: P.to_ours(rule, ckpt.get(in_file[rule.hf]), full)]
     else:
-      arr = np.empty(full, np_dtype)
-      for i, key in enumerate(P.hf_keys(rule, cfg)):
-        arr[i] = P.to_ours(rule, ckpt.get(in_file[key]), full[1:])
-    _set(pure, rule.ours, jnp.asarray(arr))
+      layers = [lambda k=key: P.to_ours(rule, ckpt.get(in_file[k]), full[1:])
+                for key in P.hf_keys(rule, cfg)]
+    _set(pure, rule.ours, _place(full, np_dtype, _get(shardings, rule.ours), layers, stacked=n is not None))
   nnx.replace_by_pure_dict(state, pure)
   return nnx.merge(graphdef, state)
+
+
+def _place(shape, np_dtype, sharding, read_layers, stacked: bool):
+  """A global array with `sharding`, built from the local devices' shards only.
+
+  `read_layers` are thunks giving the parameter (one thunk) or each layer's slice of it (stacked);
+  each is called once and only the parts the local shards need are kept."""
+  index_of = sharding.addressable_devices_indices_map(shape)
+  bufs: dict[tuple, np.ndarray] = {}
+  for idx in index_of.values():
+    key = tuple(sl.indices(d)[:2] for sl, d in zip(idx, shape))
+    if key not in bufs:
+      bufs[key] = np.empty([b - a for a, b in key], np_dtype)
+  for i, read in enumerate(read_layers):
+    whole = None
+    for key, buf in bufs.items():
+      if stacked:
+        (l0, l1), rest = key[0], key[1:]
+        if not l0 <= i < l1:
+          continue
+        whole = read() if whole is None else whole
+        buf[i - l0] = whole[tuple(slice(a, b) for a, b in rest)]
+      else:
+        whole = read() if whole is None else whole
+        buf[...] = whole[tuple(slice(a, b) for a, b in key)]
+  # may_alias=False: the device copy must not keep the host buffer alive (CPU backends alias).
+  arrays = [jax.device_put(bufs[tuple(sl.indices(d)[:2] for sl, d in zip(idx, shape))], dev, may_alias=False)
+            for dev, idx in index_of.items()]
+  return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
 
 
 def iter_hf_tensors(model: Qwen25VL, dtype=None):

@@ -21,6 +21,9 @@ from lgrpo_jax.models.qwen2_5_vl.layers import (INIT_STD, Dense, GatedMLP, RMSNo
                                                 precision_for, scan_layers, stack_modules)
 from lgrpo_jax.models.qwen2_5_vl.rope import get_rope_index, text_rotary
 from lgrpo_jax.models.qwen2_5_vl.vision import VisionTower
+from lgrpo_jax.sharding import constrain
+
+ACT_BTD = ("batch", "length", None)  # decoder activations between blocks
 
 
 class DecoderLayer(nnx.Module):
@@ -96,7 +99,8 @@ class Qwen25VL(nnx.Module):
              else jnp.asarray(attention_mask).astype(bool))
     mask_bts = jnp.tril(jnp.ones((t, t), bool))[None] & valid[:, None, :]
     cos, sin = text_rotary(position_ids, self.config)
-    x_btd = scan_layers(self.layers, x_btd, lambda layer, x: layer(x, cos, sin, mask_bts))
+    x_btd = scan_layers(self.layers, constrain(x_btd, ACT_BTD),
+                        lambda layer, x: constrain(layer(x, cos, sin, mask_bts), ACT_BTD))
     return self.norm(x_btd)
 
   def logits(self, h_btd):
@@ -107,7 +111,7 @@ class Qwen25VL(nnx.Module):
                        precision=precision_for(self.dtype))
     else:
       out = self.lm_head(h_btd)
-    return out.astype(jnp.float32)
+    return constrain(out.astype(jnp.float32), ("batch", "length", "vocab"))
 
   def hidden_states(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                     position_ids=None):

@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from lgrpo_jax.models.qwen2_5_vl.config import VisionConfig
+from lgrpo_jax.sharding import constrain
 from lgrpo_jax.models.qwen2_5_vl.layers import (Dense, GatedMLP, RMSNorm, activation, apply_rotary,
                                                 attention, scan_layers, stack_modules)
 
@@ -159,7 +160,7 @@ class PatchMerger(nnx.Module):
     d = cfg.hidden_size * cfg.spatial_merge_size**2
     self.ln_q = RMSNorm(cfg.hidden_size, eps=1e-6, param_dtype=param_dtype)
     kw = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.mlp0 = Dense((d,), (d,), in_names=("mlp",), out_names=("mlp",), **kw)
+    self.mlp0 = Dense((d,), (d,), in_names=("embed",), out_names=("mlp",), **kw)
     self.mlp2 = Dense((d,), (cfg.out_hidden_size,), in_names=("mlp",), out_names=("embed",), **kw)
     self.group = d
 
@@ -200,5 +201,7 @@ class VisionTower(nnx.Module):
     cos, sin = self.rotary(layout.pos_hw)
     for start, stop, full in block_runs(self.cfg):
       groups = layout.frames if full else layout.windows
-      x = scan_layers(self.blocks, x, lambda blk, h, g=groups: blk(h, cos, sin, g), start, stop)
+      x = scan_layers(self.blocks, constrain(x, ("batch", None)),
+                      lambda blk, h, g=groups: constrain(blk(h, cos, sin, g), ("batch", None)),
+                      start, stop)
     return self.merger(x)[layout.merged_unperm]
