@@ -216,7 +216,10 @@ def scan_layers(stack: nnx.Module, carry, fn, start: int = 0, stop: int | None =
 
 
 def is_concrete(x) -> bool:
-  return x is not None and not isinstance(x, jax.core.Tracer)
+  """Readable on this host: not traced, and not a global array spread over other processes."""
+  if x is None or isinstance(x, jax.core.Tracer):
+    return False
+  return not isinstance(x, jax.Array) or x.is_fully_addressable
 
 
 def static_grid(image_grid_thw) -> tuple[tuple[int, int, int], ...]:

@@ -1,0 +1,87 @@
+"""Multi-process start-up: the first call of every entry point.
+
+One program per host (JAX's multi-controller model): each process runs the same command, and
+`initialize()` joins them through `jax.distributed.initialize` when the environment says there are
+several, and does nothing for a single process. How the processes are found, in order:
+
+  1. explicit: arguments, or LGRPO_COORDINATOR_ADDRESS (host:port) + LGRPO_NUM_PROCESSES +
+     LGRPO_PROCESS_ID (any launcher: torchrun-style scripts, Kubernetes, a shell loop);
+  2. SLURM: SLURM_NTASKS > 1 (srun sets it; JAX reads the rest of the SLURM variables itself);
+  3. Cloud TPU pod slices: more than one host in TPU_WORKER_HOSTNAMES, or a multislice
+     MEGASCALE_COORDINATOR_ADDRESS (JAX reads the TPU metadata itself).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+import jax
+
+log = logging.getLogger(__name__)
+
+ENV_COORDINATOR = "LGRPO_COORDINATOR_ADDRESS"
+ENV_NUM_PROCESSES = "LGRPO_NUM_PROCESSES"
+ENV_PROCESS_ID = "LGRPO_PROCESS_ID"
+
+_initialized = False
+
+
+def detect(coordinator: str | None = None, num_processes: int | None = None,
+           process_id: int | None = None, env=None) -> tuple[str, dict]:
+  """(how, kwargs for jax.distributed.initialize); how is 'single', 'explicit', 'slurm' or 'tpu'."""
+  env = os.environ if env is None else env
+  coordinator = coordinator or env.get(ENV_COORDINATOR)
+  if num_processes is None and env.get(ENV_NUM_PROCESSES):
+    num_processes = int(env[ENV_NUM_PROCESSES])
+  if process_id is None and env.get(ENV_PROCESS_ID):
+    process_id = int(env[ENV_PROCESS_ID])
+  given = [coordinator is not None, num_processes is not None, process_id is not None]
+  if any(given):
+    if not all(given):
+      raise ValueError("multi-process start-up needs all three of coordinator address, number of "
+                       f"processes and process id (flags or {ENV_COORDINATOR}, {ENV_NUM_PROCESSES}, "
+                       f"{ENV_PROCESS_ID}); got coordinator={coordinator!r}, "
+                       f"num_processes={num_processes!r}, process_id={process_id!r}")
+    if not 0 <= process_id < num_processes:
+      raise ValueError(f"process id {process_id} is outside 0..{num_processes - 1}")
+    if num_processes == 1:
+      return "single", {}
+    return "explicit", dict(coordinator_address=coordinator, num_processes=num_processes,
+                            process_id=process_id)
+  if int(env.get("SLURM_NTASKS", env.get("SLURM_STEP_NUM_TASKS", "1")) or 1) > 1:
+    return "slurm", {}
+  hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
+  if len(hosts) > 1 or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
+    return "tpu", {}
+  return "single", {}
+
+
+def initialize(coordinator: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None) -> str:
+  """Joins the processes of a multi-host run (idempotent). Returns how they were found."""
+  global _initialized
+  how, kwargs = detect(coordinator, num_processes, process_id)
+  if how == "single" or _initialized:
+    return how
+  if os.environ.get("JAX_PLATFORMS", "").split(",")[0] == "cpu":
+    # CPU processes exchange data through gloo (the default CPU backend has no cross-process
+    # collectives); used by the multi-process tests and CPU clusters.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(**kwargs)
+  _initialized = True
+  log.info("process %d of %d (%s), %d local / %d global devices", jax.process_index(),
+           jax.process_count(), how, jax.local_device_count(), jax.device_count())
+  return how
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+  g = parser.add_argument_group("multi-process (optional; detected from SLURM / TPU otherwise)")
+  g.add_argument("--coordinator", default=None, help=f"host:port of process 0 (or ${ENV_COORDINATOR})")
+  g.add_argument("--num-processes", type=int, default=None, help=f"(or ${ENV_NUM_PROCESSES})")
+  g.add_argument("--process-id", type=int, default=None, help=f"(or ${ENV_PROCESS_ID})")
+
+
+def initialize_from_args(args: argparse.Namespace) -> str:
+  return initialize(args.coordinator, args.num_processes, args.process_id)

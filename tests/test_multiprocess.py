@@ -1,0 +1,94 @@
+"""Two real processes on loopback (jax.distributed + gloo CPU collectives) compute the same sharded
+forward as one process, each feeding its own slice of the batch; start-up detection."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from lgrpo_jax import distributed
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def run_check(n_proc: int, out, extra=()):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": f"--xla_force_host_platform_device_count={8 // n_proc}"}
+  for k in (distributed.ENV_COORDINATOR, distributed.ENV_NUM_PROCESSES, distributed.ENV_PROCESS_ID):
+    env.pop(k, None)
+  base = [sys.executable, "-m", "lgrpo_jax.check", "--mesh.fsdp", "4", "--mesh.tensor", "2",
+          "--out", str(out), *extra]
+  if n_proc > 1:
+    port = free_port()
+    procs = [subprocess.Popen(base + ["--coordinator", f"127.0.0.1:{port}", "--num-processes",
+                                      str(n_proc), "--process-id", str(i)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for i in range(n_proc)]
+  else:
+    procs = [subprocess.Popen(base, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)]
+  outs = []
+  for p in procs:
+    stdout, stderr = p.communicate(timeout=300)
+    assert p.returncode == 0, stderr[-3000:]
+    outs.append(stdout)
+  return outs
+
+
+@pytest.mark.parametrize("source", ["random", "checkpoint"])
+def test_two_processes_equal_one(tmp_path, source):
+  extra = ()
+  if source == "checkpoint":
+    import lgrpo_jax
+    from lgrpo_jax.models.qwen2_5_vl.presets import TINY
+    lgrpo_jax.save_hf(lgrpo_jax.from_config(TINY, seed=4), tmp_path / "hf")
+    extra = ("--checkpoint", str(tmp_path / "hf"))
+  one = run_check(1, tmp_path / "one.npy", extra)
+  two = run_check(2, tmp_path / "two.npy", extra)
+  assert "fed rows 0..7" in one[0]
+  assert "process 0/2 (explicit): 4 local / 8 devices" in two[0] and "fed rows 0..3" in two[0]
+  assert "process 1/2 (explicit): 4 local / 8 devices" in two[1] and "fed rows 4..7" in two[1]
+  assert "P(None, 'fsdp', 'tensor')" in two[0]
+  a, b = np.load(tmp_path / "one.npy"), np.load(tmp_path / "two.npy")
+  assert a.shape == (8, 512)
+  np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("env,how", [
+    ({}, "single"),
+    ({"SLURM_NTASKS": "16", "SLURM_PROCID": "3"}, "slurm"),
+    ({"SLURM_NTASKS": "1"}, "single"),
+    ({"TPU_WORKER_HOSTNAMES": "t1,t2,t3,t4"}, "tpu"),
+    ({"TPU_WORKER_HOSTNAMES": "localhost"}, "single"),
+    ({"MEGASCALE_COORDINATOR_ADDRESS": "10.0.0.2"}, "tpu"),
+    ({distributed.ENV_COORDINATOR: "h:1234", distributed.ENV_NUM_PROCESSES: "4",
+      distributed.ENV_PROCESS_ID: "2"}, "explicit"),
+    ({distributed.ENV_COORDINATOR: "h:1234", distributed.ENV_NUM_PROCESSES: "1",
+      distributed.ENV_PROCESS_ID: "0"}, "single"),
+])
+def test_detect(env, how):
+  got, kwargs = distributed.detect(env=env)
+  assert got == how
+  if how == "explicit":
+    assert kwargs == {"coordinator_address": "h:1234", "num_processes": 4, "process_id": 2}
+
+
+def test_detect_rejects_partial_or_bad_settings():
+  with pytest.raises(ValueError, match="needs all three"):
+    distributed.detect(coordinator="h:1", env={})
+  with pytest.raises(ValueError, match="process id 5 is outside 0..1"):
+    distributed.detect(coordinator="h:1", num_processes=2, process_id=5, env={})
+
+
+def test_check_reports_bad_mesh_in_one_line(tmp_path):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  r = subprocess.run([sys.executable, "-m", "lgrpo_jax.check", "--mesh.data", "3"], capture_output=True,
+                     text=True, env=env, timeout=300)
+  assert r.returncode == 2 and "Traceback" not in r.stderr
+  assert "error: mesh (data=3, fsdp=-1, tensor=1): 8 devices are not divisible by 3" in r.stderr
