@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
   # Heavy imports after argument parsing, so --help is instant.
-  from lgrpo_jax import checkpoint
+  from lgrpo_jax import checkpoint, distributed
+  distributed.initialize()  # joins a multi-host run when the environment says so
   from lgrpo_jax.models.qwen2_5_vl import load_hf, save_hf
   try:
     if args.cmd == "to-jax":

@@ -59,6 +59,8 @@ def main(argv=None) -> None:
   ap.add_argument("--out", default="runs/demo", help="where the exported checkpoints go")
   args = ap.parse_args(argv)
 
+  from lgrpo_jax import distributed
+  distributed.initialize()  # the first call of every entry point; a no-op on one machine
   import jax
   from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 

@@ -121,27 +121,28 @@ def test_sharded_load_equals_unsharded(hf_dir, single):
 
 
 def test_sharded_load_host_memory_well_under_a_full_copy(tmp_path):
-  """A synthetic 16 MB checkpoint in 30+ safetensors files, loaded onto fsdp=8. The bound: Python-side
-  (numpy) allocations peak at the largest parameter's local shards plus one checkpoint tensor
-  plus ~1 MB of bookkeeping — never the whole model."""
+  """A synthetic 32 MB checkpoint in 60+ safetensors files, loaded onto fsdp=8. The bound: Python-side
+  (numpy) allocations peak at about two copies of the largest checkpoint tensor (as read, and in our
+  layout) plus a few MB of bookkeeping that does not grow with the model — stacked parameters are
+  built on the devices one layer at a time. Measured: 5.1 MB (16%)."""
   cfg = config_dict("a", text_config={
-      "num_hidden_layers": 8, "hidden_size": 256, "intermediate_size": 256, "vocab_size": 1024,
+      "num_hidden_layers": 16, "hidden_size": 256, "intermediate_size": 256, "vocab_size": 1024,
       "num_attention_heads": 8, "num_key_value_heads": 8,
       "rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "mrope_section": [4, 6, 6]}},
       vision_config={"out_hidden_size": 256})
   model = lgrpo_jax.from_config(cfg, seed=0)
   lgrpo_jax.save_hf(model, tmp_path, max_shard_bytes=500_000)
-  sizes = [np.asarray(v).nbytes for v in params(model).values()]
-  total, largest = sum(sizes), max(sizes)
-  assert len(list(tmp_path.glob("*.safetensors"))) >= 30
+  total = sum(np.asarray(v).nbytes for v in params(model).values())
+  largest = max(np.asarray(v).nbytes for k, v in params(model).items() if not k.startswith(("layers.", "visual.blocks.")))
+  assert len(list(tmp_path.glob("*.safetensors"))) >= 60
   del model
   mesh = mesh_of((1, 8, 1))
   tracemalloc.start()
   loaded = lgrpo_jax.load_hf(tmp_path, mesh=mesh)
   _, peak = tracemalloc.get_traced_memory()
   tracemalloc.stop()
-  assert peak < 1.5 * largest + 1.5e6, f"peak {peak} B, largest parameter {largest} B"
-  assert peak < 0.35 * total, f"peak {peak} B vs {total} B of parameters"
+  assert peak < 2 * largest + 5e6, f"peak {peak} B, largest tensor {largest} B"
+  assert peak < 0.25 * total, f"peak {peak} B vs {total} B of parameters"
   assert spec_of(params(loaded)["layers.q_proj.kernel"]) == (None, "fsdp", None, None)
 
 

@@ -6,6 +6,7 @@ safetensors headers before reading any data, then reads one tensor at a time.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -158,32 +159,40 @@ def load_hf(path, *, dtype="float32", param_dtype=None, mesh=None, rules=None) -
 
 
 def _place(shape, np_dtype, sharding, read_layers, stacked: bool):
-  """A global array with `sharding`, built from the local devices' shards only.
+  """A global array with `sharding`, holding on the host only one checkpoint tensor at a time.
 
-  `read_layers` are thunks giving the parameter (one thunk) or each layer's slice of it (stacked);
-  each is called once and only the parts the local shards need are kept."""
+  `read_layers` are thunks giving the parameter in our layout (one thunk) or each layer's slice of
+  it (stacked). A single tensor is cut into the local devices' shards and sent; a stacked one is
+  built on the devices, one layer at a time, so no host buffer ever holds a whole stacked parameter.
+  """
   index_of = sharding.addressable_devices_indices_map(shape)
-  bufs: dict[tuple, np.ndarray] = {}
-  for idx in index_of.values():
-    key = tuple(sl.indices(d)[:2] for sl, d in zip(idx, shape))
-    if key not in bufs:
-      bufs[key] = np.empty([b - a for a, b in key], np_dtype)
-  for i, read in enumerate(read_layers):
-    whole = None
-    for key, buf in bufs.items():
-      if stacked:
-        (l0, l1), rest = key[0], key[1:]
-        if not l0 <= i < l1:
-          continue
-        whole = read() if whole is None else whole
-        buf[i - l0] = whole[tuple(slice(a, b) for a, b in rest)]
-      else:
-        whole = read() if whole is None else whole
-        buf[...] = whole[tuple(slice(a, b) for a, b in key)]
-  # may_alias=False: the device copy must not keep the host buffer alive (CPU backends alias).
-  arrays = [jax.device_put(bufs[tuple(sl.indices(d)[:2] for sl, d in zip(idx, shape))], dev, may_alias=False)
-            for dev, idx in index_of.items()]
+  ranges = {dev: tuple(sl.indices(d)[:2] for sl, d in zip(idx, shape)) for dev, idx in index_of.items()}
+  if not stacked:
+    whole = read_layers[0]()
+    arrays = [jax.device_put(np.ascontiguousarray(whole[_slices(r)], dtype=np_dtype), dev)
+              for dev, r in ranges.items()]
+  else:
+    arrays = {dev: jax.device_put(np.zeros([b - a for a, b in r], np_dtype), dev)
+              for dev, r in ranges.items()}
+    for i, read in enumerate(read_layers):
+      whole = None
+      for dev, r in ranges.items():
+        (l0, l1), rest = r[0], r[1:]
+        if l0 <= i < l1:
+          whole = read() if whole is None else whole
+          part = jax.device_put(np.ascontiguousarray(whole[_slices(rest)], dtype=np_dtype), dev)
+          arrays[dev] = _set_layer(arrays[dev], part, i - l0)
+    arrays = [arrays[dev] for dev in ranges]
   return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+
+
+def _slices(ranges):
+  return tuple(slice(a, b) for a, b in ranges)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_layer(stack, layer, i):
+  return jax.lax.dynamic_update_index_in_dim(stack, layer, i, 0)
 
 
 def iter_hf_tensors(model: Qwen25VL, dtype=None):

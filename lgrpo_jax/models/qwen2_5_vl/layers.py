@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lgrpo_jax.sharding import constrain
+
 INIT_STD = 0.02  # transformers' initializer_range for Qwen2.5-VL
 MASK_VALUE = -1e30  # finite, so fully-masked (padding) rows give uniform weights instead of NaN
 
@@ -88,7 +90,8 @@ class GatedMLP(nnx.Module):
     self.act = activation(act)
 
   def __call__(self, x):
-    return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+    h = self.act(self.gate_proj(x)) * self.up_proj(x)
+    return self.down_proj(constrain(h, ("batch",) + (None,) * (h.ndim - 2) + ("mlp",)))
 
 
 def apply_rotary(x, cos, sin):

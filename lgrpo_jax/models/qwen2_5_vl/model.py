@@ -49,7 +49,9 @@ class DecoderLayer(nnx.Module):
     h = self.input_layernorm(x_btd)
     q = apply_rotary(self.q_proj(h), cos_btd[:, :, None], sin_btd[:, :, None])  # (B, T, H, D)
     k = apply_rotary(self.k_proj(h), cos_btd[:, :, None], sin_btd[:, :, None])  # (B, T, K, D)
-    v = self.v_proj(h)
+    v = constrain(self.v_proj(h), ("batch", "length", "kv_heads", None))
+    q = constrain(q, ("batch", "length", "heads", None))
+    k = constrain(k, ("batch", "length", "kv_heads", None))
     b, t = q.shape[:2]
     q = q.reshape(b, t, self.kv_heads, self.groups, self.head_dim)
     o = attention(q, k, v, mask_bts, self.head_dim**-0.5).reshape(b, t, -1, self.head_dim)

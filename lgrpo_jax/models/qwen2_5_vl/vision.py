@@ -142,7 +142,7 @@ class VisionBlock(nnx.Module):
                         param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, x_nd, cos_nd, sin_nd, groups: Groups):
-    qkv = self.qkv(self.norm1(x_nd))  # (N, 3, H, Dh)
+    qkv = constrain(self.qkv(self.norm1(x_nd)), ("batch", None, "heads", None))  # (N, 3, H, Dh)
     q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
     q = apply_rotary(q, cos_nd[:, None], sin_nd[:, None])
     k = apply_rotary(k, cos_nd[:, None], sin_nd[:, None])

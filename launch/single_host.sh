@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# One host with several GPUs (or TPU chips): one process drives all local devices.
+#
+#   launch/single_host.sh [ENTRY] [ARGS...]
+#   launch/single_host.sh lgrpo_jax.check --mesh.fsdp=8
+#
+# ENTRY is a `python -m` module (default lgrpo_jax.check; the training launcher once it exists).
+# Mesh sizes go on the command line (--mesh.data/--mesh.fsdp/--mesh.tensor; -1 = the rest).
+# Sets nothing: JAX sees every local device. PYTHON overrides the interpreter (default .venv).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-.venv/bin/python}
+ENTRY=${1:-lgrpo_jax.check}
+shift || true
+exec "$PYTHON" -m "$ENTRY" "$@"
