@@ -1,0 +1,84 @@
+"""Image preprocessing equals transformers' Qwen2VLImageProcessorPil, on real and odd inputs; bad
+images give errors naming their source."""
+
+import io
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from lgrpo_jax.data import ImageConfig, ImageError, process_image, process_images
+
+REAL = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "imagereward", "images")
+CFG = ImageConfig(min_pixels=56 * 56, max_pixels=448 * 448)
+
+
+def reference(images, cfg=CFG):
+  proc = Qwen2VLImageProcessorPil(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+  out = proc(images=images, return_tensors="np")
+  return out["pixel_values"], out["image_grid_thw"]
+
+
+def odd_images():
+  rng = np.random.default_rng(0)
+  rgb = lambda h, w: Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+  rgba = Image.fromarray(rng.integers(0, 256, (61, 97, 4), dtype=np.uint8), "RGBA")
+  grey = Image.fromarray(rng.integers(0, 256, (50, 70), dtype=np.uint8), "L")
+  la = Image.fromarray(rng.integers(0, 256, (45, 80, 2), dtype=np.uint8), "LA")
+  pal = rgb(64, 48).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+  pal_t = pal.copy()
+  pal_t.info["transparency"] = 3
+  cmyk = rgb(40, 90).convert("CMYK")
+  return {"tiny 1x1": rgb(1, 1), "thin 33x517": rgb(33, 517), "wide 30x1000": rgb(30, 1000),
+          "big 1500x900 (over max_pixels)": rgb(1500, 900), "odd 223x311": rgb(223, 311), "RGBA": rgba,
+          "greyscale": grey, "grey+alpha": la, "palette": pal, "palette+transparency": pal_t, "CMYK": cmyk}
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(REAL)))
+def test_real_imagereward_images_match_transformers(name):
+  path = os.path.join(REAL, name)
+  got, grid = process_image(path, CFG)
+  ref, ref_grid = reference([Image.open(path)])
+  assert grid == tuple(ref_grid[0]) == (1, 32, 32)  # 512x512 -> 448x448 under max_pixels
+  np.testing.assert_array_equal(got, ref)
+
+
+@pytest.mark.parametrize("name", sorted(odd_images()))
+def test_odd_sizes_and_modes_match_transformers(name):
+  img = odd_images()[name]
+  got, grid = process_image(img, CFG, source=name)
+  ref, ref_grid = reference([img])
+  assert grid == tuple(ref_grid[0])
+  np.testing.assert_array_equal(got, ref)
+
+
+def test_batch_of_images_and_default_config():
+  imgs = [odd_images()["odd 223x311"], Image.open(os.path.join(REAL, "1.webp"))]
+  pv, grid = process_images(imgs)
+  ref_pv, ref_grid = reference(imgs, ImageConfig())
+  np.testing.assert_array_equal(grid, ref_grid)
+  np.testing.assert_array_equal(pv, ref_pv)
+
+
+def test_bad_images_name_their_source(tmp_path):
+  with pytest.raises(ImageError, match=r"nope\.png: image file not found"):
+    process_image(str(tmp_path / "nope.png"))
+  good = io.BytesIO()
+  odd_images()["odd 223x311"].save(good, "PNG")
+  (tmp_path / "cut.png").write_bytes(good.getvalue()[: len(good.getvalue()) // 2])
+  with pytest.raises(ImageError, match=r"cut\.png: cannot decode image"):
+    process_image(str(tmp_path / "cut.png"))
+  (tmp_path / "junk.webp").write_bytes(b"not an image at all")
+  with pytest.raises(ImageError, match=r"junk\.webp: cannot decode image"):
+    process_image(str(tmp_path / "junk.webp"))
+  (tmp_path / "empty.jpg").write_bytes(b"")
+  with pytest.raises(ImageError, match=r"empty\.jpg: cannot decode image"):
+    process_image(str(tmp_path / "empty.jpg"))
+  with pytest.raises(ImageError, match=r"record 17: empty image \(0x5\)"):
+    process_image(Image.new("RGB", (0, 5)), source="record 17")
+  with pytest.raises(ImageError, match=r"record 9: aspect ratio 250 exceeds 200"):
+    process_image(Image.new("RGB", (2500, 10)), source="record 9")
+  with pytest.raises(ImageError, match=r"pair 4/img 2: cannot decode image"):
+    process_image(b"\x89PNG\r\n\x1a\n garbage", source="pair 4/img 2")
