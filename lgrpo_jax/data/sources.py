@@ -1,0 +1,195 @@
+"""Preference-pair sources over local files: ImageReward test set, HPDv2 train/test.
+
+Every source yields `PreferencePair`s (prompt, two images, which one people preferred) and reports
+what it left out through one `Report`: pairs skipped by protocol (ties in a human ranking) and bad
+records, handled by policy — `error` stops with the file and record id, `skip` counts per reason
+and keeps the first few ids. Nothing is dropped silently.
+
+Formats (docs: ../shared/DESIGN.md §6):
+  ImageReward test.json  [{id, prompt, generations: [path], ranking: [int]}], rank 1 best, ties
+                         allowed; every untied pair within a prompt is a pair (THUDM protocol).
+  HPDv2 train.json       [{prompt, human_preference: [0|1, 0|1], file_path|image_path: [a, b], ...}]
+  HPDv2 test.json        [{prompt, image_path: [path], rank: [int] (lower better), ...}]
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from typing import Iterator
+
+log = logging.getLogger(__name__)
+
+POLICIES = ("error", "skip")
+
+
+class DataError(ValueError):
+  """A record that cannot be used, naming the file and record."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PreferencePair:
+  pair_id: str  # stable id: "<record id>:<i>-<j>"
+  prompt: str
+  images: tuple[str, str]  # paths (resolved under the image root) or encoded image bytes
+  label: int  # 0: images[0] preferred, 1: images[1] preferred
+
+
+class Report:
+  """Counts of what a source or pipeline left out, and the bad-record policy."""
+
+  def __init__(self, policy: str = "error", keep_ids: int = 5):
+    if policy not in POLICIES:
+      raise ValueError(f"bad-record policy {policy!r}: choose one of {POLICIES}")
+    self.policy, self.keep_ids = policy, keep_ids
+    self.skipped: collections.Counter = collections.Counter()
+    self.examples: dict[str, list[str]] = collections.defaultdict(list)
+    self.pairs = 0
+
+  def protocol_skip(self, reason: str, n: int = 1) -> None:
+    """Left out by design (e.g. tied pairs), not an error."""
+    self.skipped[reason] += n
+
+  def bad(self, reason: str, where: str, detail: str) -> None:
+    """A bad record: raise (policy 'error') or count and log the first few (policy 'skip')."""
+    if self.policy == "error":
+      raise DataError(f"{where}: {detail}")
+    self.skipped[reason] += 1
+    if len(self.examples[reason]) < self.keep_ids:
+      self.examples[reason].append(where)
+      log.warning("skipping %s: %s", where, detail)
+
+  def summary(self) -> dict:
+    return {"pairs": self.pairs, "skipped": dict(self.skipped),
+            "examples": {k: list(v) for k, v in self.examples.items()}}
+
+
+def subsample(pair_id: str, fraction: float, seed: int = 0) -> bool:
+  """Deterministic keep/drop by a hash of the pair id (same on every machine and run)."""
+  if fraction >= 1:
+    return True
+  h = hashlib.sha256(f"{seed}:{pair_id}".encode()).digest()
+  return int.from_bytes(h[:8], "big") / 2**64 < fraction
+
+
+def _load_json_list(path: str) -> list:
+  if not os.path.isfile(path):
+    raise DataError(f"{path}: file not found")
+  try:
+    with open(path) as f:
+      data = json.load(f)
+  except json.JSONDecodeError as e:
+    raise DataError(f"{path}: not valid JSON ({e})") from None
+  if not isinstance(data, list):
+    raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+  return data
+
+
+def _field(rec, name, kind, where, report: Report, reason="bad_schema"):
+  value = rec.get(name) if isinstance(rec, dict) else None
+  if value is None:
+    report.bad(reason, where, f"missing field '{name}'")
+    return None
+  if not isinstance(value, kind):
+    report.bad(reason, where, f"field '{name}' should be {getattr(kind, '__name__', kind)}, "
+                              f"got {type(value).__name__}")
+    return None
+  return value
+
+
+def _prompt(rec, where, report):
+  prompt = _field(rec, "prompt", str, where, report)
+  if prompt is not None and not prompt.strip():
+    report.bad("empty_prompt", where, "empty prompt")
+    return None
+  return prompt
+
+
+def _ranked_pairs(rid, prompt, images, ranks, report: Report) -> Iterator[PreferencePair]:
+  """Every pair within a ranked list; lower rank preferred; ties skipped and counted."""
+  for i in range(len(images)):
+    for j in range(i + 1, len(images)):
+      if ranks[i] == ranks[j]:
+        report.protocol_skip("tied_in_human_ranking")
+        continue
+      report.pairs += 1
+      yield PreferencePair(f"{rid}:{i}-{j}", prompt, (images[i], images[j]), int(ranks[j] < ranks[i]))
+
+
+def _resolve(root, paths):
+  return [p if root is None or os.path.isabs(p) else os.path.join(root, p) for p in paths]
+
+
+def _ranking_record(rec, where, path_key, rank_key, root, report):
+  prompt = _prompt(rec, where, report)
+  paths = _field(rec, path_key, list, where, report) if prompt is not None else None
+  ranks = _field(rec, rank_key, list, where, report) if paths is not None else None
+  if ranks is None:
+    return None
+  if len(ranks) != len(paths):
+    report.bad("bad_label", where, f"'{rank_key}' has {len(ranks)} entries but '{path_key}' has {len(paths)}")
+    return None
+  if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in ranks):
+    report.bad("bad_label", where, f"'{rank_key}' must hold integers >= 1, got {ranks}")
+    return None
+  if not all(isinstance(p, str) and p for p in paths):
+    report.bad("bad_schema", where, f"'{path_key}' must hold non-empty paths")
+    return None
+  return prompt, _resolve(root, paths), ranks
+
+
+def imagereward(path, image_root=None, report: Report | None = None) -> Iterator[PreferencePair]:
+  """ImageReward test.json: every untied pair within a prompt (ties skipped and counted)."""
+  report = report if report is not None else Report()
+  path = os.fspath(path)
+  for k, rec in enumerate(_load_json_list(path)):
+    rid = rec.get("id", k) if isinstance(rec, dict) else k
+    where = f"{path} record {k} (id {rid})"
+    got = _ranking_record(rec, where, "generations", "ranking", image_root, report)
+    if got is not None:
+      yield from _ranked_pairs(rid, *got, report)
+
+
+def hpdv2_test(path, image_root=None, report: Report | None = None) -> Iterator[PreferencePair]:
+  """HPDv2 test.json: every untied pair of a prompt's images by `rank` (lower better)."""
+  report = report if report is not None else Report()
+  path = os.fspath(path)
+  for k, rec in enumerate(_load_json_list(path)):
+    where = f"{path} record {k}"
+    got = _ranking_record(rec, where, "image_path", "rank", image_root, report)
+    if got is not None:
+      yield from _ranked_pairs(k, *got, report)
+
+
+def hpdv2_train(path, image_root=None, report: Report | None = None, fraction: float = 1.0,
+                seed: int = 0) -> Iterator[PreferencePair]:
+  """HPDv2 train.json: one pair per record, `human_preference` marks the preferred image with 1.
+  `fraction` keeps a deterministic subset (the paper trains on ~16%)."""
+  report = report if report is not None else Report()
+  path = os.fspath(path)
+  for k, rec in enumerate(_load_json_list(path)):
+    where = f"{path} record {k}"
+    prompt = _prompt(rec, where, report)
+    if prompt is None:
+      continue
+    key = "file_path" if isinstance(rec.get("file_path"), list) else "image_path"
+    paths = _field(rec, key, list, where, report)
+    pref = _field(rec, "human_preference", list, where, report) if paths is not None else None
+    if pref is None:
+      continue
+    if len(paths) != 2 or not all(isinstance(p, str) and p for p in paths):
+      report.bad("bad_schema", where, f"'{key}' must hold exactly two paths, got {paths!r}")
+      continue
+    if sorted(pref) != [0, 1] or not all(isinstance(x, int) for x in pref):
+      report.bad("bad_label", where, f"'human_preference' must be [1, 0] or [0, 1], got {pref!r}")
+      continue
+    pid = f"{k}:0-1"
+    if not subsample(pid, fraction, seed):
+      report.protocol_skip("subsampled")
+      continue
+    report.pairs += 1
+    yield PreferencePair(pid, prompt, tuple(_resolve(image_root, paths)), pref.index(1))

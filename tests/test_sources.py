@@ -1,0 +1,97 @@
+"""Preference-pair sources on the real ImageReward annotations and on HPDv2-format files with dirt."""
+
+import json
+import os
+
+import pytest
+
+from lgrpo_jax.data.sources import (DataError, Report, hpdv2_test, hpdv2_train, imagereward,
+                                    subsample)
+
+IR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "imagereward", "test.json")
+
+
+def test_real_imagereward_counts_match_an_independent_count():
+  with open(IR) as f:
+    records = json.load(f)
+  untied = tied = 0
+  for r in records:  # independent count: all pairs i<j, tied where the human ranks are equal
+    ranks = r["ranking"]
+    for i in range(len(ranks)):
+      for j in range(i + 1, len(ranks)):
+        tied += ranks[i] == ranks[j]
+        untied += ranks[i] != ranks[j]
+  report = Report()
+  pairs = list(imagereward(IR, image_root="/imgs", report=report))
+  assert len(records) == 466
+  assert (untied, tied) == (6399, 831)  # the figures in DESIGN.md
+  assert len(pairs) == report.pairs == untied
+  assert report.skipped["tied_in_human_ranking"] == tied
+  first = records[0]
+  p = pairs[0]
+  assert p.pair_id == f"{first['id']}:0-1" and p.prompt == first["prompt"]
+  assert p.images == (os.path.join("/imgs", first["generations"][0]), os.path.join("/imgs", first["generations"][1]))
+  assert p.label == int(first["ranking"][1] < first["ranking"][0])
+  assert len({q.pair_id for q in pairs}) == len(pairs)
+
+
+def write(tmp_path, name, data):
+  path = tmp_path / name
+  path.write_text(json.dumps(data))
+  return str(path)
+
+
+DIRTY_TRAIN = [
+    {"prompt": "a cat", "human_preference": [0, 1], "file_path": ["a.png", "b.png"], "user_hash": "u"},
+    {"prompt": "a dog", "human_preference": [1, 0], "image_path": ["c.png", "d.png"]},
+    {"prompt": "", "human_preference": [1, 0], "image_path": ["e.png", "f.png"]},        # empty prompt
+    {"prompt": "a fox", "human_preference": [2, 0], "image_path": ["g.png", "h.png"]},   # bad label
+    {"prompt": "an owl", "human_preference": [1, 0]},                                    # missing paths
+    {"prompt": "a bee", "human_preference": [1, 1], "image_path": ["i.png", "j.png"]},   # bad label
+    "not a record",
+]
+
+
+def test_hpdv2_train_skip_policy_counts_every_reason(tmp_path):
+  path = write(tmp_path, "train.json", DIRTY_TRAIN)
+  report = Report("skip")
+  pairs = list(hpdv2_train(path, image_root="/root", report=report))
+  assert [(p.prompt, p.label) for p in pairs] == [("a cat", 1), ("a dog", 0)]
+  assert pairs[0].images == ("/root/a.png", "/root/b.png")
+  assert report.skipped == {"empty_prompt": 1, "bad_label": 2, "bad_schema": 2}
+  assert report.examples["bad_label"] == [f"{path} record 3", f"{path} record 5"]
+
+
+def test_hpdv2_train_error_policy_names_file_and_record(tmp_path):
+  path = write(tmp_path, "train.json", DIRTY_TRAIN)
+  with pytest.raises(DataError, match=r"train\.json record 2: empty prompt"):
+    list(hpdv2_train(path))
+
+
+def test_hpdv2_test_ranks_and_ties(tmp_path):
+  path = write(tmp_path, "test.json", [
+      {"prompt": "p", "image_path": ["a", "b", "c"], "rank": [2, 1, 2], "raw_annotations": []},
+      {"prompt": "q", "image_path": ["d", "e"], "rank": [1]},  # length mismatch
+  ])
+  report = Report("skip")
+  pairs = list(hpdv2_test(path, report=report))
+  assert [(p.images, p.label) for p in pairs] == [(("a", "b"), 1), (("b", "c"), 0)]
+  assert report.skipped == {"tied_in_human_ranking": 1, "bad_label": 1}
+
+
+@pytest.mark.parametrize("content,match", [
+    ("{not json", "not valid JSON"), (json.dumps({"a": 1}), "expected a JSON list of records")])
+def test_bad_files(tmp_path, content, match):
+  (tmp_path / "x.json").write_text(content)
+  with pytest.raises(DataError, match=match):
+    list(imagereward(tmp_path / "x.json"))
+  with pytest.raises(DataError, match="file not found"):
+    list(imagereward(tmp_path / "missing.json"))
+
+
+def test_subsample_is_deterministic_and_close_to_the_fraction():
+  ids = [f"{k}:0-1" for k in range(20000)]
+  kept = [i for i in ids if subsample(i, 0.16, seed=1)]
+  assert kept == [i for i in ids if subsample(i, 0.16, seed=1)]
+  assert abs(len(kept) / len(ids) - 0.16) < 0.01
+  assert kept != [i for i in ids if subsample(i, 0.16, seed=2)]
