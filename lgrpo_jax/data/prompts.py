@@ -1,0 +1,89 @@
+"""Reasoner and listener prompts, built with the tokenizer's chat template; wording lives in config.
+
+The reasoner sees one user turn: "Image 1:" <image> "Image 2:" <image> and the instruction with the
+text-to-image prompt; it answers `<think>…</think><answer>Image 1|Image 2</answer>`. The listener
+prefix is the same images and prompt with the listener's instruction; its suffix (after the
+reasoner's chain of thought, answer removed) is `listener_question`, whose next token is the choice.
+The paper's exact wording is not public (DESIGN.md §1); these defaults are ours, and every string
+is a config field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+IMAGE_PAD = "<|image_pad|>"
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptConfig:
+  reasoner_instruction: str = (
+      "Text-to-image prompt: {prompt}\n"
+      "Which image matches the prompt better and has higher quality? Compare them step by step "
+      "inside <think> </think>, then give the final answer inside <answer> </answer> as exactly "
+      "\"Image 1\" or \"Image 2\".")
+  listener_instruction: str = (
+      "Text-to-image prompt: {prompt}\n"
+      "Here is someone's comparison of the two images:\n")
+  listener_question: str = "\nBased on this comparison, which image is better, Image 1 or Image 2?"
+  choices: tuple[str, str] = ("Image 1", "Image 2")
+  image_labels: tuple[str, str] = ("Image 1:", "Image 2:")
+  system: str | None = None  # None: the chat template's default system turn
+
+
+def user_content(prompt_text: str, cfg: PromptConfig) -> list[dict]:
+  return [{"type": "text", "text": cfg.image_labels[0]}, {"type": "image"},
+          {"type": "text", "text": cfg.image_labels[1]}, {"type": "image"},
+          {"type": "text", "text": prompt_text}]
+
+
+def _chat(tokenizer, content, cfg: PromptConfig, generation_prompt: bool) -> str:
+  messages = ([{"role": "system", "content": cfg.system}] if cfg.system is not None else []) + \
+      [{"role": "user", "content": content}]
+  return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def expand_image_pads(text: str, grids, merge_size: int) -> str:
+  """Each `<|image_pad|>`, in order, becomes t·h·w/merge² pads (what the Qwen2.5-VL processor does)."""
+  parts = text.split(IMAGE_PAD)
+  if len(parts) - 1 != len(grids):
+    raise ValueError(f"text has {len(parts) - 1} image placeholders but {len(grids)} images were given")
+  out = [parts[0]]
+  for (t, h, w), rest in zip(grids, parts[1:]):
+    out.append(IMAGE_PAD * (int(t) * int(h) * int(w) // merge_size**2) + rest)
+  return "".join(out)
+
+
+def reasoner_ids(tokenizer, prompt: str, grids, cfg: PromptConfig = PromptConfig(),
+                 merge_size: int = 2) -> np.ndarray:
+  """Token ids of the reasoner's prompt (ending with the assistant turn header), pads expanded."""
+  text = _chat(tokenizer, user_content(cfg.reasoner_instruction.format(prompt=prompt), cfg), cfg, True)
+  return np.asarray(tokenizer(expand_image_pads(text, grids, merge_size))["input_ids"], np.int32)
+
+
+def choice_tokens(tokenizer, choices=("Image 1", "Image 2")) -> tuple[np.ndarray, tuple[int, int]]:
+  """(ids of the common prefix of the two answers, (choice id 1, choice id 2)): tokenise both and
+  take the first token where they differ, which must also be where each of them continues alone."""
+  a, b = (tokenizer(c, add_special_tokens=False)["input_ids"] for c in choices)
+  k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+  if k is None:
+    raise ValueError(f"choices {choices} tokenise to the same ids")
+  return np.asarray(a[:k], np.int32), (int(a[k]), int(b[k]))
+
+
+def listener_parts(tokenizer, prompt: str, grids, cfg: PromptConfig = PromptConfig(),
+                   merge_size: int = 2) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+  """(prefix ids, suffix ids, choice ids). The listener reads prefix + the reasoner's chain of
+  thought (answer removed) + suffix; its next-token logits at the end, restricted to the two choice
+  ids, give P(Image 1), P(Image 2). The prefix ends inside the user turn where the reasoning goes;
+  the suffix asks the question, opens the assistant turn and writes the answers' common prefix."""
+  marker = cfg.listener_instruction.format(prompt=prompt)
+  text = _chat(tokenizer, user_content(marker, cfg), cfg, True)
+  cut = text.index(marker) + len(marker)
+  prefix = tokenizer(expand_image_pads(text[:cut], grids, merge_size))["input_ids"]
+  common, choice_ids = choice_tokens(tokenizer, cfg.choices)
+  suffix = tokenizer(cfg.listener_question + text[cut:], add_special_tokens=False)["input_ids"]
+  return (np.asarray(prefix, np.int32), np.concatenate([np.asarray(suffix, np.int32), common]),
+          choice_ids)

@@ -1,0 +1,73 @@
+"""Reasoner and listener prompts from the chat template, with image pads expanded per grid."""
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+import lgrpo_jax
+from lgrpo_jax.data.prompts import (PromptConfig, choice_tokens, expand_image_pads, listener_parts,
+                                    reasoner_ids)
+from lgrpo_jax.data.tokenizer import build_tiny_tokenizer, tiny_model_config
+
+GRIDS = [(1, 8, 12), (1, 6, 6)]  # 24 and 9 merged tokens
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+  return AutoTokenizer.from_pretrained(build_tiny_tokenizer(tmp_path_factory.mktemp("tok")))
+
+
+def runs_of(ids, token):
+  """Lengths of the consecutive runs of `token` in ids."""
+  out, n = [], 0
+  for t in list(ids) + [None]:
+    if t == token:
+      n += 1
+    elif n:
+      out, n = out + [n], 0
+  return out
+
+
+def test_reasoner_prompt_layout(tok):
+  ids = reasoner_ids(tok, "a red circle", GRIDS)
+  pad, vs, ve = (tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>"))
+  assert runs_of(ids, pad) == [24, 9]
+  text = tok.decode(ids)
+  assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nImage 1:<|vision_start|>")
+  assert "Text-to-image prompt: a red circle\n" in text
+  assert text.endswith("<|im_end|>\n<|im_start|>assistant\n")
+  assert list(ids).count(vs) == list(ids).count(ve) == 2
+
+
+def test_listener_parts_end_at_the_choice(tok):
+  prefix, suffix, (c1, c2) = listener_parts(tok, "a red circle", GRIDS)
+  assert runs_of(prefix, tok.convert_tokens_to_ids("<|image_pad|>")) == [24, 9]
+  assert tok.decode(prefix).endswith("Here is someone's comparison of the two images:\n")
+  full = tok.decode(np.concatenate([suffix, [c1]]))
+  assert full.endswith("<|im_end|>\n<|im_start|>assistant\nImage 1")
+  assert tok.decode(np.concatenate([suffix, [c2]])).endswith("assistant\nImage 2")
+  common, ids = choice_tokens(tok)
+  assert ids == (c1, c2) and c1 != c2
+
+
+def test_templates_are_config(tok):
+  cfg = PromptConfig(reasoner_instruction="Judge: {prompt}", system="Be brief.")
+  text = tok.decode(reasoner_ids(tok, "x", GRIDS, cfg))
+  assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>") and "Judge: x" in text
+
+
+def test_pad_count_mismatch_is_clear():
+  with pytest.raises(ValueError, match="text has 1 image placeholders but 2 images were given"):
+    expand_image_pads("a<|image_pad|>b", GRIDS, 2)
+
+
+def test_prompt_runs_through_the_model_with_real_image_processing(tok, tmp_path):
+  """The same path as a real checkpoint: tokenizer + processor outputs into the model."""
+  from lgrpo_jax.data import process_images
+  from lgrpo_jax.data.synthetic import synthetic_pair
+  pair = synthetic_pair(0, image_size=112)
+  pv, grid = process_images(list(pair.images))
+  ids = reasoner_ids(tok, pair.prompt, grid)
+  model = lgrpo_jax.from_config(tiny_model_config(build_tiny_tokenizer(tmp_path)))
+  logits = lgrpo_jax.forward(model, ids[None], np.ones((1, len(ids)), np.int32), pv, grid)
+  assert logits.shape == (1, len(ids), len(tok)) and np.isfinite(np.asarray(logits)).all()
