@@ -9,9 +9,10 @@ import pytest
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from conftest import shared_dir
 from lgrpo_jax.data import ImageConfig, ImageError, process_image, process_images
 
-REAL = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "imagereward", "images")
+REAL = os.path.join(shared_dir(), "data", "imagereward", "images")
 CFG = ImageConfig(min_pixels=56 * 56, max_pixels=448 * 448)
 
 

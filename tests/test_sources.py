@@ -5,10 +5,11 @@ import os
 
 import pytest
 
+from conftest import shared_dir
 from lgrpo_jax.data.sources import (DataError, Report, hpdv2_test, hpdv2_train, imagereward,
                                     subsample)
 
-IR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "imagereward", "test.json")
+IR = os.path.join(shared_dir(), "data", "imagereward", "test.json")
 
 
 def test_real_imagereward_counts_match_an_independent_count():
