@@ -2,7 +2,6 @@
 with the label following, exact resume, bad images skipped and counted (also through workers)."""
 
 import json
-import os
 
 import numpy as np
 import pytest
