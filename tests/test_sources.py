@@ -6,7 +6,7 @@ import os
 import pytest
 
 from conftest import shared_dir
-from lgrpo_jax.data.sources import (DataError, Report, hpdv2_test, hpdv2_train, imagereward,
+from lgrpo_jax.data.sources import (DataError, Report, hpdv2_test, hpdv2_train, imagereward, rapidata,
                                     subsample)
 
 IR = os.path.join(shared_dir(), "data", "imagereward", "test.json")
@@ -96,3 +96,40 @@ def test_subsample_is_deterministic_and_close_to_the_fraction():
   assert kept == [i for i in ids if subsample(i, 0.16, seed=1)]
   assert abs(len(kept) / len(ids) - 0.16) < 0.01
   assert kept != [i for i in ids if subsample(i, 0.16, seed=2)]
+
+
+def test_rapidata_parquet_bytes_paths_ties_and_dirt(tmp_path):
+  import io
+
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  from PIL import Image
+
+  from lgrpo_jax.data import process_image
+  buf = io.BytesIO()
+  Image.new("RGB", (60, 40), (200, 10, 10)).save(buf, "PNG")
+  png = buf.getvalue()
+  # Image cells as the datasets library stores them: {bytes, path} structs (bytes or a path set).
+  def cells(values):
+    return [{"bytes": v, "path": None} if isinstance(v, bytes) else
+            v if isinstance(v, dict) else {"bytes": None, "path": v} for v in values]
+  img = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+  table = pa.table({"prompt": pa.array(["a red box", "tie", "", "paths", "structs", "negative"]),
+                    "image1": pa.array(cells([png, png, png, "x/a.png", {"bytes": png, "path": None}, png]), img),
+                    "image2": pa.array(cells([png, png, png, "x/b.png", {"bytes": None, "path": "c.png"}, png]), img),
+                    "votes_image1": [3, 5, 1, 0, 7, -1], "votes_image2": [9, 5, 0, 2, 1, 4]})
+  pq.write_table(table, tmp_path / "r.parquet")
+  report = Report("skip")
+  pairs = list(rapidata(tmp_path / "r.parquet", image_root="/root", report=report))
+  assert [(p.prompt, p.label) for p in pairs] == [("a red box", 1), ("paths", 1), ("structs", 0)]
+  assert pairs[1].images == ("/root/x/a.png", "/root/x/b.png")
+  assert pairs[2].images == (png, "/root/c.png")
+  assert process_image(pairs[0].images[0])[1] == (1, 4, 6)  # 60x40 upscaled to 84x56 by min_pixels
+  assert report.skipped == {"tied_votes": 1, "empty_prompt": 1, "bad_label": 1}
+
+  pq.write_table(pa.table({"prompt": ["p"], "image1": [png]}), tmp_path / "short.parquet")
+  with pytest.raises(DataError, match=r"missing column\(s\) \['image2', 'votes_image1', 'votes_image2'\]"):
+    list(rapidata(tmp_path / "short.parquet"))
+  (tmp_path / "junk.parquet").write_bytes(b"not parquet")
+  with pytest.raises(DataError, match="junk.parquet: cannot read parquet"):
+    list(rapidata(tmp_path / "junk.parquet"))

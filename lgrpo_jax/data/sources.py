@@ -1,4 +1,4 @@
-"""Preference-pair sources over local files: ImageReward test set, HPDv2 train/test.
+"""Preference-pair sources over local files: ImageReward test set, HPDv2 train/test, Rapidata parquet.
 
 Every source yields `PreferencePair`s (prompt, two images, which one people preferred) and reports
 what it left out through one `Report`: pairs skipped by protocol (ties in a human ranking) and bad
@@ -10,6 +10,8 @@ Formats (docs: ../shared/DESIGN.md §6):
                          allowed; every untied pair within a prompt is a pair (THUDM protocol).
   HPDv2 train.json       [{prompt, human_preference: [0|1, 0|1], file_path|image_path: [a, b], ...}]
   HPDv2 test.json        [{prompt, image_path: [path], rank: [int] (lower better), ...}]
+  Rapidata parquet       prompt, image1, image2 (bytes, path or {bytes, path}), votes_image1,
+                         votes_image2; more votes wins, exact ties dropped and counted
 """
 
 from __future__ import annotations
@@ -193,3 +195,60 @@ def hpdv2_train(path, image_root=None, report: Report | None = None, fraction: f
       continue
     report.pairs += 1
     yield PreferencePair(pid, prompt, tuple(_resolve(image_root, paths)), pref.index(1))
+
+
+RAPIDATA_COLUMNS = ("prompt", "image1", "image2", "votes_image1", "votes_image2")
+
+
+def _image_cell(value, where, column, root, report):
+  """A parquet image cell: encoded bytes, a path, or a datasets-style {"bytes", "path"} struct."""
+  if isinstance(value, dict):
+    value = value.get("bytes") or value.get("path")
+  if isinstance(value, (bytes, bytearray)) and value:
+    return bytes(value)
+  if isinstance(value, str) and value:
+    return _resolve(root, [value])[0]
+  report.bad("bad_schema", where, f"column '{column}' holds no image bytes or path")
+  return None
+
+
+def rapidata(path, image_root=None, report: Report | None = None,
+             batch_rows: int = 256) -> Iterator[PreferencePair]:
+  """Rapidata-style parquet: prompt, image1, image2 (bytes or paths), votes_image1, votes_image2.
+  Label = the image with more votes; exact ties are dropped and counted. Read in row batches.
+  Needs pyarrow (`pip install lgrpo_jax[parquet]`)."""
+  try:
+    import pyarrow.parquet as pq
+  except ImportError:
+    raise DataError(f"{path}: reading parquet needs pyarrow (pip install 'lgrpo_jax[parquet]')") from None
+  report = report if report is not None else Report()
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise DataError(f"{path}: file not found")
+  try:
+    pf = pq.ParquetFile(path)
+  except Exception as e:  # not parquet, truncated footer
+    raise DataError(f"{path}: cannot read parquet ({e})") from None
+  missing = [c for c in RAPIDATA_COLUMNS if c not in pf.schema_arrow.names]
+  if missing:
+    raise DataError(f"{path}: missing column(s) {missing}; found {pf.schema_arrow.names}")
+  row = 0
+  for batch in pf.iter_batches(batch_size=batch_rows, columns=list(RAPIDATA_COLUMNS)):
+    for rec in batch.to_pylist():
+      where, k = f"{path} row {row}", row
+      row += 1
+      prompt = _prompt(rec, where, report)
+      if prompt is None:
+        continue
+      va, vb = rec["votes_image1"], rec["votes_image2"]
+      if not all(isinstance(v, (int, float)) and v >= 0 for v in (va, vb)):
+        report.bad("bad_label", where, f"votes must be non-negative numbers, got {va!r}, {vb!r}")
+        continue
+      if va == vb:
+        report.protocol_skip("tied_votes")
+        continue
+      images = [_image_cell(rec[c], where, c, image_root, report) for c in ("image1", "image2")]
+      if None in images:
+        continue
+      report.pairs += 1
+      yield PreferencePair(f"{os.path.basename(path)}:{k}", prompt, tuple(images), int(vb > va))
