@@ -163,15 +163,17 @@ class Batches:
     self.report.skipped.update(summary["skipped"])
 
 
-def make_batches(pairs: Sequence[PreferencePair], tokenizer, cfg: PipelineConfig = PipelineConfig(),
+def make_batches(pairs, tokenizer, cfg: PipelineConfig = PipelineConfig(),
                  process_index: int = 0, process_count: int = 1, report: Report | None = None) -> Batches:
-  """This process's batches of `global_batch / process_count` pairs."""
+  """This process's batches of `global_batch / process_count` pairs, from a list, a generator or a
+  random-access source such as `tfds_builder.tfds_pairs(...)` (read lazily, never copied)."""
   if cfg.global_batch % process_count:
     raise ValueError(f"global_batch {cfg.global_batch} is not divisible by {process_count} processes")
   if cfg.bad_records not in ("error", "skip"):
     raise ValueError(f"bad_records={cfg.bad_records!r}: choose 'error' or 'skip'")
-  pairs = list(pairs)
-  if not pairs:
+  if not (hasattr(pairs, "__getitem__") and hasattr(pairs, "__len__")):
+    pairs = list(pairs)  # a generator; random-access sources (lists, TfdsPairs) are used as they are
+  if len(pairs) == 0:
     raise ValueError("no preference pairs to feed (empty source)")
   ds = grain.MapDataset.source(pairs).shuffle(seed=cfg.seed)
   ds = ds.repeat(cfg.num_epochs)

@@ -1,0 +1,106 @@
+"""Any pair source → a TFDS dataset in ArrayRecord files, read back by Grain without TensorFlow.
+
+    build_tfds(pairs, data_dir, name="imagereward_test", split="test")   # once, offline
+    source = tfds_pairs(data_dir, name="imagereward_test", split="test")  # random access
+    batches = make_batches(source, tokenizer, cfg)
+
+Images are stored as their encoded file bytes (read once at build time), so a run needs neither the
+original image tree nor TensorFlow (tensorflow-datasets reads ArrayRecord without it). Needs the
+`tfds` extra.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable
+
+import numpy as np
+
+from lgrpo_jax.data.sources import DataError, PreferencePair
+
+
+def _tfds():
+  try:
+    import tensorflow_datasets as tfds
+  except ImportError:
+    raise DataError("TFDS datasets need tensorflow-datasets (pip install 'lgrpo_jax[tfds]')") from None
+  return tfds
+
+
+def _image_bytes(image, where: str) -> bytes:
+  if isinstance(image, (bytes, bytearray)):
+    return bytes(image)
+  try:
+    with open(image, "rb") as f:
+      return f.read()
+  except OSError as e:
+    raise DataError(f"{where}: cannot read image {image} ({e.strerror})") from None
+
+
+def build_tfds(pairs: Iterable[PreferencePair], data_dir, name: str, split: str = "train",
+               version: str = "1.0.0") -> str:
+  """Writes `pairs` as TFDS dataset `name` (ArrayRecord) under `data_dir`; returns its directory."""
+  tfds = _tfds()
+  pairs = list(pairs)
+
+  class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    VERSION = tfds.core.Version(version)
+
+    def _info(self):
+      return self.dataset_info_from_configs(
+          description="lgrpo_jax preference pairs (images as encoded bytes)",
+          features=tfds.features.FeaturesDict({
+              "pair_id": tfds.features.Text(), "prompt": tfds.features.Text(),
+              "image_0": tfds.features.Tensor(shape=(), dtype=np.object_),
+              "image_1": tfds.features.Tensor(shape=(), dtype=np.object_),
+              "label": tfds.features.ClassLabel(num_classes=2)}))
+
+    def _split_generators(self, dl_manager):
+      return {split: self._generate_examples()}
+
+    def _generate_examples(self):
+      for p in pairs:
+        yield p.pair_id, {"pair_id": p.pair_id, "prompt": p.prompt, "label": p.label,
+                          "image_0": _image_bytes(p.images[0], f"pair {p.pair_id}"),
+                          "image_1": _image_bytes(p.images[1], f"pair {p.pair_id}")}
+
+  _Builder.name = name
+  builder = _Builder(data_dir=os.fspath(data_dir), file_format="array_record")
+  builder.download_and_prepare()
+  return builder.data_dir
+
+
+class TfdsPairs:
+  """Random-access PreferencePairs over a built TFDS ArrayRecord split (what Grain wants)."""
+
+  def __init__(self, data_source):
+    self._source = data_source
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> PreferencePair:
+    rec = self._source[index]
+    text = lambda v: v.decode() if isinstance(v, bytes) else str(v)
+    return PreferencePair(text(rec["pair_id"]), text(rec["prompt"]),
+                          (bytes(rec["image_0"]), bytes(rec["image_1"])), int(rec["label"]))
+
+
+def tfds_pairs(data_dir, name: str, split: str = "train") -> TfdsPairs:
+  tfds = _tfds()
+  path = os.fspath(data_dir)
+  try:
+    builder = tfds.builder_from_directory(_dataset_dir(path, name))
+  except Exception as e:
+    raise DataError(f"{path}: no TFDS dataset '{name}' ({e})") from None
+  return TfdsPairs(builder.as_data_source(split=split))
+
+
+def _dataset_dir(data_dir: str, name: str) -> str:
+  root = os.path.join(data_dir, name)
+  if not os.path.isdir(root):
+    raise DataError(f"{data_dir}: no TFDS dataset '{name}'")
+  versions = sorted(v for v in os.listdir(root) if os.path.isdir(os.path.join(root, v)))
+  if not versions:
+    raise DataError(f"{root}: no built version")
+  return os.path.join(root, versions[-1])

@@ -1,0 +1,53 @@
+"""Pairs → TFDS ArrayRecord → Grain, without TensorFlow; images stored as bytes (self-contained)."""
+
+import importlib.util
+import shutil
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from lgrpo_jax.data.pipeline import PipelineConfig, make_batches
+from lgrpo_jax.data.sources import DataError, PreferencePair
+from lgrpo_jax.data.synthetic import synthetic
+from lgrpo_jax.data.tfds_builder import build_tfds, tfds_pairs
+from lgrpo_jax.data.tokenizer import build_tiny_tokenizer
+
+
+def test_no_tensorflow_needed():
+  assert importlib.util.find_spec("tensorflow") is None
+
+
+def test_round_trip_and_same_batches_as_the_source(tmp_path):
+  pairs = list(synthetic(9, seed=2, image_size=84))
+  # one pair from image files, which are deleted after the build: the dataset must not need them
+  files = tmp_path / "imgs"
+  files.mkdir()
+  for k in range(2):
+    (files / f"{k}.png").write_bytes(pairs[0].images[k])
+  pairs.append(PreferencePair("from-files", pairs[0].prompt, (str(files / "0.png"), str(files / "1.png")), 1))
+  build_tfds(pairs, tmp_path / "tfds", name="pairs_test", split="train")
+  shutil.rmtree(files)
+  source = tfds_pairs(tmp_path / "tfds", "pairs_test", "train")
+  assert len(source) == len(pairs)
+  got = {source[i].pair_id: source[i] for i in range(len(source))}
+  assert got["from-files"].images == pairs[0].images and got["from-files"].label == 1
+  for p in pairs[:-1]:
+    assert got[p.pair_id] == p
+
+  tok = AutoTokenizer.from_pretrained(build_tiny_tokenizer(tmp_path / "tok"))
+  cfg = PipelineConfig(global_batch=5, seed=4, num_epochs=1)
+  # The same pairs in the same order give the same batches from memory and from ArrayRecord.
+  ordered = [source[i] for i in range(len(source))]
+  for a, b in zip(make_batches(ordered, tok, cfg), make_batches(source, tok, cfg)):
+    assert a["pair_ids"] == b["pair_ids"]
+    np.testing.assert_array_equal(a["pixel_values"], b["pixel_values"])
+    np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
+
+
+def test_errors_name_pair_and_dataset(tmp_path):
+  bad = [PreferencePair("p-7", "x", (str(tmp_path / "gone.png"), b"\x89PNG"), 0)]
+  with pytest.raises(DataError, match=r"pair p-7: cannot read image .*gone\.png"):
+    build_tfds(bad, tmp_path / "tfds", name="bad_pairs")
+  with pytest.raises(DataError, match="no TFDS dataset 'nothing'"):
+    tfds_pairs(tmp_path, "nothing")
