@@ -127,3 +127,15 @@ def test_workers_give_the_same_batches_and_counts(tok, tmp_path):
 def dataclass_replace(cfg, **kw):
   import dataclasses
   return dataclasses.replace(cfg, **kw)
+
+
+def test_both_orders_for_evaluation(tok):
+  it = make_batches(PAIRS[:3], tok, PipelineConfig(global_batch=2, num_epochs=1, both_orders=True))
+  batches = list(it)
+  ids = [i for b in batches for i in b["pair_ids"]]
+  labels = [int(l) for b in batches for l in b["labels"]]
+  assert ids == [p.pair_id for p in PAIRS[:3] for _ in range(2)]
+  assert labels == [l for p in PAIRS[:3] for l in (p.label, 1 - p.label)]
+  n = 36
+  first = batches[0]["pixel_values"]
+  np.testing.assert_array_equal(first[:n], first[3 * n:4 * n])  # image 1 of row 0 = image 2 of row 1

@@ -38,6 +38,7 @@ class PipelineConfig:
   global_batch: int = 8
   seed: int = 0
   swap_prob: float = 0.5  # training: random image order, label follows (DESIGN.md §1)
+  both_orders: bool = False  # evaluation: every pair as given, then swapped (no shuffle)
   num_epochs: int | None = None  # None: repeat forever
   length_buckets: tuple[int, ...] = (256, 512, 1024, 2048, 4096)
   bad_records: str = "error"  # or "skip"
@@ -53,8 +54,10 @@ class Encoder:
   tokenizer: object
   cfg: PipelineConfig
 
-  def __call__(self, index: int, pair: PreferencePair) -> dict:
-    swap = np.random.default_rng([self.cfg.seed, index]).random() < self.cfg.swap_prob
+  def __call__(self, index: int, item) -> dict:
+    pair, swap = item if isinstance(item, tuple) else (item, None)
+    if swap is None:
+      swap = np.random.default_rng([self.cfg.seed, index]).random() < self.cfg.swap_prob
     images, label = pair.images, pair.label
     if swap:
       images, label = images[::-1], 1 - label
@@ -88,6 +91,14 @@ def collate(examples: list[dict], buckets: Sequence[int], pad_id: int, skipped: 
           "image_grid_thw": np.asarray([g for e in examples for g in e["grids"]], np.int64),
           "labels": np.asarray([e["label"] for e in examples], np.int32),
           "pair_ids": [e["pair_id"] for e in examples], "skipped": list(skipped)}
+
+
+@dataclasses.dataclass(frozen=True)
+class _BothOrders:
+  pairs: object
+
+  def __call__(self, i: int):
+    return self.pairs[i // 2], bool(i % 2)
 
 
 class _BatchIterator(grain.DatasetIterator):
@@ -175,7 +186,10 @@ def make_batches(pairs, tokenizer, cfg: PipelineConfig = PipelineConfig(),
     pairs = list(pairs)  # a generator; random-access sources (lists, TfdsPairs) are used as they are
   if len(pairs) == 0:
     raise ValueError("no preference pairs to feed (empty source)")
-  ds = grain.MapDataset.source(pairs).shuffle(seed=cfg.seed)
+  if cfg.both_orders:
+    ds = grain.MapDataset.range(2 * len(pairs)).map(_BothOrders(pairs))
+  else:
+    ds = grain.MapDataset.source(pairs).shuffle(seed=cfg.seed)
   ds = ds.repeat(cfg.num_epochs)
   # Encode with the *global* index (the order swap must not depend on the process count).
   ds = ds.map_with_index(Encoder(tokenizer, cfg))
