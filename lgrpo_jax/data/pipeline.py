@@ -28,7 +28,7 @@ import numpy as np
 
 from lgrpo_jax.data.images import ImageConfig, ImageError, process_image
 from lgrpo_jax.data.prompts import PromptConfig, reasoner_ids
-from lgrpo_jax.data.sources import DataError, PreferencePair, Report
+from lgrpo_jax.data.sources import DataError, Report
 
 MAX_SKIPS_PER_BATCH = 1000
 
