@@ -163,3 +163,17 @@ def test_process_batch_slices_cover_the_batch():
   assert [(s.start, s.stop) for s in parts] == [(0, 4), (4, 8), (8, 12)]
   with pytest.raises(sharding.MeshError, match="global batch 10 is not divisible by 3 processes"):
     sharding.process_batch_slice(10, 0, 3)
+
+
+def test_use_rules_changes_activation_shardings(hf_dir):
+  """The activation constraints follow the active rules table (MaxText-style override)."""
+  mesh = mesh_of((8, 1, 1))
+  model = lgrpo_jax.load_hf(hf_dir, mesh=mesh)
+  batch = ours_inputs(make_batch(ROWS, seed=5))
+  with jax.set_mesh(mesh):
+    split = model(**batch)
+    with sharding.use_rules({**sharding.RULES, "batch": None}):
+      whole = model(**batch)
+  assert spec_of(split)[0] == ("data", "fsdp") or spec_of(split)[0] == "data"
+  assert spec_of(whole)[0] is None
+  assert rel_err(np.asarray(whole), np.asarray(split), batch["attention_mask"]) <= 1e-5
