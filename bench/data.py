@@ -1,6 +1,9 @@
 """Input pipeline throughput: pairs/second through decode + resize + patchify + tokenize + batch.
 
-  .venv/bin/python bench/data.py [--workers 0 2] [--pairs 64] [--size 768] [--max-pixels 200704]
+  .venv/bin/python bench/data.py [--workers 0 2] [--pairs 64] [--size 768] [--max-pixels 200704] [--plain]
+
+Default: the grouped pipeline (workers are threads). --plain: group_by_grid=False (workers are
+Grain worker processes).
 
 Pairs of HPDv2-like PNG images (random content, --size px, encoded on disk) go through
 `lgrpo_jax.data.pipeline.make_batches` with the tiny local tokenizer; the first batch (start-up,
@@ -23,6 +26,7 @@ def main():
   ap.add_argument("--size", type=int, default=768, help="side of the square source images (px)")
   ap.add_argument("--max-pixels", type=int, default=448 * 448)
   ap.add_argument("--batch", type=int, default=8)
+  ap.add_argument("--plain", action="store_true", help="group_by_grid=False: Grain worker processes")
   args = ap.parse_args()
   from transformers import AutoTokenizer
 
@@ -47,6 +51,7 @@ def main():
         f"batch {args.batch}, {os.cpu_count()} cores")
   for workers in args.workers:
     cfg = PipelineConfig(global_batch=args.batch, num_epochs=None, worker_count=workers,
+                         group_by_grid=not args.plain,
                          image=ImageConfig(max_pixels=args.max_pixels))
     it = make_batches(pairs, tok, cfg)
     next(it)
@@ -55,7 +60,8 @@ def main():
     for _ in range(n_batches):
       next(it)
     dt = time.perf_counter() - t0
-    print(f"workers={workers}: {n_batches * args.batch / dt:6.1f} pairs/s")
+    kind = "processes" if args.plain else "threads"
+    print(f"workers={workers} ({kind}): {n_batches * args.batch / dt:6.1f} pairs/s")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 from conftest import shared_dir
 from lgrpo_jax.data import ImageConfig, ImageError, process_image, process_images
+from lgrpo_jax.data.images import CLIP_MEAN, CLIP_STD, nearest_bucket
 
 REAL = os.path.join(shared_dir(), "data", "imagereward", "images")
 CFG = ImageConfig(min_pixels=56 * 56, max_pixels=448 * 448)
@@ -83,3 +84,43 @@ def test_bad_images_name_their_source(tmp_path):
     process_image(Image.new("RGB", (2500, 10)), source="record 9")
   with pytest.raises(ImageError, match=r"pair 4/img 2: cannot decode image"):
     process_image(b"\x89PNG\r\n\x1a\n garbage", source="pair 4/img 2")
+
+
+BUCKETS = ((448, 448), (336, 560), (560, 336))
+
+
+@pytest.mark.parametrize("name", ["odd 223x311", "wide 30x1000", "big 1500x900 (over max_pixels)", "tiny 1x1"])
+def test_grid_buckets_stretch_is_transformers_on_the_bucket_sized_image(name):
+  img = odd_images()[name].convert("RGB")
+  cfg = ImageConfig(min_pixels=56 * 56, max_pixels=600 * 600, grid_buckets=BUCKETS)
+  got, grid = process_image(img, cfg, source=name)
+  h, w = nearest_bucket(img.height, img.width, BUCKETS)
+  assert grid == (1, h // 14, w // 14)
+  # The bucket whose aspect ratio is nearest: no other bucket is closer in log ratio.
+  r = np.log(img.height / img.width)
+  assert all(abs(np.log(h / w) - r) <= abs(np.log(b[0] / b[1]) - r) for b in BUCKETS)
+  # transformers on the image already resized to the bucket leaves the size alone: equal bits.
+  ref, ref_grid = reference([img.resize((w, h), Image.Resampling.BICUBIC)], cfg)
+  assert tuple(ref_grid[0]) == grid
+  np.testing.assert_array_equal(got, ref)
+
+
+def test_grid_buckets_pad_keeps_aspect_and_pads_white():
+  img = Image.new("RGB", (200, 100), (0, 0, 0))  # wide black image into one square bucket
+  cfg = ImageConfig(grid_buckets=((112, 112),), fit="pad")
+  pv, grid = process_image(img, cfg)
+  assert grid == (1, 8, 8)
+  # Undo the patchify on channel 0 to look at the picture: rows 0..27 and 84..111 are white padding.
+  x = pv.reshape(4, 4, 2, 2, 3, 2, 14, 14)[:, :, :, :, 0, 0]  # gh', gw', m, m, p, p
+  picture = x.transpose(0, 2, 4, 1, 3, 5).reshape(112, 112)
+  white, black = (1 - CLIP_MEAN[0]) / CLIP_STD[0], (0 - CLIP_MEAN[0]) / CLIP_STD[0]
+  np.testing.assert_allclose(picture[:28], white, atol=1e-5)
+  np.testing.assert_allclose(picture[84:], white, atol=1e-5)
+  np.testing.assert_allclose(picture[28:84], black, atol=1e-5)
+
+
+def test_grid_buckets_bad_config_names_the_field():
+  with pytest.raises(ValueError, match="grid_buckets"):
+    ImageConfig(grid_buckets=((100, 112),))
+  with pytest.raises(ValueError, match="fit"):
+    ImageConfig(fit="crop")

@@ -1,10 +1,12 @@
 """The Grain pipeline: deterministic, per-process slices that add up to the global batch, order swap
 with the label following, exact resume, bad images skipped and counted (also through workers)."""
 
+import io
 import json
 
 import numpy as np
 import pytest
+from PIL import Image
 from transformers import AutoTokenizer
 
 from lgrpo_jax.data import ImageError, process_image
@@ -100,16 +102,24 @@ def test_bad_image_error_policy_names_pair_and_file(tok, tmp_path):
 
 
 def test_last_partial_batch_is_kept_and_buckets_are_reported(tok):
-  it = make_batches(PAIRS[:10], tok, PipelineConfig(global_batch=4, num_epochs=1, length_buckets=(128, 256)))
-  sizes = [len(b["labels"]) for b in it]
-  assert sizes == [4, 4, 2] and it.report.pairs == 10
+  cfg = PipelineConfig(global_batch=4, num_epochs=1, length_buckets=(128, 256))
+  it = make_batches(PAIRS[:10], tok, cfg)
+  batches = list(it)
+  # Grouped (default): fixed shapes, the last batch padded with rows marked invalid.
+  assert [len(b["labels"]) for b in batches] == [4, 4, 4]
+  assert [int(b["valid"].sum()) for b in batches] == [4, 4, 2] and it.report.pairs == 10
+  assert sorted(i for b in batches for i, v in zip(b["pair_ids"], b["valid"]) if v) == \
+      sorted(p.pair_id for p in PAIRS[:10])
   assert it.lengths_seen == {256}
+  plain = make_batches(PAIRS[:10], tok, dataclass_replace(cfg, group_by_grid=False))
+  assert [len(b["labels"]) for b in plain] == [4, 4, 2] and plain.report.pairs == 10
   with pytest.raises(ValueError, match="longer than the largest length bucket 128"):
     next(make_batches(PAIRS, tok, PipelineConfig(global_batch=2, length_buckets=(128,))))
 
 
-def test_workers_give_the_same_batches_and_counts(tok, tmp_path):
-  cfg = PipelineConfig(global_batch=3, seed=5, num_epochs=1, bad_records="skip")
+@pytest.mark.parametrize("grouped", [True, False], ids=["threads (grouped)", "processes (plain)"])
+def test_workers_give_the_same_batches_and_counts(tok, tmp_path, grouped):
+  cfg = PipelineConfig(global_batch=3, seed=5, num_epochs=1, bad_records="skip", group_by_grid=grouped)
   ref = list(make_batches(bad_pairs(tmp_path), tok, cfg))
   it = make_batches(bad_pairs(tmp_path), tok, dataclass_replace(cfg, worker_count=2))
   got = list(it)
@@ -139,3 +149,92 @@ def test_both_orders_for_evaluation(tok):
   n = 36
   first = batches[0]["pixel_values"]
   np.testing.assert_array_equal(first[:n], first[3 * n:4 * n])  # image 1 of row 0 = image 2 of row 1
+
+
+def mixed_pairs(n=30):
+  """Pairs whose images come in three sizes (two aspect ratios), mixed within and across pairs."""
+  sizes = [(84, 84), (112, 112), (84, 140)]
+  out = []
+  for k, p in enumerate(synthetic(n, seed=11, image_size=84)):
+    a, b = (Image.open(io.BytesIO(im)).resize(sizes[(k + j * (k // 3)) % 3][::-1])
+            for j, im in enumerate(p.images))
+    out.append(PreferencePair(p.pair_id, p.prompt, (a, b), p.label))
+  return out
+
+
+def test_grouping_gives_one_grid_signature_per_batch_and_loses_nothing(tok):
+  pairs = mixed_pairs()
+  it = make_batches(pairs, tok, PipelineConfig(global_batch=4, seed=0, num_epochs=1))
+  batches = list(it)
+  for b in batches:
+    grids = [tuple(g) for g in b["image_grid_thw"].tolist()]
+    assert len(set(grids[0::2])) == 1 and len(set(grids[1::2])) == 1  # one (grid 1, grid 2) per batch
+    n = sum(t * h * w for t, h, w in grids)
+    assert b["pixel_values"].shape[0] == n
+  used = [i for b in batches for i, v in zip(b["pair_ids"], b["valid"]) if v]
+  assert sorted(used) == sorted(p.pair_id for p in pairs) and it.report.pairs == len(pairs)
+  signatures = {(tuple(b["image_grid_thw"][0]), tuple(b["image_grid_thw"][1])) for b in batches}
+  assert 3 < len(signatures) <= 9 and len(it.grids_seen) == len(signatures)
+  # Without grouping the same data gives (almost) one grid tuple per batch.
+  plain = make_batches(pairs, tok, PipelineConfig(global_batch=4, seed=0, num_epochs=1, group_by_grid=False))
+  assert all(len({tuple(g) for g in b["image_grid_thw"].tolist()}) > 1 for b in plain)
+
+
+def test_grid_buckets_bound_the_shapes(tok):
+  from lgrpo_jax.data.images import ImageConfig
+  cfg = PipelineConfig(global_batch=4, seed=0, num_epochs=1, image=ImageConfig(grid_buckets=((112, 112),)))
+  it = make_batches(mixed_pairs(), tok, cfg)
+  list(it)
+  assert it.grids_seen == {((1, 8, 8),) * 8}
+
+
+def test_processes_build_the_same_shapes_and_add_up_with_mixed_grids(tok):
+  pairs = mixed_pairs()
+  cfg = PipelineConfig(global_batch=4, seed=3, num_epochs=1)
+  one = list(make_batches(pairs, tok, cfg))
+  parts = [list(make_batches(pairs, tok, cfg, process_index=p, process_count=2)) for p in range(2)]
+  assert len(parts[0]) == len(parts[1]) == len(one)
+  for g, a, b in zip(one, *parts):
+    for k in ("input_ids", "pixel_values", "image_grid_thw"):
+      assert a[k].shape == b[k].shape  # every process builds the same shapes
+    valid = np.concatenate([a["valid"], b["valid"]])
+    np.testing.assert_array_equal(valid, g["valid"])
+    ok = valid.astype(bool)  # padding rows are placeholders: only real rows must agree
+    np.testing.assert_array_equal(np.concatenate([a["input_ids"], b["input_ids"]])[ok], g["input_ids"][ok])
+    rows = lambda x: x.reshape(4 if x is g["pixel_values"] else 2, -1)  # one grid signature per batch
+    np.testing.assert_array_equal(np.concatenate([rows(a["pixel_values"]), rows(b["pixel_values"])])[ok],
+                                  rows(g["pixel_values"])[ok])
+  with pytest.raises(ValueError, match="group_by_grid=True with several processes"):
+    make_batches(pairs, tok, dataclass_replace(cfg, group_by_grid=False), process_index=0, process_count=2)
+
+
+def test_grouped_resume_restores_the_pairs_waiting_in_groups(tok):
+  pairs = mixed_pairs()
+  cfg = PipelineConfig(global_batch=4, seed=9)
+  it = make_batches(pairs, tok, cfg)
+  take(it, 3)
+  state = json.loads(json.dumps(it.get_state()))
+  assert state["grain"]["waiting"]  # some pairs wait in incomplete groups
+  expected = take(it, 10)  # crosses the epoch boundary
+  again = make_batches(pairs, tok, cfg)
+  again.set_state(state)
+  got = take(again, 10)
+  assert [b["pair_ids"] for b in got] == [b["pair_ids"] for b in expected]
+  for x, y in zip(got, expected):
+    np.testing.assert_array_equal(x["pixel_values"], y["pixel_values"])
+
+
+def test_grouped_bad_data_after_a_good_header_gives_an_invalid_row(tok, tmp_path):
+  noise = io.BytesIO()
+  Image.fromarray(np.random.default_rng(0).integers(0, 256, (84, 84, 3), dtype=np.uint8)).save(noise, "PNG")
+  (tmp_path / "cut.png").write_bytes(noise.getvalue()[:len(noise.getvalue()) // 2])  # header fine, pixels cut
+  pairs = PAIRS[:5] + [PreferencePair("cut-1", "a cat", (str(tmp_path / "cut.png"), PAIRS[0].images[1]), 0),
+                       PreferencePair("gone-1", "a dog", (str(tmp_path / "gone.png"), PAIRS[0].images[1]), 0)]
+  cfg = PipelineConfig(global_batch=3, seed=0, num_epochs=1, bad_records="skip")
+  it = make_batches(pairs, tok, cfg)
+  batches = list(it)
+  rows = {i: int(v) for b in batches for i, v in zip(b["pair_ids"], b["valid"])}
+  assert rows["cut-1"] == 0 and "gone-1" not in rows  # decode failure: placeholder; header failure: skipped
+  assert it.report.skipped["bad_image"] == 2 and it.report.pairs == 5
+  with pytest.raises(ImageError, match=r"pair (cut-1 image 1|gone-1 image 2) \(.*(cut|gone)\.png\)"):
+    list(make_batches(pairs, tok, dataclass_replace(cfg, bad_records="error")))

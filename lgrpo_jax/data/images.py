@@ -11,6 +11,9 @@ real ImageReward images and odd sizes / modes), without transformers or torch on
   5. patchify into (grid_h·grid_w, C·T·P·P) rows in merge-block order, the still image repeated
      over the temporal patch.
 
+Optionally (`ImageConfig.grid_buckets`) step 2 snaps every image to one of a few fixed shapes, so
+the compiled programs see a bounded set of grids (a deliberate departure from transformers).
+
 Every failure names its source (file path or record id): missing, unreadable or truncated file,
 empty image, absurd aspect ratio.
 """
@@ -48,6 +51,25 @@ class ImageConfig:
   temporal_patch_size: int = 2
   mean: tuple[float, float, float] = CLIP_MEAN
   std: tuple[float, float, float] = CLIP_STD
+  # Optional shape buckets, (height, width) in pixels, multiples of patch·merge. None: transformers'
+  # exact smart_resize (one grid per aspect ratio → one compilation per distinct grid tuple). With
+  # buckets every image gets the bucket nearest its aspect ratio, so the device programs compile a
+  # bounded number of times; a single bucket gives every image one shape. This departs from
+  # transformers' preprocessing (by design): 'stretch' resizes to the bucket, 'pad' keeps the
+  # aspect ratio and pads with white (centred).
+  grid_buckets: tuple[tuple[int, int], ...] | None = None
+  fit: str = "stretch"
+
+  def __post_init__(self):
+    if self.fit not in ("stretch", "pad"):
+      raise ValueError(f"ImageConfig.fit={self.fit!r}: choose 'stretch' or 'pad'")
+    if self.grid_buckets is not None:
+      buckets = tuple(tuple(int(v) for v in b) for b in self.grid_buckets)
+      if not buckets or any(len(b) != 2 or min(b) <= 0 or b[0] % self.factor or b[1] % self.factor
+                            for b in buckets):
+        raise ValueError(f"ImageConfig.grid_buckets={self.grid_buckets!r}: need (height, width) pairs "
+                         f"in pixels, positive multiples of patch_size·merge_size = {self.factor}")
+      object.__setattr__(self, "grid_buckets", buckets)
 
   @property
   def factor(self) -> int:
@@ -73,6 +95,28 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
     h = math.ceil(height * beta / factor) * factor
     w = math.ceil(width * beta / factor) * factor
   return h, w
+
+
+def nearest_bucket(height: int, width: int, buckets) -> tuple[int, int]:
+  """The (height, width) bucket whose aspect ratio is nearest (in log ratio) to the image's."""
+  r = math.log(height / width)
+  return min(buckets, key=lambda b: abs(math.log(b[0] / b[1]) - r))
+
+
+def _fit(img: Image.Image, cfg: ImageConfig, name: str) -> np.ndarray:
+  """The resized (H, W, 3) uint8 image: smart_resize (exact transformers) or a configured bucket."""
+  if cfg.grid_buckets is None:
+    h, w = smart_resize(img.height, img.width, cfg.factor, cfg.min_pixels, cfg.max_pixels, name)
+    return np.asarray(img.resize((w, h), resample=Image.Resampling.BICUBIC))
+  smart_resize(img.height, img.width, cfg.factor, cfg.min_pixels, cfg.max_pixels, name)  # same checks
+  h, w = nearest_bucket(img.height, img.width, cfg.grid_buckets)
+  if cfg.fit == "stretch":
+    return np.asarray(img.resize((w, h), resample=Image.Resampling.BICUBIC))
+  scale = min(h / img.height, w / img.width)
+  ih, iw = max(1, min(h, round(img.height * scale))), max(1, min(w, round(img.width * scale)))
+  canvas = Image.new("RGB", (w, h), (255, 255, 255))
+  canvas.paste(img.resize((iw, ih), resample=Image.Resampling.BICUBIC), ((w - iw) // 2, (h - ih) // 2))
+  return np.asarray(canvas)
 
 
 def open_image(src, source: str | None = None) -> Image.Image:
@@ -102,6 +146,34 @@ def open_image(src, source: str | None = None) -> Image.Image:
   return img.convert("RGB")
 
 
+def image_grid(src, cfg: ImageConfig = ImageConfig(), source: str | None = None) -> tuple[int, int, int]:
+  """The (1, grid_h, grid_w) that `process_image` will give, from the file header only (cheap: no
+  decode), with the same checks; data that is truncated after a valid header fails only later."""
+  name = os.fspath(source or (src if isinstance(src, (str, os.PathLike)) else "<image bytes>"))
+  try:
+    if isinstance(src, Image.Image):
+      size = src.size
+    elif isinstance(src, (bytes, bytearray, memoryview)):
+      with Image.open(io.BytesIO(bytes(src))) as img:
+        size = img.size
+    else:
+      if not os.path.isfile(src):
+        raise ImageError(name, "image file not found")
+      with Image.open(src) as img:
+        size = img.size
+  except ImageError:
+    raise
+  except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    raise ImageError(name, f"cannot decode image ({type(e).__name__}: {e})") from None
+  w, h = size
+  if min(h, w) <= 0:
+    raise ImageError(name, f"empty image ({w}x{h})")
+  rh, rw = smart_resize(h, w, cfg.factor, cfg.min_pixels, cfg.max_pixels, name)
+  if cfg.grid_buckets is not None:
+    rh, rw = nearest_bucket(h, w, cfg.grid_buckets)
+  return 1, rh // cfg.patch_size, rw // cfg.patch_size
+
+
 @functools.lru_cache(maxsize=8)
 def _lut(mean: tuple, std: tuple) -> np.ndarray:
   """(3, 256) float32: normalised value of each uint8 level per channel, computed as transformers
@@ -115,8 +187,8 @@ def process_image(src, cfg: ImageConfig = ImageConfig(), source: str | None = No
   """One image → (patches (grid_h·grid_w, 3·T·P·P) float32, (1, grid_h, grid_w))."""
   img = open_image(src, source)
   name = os.fspath(source or (src if isinstance(src, (str, os.PathLike)) else "<image>"))
-  h, w = smart_resize(img.height, img.width, cfg.factor, cfg.min_pixels, cfg.max_pixels, name)
-  u8 = np.asarray(img.resize((w, h), resample=Image.Resampling.BICUBIC))  # (H, W, 3) uint8
+  u8 = _fit(img, cfg, name)  # (H, W, 3) uint8
+  h, w = u8.shape[:2]
   lut = _lut(tuple(cfg.mean), tuple(cfg.std))
   chw = np.stack([lut[c][u8[..., c]] for c in range(3)])  # (3, H, W) float32
   p, m, t = cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size

@@ -1,8 +1,16 @@
 """The input pipeline: preference pairs → device-ready batches, with Grain.
 
-    pairs ─► shuffle(seed) ─► repeat ─► encode (random order swap, images, reasoner prompt)
-          ─► this process's slice ─► [worker processes] ─► batch (skip bad records, pad prompts
-          to a length bucket), in the main process
+Default (`group_by_grid=True`): every global batch holds pairs of one image-grid signature, so the
+device programs see a bounded set of shapes and every process builds a batch of the same shape:
+
+    pairs ─► shuffle(seed) ─► repeat ─► plan (order swap; grids from the image *headers*; every
+          process plans the whole global stream, which is cheap) ─► group by (grid 1, grid 2) into
+          global batches ─► this process's rows ─► decode/tokenise (threads) ─► pad prompts to the
+          length bucket of the *global* batch
+
+With `group_by_grid=False` (one process only) batches mix grids, as transformers would:
+
+    pairs ─► shuffle(seed) ─► repeat ─► encode ─► [worker processes] ─► batch, in the main process
 
 * Deterministic: the global order is a function of the seed; the order swap of pair k is a function
   of (seed, k); so the same seed gives the same batches with any number of workers or processes.
@@ -12,21 +20,26 @@
   (policy 'error') or is skipped (policy 'skip') — the batcher then pulls the next pair so batches
   stay full, and each batch carries the (reason, where, detail) of what it skipped;
   `Batches.report` adds them up.
-* Bounded shapes: prompts are left-padded to the smallest length bucket that fits the batch, and
-  images keep their smart_resize grids (the set of grid tuples seen is reported by `Batches`).
+* Bounded shapes: prompts are left-padded to the smallest length bucket that fits the (global)
+  batch; with grouping, a batch's grid tuple is one signature repeated, and `ImageConfig.grid_buckets`
+  bounds the signatures (one bucket: one image shape). The shapes seen are reported by `Batches`.
+  Grouped batches always have `global_batch / process_count` rows; rows that are padding (the end of
+  finite data) or whose image failed to decode under policy 'skip' have `valid == 0`.
 * Checkpointable: `Batches.get_state()` / `set_state()` (JSON-able); a restored iterator yields
   exactly the batches the original would have yielded next.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import os
 from typing import Sequence
 
 import grain
 import numpy as np
 
-from lgrpo_jax.data.images import ImageConfig, ImageError, process_image
+from lgrpo_jax.data.images import ImageConfig, ImageError, image_grid, process_image
 from lgrpo_jax.data.prompts import PromptConfig, reasoner_ids
 from lgrpo_jax.data.sources import DataError, Report
 
@@ -43,9 +56,28 @@ class PipelineConfig:
   length_buckets: tuple[int, ...] = (256, 512, 1024, 2048, 4096)
   bad_records: str = "error"  # or "skip"
   pad_id: int = 0
-  worker_count: int = 0  # >0: decode and tokenise in that many worker processes
+  # Grouped: decode/tokenise threads (0: one per core). Plain: 0 decodes in Grain's prefetch
+  # threads, >0 in that many worker processes.
+  worker_count: int = 0
+  group_by_grid: bool = True  # batches of one grid signature, same shapes on every process
   image: ImageConfig = ImageConfig()
   prompt: PromptConfig = PromptConfig()
+
+
+def _oriented(cfg: PipelineConfig, index: int, item):
+  """(pair, swap, images in the order shown, label in that order); the swap is a function of
+  (seed, global index) unless the item fixes it (both-orders evaluation)."""
+  pair, swap = item if isinstance(item, tuple) else (item, None)
+  if swap is None:
+    swap = bool(np.random.default_rng([cfg.seed, index]).random() < cfg.swap_prob)
+  images, label = tuple(pair.images), pair.label
+  if swap:
+    images, label = images[::-1], 1 - label
+  return pair, swap, images, label
+
+
+def _where(pair, k: int, image) -> str:
+  return f"pair {pair.pair_id} image {k + 1}" + (f" ({image})" if isinstance(image, str) else "")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,15 +87,9 @@ class Encoder:
   cfg: PipelineConfig
 
   def __call__(self, index: int, item) -> dict:
-    pair, swap = item if isinstance(item, tuple) else (item, None)
-    if swap is None:
-      swap = np.random.default_rng([self.cfg.seed, index]).random() < self.cfg.swap_prob
-    images, label = pair.images, pair.label
-    if swap:
-      images, label = images[::-1], 1 - label
+    pair, swap, images, label = _oriented(self.cfg, index, item)
     try:
-      (pa, ga), (pb, gb) = (process_image(im, self.cfg.image, source=f"pair {pair.pair_id} image {k + 1}"
-                                          + (f" ({im})" if isinstance(im, str) else ""))
+      (pa, ga), (pb, gb) = (process_image(im, self.cfg.image, source=_where(pair, k, im))
                             for k, im in enumerate(images))
     except ImageError as e:
       if self.cfg.bad_records == "error":
@@ -74,12 +100,19 @@ class Encoder:
             "label": np.int32(label), "pair_id": pair.pair_id, "swapped": bool(swap)}
 
 
-def collate(examples: list[dict], buckets: Sequence[int], pad_id: int, skipped: list) -> dict:
-  length = max(len(e["input_ids"]) for e in examples)
+def length_bucket(length: int, buckets: Sequence[int], pair_ids) -> int:
   bucket = next((b for b in buckets if b >= length), None)
   if bucket is None:
     raise ValueError(f"prompt of {length} tokens is longer than the largest length bucket "
-                     f"{max(buckets)} (pairs {[e['pair_id'] for e in examples]})")
+                     f"{max(buckets)} (pairs {list(pair_ids)})")
+  return bucket
+
+
+def collate(examples: list[dict], buckets: Sequence[int], pad_id: int, skipped: list,
+            length: int | None = None) -> dict:
+  """Left-pad the prompts to the bucket of `length` (default: this batch's longest prompt)."""
+  length = max(len(e["input_ids"]) for e in examples) if length is None else length
+  bucket = length_bucket(length, buckets, [e["pair_id"] for e in examples])
   ids = np.full((len(examples), bucket), pad_id, np.int32)
   mask = np.zeros((len(examples), bucket), np.int32)
   for r, e in enumerate(examples):
@@ -90,6 +123,7 @@ def collate(examples: list[dict], buckets: Sequence[int], pad_id: int, skipped: 
           "pixel_values": np.concatenate([e["pixel_values"] for e in examples]),
           "image_grid_thw": np.asarray([g for e in examples for g in e["grids"]], np.int64),
           "labels": np.asarray([e["label"] for e in examples], np.int32),
+          "valid": np.asarray([e.get("valid", 1) for e in examples], np.int32),
           "pair_ids": [e["pair_id"] for e in examples], "skipped": list(skipped)}
 
 
@@ -142,6 +176,119 @@ class _BatchDataset(grain.IterDataset):
     return _BatchIterator(self._parent.__iter__(), self._size, self._buckets, self._pad_id)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """Global position → a light record: orientation and image grids from the headers only."""
+  cfg: PipelineConfig
+
+  def __call__(self, index: int, item) -> dict:
+    pair, swap, images, label = _oriented(self.cfg, index, item)
+    try:
+      grids = tuple(image_grid(im, self.cfg.image, _where(pair, k, im)) for k, im in enumerate(images))
+    except ImageError as e:
+      if self.cfg.bad_records == "error":
+        raise
+      return {"index": index, "skip": "bad_image", "where": e.source, "detail": e.reason}
+    return {"index": index, "swap": swap, "grids": grids}
+
+
+class _GroupedIterator(grain.DatasetIterator):
+  """Groups the planned global stream by grid signature into global batches and builds this
+  process's rows of each. Its state holds the light records still waiting in a group."""
+
+  def __init__(self, parent, base, tokenizer, cfg: PipelineConfig, process_index: int, process_count: int):
+    super().__init__(parent)
+    self._base, self._tok, self._cfg = base, tokenizer, cfg
+    self._p, self._n = process_index, process_count
+    self._groups: dict[tuple, list[dict]] = {}  # signature → waiting records, in arrival order
+    self._encode = Encoder(tokenizer, cfg)
+    # Decoding and resizing release the GIL, so threads use the cores (0: one per core).
+    self._pool = concurrent.futures.ThreadPoolExecutor(cfg.worker_count or os.cpu_count() or 1)
+    self.final_skips: list = []  # plan-time skips after the last batch (reported by `Batches`)
+
+  def _next_global(self) -> tuple[list[dict], list[dict]]:
+    skipped = []
+    while True:
+      try:
+        rec = next(self._parent)
+      except StopIteration:
+        if not self._groups:
+          self.final_skips.extend(skipped)
+          raise
+        oldest = min(self._groups, key=lambda k: self._groups[k][0]["index"])
+        return self._groups.pop(oldest), skipped  # end of finite data: a short batch
+      if "skip" in rec:
+        skipped.append(rec)
+        if len(skipped) > MAX_SKIPS_PER_BATCH:
+          raise DataError(f"{len(skipped)} pairs in a row could not be used (last: {rec['where']}: "
+                          f"{rec['detail']}); is the image root right?")
+        continue
+      group = self._groups.setdefault(rec["grids"], [])
+      group.append(rec)
+      if len(group) == self._cfg.global_batch:
+        return self._groups.pop(rec["grids"]), skipped
+
+  def _example(self, rec: dict, valid: bool, skipped: list) -> dict:
+    item = self._base[rec["index"]]
+    e = self._encode(rec["index"], (item[0] if isinstance(item, tuple) else item, rec["swap"]))
+    if "skip" in e:  # decoded badly after a good header (policy 'skip'): a placeholder row
+      skipped.append((e["skip"], e["where"], e["detail"]))
+      pair = item[0] if isinstance(item, tuple) else item
+      grids = rec["grids"]
+      ids = reasoner_ids(self._tok, pair.prompt, grids, self._cfg.prompt, self._cfg.image.merge_size)
+      n = sum(t * h * w for t, h, w in grids)
+      width = 3 * self._cfg.image.temporal_patch_size * self._cfg.image.patch_size ** 2
+      e = {"input_ids": ids, "pixel_values": np.zeros((n, width), np.float32), "grids": list(grids),
+           "label": np.int32(0), "pair_id": pair.pair_id, "swapped": rec["swap"]}
+      valid = False
+    return dict(e, valid=int(valid))
+
+  def __next__(self) -> dict:
+    rows, plan_skips = self._next_global()
+    local_size = self._cfg.global_batch // self._n
+    padded = rows + [None] * (self._cfg.global_batch - len(rows))
+    mine = padded[self._p * local_size:(self._p + 1) * local_size]
+    skipped = [(r["skip"], r["where"], r["detail"]) for r in plan_skips if r["index"] % self._n == self._p]
+    real = [r for r in mine if r is not None]
+    examples = list(self._pool.map(lambda r: self._example(r, True, skipped), real))
+    if len(examples) < local_size:  # padding rows: copies of a real row, marked invalid
+      filler = dict(examples[0] if examples else self._example(rows[0], False, []), valid=0)
+      examples += [filler] * (local_size - len(examples))
+    # One prompt length for the global batch, so every process pads to the same bucket.
+    mine_ids = {r["index"] for r in real}
+    theirs = [r for r in rows if r["index"] not in mine_ids]
+    length = max([len(e["input_ids"]) for e in examples] + [self._prompt_length(r) for r in theirs])
+    return collate(examples, self._cfg.length_buckets, self._cfg.pad_id, skipped, length)
+
+  def _prompt_length(self, rec: dict) -> int:
+    item = self._base[rec["index"]]
+    pair = item[0] if isinstance(item, tuple) else item
+    return len(reasoner_ids(self._tok, pair.prompt, rec["grids"], self._cfg.prompt,
+                            self._cfg.image.merge_size))
+
+  def get_state(self):
+    waiting = sorted((r for g in self._groups.values() for r in g), key=lambda r: r["index"])
+    return {"plan": self._parent.get_state(),
+            "waiting": [[r["index"], r["swap"], [list(g) for g in r["grids"]]] for r in waiting]}
+
+  def set_state(self, state):
+    self._parent.set_state(state["plan"])
+    self._groups = {}
+    for index, swap, grids in state["waiting"]:
+      grids = tuple(tuple(g) for g in grids)
+      self._groups.setdefault(grids, []).append({"index": index, "swap": swap, "grids": grids})
+
+
+class _GroupedDataset(grain.IterDataset):
+
+  def __init__(self, parent: grain.IterDataset, *args):
+    super().__init__(parent)
+    self._args = args
+
+  def __iter__(self):
+    return _GroupedIterator(self._parent.__iter__(), *self._args)
+
+
 class Batches:
   """Iterator over this process's local batches, with skip accounting and checkpointable state."""
 
@@ -155,10 +302,16 @@ class Batches:
     return self
 
   def __next__(self) -> dict:
-    batch = next(self._it)
+    try:
+      batch = next(self._it)
+    except StopIteration:
+      for r in getattr(self._it, "final_skips", []):
+        self.report.bad(r["skip"], r["where"], r["detail"])
+      self._it.final_skips = []
+      raise
     for reason, where, detail in batch["skipped"]:
       self.report.bad(reason, where, detail)
-    self.report.pairs += len(batch["labels"])
+    self.report.pairs += int(batch["valid"].sum())
     self.grids_seen.add(tuple(map(tuple, batch["image_grid_thw"].tolist())))
     self.lengths_seen.add(batch["input_ids"].shape[1])
     return batch
@@ -186,11 +339,18 @@ def make_batches(pairs, tokenizer, cfg: PipelineConfig = PipelineConfig(),
     pairs = list(pairs)  # a generator; random-access sources (lists, TfdsPairs) are used as they are
   if len(pairs) == 0:
     raise ValueError("no preference pairs to feed (empty source)")
+  if process_count > 1 and not cfg.group_by_grid:
+    raise ValueError("group_by_grid=False mixes image grids within a batch, so processes would build "
+                     "batches of different shapes; use group_by_grid=True with several processes")
   if cfg.both_orders:
     ds = grain.MapDataset.range(2 * len(pairs)).map(_BothOrders(pairs))
   else:
     ds = grain.MapDataset.source(pairs).shuffle(seed=cfg.seed)
   ds = ds.repeat(cfg.num_epochs)
+  report = report if report is not None else Report(cfg.bad_records)
+  if cfg.group_by_grid:
+    planned = ds.map_with_index(_Plan(cfg)).to_iter_dataset()
+    return Batches(_GroupedDataset(planned, ds, tokenizer, cfg, process_index, process_count), report)
   # Encode with the *global* index (the order swap must not depend on the process count).
   ds = ds.map_with_index(Encoder(tokenizer, cfg))
   ds = ds[process_index::process_count]
@@ -203,4 +363,4 @@ def make_batches(pairs, tokenizer, cfg: PipelineConfig = PipelineConfig(),
       flags.FLAGS.mark_as_parsed()
     elements = elements.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count))
   batches = _BatchDataset(elements, cfg.global_batch // process_count, cfg.length_buckets, cfg.pad_id)
-  return Batches(batches, report if report is not None else Report(cfg.bad_records))
+  return Batches(batches, report)
