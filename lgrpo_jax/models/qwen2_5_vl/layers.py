@@ -192,6 +192,37 @@ def _attention_blocked(q_btkgd, k_bskd, v_bskd, mask_bts):
   return o[:, :t]
 
 
+def attention_decode(q_bgkhd, prefix_k_bpkd, prefix_v_bpkd, prefix_mask_bp, past_k_bgnkd, past_v_bgnkd,
+                     past_mask_n, k_bgkd, v_bgkd, scale: float):
+  """One new token per sample attending to [shared prefix | its own past | itself], exactly.
+
+  G samples of a prompt share one prefix cache: their queries are stacked as G·h rows against the
+  prefix keys, so the prefix is read once per prompt (not G times) and its product is a real matmul.
+  The three parts' scores share one max and one denominator, so this equals softmax attention over
+  the concatenation. q: (B, G, K, h, D) (K kv heads, h query heads per kv head); prefix: (B, P, K, D)
+  with mask (B, P); past: (B, G, N, K, D) with mask (N,) (the slots already written); k, v: the new
+  token's (B, G, K, D). Returns (B, G, K, h, D).
+  """
+  prec = precision_for(q_bgkhd.dtype)
+  f32 = jnp.float32
+  q = (q_bgkhd.astype(f32) * scale).astype(q_bgkhd.dtype)
+  s_pre = jnp.einsum("bgkhd,bpkd->bgkhp", q, prefix_k_bpkd, precision=prec, preferred_element_type=f32)
+  s_pre = jnp.where(prefix_mask_bp[:, None, None, None, :], s_pre, MASK_VALUE)
+  s_past = jnp.einsum("bgkhd,bgnkd->bgkhn", q, past_k_bgnkd, precision=prec, preferred_element_type=f32)
+  s_past = jnp.where(past_mask_n, s_past, MASK_VALUE)
+  s_self = jnp.einsum("bgkhd,bgkd->bgkh", q, k_bgkd, precision=prec, preferred_element_type=f32)[..., None]
+  m = jnp.maximum(jnp.maximum(s_pre.max(-1, keepdims=True), s_past.max(-1, keepdims=True)), s_self)
+  p_pre, p_past, p_self = jnp.exp(s_pre - m), jnp.exp(s_past - m), jnp.exp(s_self - m)
+  denom = p_pre.sum(-1, keepdims=True) + p_past.sum(-1, keepdims=True) + p_self
+  dt = prefix_v_bpkd.dtype
+  o = (jnp.einsum("bgkhp,bpkd->bgkhd", p_pre.astype(dt), prefix_v_bpkd, precision=prec,
+                  preferred_element_type=f32)
+       + jnp.einsum("bgkhn,bgnkd->bgkhd", p_past.astype(dt), past_v_bgnkd, precision=prec,
+                    preferred_element_type=f32)
+       + p_self.astype(dt).astype(f32) * v_bgkd[:, :, :, None].astype(f32))
+  return (o / denom).astype(dt)
+
+
 def stack_modules(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs) -> nnx.Module:
   """n independently initialised copies of a module with parameters stacked on a 'layers' axis."""
 
@@ -216,6 +247,18 @@ def scan_layers(stack: nnx.Module, carry, fn, start: int = 0, stop: int | None =
     return fn(nnx.merge(graphdef, layer_state), c), None
 
   return jax.lax.scan(body, carry, state)[0]
+
+
+def scan_layers_xs(stack: nnx.Module, carry, xs, fn):
+  """(carry, ys) of `carry, y = fn(layer_i, carry, xs_i)` over the stacked layers, as one lax.scan;
+  `xs` is a pytree with a leading layers axis (e.g. a per-layer KV cache)."""
+  graphdef, state = nnx.split(stack)
+
+  def body(c, layer_and_x):
+    layer_state, x = layer_and_x
+    return fn(nnx.merge(graphdef, layer_state), c, x)
+
+  return jax.lax.scan(body, carry, (state, xs))
 
 
 def is_concrete(x) -> bool:

@@ -17,8 +17,9 @@ from flax import nnx
 
 from lgrpo_jax.models.qwen2_5_vl.config import Qwen25VLConfig, TextConfig, validate
 from lgrpo_jax.models.qwen2_5_vl.layers import (INIT_STD, Dense, GatedMLP, RMSNorm, apply_rotary,
-                                                static_grid, attention, is_concrete, param,
-                                                precision_for, scan_layers, stack_modules)
+                                                attention, attention_decode, is_concrete, param,
+                                                precision_for, scan_layers, scan_layers_xs,
+                                                stack_modules, static_grid)
 from lgrpo_jax.models.qwen2_5_vl.rope import get_rope_index, text_rotary
 from lgrpo_jax.models.qwen2_5_vl.vision import VisionTower
 from lgrpo_jax.sharding import constrain
@@ -45,7 +46,8 @@ class DecoderLayer(nnx.Module):
     self.post_attention_layernorm = RMSNorm(e, eps=cfg.rms_norm_eps, param_dtype=param_dtype)
     self.mlp = GatedMLP(e, cfg.intermediate_size, act=cfg.hidden_act, use_bias=False, **kw)
 
-  def __call__(self, x_btd, cos_btd, sin_btd, mask_bts):
+  def qkv(self, x_btd, cos_btd, sin_btd):
+    """Rotated q (B, T, K, h, D) and k (B, T, K, D), and v (B, T, K, D) of the normed input."""
     h = self.input_layernorm(x_btd)
     q = apply_rotary(self.q_proj(h), cos_btd[:, :, None], sin_btd[:, :, None])  # (B, T, H, D)
     k = apply_rotary(self.k_proj(h), cos_btd[:, :, None], sin_btd[:, :, None])  # (B, T, K, D)
@@ -53,10 +55,18 @@ class DecoderLayer(nnx.Module):
     q = constrain(q, ("batch", "length", "heads", None))
     k = constrain(k, ("batch", "length", "kv_heads", None))
     b, t = q.shape[:2]
-    q = q.reshape(b, t, self.kv_heads, self.groups, self.head_dim)
-    o = attention(q, k, v, mask_bts, self.head_dim**-0.5).reshape(b, t, -1, self.head_dim)
-    x_btd = x_btd + self.o_proj(o)
+    return q.reshape(b, t, self.kv_heads, self.groups, self.head_dim), k, v
+
+  def finish(self, x_btd, o_btkhd):
+    """Output projection and residual, then the MLP block."""
+    b, t = o_btkhd.shape[:2]
+    x_btd = x_btd + self.o_proj(o_btkhd.reshape(b, t, -1, self.head_dim))
     return x_btd + self.mlp(self.post_attention_layernorm(x_btd))
+
+  def __call__(self, x_btd, cos_btd, sin_btd, mask_bts, return_kv: bool = False):
+    q, k, v = self.qkv(x_btd, cos_btd, sin_btd)
+    out = self.finish(x_btd, attention(q, k, v, mask_bts, self.head_dim**-0.5))
+    return (out, (k, v)) if return_kv else out
 
 
 class Qwen25VL(nnx.Module):
@@ -104,6 +114,40 @@ class Qwen25VL(nnx.Module):
     x_btd = scan_layers(self.layers, constrain(x_btd, ACT_BTD),
                         lambda layer, x: constrain(layer(x, cos, sin, mask_bts), ACT_BTD))
     return self.norm(x_btd)
+
+  def prefill(self, x_btd, position_ids, attention_mask):
+    """`decode` that also returns every layer's keys and values: (hidden (B, T, E) after the final
+    norm, k (L, B, T, K, D), v (L, B, T, K, D)) — the prompt's KV cache."""
+    b, t = x_btd.shape[:2]
+    valid = jnp.asarray(attention_mask).astype(bool)
+    mask_bts = jnp.tril(jnp.ones((t, t), bool))[None] & valid[:, None, :]
+    cos, sin = text_rotary(position_ids, self.config)
+
+    def layer_fn(layer, x, _):
+      x, kv = layer(x, cos, sin, mask_bts, return_kv=True)
+      return constrain(x, ACT_BTD), kv
+
+    x_btd, (k, v) = scan_layers_xs(self.layers, constrain(x_btd, ACT_BTD), None, layer_fn)
+    return self.norm(x_btd), k, v
+
+  def decode_step(self, x_bgd, positions_bg, cache, step):
+    """One new token for each of G samples per prompt → (hidden (B, G, E) after the final norm,
+    new k (L, B, G, K, D), new v). `cache` is a `KVCache`; the new token sits at suffix slot `step`
+    and attends to the prefix, the suffix slots before `step`, and itself. Text positions only
+    (all three M-RoPE axes equal)."""
+    cos, sin = text_rotary(jnp.broadcast_to(positions_bg, (3, *positions_bg.shape)), self.config)
+    past_mask_n = jnp.arange(cache.suffix_k.shape[3]) < step
+
+    def layer_fn(layer, x, kv):
+      pk, pv, sk, sv = kv
+      q, k, v = layer.qkv(x, cos, sin)  # (B, G, K, h, D), (B, G, K, D)
+      o = attention_decode(q, pk, pv, cache.prefix_mask, sk, sv, past_mask_n, k, v,
+                           layer.head_dim**-0.5)
+      return layer.finish(x, o), (k, v)
+
+    x_bgd, (k, v) = scan_layers_xs(
+        self.layers, x_bgd, (cache.prefix_k, cache.prefix_v, cache.suffix_k, cache.suffix_v), layer_fn)
+    return self.norm(x_bgd), k, v
 
   def logits(self, h_btd):
     """fp32 logits; the head runs in the compute dtype, the cast to fp32 is for the log-softmax."""

@@ -1,0 +1,169 @@
+"""The rollout sampler: greedy decoding equals transformers' generate token for token; EOS and stop
+sequences end rows independently; sampler log-probs equal a teacher-forced recomputation; the
+first-token distribution under temperature / top-k / top-p matches the reference probabilities;
+sharded sampling gives the same tokens."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import lgrpo_jax
+from lgrpo_jax import sharding
+from lgrpo_jax.models.qwen2_5_vl import get_rope_index
+from lgrpo_jax.sampling import SamplingConfig
+from hf_tiny import CASES, PAD, build_hf, config_dict, hf_logits, make_batch, ours_inputs
+
+N = 10
+GEN_CASES = ["one_image_windows", "two_images_sizes", "left_padded_batch"]
+
+
+@pytest.fixture(scope="module", params=["a", "b"])
+def pair(request, tmp_path_factory):
+  hf = build_hf(config_dict(request.param), seed=5)
+  path = tmp_path_factory.mktemp(f"gen_{request.param}")
+  hf.save_pretrained(path)
+  return hf, lgrpo_jax.load_hf(path, dtype="float32"), path
+
+
+def hf_generate(hf, batch, n=N, eos=None):
+  kw = {k: torch.from_numpy(v) for k, v in batch.items()}
+  with torch.no_grad():
+    out = hf.generate(**kw, max_new_tokens=n, do_sample=False, eos_token_id=eos, pad_token_id=PAD)
+  return out[:, batch["input_ids"].shape[1]:].numpy()
+
+
+def our_generate(model, batch, **kw):
+  kw.setdefault("eos_token_id", [])
+  return lgrpo_jax.generate(model, **ours_inputs(batch), pad_token_id=PAD, **kw)
+
+
+@pytest.mark.parametrize("case", GEN_CASES)
+def test_greedy_equals_transformers_generate(pair, case):
+  hf, ours, _ = pair
+  batch = make_batch(CASES[case], seed=11)
+  ref = hf_generate(hf, batch)
+  out = our_generate(ours, batch, max_new_tokens=N)
+  np.testing.assert_array_equal(np.asarray(out.tokens), ref)
+  assert np.asarray(out.mask).all() and int(out.steps) == N
+
+
+def test_eos_and_stop_sequences_end_rows_independently(pair):
+  hf, ours, _ = pair
+  batch = make_batch(CASES["left_padded_batch"], seed=11)
+  free = hf_generate(hf, batch)
+  # EOS: the first token that row 0 writes for the first time at step ≥ 2; transformers pads
+  # finished rows the same way (and trims the columns after every row has finished).
+  j = next(j for j in range(2, N) if free[0, j] not in free[0, :j])
+  eos = int(free[0, j])
+  ref = hf_generate(hf, batch, eos=eos)
+  out = our_generate(ours, batch, max_new_tokens=N, eos_token_id=eos)
+  np.testing.assert_array_equal(np.asarray(out.tokens)[:, :ref.shape[1]], ref)
+  assert (np.asarray(out.tokens)[:, ref.shape[1]:] == PAD).all()
+  for r in range(2):
+    hits = np.flatnonzero(free[r] == eos)
+    length = hits[0] + 1 if len(hits) else N
+    assert int(out.lengths[r]) == length
+    np.testing.assert_array_equal(np.asarray(out.mask[r]), np.arange(N) < length)
+  # A two-token stop sequence taken from row 1 stops row 1 there and leaves row 0 alone.
+  seq = (int(free[1, 4]), int(free[1, 5]))
+  out = our_generate(ours, batch, max_new_tokens=N, stop_sequences=[seq])
+  for r in range(2):
+    ends = [j for j in range(1, N) if (free[r, j - 1], free[r, j]) == seq]
+    length = ends[0] + 1 if ends else N
+    assert int(out.lengths[r]) == length
+    np.testing.assert_array_equal(np.asarray(out.tokens[r, :length]), free[r, :length])
+    assert (np.asarray(out.tokens[r, length:]) == PAD).all()
+  # Early exit: once every row has stopped the loop ends.
+  out = our_generate(ours, batch, max_new_tokens=N, eos_token_id=[int(free[0, 2]), int(free[1, 2])])
+  assert int(out.steps) <= 3 and np.asarray(out.lengths).max() <= 3
+
+
+def test_sampler_logprobs_equal_teacher_forced_recomputation(pair):
+  _, ours, _ = pair
+  batch = make_batch(CASES["left_padded_batch"], seed=2)
+  g, t = 3, 0.7
+  out = our_generate(ours, batch, max_new_tokens=N, temperature=t, top_k=20, top_p=0.9, num_samples=g, seed=4)
+  tokens, logp = np.asarray(out.tokens), np.asarray(out.logprobs)
+  # Teacher forcing: one causal forward over [prompt | completion] (no cache). Completion tokens
+  # are text even when the model wrote an <|image_pad|> id, so embed the two parts separately.
+  rep = lambda x: np.repeat(x, g, axis=0)
+  ids, mask = rep(batch["input_ids"]), rep(batch["attention_mask"])
+  grids = batch["image_grid_thw"]
+  per_img = np.split(batch["pixel_values"], np.cumsum([int(np.prod(x)) for x in grids])[:-1])
+  rows_per_prompt = len(grids) // len(batch["input_ids"])  # one image per prompt in this case
+  order = [b * rows_per_prompt + i for b in range(len(batch["input_ids"])) for _ in range(g)
+           for i in range(rows_per_prompt)]
+  grid_rep = tuple(tuple(int(v) for v in grids[i]) for i in order)
+  feats = ours.image_features(jnp.concatenate([per_img[i] for i in order]), grid_rep)
+  pos, _ = get_rope_index(ids, mask, grid_rep, ours.config)
+  comp_pos = jnp.max(pos, axis=(0, 2))[:, None] + 1 + jnp.arange(tokens.shape[1])
+  x = jnp.concatenate([ours.embed(jnp.asarray(ids), feats), ours.embed(jnp.asarray(tokens))], 1)
+  positions = jnp.concatenate([pos, jnp.broadcast_to(comp_pos, (3, *comp_pos.shape))], 2)
+  full_mask = jnp.concatenate([jnp.asarray(mask), jnp.ones_like(tokens)], 1)
+  logits = np.asarray(ours.logits(ours.decode(x, positions, full_mask)), np.float64)
+  p = batch["input_ids"].shape[1]
+  scaled = logits[:, p - 1:-1] / t
+  ref = scaled - np.log(np.exp(scaled - scaled.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+      - scaled.max(-1, keepdims=True)
+  ref_tok = np.take_along_axis(ref, tokens[..., None], -1)[..., 0]
+  np.testing.assert_allclose(logp, ref_tok, atol=1e-5, rtol=1e-5)
+  # Samples of one prompt differ (they are not G copies of one draw).
+  assert len({tuple(r) for r in tokens[:g]}) > 1
+
+
+def reference_first_token_probs(hf, batch, t, top_k, top_p):
+  """An independent numpy implementation of temperature → top-k → top-p on transformers' logits."""
+  logits = hf_logits(hf, batch)[0, -1].astype(np.float64) / t
+  keep = np.ones_like(logits, bool)
+  if top_k:
+    keep &= logits >= np.sort(logits)[-top_k]
+  probs = np.exp(logits - logits.max()) * keep
+  probs /= probs.sum()
+  if top_p < 1:
+    order = np.argsort(-probs)
+    before = np.cumsum(probs[order]) - probs[order]
+    keep2 = np.zeros_like(keep)
+    keep2[order[before < top_p]] = True
+    probs = probs * keep2
+    probs /= probs.sum()
+  return probs
+
+
+@pytest.mark.parametrize("t,top_k,top_p", [(1.0, 0, 1.0), (0.6, 12, 1.0), (1.3, 0, 0.7), (0.8, 30, 0.8)])
+def test_first_token_distribution_matches_reference(pair, t, top_k, top_p):
+  hf, ours, _ = pair
+  batch = make_batch(CASES["one_image_windows"], seed=8)
+  probs = reference_first_token_probs(hf, batch, t, top_k, top_p)
+  n = 6000
+  out = our_generate(ours, batch, max_new_tokens=1, temperature=t, top_k=top_k, top_p=top_p,
+                     num_samples=n, seed=1)
+  counts = np.bincount(np.asarray(out.tokens[:, 0]), minlength=len(probs))
+  assert counts[probs == 0].sum() == 0  # filtered tokens never drawn
+  support = probs > 0
+  expected = n * probs[support]
+  chi2 = float(((counts[support] - expected) ** 2 / expected).sum())
+  df = int(support.sum()) - 1
+  assert chi2 < df + 6 * np.sqrt(2 * df) + 10, (chi2, df)
+
+
+def test_sampling_config_rejects_bad_values():
+  for bad in (dict(temperature=-1.0), dict(top_p=0.0), dict(top_k=-2), dict(max_new_tokens=0),
+              dict(stop_sequences=((),))):
+    with pytest.raises(ValueError, match="SamplingConfig"):
+      SamplingConfig(**bad)
+
+
+def test_sharded_sampling_gives_the_same_tokens(pair):
+  hf, ours, path = pair
+  batch = make_batch(CASES["left_padded_batch"], seed=11)
+  ref = our_generate(ours, batch, max_new_tokens=N, num_samples=4, temperature=0.9, seed=3)
+  mesh = sharding.make_mesh(sharding.MeshConfig(fsdp=-1))
+  model = lgrpo_jax.load_hf(path, mesh=mesh, dtype="float32")
+  with jax.set_mesh(mesh):
+    got = our_generate(model, batch, max_new_tokens=N, num_samples=4, temperature=0.9, seed=3)
+    greedy = our_generate(model, batch, max_new_tokens=N)
+  np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(ref.tokens))
+  np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(ref.logprobs), atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(greedy.tokens), hf_generate(hf, batch))
