@@ -49,3 +49,35 @@ def test_counted_flops_equal_traced_dots(variant, case):
       state, args)
   b, t = batch["input_ids"].shape
   assert forward_flops(model.config, b, t, grid) == dot_flops(jaxpr.jaxpr)
+
+
+def test_rollout_count_equals_traced_prefill_and_decode_step():
+  from lgrpo_jax.models.qwen2_5_vl.cache import KVCache
+  from lgrpo_jax.models.qwen2_5_vl.flops import matmul_flops, rollout_matmuls
+  model = lgrpo_jax.from_config(config_dict("a"))
+  batch = ours_inputs(make_batch(CASES["left_padded_batch"]))
+  grid = tuple(map(tuple, batch["image_grid_thw"].tolist()))
+  b, p = batch["input_ids"].shape
+  g, n = 3, 5
+  graphdef, state = nnx.split(model)
+
+  def prefill(st, ids, mask, pixels):
+    m = nnx.merge(graphdef, st)
+    pos, _ = lgrpo_jax.get_rope_index(ids, mask, grid, m.config)
+    h, k, v = m.prefill(m.embed(ids, m.image_features(pixels, grid)), pos, mask)
+    return m.logits(h[:, -1:]), k, v
+
+  args = (batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+  pre_jaxpr = jax.make_jaxpr(prefill)(state, *args)
+  _, k, v = jax.eval_shape(prefill, state, *args)
+  cache = jax.eval_shape(lambda k, v: KVCache.from_prefill(k, v, batch["attention_mask"], g, n), k, v)
+
+  def step(st, tok, cache):
+    m = nnx.merge(graphdef, st)
+    h, cache = m.decode_step(m.embed(tok), jax.numpy.zeros((b, g), int), cache, 2)
+    return m.logits(h)
+
+  step_jaxpr = jax.make_jaxpr(step)(state, jax.ShapeDtypeStruct((b, g), np.int32), cache)
+  counted = lambda new: matmul_flops(rollout_matmuls(model.config, b, p, grid, g, new))
+  assert counted(1) == dot_flops(pre_jaxpr.jaxpr)
+  assert counted(n) - counted(1) == (n - 1) * dot_flops(step_jaxpr.jaxpr)

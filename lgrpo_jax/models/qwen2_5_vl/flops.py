@@ -63,3 +63,28 @@ def matmul_flops(matmuls: list[Matmul]) -> int:
 def forward_flops(cfg: Qwen25VLConfig, batch: int, seq_len: int, grid: Grid = ()) -> int:
   """One forward of `batch` sequences of `seq_len` tokens holding the images of `grid`."""
   return matmul_flops(forward_matmuls(cfg, batch, seq_len, grid))
+
+
+def rollout_matmuls(cfg: Qwen25VLConfig, batch: int, prompt_len: int, grid: Grid, samples: int,
+                    new_tokens: int) -> list[Matmul]:
+  """A rollout as `lgrpo_jax.sampling` runs it: the vision tower and the prompt prefill once per
+  prompt (head only at the last position), then `new_tokens - 1` decode steps of batch·samples
+  tokens, each attending to the prompt's P keys and its sample's N suffix slots (all computed,
+  masked; the new token's own slot among them)."""
+  t = cfg.text
+  out = vision_matmuls(cfg, grid) + text_matmuls(cfg, batch, prompt_len, lm_head=False)
+  out.append(("text.lm_head", 1, batch, t.hidden_size, t.vocab_size))
+  steps, rows = new_tokens - 1, batch * samples
+  if steps <= 0:
+    return out
+  e, hd, layers = t.hidden_size, t.head_dim, t.num_hidden_layers
+  q_out, kv_out = t.num_attention_heads * hd, t.num_key_value_heads * hd
+  keys = prompt_len + new_tokens
+  heads = steps * layers * rows * t.num_attention_heads
+  out += [("decode.q", steps * layers, rows, e, q_out), ("decode.kv", 2 * steps * layers, rows, e, kv_out),
+          ("decode.o", steps * layers, rows, q_out, e),
+          ("decode.gate_up", 2 * steps * layers, rows, e, t.intermediate_size),
+          ("decode.down", steps * layers, rows, t.intermediate_size, e),
+          ("decode.attn", heads, 1, hd, keys), ("decode.attn", heads, 1, keys, hd),
+          ("decode.lm_head", steps, rows, e, t.vocab_size)]
+  return out

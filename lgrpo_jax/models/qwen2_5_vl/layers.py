@@ -192,35 +192,36 @@ def _attention_blocked(q_btkgd, k_bskd, v_bskd, mask_bts):
   return o[:, :t]
 
 
-def attention_decode(q_bgkhd, prefix_k_bpkd, prefix_v_bpkd, prefix_mask_bp, past_k_bgnkd, past_v_bgnkd,
-                     past_mask_n, k_bgkd, v_bgkd, scale: float):
-  """One new token per sample attending to [shared prefix | its own past | itself], exactly.
+def attention_decode(q_bkghd, prefix_k_bkpd, prefix_v_bkpd, prefix_mask_bp, own_k_bkgnd, own_v_bkgnd,
+                     own_mask_n, scale: float):
+  """One new token per sample attending to [shared prefix | its own tokens so far], exactly.
 
   G samples of a prompt share one prefix cache: their queries are stacked as G·h rows against the
   prefix keys, so the prefix is read once per prompt (not G times) and its product is a real matmul.
-  The three parts' scores share one max and one denominator, so this equals softmax attention over
-  the concatenation. q: (B, G, K, h, D) (K kv heads, h query heads per kv head); prefix: (B, P, K, D)
-  with mask (B, P); past: (B, G, N, K, D) with mask (N,) (the slots already written); k, v: the new
-  token's (B, G, K, D). Returns (B, G, K, h, D).
+  The two parts' scores share one max and one denominator, so this equals softmax attention over
+  the concatenation. Layouts put the batch-like axes first so no cache is transposed per step:
+  q (B, K, G, h, D) (K kv heads, h query heads per kv head); prefix (B, K, P, D) with mask (B, P);
+  own (B, K, G, N, D) — the sample's generated tokens, the new one already written — with mask (N,)
+  (the slots written so far). Returns (B, K, G, h, D).
   """
-  prec = precision_for(q_bgkhd.dtype)
+  b, kh, g, h, d = q_bkghd.shape
+  prec = precision_for(q_bkghd.dtype)
   f32 = jnp.float32
-  q = (q_bgkhd.astype(f32) * scale).astype(q_bgkhd.dtype)
-  s_pre = jnp.einsum("bgkhd,bpkd->bgkhp", q, prefix_k_bpkd, precision=prec, preferred_element_type=f32)
+  q = (q_bkghd.astype(f32) * scale).astype(q_bkghd.dtype)
+  s_pre = jnp.einsum("bkrd,bkpd->bkrp", q.reshape(b, kh, g * h, d), prefix_k_bkpd, precision=prec,
+                     preferred_element_type=f32).reshape(b, kh, g, h, -1)
   s_pre = jnp.where(prefix_mask_bp[:, None, None, None, :], s_pre, MASK_VALUE)
-  s_past = jnp.einsum("bgkhd,bgnkd->bgkhn", q, past_k_bgnkd, precision=prec, preferred_element_type=f32)
-  s_past = jnp.where(past_mask_n, s_past, MASK_VALUE)
-  s_self = jnp.einsum("bgkhd,bgkd->bgkh", q, k_bgkd, precision=prec, preferred_element_type=f32)[..., None]
-  m = jnp.maximum(jnp.maximum(s_pre.max(-1, keepdims=True), s_past.max(-1, keepdims=True)), s_self)
-  p_pre, p_past, p_self = jnp.exp(s_pre - m), jnp.exp(s_past - m), jnp.exp(s_self - m)
-  denom = p_pre.sum(-1, keepdims=True) + p_past.sum(-1, keepdims=True) + p_self
-  dt = prefix_v_bpkd.dtype
-  o = (jnp.einsum("bgkhp,bpkd->bgkhd", p_pre.astype(dt), prefix_v_bpkd, precision=prec,
-                  preferred_element_type=f32)
-       + jnp.einsum("bgkhn,bgnkd->bgkhd", p_past.astype(dt), past_v_bgnkd, precision=prec,
-                    preferred_element_type=f32)
-       + p_self.astype(dt).astype(f32) * v_bgkd[:, :, :, None].astype(f32))
-  return (o / denom).astype(dt)
+  s_own = jnp.einsum("bkghd,bkgnd->bkghn", q, own_k_bkgnd, precision=prec, preferred_element_type=f32)
+  s_own = jnp.where(own_mask_n, s_own, MASK_VALUE)
+  m = jnp.maximum(s_pre.max(-1, keepdims=True), s_own.max(-1, keepdims=True))
+  p_pre, p_own = jnp.exp(s_pre - m), jnp.exp(s_own - m)
+  denom = p_pre.sum(-1, keepdims=True) + p_own.sum(-1, keepdims=True)
+  dt = prefix_v_bkpd.dtype
+  o_pre = jnp.einsum("bkrp,bkpd->bkrd", p_pre.astype(dt).reshape(b, kh, g * h, -1), prefix_v_bkpd,
+                     precision=prec, preferred_element_type=f32).reshape(b, kh, g, h, d)
+  o_own = jnp.einsum("bkghn,bkgnd->bkghd", p_own.astype(dt), own_v_bkgnd, precision=prec,
+                     preferred_element_type=f32)
+  return ((o_pre + o_own) / denom).astype(dt)
 
 
 def stack_modules(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs) -> nnx.Module:

@@ -1,0 +1,121 @@
+"""The listener: a frozen VLM reads the prompt, the two images and the reasoner's chain of thought
+with the answer removed, and gives P(Image 1), P(Image 2) by a softmax over the two choice tokens.
+
+Layout, with no dynamic shapes (DESIGN.md §2):
+
+    [listener prefix: system, images, prompt, "Here is someone's comparison:"]   once per pair
+    [completion slots (N): the reasoning, answer and EOS slots are holes | question suffix]   per sample
+
+The prefix (vision tower included) runs once per pair and is cached; each sample's slots attend to
+it and causally to their own non-hole tokens, and positions count only the non-hole tokens, so the
+model sees exactly the contiguous text [prefix | reasoning | suffix] (tested against transformers).
+The probability is read at the last suffix slot, from the two choice rows of the head only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lgrpo_jax.data.images import ImageConfig, process_image
+from lgrpo_jax.data.prompts import PromptConfig, listener_parts
+from lgrpo_jax.models.qwen2_5_vl.layers import precision_for, static_grid
+from lgrpo_jax.models.qwen2_5_vl.model import Qwen25VL
+from lgrpo_jax.models.qwen2_5_vl.rope import get_rope_index
+from lgrpo_jax.parsing import Variant, find_first, token_variants
+
+DROP_TOKENS = ("<|im_end|>", "<|endoftext|>")  # end-of-turn tokens are never shown to the listener
+
+
+@dataclasses.dataclass(frozen=True)
+class ListenerSpec:
+  """Token ids the listener needs, found once from the tokenizer (hashable: a static jit arg)."""
+  suffix_ids: tuple[int, ...]  # the question, the assistant header, the choices' common prefix
+  choice_ids: tuple[int, int]  # first tokens where "Image 1" and "Image 2" differ
+  answer_variants: tuple[Variant, ...]  # the answer tag as it can appear in completions
+  drop_ids: tuple[int, ...] = ()
+
+  @classmethod
+  def from_tokenizer(cls, tokenizer, prompt: PromptConfig = PromptConfig(), answer_tag: str = "<answer>",
+                     drop_tokens=DROP_TOKENS) -> "ListenerSpec":
+    _, suffix, choices = listener_parts(tokenizer, "", [(1, 2, 2), (1, 2, 2)], prompt, merge_size=2)
+    vocab = tokenizer.get_vocab()
+    return cls(tuple(int(t) for t in suffix), choices, token_variants(tokenizer, answer_tag),
+               tuple(int(vocab[t]) for t in drop_tokens if t in vocab))
+
+
+def reasoning_view(tokens_bgn, lengths_bg, spec: ListenerSpec):
+  """(tokens, keep) of shape (B, G, N): what the listener may see of each completion — the tokens
+  before the first answer tag (the answer, and anything after it, is removed), without end-of-turn
+  tokens. Where the tag's first token had swallowed the end of the reasoning (">" in "><"), that
+  slot is kept and holds the swallowed text alone, so the reasoning reads as written."""
+  n = tokens_bgn.shape[-1]
+  answer_at, remainder = find_first(tokens_bgn, lengths_bg, spec.answer_variants)
+  idx = jnp.arange(n)
+  cut = jnp.minimum(answer_at, lengths_bg)[..., None]
+  at_tag = (idx == answer_at[..., None]) & (remainder[..., None] >= 0) & (idx < lengths_bg[..., None])
+  tokens = jnp.where(at_tag, remainder[..., None], tokens_bgn)
+  keep = (idx < cut) | at_tag
+  for t in spec.drop_ids:
+    keep &= tokens != t
+  return tokens, keep
+
+
+def listener_probs(model: Qwen25VL, prefix_ids, prefix_mask, pixel_values, grid, tokens_bgn, lengths_bg,
+                   spec: ListenerSpec):
+  """(B, G, 2) fp32 probabilities of (Image 1, Image 2) for every completion (traced; call in jit).
+
+  prefix_ids / prefix_mask (B, P): the left-padded listener prefix of each pair, whose image pads
+  take `pixel_values` / `grid` (the pair's two images, as for the reasoner); tokens (B, G, N) and
+  lengths (B, G): the G completions of each pair (e.g. a `Rollout`)."""
+  b, g, n = tokens_bgn.shape
+  image_embeds = model.image_features(pixel_values, grid) if grid else None
+  pos, _ = get_rope_index(prefix_ids, prefix_mask, grid, model.config)
+  _, pk, pv = model.prefill(model.embed(prefix_ids, image_embeds), pos, prefix_mask)
+  suffix = jnp.broadcast_to(jnp.asarray(spec.suffix_ids, jnp.int32), (b, g, len(spec.suffix_ids)))
+  seen, keep = reasoning_view(tokens_bgn.astype(jnp.int32), lengths_bg, spec)
+  chunk = jnp.concatenate([seen, suffix], axis=-1)
+  valid = jnp.concatenate([keep, jnp.ones(suffix.shape, bool)], -1)
+  start = jnp.max(pos, axis=(0, 2)) + 1  # the position after the prefix, per pair
+  positions = start[:, None, None] + jnp.cumsum(valid, axis=-1) - 1
+  h = model.extend(model.embed(chunk), positions, valid, pk, pv, prefix_mask)
+  w = model.head_weights(spec.choice_ids)  # (2, E)
+  logits = jnp.einsum("bge,ce->bgc", h[:, :, -1].astype(model.dtype), w.astype(model.dtype),
+                      precision=precision_for(model.dtype)).astype(jnp.float32)
+  return jax.lax.stop_gradient(jax.nn.softmax(logits, axis=-1))
+
+
+@functools.partial(nnx.jit, static_argnames=("grid", "spec"))
+def _probs_jit(model, prefix_ids, prefix_mask, pixel_values, tokens, lengths, grid, spec):
+  return listener_probs(model, prefix_ids, prefix_mask, pixel_values, grid, tokens, lengths, spec)
+
+
+def score(model: Qwen25VL, tokenizer, examples, prompt: PromptConfig = PromptConfig(),
+          image: ImageConfig = ImageConfig(), spec: ListenerSpec | None = None) -> np.ndarray:
+  """P(Image 1), P(Image 2) for each (prompt text, (image 1, image 2), reasoning text) — images as
+  paths, bytes or PIL images. The reasoning may include its answer: it is removed exactly as in
+  training. Returns (n, 2) float32. One compiled call per distinct (prefix length, grids) shape."""
+  spec = spec or ListenerSpec.from_tokenizer(tokenizer, prompt)
+  prefixes, pixels, grids, texts = [], [], [], []
+  for k, (text, images, reasoning) in enumerate(examples):
+    out = [process_image(im, image, source=f"example {k} image {i + 1}") for i, im in enumerate(images)]
+    pixels += [p for p, _ in out]
+    grids += [gr for _, gr in out]
+    prefixes.append(listener_parts(tokenizer, text, [gr for _, gr in out], prompt, image.merge_size)[0])
+    texts.append(tokenizer(reasoning, add_special_tokens=False)["input_ids"])
+  width_p, width_t = max(map(len, prefixes)), max(1, max(map(len, texts)))
+  ids = np.zeros((len(examples), width_p), np.int32)
+  mask = np.zeros_like(ids)
+  toks = np.zeros((len(examples), 1, width_t), np.int32)
+  lengths = np.zeros((len(examples), 1), np.int32)
+  for r, (pre, t) in enumerate(zip(prefixes, texts)):
+    ids[r, width_p - len(pre):], mask[r, width_p - len(pre):] = pre, 1  # left-padded prefix
+    toks[r, 0, :len(t)], lengths[r, 0] = t, len(t)
+  probs = _probs_jit(model, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(np.concatenate(pixels)),
+                     jnp.asarray(toks), jnp.asarray(lengths), static_grid(grids), spec)
+  return np.asarray(probs[:, 0])

@@ -1,0 +1,161 @@
+"""The listener: the fixed-slot layout with holes equals scoring the contiguous text with
+transformers; the answer is really removed; probabilities sum to 1; tags are found on device."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+import lgrpo_jax
+from lgrpo_jax.data import process_image
+from lgrpo_jax.data.prompts import listener_parts
+from lgrpo_jax.data.tokenizer import build_tiny_tokenizer, tiny_model_config
+from lgrpo_jax.listener import ListenerSpec, listener_probs, reasoning_view, score
+from lgrpo_jax.models.qwen2_5_vl.layers import static_grid
+from lgrpo_jax.parsing import find_first, token_variants
+from conftest import shared_dir
+from hf_tiny import build_hf, hf_logits
+
+COTS = ["<think>The first image shows a red circle, the second a blue one.</think>",
+        "<think>Colours differ.</think>\n",
+        "<think>Both are squares but only one is green, which the prompt asks for.</think> "]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  tok_dir = build_tiny_tokenizer(tmp_path_factory.mktemp("tok"))
+  tok = AutoTokenizer.from_pretrained(tok_dir)
+  cfg = tiny_model_config(tok_dir)
+  cfg["vision_config"].update(window_size=56)  # several (partial) windows per image
+  hf = build_hf(cfg, seed=2)
+  path = tmp_path_factory.mktemp("listener")
+  hf.save_pretrained(path)
+  return tok, hf, lgrpo_jax.load_hf(path, dtype="float32"), ListenerSpec.from_tokenizer(tok)
+
+
+def images(sizes, seed):
+  rng = np.random.default_rng(seed)
+  from PIL import Image
+  return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
+
+
+def completions(tok, answers, width):
+  """(G, width) ids of COT + "<answer>Image k</answer>" + <|im_end|>, right-padded, and lengths."""
+  end = tok.convert_tokens_to_ids("<|im_end|>")
+  rows = [tok(c, add_special_tokens=False)["input_ids"] + tok(f"<answer>Image {a}</answer>",
+                                                              add_special_tokens=False)["input_ids"] + [end]
+          for c, a in zip(COTS, answers)]
+  out = np.zeros((len(rows), width), np.int32)
+  for r, ids in enumerate(rows):
+    out[r, :len(ids)] = ids
+  return out, np.asarray([len(r) for r in rows], np.int32)
+
+
+def pair_inputs(tok, batch_sizes, seed=0):
+  """Listener prefixes (left-padded) and the images of several pairs."""
+  prefixes, pixels, grids = [], [], []
+  for k, sizes in enumerate(batch_sizes):
+    outs = [process_image(im) for im in images(sizes, seed + k)]
+    pixels += [p for p, _ in outs]
+    grids += [g for _, g in outs]
+    prefixes.append(listener_parts(tok, f"prompt number {k}", [g for _, g in outs])[0])
+  width = max(map(len, prefixes)) + 3  # extra left padding on every row
+  ids = np.zeros((len(prefixes), width), np.int32)
+  mask = np.zeros_like(ids)
+  for r, p in enumerate(prefixes):
+    ids[r, width - len(p):], mask[r, width - len(p):] = p, 1
+  return prefixes, ids, mask, np.concatenate(pixels), static_grid(grids)
+
+
+def test_slot_layout_equals_contiguous_text_in_transformers(setup):
+  tok, hf, model, spec = setup
+  sizes = [[(56, 84), (84, 84)], [(112, 56), (56, 56)]]
+  prefixes, ids, mask, pixels, grid = pair_inputs(tok, sizes)
+  toks, lens = zip(*(completions(tok, ans, 60) for ans in ([1, 2, 1], [2, 2, 1])))
+  toks, lens = np.stack(toks), np.stack(lens)
+  probs = jax.jit(lambda *a: listener_probs(model, *a[:3], grid, *a[3:], spec))(
+      jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(pixels), jnp.asarray(toks), jnp.asarray(lens))
+  probs = np.asarray(probs)
+  np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-6)
+  seen, kept = (np.asarray(x) for x in reasoning_view(jnp.asarray(toks), jnp.asarray(lens), spec))
+  per_img = np.split(pixels, np.cumsum([int(np.prod(g)) for g in grid])[:-1])
+  for b in range(2):
+    for g in range(3):
+      cot = tok(COTS[g], add_special_tokens=False)["input_ids"]
+      np.testing.assert_array_equal(seen[b, g][kept[b, g]], cot)  # exactly the reasoning is kept
+      seq = np.concatenate([prefixes[b], cot, spec.suffix_ids])[None]
+      batch = {"input_ids": seq.astype(np.int64), "attention_mask": np.ones_like(seq, np.int64),
+               "mm_token_type_ids": (seq == model.config.image_token_id).astype(np.int64),
+               "pixel_values": np.concatenate(per_img[2 * b:2 * b + 2]),
+               "image_grid_thw": np.asarray(grid[2 * b:2 * b + 2], np.int64)}
+      last = hf_logits(hf, batch)[0, -1, list(spec.choice_ids)].astype(np.float64)
+      ref = np.exp(last - last.max()) / np.exp(last - last.max()).sum()
+      np.testing.assert_allclose(probs[b, g], ref, atol=1e-5)
+
+
+def test_the_answer_is_removed(setup):
+  tok, _, model, spec = setup
+  _, ids, mask, pixels, grid = pair_inputs(tok, [[(56, 56), (56, 84)]])
+  one, lens = completions(tok, [1, 1, 1], 64)
+  two, lens2 = completions(tok, [2, 2, 2], 64)
+  assert (one != two).any() and (lens == lens2).all()  # only the answer differs
+
+  def run(toks, s):
+    return np.asarray(listener_probs(model, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(pixels), grid,
+                                     jnp.asarray(toks[None]), jnp.asarray(lens[None]), s))
+
+  np.testing.assert_array_equal(run(one, spec), run(two, spec))
+  # Control: without the answer tag the answer is visible and the probabilities move.
+  blind = ListenerSpec(spec.suffix_ids, spec.choice_ids, answer_variants=(), drop_ids=spec.drop_ids)
+  assert np.abs(run(one, blind) - run(two, blind)).max() > 1e-4
+
+
+def test_score_from_python_on_real_images(setup):
+  tok, _, model, spec = setup
+  root = os.path.join(shared_dir(), "data", "imagereward", "images")
+  a, b = (os.path.join(root, f) for f in sorted(os.listdir(root))[:2])
+  from lgrpo_jax.data import ImageConfig
+  small = ImageConfig(max_pixels=112 * 112)
+  cot = "<think>The second one has sharper detail.</think>"
+  p = score(model, tok, [("a cat", (a, b), cot + "<answer>Image 1</answer>"),
+                         ("a cat", (a, b), cot),
+                         ("a cat", (b, a), cot + "<answer>Image 2</answer>")], image=small, spec=spec)
+  assert p.shape == (3, 2)
+  np.testing.assert_allclose(p.sum(-1), 1.0, atol=1e-6)
+  np.testing.assert_allclose(p[0], p[1], atol=1e-6)  # the answer is never seen
+  assert np.abs(p[0] - p[2]).max() > 1e-4  # the images' order matters
+
+
+def test_find_first_and_tag_variants(setup):
+  tok = setup[0]
+  variants = token_variants(tok, "<answer>")
+  assert variants and all(tok.decode(v.ids).endswith("<answer>") for v in variants)
+  merged = [v for v in variants if v.remainder >= 0]
+  assert merged and all(tok.decode((v.remainder,)) + "<answer>" == tok.decode(v.ids) for v in merged)
+  rows = ["abc <answer>x", "<answer>", "no tag here", "text\n<answer>Image 1"]
+  ids = [tok(r, add_special_tokens=False)["input_ids"] for r in rows]
+  width = max(map(len, ids)) + 2
+  arr = np.zeros((len(rows), width), np.int32)
+  for r, x in enumerate(ids):
+    arr[r, :len(x)] = x
+  lens = np.asarray([len(x) for x in ids], np.int32)
+  got = np.asarray(find_first(jnp.asarray(arr), jnp.asarray(lens), variants)[0])
+  for r, x in enumerate(ids):
+    if "<answer>" not in rows[r]:
+      assert got[r] == width
+    else:  # decoding from the found token on starts with the tag (a merged context char allowed)
+      assert "<answer>" in tok.decode(x[got[r]:])[:10] and "<answer>" not in tok.decode(x[:got[r]])
+  # A tag that runs past the row's length is not found.
+  assert int(find_first(jnp.asarray(arr[1:2]), jnp.asarray(lens[1:2] - 1), variants)[0][0]) == width
+
+
+def test_reasoning_reads_as_written_when_the_tag_merges_with_it(setup):
+  tok, _, _, spec = setup
+  for cot in ("<think>ok</think>", "<think>a b.</think>\n", "<think>x</think> "):
+    joint = tok(cot + "<answer>Image 2</answer><|im_end|>", add_special_tokens=False)["input_ids"]
+    arr = np.asarray([joint + [0] * 3], np.int32)
+    seen, keep = reasoning_view(jnp.asarray(arr), jnp.asarray([len(joint)]), spec)
+    assert tok.decode(np.asarray(seen)[0][np.asarray(keep)[0]]) == cot
