@@ -1,0 +1,180 @@
+"""The optimizer step of GRPO: optax AdamW with a schedule and global-norm clipping, gradient
+accumulation over micro-batches (`lax.scan`: memory bounded by one micro-batch), μ passes over the
+same rollouts, frozen parts by optax partitioning, and non-finite updates skipped.
+
+Functional on purpose: the trainable state is (params, opt_state) pytrees, so the training step is
+one pure function that jit can donate and Orbax can save; `nnx.update(model, params)` puts the
+parameters back into the module.
+
+    for pass in 1..μ:                                   # same rollouts, old log-probs fixed
+        g = Σ_micro ∇ Σ w·ℓ(micro)                      # weights w from the whole batch: exact
+        if loss and g are finite: params, opt = adamw(clip(g))
+        else: params, opt unchanged; skipped += 1
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from lgrpo_jax.grpo.core import LossConfig, grpo_loss
+from lgrpo_jax.grpo.logprobs import completion_logprobs
+from lgrpo_jax.models.qwen2_5_vl.rope import get_rope_index
+
+FREEZABLE = {"vision": ("visual",), "embeddings": ("embed_tokens",)}
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  learning_rate: float = 1e-6  # community GRPO default (DESIGN.md §1)
+  schedule: str = "constant"  # or "cosine" (to 0 at total_steps)
+  warmup_steps: int = 0
+  total_steps: int = 1000
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  weight_decay: float = 0.0
+  max_grad_norm: float = 1.0  # 0: no clipping
+  freeze: tuple[str, ...] = ()  # any of "vision", "embeddings"
+  micro_batches: int = 1  # pairs per micro-batch = pairs / micro_batches
+  passes: int = 1  # μ: optimisation passes over the same rollouts
+
+  def __post_init__(self):
+    object.__setattr__(self, "freeze", tuple(self.freeze))
+    bad = [f for f in self.freeze if f not in FREEZABLE]
+    if bad:
+      raise ValueError(f"OptimConfig.freeze: unknown part(s) {bad}; choose from {sorted(FREEZABLE)}")
+    if self.schedule not in ("constant", "cosine"):
+      raise ValueError(f"OptimConfig.schedule={self.schedule!r}: choose 'constant' or 'cosine'")
+    for name in ("micro_batches", "passes", "total_steps"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"OptimConfig.{name}={getattr(self, name)} must be ≥ 1")
+    if self.learning_rate <= 0 or self.warmup_steps < 0 or self.max_grad_norm < 0:
+      raise ValueError("OptimConfig: learning_rate must be > 0, warmup_steps and max_grad_norm ≥ 0")
+
+
+def schedule(cfg: OptimConfig) -> optax.Schedule:
+  if cfg.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, cfg.warmup_steps,
+                                              max(cfg.total_steps, cfg.warmup_steps + 1))
+  if cfg.warmup_steps:
+    return optax.join_schedules([optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps),
+                                 optax.constant_schedule(cfg.learning_rate)], [cfg.warmup_steps])
+  return optax.constant_schedule(cfg.learning_rate)
+
+
+def param_labels(params, cfg: OptimConfig):
+  """'frozen' or 'train' for every parameter, from its path in the model."""
+  frozen = tuple(p for part in cfg.freeze for p in FREEZABLE[part])
+
+  def label(path, _):
+    names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+    return "frozen" if any(n in frozen for n in names) else "train"
+
+  return jax.tree_util.tree_map_with_path(label, params)
+
+
+def make_optimizer(cfg: OptimConfig, params) -> optax.GradientTransformation:
+  """clip_by_global_norm → AdamW(schedule); frozen parts get `set_to_zero` (and no Adam moments)."""
+  tx = optax.adamw(schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+  if cfg.max_grad_norm > 0:
+    tx = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), tx)
+  if cfg.freeze:
+    tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, param_labels(params, cfg))
+  return tx
+
+
+class PolicyBatch(NamedTuple):
+  """The rollouts of B pairs, as the loss needs them. Every pair has the same image grids (the
+  grouped pipeline guarantees it), so pixels are (B, patches per pair, C·T·P·P) and micro-batches
+  are equal slices."""
+  input_ids: jax.Array  # (B, P)
+  attention_mask: jax.Array  # (B, P)
+  pixel_values: jax.Array | None  # (B, n, d)
+  tokens: jax.Array  # (B, G, N)
+  mask: jax.Array  # (B, G, N)
+  logp_old: jax.Array  # (B, G, N)
+  advantages: jax.Array  # (B, G)
+  weights: jax.Array  # (B, G, N) from grpo.token_weights over the whole batch
+  logp_ref: jax.Array | None = None  # (B, G, N), needed when β > 0
+
+
+def policy_logprobs(model, input_ids, attention_mask, pixel_values, pair_grid, tokens, mask, chunk=8192):
+  """Completion log-probs with the prompt (and its images) computed once per pair."""
+  b = input_ids.shape[0]
+  grid = tuple(pair_grid) * b
+  feats = None
+  if pixel_values is not None:
+    feats = model.image_features(pixel_values.reshape(-1, pixel_values.shape[-1]), grid)
+  pos, _ = get_rope_index(input_ids, attention_mask, grid, model.config)
+  x = model.embed(input_ids, feats)
+  return completion_logprobs(model, x, pos, attention_mask, tokens, mask, chunk)
+
+
+def loss_fn(params, graphdef, batch: PolicyBatch, pair_grid, cfg: LossConfig, chunk: int):
+  model = nnx.merge(graphdef, params)
+  logp = policy_logprobs(model, batch.input_ids, batch.attention_mask, batch.pixel_values, pair_grid,
+                         batch.tokens, batch.mask, chunk)
+  return grpo_loss(logp, batch.logp_old, batch.advantages, batch.weights, cfg, batch.logp_ref)
+
+
+def _split(batch: PolicyBatch, k: int) -> PolicyBatch:
+  """(k, B/k, …) micro-batches along the pair axis."""
+  return jax.tree.map(lambda a: None if a is None else a.reshape(k, a.shape[0] // k, *a.shape[1:]), batch,
+                      is_leaf=lambda a: a is None)
+
+
+def accumulate_grads(params, graphdef, batch: PolicyBatch, pair_grid, loss_cfg: LossConfig,
+                     micro_batches: int, chunk: int = 8192):
+  """(Σ loss, Σ grads, metrics) over `micro_batches` equal slices of the pairs, one `lax.scan`."""
+  b = batch.tokens.shape[0]
+  if b % micro_batches:
+    raise ValueError(f"{b} pairs do not split into {micro_batches} micro-batches")
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  micro = _split(batch, micro_batches)
+
+  def body(carry, mb):
+    loss_sum, grads_sum = carry
+    (loss, metrics), grads = grad_fn(params, graphdef, mb, pair_grid, loss_cfg, chunk)
+    return (loss_sum + loss, jax.tree.map(jnp.add, grads_sum, grads)), metrics
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  (loss, grads), metrics = jax.lax.scan(body, (jnp.float32(0), zeros), micro)
+  return loss, grads, jax.tree.map(jnp.mean, metrics)
+
+
+def all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def update(params, opt_state, graphdef, tx: optax.GradientTransformation, batch: PolicyBatch, pair_grid,
+           loss_cfg: LossConfig, optim_cfg: OptimConfig, chunk: int = 8192):
+  """μ optimiser steps on the same rollouts → (params, opt_state, metrics). A pass whose loss or
+  gradients are not finite changes nothing (bit for bit) and is counted in `skipped_updates`."""
+
+  def one_pass(carry, _):
+    params, opt_state, skipped = carry
+    loss, grads, metrics = accumulate_grads(params, graphdef, batch, pair_grid, loss_cfg,
+                                            optim_cfg.micro_batches, chunk)
+    ok = jnp.isfinite(loss) & all_finite(grads)
+
+    def apply(args):
+      p, s = args
+      updates, s = tx.update(grads, s, p)
+      return optax.apply_updates(p, updates), s
+
+    params, opt_state = jax.lax.cond(ok, apply, lambda args: args, (params, opt_state))
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
+    return (params, opt_state, skipped + (~ok).astype(jnp.int32)), metrics
+
+  (params, opt_state, skipped), metrics = jax.lax.scan(
+      one_pass, (params, opt_state, jnp.int32(0)), None, length=optim_cfg.passes)
+  out = {k: jnp.mean(v) for k, v in metrics.items() if k not in ("loss", "grad_norm")}
+  out.update(loss=metrics["loss"][0], loss_last_pass=metrics["loss"][-1], grad_norm=metrics["grad_norm"][0],
+             skipped_updates=skipped)
+  return params, opt_state, out

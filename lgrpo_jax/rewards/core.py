@@ -1,0 +1,141 @@
+"""Rewards: named functions in a registry, weighted into the total (DESIGN.md §1).
+
+    total = Σ_name weight_name · reward_name(inputs)      default: format 1.0, accuracy 0.5, listener 0.5
+
+A reward is `fn(inputs: RewardInputs) -> (B, G) float32`, traced on device. Register one in a
+notebook with
+
+    @register_reward("short")
+    def short(inputs):
+        return 1.0 - inputs.lengths / inputs.tokens.shape[-1]
+
+and select it with `RewardConfig(weights=(("format", 1.0), ("short", 0.1)))`. A reward over decoded
+text (plain Python, run on the host through `jax.pure_callback`; slower, the device waits) is made
+with `text_reward(fn, tokenizer)`, where fn(texts, labels) returns one float per text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lgrpo_jax.rewards.text import Parsed
+
+REWARDS: dict[str, Callable] = {}
+
+
+class RewardInputs(NamedTuple):
+  tokens: jax.Array  # (B, G, N) int32 completions
+  mask: jax.Array  # (B, G, N)
+  lengths: jax.Array  # (B, G)
+  labels: jax.Array  # (B,) int32: 0 if the first image shown is preferred, 1 if the second
+  parsed: Parsed  # format_ok (B, G), answer (B, G) in {0, 1, 2}
+  listener_probs: jax.Array | None = None  # (B, G, 2): P(Image 1), P(Image 2)
+
+
+def register_reward(name: str, fn: Callable | None = None, *, replace: bool = False):
+  """Register `fn(inputs) -> (B, G)` under `name` (usable as a decorator)."""
+  def wrap(f):
+    if name in REWARDS and not replace:
+      raise ValueError(f"reward {name!r} is already registered (pass replace=True to override)")
+    REWARDS[name] = f
+    return f
+  return wrap if fn is None else wrap(fn)
+
+
+@register_reward("format")
+def format_reward(inputs: RewardInputs):
+  """1 if the completion is `<think>…</think><answer>Image k</answer>` (text.parse), else 0."""
+  return inputs.parsed.format_ok.astype(jnp.float32)
+
+
+@register_reward("accuracy")
+def accuracy_reward(inputs: RewardInputs):
+  """1 if the parsed answer is the human-preferred image, else 0 (no answer: 0)."""
+  return (inputs.parsed.answer == inputs.labels[:, None] + 1).astype(jnp.float32)
+
+
+@register_reward("listener")
+def listener_reward(inputs: RewardInputs):
+  """The listener's probability of the preferred image, from the reasoning with the answer masked."""
+  if inputs.listener_probs is None:
+    raise ValueError("the 'listener' reward needs listener probabilities (a listener model)")
+  probs = inputs.listener_probs
+  idx = jnp.broadcast_to(inputs.labels[:, None, None].astype(jnp.int32), probs.shape[:2] + (1,))
+  return jnp.take_along_axis(probs, idx, -1)[..., 0]
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardConfig:
+  weights: tuple[tuple[str, float], ...] = (("format", 1.0), ("accuracy", 0.5), ("listener", 0.5))
+
+  def __post_init__(self):
+    object.__setattr__(self, "weights", tuple((str(n), float(w)) for n, w in self.weights))
+    for name, _ in self.weights:
+      if name not in REWARDS:
+        raise ValueError(f"RewardConfig.weights: unknown reward {name!r} (registered: {sorted(REWARDS)})")
+
+  @property
+  def needs_listener(self) -> bool:
+    return any(n == "listener" and w != 0 for n, w in self.weights)
+
+
+def compute_rewards(inputs: RewardInputs, cfg: RewardConfig = RewardConfig()):
+  """(total (B, G), {name: (B, G)})."""
+  parts = {name: REWARDS[name](inputs).astype(jnp.float32) for name, _ in cfg.weights}
+  total = sum(w * parts[name] for name, w in cfg.weights)
+  return total, parts
+
+
+def reward_metrics(inputs: RewardInputs, total, parts, valid_b=None) -> dict:
+  """Per-step means: each reward, the total, format rate, accuracy, listener confidence, and the
+  contradiction rate — among well-formed completions, how often the listener's argmax differs from
+  the reasoner's answer (DESIGN.md §1.6)."""
+  w = jnp.ones(total.shape, jnp.float32) if valid_b is None else \
+      jnp.broadcast_to(valid_b[:, None], total.shape).astype(jnp.float32)
+  mean = lambda x: jnp.sum(x * w) / jnp.maximum(w.sum(), 1)
+  out = {f"reward/{k}": mean(v) for k, v in parts.items()}
+  out["reward/total"] = mean(total)
+  out["format_rate"] = mean(inputs.parsed.format_ok.astype(jnp.float32))
+  out["accuracy"] = mean((inputs.parsed.answer == inputs.labels[:, None] + 1).astype(jnp.float32))
+  if inputs.listener_probs is not None:
+    correct = jnp.take_along_axis(inputs.listener_probs, jnp.broadcast_to(
+        inputs.labels[:, None, None], total.shape + (1,)).astype(jnp.int32), -1)[..., 0]
+    out["listener_confidence"] = mean(correct)
+    listener_choice = jnp.argmax(inputs.listener_probs, -1) + 1
+    formed = inputs.parsed.format_ok.astype(jnp.float32) * w
+    contra = (listener_choice != inputs.parsed.answer).astype(jnp.float32)
+    out["contradiction_rate"] = jnp.sum(contra * formed) / jnp.maximum(formed.sum(), 1)
+  return out
+
+
+def decode_completions(tokenizer, tokens, lengths) -> list[str]:
+  tokens, lengths = np.asarray(tokens), np.asarray(lengths)
+  flat_t = tokens.reshape(-1, tokens.shape[-1])
+  return [tokenizer.decode(t[:n], skip_special_tokens=True) for t, n in zip(flat_t, lengths.reshape(-1))]
+
+
+def text_reward(fn: Callable, tokenizer) -> Callable:
+  """A device reward from a host Python function fn(texts: list[str], labels: list[int]) ->
+  list[float] (one per completion, labels repeated per completion). Runs through
+  `jax.pure_callback`: the device waits for the host, so prefer a token-level reward when speed
+  matters."""
+  def host(tokens, lengths, labels):
+    texts = decode_completions(tokenizer, tokens, lengths)
+    g = tokens.shape[1]
+    flat_labels = [int(l) for l in np.repeat(np.asarray(labels), g)]
+    values = np.asarray(fn(texts, flat_labels), np.float32)
+    if values.shape != (len(texts),):
+      raise ValueError(f"text reward {getattr(fn, '__name__', fn)!r} returned shape {values.shape}, "
+                       f"expected ({len(texts)},): one float per completion")
+    return values.reshape(tokens.shape[:2])
+
+  def reward(inputs: RewardInputs):
+    shape = jax.ShapeDtypeStruct(inputs.lengths.shape, jnp.float32)
+    return jax.pure_callback(host, shape, inputs.tokens, inputs.lengths, inputs.labels)
+
+  return reward

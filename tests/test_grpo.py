@@ -1,0 +1,252 @@
+"""The GRPO objective against an independent float64 NumPy reference; clipping gradients; chunked
+log-probs; micro-batch accumulation; μ passes; non-finite updates skipped; frozen parts; and a tiny
+end-to-end learning run."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import lgrpo_jax
+from lgrpo_jax.grpo import LossConfig, advantages, completion_logprobs, grpo_loss, token_logprobs, token_weights
+from lgrpo_jax.grpo.update import OptimConfig, PolicyBatch, accumulate_grads, make_optimizer, update
+from lgrpo_jax.rewards import RewardConfig, RewardInputs, compute_rewards, register_reward
+from lgrpo_jax.rewards.text import Parsed
+from lgrpo_jax.sampling import SamplingConfig, sample
+from hf_tiny import CASES, config_dict, make_batch
+
+
+# ---- independent float64 reference ---------------------------------------------------------------
+def ref_loss(logp, old, ref, rewards, mask, loss, adv_mode, eps_low, eps_high, beta, kl, eps=1e-6):
+  r = rewards.astype(np.float64)
+  a = r - r.mean(-1, keepdims=True)
+  if adv_mode == "grpo":
+    a = a / (r.std(-1, keepdims=True) + eps)
+  rho = np.exp(logp - old)
+  pg = -np.minimum(rho * a[..., None], np.clip(rho, 1 - eps_low, 1 + eps_high) * a[..., None])
+  d = ref - logp
+  k = {"k1": -d, "k2": d * d / 2, "k3": np.exp(d) - d - 1}[kl]
+  tok = pg + beta * k
+  m = mask.astype(np.float64)
+  if loss == "grpo":
+    n = m.sum(-1)
+    seq = (tok * m).sum(-1) / np.maximum(n, 1)
+    return seq[n > 0].mean()
+  if loss == "dapo":
+    return (tok * m).sum() / m.sum()
+  return (tok * m).sum() / ((m.sum(-1) > 0).sum() * m.shape[-1])
+
+
+def random_problem(seed=0, b=3, g=4, n=6):
+  rng = np.random.default_rng(seed)
+  logp = -rng.uniform(0.1, 3, (b, g, n))
+  old = logp + rng.normal(0, 0.3, (b, g, n))  # ratios on both sides of the clip range
+  ref = logp + rng.normal(0, 0.2, (b, g, n))
+  rewards = rng.normal(size=(b, g))
+  rewards[1] = 0.5  # a zero-variance group
+  lengths = rng.integers(0, n + 1, (b, g))
+  lengths[0, 0] = 0  # an empty completion
+  mask = (np.arange(n) < lengths[..., None]).astype(np.float64)
+  return logp, old, ref, rewards, mask
+
+
+def our_loss(logp, old, ref, rewards, mask, cfg):
+  adv = advantages(jnp.asarray(rewards), cfg)
+  w = token_weights(jnp.asarray(mask), cfg)
+  return grpo_loss(jnp.asarray(logp), jnp.asarray(old), adv, w, cfg, jnp.asarray(ref))[0]
+
+
+@pytest.mark.parametrize("loss", ["grpo", "dapo", "dr_grpo"])
+@pytest.mark.parametrize("kl", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("adv", ["grpo", "dr_grpo"])
+def test_losses_match_float64_reference(loss, kl, adv):
+  logp, old, ref, rewards, mask = random_problem()
+  cfg = LossConfig(loss=loss, advantage=adv, kl=kl, eps_low=0.2, eps_high=0.28, beta=0.04)
+  want = ref_loss(logp, old, ref, rewards, mask, loss, adv, 0.2, 0.28, 0.04, kl)
+  with jax.enable_x64(True):
+    got64 = float(our_loss(logp, old, ref, rewards, mask, cfg))
+  assert abs(got64 - want) <= 1e-6 * abs(want)
+  got32 = float(our_loss(*(x.astype(np.float32) for x in (logp, old, ref, rewards, mask)), cfg))
+  assert abs(got32 - want) <= 1e-5 * max(abs(want), 1e-3)
+
+
+def test_gradient_matches_finite_differences():
+  logp, old, ref, rewards, mask = random_problem(seed=1, b=2, g=3, n=4)
+  cfg = LossConfig(loss="grpo", kl="k3", beta=0.1)
+  with jax.enable_x64(True):
+    f = lambda lp: our_loss(lp, old, ref, rewards, mask, cfg)
+    g = np.asarray(jax.grad(f)(jnp.asarray(logp)))
+    h = 1e-6
+    for idx in [(0, 0, 1), (0, 1, 0), (1, 2, 3), (1, 0, 2)]:
+      e = np.zeros_like(logp)
+      e[idx] = h
+      fd = (float(f(logp + e)) - float(f(logp - e))) / (2 * h)
+      assert abs(fd - g[idx]) <= 1e-6 + 1e-5 * abs(fd), (idx, fd, g[idx])
+    assert np.all(g[mask == 0] == 0)  # padding gets no gradient
+
+
+def test_clipped_tokens_get_no_gradient():
+  cfg = LossConfig(loss="dapo", beta=0.0, eps_low=0.2, eps_high=0.2)
+  old = np.zeros((1, 2, 4))
+  # ratios 0.5, 0.9, 1.1, 1.5 for a positive advantage (row 0) and a negative one (row 1)
+  logp = np.log(np.array([[[0.5, 0.9, 1.1, 1.5]] * 2]))
+  rewards = np.array([[1.0, -1.0]])
+  g = np.asarray(jax.grad(lambda lp: our_loss(lp, old, old, rewards, np.ones((1, 2, 4)), cfg))(
+      jnp.asarray(logp, jnp.float32)))
+  # A > 0: ρ above 1 + ε is clipped (no push further up); below 1 − ε still pushed up.
+  assert g[0, 0, 3] == 0 and g[0, 0, 0] < 0 and g[0, 0, 1] < 0 and g[0, 0, 2] < 0
+  # A < 0: ρ below 1 − ε is clipped (no push further down); above 1 + ε still pushed down.
+  assert g[0, 1, 0] == 0 and g[0, 1, 3] > 0 and g[0, 1, 1] > 0
+
+
+def test_chunked_logprobs_equal_full_logsoftmax_and_gradients():
+  rng = np.random.default_rng(0)
+  h = jnp.asarray(rng.normal(size=(2, 3, 5, 16)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(203, 16)), jnp.float32)  # V not a multiple of the chunk
+  t = jnp.asarray(rng.integers(0, 203, (2, 3, 5)))
+  full = lambda h, w: jnp.take_along_axis(jax.nn.log_softmax(
+      jnp.einsum("...e,ve->...v", h, w, precision="highest"), -1), t[..., None], -1)[..., 0]
+  chunked = lambda h, w: token_logprobs(h, w, t, chunk=64)
+  np.testing.assert_allclose(chunked(h, w), full(h, w), rtol=1e-5, atol=1e-5)
+  ga = jax.grad(lambda h, w: chunked(h, w).sum(), argnums=(0, 1))(h, w)
+  gb = jax.grad(lambda h, w: full(h, w).sum(), argnums=(0, 1))(h, w)
+  for a, b in zip(ga, gb):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+# ---- on the tiny model -----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def rollout():
+  """A tiny untied model and 2 pairs × 3 samples × 6 tokens of real rollouts (same image grid per
+  pair, as the grouped pipeline gives)."""
+  model = lgrpo_jax.from_config(config_dict("a"))
+  rows = [{"text": [3, 4], "images": [(56, 84)], "pad": 2}, {"text": [5, 2], "images": [(56, 84)]}]
+  batch = make_batch(rows, seed=3)
+  grid = tuple(map(tuple, batch["image_grid_thw"].tolist()))
+  cfg = SamplingConfig(max_new_tokens=6, num_samples=3, temperature=1.0, eos_ids=(7,))
+  out = nnx.jit(lambda m, i, a, p: sample(m, i, a, p, grid, cfg, jax.random.key(0)))(
+      model, jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"]),
+      jnp.asarray(batch["pixel_values"]))
+  return model, batch, grid[:1], out
+
+
+def policy_batch(batch, out, rewards, loss_cfg, logp_ref=None):
+  b = batch["input_ids"].shape[0]
+  return PolicyBatch(jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"]),
+                     jnp.asarray(batch["pixel_values"]).reshape(b, -1, batch["pixel_values"].shape[-1]),
+                     out.tokens, out.mask, out.logprobs, advantages(jnp.asarray(rewards), loss_cfg),
+                     token_weights(out.mask, loss_cfg), logp_ref)
+
+
+def test_prefix_shared_logprobs_equal_the_samplers(rollout):
+  model, batch, pair_grid, out = rollout
+  from lgrpo_jax.grpo.update import policy_logprobs
+  b = batch["input_ids"].shape[0]
+  logp = policy_logprobs(model, jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"]),
+                         jnp.asarray(batch["pixel_values"]).reshape(b, -1, batch["pixel_values"].shape[-1]),
+                         pair_grid, out.tokens, out.mask, chunk=50)
+  m = np.asarray(out.mask, bool)
+  np.testing.assert_allclose(np.asarray(logp)[m], np.asarray(out.logprobs)[m], atol=1e-5)
+
+
+def test_micro_batches_equal_one_batch(rollout):
+  model, batch, pair_grid, out = rollout
+  cfg = LossConfig(loss="grpo", beta=0.0)
+  pb = policy_batch(batch, out, np.random.default_rng(0).normal(size=(2, 3)), cfg)
+  graphdef, params = nnx.split(model, nnx.Param)
+  l1, g1, _ = accumulate_grads(params, graphdef, pb, pair_grid, cfg, 1)
+  l2, g2, _ = accumulate_grads(params, graphdef, pb, pair_grid, cfg, 2)
+  assert abs(float(l1) - float(l2)) <= 1e-6
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+  assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g1)) > 0
+
+
+def run_update(model, pb, pair_grid, loss_cfg, optim_cfg, state=None):
+  graphdef, params = nnx.split(model, nnx.Param)
+  tx = make_optimizer(optim_cfg, params)
+  params, opt_state = state if state is not None else (params, tx.init(params))
+  return jax.jit(lambda p, s, b: update(p, s, graphdef, tx, b, pair_grid, loss_cfg, optim_cfg))(
+      params, opt_state, pb)
+
+
+def test_passes_nan_skip_and_frozen_vision(rollout):
+  model, batch, pair_grid, out = rollout
+  loss_cfg = LossConfig(beta=0.0)
+  pb = policy_batch(batch, out, np.array([[1.0, 0.0, 0.5], [0.0, 1.0, 0.2]]), loss_cfg)
+  opt = OptimConfig(learning_rate=1e-2)
+  # μ = 2 is two optimiser steps on the same rollouts, the old log-probs held fixed.
+  p2, s2, m2 = run_update(model, pb, pair_grid, loss_cfg, dataclasses.replace(opt, passes=2))
+  p1, s1, _ = run_update(model, pb, pair_grid, loss_cfg, opt)
+  p11, _, m11 = run_update(model, pb, pair_grid, loss_cfg, opt, state=(p1, s1))
+  for a, b in zip(jax.tree.leaves(p2), jax.tree.leaves(p11)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  assert float(m2["loss_last_pass"]) != float(m2["loss"])
+  # A NaN in the advantages: the update is skipped, parameters bit-identical.
+  bad = pb._replace(advantages=pb.advantages.at[0, 1].set(jnp.nan))
+  params0 = nnx.state(model, nnx.Param)
+  p, _, m = run_update(model, bad, pair_grid, loss_cfg, opt)
+  assert int(m["skipped_updates"]) == 1
+  for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(params0)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # Frozen vision tower: its parameters do not move, the decoder's do.
+  p, _, _ = run_update(model, pb, pair_grid, loss_cfg, dataclasses.replace(opt, freeze=("vision",)))
+  moved = {k: not np.array_equal(np.asarray(a), np.asarray(b)) for (k, a), (_, b) in
+           zip(jax.tree_util.tree_leaves_with_path(p), jax.tree_util.tree_leaves_with_path(params0))}
+  assert not any(v for k, v in moved.items() if "visual" in jax.tree_util.keystr(k))
+  assert any(v for k, v in moved.items() if "layers" in jax.tree_util.keystr(k))
+
+
+def test_optim_config_errors_name_the_field():
+  with pytest.raises(ValueError, match="freeze"):
+    OptimConfig(freeze=("lm_head",))
+  with pytest.raises(ValueError, match="schedule"):
+    OptimConfig(schedule="linear")
+  with pytest.raises(ValueError, match="LossConfig.loss"):
+    LossConfig(loss="ppo")
+
+
+def test_grpo_learns_a_toy_task():
+  """Reward = fraction of completion tokens equal to 9; a few dozen GRPO steps raise it clearly."""
+  model = lgrpo_jax.from_config(config_dict("b", text_config={"vocab_size": 16}))
+  rows = [{"text": [4], "images": [], "pad": 0}] * 4
+  batch = make_batch(rows, seed=0)
+  batch["input_ids"] = np.minimum(batch["input_ids"], 15)
+  target = 9
+
+  @register_reward("toy_count_9", replace=True)
+  def toy(inputs):
+    return ((inputs.tokens == target) * inputs.mask).sum(-1) / inputs.tokens.shape[-1]
+
+  reward_cfg = RewardConfig(weights=(("toy_count_9", 1.0),))
+  loss_cfg = LossConfig(beta=0.0)
+  opt = OptimConfig(learning_rate=3e-3)
+  samp = SamplingConfig(max_new_tokens=8, num_samples=8, temperature=1.0)
+  graphdef, params = nnx.split(model, nnx.Param)
+  tx = make_optimizer(opt, params)
+  opt_state = tx.init(params)
+  ids, mask = jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"])
+
+  @jax.jit
+  def step(params, opt_state, key):
+    m = nnx.merge(graphdef, params)
+    out = sample(m, ids, mask, None, (), samp, key)
+    parsed = Parsed(jnp.zeros(out.lengths.shape, bool), jnp.zeros(out.lengths.shape, jnp.int32))
+    total, _ = compute_rewards(RewardInputs(out.tokens, out.mask, out.lengths, jnp.zeros(4, jnp.int32),
+                                            parsed), reward_cfg)
+    pb = PolicyBatch(ids, mask, None, out.tokens, out.mask, out.logprobs, advantages(total, loss_cfg),
+                     token_weights(out.mask, loss_cfg))
+    params, opt_state, _ = update(params, opt_state, graphdef, tx, pb, (), loss_cfg, opt)
+    return params, opt_state, total.mean()
+
+  means = []
+  for s in range(25):
+    params, opt_state, r = step(params, opt_state, jax.random.key(s))
+    means.append(float(r))
+  first, last = np.mean(means[:5]), np.mean(means[-5:])
+  print("toy rewards", [round(m, 2) for m in means])
+  assert last > first + 0.25 and last > 0.4, (first, last, means)

@@ -1,0 +1,104 @@
+"""Rewards: format/answer parsing on a table of good and bad completions (on device, from token
+ids), the registry and weights, host text rewards, and the per-step metrics."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from lgrpo_jax.data.tokenizer import build_tiny_tokenizer
+from lgrpo_jax.rewards import (ByteTable, RewardConfig, RewardInputs, compute_rewards, parse,
+                               register_reward, reward_metrics, text_reward)
+
+# (completion text, well-formed?, parsed answer)
+TABLE = [
+    ("<think>red is right</think><answer>Image 1</answer><|im_end|>", True, 1),
+    (" <think>the second is sharper</think>\n<answer> Image 2 </answer>\n", True, 2),
+    ("<think>x</think>\n\n<answer>\nImage 1\n</answer><|im_end|><|endoftext|>", True, 1),
+    ("<think>a</think><answer>Image 3</answer>", False, 0),
+    ("<think></think><answer>Image 1</answer>", False, 1),  # empty think
+    ("<think>   </think><answer>Image 1</answer>", False, 1),  # blank think
+    ("<think>x<answer>Image 1</answer></think>", False, 1),  # answer inside think
+    ("<think>x</think><answer>Image 1</answer> trailing", False, 1),  # trailing text
+    ("<think>x</think><answer>Image 1</answer><answer>Image 2</answer>", False, 1),  # two answers
+    ("<think>x</think><think>y</think><answer>Image 2</answer>", False, 2),  # two thinks
+    ("<answer>Image 2</answer>", False, 2),  # no think
+    ("<think>x</think>", False, 0),  # no answer
+    ("<think>x</think><answer>Image 1", False, 0),  # unclosed answer
+    ("<think>x</think><answer>Image 12</answer>", False, 0),
+    ("<think>x</think><answer>image 1</answer>", False, 0),  # case matters
+    ("preamble <think>x</think><answer>Image 1</answer>", False, 1),  # text before think
+    ("no tags at all", False, 0),
+    ("", False, 0),
+]
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+  return AutoTokenizer.from_pretrained(build_tiny_tokenizer(tmp_path_factory.mktemp("tok")))
+
+
+def encode(tok, texts, width=None):
+  ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+  width = width or max(1, max(map(len, ids)))
+  arr = np.zeros((len(ids), width), np.int32)
+  mask = np.zeros_like(arr)
+  for i, x in enumerate(ids):
+    arr[i, :len(x)], mask[i, :len(x)] = x, 1
+  return arr, mask
+
+
+def test_format_and_answer_parsing_table(tok):
+  table = ByteTable.from_tokenizer(tok)
+  assert table.truncated == 0
+  arr, mask = encode(tok, [t for t, _, _ in TABLE], width=48)
+  # Garbage after the mask must be ignored (it is what a stopped row's slots may hold).
+  arr = np.where(mask > 0, arr, tok.convert_tokens_to_ids("x"))
+  p = parse(jnp.asarray(arr)[None], jnp.asarray(mask)[None], jnp.asarray(table.table),
+            jnp.asarray(table.lengths))
+  for (text, ok, answer), got_ok, got_answer in zip(TABLE, np.asarray(p.format_ok)[0],
+                                                    np.asarray(p.answer)[0]):
+    assert (bool(got_ok), int(got_answer)) == (ok, answer), text
+
+
+def inputs_for(tok, texts, labels, g, listener=None):
+  table = ByteTable.from_tokenizer(tok)
+  arr, mask = encode(tok, texts, width=40)
+  b = len(texts) // g
+  arr, mask = arr.reshape(b, g, -1), mask.reshape(b, g, -1)
+  parsed = parse(jnp.asarray(arr), jnp.asarray(mask), jnp.asarray(table.table), jnp.asarray(table.lengths))
+  return RewardInputs(jnp.asarray(arr), jnp.asarray(mask), jnp.asarray(mask.sum(-1)),
+                      jnp.asarray(labels, jnp.int32), parsed,
+                      None if listener is None else jnp.asarray(listener, jnp.float32))
+
+
+def test_rewards_weights_and_metrics(tok):
+  texts = ["<think>a</think><answer>Image 1</answer>", "<think>b</think><answer>Image 2</answer>",
+           "<think>c</think><answer>Image 2</answer>", "junk"]
+  listener = [[[0.9, 0.1], [0.3, 0.7]], [[0.6, 0.4], [0.2, 0.8]]]
+  inputs = inputs_for(tok, texts, [0, 1], g=2, listener=listener)
+  total, parts = compute_rewards(inputs, RewardConfig())
+  np.testing.assert_allclose(parts["format"], [[1, 1], [1, 0]])
+  np.testing.assert_allclose(parts["accuracy"], [[1, 0], [1, 0]])  # labels: pair 0 → Image 1, pair 1 → Image 2
+  np.testing.assert_allclose(parts["listener"], [[0.9, 0.3], [0.4, 0.8]], rtol=1e-6)
+  np.testing.assert_allclose(total, parts["format"] + 0.5 * parts["accuracy"] + 0.5 * parts["listener"], rtol=1e-6)
+  m = reward_metrics(inputs, total, parts)
+  # well-formed: (0,0) answers 1, listener 1; (0,1) answers 2, listener 2; (1,0) answers 2, listener 1
+  assert float(m["contradiction_rate"]) == pytest.approx(1 / 3)
+  assert float(m["format_rate"]) == pytest.approx(0.75) and float(m["accuracy"]) == pytest.approx(0.5)
+  assert float(m["listener_confidence"]) == pytest.approx(np.mean([0.9, 0.3, 0.4, 0.8]))
+
+
+def test_registry_and_host_text_reward(tok):
+  texts = ["<think>a</think><answer>Image 1</answer>", "<think>longer thought</think><answer>Image 2</answer>"]
+  inputs = inputs_for(tok, texts, [0], g=2)
+  register_reward("chars", text_reward(lambda ts, labels: [len(t) / 100 for t in ts], tok), replace=True)
+  total, parts = compute_rewards(inputs, RewardConfig(weights=(("format", 1.0), ("chars", 2.0))))
+  np.testing.assert_allclose(parts["chars"], [[len(t) / 100 for t in texts]], rtol=1e-6)
+  np.testing.assert_allclose(total, 1.0 + 2 * parts["chars"], rtol=1e-6)
+  with pytest.raises(ValueError, match="unknown reward 'nope'"):
+    RewardConfig(weights=(("nope", 1.0),))
+  with pytest.raises(ValueError, match="already registered"):
+    register_reward("format", lambda i: i.lengths)
+  with pytest.raises(ValueError, match="needs listener probabilities"):
+    compute_rewards(inputs, RewardConfig())
