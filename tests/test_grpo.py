@@ -101,6 +101,11 @@ def test_clipped_tokens_get_no_gradient():
   assert g[0, 0, 3] == 0 and g[0, 0, 0] < 0 and g[0, 0, 1] < 0 and g[0, 0, 2] < 0
   # A < 0: ρ below 1 − ε is clipped (no push further down); above 1 + ε still pushed down.
   assert g[0, 1, 0] == 0 and g[0, 1, 3] > 0 and g[0, 1, 1] > 0
+  adv = advantages(jnp.asarray(rewards), cfg)
+  _, m = grpo_loss(jnp.asarray(logp, jnp.float32), jnp.asarray(old, jnp.float32), adv,
+                   token_weights(jnp.ones((1, 2, 4)), cfg), cfg)
+  assert float(m["clip_fraction_high"]) == 1 / 8 and float(m["clip_fraction_low"]) == 1 / 8
+  assert float(m["ratio_max"]) == pytest.approx(1.5)
 
 
 def test_chunked_logprobs_equal_full_logsoftmax_and_gradients():
@@ -112,6 +117,9 @@ def test_chunked_logprobs_equal_full_logsoftmax_and_gradients():
       jnp.einsum("...e,ve->...v", h, w, precision="highest"), -1), t[..., None], -1)[..., 0]
   chunked = lambda h, w: token_logprobs(h, w, t, chunk=64)
   np.testing.assert_allclose(chunked(h, w), full(h, w), rtol=1e-5, atol=1e-5)
+  _, ent = token_logprobs(h, w, t, chunk=64, with_entropy=True)
+  logp_all = jax.nn.log_softmax(jnp.einsum("...e,ve->...v", h, w, precision="highest"), -1)
+  np.testing.assert_allclose(ent, -(jnp.exp(logp_all) * logp_all).sum(-1), rtol=1e-5, atol=1e-5)
   ga = jax.grad(lambda h, w: chunked(h, w).sum(), argnums=(0, 1))(h, w)
   gb = jax.grad(lambda h, w: full(h, w).sum(), argnums=(0, 1))(h, w)
   for a, b in zip(ga, gb):
@@ -186,6 +194,7 @@ def test_passes_nan_skip_and_frozen_vision(rollout):
   for a, b in zip(jax.tree.leaves(p2), jax.tree.leaves(p11)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
   assert float(m2["loss_last_pass"]) != float(m2["loss"])
+  assert float(m2["logprob_drift"]) < 1e-4 and float(m2["entropy"]) > 0  # first pass: trainer = sampler
   # A NaN in the advantages: the update is skipped, parameters bit-identical.
   bad = pb._replace(advantages=pb.advantages.at[0, 1].set(jnp.nan))
   params0 = nnx.state(model, nnx.Param)

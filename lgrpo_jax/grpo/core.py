@@ -170,17 +170,36 @@ def advantages(rewards_bg, cfg: LossConfig):
   return jax.lax.stop_gradient(lookup(ADVANTAGES, cfg.advantage, "LossConfig.advantage")(rewards_bg, cfg.adv_eps))
 
 
-def grpo_loss(logp, logp_old, advantages_bg, weights, cfg: LossConfig, logp_ref=None):
+def grpo_loss(logp, logp_old, advantages_bg, weights, cfg: LossConfig, logp_ref=None, entropy=None):
   """(Σ w·ℓ, metrics) for per-token log-probs (B, G, N) of the policy being optimised, the
-  sampler's (`logp_old`) and the reference's; `weights` from `token_weights` (whole batch)."""
-  terms = token_terms(logp, jax.lax.stop_gradient(logp_old), jax.lax.stop_gradient(advantages_bg), cfg,
-                      None if logp_ref is None else jax.lax.stop_gradient(logp_ref))
+  sampler's (`logp_old`) and the reference's; `weights` from `token_weights` (whole batch).
+
+  Metrics (over the tokens with weight > 0): KL, clip fractions (low: A < 0 and ρ < 1 − ε_low;
+  high: A > 0 and ρ > 1 + ε_high), ratio mean/max, entropy (if given), and the log-prob drift
+  mean |logp − logp_old| (on the first pass: trainer vs sampler numerics)."""
+  logp_old = jax.lax.stop_gradient(logp_old)
+  adv = jax.lax.stop_gradient(advantages_bg)
+  terms = token_terms(logp, logp_old, adv, cfg, None if logp_ref is None else jax.lax.stop_gradient(logp_ref))
   loss = jnp.sum(terms.loss * weights)
   on = (weights > 0).astype(jnp.float32)
   n_tok = jnp.maximum(on.sum(), 1)
+  mean = lambda x: (x * on).sum() / n_tok
+  a = adv[..., None]
   metrics = {
-      "kl": (terms.kl * on).sum() / n_tok,
-      "clip_fraction": (terms.clipped * on).sum() / n_tok,
-      "ratio_mean": (terms.ratio * on).sum() / n_tok,
+      "kl": mean(terms.kl),
+      "clip_fraction_low": mean(((a < 0) & (terms.ratio < 1 - cfg.eps_low)).astype(jnp.float32)),
+      "clip_fraction_high": mean(((a > 0) & (terms.ratio > 1 + cfg.eps_high)).astype(jnp.float32)),
+      "ratio_mean": mean(terms.ratio),
+      "ratio_max": jnp.max(jnp.where(on > 0, terms.ratio, -jnp.inf)),
+      "logprob_drift": mean(jnp.abs(jax.lax.stop_gradient(logp) - logp_old)),
   }
+  if entropy is not None:
+    metrics["entropy"] = mean(entropy)
   return loss, metrics
+
+
+def advantage_metrics(rewards_bg, advantages_bg, valid_b=None) -> dict:
+  """Advantage statistics and the number of groups with zero reward variance (no signal)."""
+  return {"advantage_mean": advantages_bg.mean(), "advantage_std": advantages_bg.std(),
+          "advantage_abs_max": jnp.abs(advantages_bg).max(),
+          "zero_variance_groups": zero_variance_groups(rewards_bg, valid_b)}

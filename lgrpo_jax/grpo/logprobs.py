@@ -19,8 +19,10 @@ import jax.numpy as jnp
 from lgrpo_jax.models.qwen2_5_vl.layers import precision_for
 
 
-def token_logprobs(h_re, head_ve, targets_r, chunk: int = 8192, dtype=jnp.float32):
-  """log softmax(h·Wᵀ)[target] in fp32 for hidden states h (…, E), head W (V, E), targets (…)."""
+def token_logprobs(h_re, head_ve, targets_r, chunk: int = 8192, dtype=jnp.float32, with_entropy=False):
+  """log softmax(h·Wᵀ)[target] in fp32 for hidden states h (…, E), head W (V, E), targets (…).
+  With `with_entropy`, also the entropy of each position's distribution (same pass, no gradient):
+  H = m + log s − t/s, where t = Σ exp(l − m)·l is carried alongside s = Σ exp(l − m)."""
   v, e = head_ve.shape
   c = min(chunk, v)
   nc = -(-v // c)
@@ -31,24 +33,32 @@ def token_logprobs(h_re, head_ve, targets_r, chunk: int = 8192, dtype=jnp.float3
 
   @jax.checkpoint
   def body(carry, xs):
-    m, s, tgt = carry
+    m, s, t, tgt = carry
     w_ce, k = xs
     logits = jnp.einsum("...e,ce->...c", h, w_ce, precision=prec, preferred_element_type=jnp.float32)
     col = k * c + jnp.arange(c)
     logits = jnp.where(col < v, logits, -jnp.inf)  # padded rows of the last chunk
     m_new = jnp.maximum(m, logits.max(-1))
-    s = s * jnp.exp(m - m_new) + jnp.exp(logits - m_new[..., None]).sum(-1)
+    scale = jnp.exp(m - m_new)
+    e = jnp.exp(logits - m_new[..., None])
+    s = s * scale + e.sum(-1)
+    if with_entropy:
+      t = t * scale + jnp.sum(jnp.where(e > 0, e * logits, 0.0), -1)
     in_chunk = (targets_r >= k * c) & (targets_r < (k + 1) * c)
     picked = jnp.take_along_axis(logits, jnp.clip(targets_r - k * c, 0, c - 1)[..., None], -1)[..., 0]
-    return (m_new, s, jnp.where(in_chunk, picked, tgt)), None
+    return (m_new, s, t, jnp.where(in_chunk, picked, tgt)), None
 
-  init = (jnp.full(lead, -jnp.inf, jnp.float32), jnp.zeros(lead, jnp.float32), jnp.zeros(lead, jnp.float32))
-  (m, s, tgt), _ = jax.lax.scan(body, init, (w, jnp.arange(nc)))
-  return tgt - m - jnp.log(s)
+  zeros = jnp.zeros(lead, jnp.float32)
+  (m, s, t, tgt), _ = jax.lax.scan(body, (jnp.full(lead, -jnp.inf, jnp.float32), zeros, zeros, zeros),
+                                   (w, jnp.arange(nc)))
+  logp = tgt - m - jnp.log(s)
+  if with_entropy:
+    return logp, jax.lax.stop_gradient(m + jnp.log(s) - t / s)
+  return logp
 
 
 def completion_logprobs(model, x_prompt_btd, position_ids, prompt_mask, tokens_bgn, mask_bgn,
-                        chunk: int = 8192, temperature: float = 1.0):
+                        chunk: int = 8192, temperature: float = 1.0, with_entropy: bool = False):
   """(B, G, N) fp32 log-probs of each completion token given its prompt (embedded, with its M-RoPE
   positions (3, B, P) and mask) and the completion tokens before it. Completion tokens are text,
   whatever their ids. With `temperature`, the log-probs of the tempered distribution (what the
@@ -64,4 +74,4 @@ def completion_logprobs(model, x_prompt_btd, position_ids, prompt_mask, tokens_b
   head = model.head_weights(jnp.arange(model.config.text.vocab_size))
   if temperature != 1.0:
     head = head / temperature
-  return token_logprobs(h_pred, head, tokens_bgn, chunk, dtype=model.dtype)
+  return token_logprobs(h_pred, head, tokens_bgn, chunk, dtype=model.dtype, with_entropy=with_entropy)

@@ -104,8 +104,10 @@ class PolicyBatch(NamedTuple):
   logp_ref: jax.Array | None = None  # (B, G, N), needed when β > 0
 
 
-def policy_logprobs(model, input_ids, attention_mask, pixel_values, pair_grid, tokens, mask, chunk=8192):
-  """Completion log-probs with the prompt (and its images) computed once per pair."""
+def policy_logprobs(model, input_ids, attention_mask, pixel_values, pair_grid, tokens, mask, chunk=8192,
+                    with_entropy=False):
+  """Completion log-probs with the prompt (and its images) computed once per pair (also the
+  reference pass, and "recomputed" old log-probs: call it under `jax.lax.stop_gradient`)."""
   b = input_ids.shape[0]
   grid = tuple(pair_grid) * b
   feats = None
@@ -113,14 +115,14 @@ def policy_logprobs(model, input_ids, attention_mask, pixel_values, pair_grid, t
     feats = model.image_features(pixel_values.reshape(-1, pixel_values.shape[-1]), grid)
   pos, _ = get_rope_index(input_ids, attention_mask, grid, model.config)
   x = model.embed(input_ids, feats)
-  return completion_logprobs(model, x, pos, attention_mask, tokens, mask, chunk)
+  return completion_logprobs(model, x, pos, attention_mask, tokens, mask, chunk, with_entropy=with_entropy)
 
 
 def loss_fn(params, graphdef, batch: PolicyBatch, pair_grid, cfg: LossConfig, chunk: int):
   model = nnx.merge(graphdef, params)
-  logp = policy_logprobs(model, batch.input_ids, batch.attention_mask, batch.pixel_values, pair_grid,
-                         batch.tokens, batch.mask, chunk)
-  return grpo_loss(logp, batch.logp_old, batch.advantages, batch.weights, cfg, batch.logp_ref)
+  logp, entropy = policy_logprobs(model, batch.input_ids, batch.attention_mask, batch.pixel_values,
+                                  pair_grid, batch.tokens, batch.mask, chunk, with_entropy=True)
+  return grpo_loss(logp, batch.logp_old, batch.advantages, batch.weights, cfg, batch.logp_ref, entropy)
 
 
 def _split(batch: PolicyBatch, k: int) -> PolicyBatch:
@@ -145,7 +147,8 @@ def accumulate_grads(params, graphdef, batch: PolicyBatch, pair_grid, loss_cfg: 
 
   zeros = jax.tree.map(jnp.zeros_like, params)
   (loss, grads), metrics = jax.lax.scan(body, (jnp.float32(0), zeros), micro)
-  return loss, grads, jax.tree.map(jnp.mean, metrics)
+  reduce = {"ratio_max": jnp.max}
+  return loss, grads, {k: reduce.get(k, jnp.mean)(v) for k, v in metrics.items()}
 
 
 def all_finite(tree) -> jax.Array:
@@ -174,7 +177,7 @@ def update(params, opt_state, graphdef, tx: optax.GradientTransformation, batch:
 
   (params, opt_state, skipped), metrics = jax.lax.scan(
       one_pass, (params, opt_state, jnp.int32(0)), None, length=optim_cfg.passes)
-  out = {k: jnp.mean(v) for k, v in metrics.items() if k not in ("loss", "grad_norm")}
-  out.update(loss=metrics["loss"][0], loss_last_pass=metrics["loss"][-1], grad_norm=metrics["grad_norm"][0],
-             skipped_updates=skipped)
+  # Report the first pass (the policy that sampled) and the last pass's loss.
+  out = {k: v[0] for k, v in metrics.items()}
+  out.update(loss_last_pass=metrics["loss"][-1], skipped_updates=skipped)
   return params, opt_state, out
