@@ -7,17 +7,16 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
 import lgrpo_jax
-from lgrpo_jax.grpo import LossConfig, advantages, completion_logprobs, grpo_loss, token_logprobs, token_weights
+from lgrpo_jax.grpo import LossConfig, advantages, grpo_loss, token_logprobs, token_weights
 from lgrpo_jax.grpo.update import OptimConfig, PolicyBatch, accumulate_grads, make_optimizer, update
 from lgrpo_jax.rewards import RewardConfig, RewardInputs, compute_rewards, register_reward
 from lgrpo_jax.rewards.text import Parsed
 from lgrpo_jax.sampling import SamplingConfig, sample
-from hf_tiny import CASES, config_dict, make_batch
+from hf_tiny import config_dict, make_batch
 
 
 # ---- independent float64 reference ---------------------------------------------------------------
