@@ -195,7 +195,7 @@ def test_processes_build_the_same_shapes_and_add_up_with_mixed_grids(tok):
   parts = [list(make_batches(pairs, tok, cfg, process_index=p, process_count=2)) for p in range(2)]
   assert len(parts[0]) == len(parts[1]) == len(one)
   for g, a, b in zip(one, *parts):
-    for k in ("input_ids", "pixel_values", "image_grid_thw"):
+    for k in ("input_ids", "pixel_values", "image_grid_thw", "listener_input_ids"):
       assert a[k].shape == b[k].shape  # every process builds the same shapes
     valid = np.concatenate([a["valid"], b["valid"]])
     np.testing.assert_array_equal(valid, g["valid"])
@@ -238,3 +238,14 @@ def test_grouped_bad_data_after_a_good_header_gives_an_invalid_row(tok, tmp_path
   assert it.report.skipped["bad_image"] == 2 and it.report.pairs == 5
   with pytest.raises(ImageError, match=r"pair (cut-1 image 1|gone-1 image 2) \(.*(cut|gone)\.png\)"):
     list(make_batches(pairs, tok, dataclass_replace(cfg, bad_records="error")))
+
+
+def test_listener_prefix_is_in_the_batch(tok):
+  from lgrpo_jax.data.prompts import listener_parts
+  batch = next(make_batches(PAIRS, tok, PipelineConfig(global_batch=3, seed=1)))
+  by_id = {p.pair_id: p for p in PAIRS}
+  for r, pid in enumerate(batch["pair_ids"]):
+    want = listener_parts(tok, by_id[pid].prompt, [(1, 6, 6), (1, 6, 6)])[0]
+    got = batch["listener_input_ids"][r][batch["listener_attention_mask"][r] > 0]
+    np.testing.assert_array_equal(got, want)
+  assert "listener_input_ids" not in next(make_batches(PAIRS, tok, PipelineConfig(global_batch=3, listener=False)))

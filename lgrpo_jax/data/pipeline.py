@@ -40,7 +40,7 @@ import grain
 import numpy as np
 
 from lgrpo_jax.data.images import ImageConfig, ImageError, image_grid, process_image
-from lgrpo_jax.data.prompts import PromptConfig, reasoner_ids
+from lgrpo_jax.data.prompts import PromptConfig, listener_parts, reasoner_ids
 from lgrpo_jax.data.sources import DataError, Report
 
 MAX_SKIPS_PER_BATCH = 1000
@@ -60,6 +60,7 @@ class PipelineConfig:
   # threads, >0 in that many worker processes.
   worker_count: int = 0
   group_by_grid: bool = True  # batches of one grid signature, same shapes on every process
+  listener: bool = True  # also the listener's prompt prefix (listener_input_ids / _attention_mask)
   image: ImageConfig = ImageConfig()
   prompt: PromptConfig = PromptConfig()
 
@@ -74,6 +75,14 @@ def _oriented(cfg: PipelineConfig, index: int, item):
   if swap:
     images, label = images[::-1], 1 - label
   return pair, swap, images, label
+
+
+def _prompts(tokenizer, prompt: str, grids, cfg: "PipelineConfig") -> dict:
+  """The reasoner prompt ids and (if configured) the listener prefix ids of one pair."""
+  out = {"input_ids": reasoner_ids(tokenizer, prompt, grids, cfg.prompt, cfg.image.merge_size)}
+  if cfg.listener:
+    out["listener_ids"] = listener_parts(tokenizer, prompt, grids, cfg.prompt, cfg.image.merge_size)[0]
+  return out
 
 
 def _where(pair, k: int, image) -> str:
@@ -95,8 +104,8 @@ class Encoder:
       if self.cfg.bad_records == "error":
         raise
       return {"skip": "bad_image", "where": e.source, "detail": e.reason}
-    ids = reasoner_ids(self.tokenizer, pair.prompt, [ga, gb], self.cfg.prompt, self.cfg.image.merge_size)
-    return {"input_ids": ids, "pixel_values": np.concatenate([pa, pb]), "grids": [ga, gb],
+    return {**_prompts(self.tokenizer, pair.prompt, [ga, gb], self.cfg),
+            "pixel_values": np.concatenate([pa, pb]), "grids": [ga, gb],
             "label": np.int32(label), "pair_id": pair.pair_id, "swapped": bool(swap)}
 
 
@@ -108,18 +117,29 @@ def length_bucket(length: int, buckets: Sequence[int], pair_ids) -> int:
   return bucket
 
 
+def _left_pad(seqs, bucket: int, pad_id: int):
+  ids = np.full((len(seqs), bucket), pad_id, np.int32)
+  mask = np.zeros((len(seqs), bucket), np.int32)
+  for r, x in enumerate(seqs):
+    ids[r, bucket - len(x):] = x  # left padding: generation continues at the right edge
+    mask[r, bucket - len(x):] = 1
+  return ids, mask
+
+
 def collate(examples: list[dict], buckets: Sequence[int], pad_id: int, skipped: list,
-            length: int | None = None) -> dict:
-  """Left-pad the prompts to the bucket of `length` (default: this batch's longest prompt)."""
-  length = max(len(e["input_ids"]) for e in examples) if length is None else length
-  bucket = length_bucket(length, buckets, [e["pair_id"] for e in examples])
-  ids = np.full((len(examples), bucket), pad_id, np.int32)
-  mask = np.zeros((len(examples), bucket), np.int32)
-  for r, e in enumerate(examples):
-    n = len(e["input_ids"])
-    ids[r, bucket - n:] = e["input_ids"]  # left padding: generation continues at the right edge
-    mask[r, bucket - n:] = 1
-  return {"input_ids": ids, "attention_mask": mask,
+            lengths: dict | None = None) -> dict:
+  """Left-pad the prompts (and listener prefixes) to the bucket of their longest, or of `lengths`
+  (the global batch's, so that every process builds the same shapes)."""
+  pair_ids = [e["pair_id"] for e in examples]
+  out = {}
+  for key, ids_key, mask_key in (("input_ids", "input_ids", "attention_mask"),
+                                 ("listener_ids", "listener_input_ids", "listener_attention_mask")):
+    if key not in examples[0]:
+      continue
+    length = max(len(e[key]) for e in examples) if lengths is None else lengths[key]
+    out[ids_key], out[mask_key] = _left_pad([e[key] for e in examples],
+                                            length_bucket(length, buckets, pair_ids), pad_id)
+  return {**out,
           "pixel_values": np.concatenate([e["pixel_values"] for e in examples]),
           "image_grid_thw": np.asarray([g for e in examples for g in e["grids"]], np.int64),
           "labels": np.asarray([e["label"] for e in examples], np.int32),
@@ -235,10 +255,10 @@ class _GroupedIterator(grain.DatasetIterator):
       skipped.append((e["skip"], e["where"], e["detail"]))
       pair = item[0] if isinstance(item, tuple) else item
       grids = rec["grids"]
-      ids = reasoner_ids(self._tok, pair.prompt, grids, self._cfg.prompt, self._cfg.image.merge_size)
       n = sum(t * h * w for t, h, w in grids)
       width = 3 * self._cfg.image.temporal_patch_size * self._cfg.image.patch_size ** 2
-      e = {"input_ids": ids, "pixel_values": np.zeros((n, width), np.float32), "grids": list(grids),
+      e = {**_prompts(self._tok, pair.prompt, grids, self._cfg),
+           "pixel_values": np.zeros((n, width), np.float32), "grids": list(grids),
            "label": np.int32(0), "pair_id": pair.pair_id, "swapped": rec["swap"]}
       valid = False
     return dict(e, valid=int(valid))
@@ -257,14 +277,15 @@ class _GroupedIterator(grain.DatasetIterator):
     # One prompt length for the global batch, so every process pads to the same bucket.
     mine_ids = {r["index"] for r in real}
     theirs = [r for r in rows if r["index"] not in mine_ids]
-    length = max([len(e["input_ids"]) for e in examples] + [self._prompt_length(r) for r in theirs])
-    return collate(examples, self._cfg.length_buckets, self._cfg.pad_id, skipped, length)
+    others = [self._prompt_lengths(r) for r in theirs]
+    lengths = {k: max([len(e[k]) for e in examples] + [o[k] for o in others])
+               for k in examples[0] if k in ("input_ids", "listener_ids")}
+    return collate(examples, self._cfg.length_buckets, self._cfg.pad_id, skipped, lengths)
 
-  def _prompt_length(self, rec: dict) -> int:
+  def _prompt_lengths(self, rec: dict) -> dict:
     item = self._base[rec["index"]]
     pair = item[0] if isinstance(item, tuple) else item
-    return len(reasoner_ids(self._tok, pair.prompt, rec["grids"], self._cfg.prompt,
-                            self._cfg.image.merge_size))
+    return {k: len(v) for k, v in _prompts(self._tok, pair.prompt, rec["grids"], self._cfg).items()}
 
   def get_state(self):
     waiting = sorted((r for g in self._groups.values() for r in g), key=lambda r: r["index"])

@@ -1,0 +1,131 @@
+"""One GRPO training step as one compiled program (DESIGN.md §2), reading top to bottom like the
+algorithm:
+
+    vision encode (policy) → prefill once per pair → sample G completions (shared-prefix cache)
+    → parse on device → listener P(correct) → rewards → group advantages
+    → (reference log-probs when β > 0) → μ optimiser passes over micro-batches → metrics
+
+Policy, reference and listener parameters are separate pytrees (the reference and the listener are
+never updated and nothing differentiates them). The train state (policy parameters, optimizer
+state, step, RNG key) is donated. Every pair of a batch has the same image grids (the grouped
+pipeline), so `pair_grid` — the two images' grids — is static and micro-batches are equal slices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from lgrpo_jax.grpo.core import LossConfig, advantage_metrics, advantages, token_weights
+from lgrpo_jax.grpo.update import OptimConfig, PolicyBatch, policy_logprobs, update
+from lgrpo_jax.listener import ListenerSpec, listener_probs
+from lgrpo_jax.models.qwen2_5_vl.rope import get_rope_index
+from lgrpo_jax.rewards import RewardConfig, RewardInputs, compute_rewards, parse, reward_metrics
+from lgrpo_jax.sampling import SamplingConfig, sample_from_embeddings
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  sampling: SamplingConfig = SamplingConfig(max_new_tokens=256, num_samples=8, temperature=1.0)
+  loss: LossConfig = LossConfig()
+  optim: OptimConfig = OptimConfig()
+  rewards: RewardConfig = RewardConfig()
+  old_logprobs: str = "sampler"  # or "recompute": a teacher-forced pass of the sampling policy
+  logprob_chunk: int = 8192  # vocabulary rows per chunk of the log-prob pass
+
+  def __post_init__(self):
+    if self.sampling.num_samples < 2:
+      raise ValueError(f"StepConfig.sampling.num_samples={self.sampling.num_samples}: GRPO needs G ≥ 2 "
+                       "completions per pair (advantages are relative to the group)")
+    if self.old_logprobs not in ("sampler", "recompute"):
+      raise ValueError(f"StepConfig.old_logprobs={self.old_logprobs!r}: choose 'sampler' or 'recompute'")
+
+
+class TrainState(NamedTuple):
+  params: nnx.State
+  opt_state: optax.OptState
+  step: jax.Array  # () int32
+  key: jax.Array  # PRNG key
+
+
+class Batch(NamedTuple):
+  """Device arrays of one (global) batch, as `data.pipeline` builds it."""
+  input_ids: jax.Array  # (B, P)
+  attention_mask: jax.Array  # (B, P)
+  pixel_values: jax.Array  # (B, patches per pair, C·T·P·P)
+  labels: jax.Array  # (B,) 0: first image shown is preferred
+  valid: jax.Array  # (B,) 0 for padding rows
+  listener_input_ids: jax.Array | None = None  # (B, P')
+  listener_attention_mask: jax.Array | None = None
+
+
+class Tables(NamedTuple):
+  """Token tables found once from the tokenizer (device arrays)."""
+  byte_table: jax.Array  # (V, L) uint8
+  byte_lengths: jax.Array  # (V,)
+
+
+def train_step(state: TrainState, ref_params, listener_params, batch: Batch, tables: Tables, *,
+               graphdef, listener_graphdef, tx, cfg: StepConfig, spec: ListenerSpec | None, pair_grid):
+  """(new state, metrics). Traced; `make_train_step` jits it."""
+  b = batch.input_ids.shape[0]
+  grid = tuple(pair_grid) * b
+  key, k_sample = jax.random.split(state.key)
+  policy = nnx.merge(graphdef, state.params)
+
+  # 1. Rollout: the images and the prompt once per pair, G samples from a shared prefix.
+  pixels = batch.pixel_values.reshape(-1, batch.pixel_values.shape[-1])
+  feats = policy.image_features(pixels, grid)
+  pos, _ = get_rope_index(batch.input_ids, batch.attention_mask, grid, policy.config)
+  x = policy.embed(batch.input_ids, feats)
+  rollout = jax.lax.stop_gradient(
+      sample_from_embeddings(policy, x, pos, batch.attention_mask, cfg.sampling, k_sample))
+
+  # 2. Rewards: parse the completions' text, ask the listener, weight the parts.
+  parsed = parse(rollout.tokens, rollout.mask, tables.byte_table, tables.byte_lengths)
+  probs = None
+  if cfg.rewards.needs_listener:
+    listener = nnx.merge(listener_graphdef, listener_params)
+    probs = listener_probs(listener, batch.listener_input_ids, batch.listener_attention_mask, pixels, grid,
+                           rollout.tokens, rollout.lengths, spec)
+  inputs = RewardInputs(rollout.tokens, rollout.mask, rollout.lengths, batch.labels, parsed, probs)
+  total, parts = compute_rewards(inputs, cfg.rewards)
+  adv = advantages(total, cfg.loss)
+
+  # 3. Old and reference log-probs (prompt once per pair), then the update.
+  logp_of = lambda params, gd: jax.lax.stop_gradient(policy_logprobs(
+      nnx.merge(gd, params), batch.input_ids, batch.attention_mask, batch.pixel_values, pair_grid,
+      rollout.tokens, rollout.mask, cfg.logprob_chunk))
+  logp_old = rollout.logprobs if cfg.old_logprobs == "sampler" else logp_of(state.params, graphdef)
+  logp_ref = logp_of(ref_params, graphdef) if cfg.loss.beta > 0 else None
+  pb = PolicyBatch(batch.input_ids, batch.attention_mask, batch.pixel_values, rollout.tokens, rollout.mask,
+                   logp_old, adv, token_weights(rollout.mask, cfg.loss, batch.valid), logp_ref)
+  params, opt_state, update_metrics = update(state.params, state.opt_state, graphdef, tx, pb, pair_grid,
+                                             cfg.loss, cfg.optim, cfg.logprob_chunk)
+
+  valid = batch.valid.astype(jnp.float32)
+  metrics = {**reward_metrics(inputs, total, parts, batch.valid), **advantage_metrics(total, adv, batch.valid),
+             **update_metrics,
+             "completion_length": jnp.sum(rollout.lengths * valid[:, None]) / jnp.maximum(
+                 valid.sum() * rollout.lengths.shape[1], 1),
+             "generated_tokens": jnp.sum(rollout.lengths * valid[:, None]),
+             "decode_steps": rollout.steps}
+  return TrainState(params, opt_state, state.step + 1, key), metrics
+
+
+def make_train_step(graphdef, listener_graphdef, tx, cfg: StepConfig, spec: ListenerSpec | None, pair_grid):
+  """The jitted step for one image-grid signature: (state, ref_params, listener_params, batch,
+  tables) → (state, metrics); the state is donated. One compiled program per batch shape."""
+  fn = functools.partial(train_step, graphdef=graphdef, listener_graphdef=listener_graphdef, tx=tx, cfg=cfg,
+                         spec=spec, pair_grid=tuple(map(tuple, pair_grid)))
+  return jax.jit(fn, donate_argnums=(0,))
+
+
+def init_state(params, tx, seed: int) -> TrainState:
+  return TrainState(params, tx.init(params), jnp.int32(0), jax.random.key(seed))
