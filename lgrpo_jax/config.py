@@ -1,0 +1,182 @@
+"""Experiment configs: plain Python files returning typed (frozen dataclass) configs, with validated
+`key.path=value` overrides from the command line.
+
+A config file defines `config() -> ExperimentConfig` (see configs/). `apply_overrides(cfg,
+["step.loss.beta=0", "loop.steps=20"])` walks the dataclass fields; an unknown key or a value that
+does not parse as the field's type is one `ConfigError` naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import types
+import typing
+from typing import Any
+
+from lgrpo_jax.data.images import ImageConfig
+from lgrpo_jax.data.pipeline import PipelineConfig
+from lgrpo_jax.data.prompts import PromptConfig
+from lgrpo_jax.grpo.core import LossConfig
+from lgrpo_jax.grpo.update import OptimConfig
+from lgrpo_jax.models.qwen2_5_vl.config import ConfigError
+from lgrpo_jax.rewards import RewardConfig
+from lgrpo_jax.sampling import SamplingConfig
+from lgrpo_jax.sharding import MeshConfig
+from lgrpo_jax.train.loop import LoopConfig
+from lgrpo_jax.train.step import StepConfig
+
+SOURCES = ("synthetic", "hpdv2", "imagereward", "rapidata")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  checkpoint: str | None = None  # local HF directory or lgrpo_jax Orbax checkpoint; None: `preset`
+  preset: str = "tiny"  # a random model from presets (with the tiny local tokenizer) when no checkpoint
+  tokenizer: str | None = None  # default: the checkpoint directory
+  listener: str | None = None  # default: the policy's initial weights (the paper: the base checkpoint)
+  dtype: str = "float32"
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  source: str = "synthetic"  # synthetic | hpdv2 | imagereward | rapidata
+  path: str | None = None  # the source's file (train.json, test.json, .parquet)
+  image_root: str | None = None
+  fraction: float = 1.0  # deterministic subsample (the paper trains on ~16% of HPDv2)
+  synthetic_pairs: int = 256
+  synthetic_image_size: int = 112
+  synthetic_n_wrong: int = 1
+
+  def __post_init__(self):
+    if self.source not in SOURCES:
+      raise ConfigError(f"data.source={self.source!r}: choose one of {SOURCES}")
+    if self.source != "synthetic" and not self.path:
+      raise ConfigError(f"data.path is required for data.source={self.source!r}")
+    if not 0 < self.fraction <= 1:
+      raise ConfigError(f"data.fraction={self.fraction} must be in (0, 1]")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+  run_dir: str = "runs/experiment"
+  model: ModelConfig = ModelConfig()
+  data: DataConfig = DataConfig()
+  pipeline: PipelineConfig = PipelineConfig()
+  step: StepConfig = StepConfig()
+  loop: LoopConfig = LoopConfig()
+  mesh: MeshConfig = MeshConfig()
+
+
+def load_config_file(path: str) -> ExperimentConfig:
+  if not os.path.isfile(path):
+    raise ConfigError(f"config file {path} not found")
+  spec = importlib.util.spec_from_file_location("lgrpo_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "config"):
+    raise ConfigError(f"{path}: defines no config() function")
+  cfg = module.config()
+  if not isinstance(cfg, ExperimentConfig):
+    raise ConfigError(f"{path}: config() returned {type(cfg).__name__}, not ExperimentConfig")
+  return cfg
+
+
+def _parse(text: str, kind, key: str):
+  """`text` as a value of type `kind` (int, float, bool, str, None, tuples, unions of those)."""
+  origin = typing.get_origin(kind)
+  if origin in (typing.Union, types.UnionType):
+    options = typing.get_args(kind)
+    if text.lower() in ("none", "null") and type(None) in options:
+      return None
+    errors = []
+    for option in options:
+      if option is type(None):
+        continue
+      try:
+        return _parse(text, option, key)
+      except ConfigError as e:
+        errors.append(str(e))
+    raise ConfigError(f"{key}={text!r}: expected {kind}")
+  if kind is bool:
+    if text.lower() in ("true", "1", "yes"):
+      return True
+    if text.lower() in ("false", "0", "no"):
+      return False
+    raise ConfigError(f"{key}={text!r}: expected true or false")
+  if kind in (int, float):
+    try:
+      return kind(text)
+    except ValueError:
+      raise ConfigError(f"{key}={text!r}: expected {kind.__name__}") from None
+  if kind is str:
+    return text
+  if origin is tuple:
+    try:
+      value = json.loads(text)
+    except json.JSONDecodeError:
+      value = [v for v in text.split(",") if v]
+    if not isinstance(value, list):
+      value = [value]
+    args = typing.get_args(kind)
+    as_text = lambda v: v if isinstance(v, str) else json.dumps(v)
+    if args and Ellipsis not in args:  # fixed length: one type per position
+      if len(args) != len(value):
+        raise ConfigError(f"{key}={text!r}: expected {len(args)} values")
+      return tuple(_parse(as_text(v), a, key) for v, a in zip(value, args))
+    inner = args[0] if args else str
+    return tuple(_parse(as_text(v), inner, key) for v in value)
+  if isinstance(kind, type) and kind.__module__ == "builtins":
+    raise ConfigError(f"{key}: cannot override a field of type {kind.__name__}")
+  # Anything else (nested tuples of tuples, …): JSON.
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError:
+    raise ConfigError(f"{key}={text!r}: expected JSON for {kind}") from None
+
+
+def _set(cfg, path: list[str], text: str, full: str):
+  fields = {f.name: f for f in dataclasses.fields(cfg)}
+  name = path[0]
+  if name not in fields:
+    raise ConfigError(f"unknown config key {full!r}: {type(cfg).__name__} has {sorted(fields)}")
+  hints = typing.get_type_hints(type(cfg))
+  current = getattr(cfg, name)
+  if len(path) > 1:
+    if not dataclasses.is_dataclass(current):
+      raise ConfigError(f"unknown config key {full!r}: {name} is a value, not a section")
+    value = _set(current, path[1:], text, full)
+  else:
+    if dataclasses.is_dataclass(current):
+      raise ConfigError(f"{full} is a section; set one of its keys: "
+                        f"{sorted(f.name for f in dataclasses.fields(current))}")
+    value = _parse(text, hints[name], full)
+  try:
+    return dataclasses.replace(cfg, **{name: value})
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f"{full}={text!r}: {e}") from None
+
+
+def apply_overrides(cfg: ExperimentConfig, overrides: list[str]) -> ExperimentConfig:
+  for item in overrides:
+    if "=" not in item:
+      raise ConfigError(f"override {item!r}: expected key.path=value")
+    key, text = item.split("=", 1)
+    cfg = _set(cfg, key.strip().split("."), text.strip(), key.strip())
+  return cfg
+
+
+def to_record(cfg) -> Any:
+  """The resolved config as JSON-able nested dicts (written to the run directory)."""
+  if dataclasses.is_dataclass(cfg):
+    return {f.name: to_record(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+  if isinstance(cfg, (tuple, list)):
+    return [to_record(v) for v in cfg]
+  return cfg
+
+
+__all__ = ["DataConfig", "ExperimentConfig", "ImageConfig", "LoopConfig", "LossConfig", "MeshConfig",
+           "ModelConfig", "OptimConfig", "PipelineConfig", "PromptConfig", "RewardConfig", "SamplingConfig",
+           "StepConfig", "apply_overrides", "load_config_file", "to_record"]
