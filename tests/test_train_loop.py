@@ -51,3 +51,78 @@ def test_resume_is_bit_identical_and_metrics_are_written(tmp_path):
   assert sorted(int(p.name) for p in (tmp_path / "a" / "checkpoints").iterdir() if p.name.isdigit()) == [4, 5]
   straight.close()
   again.close()
+
+
+def test_periodic_eval_and_best_checkpoint(tmp_path):
+  from train_worker import make
+  tok_dir = build_tiny_tokenizer(tmp_path / "tok")
+  t = make(tmp_path / "run", tok_dir, steps=4, save_every=2, eval_every=2)
+  t.run()
+  t.close()
+  lines = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
+  evals = [m for m in lines if "eval/accuracy" in m]
+  assert [m["step"] for m in evals] == [2, 4]
+  for m in evals:
+    assert m["eval/pairs"] == 3 and 0 <= m["eval/accuracy"] <= 1
+    assert m["eval/accuracy"] == (m["eval/accuracy_as_given"] + m["eval/accuracy_swapped"]) / 2
+    assert "eval/contradiction_rate" in m
+  assert any(p.name.isdigit() for p in (tmp_path / "run" / "best").iterdir())
+
+
+def test_unreadable_newest_checkpoint_falls_back_to_the_previous(tmp_path, capsys):
+  from train_worker import make
+  tok_dir = build_tiny_tokenizer(tmp_path / "tok")
+  t = make(tmp_path / "run", tok_dir, steps=4, save_every=2)
+  t.run()
+  t.close()
+  newest = tmp_path / "run" / "checkpoints" / "4"
+  for f in newest.rglob("*"):
+    if f.is_file():
+      f.write_bytes(b"garbage")
+  again = make(tmp_path / "run", tok_dir, steps=4, save_every=2)
+  assert again.resumed_from == 2
+  assert "checkpoint 4 is unreadable" in capsys.readouterr().err
+  again.close()
+
+
+def wait_for_step(path, step, proc, timeout=600):
+  import time
+  t0 = time.time()
+  while time.time() - t0 < timeout:
+    if path.exists() and sum(1 for _ in open(path)) >= step:
+      return
+    assert proc.poll() is None, "the training process died"
+    time.sleep(0.2)
+  raise TimeoutError
+
+
+def test_sigkill_then_resume_is_bit_identical_and_sigterm_saves(tmp_path):
+  import os
+  import signal
+  import subprocess
+  import sys
+  tok_dir = build_tiny_tokenizer(tmp_path / "tok")
+  worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_worker.py")
+  env = dict(os.environ, XLA_FLAGS="")
+  run = lambda d, steps, out: subprocess.Popen([sys.executable, worker, str(d), str(tok_dir), str(steps),
+                                                str(out)], env=env, stderr=subprocess.DEVNULL)
+  straight = run(tmp_path / "a", 6, tmp_path / "a.npz")
+  assert straight.wait(timeout=900) == 0
+  killed = run(tmp_path / "b", 6, tmp_path / "b.npz")
+  wait_for_step(tmp_path / "b" / "metrics.jsonl", 3, killed)
+  killed.send_signal(signal.SIGKILL)
+  killed.wait()
+  assert not (tmp_path / "b.npz").exists()
+  assert run(tmp_path / "b", 6, tmp_path / "b.npz").wait(timeout=900) == 0
+  a, b = np.load(tmp_path / "a.npz"), np.load(tmp_path / "b.npz")
+  for k in a.files:
+    np.testing.assert_array_equal(a[k], b[k])
+  assert [json.loads(x)["step"] for x in open(tmp_path / "b" / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+  # SIGTERM: the run saves where it is and exits cleanly.
+  term = run(tmp_path / "c", 50, tmp_path / "c.npz")
+  wait_for_step(tmp_path / "c" / "metrics.jsonl", 2, term)
+  term.send_signal(signal.SIGTERM)
+  assert term.wait(timeout=300) == 0
+  last = [json.loads(x)["step"] for x in open(tmp_path / "c" / "metrics.jsonl")][-1]
+  saved = max(int(p.name) for p in (tmp_path / "c" / "checkpoints").iterdir() if p.name.isdigit())
+  assert saved == last < 50

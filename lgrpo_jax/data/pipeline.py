@@ -144,6 +144,7 @@ def collate(examples: list[dict], buckets: Sequence[int], pad_id: int, skipped: 
           "image_grid_thw": np.asarray([g for e in examples for g in e["grids"]], np.int64),
           "labels": np.asarray([e["label"] for e in examples], np.int32),
           "valid": np.asarray([e.get("valid", 1) for e in examples], np.int32),
+          "swapped": np.asarray([e["swapped"] for e in examples], bool),
           "pair_ids": [e["pair_id"] for e in examples], "skipped": list(skipped)}
 
 

@@ -1,0 +1,83 @@
+"""Held-out evaluation during training: greedy judgements of every pair in both orders.
+
+For each pair shown as given and swapped, the reasoner writes one greedy completion; it is correct
+when its parsed answer is the preferred image. Reported: accuracy per order and their mean, the
+position-bias gap, the format rate and — with a listener — the contradiction rate among well-formed
+completions. (The full evaluation command, with probability scoring and ranking, is
+`lgrpo_jax.evaluate`.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lgrpo_jax.data.pipeline import PipelineConfig, make_batches
+from lgrpo_jax.listener import ListenerSpec, listener_probs
+from lgrpo_jax.models.qwen2_5_vl.rope import get_rope_index
+from lgrpo_jax.rewards import parse
+from lgrpo_jax.sampling import SamplingConfig, sample_from_embeddings
+
+
+def judge(params, listener_params, batch, tables, *, graphdef, listener_graphdef, sampling: SamplingConfig,
+          spec: ListenerSpec | None, pair_grid):
+  """Per row: (answer (B,) in {0,1,2}, well-formed (B,), listener choice (B,) in {1,2} or 0)."""
+  b = batch.input_ids.shape[0]
+  grid = tuple(pair_grid) * b
+  policy = nnx.merge(graphdef, params)
+  pixels = batch.pixel_values.reshape(-1, batch.pixel_values.shape[-1])
+  pos, _ = get_rope_index(batch.input_ids, batch.attention_mask, grid, policy.config)
+  x = policy.embed(batch.input_ids, policy.image_features(pixels, grid))
+  out = sample_from_embeddings(policy, x, pos, batch.attention_mask, sampling, jax.random.key(0))
+  parsed = parse(out.tokens, out.mask, tables.byte_table, tables.byte_lengths)
+  choice = jnp.zeros((b,), jnp.int32)
+  if spec is not None:
+    listener = nnx.merge(listener_graphdef, listener_params)
+    probs = listener_probs(listener, batch.listener_input_ids, batch.listener_attention_mask, pixels, grid,
+                           out.tokens, out.lengths, spec)
+    choice = jnp.argmax(probs[:, 0], -1).astype(jnp.int32) + 1
+  return parsed.answer[:, 0], parsed.format_ok[:, 0], choice
+
+
+class Evaluator:
+  """Greedy both-orders evaluation of a fixed list of held-out pairs (compiled once per shape)."""
+
+  def __init__(self, pairs, tokenizer, pipe_cfg: PipelineConfig, sampling: SamplingConfig, graphdef,
+               listener_graphdef, spec: ListenerSpec | None, tables):
+    self.pairs, self.tokenizer, self.tables = list(pairs), tokenizer, tables
+    self.pipe_cfg = dataclasses.replace(pipe_cfg, both_orders=True, num_epochs=1, bad_records="skip")
+    self.sampling = dataclasses.replace(sampling, temperature=0.0, num_samples=1)
+    self.graphdef, self.listener_graphdef, self.spec = graphdef, listener_graphdef, spec
+    self._fns: dict = {}
+
+  def _fn(self, pair_grid):
+    if pair_grid not in self._fns:
+      self._fns[pair_grid] = jax.jit(functools.partial(
+          judge, graphdef=self.graphdef, listener_graphdef=self.listener_graphdef, sampling=self.sampling,
+          spec=self.spec, pair_grid=pair_grid))
+    return self._fns[pair_grid]
+
+  def __call__(self, params, listener_params) -> dict:
+    from lgrpo_jax.train.loop import pair_grid_of, to_device
+    correct = {False: [], True: []}
+    formed, contra = [], []
+    for host in make_batches(self.pairs, self.tokenizer, self.pipe_cfg):
+      answer, ok, choice = (np.asarray(a) for a in self._fn(pair_grid_of(host))(
+          params, listener_params, to_device(host), self.tables))
+      for r in np.flatnonzero(host["valid"]):
+        correct[bool(host["swapped"][r])].append(answer[r] == host["labels"][r] + 1)
+        formed.append(bool(ok[r]))
+        if ok[r] and self.spec is not None:
+          contra.append(choice[r] != answer[r])
+    a1, a2 = float(np.mean(correct[False] or [0])), float(np.mean(correct[True] or [0]))
+    out = {"eval/accuracy": (a1 + a2) / 2, "eval/accuracy_as_given": a1, "eval/accuracy_swapped": a2,
+           "eval/position_bias_gap": abs(a1 - a2), "eval/format_rate": float(np.mean(formed or [0])),
+           "eval/pairs": len(correct[False])}
+    if self.spec is not None:
+      out["eval/contradiction_rate"] = float(np.mean(contra)) if contra else 0.0
+    return out

@@ -1,0 +1,44 @@
+"""A training run in its own process, for the kill/resume tests:
+  python tests/train_worker.py RUN_DIR TOKENIZER_DIR STEPS OUT_NPZ
+Trains the tiny model on synthetic pairs (checkpoint every step) and writes the final parameters."""
+
+import sys
+
+import jax
+import numpy as np
+from transformers import AutoTokenizer
+
+import lgrpo_jax
+from lgrpo_jax.data import ImageConfig
+from lgrpo_jax.data.pipeline import PipelineConfig
+from lgrpo_jax.data.synthetic import synthetic
+from lgrpo_jax.data.tokenizer import tiny_model_config
+from lgrpo_jax.grpo import LossConfig
+from lgrpo_jax.grpo.update import OptimConfig
+from lgrpo_jax.sampling import SamplingConfig
+from lgrpo_jax.train import LoopConfig, StepConfig, Trainer
+
+
+def make(run_dir, tok_dir, steps, save_every=1, eval_every=0):
+  tok = AutoTokenizer.from_pretrained(tok_dir)
+  end = tok.convert_tokens_to_ids("<|im_end|>")
+  step_cfg = StepConfig(sampling=SamplingConfig(max_new_tokens=8, num_samples=3, temperature=1.0, eos_ids=(end,)),
+                        loss=LossConfig(beta=0.0), optim=OptimConfig(learning_rate=1e-3))
+  pipe = PipelineConfig(global_batch=2, image=ImageConfig(min_pixels=56 * 56, max_pixels=56 * 56),
+                        length_buckets=(256,))
+  model = lgrpo_jax.from_config(tiny_model_config(tok_dir))
+  return Trainer(run_dir, model, tok, list(synthetic(6, seed=1, image_size=56)), step_cfg, pipe,
+                 LoopConfig(steps=steps, save_every=save_every, keep=2, seed=3, eval_every=eval_every),
+                 eval_pairs=list(synthetic(3, seed=9, image_size=56)) if eval_every else None)
+
+
+def final_params(trainer) -> dict:
+  return {str(i): np.asarray(x) for i, x in enumerate(jax.tree.leaves(trainer.state.params))}
+
+
+if __name__ == "__main__":
+  run_dir, tok_dir, steps, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+  t = make(run_dir, tok_dir, steps)
+  t.run()
+  t.close()
+  np.savez(out, **final_params(t))
