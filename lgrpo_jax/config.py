@@ -49,6 +49,11 @@ class DataConfig:
   synthetic_pairs: int = 256
   synthetic_image_size: int = 112
   synthetic_n_wrong: int = 1
+  # Held-out pairs for `loop.eval_every`: synthetic (a different seed) or any source by file.
+  eval_source: str | None = None  # None: synthetic held-out pairs when source is synthetic, else none
+  eval_path: str | None = None
+  eval_image_root: str | None = None
+  eval_pairs: int = 64  # at most this many held-out pairs (each judged in both orders)
 
   def __post_init__(self):
     if self.source not in SOURCES:
@@ -57,6 +62,11 @@ class DataConfig:
       raise ConfigError(f"data.path is required for data.source={self.source!r}")
     if not 0 < self.fraction <= 1:
       raise ConfigError(f"data.fraction={self.fraction} must be in (0, 1]")
+    if self.eval_source is not None:
+      if self.eval_source not in SOURCES:
+        raise ConfigError(f"data.eval_source={self.eval_source!r}: choose one of {SOURCES}")
+      if self.eval_source != "synthetic" and not self.eval_path:
+        raise ConfigError(f"data.eval_path is required for data.eval_source={self.eval_source!r}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,7 +19,7 @@ import sys
 
 
 def build(cfg):
-  """(model, listener or None, tokenizer, pairs) from a checked config."""
+  """(model, listener or None, tokenizer, training pairs, held-out pairs or None) from a checked config."""
   import lgrpo_jax
   from transformers import AutoTokenizer
 
@@ -45,18 +45,23 @@ def build(cfg):
                 else lgrpo_jax.load_hf(m.listener, dtype=m.dtype))
   d = cfg.data
   report = sources.Report(cfg.pipeline.bad_records)
-  if d.source == "synthetic":
-    pairs = list(synthetic(d.synthetic_pairs, seed=cfg.loop.seed, n_wrong=d.synthetic_n_wrong,
-                           image_size=d.synthetic_image_size))
-  elif d.source == "hpdv2":
-    pairs = list(sources.hpdv2_train(d.path, d.image_root, report, fraction=d.fraction))
-  elif d.source == "imagereward":
-    pairs = list(sources.imagereward(d.path, d.image_root, report))
-  else:
-    pairs = list(sources.rapidata(d.path, d.image_root, report))
-  if d.source != "hpdv2" and d.fraction < 1:
-    pairs = [p for p in pairs if sources.subsample(p.pair_id, d.fraction, cfg.loop.seed)]
-  return model, listener, tokenizer, pairs
+
+  def read(source, path, root, seed, fraction=1.0):
+    if source == "synthetic":
+      return list(synthetic(d.synthetic_pairs, seed=seed, n_wrong=d.synthetic_n_wrong,
+                            image_size=d.synthetic_image_size))
+    if source == "hpdv2":
+      return list(sources.hpdv2_train(path, root, report, fraction=fraction))
+    got = list(sources.imagereward(path, root, report) if source == "imagereward"
+               else sources.rapidata(path, root, report))
+    return [p for p in got if sources.subsample(p.pair_id, fraction, cfg.loop.seed)]
+
+  pairs = read(d.source, d.path, d.image_root, cfg.loop.seed, d.fraction)
+  eval_source = d.eval_source or ("synthetic" if d.source == "synthetic" else None)
+  eval_pairs = None
+  if eval_source is not None:
+    eval_pairs = read(eval_source, d.eval_path, d.eval_image_root, cfg.loop.seed + 1000)[:d.eval_pairs]
+  return model, listener, tokenizer, pairs, eval_pairs
 
 
 def check(cfg) -> None:
@@ -66,7 +71,8 @@ def check(cfg) -> None:
   from lgrpo_jax.models.qwen2_5_vl.config import ConfigError
   for name, path in (("model.checkpoint", cfg.model.checkpoint), ("model.listener", cfg.model.listener),
                      ("model.tokenizer", cfg.model.tokenizer), ("data.path", cfg.data.path),
-                     ("data.image_root", cfg.data.image_root)):
+                     ("data.image_root", cfg.data.image_root), ("data.eval_path", cfg.data.eval_path),
+                     ("data.eval_image_root", cfg.data.eval_image_root)):
     if path is not None and not os.path.exists(path):
       raise ConfigError(f"{name}={path!r}: not found")
   sizes = cfg.mesh.resolve(jax.device_count())  # MeshError if it does not fit
@@ -100,7 +106,7 @@ def main(argv=None) -> int:
     distributed.initialize_from_args(args)
     cfg = apply_overrides(load_config_file(args.config), args.overrides)
     check(cfg)
-    model, listener, tokenizer, pairs = build(cfg)
+    model, listener, tokenizer, pairs, eval_pairs = build(cfg)
   except (ConfigError, MeshError, DataError, CheckpointError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -118,15 +124,16 @@ def main(argv=None) -> int:
     print(f"note: {jax.device_count()} devices; this version of the loop runs on one device "
           "(sharded training: issue 7)", file=sys.stderr)
   trainer = Trainer(cfg.run_dir, model, tokenizer, pairs, cfg.step, cfg.pipeline, cfg.loop,
-                    listener=listener, config_record=to_record(cfg))
+                    listener=listener, config_record=to_record(cfg), eval_pairs=eval_pairs)
   if trainer.resumed_from is not None:
     print(f"resumed from step {trainer.resumed_from}", file=sys.stderr)
   metrics = trainer.run()
   trainer.close()
   if metrics:
     last = metrics[-1]
-    print(f"done: step {last['step']}, reward {last['reward/total']:.3f}, accuracy {last['accuracy']:.3f}, "
-          f"run directory {cfg.run_dir}")
+    held_out = f", held-out accuracy {last['eval/accuracy']:.3f}" if "eval/accuracy" in last else ""
+    print(f"done: step {last['step']}, reward {last['reward/total']:.3f}, accuracy {last['accuracy']:.3f}"
+          f"{held_out}; run directory {cfg.run_dir} (metrics.jsonl, curves.png, checkpoints/)")
   return 0
 
 

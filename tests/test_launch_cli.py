@@ -48,10 +48,17 @@ def test_bad_input_is_one_clear_error_before_compiling(tmp_path, capsys, overrid
 
 def test_short_run_writes_config_and_metrics(tmp_path):
   rc = launch.main(["--config", DEMO, f"run_dir={tmp_path}", "loop.steps=2", "step.sampling.max_new_tokens=8",
-                    "data.synthetic_pairs=16"])
+                    "data.synthetic_pairs=16", "data.eval_pairs=2"])
   assert rc == 0
   cfg = json.load(open(tmp_path / "config.json"))
   assert cfg["loop"]["steps"] == 2 and cfg["step"]["sampling"]["max_new_tokens"] == 8
   assert cfg["step"]["sampling"]["eos_ids"]  # filled from the tokenizer
   lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
   assert [m["step"] for m in lines] == [1, 2]
+  assert "eval/accuracy" in lines[-1] and (tmp_path / "curves.png").is_file()
+
+
+@pytest.mark.parametrize("name", ["demo.py", "qwen2_5_vl_3b_hpdv2.py", "qwen2_5_vl_7b_hpdv2.py"])
+def test_shipped_configs_load(name):
+  cfg = load_config_file(os.path.join(HERE, "..", "configs", name))
+  assert cfg.step.sampling.num_samples >= 2

@@ -196,6 +196,9 @@ class Trainer:
       self.save()
       print(f"\nSIGTERM: saved step {int(self.state.step)}, stopping", file=sys.stderr)
     self.manager.wait_until_finished()
+    if out:
+      from lgrpo_jax.plot import plot
+      plot(self.run_dir)  # RUN_DIR/curves.png: reward, accuracy, contradiction rate
     return out
 
   def _loop(self, out, path, tty, on_metrics):

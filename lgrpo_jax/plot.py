@@ -1,0 +1,83 @@
+"""`python -m lgrpo_jax.plot RUN_DIR [--out FILE.png]` — reward, accuracy and contradiction rate
+against steps, from RUN_DIR/metrics.jsonl, as one PNG (drawn with PIL: no plotting dependency).
+
+Training curves are drawn per step (thin) with a moving average (thick); held-out evaluations
+(eval/accuracy, eval/contradiction_rate) as dots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+PANELS = (("reward/total", None, "reward (total)"), ("accuracy", "eval/accuracy", "accuracy"),
+          ("contradiction_rate", "eval/contradiction_rate", "contradiction rate"))
+W, H, PAD = 900, 260, 48
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+  path = os.path.join(run_dir, "metrics.jsonl")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: no metrics (is {run_dir} a run directory?)")
+  return [json.loads(line) for line in open(path) if line.strip()]
+
+
+def _smooth(y: np.ndarray, k: int) -> np.ndarray:
+  if len(y) < 2 or k <= 1:
+    return y
+  k = min(k, len(y))
+  c = np.cumsum(np.insert(y, 0, 0.0))
+  out = (c[k:] - c[:-k]) / k
+  return np.concatenate([y[:k - 1].cumsum() / np.arange(1, k), out])
+
+
+def plot(run_dir: str, out: str | None = None) -> str:
+  rows = read_metrics(run_dir)
+  out = out or os.path.join(run_dir, "curves.png")
+  img = Image.new("RGB", (W, H * len(PANELS)), "white")
+  d = ImageDraw.Draw(img)
+  steps_all = [r["step"] for r in rows] or [0]
+  x0, x1 = min(steps_all), max(max(steps_all), min(steps_all) + 1)
+  for p, (train_key, eval_key, title) in enumerate(PANELS):
+    top = p * H
+    train = [(r["step"], r[train_key]) for r in rows if train_key in r]
+    evals = [(r["step"], r[eval_key]) for r in rows if eval_key and eval_key in r]
+    values = [v for _, v in train + evals]
+    lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
+    if hi - lo < 1e-9:
+      lo, hi = lo - 0.5, hi + 0.5
+    sx = lambda s: PAD + (s - x0) / (x1 - x0) * (W - 2 * PAD)
+    sy = lambda v: top + H - PAD + (v - lo) / (hi - lo) * (2 * PAD - H)
+    d.rectangle([PAD, top + PAD, W - PAD, top + H - PAD], outline=(160, 160, 160))
+    d.text((PAD, top + 12), f"{title}   [{lo:.3g}, {hi:.3g}]   steps {x0}-{x1}", fill="black")
+    if len(train) > 1:
+      xs, ys = np.array([s for s, _ in train], float), np.array([v for _, v in train], float)
+      d.line([(sx(s), sy(v)) for s, v in zip(xs, ys)], fill=(150, 180, 230), width=1)
+      d.line([(sx(s), sy(v)) for s, v in zip(xs, _smooth(ys, max(1, len(ys) // 10)))], fill=(30, 80, 200), width=3)
+    for s, v in evals:
+      d.ellipse([sx(s) - 4, sy(v) - 4, sx(s) + 4, sy(v) + 4], fill=(220, 60, 30))
+  img.save(out)
+  return out
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(prog="python -m lgrpo_jax.plot", description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("run_dir")
+  ap.add_argument("--out", default=None, help="PNG path (default RUN_DIR/curves.png)")
+  args = ap.parse_args(argv)
+  try:
+    print(plot(args.run_dir, args.out))
+  except FileNotFoundError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
