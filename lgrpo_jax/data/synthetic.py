@@ -44,15 +44,28 @@ def _png(img: Image.Image) -> bytes:
   return buf.getvalue()
 
 
-def synthetic_pair(index: int, seed: int = 0, n_wrong: int = 1, image_size: int = 112) -> PreferencePair:
-  rng = np.random.default_rng([seed, index])
+def _attributes(rng: np.random.Generator, n_wrong: int) -> tuple[dict, dict]:
   colour = str(rng.choice(list(COLOURS)))
   shape = str(rng.choice(SHAPES))
   background = str(rng.choice(list(BACKGROUNDS)))
-  wrong = {"colour": colour, "shape": shape, "background": background}
+  right = {"colour": colour, "shape": shape, "background": background}
+  wrong = dict(right)
   for attr in rng.permutation(["colour", "shape", "background"])[:max(1, min(3, n_wrong))]:
     options = {"colour": list(COLOURS), "shape": list(SHAPES), "background": list(BACKGROUNDS)}[attr]
     wrong[attr] = str(rng.choice([o for o in options if o != wrong[attr]]))
+  return right, wrong
+
+
+def pair_attributes(index: int, seed: int = 0, n_wrong: int = 1) -> tuple[dict, dict]:
+  """(attributes of the preferred image, of the other) of `synthetic_pair(index, seed, n_wrong)`:
+  what a teacher can describe (used by the demo's warm start)."""
+  return _attributes(np.random.default_rng([seed, index]), n_wrong)
+
+
+def synthetic_pair(index: int, seed: int = 0, n_wrong: int = 1, image_size: int = 112) -> PreferencePair:
+  rng = np.random.default_rng([seed, index])
+  right, wrong = _attributes(rng, n_wrong)
+  colour, shape, background = right["colour"], right["shape"], right["background"]
   good = _png(draw(colour, shape, background, image_size, rng))
   bad = _png(draw(wrong["colour"], wrong["shape"], wrong["background"], image_size, rng))
   label = int(rng.integers(2))  # index of the preferred image

@@ -1,0 +1,43 @@
+"""Supervised warm start: the NLL of formatted targets falls; the synthetic teacher's attributes
+describe the drawn pairs."""
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from transformers import AutoTokenizer
+
+import lgrpo_jax
+from lgrpo_jax.data import ImageConfig
+from lgrpo_jax.data.pipeline import PipelineConfig, make_batches
+from lgrpo_jax.data.synthetic import pair_attributes, synthetic, synthetic_pair
+from lgrpo_jax.data.tokenizer import build_tiny_tokenizer, tiny_model_config
+from lgrpo_jax.train.loop import pair_grid_of, to_device
+from lgrpo_jax.train.sft import make_sft_step, target_tokens
+
+
+def test_pair_attributes_describe_the_pair():
+  for k in range(5):
+    good, bad = pair_attributes(k, seed=2, n_wrong=3)
+    pair = synthetic_pair(k, seed=2, n_wrong=3)
+    assert pair.prompt == f"a {good['colour']} {good['shape']} on a {good['background']} background"
+    assert all(good[a] != bad[a] for a in good)
+
+
+def test_sft_lowers_the_loss_of_formatted_targets(tmp_path):
+  tok_dir = build_tiny_tokenizer(tmp_path / "tok")
+  tok = AutoTokenizer.from_pretrained(tok_dir)
+  graphdef, params = nnx.split(lgrpo_jax.from_config(tiny_model_config(tok_dir)), nnx.Param)
+  pipe = PipelineConfig(global_batch=4, image=ImageConfig(min_pixels=56 * 56, max_pixels=56 * 56),
+                        length_buckets=(256,))
+  host = next(make_batches(list(synthetic(8, seed=0, image_size=56)), tok, pipe))
+  texts = [f"<think>ok</think><answer>Image {l + 1}</answer><|im_end|>" for l in host["labels"]]
+  tokens, mask = (jnp.asarray(x) for x in target_tokens(tok, texts, 16))
+  tx = optax.adamw(3e-3)
+  step = make_sft_step(graphdef, tx, pair_grid_of(host))
+  opt_state = tx.init(params)
+  losses = []
+  for _ in range(25):
+    params, opt_state, loss = step(params, opt_state, to_device(host), tokens, mask)
+    losses.append(float(loss))
+  assert np.isfinite(losses).all() and losses[-1] < 0.3 * losses[0], losses
