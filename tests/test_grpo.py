@@ -207,6 +207,16 @@ def test_passes_nan_skip_and_frozen_vision(rollout):
            zip(jax.tree_util.tree_leaves_with_path(p), jax.tree_util.tree_leaves_with_path(params0))}
   assert not any(v for k, v in moved.items() if "visual" in jax.tree_util.keystr(k))
   assert any(v for k, v in moved.items() if "layers" in jax.tree_util.keystr(k))
+  p, s, _ = run_update(model, pb, pair_grid, loss_cfg, dataclasses.replace(opt, freeze=("vision", "embeddings")))
+  for (k, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(p), jax.tree_util.tree_leaves_with_path(params0)):
+    name = jax.tree_util.keystr(k)
+    if "visual" in name or "embed_tokens" in name:
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # Frozen parts carry no Adam moments.
+  n_moments = sum(x.size for x in jax.tree.leaves(s))
+  n_trainable = sum(x.size for (k, x) in jax.tree_util.tree_leaves_with_path(params0)
+                    if "visual" not in jax.tree_util.keystr(k) and "embed_tokens" not in jax.tree_util.keystr(k))
+  assert n_moments < 2 * n_trainable + 100
 
 
 def test_optim_config_errors_name_the_field():
