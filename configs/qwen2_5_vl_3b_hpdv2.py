@@ -1,39 +1,19 @@
-"""The paper's recipe as far as it is known: Qwen2.5-VL-3B-Instruct reasoner, the same checkpoint frozen as the
-listener, GRPO on ~16% of HPDv2 (arXiv 2506.22832; DESIGN.md §1). Point model.checkpoint at a local
-copy of the checkpoint and data.path / data.image_root at a local HPDv2:
+"""The 7B recipe (configs/qwen2_5_vl_7b_hpdv2.py) with Qwen2.5-VL-3B-Instruct as reasoner and
+listener; fewer micro-batches (a 3B step fits with twice the micro-batch):
 
-  python -m lgrpo_jax.launch --config configs/qwen2_5_vl_3b_hpdv2.py \
+  python -m lgrpo_jax.launch --config configs/qwen2_5_vl_3b_hpdv2.py \\
       model.checkpoint=/ckpt/Qwen2.5-VL-3B-Instruct data.path=/data/hpdv2/train.json data.image_root=/data/hpdv2
-
-What the paper does not state (G, β, ε, learning rate, batch size, completion length, temperature,
-image resolution) uses the community GRPO defaults, named beside each value.
 """
 
-from lgrpo_jax.config import (DataConfig, ExperimentConfig, ImageConfig, LoopConfig, LossConfig, MeshConfig,
-                              ModelConfig, OptimConfig, PipelineConfig, SamplingConfig, StepConfig)
+import dataclasses
+import os
+
+from lgrpo_jax.config import ExperimentConfig, load_config_file
 
 
 def config() -> ExperimentConfig:
-  return ExperimentConfig(
-      run_dir="runs/qwen2_5_vl_3b_hpdv2",
-      model=ModelConfig(checkpoint="/ckpt/Qwen2.5-VL-3B-Instruct",  # the listener defaults to this base checkpoint
-                        dtype="bfloat16"),
-      data=DataConfig(source="hpdv2", path="/data/hpdv2/train.json", image_root="/data/hpdv2",
-                      fraction=0.16),  # paper: a ~16% subset of HPDv2
-      pipeline=PipelineConfig(
-          global_batch=64,  # assumption: 64 pairs x 8 samples = 512 completions per step
-          bad_records="skip",  # count and log dirty records instead of stopping a long run
-          image=ImageConfig(max_pixels=448 * 448,  # assumption: 256 tokens per image
-                            grid_buckets=((448, 448), (392, 504), (504, 392)))),  # bounded compiles
-      step=StepConfig(
-          sampling=SamplingConfig(max_new_tokens=512,  # assumption: room for a few paragraphs of reasoning
-                                  num_samples=8,  # G = 8: DeepSeekMath / TRL default
-                                  temperature=1.0),  # TRL default
-          loss=LossConfig(loss="grpo", beta=0.04, kl="k3",  # TRL/DeepSeekMath defaults
-                          eps_low=0.2, eps_high=0.2),  # PPO/GRPO default clip range
-          optim=OptimConfig(learning_rate=1e-6,  # TRL GRPO default
-                            schedule="cosine", warmup_steps=10, total_steps=1000,
-                            max_grad_norm=1.0, micro_batches=4)),
-      loop=LoopConfig(steps=1000, save_every=100, save_every_minutes=30, keep=3, eval_every=100),
-      mesh=MeshConfig(fsdp=-1),  # FSDP over every device (docs/sharding.md)
-  )
+  base = load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "qwen2_5_vl_7b_hpdv2.py"))
+  return dataclasses.replace(
+      base, run_dir="runs/qwen2_5_vl_3b_hpdv2",
+      model=dataclasses.replace(base.model, checkpoint="/ckpt/Qwen2.5-VL-3B-Instruct"),
+      step=dataclasses.replace(base.step, optim=dataclasses.replace(base.step.optim, micro_batches=4)))
