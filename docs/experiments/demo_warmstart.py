@@ -9,6 +9,14 @@ then P_FINAL), a greedy both-orders evaluation on 32 held-out pairs, then GRPO w
 (format + 0.5 accuracy + 0.5 listener, the listener = the SFT'd model, frozen). Results so far are in
 docs/training.md.
 """
+import dataclasses
+import sys
+import tempfile
+import time
+
+import jax.numpy as jnp
+import numpy as np
+import optax
 from flax import nnx
 from transformers import AutoTokenizer
 import lgrpo_jax
