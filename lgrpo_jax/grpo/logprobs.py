@@ -71,7 +71,7 @@ def completion_logprobs(model, x_prompt_btd, position_ids, prompt_mask, tokens_b
   # Token i is predicted by the hidden state before it: the prompt's last for i = 0.
   first = jnp.broadcast_to(h_prompt[:, None, -1:], (b, g, 1, h.shape[-1]))
   h_pred = jnp.concatenate([first, h[:, :, :-1]], axis=2)
-  head = model.head_weights(jnp.arange(model.config.text.vocab_size))
+  head = model.head_matrix()
   if temperature != 1.0:
     head = head / temperature
   return token_logprobs(h_pred, head, tokens_bgn, chunk, dtype=model.dtype, with_entropy=with_entropy)

@@ -191,6 +191,11 @@ class Qwen25VL(nnx.Module):
     x, _ = scan_layers_xs(self.layers, constrain(x, ACT_BTD), (prefix_k, prefix_v), layer_fn)
     return self.norm(x).reshape(b, g, t, e)
 
+  def head_matrix(self):
+    """The output head as a (V, E) matrix (no gather: the tied embedding itself, or the kernel's
+    transpose), for passes over the whole vocabulary such as chunked log-probs."""
+    return self.embed_tokens[...] if self.lm_head is None else self.lm_head.kernel[...].T
+
   def head_weights(self, token_ids):
     """(len(ids), E) rows of the output head for a few token ids (e.g. the two choices)."""
     if self.lm_head is None:
