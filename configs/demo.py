@@ -1,23 +1,42 @@
-"""The tiny demo: a random tiny Qwen2.5-VL, synthetic colour/shape pairs, CPU, a few minutes.
+"""The embedded demo (`make demo`): a tiny random Qwen2.5-VL learns the synthetic preference task on
+2 CPU cores in a few minutes.
 
   python -m lgrpo_jax.launch --config configs/demo.py [loop.steps=20 …]
+
+1. Warm start (SFT, 400 steps): a scripted judge that describes each image's background and says
+   which one fits the prompt ("Image 1: black background, yes. Image 2: white background, no.") —
+   always rightly — but whose final answer is right only 40% of the time and otherwise "Image 1": a
+   position-biased judge whose answers contradict its own reasoning, like an instruct model that
+   knows the format but judges poorly. The same step teaches the listener role (read the reasoning
+   with the answer removed, say which image), so the frozen listener — the warm-started model, as
+   the paper's listener is the base checkpoint — follows the reasoning. Greedy held-out accuracy
+   after it: ~0.5 (it answers "Image 1"), with a high contradiction rate.
+2. GRPO (format + 0.5·accuracy + 0.5·listener confidence), G = 8, 8 pairs per step: the answers
+   come to agree with the reasoning; held-out accuracy in both orders rises above 0.9.
 """
 
 from lgrpo_jax.config import (DataConfig, ExperimentConfig, ImageConfig, LoopConfig, LossConfig, ModelConfig,
-                              OptimConfig, PipelineConfig, SamplingConfig, StepConfig)
+                              OptimConfig, PipelineConfig, SamplingConfig, SFTConfig, StepConfig)
+
+TOKENS = 48  # the scripted judgements are ~40 tokens of the tiny tokenizer
 
 
 def config() -> ExperimentConfig:
   return ExperimentConfig(
-      run_dir="runs/demo_grpo",
+      run_dir="runs/demo",
       model=ModelConfig(preset="tiny"),  # random weights, the tiny local tokenizer
-      data=DataConfig(source="synthetic", synthetic_pairs=128, synthetic_image_size=56, eval_pairs=16),
-      pipeline=PipelineConfig(global_batch=4, length_buckets=(256, 512),
+      # n_wrong=3: the other image differs in colour, shape and background (the judge describes the
+      # background, the easiest attribute for a tiny vision tower to see at 56 px).
+      data=DataConfig(source="synthetic", synthetic_pairs=1024, synthetic_image_size=56, synthetic_n_wrong=3,
+                      eval_pairs=32),
+      pipeline=PipelineConfig(global_batch=8, length_buckets=(256,),
                               image=ImageConfig(min_pixels=56 * 56, max_pixels=56 * 56)),
+      sft=SFTConfig(steps=400, learning_rate=3e-3, global_batch=16, max_target_tokens=TOKENS,
+                    teacher="synthetic", teacher_accuracy=0.4, listener_weight=1.0),
       step=StepConfig(
           # eos_ids left empty: the launcher takes the tokenizer's end-of-turn ids
-          sampling=SamplingConfig(max_new_tokens=32, num_samples=4, temperature=1.0),
+          sampling=SamplingConfig(max_new_tokens=TOKENS, num_samples=8, temperature=1.0),
           loss=LossConfig(beta=0.0),
-          optim=OptimConfig(learning_rate=1e-3)),
-      loop=LoopConfig(steps=20, save_every=10, keep=2, eval_every=10),
+          optim=OptimConfig(learning_rate=3e-4)),
+      loop=LoopConfig(steps=100, save_every=50, keep=2, eval_every=25, log_every=10),
   )

@@ -26,6 +26,7 @@ from lgrpo_jax.rewards import RewardConfig
 from lgrpo_jax.sampling import SamplingConfig
 from lgrpo_jax.sharding import MeshConfig
 from lgrpo_jax.train.loop import LoopConfig
+from lgrpo_jax.train.sft import SFTConfig
 from lgrpo_jax.train.step import StepConfig
 
 SOURCES = ("synthetic", "hpdv2", "imagereward", "rapidata")
@@ -75,6 +76,7 @@ class ExperimentConfig:
   model: ModelConfig = ModelConfig()
   data: DataConfig = DataConfig()
   pipeline: PipelineConfig = PipelineConfig()
+  sft: SFTConfig = SFTConfig()  # optional warm start before GRPO (off: steps=0)
   step: StepConfig = StepConfig()
   loop: LoopConfig = LoopConfig()
   mesh: MeshConfig = MeshConfig()
@@ -189,4 +191,4 @@ def to_record(cfg) -> Any:
 
 __all__ = ["DataConfig", "ExperimentConfig", "ImageConfig", "LoopConfig", "LossConfig", "MeshConfig",
            "ModelConfig", "OptimConfig", "PipelineConfig", "PromptConfig", "RewardConfig", "SamplingConfig",
-           "StepConfig", "apply_overrides", "load_config_file", "to_record"]
+           "SFTConfig", "StepConfig", "apply_overrides", "load_config_file", "to_record"]

@@ -7,8 +7,12 @@ against the processes, G ≥ 2. The resolved config is written to RUN_DIR/config
 run directory with checkpoints resumes. Multi-host start-up (lgrpo_jax.distributed) runs first.
 
 Main knobs: run_dir, model.checkpoint, data.source/path/image_root/fraction, pipeline.global_batch,
-step.sampling.num_samples/max_new_tokens/temperature, step.loss.beta/loss/eps_low/eps_high,
-step.optim.learning_rate/micro_batches/passes, step.rewards.weights, loop.steps/save_every, mesh.fsdp.
+sft.steps/teacher/targets_path (optional warm start), step.sampling.num_samples/max_new_tokens/
+temperature, step.loss.beta/loss/eps_low/eps_high, step.optim.learning_rate/micro_batches/passes,
+step.rewards.weights, loop.steps/save_every/eval_every/tensorboard/wandb_project, mesh.fsdp.
+
+Prints the held-out accuracy (both orders) and contradiction rate before and after GRPO when
+held-out pairs are configured, and writes RUN_DIR/curves.png.
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ import os
 import sys
 
 
-def build(cfg):
-  """(model, listener or None, tokenizer, training pairs, held-out pairs or None) from a checked config."""
+def build(cfg, mesh=None):
+  """(model, listener or None, tokenizer, training pairs, held-out pairs or None) from a checked
+  config; with a mesh, the models are created or loaded straight into their shards."""
   import lgrpo_jax
   from transformers import AutoTokenizer
 
@@ -33,16 +38,16 @@ def build(cfg):
     if m.preset != "tiny":
       raise ValueError(f"model.preset={m.preset!r}: only 'tiny' is built in; give model.checkpoint")
     tok_dir = m.tokenizer or build_tiny_tokenizer(os.path.join(cfg.run_dir, "tokenizer"))
-    model = lgrpo_jax.from_config(tiny_model_config(tok_dir), dtype=m.dtype)
+    model = lgrpo_jax.from_config(tiny_model_config(tok_dir), dtype=m.dtype, mesh=mesh)
   else:
     tok_dir = m.tokenizer or m.checkpoint
-    model = (checkpoint.load_model(m.checkpoint, dtype=m.dtype) if checkpoint.is_checkpoint(m.checkpoint)
-             else lgrpo_jax.load_hf(m.checkpoint, dtype=m.dtype))
+    model = (checkpoint.load_model(m.checkpoint, dtype=m.dtype, mesh=mesh) if checkpoint.is_checkpoint(m.checkpoint)
+             else lgrpo_jax.load_hf(m.checkpoint, dtype=m.dtype, mesh=mesh))
   tokenizer = AutoTokenizer.from_pretrained(tok_dir)
   listener = None
   if m.listener is not None:
-    listener = (checkpoint.load_model(m.listener, dtype=m.dtype) if checkpoint.is_checkpoint(m.listener)
-                else lgrpo_jax.load_hf(m.listener, dtype=m.dtype))
+    listener = (checkpoint.load_model(m.listener, dtype=m.dtype, mesh=mesh) if checkpoint.is_checkpoint(m.listener)
+                else lgrpo_jax.load_hf(m.listener, dtype=m.dtype, mesh=mesh))
   d = cfg.data
   report = sources.Report(cfg.pipeline.bad_records)
 
@@ -75,6 +80,12 @@ def check(cfg) -> None:
                      ("data.eval_image_root", cfg.data.eval_image_root)):
     if path is not None and not os.path.exists(path):
       raise ConfigError(f"{name}={path!r}: not found")
+  if cfg.sft.steps:
+    if cfg.sft.teacher == "synthetic" and cfg.data.source != "synthetic":
+      raise ConfigError(f"sft.teacher='synthetic' scripts judgements of synthetic pairs; data.source="
+                        f"{cfg.data.source!r} needs sft.teacher='targets' with sft.targets_path")
+    if cfg.sft.teacher == "targets" and not os.path.isfile(cfg.sft.targets_path):
+      raise ConfigError(f"sft.targets_path={cfg.sft.targets_path!r}: not found")
   sizes = cfg.mesh.resolve(jax.device_count())  # MeshError if it does not fit
   data_shards = sizes[0] * sizes[1]
   if cfg.pipeline.global_batch % jax.process_count():
@@ -106,35 +117,66 @@ def main(argv=None) -> int:
     distributed.initialize_from_args(args)
     cfg = apply_overrides(load_config_file(args.config), args.overrides)
     check(cfg)
-    model, listener, tokenizer, pairs, eval_pairs = build(cfg)
+    import jax
+    from lgrpo_jax.sharding import make_mesh
+    if jax.process_count() > 1:
+      raise ConfigError(f"{jax.process_count()} processes: the training loop runs in one process (one or many "
+                        "local devices); multi-host training is not built yet")
+    mesh = make_mesh(cfg.mesh) if jax.device_count() > 1 else None
+    model, listener, tokenizer, pairs, eval_pairs = build(cfg, mesh)
   except (ConfigError, MeshError, DataError, CheckpointError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
 
   import dataclasses
 
-  import jax
-
   from lgrpo_jax.train import Trainer
   if not cfg.step.sampling.eos_ids:  # default: the tokenizer's end-of-turn / end-of-text ids
     ends = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")} - {None, tokenizer.unk_token_id}
     cfg = dataclasses.replace(cfg, step=dataclasses.replace(
         cfg.step, sampling=dataclasses.replace(cfg.step.sampling, eos_ids=tuple(sorted(ends)))))
-  if jax.device_count() > 1:
-    print(f"note: {jax.device_count()} devices; this version of the loop runs on one device "
-          "(sharded training: issue 7)", file=sys.stderr)
+  os.makedirs(cfg.run_dir, exist_ok=True)
+  if cfg.sft.steps:  # the warm start; the listener and reference default to its result
+    from lgrpo_jax.train.sft import run_sft
+    try:
+      run_sft(model, tokenizer, pairs, cfg.sft, cfg.pipeline, cfg.run_dir, seed=cfg.loop.seed,
+              n_wrong=cfg.data.synthetic_n_wrong, say=lambda m: print(m, file=sys.stderr, flush=True))
+    except ValueError as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 2
   trainer = Trainer(cfg.run_dir, model, tokenizer, pairs, cfg.step, cfg.pipeline, cfg.loop,
-                    listener=listener, config_record=to_record(cfg), eval_pairs=eval_pairs)
+                    listener=listener, config_record=to_record(cfg), eval_pairs=eval_pairs, mesh=mesh)
   if trainer.resumed_from is not None:
     print(f"resumed from step {trainer.resumed_from}", file=sys.stderr)
-  metrics = trainer.run()
+  trainer.run()
   trainer.close()
-  if metrics:
-    last = metrics[-1]
-    held_out = f", held-out accuracy {last['eval/accuracy']:.3f}" if "eval/accuracy" in last else ""
-    print(f"done: step {last['step']}, reward {last['reward/total']:.3f}, accuracy {last['accuracy']:.3f}"
-          f"{held_out}; run directory {cfg.run_dir} (metrics.jsonl, curves.png, checkpoints/)")
+  print(summary(cfg.run_dir))
   return 0
+
+
+def summary(run_dir: str) -> str:
+  """The run in a few lines, from RUN_DIR/metrics.jsonl: held-out accuracy (both orders) and
+  contradiction rate at the first and last evaluation, the last training reward and accuracy."""
+  from lgrpo_jax.plot import read_metrics
+  rows = read_metrics(run_dir)
+  train = [r for r in rows if "reward/total" in r]
+  evals = [r for r in rows if "eval/accuracy" in r]
+  lines = []
+  if train:
+    last = train[-1]
+    lines.append(f"trained to step {last['step']}: reward {last['reward/total']:.3f}, "
+                 f"sampled accuracy {last['accuracy']:.3f}, {last['step_time']:.2f} s/step")
+  if evals:
+    fmt = lambda r: (f"{r['eval/accuracy']:.3f} (as given {r['eval/accuracy_as_given']:.3f}, swapped "
+                     f"{r['eval/accuracy_swapped']:.3f})" + (f", contradiction rate {r['eval/contradiction_rate']:.3f}"
+                                                            if "eval/contradiction_rate" in r else ""))
+    first, last = evals[0], evals[-1]
+    lines.append(f"held-out accuracy at step {first['step']}: {fmt(first)}")
+    if last is not first:
+      lines.append(f"held-out accuracy at step {last['step']}: {fmt(last)}")
+      lines.append(f"change: {100 * (last['eval/accuracy'] - first['eval/accuracy']):+.1f} points")
+  lines.append(f"run directory: {run_dir} (metrics.jsonl, tensorboard/, curves.png, checkpoints/)")
+  return "\n".join(lines)
 
 
 if __name__ == "__main__":

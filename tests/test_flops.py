@@ -81,3 +81,32 @@ def test_rollout_count_equals_traced_prefill_and_decode_step():
   counted = lambda new: matmul_flops(rollout_matmuls(model.config, b, p, grid, g, new))
   assert counted(1) == dot_flops(pre_jaxpr.jaxpr)
   assert counted(n) - counted(1) == (n - 1) * dot_flops(step_jaxpr.jaxpr)
+
+
+def test_extend_count_equals_traced_extend():
+  """The continuation pass that the listener and the policy log-probs run (G chunks over a cached
+  prefix) is counted as traced; `grpo_step_flops` sums these counted pieces."""
+  from lgrpo_jax.models.qwen2_5_vl.flops import (extend_matmuls, grpo_step_flops, matmul_flops,
+                                                 rollout_matmuls, text_matmuls)
+  model = lgrpo_jax.from_config(config_dict("b"))
+  b, p, g, c = 2, 7, 3, 5
+  e = model.config.text.hidden_size
+  l, kv, d = model.config.text.num_hidden_layers, model.config.text.num_key_value_heads, model.config.text.head_dim
+  graphdef, state = nnx.split(model)
+
+  def ext(st, x, pos, valid, k, v, mask):
+    return nnx.merge(graphdef, st).extend(x, pos, valid, k, v, mask)
+
+  S = jax.ShapeDtypeStruct
+  jaxpr = jax.make_jaxpr(ext)(state, S((b, g, c, e), np.float32), S((b, g, c), np.int32), S((b, g, c), bool),
+                              S((l, b, p, kv, d), np.float32), S((l, b, p, kv, d), np.float32),
+                              S((b, p), np.int32))
+  assert matmul_flops(extend_matmuls(model.config, b, p, g, c, lm_head=False)) == dot_flops(jaxpr.jaxpr)
+  # The step's count grows with every optional pass.
+  base = dict(listener_len=9, listener_suffix=4)
+  one = grpo_step_flops(model.config, b, p, (), g, c, **base)
+  policy = matmul_flops(extend_matmuls(model.config, b, p, g, c, lm_head=True)
+                        + text_matmuls(model.config, b, p, lm_head=False))
+  assert grpo_step_flops(model.config, b, p, (), g, c, passes=2, **base) - one == 3 * policy
+  assert grpo_step_flops(model.config, b, p, (), g, c, reference=True, **base) - one == policy
+  assert one > matmul_flops(rollout_matmuls(model.config, b, p, (), g, c)) + 3 * policy

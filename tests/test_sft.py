@@ -38,6 +38,37 @@ def test_sft_lowers_the_loss_of_formatted_targets(tmp_path):
   opt_state = tx.init(params)
   losses = []
   for _ in range(25):
-    params, opt_state, loss = step(params, opt_state, to_device(host), tokens, mask)
+    params, opt_state, loss, _ = step(params, opt_state, to_device(host), tokens, mask)
     losses.append(float(loss))
   assert np.isfinite(losses).all() and losses[-1] < 0.3 * losses[0], losses
+
+
+def test_sft_listener_term_is_the_listener_reward_cross_entropy_and_falls(tmp_path):
+  """The listener part of the warm start is −log P(true image) as the reward path computes it
+  (`listener_probs` on the same completions), and training lowers it."""
+  from lgrpo_jax.listener import ListenerSpec, listener_probs
+  tok_dir = build_tiny_tokenizer(tmp_path / "tok")
+  tok = AutoTokenizer.from_pretrained(tok_dir)
+  model = lgrpo_jax.from_config(tiny_model_config(tok_dir))
+  graphdef, params = nnx.split(model, nnx.Param)
+  pipe = PipelineConfig(global_batch=4, image=ImageConfig(min_pixels=56 * 56, max_pixels=56 * 56),
+                        length_buckets=(256,))
+  host = next(make_batches(list(synthetic(8, seed=0, image_size=56)), tok, pipe))
+  texts = [f"<think>pick {l + 1}</think><answer>Image {l + 1}</answer><|im_end|>" for l in host["labels"]]
+  tokens, mask = (jnp.asarray(x) for x in target_tokens(tok, texts, 20))
+  spec = ListenerSpec.from_tokenizer(tok)
+  batch = to_device(host)
+  grid = pair_grid_of(host)
+  probs = listener_probs(model, batch.listener_input_ids, batch.listener_attention_mask,
+                         batch.pixel_values.reshape(-1, batch.pixel_values.shape[-1]), grid * 4, tokens,
+                         mask.sum(-1), spec)[:, 0]
+  expected = -np.mean(np.log(np.asarray(probs)[np.arange(4), host["labels"]]))
+  tx = optax.adamw(3e-3)
+  step = make_sft_step(graphdef, tx, grid, listener_spec=spec, listener_weight=1.0)
+  opt_state = tx.init(params)
+  params, opt_state, loss, parts = step(params, opt_state, batch, tokens, mask)
+  np.testing.assert_allclose(float(parts["sft/listener_ce"]), expected, rtol=1e-5)
+  np.testing.assert_allclose(float(loss), float(parts["sft/nll"] + parts["sft/listener_ce"]), rtol=1e-6)
+  for _ in range(30):
+    params, opt_state, loss, parts = step(params, opt_state, batch, tokens, mask)
+  assert float(parts["sft/listener_ce"]) < 0.5 * expected, (float(parts["sft/listener_ce"]), expected)

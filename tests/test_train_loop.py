@@ -40,7 +40,7 @@ def test_periodic_eval_and_best_checkpoint(tmp_path):
   t.close()
   lines = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
   evals = [m for m in lines if "eval/accuracy" in m]
-  assert [m["step"] for m in evals] == [2, 4]
+  assert [m["step"] for m in evals] == [0, 2, 4]  # before the first step (eval_at_start), then every 2
   for m in evals:
     assert m["eval/pairs"] == 3 and 0 <= m["eval/accuracy"] <= 1
     assert m["eval/accuracy"] == (m["eval/accuracy_as_given"] + m["eval/accuracy_swapped"]) / 2

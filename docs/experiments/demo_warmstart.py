@@ -60,7 +60,7 @@ t0 = time.time()
 host = first
 for s in range(STEPS):
   tokens, mask = target_tokens(tok, teacher(host, 1.0 if s < STEPS - 150 else P_TEACHER), 32)
-  params, opt_state, loss = step(params, opt_state, to_device(host), jnp.asarray(tokens), jnp.asarray(mask))
+  params, opt_state, loss, _ = step(params, opt_state, to_device(host), jnp.asarray(tokens), jnp.asarray(mask))
   if s % 100 == 0: print(s, float(loss), f"{time.time()-t0:.0f}s", flush=True)
   host = next(batches)
 bt = ByteTable.from_tokenizer(tok)

@@ -66,9 +66,10 @@ def reasoning_view(tokens_bgn, lengths_bg, spec: ListenerSpec):
   return tokens, keep
 
 
-def listener_probs(model: Qwen25VL, prefix_ids, prefix_mask, pixel_values, grid, tokens_bgn, lengths_bg,
-                   spec: ListenerSpec):
-  """(B, G, 2) fp32 probabilities of (Image 1, Image 2) for every completion (traced; call in jit).
+def listener_logits(model: Qwen25VL, prefix_ids, prefix_mask, pixel_values, grid, tokens_bgn, lengths_bg,
+                    spec: ListenerSpec):
+  """(B, G, 2) fp32 logits of (Image 1, Image 2) for every completion (traced; differentiable, for
+  training a listener — `listener_probs` is what rewards use).
 
   prefix_ids / prefix_mask (B, P): the left-padded listener prefix of each pair, whose image pads
   take `pixel_values` / `grid` (the pair's two images, as for the reasoner); tokens (B, G, N) and
@@ -87,6 +88,14 @@ def listener_probs(model: Qwen25VL, prefix_ids, prefix_mask, pixel_values, grid,
   w = model.head_weights(spec.choice_ids)  # (2, E)
   logits = jnp.einsum("bge,ce->bgc", h[:, :, -1].astype(model.dtype), w.astype(model.dtype),
                       precision=precision_for(model.dtype)).astype(jnp.float32)
+  return logits
+
+
+def listener_probs(model: Qwen25VL, prefix_ids, prefix_mask, pixel_values, grid, tokens_bgn, lengths_bg,
+                   spec: ListenerSpec):
+  """(B, G, 2) fp32 probabilities of (Image 1, Image 2) for every completion (traced; call in jit).
+  Arguments as for `listener_logits`; no gradient flows through them."""
+  logits = listener_logits(model, prefix_ids, prefix_mask, pixel_values, grid, tokens_bgn, lengths_bg, spec)
   return jax.lax.stop_gradient(jax.nn.softmax(logits, axis=-1))
 
 

@@ -3,8 +3,10 @@ log lines), Orbax checkpoints with exact resume.
 
     run_dir/
       config.json          the resolved configuration
-      metrics.jsonl        one line per step: every scalar of the step + step time, tokens/s
-                           (and eval/* every `eval_every` steps)
+      metrics.jsonl        one line per step: every scalar of the step + step time, tokens/s,
+                           compiled programs, counted TFLOP/s and MFU (and eval/* every
+                           `eval_every` steps; with `eval_at_start`, a step-0 line of eval/* only)
+      tensorboard/         the same scalars as TensorBoard event files (`loop.tensorboard`)
       checkpoints/<step>/  Orbax: state (policy params, optimizer state, step, RNG key) + data
                            (the pipeline's iterator state), every `save_every` steps and/or
                            `save_every_minutes`, at the end, and on SIGTERM; the last `keep` are kept
@@ -19,6 +21,7 @@ dropped on resume, so metrics.jsonl has each step once.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -37,6 +40,8 @@ from lgrpo_jax.data.pipeline import PipelineConfig, make_batches
 from lgrpo_jax.grpo.update import make_optimizer
 from lgrpo_jax.listener import ListenerSpec
 from lgrpo_jax.rewards import ByteTable
+from lgrpo_jax.models.qwen2_5_vl.flops import grpo_step_flops
+from lgrpo_jax.train.metrics import MetricSinks, measured_matmul_tflops
 from lgrpo_jax.train.step import Batch, StepConfig, Tables, TrainState, init_state, make_train_step
 
 log = logging.getLogger("lgrpo_jax.train")
@@ -51,22 +56,40 @@ class LoopConfig:
   save_every_minutes: float = 0.0  # also save when this much time has passed since the last save (0: off)
   keep: int = 3  # checkpoints kept (plus the best by held-out accuracy)
   eval_every: int = 0  # steps between held-out evaluations (0: never; needs eval pairs)
+  eval_at_start: bool = True  # also evaluate before the first step (a step-0 line), when evaluating
+  tensorboard: bool = True  # RUN_DIR/tensorboard/events.out.tfevents.*
+  wandb_project: str = ""  # also log to Weights & Biases (needs `pip install wandb`); "" = off
+  # MFU = counted FLOPs per step / step time / peak. 0: the peak is the matmul rate measured on this
+  # device at start-up (an honest ceiling on CPU; on accelerators give the datasheet number).
+  peak_tflops_per_device: float = 0.0
 
   def __post_init__(self):
     for name in ("steps", "log_every", "save_every", "keep"):
       if getattr(self, name) < 1:
         raise ValueError(f"LoopConfig.{name}={getattr(self, name)} must be ≥ 1")
-    if self.eval_every < 0 or self.save_every_minutes < 0:
-      raise ValueError("LoopConfig.eval_every and save_every_minutes must be ≥ 0")
+    if self.eval_every < 0 or self.save_every_minutes < 0 or self.peak_tflops_per_device < 0:
+      raise ValueError("LoopConfig.eval_every, save_every_minutes and peak_tflops_per_device must be ≥ 0")
 
 
-def to_device(batch: dict) -> Batch:
+def to_device(batch: dict, mesh=None) -> Batch:
+  """A pipeline batch as device arrays; with a mesh, rows are split over its data axes ("batch"
+  rule) and each process contributes its own rows of the global batch."""
   n = batch["input_ids"].shape[0]
-  opt = lambda k: jnp.asarray(batch[k]) if k in batch else None
-  return Batch(jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"]),
-               jnp.asarray(batch["pixel_values"]).reshape(n, -1, batch["pixel_values"].shape[-1]),
-               jnp.asarray(batch["labels"]), jnp.asarray(batch["valid"]), opt("listener_input_ids"),
+  if mesh is None:
+    put = jnp.asarray
+  else:
+    from lgrpo_jax.sharding import global_batch_array
+    put = lambda a: global_batch_array(np.asarray(a), mesh)
+  opt = lambda k: put(batch[k]) if k in batch else None
+  return Batch(put(batch["input_ids"]), put(batch["attention_mask"]),
+               put(np.asarray(batch["pixel_values"]).reshape(n, -1, batch["pixel_values"].shape[-1])),
+               put(batch["labels"]), put(batch["valid"]), opt("listener_input_ids"),
                opt("listener_attention_mask"))
+
+
+def host_scalar(x) -> float:
+  """A replicated device scalar as a Python float (also when the array spans several processes)."""
+  return float(np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else x)
 
 
 def pair_grid_of(batch: dict) -> tuple:
@@ -77,23 +100,45 @@ def pair_grid_of(batch: dict) -> tuple:
   return pair
 
 
+def place(params, mesh):
+  """Parameters laid out on `mesh` by the rules table (already-placed arrays are not copied)."""
+  from lgrpo_jax.sharding import state_shardings
+  shardings = state_shardings(params, mesh)
+  return jax.tree.map(lambda v, s: v.replace(jax.device_put(v.get_value(), s)), params, shardings,
+                      is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
 class Trainer:
   """Owns the policy/reference/listener parameters, the optimizer, the data iterator and the
   checkpoints of one run directory."""
 
   def __init__(self, run_dir, model, tokenizer, pairs, step_cfg: StepConfig = StepConfig(),
                pipe_cfg: PipelineConfig = PipelineConfig(), loop_cfg: LoopConfig = LoopConfig(),
-               listener=None, reference=None, config_record: dict | None = None, eval_pairs=None):
+               listener=None, reference=None, config_record: dict | None = None, eval_pairs=None,
+               mesh=None):
+    """With `mesh` (sharding.make_mesh), every parameter and optimizer-state array is laid out by
+    the rules table (FSDP / tensor / data axes) and batch rows are split over the data axes;
+    without, everything lives on the default device. One process only (multi-host: see
+    docs/training.md)."""
+    if jax.process_count() > 1:
+      raise NotImplementedError("the training loop runs in one process (one or many local devices); "
+                                "multi-host training is not built yet")
+    self.mesh = mesh
     self.run_dir = os.path.abspath(os.fspath(run_dir))
     os.makedirs(self.run_dir, exist_ok=True)
     self.step_cfg, self.pipe_cfg, self.loop_cfg = step_cfg, pipe_cfg, loop_cfg
+    self.model_config = model.config
     self.graphdef, params = nnx.split(model, nnx.Param)
+    if mesh is not None:
+      params = place(params, mesh)
     copy = lambda m: jax.tree.map(jnp.copy, nnx.split(m, nnx.Param)[1])
     # Frozen copies: the reference (for β > 0) and the listener default to the initial policy.
     self.ref_params = copy(reference) if reference is not None else jax.tree.map(jnp.copy, params)
     listener = listener if listener is not None else model
     self.listener_graphdef = nnx.split(listener, nnx.Param)[0]
     self.listener_params = copy(listener) if listener is not model else jax.tree.map(jnp.copy, params)
+    if mesh is not None:
+      self.ref_params, self.listener_params = place(self.ref_params, mesh), place(self.listener_params, mesh)
     self.tx = make_optimizer(step_cfg.optim, params)
     self.state = init_state(params, self.tx, loop_cfg.seed)
     bt = ByteTable.from_tokenizer(tokenizer)
@@ -121,6 +166,10 @@ class Trainer:
       with open(os.path.join(self.run_dir, "config.json"), "w") as f:
         json.dump(config_record, f, indent=2, default=str)
     self.resumed_from = self._restore()
+    self.sinks = MetricSinks(self.run_dir, tensorboard=loop_cfg.tensorboard, wandb_project=loop_cfg.wandb_project,
+                             config_record=config_record)
+    per_device = loop_cfg.peak_tflops_per_device or measured_matmul_tflops(jnp.dtype(model.config.dtype))
+    self.peak_tflops = per_device * jax.device_count()
 
   # ---- checkpoints ---------------------------------------------------------------------------
   def _tree(self, state: TrainState) -> dict:
@@ -138,7 +187,8 @@ class Trainer:
     self._last_save = time.monotonic()
 
   def _restore(self) -> int | None:
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self._tree(self.state))
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                            self._tree(self.state))
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(
@@ -172,15 +222,27 @@ class Trainer:
                                                self.spec, pair_grid)
     return self._steps[pair_grid]
 
+  def _mesh_ctx(self):
+    return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+
   def evaluate(self) -> dict:
-    return {} if self.evaluator is None else self.evaluator(self.state.params, self.listener_params)
+    if self.evaluator is None:
+      return {}
+    with self._mesh_ctx():
+      return self.evaluator(self.state.params, self.listener_params)
 
   def run(self, on_metrics=None) -> list[dict]:
     """Train until `loop_cfg.steps` (or SIGTERM: save, then return); returns the metrics of the
     steps run in this call."""
     out = []
-    path = os.path.join(self.run_dir, "metrics.jsonl")
     tty = sys.stderr.isatty()
+    if (self.evaluator is not None and self.loop_cfg.eval_at_start and self.resumed_from is None
+        and int(self.state.step) == 0):
+      first = {"step": 0, **self.evaluate()}
+      self.sinks.write(first)
+      out.append(first)
+      if on_metrics is not None:
+        on_metrics(first)
     self._last_save = time.monotonic()
     previous = signal.getsignal(signal.SIGTERM)
     try:
@@ -188,7 +250,7 @@ class Trainer:
     except ValueError:  # not the main thread: no preemption handling
       previous = None
     try:
-      self._loop(out, path, tty, on_metrics)
+      self._loop(out, tty, on_metrics)
     finally:
       if previous is not None:
         signal.signal(signal.SIGTERM, previous)
@@ -196,29 +258,42 @@ class Trainer:
       self.save()
       print(f"\nSIGTERM: saved step {int(self.state.step)}, stopping", file=sys.stderr)
     self.manager.wait_until_finished()
-    if out:
+    if out and jax.process_index() == 0:
       from lgrpo_jax.plot import plot
       plot(self.run_dir)  # RUN_DIR/curves.png: reward, accuracy, contradiction rate
     return out
 
-  def _loop(self, out, path, tty, on_metrics):
+  def step_flops(self, host: dict, decode_steps: int) -> int:
+    """Counted FLOPs of the step just run on `host` (see flops.grpo_step_flops)."""
+    b, p = host["input_ids"].shape
+    b *= jax.process_count()  # host rows are this process's share of the global batch
+    c = self.step_cfg
+    return grpo_step_flops(
+        self.model_config, b, p, pair_grid_of(host) * b, c.sampling.num_samples, max(decode_steps, 1),
+        listener_len=host["listener_input_ids"].shape[1] if c.rewards.needs_listener else 0,
+        listener_suffix=len(self.spec.suffix_ids), passes=c.optim.passes,
+        recompute_old=c.old_logprobs == "recompute", reference=c.loss.beta > 0)
+
+  def _loop(self, out, tty, on_metrics):
     while int(self.state.step) < self.loop_cfg.steps and not self._stop:
       t0 = time.perf_counter()
       host = next(self.batches)
       step_fn = self._step_fn(pair_grid_of(host))
-      self.state, metrics = step_fn(self.state, self.ref_params, self.listener_params, to_device(host),
-                                    self.tables)
-      metrics = {k: float(np.asarray(v)) for k, v in metrics.items()}
+      with self._mesh_ctx():
+        self.state, metrics = step_fn(self.state, self.ref_params, self.listener_params,
+                                      to_device(host, self.mesh), self.tables)
+      metrics = {k: host_scalar(v) for k, v in metrics.items()}
       dt = time.perf_counter() - t0
       step = int(self.state.step)
+      tflops = self.step_flops(host, int(metrics["decode_steps"])) / dt / 1e12
       metrics.update(step=step, step_time=dt, tokens_per_s=metrics["generated_tokens"] / dt,
-                     compiled_programs=sum(f._cache_size() for f in self._steps.values()))
+                     compiled_programs=sum(f._cache_size() for f in self._steps.values()),
+                     tflops=tflops, mfu=tflops / self.peak_tflops)
       is_eval = self.evaluator is not None and (step % self.loop_cfg.eval_every == 0
                                                 or step == self.loop_cfg.steps)
       if is_eval:
         metrics.update(self.evaluate())
-      with open(path, "a") as f:
-        f.write(json.dumps(metrics) + "\n")
+      self.sinks.write(metrics)
       out.append(metrics)
       if on_metrics is not None:
         on_metrics(metrics)
@@ -238,6 +313,7 @@ class Trainer:
       print(file=sys.stderr)
 
   def close(self) -> None:
+    self.sinks.close()
     for m in (self.manager, self.best):
       m.wait_until_finished()
       m.close()

@@ -5,10 +5,20 @@ The loss is the mean negative log-likelihood of the target completion tokens giv
 the images, computed like the GRPO loss: the prompt once per pair, chunked-vocabulary log-probs.
 Targets come from a `teacher(host_batch, row) -> str` (e.g. an instruct model's outputs, or the
 demo's scripted, deliberately noisy judge).
+
+With `listener_spec`, the same step also teaches the *listener* role on the same targets: the
+listener prefix, the target's reasoning with its answer removed and the listener's question, then
+cross-entropy of the true label over the two choice tokens (`listener_logits`). The listener is by
+default the policy's initial weights, so a warm start that should leave a useful listener teaches
+both roles.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +27,7 @@ import optax
 from flax import nnx
 
 from lgrpo_jax.grpo.update import policy_logprobs
+from lgrpo_jax.listener import ListenerSpec, listener_logits
 
 
 def target_tokens(tokenizer, texts, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -29,21 +40,183 @@ def target_tokens(tokenizer, texts, width: int) -> tuple[np.ndarray, np.ndarray]
   return out, mask
 
 
-def sft_loss(params, graphdef, batch, tokens, mask, pair_grid, chunk: int = 8192):
-  """Mean NLL per target token (padding rows of the batch weigh nothing)."""
+def sft_loss(params, graphdef, batch, tokens, mask, pair_grid, chunk: int = 8192,
+             listener_spec: ListenerSpec | None = None, listener_weight: float = 1.0):
+  """(loss, parts): mean NLL per target token (padding rows of the batch weigh nothing), plus
+  `listener_weight` × the listener's mean cross-entropy of the labels when `listener_spec` is given."""
   model = nnx.merge(graphdef, params)
   logp = policy_logprobs(model, batch.input_ids, batch.attention_mask, batch.pixel_values, pair_grid, tokens,
                          mask, chunk)
-  w = mask.astype(jnp.float32) * batch.valid[:, None, None].astype(jnp.float32)
-  return -jnp.sum(logp * w) / jnp.maximum(w.sum(), 1)
+  valid = batch.valid.astype(jnp.float32)
+  w = mask.astype(jnp.float32) * valid[:, None, None]
+  nll = -jnp.sum(logp * w) / jnp.maximum(w.sum(), 1)
+  parts = {"sft/nll": nll}
+  loss = nll
+  if listener_spec is not None:
+    b = batch.input_ids.shape[0]
+    pixels = batch.pixel_values.reshape(-1, batch.pixel_values.shape[-1])
+    logits = listener_logits(model, batch.listener_input_ids, batch.listener_attention_mask, pixels,
+                             tuple(pair_grid) * b, tokens, mask.sum(-1), listener_spec)[:, 0]  # (B, 2)
+    ce = -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), batch.labels[:, None].astype(jnp.int32), -1)[:, 0]
+    listener_ce = jnp.sum(ce * valid) / jnp.maximum(valid.sum(), 1)
+    parts["sft/listener_ce"] = listener_ce
+    loss = loss + listener_weight * listener_ce
+  return loss, parts
 
 
-def make_sft_step(graphdef, tx: optax.GradientTransformation, pair_grid, chunk: int = 8192):
-  """jit((params, opt_state, batch, tokens, mask) → (params, opt_state, loss)), params donated."""
+def make_sft_step(graphdef, tx: optax.GradientTransformation, pair_grid, chunk: int = 8192,
+                  listener_spec: ListenerSpec | None = None, listener_weight: float = 1.0):
+  """jit((params, opt_state, batch, tokens, mask) → (params, opt_state, loss, parts)), params and
+  optimizer state donated."""
 
   def step(params, opt_state, batch, tokens, mask):
-    loss, grads = jax.value_and_grad(sft_loss)(params, graphdef, batch, tokens, mask, pair_grid, chunk)
+    (loss, parts), grads = jax.value_and_grad(sft_loss, has_aux=True)(
+        params, graphdef, batch, tokens, mask, pair_grid, chunk, listener_spec, listener_weight)
     updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+    return optax.apply_updates(params, updates), opt_state, loss, parts
 
   return jax.jit(step, donate_argnums=(0, 1))
+
+
+# ---- the warm-start stage of the launcher -------------------------------------------------------
+
+TEACHERS = ("synthetic", "targets")
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+  """The optional supervised stage before GRPO (`python -m lgrpo_jax.launch … sft.steps=N`)."""
+  steps: int = 0  # 0: no warm start (the 7B recipe starts from the instruct checkpoint)
+  learning_rate: float = 3e-3
+  global_batch: int = 0  # pairs per step; 0: pipeline.global_batch
+  max_target_tokens: int = 64  # targets are cut to this many tokens (the end-of-turn token included)
+  # "synthetic": a scripted judge for data.source=synthetic (its descriptions are right; it answers
+  # right with probability `teacher_accuracy`, otherwise "Image 1" — a position-biased judge).
+  # "targets": a JSONL file of {"pair_id", "target"} (e.g. a stronger model's judgements), written
+  # for the pair as stored; "Image 1"/"Image 2" are exchanged when the pipeline swapped the images.
+  teacher: str = "synthetic"
+  targets_path: str | None = None
+  teacher_accuracy: float = 1.0
+  listener_weight: float = 0.0  # > 0: also teach the listener role on the same targets (see sft_loss)
+  log_every: int = 25
+
+  def __post_init__(self):
+    if self.steps < 0 or self.global_batch < 0 or self.max_target_tokens < 2 or self.log_every < 1:
+      raise ValueError("SFTConfig: steps and global_batch must be ≥ 0, max_target_tokens ≥ 2, log_every ≥ 1")
+    if self.teacher not in TEACHERS:
+      raise ValueError(f"sft.teacher={self.teacher!r}: choose one of {TEACHERS}")
+    if self.steps and self.teacher == "targets" and not self.targets_path:
+      raise ValueError("sft.targets_path is required for sft.teacher='targets'")
+    if not 0 <= self.teacher_accuracy <= 1:
+      raise ValueError(f"sft.teacher_accuracy={self.teacher_accuracy} must be in [0, 1]")
+
+
+DESCRIBED = ("background", "colour", "shape")  # the first attribute that tells the images apart
+
+
+def synthetic_target(pair_id: str, label: int, n_wrong: int, correct: bool) -> str:
+  """The scripted judge's completion for a synthetic pair as shown (label = the preferred image's
+  position): "<think>Image 1: black background, yes. Image 2: white background, no.</think>
+  <answer>Image 1</answer>" — the descriptions and verdicts are right; the answer is right when
+  `correct`, else "Image 1"."""
+  from lgrpo_jax.data.synthetic import pair_attributes
+  try:
+    _, seed, index = pair_id.rsplit("-", 2)
+    good, bad = pair_attributes(int(index), int(seed), n_wrong)
+  except ValueError:
+    raise ValueError(f"sft.teacher='synthetic' needs synthetic pairs; got pair id {pair_id!r}") from None
+  attr = next(a for a in DESCRIBED if good[a] != bad[a])
+  shown = (good, bad) if label == 0 else (bad, good)
+  verdict = ("yes", "no") if label == 0 else ("no", "yes")
+  answer = label + 1 if correct else 1
+  return (f"<think>Image 1: {shown[0][attr]} {attr}, {verdict[0]}. Image 2: {shown[1][attr]} {attr}, "
+          f"{verdict[1]}.</think><answer>Image {answer}</answer>")
+
+
+def read_targets(path: str) -> dict[str, str]:
+  """{pair_id: target} from a JSONL file; a bad line is an error naming the file and line."""
+  out = {}
+  with open(path) as f:
+    for n, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        rec = json.loads(line)
+        out[str(rec["pair_id"])] = str(rec["target"])
+      except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}:{n}: expected a JSON object with pair_id and target ({e})") from None
+  return out
+
+
+def _swap_images(text: str) -> str:
+  return text.replace("Image 1", "\0").replace("Image 2", "Image 1").replace("\0", "Image 2")
+
+
+class Teacher:
+  """Target completions for a host batch (as the pipeline shows the pairs)."""
+
+  def __init__(self, cfg: SFTConfig, n_wrong: int = 1, seed: int = 0):
+    self.cfg, self.n_wrong = cfg, n_wrong
+    self.rng = np.random.default_rng([seed, 7])
+    self.targets = read_targets(cfg.targets_path) if cfg.teacher == "targets" else None
+
+  def __call__(self, host: dict) -> list[str]:
+    texts = []
+    for pid, label, swapped in zip(host["pair_ids"], host["labels"], host["swapped"]):
+      if self.targets is None:
+        texts.append(synthetic_target(pid, int(label), self.n_wrong,
+                                      bool(self.rng.random() < self.cfg.teacher_accuracy)))
+      elif pid not in self.targets:
+        raise ValueError(f"{self.cfg.targets_path}: no target for pair {pid!r}")
+      else:
+        texts.append(_swap_images(self.targets[pid]) if swapped else self.targets[pid])
+    return texts
+
+
+def run_sft(model, tokenizer, pairs, cfg: SFTConfig, pipe_cfg, run_dir: str, *, seed: int = 0,
+            n_wrong: int = 1, end_token: str = "<|im_end|>", say=print):
+  """The warm-start stage: `cfg.steps` steps on the teacher's targets, then the parameters are saved
+  to RUN_DIR/sft (Orbax) with RUN_DIR/sft_metrics.jsonl. A run directory that already has RUN_DIR/sft
+  loads it instead (so a resumed run does not repeat the stage). Updates `model` in place."""
+  import orbax.checkpoint as ocp
+
+  from lgrpo_jax.data.pipeline import make_batches
+  from lgrpo_jax.train.loop import pair_grid_of, to_device
+
+  path = os.path.join(os.path.abspath(run_dir), "sft")
+  graphdef, params = nnx.split(model, nnx.Param)
+  ckpt = ocp.StandardCheckpointer()
+  if os.path.isdir(path):
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params)
+    nnx.update(model, ckpt.restore(path, abstract))
+    say(f"warm start: loaded {path}")
+    return model
+  pipe = dataclasses.replace(pipe_cfg, seed=seed, global_batch=cfg.global_batch or pipe_cfg.global_batch,
+                             listener=pipe_cfg.listener or cfg.listener_weight > 0)
+  spec = ListenerSpec.from_tokenizer(tokenizer, pipe.prompt) if cfg.listener_weight > 0 else None
+  tx = optax.adamw(cfg.learning_rate)
+  opt_state = tx.init(params)
+  teacher = Teacher(cfg, n_wrong, seed)
+  steps: dict = {}
+  batches = make_batches(pairs, tokenizer, pipe)
+  t0 = time.perf_counter()
+  with open(os.path.join(run_dir, "sft_metrics.jsonl"), "w") as log_file:
+    for s in range(1, cfg.steps + 1):
+      host = next(batches)
+      grid = pair_grid_of(host)
+      if grid not in steps:
+        steps[grid] = make_sft_step(graphdef, tx, grid, listener_spec=spec, listener_weight=cfg.listener_weight)
+      texts = [t + end_token for t in teacher(host)]
+      tokens, mask = target_tokens(tokenizer, texts, cfg.max_target_tokens)
+      params, opt_state, loss, parts = steps[grid](params, opt_state, to_device(host), jnp.asarray(tokens),
+                                                   jnp.asarray(mask))
+      if s % cfg.log_every == 0 or s == cfg.steps:
+        row = {"step": s, "loss": float(loss), **{k: float(v) for k, v in parts.items()},
+               "time": time.perf_counter() - t0}
+        log_file.write(json.dumps(row) + "\n")
+        log_file.flush()
+        say(f"warm start {s}/{cfg.steps}  loss {row['loss']:.4f}  ({row['time']:.0f} s)")
+  ckpt.save(path, params)
+  ckpt.wait_until_finished()
+  nnx.update(model, params)
+  return model

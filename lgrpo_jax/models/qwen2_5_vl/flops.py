@@ -88,3 +88,41 @@ def rollout_matmuls(cfg: Qwen25VLConfig, batch: int, prompt_len: int, grid: Grid
           ("decode.attn", heads, 1, hd, keys), ("decode.attn", heads, 1, keys, hd),
           ("decode.lm_head", steps, rows, e, t.vocab_size)]
   return out
+
+
+def extend_matmuls(cfg: Qwen25VLConfig, batch: int, prefix_len: int, samples: int, chunk: int, *,
+                   lm_head: bool, name: str = "extend") -> list[Matmul]:
+  """`samples` continuations of `chunk` tokens per prompt over a cached `prefix_len` prefix (as
+  `Qwen25VL.extend` computes them): weight matmuls on batch·samples·chunk tokens, each token
+  attending to the prefix and its own chunk (all computed, masked)."""
+  t = cfg.text
+  e, hd, layers = t.hidden_size, t.head_dim, t.num_hidden_layers
+  q_out, kv_out = t.num_attention_heads * hd, t.num_key_value_heads * hd
+  tok, keys = batch * samples * chunk, prefix_len + chunk
+  heads = layers * batch * samples * t.num_attention_heads
+  out = [(f"{name}.q", layers, tok, e, q_out), (f"{name}.kv", 2 * layers, tok, e, kv_out),
+         (f"{name}.o", layers, tok, q_out, e), (f"{name}.gate_up", 2 * layers, tok, e, t.intermediate_size),
+         (f"{name}.down", layers, tok, t.intermediate_size, e),
+         (f"{name}.attn", heads, chunk, hd, keys), (f"{name}.attn", heads, chunk, keys, hd)]
+  return out + ([(f"{name}.lm_head", 1, tok, e, t.vocab_size)] if lm_head else [])
+
+
+def grpo_step_flops(cfg: Qwen25VLConfig, batch: int, prompt_len: int, grid: Grid, samples: int,
+                    new_tokens: int, *, listener_len: int = 0, listener_suffix: int = 0, passes: int = 1,
+                    recompute_old: bool = False, reference: bool = False) -> int:
+  """Counted FLOPs of one GRPO step as `lgrpo_jax.train.step` runs it (for the MFU metric):
+
+    rollout (vision + prefill once per pair, `new_tokens` decode steps of batch·samples rows)
+    + listener (vision + its prefix once per pair, then samples·(new_tokens + suffix) tokens)
+    + 3 × policy forward (forward + backward ≈ 2 × forward) per optimiser pass
+    + one policy forward each for recomputed old log-probs and for the reference (β > 0),
+  where a policy forward is vision + prompt once per pair + samples·new_tokens tokens with the head."""
+  mm = rollout_matmuls(cfg, batch, prompt_len, grid, samples, new_tokens)
+  if listener_len:
+    mm += vision_matmuls(cfg, grid) + text_matmuls(cfg, batch, listener_len, lm_head=False)
+    mm += extend_matmuls(cfg, batch, listener_len, samples, new_tokens + listener_suffix, lm_head=False,
+                         name="listener")
+  policy = (vision_matmuls(cfg, grid) + text_matmuls(cfg, batch, prompt_len, lm_head=False)
+            + extend_matmuls(cfg, batch, prompt_len, samples, new_tokens, lm_head=True, name="policy"))
+  forwards = 3 * passes + int(recompute_old) + int(reference)
+  return matmul_flops(mm) + forwards * matmul_flops(policy)

@@ -1,0 +1,72 @@
+"""Where a run's scalars go: metrics.jsonl (always), TensorBoard event files, Weights & Biases
+(optional), and the MFU estimate that goes with them."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+
+log = logging.getLogger("lgrpo_jax.train")
+
+
+class MetricSinks:
+  """Writes one dict of scalars per step to every configured sink (process 0 only)."""
+
+  def __init__(self, run_dir: str, *, tensorboard: bool = True, wandb_project: str = "",
+               config_record: dict | None = None):
+    self.path = os.path.join(run_dir, "metrics.jsonl")
+    self.primary = jax.process_index() == 0
+    self.tb = self.wandb = None
+    if not self.primary:
+      return
+    if tensorboard:
+      from lgrpo_jax.train.tensorboard import EventWriter
+      self.tb = EventWriter(os.path.join(run_dir, "tensorboard"))
+    if wandb_project:
+      try:
+        import wandb
+      except ImportError:
+        raise ValueError(f"loop.wandb_project={wandb_project!r} needs Weights & Biases: pip install wandb "
+                         "(or set loop.wandb_project='')") from None
+      # The run directory names the W&B run, so a resumed run appends to the same one.
+      run_id = "".join(c if c.isalnum() else "-" for c in os.path.abspath(run_dir))[-64:].strip("-")
+      self.wandb = wandb.init(project=wandb_project, dir=run_dir, id=run_id, resume="allow",
+                              name=os.path.basename(run_dir), config=config_record or {})
+
+  def write(self, metrics: dict) -> None:
+    if not self.primary:
+      return
+    with open(self.path, "a") as f:
+      f.write(json.dumps(metrics) + "\n")
+    step = int(metrics.get("step", 0))
+    scalars = {k: v for k, v in metrics.items() if k != "step"}
+    if self.tb is not None:
+      self.tb.scalars(step, scalars)
+    if self.wandb is not None:
+      self.wandb.log(scalars, step=step)
+
+  def close(self) -> None:
+    if self.tb is not None:
+      self.tb.close()
+      self.tb = None
+    if self.wandb is not None:
+      self.wandb.finish()
+      self.wandb = None
+
+
+def measured_matmul_tflops(dtype=jnp.float32, n: int = 2048, repeats: int = 3) -> float:
+  """TFLOP/s of an n×n×n matmul on the default device (best of `repeats`, after a warm-up)."""
+  a = jnp.ones((n, n), dtype)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    f(a).block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+  return 2 * n**3 / best / 1e12
