@@ -112,16 +112,14 @@ def main(argv=None) -> int:
   from lgrpo_jax.data.sources import DataError
   from lgrpo_jax.models.qwen2_5_vl.config import ConfigError
   from lgrpo_jax.safetensors_io import CheckpointError
+  import jax
+
   from lgrpo_jax.sharding import MeshError
   try:
     distributed.initialize_from_args(args)
     cfg = apply_overrides(load_config_file(args.config), args.overrides)
     check(cfg)
-    import jax
     from lgrpo_jax.sharding import make_mesh
-    if jax.process_count() > 1:
-      raise ConfigError(f"{jax.process_count()} processes: the training loop runs in one process (one or many "
-                        "local devices); multi-host training is not built yet")
     mesh = make_mesh(cfg.mesh) if jax.device_count() > 1 else None
     model, listener, tokenizer, pairs, eval_pairs = build(cfg, mesh)
   except (ConfigError, MeshError, DataError, CheckpointError, ValueError) as e:
@@ -140,7 +138,8 @@ def main(argv=None) -> int:
     from lgrpo_jax.train.sft import run_sft
     try:
       run_sft(model, tokenizer, pairs, cfg.sft, cfg.pipeline, cfg.run_dir, seed=cfg.loop.seed,
-              n_wrong=cfg.data.synthetic_n_wrong, say=lambda m: print(m, file=sys.stderr, flush=True))
+              n_wrong=cfg.data.synthetic_n_wrong, say=lambda m: print(m, file=sys.stderr, flush=True),
+              mesh=mesh)
     except ValueError as e:
       print(f"error: {e}", file=sys.stderr)
       return 2
@@ -150,7 +149,8 @@ def main(argv=None) -> int:
     print(f"resumed from step {trainer.resumed_from}", file=sys.stderr)
   trainer.run()
   trainer.close()
-  print(summary(cfg.run_dir))
+  if jax.process_index() == 0:
+    print(summary(cfg.run_dir))
   return 0
 
 

@@ -185,3 +185,26 @@ def global_batch_array(local: np.ndarray, mesh: Mesh, names: Sequence[str | None
   names = tuple(names) + (None,) * (local.ndim - len(names))
   sharding = NamedSharding(mesh, logical_to_spec(names, shape, mesh))
   return jax.make_array_from_process_local_data(sharding, local, shape)
+
+
+def put(x, sharding: NamedSharding):
+  """`x` (the same value on every process) laid out as `sharding`, also where the sharding spans
+  devices of other processes (multi-host), where `jax.device_put` refuses. PRNG key arrays too."""
+  if isinstance(x, jax.Array) and x.sharding == sharding:
+    return x
+  if sharding.is_fully_addressable:
+    return jax.device_put(x, sharding)
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:  # already global: reshard on device
+    return jax.jit(lambda a: a, out_shardings=sharding)(x)
+  if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    return jax.random.wrap_key_data(put(jax.random.key_data(x), sharding), impl=jax.random.key_impl(x))
+  local = np.asarray(x)
+  return jax.make_array_from_callback(local.shape, sharding, lambda index: local[index])
+
+
+def on_mesh(tree, mesh: Mesh):
+  """Every array of `tree` that is not laid out on `mesh` yet (optimizer counts, RNG keys, tables)
+  replicated over it, so that one jitted program sees only global arrays (multi-host needs that)."""
+  replicated = NamedSharding(mesh, P())
+  return jax.tree.map(lambda x: x if isinstance(getattr(x, "sharding", None), NamedSharding) and
+                      x.sharding.mesh == mesh else put(x, replicated), tree)

@@ -39,6 +39,8 @@ def test_overrides_are_typed_and_checked():
     ("mesh.fsdp=3", "mesh"),
     ("step.optim.micro_batches=3", "not divisible by step.optim.micro_batches=3"),
     ("data.source=hpdv2", "data.path is required"),
+    ("sft.teacher=targets", "sft.targets_path is required for sft.teacher='targets'"),
+    ("sft.teacher_accuracy=1.5", "sft.teacher_accuracy=1.5 must be in [0, 1]"),
 ])
 def test_bad_input_is_one_clear_error_before_compiling(tmp_path, capsys, override, message):
   rc = launch.main(["--config", DEMO, f"run_dir={tmp_path}", override])
@@ -47,15 +49,18 @@ def test_bad_input_is_one_clear_error_before_compiling(tmp_path, capsys, overrid
 
 
 def test_short_run_writes_config_and_metrics(tmp_path):
+  # In this process (8 simulated devices): the launcher trains on the default FSDP mesh.
   rc = launch.main(["--config", DEMO, f"run_dir={tmp_path}", "loop.steps=2", "step.sampling.max_new_tokens=8",
-                    "data.synthetic_pairs=16", "data.eval_pairs=2"])
+                    "step.sampling.num_samples=2", "sft.steps=2", "data.synthetic_pairs=16",
+                    "data.eval_pairs=2"])
   assert rc == 0
   cfg = json.load(open(tmp_path / "config.json"))
   assert cfg["loop"]["steps"] == 2 and cfg["step"]["sampling"]["max_new_tokens"] == 8
   assert cfg["step"]["sampling"]["eos_ids"]  # filled from the tokenizer
   lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
-  assert [m["step"] for m in lines] == [1, 2]
-  assert "eval/accuracy" in lines[-1] and (tmp_path / "curves.png").is_file()
+  assert [m["step"] for m in lines] == [0, 1, 2]  # held-out evaluation before the first step
+  assert "eval/accuracy" in lines[0] and "eval/accuracy" in lines[-1] and (tmp_path / "curves.png").is_file()
+  assert [json.loads(x)["step"] for x in open(tmp_path / "sft_metrics.jsonl")] == [2]
 
 
 @pytest.mark.parametrize("name", ["demo.py", "qwen2_5_vl_3b_hpdv2.py", "qwen2_5_vl_7b_hpdv2.py"])

@@ -92,3 +92,51 @@ def test_check_reports_bad_mesh_in_one_line(tmp_path):
                      text=True, env=env, timeout=300)
   assert r.returncode == 2 and "Traceback" not in r.stderr
   assert "error: mesh (data=3, fsdp=-1, tensor=1): 8 devices are not divisible by 3" in r.stderr
+
+
+def run_launch(n_proc: int, run_dir, tok_overrides=()):
+  """The launcher (warm start + GRPO + evaluation) on 4 devices: one process, or two with 2 each."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": f"--xla_force_host_platform_device_count={4 // n_proc}"}
+  for k in (distributed.ENV_COORDINATOR, distributed.ENV_NUM_PROCESSES, distributed.ENV_PROCESS_ID):
+    env.pop(k, None)
+  base = [sys.executable, "-m", "lgrpo_jax.launch", "--config", "configs/demo.py", f"run_dir={run_dir}",
+          "sft.steps=2", "sft.global_batch=4", "pipeline.global_batch=4", "step.sampling.num_samples=2",
+          "step.sampling.max_new_tokens=8", "loop.steps=2", "loop.eval_every=2", "data.eval_pairs=3",
+          "data.synthetic_pairs=16", "loop.save_every=2", *tok_overrides]
+  if n_proc > 1:
+    port = free_port()
+    base += ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(n_proc)]
+    procs = [subprocess.Popen(base + ["--process-id", str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env) for i in range(n_proc)]
+  else:
+    procs = [subprocess.Popen(base, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)]
+  outs = []
+  for p in procs:
+    stdout, stderr = p.communicate(timeout=600)
+    assert p.returncode == 0, stderr[-3000:]
+    outs.append(stdout)
+  return outs
+
+
+def test_training_two_processes_equal_one(tmp_path):
+  """Multi-host training: two processes, each feeding its own rows of every global batch (warm start,
+  GRPO steps, held-out evaluation gathered across processes), train like one process with the same
+  devices; only process 0 writes metrics and prints the summary."""
+  import json
+  from lgrpo_jax.data.tokenizer import build_tiny_tokenizer
+  tok = build_tiny_tokenizer(tmp_path / "tok")  # one tokenizer for both runs
+  one = run_launch(1, tmp_path / "one", (f"model.tokenizer={tok}",))
+  two = run_launch(2, tmp_path / "two", (f"model.tokenizer={tok}",))
+  assert "held-out accuracy at step 2" in one[0] and "held-out accuracy at step 2" in two[0]
+  assert "held-out accuracy" not in two[1] and "run directory" not in two[1]  # process 0 reports
+  read = lambda d: [json.loads(x) for x in open(tmp_path / d / "metrics.jsonl")]
+  a, b = read("one"), read("two")
+  assert [r["step"] for r in a] == [r["step"] for r in b] == [0, 1, 2]
+  for ra, rb in zip(a, b):
+    for k in ra:
+      if k.startswith("eval/") or k in ("reward/total", "accuracy", "format_rate", "generated_tokens"):
+        np.testing.assert_allclose(rb[k], ra[k], atol=1e-5, err_msg=k)
+    if "grad_norm" in ra:
+      np.testing.assert_allclose(rb["grad_norm"], ra["grad_norm"], rtol=1e-4)
+  assert (tmp_path / "two" / "checkpoints" / "2").is_dir() and (tmp_path / "two" / "sft").is_dir()

@@ -4,6 +4,7 @@ describe the drawn pairs."""
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 from transformers import AutoTokenizer
 
@@ -72,3 +73,30 @@ def test_sft_listener_term_is_the_listener_reward_cross_entropy_and_falls(tmp_pa
   for _ in range(30):
     params, opt_state, loss, parts = step(params, opt_state, batch, tokens, mask)
   assert float(parts["sft/listener_ce"]) < 0.5 * expected, (float(parts["sft/listener_ce"]), expected)
+
+
+def test_teachers_targets_file_and_scripted_judge(tmp_path):
+  from lgrpo_jax.train.sft import SFTConfig, Teacher, synthetic_target
+  path = tmp_path / "targets.jsonl"
+  path.write_text('{"pair_id": "a", "target": "<think>Image 1 fits.</think><answer>Image 1</answer>"}\n\n'
+                  '{"pair_id": "b", "target": "<answer>Image 2</answer>"}\n')
+  t = Teacher(SFTConfig(steps=1, teacher="targets", targets_path=str(path)))
+  host = {"pair_ids": ["a", "b"], "labels": np.array([1, 1]), "swapped": np.array([True, False])}
+  assert t(host) == ["<think>Image 2 fits.</think><answer>Image 2</answer>", "<answer>Image 2</answer>"]
+  with pytest.raises(ValueError, match="no target for pair 'c'"):
+    t({"pair_ids": ["c"], "labels": np.array([0]), "swapped": np.array([False])})
+  path.write_text('{"pair_id": "a"}\n')
+  with pytest.raises(ValueError, match=r"targets.jsonl:1: expected a JSON object with pair_id and target"):
+    Teacher(SFTConfig(steps=1, teacher="targets", targets_path=str(path)))
+  # The scripted judge: right descriptions and verdicts; a wrong answer is always "Image 1".
+  pair = synthetic_pair(3, seed=5, n_wrong=3)
+  good, bad = pair_attributes(3, 5, 3)
+  right = synthetic_target(pair.pair_id, 1, 3, correct=True)
+  assert right == (f"<think>Image 1: {bad['background']} background, no. Image 2: {good['background']} "
+                   f"background, yes.</think><answer>Image 2</answer>")
+  assert synthetic_target(pair.pair_id, 1, 3, correct=False).endswith("<answer>Image 1</answer>")
+  coins = [Teacher(SFTConfig(teacher_accuracy=0.4), 3)({"pair_ids": [pair.pair_id], "labels": np.array([1]),
+                                                        "swapped": np.array([False])}, step)[0] for step in range(200)]
+  assert 0.3 < np.mean([c.endswith("Image 2</answer>") for c in coins]) < 0.5
+  with pytest.raises(ValueError, match="needs synthetic pairs"):
+    synthetic_target("hpdv2:17", 0, 3, True)

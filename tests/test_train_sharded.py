@@ -29,7 +29,14 @@ def test_sharded_loop_matches_one_device(tmp_path):
   for a, b in zip(read("one"), read("sharded"), strict=True):
     for k in ("reward/total", "accuracy", "format_rate", "generated_tokens"):
       np.testing.assert_allclose(a[k], b[k], atol=1e-5, err_msg=k)
-    np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-4, atol=1e-6)
-  for a, b in zip(jax.tree.leaves(one.state.params), jax.tree.leaves(sharded.state.params)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(a["loss"], b["loss"], atol=2e-5)  # a near-zero sum of ± terms
+    assert b["compiled_programs"] == 1  # the new state has the old layout: no recompilation
+  # Adam divides by √v: where a gradient is ~0, its last-bit differences between reduction orders
+  # become update differences of up to lr per step (Adam's step is bounded by ~lr). So: nearly every
+  # element to 1e-5, and all within lr × steps.
+  a = np.concatenate([np.ravel(x) for x in jax.tree.leaves(one.state.params)])
+  b = np.concatenate([np.ravel(x) for x in jax.tree.leaves(sharded.state.params)])
+  close = np.isclose(a, b, rtol=1e-4, atol=1e-5)
+  assert close.mean() > 0.995, close.mean()
+  np.testing.assert_allclose(a, b, atol=1e-3 * 2)
   assert any(len(x.sharding.device_set) == 8 for x in jax.tree.leaves(sharded.state.params))

@@ -44,12 +44,20 @@ def judge(params, listener_params, batch, tables, *, graphdef, listener_graphdef
   return parsed.answer[:, 0], parsed.format_ok[:, 0], choice
 
 
+def _gather(x) -> np.ndarray:
+  """The whole global batch's values on this host (per-process rows concatenated in process order)."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 class Evaluator:
   """Greedy both-orders evaluation of a fixed list of held-out pairs (compiled once per shape)."""
 
   def __init__(self, pairs, tokenizer, pipe_cfg: PipelineConfig, sampling: SamplingConfig, graphdef,
-               listener_graphdef, spec: ListenerSpec | None, tables):
-    self.pairs, self.tokenizer, self.tables = list(pairs), tokenizer, tables
+               listener_graphdef, spec: ListenerSpec | None, tables, mesh=None):
+    self.pairs, self.tokenizer, self.tables, self.mesh = list(pairs), tokenizer, tables, mesh
     self.pipe_cfg = dataclasses.replace(pipe_cfg, both_orders=True, num_epochs=1, bad_records="skip")
     self.sampling = dataclasses.replace(sampling, temperature=0.0, num_samples=1)
     self.graphdef, self.listener_graphdef, self.spec = graphdef, listener_graphdef, spec
@@ -66,11 +74,14 @@ class Evaluator:
     from lgrpo_jax.train.loop import pair_grid_of, to_device
     correct = {False: [], True: []}
     formed, contra = [], []
-    for host in make_batches(self.pairs, self.tokenizer, self.pipe_cfg):
-      answer, ok, choice = (np.asarray(a) for a in self._fn(pair_grid_of(host))(
-          params, listener_params, to_device(host), self.tables))
-      for r in np.flatnonzero(host["valid"]):
-        correct[bool(host["swapped"][r])].append(answer[r] == host["labels"][r] + 1)
+    for host in make_batches(self.pairs, self.tokenizer, self.pipe_cfg, process_index=jax.process_index(),
+                             process_count=jax.process_count()):
+      answer, ok, choice = (_gather(a) for a in self._fn(pair_grid_of(host))(
+          params, listener_params, to_device(host, self.mesh), self.tables))
+      # Every process scores every row of the global batch (its rows follow the process order).
+      labels, swapped, valid = (_gather(np.asarray(host[k])) for k in ("labels", "swapped", "valid"))
+      for r in np.flatnonzero(valid):
+        correct[bool(swapped[r])].append(answer[r] == labels[r] + 1)
         formed.append(bool(ok[r]))
         if ok[r] and self.spec is not None:
           contra.append(choice[r] != answer[r])

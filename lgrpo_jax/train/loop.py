@@ -40,6 +40,7 @@ from lgrpo_jax.data.pipeline import PipelineConfig, make_batches
 from lgrpo_jax.grpo.update import make_optimizer
 from lgrpo_jax.listener import ListenerSpec
 from lgrpo_jax.rewards import ByteTable
+from lgrpo_jax.sharding import on_mesh, put, state_shardings
 from lgrpo_jax.models.qwen2_5_vl.flops import grpo_step_flops
 from lgrpo_jax.train.metrics import MetricSinks, measured_matmul_tflops
 from lgrpo_jax.train.step import Batch, StepConfig, Tables, TrainState, init_state, make_train_step
@@ -102,9 +103,8 @@ def pair_grid_of(batch: dict) -> tuple:
 
 def place(params, mesh):
   """Parameters laid out on `mesh` by the rules table (already-placed arrays are not copied)."""
-  from lgrpo_jax.sharding import state_shardings
   shardings = state_shardings(params, mesh)
-  return jax.tree.map(lambda v, s: v.replace(jax.device_put(v.get_value(), s)), params, shardings,
+  return jax.tree.map(lambda v, s: v.replace(put(v.get_value(), s)), params, shardings,
                       is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
@@ -118,11 +118,10 @@ class Trainer:
                mesh=None):
     """With `mesh` (sharding.make_mesh), every parameter and optimizer-state array is laid out by
     the rules table (FSDP / tensor / data axes) and batch rows are split over the data axes;
-    without, everything lives on the default device. One process only (multi-host: see
-    docs/training.md)."""
-    if jax.process_count() > 1:
-      raise NotImplementedError("the training loop runs in one process (one or many local devices); "
-                                "multi-host training is not built yet")
+    without, everything lives on the default device. With several processes (multi-host) a mesh
+    is required: each process feeds its own rows of every global batch."""
+    if jax.process_count() > 1 and mesh is None:
+      raise ValueError("several processes: the Trainer needs a mesh over all their devices (sharding.make_mesh)")
     self.mesh = mesh
     self.run_dir = os.path.abspath(os.fspath(run_dir))
     os.makedirs(self.run_dir, exist_ok=True)
@@ -141,13 +140,20 @@ class Trainer:
       self.ref_params, self.listener_params = place(self.ref_params, mesh), place(self.listener_params, mesh)
     self.tx = make_optimizer(step_cfg.optim, params)
     self.state = init_state(params, self.tx, loop_cfg.seed)
+    self.state_shardings = None
+    if mesh is not None:  # scalars (step, key, optimizer counts) replicated on the mesh like the outputs
+      self.state = on_mesh(self.state, mesh)
+      self.state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
     bt = ByteTable.from_tokenizer(tokenizer)
     if bt.truncated:
       log.warning("%d tokens are longer than the byte table's width; their tails are ignored by parsing",
                   bt.truncated)
     self.tables = Tables(jnp.asarray(bt.table), jnp.asarray(bt.lengths))
+    if mesh is not None:
+      self.tables = on_mesh(self.tables, mesh)
     self.spec = ListenerSpec.from_tokenizer(tokenizer, pipe_cfg.prompt)
-    self.batches = make_batches(pairs, tokenizer, dataclasses.replace(pipe_cfg, seed=loop_cfg.seed))
+    self.batches = make_batches(pairs, tokenizer, dataclasses.replace(pipe_cfg, seed=loop_cfg.seed),
+                                process_index=jax.process_index(), process_count=jax.process_count())
     self._steps: dict = {}
     self.manager = ocp.CheckpointManager(
         os.path.join(self.run_dir, "checkpoints"),
@@ -160,9 +166,9 @@ class Trainer:
       from lgrpo_jax.train.evaluation import Evaluator
       self.evaluator = Evaluator(eval_pairs, tokenizer, pipe_cfg, step_cfg.sampling, self.graphdef,
                                  self.listener_graphdef, self.spec if step_cfg.rewards.needs_listener else None,
-                                 self.tables)
+                                 self.tables, mesh)
     self._stop = False
-    if config_record is not None:
+    if config_record is not None and jax.process_index() == 0:
       with open(os.path.join(self.run_dir, "config.json"), "w") as f:
         json.dump(config_record, f, indent=2, default=str)
     self.resumed_from = self._restore()
@@ -202,6 +208,8 @@ class Trainer:
       t = restored["state"]
       self.state = TrainState(t["params"], t["opt_state"], jnp.asarray(t["step"], jnp.int32),
                               jax.random.wrap_key_data(t["key"]))
+      if self.state_shardings is not None:
+        self.state = jax.tree.map(put, self.state, self.state_shardings)
       self.batches.set_state(restored["data"])
       self._drop_metrics_after(step)
       log.info("resumed from %s/checkpoints/%d", self.run_dir, step)
@@ -210,7 +218,7 @@ class Trainer:
 
   def _drop_metrics_after(self, step: int) -> None:
     path = os.path.join(self.run_dir, "metrics.jsonl")
-    if os.path.isfile(path):
+    if os.path.isfile(path) and jax.process_index() == 0:
       keep = [line for line in open(path) if line.strip() and json.loads(line).get("step", 0) <= step]
       with open(path, "w") as f:
         f.writelines(keep)
@@ -219,7 +227,7 @@ class Trainer:
   def _step_fn(self, pair_grid):
     if pair_grid not in self._steps:
       self._steps[pair_grid] = make_train_step(self.graphdef, self.listener_graphdef, self.tx, self.step_cfg,
-                                               self.spec, pair_grid)
+                                               self.spec, pair_grid, self.state_shardings)
     return self._steps[pair_grid]
 
   def _mesh_ctx(self):

@@ -15,10 +15,12 @@ both roles.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import time
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -156,16 +158,16 @@ class Teacher:
   """Target completions for a host batch (as the pipeline shows the pairs)."""
 
   def __init__(self, cfg: SFTConfig, n_wrong: int = 1, seed: int = 0):
-    self.cfg, self.n_wrong = cfg, n_wrong
-    self.rng = np.random.default_rng([seed, 7])
+    self.cfg, self.n_wrong, self.seed = cfg, n_wrong, seed
     self.targets = read_targets(cfg.targets_path) if cfg.teacher == "targets" else None
 
-  def __call__(self, host: dict) -> list[str]:
+  def __call__(self, host: dict, step: int = 0) -> list[str]:
     texts = []
     for pid, label, swapped in zip(host["pair_ids"], host["labels"], host["swapped"]):
       if self.targets is None:
-        texts.append(synthetic_target(pid, int(label), self.n_wrong,
-                                      bool(self.rng.random() < self.cfg.teacher_accuracy)))
+        # The judge's coin depends on (seed, step, pair) only: the same on any number of processes.
+        coin = np.random.default_rng([self.seed, step, zlib.crc32(pid.encode())]).random()
+        texts.append(synthetic_target(pid, int(label), self.n_wrong, bool(coin < self.cfg.teacher_accuracy)))
       elif pid not in self.targets:
         raise ValueError(f"{self.cfg.targets_path}: no target for pair {pid!r}")
       else:
@@ -174,14 +176,15 @@ class Teacher:
 
 
 def run_sft(model, tokenizer, pairs, cfg: SFTConfig, pipe_cfg, run_dir: str, *, seed: int = 0,
-            n_wrong: int = 1, end_token: str = "<|im_end|>", say=print):
+            n_wrong: int = 1, end_token: str = "<|im_end|>", say=print, mesh=None):
   """The warm-start stage: `cfg.steps` steps on the teacher's targets, then the parameters are saved
   to RUN_DIR/sft (Orbax) with RUN_DIR/sft_metrics.jsonl. A run directory that already has RUN_DIR/sft
   loads it instead (so a resumed run does not repeat the stage). Updates `model` in place."""
   import orbax.checkpoint as ocp
 
   from lgrpo_jax.data.pipeline import make_batches
-  from lgrpo_jax.train.loop import pair_grid_of, to_device
+  from lgrpo_jax.sharding import global_batch_array
+  from lgrpo_jax.train.loop import host_scalar, pair_grid_of, to_device
 
   path = os.path.join(os.path.abspath(run_dir), "sft")
   graphdef, params = nnx.split(model, nnx.Param)
@@ -196,26 +199,34 @@ def run_sft(model, tokenizer, pairs, cfg: SFTConfig, pipe_cfg, run_dir: str, *, 
   spec = ListenerSpec.from_tokenizer(tokenizer, pipe.prompt) if cfg.listener_weight > 0 else None
   tx = optax.adamw(cfg.learning_rate)
   opt_state = tx.init(params)
+  if mesh is not None:
+    from lgrpo_jax.sharding import on_mesh
+    opt_state = on_mesh(opt_state, mesh)
   teacher = Teacher(cfg, n_wrong, seed)
   steps: dict = {}
-  batches = make_batches(pairs, tokenizer, pipe)
+  batches = make_batches(pairs, tokenizer, pipe, process_index=jax.process_index(),
+                         process_count=jax.process_count())
+  put = (lambda a: jnp.asarray(a)) if mesh is None else (lambda a: global_batch_array(np.asarray(a), mesh))
   t0 = time.perf_counter()
-  with open(os.path.join(run_dir, "sft_metrics.jsonl"), "w") as log_file:
+  primary = jax.process_index() == 0
+  with open(os.path.join(run_dir, "sft_metrics.jsonl") if primary else os.devnull, "w") as log_file:
     for s in range(1, cfg.steps + 1):
       host = next(batches)
       grid = pair_grid_of(host)
       if grid not in steps:
         steps[grid] = make_sft_step(graphdef, tx, grid, listener_spec=spec, listener_weight=cfg.listener_weight)
-      texts = [t + end_token for t in teacher(host)]
+      texts = [t + end_token for t in teacher(host, s)]
       tokens, mask = target_tokens(tokenizer, texts, cfg.max_target_tokens)
-      params, opt_state, loss, parts = steps[grid](params, opt_state, to_device(host), jnp.asarray(tokens),
-                                                   jnp.asarray(mask))
+      with (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
+        params, opt_state, loss, parts = steps[grid](params, opt_state, to_device(host, mesh), put(tokens),
+                                                     put(mask))
       if s % cfg.log_every == 0 or s == cfg.steps:
-        row = {"step": s, "loss": float(loss), **{k: float(v) for k, v in parts.items()},
+        row = {"step": s, "loss": host_scalar(loss), **{k: host_scalar(v) for k, v in parts.items()},
                "time": time.perf_counter() - t0}
         log_file.write(json.dumps(row) + "\n")
         log_file.flush()
-        say(f"warm start {s}/{cfg.steps}  loss {row['loss']:.4f}  ({row['time']:.0f} s)")
+        if primary:
+          say(f"warm start {s}/{cfg.steps}  loss {row['loss']:.4f}  ({row['time']:.0f} s)")
   ckpt.save(path, params)
   ckpt.wait_until_finished()
   nnx.update(model, params)

@@ -119,12 +119,20 @@ def train_step(state: TrainState, ref_params, listener_params, batch: Batch, tab
   return TrainState(params, opt_state, state.step + 1, key), metrics
 
 
-def make_train_step(graphdef, listener_graphdef, tx, cfg: StepConfig, spec: ListenerSpec | None, pair_grid):
+def make_train_step(graphdef, listener_graphdef, tx, cfg: StepConfig, spec: ListenerSpec | None, pair_grid,
+                    state_shardings=None):
   """The jitted step for one image-grid signature: (state, ref_params, listener_params, batch,
-  tables) → (state, metrics); the state is donated. One compiled program per batch shape."""
+  tables) → (state, metrics); the state is donated. One compiled program per batch shape.
+
+  `state_shardings` (on a mesh): the new state is laid out exactly like the old one (metrics
+  replicated), so the next step finds the same input layout and does not recompile."""
   fn = functools.partial(train_step, graphdef=graphdef, listener_graphdef=listener_graphdef, tx=tx, cfg=cfg,
                          spec=spec, pair_grid=tuple(map(tuple, pair_grid)))
-  return jax.jit(fn, donate_argnums=(0,))
+  if state_shardings is None:
+    return jax.jit(fn, donate_argnums=(0,))
+  mesh = jax.tree.leaves(state_shardings)[0].mesh
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.jit(fn, donate_argnums=(0,), out_shardings=(state_shardings, replicated))
 
 
 def init_state(params, tx, seed: int) -> TrainState:
