@@ -3,11 +3,14 @@
 
   python -m lgrpo_jax.launch --config configs/demo.py [loop.steps=20 …]
 
-1. Warm start (SFT, 400 steps): a scripted judge that describes each image's background and says
-   which one fits the prompt ("Image 1: black background, yes. Image 2: white background, no.") —
-   always rightly — but whose final answer is right only 40% of the time and otherwise "Image 1": a
-   position-biased judge whose answers contradict its own reasoning, like an instruct model that
-   knows the format but judges poorly. The same step teaches the listener role (read the reasoning
+The task (data.synthetic_n_wrong=0): both images show what the prompt asks for ("a red circle on a
+black background"), but one has a strong magenta colour cast; people prefer the clean one.
+
+1. Warm start (SFT, 300 steps): a scripted judge that says of each image whether it is clean and
+   acceptable ("Image 1: tinted, no. Image 2: clean, yes.") — always rightly — but whose final
+   answer is right only 20% of the time and otherwise "Image 1": a position-biased judge whose
+   answers contradict its own reasoning, like an instruct model that knows the format but judges
+   poorly. The same step teaches the listener role (read the reasoning
    with the answer removed, say which image), so the frozen listener — the warm-started model, as
    the paper's listener is the base checkpoint — follows the reasoning. Greedy held-out accuracy
    after it: ~0.5 (it answers "Image 1"), with a high contradiction rate.
@@ -18,21 +21,22 @@
 from lgrpo_jax.config import (DataConfig, ExperimentConfig, ImageConfig, LoopConfig, LossConfig, ModelConfig,
                               OptimConfig, PipelineConfig, SamplingConfig, SFTConfig, StepConfig)
 
-TOKENS = 48  # the scripted judgements are ~40 tokens of the tiny tokenizer
+TOKENS = 48  # the scripted judgements are ~26 tokens of the tiny tokenizer; room to ramble
 
 
 def config() -> ExperimentConfig:
   return ExperimentConfig(
       run_dir="runs/demo",
       model=ModelConfig(preset="tiny"),  # random weights, the tiny local tokenizer
-      # n_wrong=3: the other image differs in colour, shape and background (the judge describes the
-      # background, the easiest attribute for a tiny vision tower to see at 56 px).
-      data=DataConfig(source="synthetic", synthetic_pairs=1024, synthetic_image_size=56, synthetic_n_wrong=3,
+      # n_wrong=0: an image-quality judgement (a colour cast), which a 2-layer vision tower learns to
+      # see within ~150 steps; prompt-matching judgements (n_wrong ≥ 1) need the model to compare
+      # prompt words with what it sees, which took it 250 to > 400 steps (docs/training.md).
+      data=DataConfig(source="synthetic", synthetic_pairs=1024, synthetic_image_size=56, synthetic_n_wrong=0,
                       eval_pairs=32),
       pipeline=PipelineConfig(global_batch=8, length_buckets=(256,),
                               image=ImageConfig(min_pixels=56 * 56, max_pixels=56 * 56)),
-      sft=SFTConfig(steps=400, learning_rate=3e-3, global_batch=16, max_target_tokens=TOKENS,
-                    teacher="synthetic", teacher_accuracy=0.4, listener_weight=1.0),
+      sft=SFTConfig(steps=300, learning_rate=3e-3, global_batch=16, max_target_tokens=TOKENS,
+                    teacher="synthetic", teacher_accuracy=0.2, listener_weight=1.0),
       step=StepConfig(
           # eos_ids left empty: the launcher takes the tokenizer's end-of-turn ids
           sampling=SamplingConfig(max_new_tokens=TOKENS, num_samples=8, temperature=1.0),

@@ -3,7 +3,9 @@
 Each pair has a prompt "a <colour> <shape> on a <background> background" and two procedurally drawn
 images, one that satisfies the prompt and one that does not; which one comes first is random. The
 wrong image differs in `n_wrong` attributes (1 = hard: only the colour, or only the shape, or only
-the background is off; 3 = easy). Position and size jitter add nuisance variation. Everything is a
+the background is off; 3 = easy). `n_wrong=0` is an image-quality judgement instead: both images
+show what the prompt asks for, but the other one has a strong magenta colour cast. Position and
+size jitter add nuisance variation. Everything is a
 pure function of (seed, index), so the same seed always gives the same pairs, on any machine.
 """
 
@@ -50,6 +52,8 @@ def _attributes(rng: np.random.Generator, n_wrong: int) -> tuple[dict, dict]:
   background = str(rng.choice(list(BACKGROUNDS)))
   right = {"colour": colour, "shape": shape, "background": background}
   wrong = dict(right)
+  if n_wrong == 0:  # same content; the other image has a colour cast
+    return {**right, "quality": "clean"}, {**wrong, "quality": "tinted"}
   for attr in rng.permutation(["colour", "shape", "background"])[:max(1, min(3, n_wrong))]:
     options = {"colour": list(COLOURS), "shape": list(SHAPES), "background": list(BACKGROUNDS)}[attr]
     wrong[attr] = str(rng.choice([o for o in options if o != wrong[attr]]))
@@ -67,7 +71,11 @@ def synthetic_pair(index: int, seed: int = 0, n_wrong: int = 1, image_size: int 
   right, wrong = _attributes(rng, n_wrong)
   colour, shape, background = right["colour"], right["shape"], right["background"]
   good = _png(draw(colour, shape, background, image_size, rng))
-  bad = _png(draw(wrong["colour"], wrong["shape"], wrong["background"], image_size, rng))
+  bad_img = draw(wrong["colour"], wrong["shape"], wrong["background"], image_size, rng)
+  if n_wrong == 0:  # half-way to magenta: a cast no clean image has on its background
+    tinted = 0.5 * np.asarray(bad_img, np.float32) + 0.5 * np.array([255, 0, 255], np.float32)
+    bad_img = Image.fromarray(tinted.astype(np.uint8))
+  bad = _png(bad_img)
   label = int(rng.integers(2))  # index of the preferred image
   images = (bad, good) if label else (good, bad)
   return PreferencePair(f"synthetic-{seed}-{index}", f"a {colour} {shape} on a {background} background",

@@ -113,25 +113,26 @@ class SFTConfig:
       raise ValueError(f"sft.teacher_accuracy={self.teacher_accuracy} must be in [0, 1]")
 
 
-DESCRIBED = ("background", "colour", "shape")  # the first attribute that tells the images apart
+DESCRIBED = ("quality", "background", "colour", "shape")  # the first attribute that tells them apart
 
 
 def synthetic_target(pair_id: str, label: int, n_wrong: int, correct: bool) -> str:
   """The scripted judge's completion for a synthetic pair as shown (label = the preferred image's
   position): "<think>Image 1: black background, yes. Image 2: white background, no.</think>
-  <answer>Image 1</answer>" — the descriptions and verdicts are right; the answer is right when
-  `correct`, else "Image 1"."""
+  <answer>Image 1</answer>" (for n_wrong=0: "Image 1: clean, yes. Image 2: tinted, no.") — the
+  descriptions and verdicts are right; the answer is right when `correct`, else "Image 1"."""
   from lgrpo_jax.data.synthetic import pair_attributes
   try:
     _, seed, index = pair_id.rsplit("-", 2)
     good, bad = pair_attributes(int(index), int(seed), n_wrong)
   except ValueError:
     raise ValueError(f"sft.teacher='synthetic' needs synthetic pairs; got pair id {pair_id!r}") from None
-  attr = next(a for a in DESCRIBED if good[a] != bad[a])
+  attr = next(a for a in DESCRIBED if a in good and good[a] != bad[a])
   shown = (good, bad) if label == 0 else (bad, good)
   verdict = ("yes", "no") if label == 0 else ("no", "yes")
   answer = label + 1 if correct else 1
-  return (f"<think>Image 1: {shown[0][attr]} {attr}, {verdict[0]}. Image 2: {shown[1][attr]} {attr}, "
+  what = (lambda a: a[attr]) if attr == "quality" else (lambda a: f"{a[attr]} {attr}")
+  return (f"<think>Image 1: {what(shown[0])}, {verdict[0]}. Image 2: {what(shown[1])}, "
           f"{verdict[1]}.</think><answer>Image {answer}</answer>")
 
 
