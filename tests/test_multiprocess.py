@@ -25,17 +25,21 @@ def run_check(n_proc: int, out, extra=()):
     env.pop(k, None)
   base = [sys.executable, "-m", "lgrpo_jax.check", "--mesh.fsdp", "4", "--mesh.tensor", "2",
           "--out", str(out), *extra]
+  return spawn(base, n_proc, env, timeout=300)
+
+
+def spawn(base, n_proc: int, env, timeout: int):
+  """Run `base` as one process, or as n_proc processes joined on loopback; their stdouts."""
   if n_proc > 1:
     port = free_port()
-    procs = [subprocess.Popen(base + ["--coordinator", f"127.0.0.1:{port}", "--num-processes",
-                                      str(n_proc), "--process-id", str(i)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for i in range(n_proc)]
+    base = base + ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(n_proc)]
+    procs = [subprocess.Popen(base + ["--process-id", str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env) for i in range(n_proc)]
   else:
     procs = [subprocess.Popen(base, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)]
   outs = []
   for p in procs:
-    stdout, stderr = p.communicate(timeout=300)
+    stdout, stderr = p.communicate(timeout=timeout)
     assert p.returncode == 0, stderr[-3000:]
     outs.append(stdout)
   return outs
@@ -105,19 +109,7 @@ def run_launch(n_proc: int, run_dir, tok_overrides=()):
           "step.sampling.max_new_tokens=6", "loop.steps=2", "loop.eval_every=2", "loop.eval_at_start=false",
           "data.eval_pairs=2",
           "data.synthetic_pairs=16", "loop.save_every=2", *tok_overrides]
-  if n_proc > 1:
-    port = free_port()
-    base += ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(n_proc)]
-    procs = [subprocess.Popen(base + ["--process-id", str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env=env) for i in range(n_proc)]
-  else:
-    procs = [subprocess.Popen(base, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)]
-  outs = []
-  for p in procs:
-    stdout, stderr = p.communicate(timeout=600)
-    assert p.returncode == 0, stderr[-3000:]
-    outs.append(stdout)
-  return outs
+  return spawn(base, n_proc, env, timeout=600)
 
 
 def test_training_two_processes_equal_one(tmp_path):
