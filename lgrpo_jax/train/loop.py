@@ -77,14 +77,14 @@ def to_device(batch: dict, mesh=None) -> Batch:
   rule) and each process contributes its own rows of the global batch."""
   n = batch["input_ids"].shape[0]
   if mesh is None:
-    put = jnp.asarray
+    arr = jnp.asarray
   else:
     from lgrpo_jax.sharding import global_batch_array
-    put = lambda a: global_batch_array(np.asarray(a), mesh)
-  opt = lambda k: put(batch[k]) if k in batch else None
-  return Batch(put(batch["input_ids"]), put(batch["attention_mask"]),
-               put(np.asarray(batch["pixel_values"]).reshape(n, -1, batch["pixel_values"].shape[-1])),
-               put(batch["labels"]), put(batch["valid"]), opt("listener_input_ids"),
+    arr = lambda a: global_batch_array(np.asarray(a), mesh)
+  opt = lambda k: arr(batch[k]) if k in batch else None
+  return Batch(arr(batch["input_ids"]), arr(batch["attention_mask"]),
+               arr(np.asarray(batch["pixel_values"]).reshape(n, -1, batch["pixel_values"].shape[-1])),
+               arr(batch["labels"]), arr(batch["valid"]), opt("listener_input_ids"),
                opt("listener_attention_mask"))
 
 
