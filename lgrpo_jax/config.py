@@ -189,6 +189,41 @@ def to_record(cfg) -> Any:
   return cfg
 
 
+def from_record(record: dict, cls=ExperimentConfig):
+  """The config a run wrote to RUN_DIR/config.json (`to_record`), rebuilt with its types; keys this
+  version does not know are an error naming them."""
+  if not isinstance(record, dict):
+    raise ConfigError(f"{cls.__name__}: expected a JSON object, got {type(record).__name__}")
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  unknown = sorted(set(record) - set(fields))
+  if unknown:
+    raise ConfigError(f"{cls.__name__}: unknown keys {unknown} (written by another version?)")
+  hints = typing.get_type_hints(cls)
+  kwargs = {name: _from_json(value, hints[name], f"{cls.__name__}.{name}") for name, value in record.items()}
+  try:
+    return cls(**kwargs)
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"{cls.__name__}: {e}") from None
+
+
+def _from_json(value, kind, key: str):
+  if dataclasses.is_dataclass(kind):
+    return from_record(value, kind)
+  origin, args = typing.get_origin(kind), typing.get_args(kind)
+  if origin in (typing.Union, types.UnionType):
+    if value is None:
+      return None
+    options = [a for a in args if a is not type(None)]
+    return _from_json(value, options[0], key) if len(options) == 1 else value
+  if origin is tuple and isinstance(value, list):
+    if len(args) == 2 and args[1] is Ellipsis:
+      return tuple(_from_json(v, args[0], key) for v in value)
+    if args and len(args) == len(value):
+      return tuple(_from_json(v, a, key) for v, a in zip(value, args))
+    return tuple(value)
+  return value
+
+
 __all__ = ["DataConfig", "ExperimentConfig", "ImageConfig", "LoopConfig", "LossConfig", "MeshConfig",
            "ModelConfig", "OptimConfig", "PipelineConfig", "PromptConfig", "RewardConfig", "SamplingConfig",
-           "SFTConfig", "StepConfig", "apply_overrides", "load_config_file", "to_record"]
+           "SFTConfig", "StepConfig", "apply_overrides", "from_record", "load_config_file", "to_record"]

@@ -130,9 +130,9 @@ def main(argv=None) -> int:
 
   from lgrpo_jax.train import Trainer
   if not cfg.step.sampling.eos_ids:  # default: the tokenizer's end-of-turn / end-of-text ids
-    ends = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")} - {None, tokenizer.unk_token_id}
+    from lgrpo_jax.data.prompts import end_of_turn_ids
     cfg = dataclasses.replace(cfg, step=dataclasses.replace(
-        cfg.step, sampling=dataclasses.replace(cfg.step.sampling, eos_ids=tuple(sorted(ends)))))
+        cfg.step, sampling=dataclasses.replace(cfg.step.sampling, eos_ids=end_of_turn_ids(tokenizer))))
   os.makedirs(cfg.run_dir, exist_ok=True)
   if cfg.sft.steps:  # the warm start; the listener and reference default to its result
     from lgrpo_jax.train.sft import run_sft

@@ -65,6 +65,32 @@ def plot(run_dir: str, out: str | None = None) -> str:
   return out
 
 
+def bars(panels, out: str, width: int = 900, height: int = 240) -> str:
+  """Horizontal bars in [0, 1], one panel per (title, [(label, value or None), ...]), as a PNG."""
+  img = Image.new("RGB", (width, height * len(panels)), "white")
+  d = ImageDraw.Draw(img)
+  left, right = 220, width - 80
+  for p, (title, rows) in enumerate(panels):
+    top = p * height
+    d.text((PAD, top + 12), title, fill="black")
+    step = (height - 2 * PAD) / max(len(rows), 1)
+    x = lambda v: left + v * (right - left)
+    for k in (0.0, 0.5, 1.0):  # the axis: 0, chance, 1
+      d.line([(x(k), top + PAD - 6), (x(k), top + height - PAD + 6)], fill=(200, 200, 200))
+      d.text((x(k) - 8, top + height - PAD + 8), f"{k:g}", fill=(120, 120, 120))
+    for r, (label, value) in enumerate(rows):
+      y = top + PAD + r * step
+      d.text((PAD, y + step / 2 - 6), str(label), fill="black")
+      if value is None:
+        d.text((left + 4, y + step / 2 - 6), "n/a", fill=(120, 120, 120))
+        continue
+      v = min(max(float(value), 0.0), 1.0)
+      d.rectangle([left, y + 4, x(v), y + step - 4], fill=(60, 110, 200))
+      d.text((x(v) + 6, y + step / 2 - 6), f"{float(value):.3f}", fill="black")
+  img.save(out)
+  return out
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(prog="python -m lgrpo_jax.plot", description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -61,6 +61,33 @@ def test_short_run_writes_config_and_metrics(tmp_path):
   assert [m["step"] for m in lines] == [0, 1, 2]  # held-out evaluation before the first step
   assert "eval/accuracy" in lines[0] and "eval/accuracy" in lines[-1] and (tmp_path / "curves.png").is_file()
   assert [json.loads(x)["step"] for x in open(tmp_path / "sft_metrics.jsonl")] == [1]
+  evaluate_the_run(tmp_path, lines[-1])
+
+
+def evaluate_the_run(run_dir, last_eval):
+  """`python -m lgrpo_jax.evaluate --checkpoint RUN_DIR`: the latest policy parameters, the warm start
+  as listener, the run's prompt and sampling settings — the held-out numbers of training's last
+  evaluation come out again."""
+  import jax
+  import numpy as np
+  import orbax.checkpoint as ocp
+  from flax import nnx
+
+  from lgrpo_jax import evaluate
+  args = evaluate.build_parser().parse_args(["--checkpoint", str(run_dir), "--data", "synthetic:2"])
+  loaded = evaluate.load(args, mesh=None)
+  saved = ocp.PyTreeCheckpointer().restore(str(run_dir / "checkpoints" / "2" / "state"))
+  sft = ocp.PyTreeCheckpointer().restore(str(run_dir / "sft"))
+  unwrap = lambda t: t["value"] if set(t) == {"value"} else {k: unwrap(v) for k, v in t.items()}
+  for model, ref in ((loaded.model, unwrap(saved["params"])), (loaded.listener, unwrap(sft))):
+    ours = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), ours, ref)
+  assert loaded.checkpoint["step"] == 2
+  assert evaluate.main(["--checkpoint", str(run_dir), "--data", "synthetic:2", "--quiet"]) == 0
+  m = json.load(open(run_dir / "eval" / "synthetic-2" / "summary.json"))["metrics"]
+  for k in ("accuracy", "accuracy_as_given", "accuracy_swapped", "format_rate"):
+    assert m[k] == pytest.approx(last_eval[f"eval/{k}"])
+  assert evaluate.main(["--checkpoint", str(run_dir), "--data", "synthetic:2", "--step", "1"]) == 2
 
 
 @pytest.mark.parametrize("name", ["demo.py", "qwen2_5_vl_3b_hpdv2.py", "qwen2_5_vl_7b_hpdv2.py"])

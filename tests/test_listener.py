@@ -159,3 +159,44 @@ def test_reasoning_reads_as_written_when_the_tag_merges_with_it(setup):
     arr = np.asarray([joint + [0] * 3], np.int32)
     seen, keep = reasoning_view(jnp.asarray(arr), jnp.asarray([len(joint)]), spec)
     assert tok.decode(np.asarray(seen)[0][np.asarray(keep)[0]]) == cot
+
+
+def test_answer_slot_probability_is_the_reasoners_own_at_the_choice_token(setup):
+  """The evaluation's soft score: the reasoner re-reads [its prompt | its reasoning | "<answer>Image "];
+  equal to transformers' next-token softmax at the choice slot of the completion as written."""
+  from lgrpo_jax.data.prompts import reasoner_ids
+  from lgrpo_jax.evaluation import answer_slot_spec
+  tok, hf, model, _ = setup
+  self_spec = answer_slot_spec(tok)
+  sizes = [[(56, 84), (84, 56)], [(56, 56), (112, 56)]]
+  prompts, pixels, grids = [], [], []
+  for k, pair in enumerate(sizes):
+    outs = [process_image(im) for im in images(pair, 10 + k)]
+    pixels += [p for p, _ in outs]
+    grids += [g for _, g in outs]
+    prompts.append(reasoner_ids(tok, f"prompt number {k}", [g for _, g in outs]))
+  width = max(map(len, prompts)) + 2
+  ids = np.zeros((2, width), np.int32)
+  mask = np.zeros_like(ids)
+  for r, p in enumerate(prompts):
+    ids[r, width - len(p):], mask[r, width - len(p):] = p, 1
+  pixels, grid = np.concatenate(pixels), static_grid(grids)
+  toks, lens = zip(*(completions(tok, ans, 60) for ans in ([1, 2, 1], [2, 1, 2])))
+  toks, lens = np.stack(toks), np.stack(lens)
+  probs = np.asarray(jax.jit(lambda *a: listener_probs(model, *a[:3], grid, *a[3:], self_spec))(
+      jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(pixels), jnp.asarray(toks), jnp.asarray(lens)))
+  per_img = np.split(pixels, np.cumsum([int(np.prod(g)) for g in grid])[:-1])
+  for b in range(2):
+    for g in range(3):
+      row = toks[b, g, :lens[b, g]]
+      # where the choice token sits in the completion as written: after the suffix ids
+      n = len(self_spec.suffix_ids)
+      at = next(k for k in range(len(row)) if tuple(row[k - n:k]) == self_spec.suffix_ids
+                and row[k] in self_spec.choice_ids)
+      seq = np.concatenate([prompts[b], row[:at]])[None]
+      batch = {"input_ids": seq.astype(np.int64), "attention_mask": np.ones_like(seq, np.int64),
+               "mm_token_type_ids": (seq == model.config.image_token_id).astype(np.int64),
+               "pixel_values": np.concatenate(per_img[2 * b:2 * b + 2]),
+               "image_grid_thw": np.asarray(grid[2 * b:2 * b + 2], np.int64)}
+      last = hf_logits(hf, batch)[0, -1, list(self_spec.choice_ids)].astype(np.float64)
+      np.testing.assert_allclose(probs[b, g], np.exp(last) / np.exp(last).sum(), atol=1e-5)

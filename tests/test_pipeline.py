@@ -89,10 +89,12 @@ def test_bad_images_skipped_and_counted_batches_stay_full(tok, tmp_path):
   it = make_batches(bad_pairs(tmp_path), tok, cfg)
   batches = list(it)
   assert [len(b["labels"]) for b in batches] == [3, 3]  # 6 good pairs, 2 bad ones skipped
-  assert it.report.skipped["bad_image"] == 2
-  where = " ".join(it.report.examples["bad_image"])
-  assert "pair bad-1 image" in where and "pair bad-2 image" in where
-  assert "missing.png" in where and "broken.png" in where
+  # counted by reason: a file that is not there, and one that does not decode
+  assert it.report.skipped["missing_image"] == 1 and it.report.skipped["bad_image"] == 1
+  assert "pair bad-1 image" in it.report.examples["missing_image"][0]
+  assert "missing.png" in it.report.examples["missing_image"][0]
+  assert "pair bad-2 image" in it.report.examples["bad_image"][0]
+  assert "broken.png" in it.report.examples["bad_image"][0]
 
 
 def test_bad_image_error_policy_names_pair_and_file(tok, tmp_path):
@@ -124,7 +126,7 @@ def test_workers_give_the_same_batches_and_counts(tok, tmp_path, grouped):
   it = make_batches(bad_pairs(tmp_path), tok, dataclass_replace(cfg, worker_count=2))
   got = list(it)
   assert [b["pair_ids"] for b in got] == [b["pair_ids"] for b in ref]
-  assert it.report.skipped["bad_image"] == 2
+  assert it.report.skipped["bad_image"] == 1 and it.report.skipped["missing_image"] == 1
   # resume through worker processes
   first = make_batches(bad_pairs(tmp_path), tok, dataclass_replace(cfg, worker_count=2))
   next(first)
@@ -235,7 +237,8 @@ def test_grouped_bad_data_after_a_good_header_gives_an_invalid_row(tok, tmp_path
   batches = list(it)
   rows = {i: int(v) for b in batches for i, v in zip(b["pair_ids"], b["valid"])}
   assert rows["cut-1"] == 0 and "gone-1" not in rows  # decode failure: placeholder; header failure: skipped
-  assert it.report.skipped["bad_image"] == 2 and it.report.pairs == 5
+  assert it.report.skipped["bad_image"] == 1 and it.report.skipped["missing_image"] == 1
+  assert it.report.pairs == 5
   with pytest.raises(ImageError, match=r"pair (cut-1 image 1|gone-1 image 2) \(.*(cut|gone)\.png\)"):
     list(make_batches(pairs, tok, dataclass_replace(cfg, bad_records="error")))
 

@@ -33,12 +33,20 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+MISSING = "image file not found"
+
+
 class ImageError(ValueError):
   """An image that cannot be used, with the file or record it came from."""
 
   def __init__(self, source: str, reason: str):
     super().__init__(f"{source}: {reason}")
     self.source, self.reason = source, reason
+
+  @property
+  def kind(self) -> str:
+    """The skip reason it is counted under: 'missing_image' or 'bad_image'."""
+    return "missing_image" if self.reason == MISSING else "bad_image"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,7 +138,7 @@ def open_image(src, source: str | None = None) -> Image.Image:
       img = Image.open(io.BytesIO(bytes(src)))
     else:
       if not os.path.isfile(src):
-        raise ImageError(name, "image file not found")
+        raise ImageError(name, MISSING)
       img = Image.open(src)
     img.load()  # decode now: truncated or corrupt data fails here, with the source named
   except ImageError:
@@ -158,7 +166,7 @@ def image_grid(src, cfg: ImageConfig = ImageConfig(), source: str | None = None)
         size = img.size
     else:
       if not os.path.isfile(src):
-        raise ImageError(name, "image file not found")
+        raise ImageError(name, MISSING)
       with Image.open(src) as img:
         size = img.size
   except ImageError:

@@ -52,6 +52,7 @@ class PipelineConfig:
   seed: int = 0
   swap_prob: float = 0.5  # training: random image order, label follows (DESIGN.md §1)
   both_orders: bool = False  # evaluation: every pair as given, then swapped (no shuffle)
+  shuffle: bool = True  # False: the given order (evaluation of (pair, swapped) items)
   num_epochs: int | None = None  # None: repeat forever
   length_buckets: tuple[int, ...] = (256, 512, 1024, 2048, 4096)
   bad_records: str = "error"  # or "skip"
@@ -103,7 +104,7 @@ class Encoder:
     except ImageError as e:
       if self.cfg.bad_records == "error":
         raise
-      return {"skip": "bad_image", "where": e.source, "detail": e.reason}
+      return {"skip": e.kind, "where": e.source, "detail": e.reason}
     return {**_prompts(self.tokenizer, pair.prompt, [ga, gb], self.cfg),
             "pixel_values": np.concatenate([pa, pb]), "grids": [ga, gb],
             "label": np.int32(label), "pair_id": pair.pair_id, "swapped": bool(swap)}
@@ -209,7 +210,7 @@ class _Plan:
     except ImageError as e:
       if self.cfg.bad_records == "error":
         raise
-      return {"index": index, "skip": "bad_image", "where": e.source, "detail": e.reason}
+      return {"index": index, "skip": e.kind, "where": e.source, "detail": e.reason}
     return {"index": index, "swap": swap, "grids": grids}
 
 
@@ -367,7 +368,8 @@ def make_batches(pairs, tokenizer, cfg: PipelineConfig = PipelineConfig(),
   if cfg.both_orders:
     ds = grain.MapDataset.range(2 * len(pairs)).map(_BothOrders(pairs))
   else:
-    ds = grain.MapDataset.source(pairs).shuffle(seed=cfg.seed)
+    ds = grain.MapDataset.source(pairs)
+    ds = ds.shuffle(seed=cfg.seed) if cfg.shuffle else ds
   ds = ds.repeat(cfg.num_epochs)
   report = report if report is not None else Report(cfg.bad_records)
   if cfg.group_by_grid:

@@ -63,6 +63,12 @@ def reasoner_ids(tokenizer, prompt: str, grids, cfg: PromptConfig = PromptConfig
   return np.asarray(tokenizer(expand_image_pads(text, grids, merge_size))["input_ids"], np.int32)
 
 
+def end_of_turn_ids(tokenizer) -> tuple[int, ...]:
+  """The ids that end a completion by default: the tokenizer's EOS and `<|im_end|>`."""
+  ends = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")} - {None, tokenizer.unk_token_id}
+  return tuple(sorted(ends))
+
+
 def choice_tokens(tokenizer, choices=("Image 1", "Image 2")) -> tuple[np.ndarray, tuple[int, int]]:
   """(ids of the common prefix of the two answers, (choice id 1, choice id 2)): tokenise both and
   take the first token where they differ, which must also be where each of them continues alone."""

@@ -41,6 +41,16 @@ class PreferencePair:
   label: int  # 0: images[0] preferred, 1: images[1] preferred
 
 
+@dataclasses.dataclass(frozen=True)
+class Group:
+  """One prompt with N ≥ 2 images and, when people ranked them, their ranks (lower is better, ties
+  allowed): an ImageReward / HPDv2-test record, or one pair of a pair source (ranks (1, 2) or (2, 1))."""
+  group_id: str
+  prompt: str
+  images: tuple  # paths (resolved under the image root) or encoded image bytes
+  ranks: tuple[int, ...] | None = None
+
+
 class Report:
   """Counts of what a source or pipeline left out, and the bad-record policy."""
 
@@ -144,27 +154,36 @@ def _ranking_record(rec, where, path_key, rank_key, root, report):
   return prompt, _resolve(root, paths), ranks
 
 
-def imagereward(path, image_root=None, report: Report | None = None) -> Iterator[PreferencePair]:
-  """ImageReward test.json: every untied pair within a prompt (ties skipped and counted)."""
+def ranked_groups(path, kind: str = "imagereward", image_root=None,
+                  report: Report | None = None) -> Iterator[Group]:
+  """The records of a ranked test file as groups: `kind` 'imagereward' (test.json: id, generations,
+  ranking) or 'hpdv2_test' (test.json: image_path, rank; the group id is the record index)."""
+  keys = {"imagereward": ("generations", "ranking"), "hpdv2_test": ("image_path", "rank")}
+  if kind not in keys:
+    raise ValueError(f"ranked source {kind!r}: choose one of {sorted(keys)}")
   report = report if report is not None else Report()
   path = os.fspath(path)
   for k, rec in enumerate(_load_json_list(path)):
-    rid = rec.get("id", k) if isinstance(rec, dict) else k
-    where = f"{path} record {k} (id {rid})"
-    got = _ranking_record(rec, where, "generations", "ranking", image_root, report)
+    rid = rec.get("id", k) if isinstance(rec, dict) and kind == "imagereward" else k
+    where = f"{path} record {k}" + (f" (id {rid})" if kind == "imagereward" else "")
+    got = _ranking_record(rec, where, *keys[kind], image_root, report)
     if got is not None:
-      yield from _ranked_pairs(rid, *got, report)
+      prompt, images, ranks = got
+      yield Group(str(rid), prompt, tuple(images), tuple(ranks))
+
+
+def imagereward(path, image_root=None, report: Report | None = None) -> Iterator[PreferencePair]:
+  """ImageReward test.json: every untied pair within a prompt (ties skipped and counted)."""
+  report = report if report is not None else Report()
+  for g in ranked_groups(path, "imagereward", image_root, report):
+    yield from _ranked_pairs(g.group_id, g.prompt, g.images, g.ranks, report)
 
 
 def hpdv2_test(path, image_root=None, report: Report | None = None) -> Iterator[PreferencePair]:
   """HPDv2 test.json: every untied pair of a prompt's images by `rank` (lower better)."""
   report = report if report is not None else Report()
-  path = os.fspath(path)
-  for k, rec in enumerate(_load_json_list(path)):
-    where = f"{path} record {k}"
-    got = _ranking_record(rec, where, "image_path", "rank", image_root, report)
-    if got is not None:
-      yield from _ranked_pairs(k, *got, report)
+  for g in ranked_groups(path, "hpdv2_test", image_root, report):
+    yield from _ranked_pairs(int(g.group_id), g.prompt, g.images, g.ranks, report)
 
 
 def hpdv2_train(path, image_root=None, report: Report | None = None, fraction: float = 1.0,

@@ -15,36 +15,22 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from lgrpo_jax.data.pipeline import PipelineConfig, make_batches
-from lgrpo_jax.listener import ListenerSpec, listener_probs
-from lgrpo_jax.models.qwen2_5_vl.rope import get_rope_index
-from lgrpo_jax.rewards import parse
-from lgrpo_jax.sampling import SamplingConfig, sample_from_embeddings
+from lgrpo_jax.evaluation.judge import judge
+from lgrpo_jax.listener import ListenerSpec
+from lgrpo_jax.sampling import SamplingConfig
 
 
-def judge(params, listener_params, batch, tables, *, graphdef, listener_graphdef, sampling: SamplingConfig,
-          spec: ListenerSpec | None, pair_grid):
+def judge_greedy(params, listener_params, batch, tables, *, spec: ListenerSpec | None, **kw):
   """Per row: (answer (B,) in {0,1,2}, well-formed (B,), listener choice (B,) in {1,2} or 0)."""
-  b = batch.input_ids.shape[0]
-  grid = tuple(pair_grid) * b
-  policy = nnx.merge(graphdef, params)
-  pixels = batch.pixel_values.reshape(-1, batch.pixel_values.shape[-1])
-  pos, _ = get_rope_index(batch.input_ids, batch.attention_mask, grid, policy.config)
-  x = policy.embed(batch.input_ids, policy.image_features(pixels, grid))
-  out = sample_from_embeddings(policy, x, pos, batch.attention_mask, sampling, jax.random.key(0))
-  parsed = parse(out.tokens, out.mask, tables.byte_table, tables.byte_lengths)
-  choice = jnp.zeros((b,), jnp.int32)
-  if spec is not None:
-    listener = nnx.merge(listener_graphdef, listener_params)
-    probs = listener_probs(listener, batch.listener_input_ids, batch.listener_attention_mask, pixels, grid,
-                           out.tokens, out.lengths, spec)
-    choice = jnp.argmax(probs[:, 0], -1).astype(jnp.int32) + 1
-  return parsed.answer[:, 0], parsed.format_ok[:, 0], choice
+  out = judge(params, listener_params, batch, tables, jax.random.key(0), spec=spec, self_spec=None, **kw)
+  choice = jnp.argmax(out.p_listener[:, 0], -1).astype(jnp.int32) + 1 if spec is not None else \
+      jnp.zeros(out.answer.shape[:1], jnp.int32)
+  return out.answer[:, 0], out.format_ok[:, 0], choice
 
 
-def _gather(x) -> np.ndarray:
+def gather_rows(x) -> np.ndarray:
   """The whole global batch's values on this host (per-process rows concatenated in process order)."""
   if jax.process_count() == 1:
     return np.asarray(x)
@@ -66,7 +52,7 @@ class Evaluator:
   def _fn(self, pair_grid):
     if pair_grid not in self._fns:
       self._fns[pair_grid] = jax.jit(functools.partial(
-          judge, graphdef=self.graphdef, listener_graphdef=self.listener_graphdef, sampling=self.sampling,
+          judge_greedy, graphdef=self.graphdef, listener_graphdef=self.listener_graphdef, sampling=self.sampling,
           spec=self.spec, pair_grid=pair_grid))
     return self._fns[pair_grid]
 
@@ -76,10 +62,10 @@ class Evaluator:
     formed, contra = [], []
     for host in make_batches(self.pairs, self.tokenizer, self.pipe_cfg, process_index=jax.process_index(),
                              process_count=jax.process_count()):
-      answer, ok, choice = (_gather(a) for a in self._fn(pair_grid_of(host))(
+      answer, ok, choice = (gather_rows(a) for a in self._fn(pair_grid_of(host))(
           params, listener_params, to_device(host, self.mesh), self.tables))
       # Every process scores every row of the global batch (its rows follow the process order).
-      labels, swapped, valid = (_gather(np.asarray(host[k])) for k in ("labels", "swapped", "valid"))
+      labels, swapped, valid = (gather_rows(np.asarray(host[k])) for k in ("labels", "swapped", "valid"))
       for r in np.flatnonzero(valid):
         correct[bool(swapped[r])].append(answer[r] == labels[r] + 1)
         formed.append(bool(ok[r]))
