@@ -44,20 +44,26 @@ def is_checkpoint(path) -> bool:
   return os.path.isfile(os.path.join(path, CONFIG)) and os.path.isdir(os.path.join(path, PARAMS))
 
 
-def load_model(path, *, dtype=None, mesh=None, rules=None) -> Qwen25VL:
-  """Restores a model saved by `save_model`; `dtype` overrides the compute dtype only.
-
-  With a `mesh`, each parameter is restored directly into its shards on that mesh, whatever mesh
-  the checkpoint was saved from (Orbax reshards on restore)."""
+def model_config(path, dtype=None) -> Qwen25VLConfig:
+  """The model config of a checkpoint saved by `save_model` (`dtype` overrides the compute dtype)."""
   path = os.path.abspath(os.fspath(path))
   if not is_checkpoint(path):
     raise CheckpointError(f"{path}: not an lgrpo_jax checkpoint (needs {CONFIG} and {PARAMS}/)")
   with open(os.path.join(path, CONFIG)) as f:
     raw = json.load(f)
   ours = raw.pop("lgrpo_jax", {})
-  cfg = Qwen25VLConfig.from_hf_dict(raw, source=os.path.join(path, CONFIG)).replace(
+  return Qwen25VLConfig.from_hf_dict(raw, source=os.path.join(path, CONFIG)).replace(
       param_dtype=ours.get("param_dtype", "float32"),
       dtype=dtype_name(dtype) if dtype is not None else ours.get("dtype", "float32"))
+
+
+def load_model(path, *, dtype=None, mesh=None, rules=None) -> Qwen25VL:
+  """Restores a model saved by `save_model`; `dtype` overrides the compute dtype only.
+
+  With a `mesh`, each parameter is restored directly into its shards on that mesh, whatever mesh
+  the checkpoint was saved from (Orbax reshards on restore)."""
+  path = os.path.abspath(os.fspath(path))
+  cfg = model_config(path, dtype)
   graphdef, state = abstract_model(cfg)
   if mesh is None:
     target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), nnx.to_pure_dict(state))

@@ -91,15 +91,39 @@ def _load_any(path: str, dtype, mesh):
   raise EvalError(f"{path}: neither a run directory, an lgrpo_jax checkpoint nor a Hugging Face directory")
 
 
-def _restore_params(model, path: str, key: str | None):
-  """A copy of `model` with parameters from an Orbax tree at `path` (under `key`, e.g. the
-  training state's 'params'; the optimizer state is not read)."""
+def _model_config(m, run_dir: str):
+  """The config of a run's model (without reading any weight)."""
+  from lgrpo_jax import checkpoint
+  from lgrpo_jax.data.tokenizer import tiny_model_config
+  from lgrpo_jax.models.qwen2_5_vl.hf import resolve_config
+  if m.checkpoint is None:
+    return resolve_config(tiny_model_config(m.tokenizer or os.path.join(run_dir, "tokenizer")), dtype=m.dtype)
+  if not os.path.isdir(m.checkpoint):
+    raise EvalError(f"the run's model.checkpoint {m.checkpoint!r} is not found (from {run_dir}/config.json)")
+  if checkpoint.is_checkpoint(m.checkpoint):
+    return checkpoint.model_config(m.checkpoint, m.dtype)
+  return resolve_config(m.checkpoint, dtype=m.dtype)
+
+
+def _restore_params(cfg, path: str, key: str | None, mesh):
+  """A model of config `cfg` with parameters read from an Orbax tree at `path` (under `key`, e.g.
+  the training state's 'params': the optimizer state is not read), straight into its shards."""
   import jax
   import orbax.checkpoint as ocp
   from flax import nnx
-  graphdef, params = nnx.split(model, nnx.Param)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params)
-  item = {key: abstract} if key else abstract
+
+  from lgrpo_jax import sharding
+  from lgrpo_jax.models.qwen2_5_vl import Qwen25VL
+  graphdef, params = nnx.split(nnx.eval_shape(lambda: Qwen25VL(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+  pure = nnx.to_pure_dict(params)
+  if mesh is None:
+    single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda _: single, pure)
+  else:
+    shardings = nnx.to_pure_dict(sharding.state_shardings(params, mesh))
+  nnx.replace_by_pure_dict(params, jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), pure, shardings))
+  item = {key: params} if key else params  # the saved nesting: an nnx.State
   args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), item)
   try:
     got = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
@@ -124,30 +148,25 @@ def load(args, mesh) -> Loaded:
 
   import lgrpo_jax
   from lgrpo_jax.config import ExperimentConfig, from_record, load_config_file
-  from lgrpo_jax.data.tokenizer import tiny_model_config
   path = os.path.abspath(args.checkpoint)
   if is_run_dir(path):
     with open(os.path.join(path, "config.json")) as f:
       cfg = from_record(json.load(f))
     m = cfg.model
-    if m.checkpoint is None:
-      tok_dir = m.tokenizer or os.path.join(path, "tokenizer")
-      base = lgrpo_jax.from_config(tiny_model_config(tok_dir), dtype=m.dtype, mesh=mesh)
-    else:
-      tok_dir = m.tokenizer or m.checkpoint
-      base = _load_any(m.checkpoint, m.dtype, mesh)
+    tok_dir = m.tokenizer or (os.path.join(path, "tokenizer") if m.checkpoint is None else m.checkpoint)
+    model_cfg = _model_config(m, path)
     state, step = run_checkpoint(path, args.step, args.best)
-    model = _restore_params(base, state, "params")
+    model = _restore_params(model_cfg, state, "params", mesh)
     listener = None
     if not args.no_listener:  # as in training: the configured listener, else the warm start, else the base
-      if args.listener:
-        listener = _load_any(args.listener, m.dtype, mesh)
-      elif m.listener:
-        listener = _load_any(m.listener, m.dtype, mesh)
+      if args.listener or m.listener:
+        listener = _load_any(args.listener or m.listener, m.dtype, mesh)
       elif os.path.isdir(os.path.join(path, "sft")):
-        listener = _restore_params(base, os.path.join(path, "sft"), None)
+        listener = _restore_params(model_cfg, os.path.join(path, "sft"), None, mesh)
+      elif m.checkpoint is None:  # the tiny preset's initial weights (seeded, as the launcher made them)
+        listener = lgrpo_jax.from_config(model_cfg, mesh=mesh)
       else:
-        listener = base
+        listener = _load_any(m.checkpoint, m.dtype, mesh)
     desc = {"kind": "run", "path": path, "step": step, "state": state}
   else:
     if args.step is not None or args.best:
