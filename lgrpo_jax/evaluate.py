@@ -414,6 +414,11 @@ def evaluate(args) -> int:
     raise EvalError("--samples, --batch and --max-pairs must be ≥ 1")
   if args.batch % jax.process_count():
     raise EvalError(f"--batch {args.batch} is not divisible by {jax.process_count()} processes")
+  source, _, where = args.data.partition(":")
+  if source not in DATA_SOURCES or not where:
+    read_groups(args.data, None, None, None)  # raises the explanation
+  if source != "synthetic" and not os.path.isfile(where):
+    raise EvalError(f"--data {args.data}: file {where} not found")
   if not os.path.exists(args.checkpoint):
     raise EvalError(f"--checkpoint {args.checkpoint}: not found")
   if args.images is not None and not os.path.isdir(args.images):

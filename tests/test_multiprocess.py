@@ -133,3 +133,22 @@ def test_training_two_processes_equal_one(tmp_path):
     if "grad_norm" in ra:
       np.testing.assert_allclose(rb["grad_norm"], ra["grad_norm"], rtol=1e-4)
   assert (tmp_path / "two" / "checkpoints" / "2").is_dir() and (tmp_path / "two" / "sft").is_dir()
+
+  # Multi-host evaluation of that run: two processes judge like one (padding rows in the last batch).
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  for k in (distributed.ENV_COORDINATOR, distributed.ENV_NUM_PROCESSES, distributed.ENV_PROCESS_ID):
+    env.pop(k, None)
+  base = [sys.executable, "-m", "lgrpo_jax.evaluate", "--checkpoint", str(tmp_path / "two"), "--data", "synthetic:3",
+          "--batch", "4", "--max-new-tokens", "8"]
+  outs = spawn(base + ["--out", str(tmp_path / "eval2")], 2, env, timeout=300)
+  assert "accuracy" in outs[0] and "accuracy" not in outs[1]  # process 0 reports and writes
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+  spawn(base + ["--out", str(tmp_path / "eval1")], 1, env, timeout=300)
+  preds = {d: sorted((json.loads(x) for x in open(tmp_path / d / "predictions.jsonl")),
+                     key=lambda r: (r["pair_id"], r["order"])) for d in ("eval1", "eval2")}
+  assert len(preds["eval2"]) == 6
+  for r1, r2 in zip(preds["eval1"], preds["eval2"]):
+    assert (r1["pair_id"], r1["order"], r1["answer"]) == (r2["pair_id"], r2["order"], r2["answer"])
+    assert r1["samples"][0]["text"] == r2["samples"][0]["text"]
+    np.testing.assert_allclose(r1["samples"][0]["p"] + r1["samples"][0]["listener"],
+                               r2["samples"][0]["p"] + r2["samples"][0]["listener"], atol=1e-5)
