@@ -491,6 +491,9 @@ def evaluate(args) -> int:
                       f"{ {k: before.get(k) for k in differ} }); use another --out or remove it")
   previous = [r for r in read_predictions(pred_path)]
   done = {(r["pair_id"], r["order"]) for r in previous if r["pair_id"] in meta}
+  if jax.process_count() > 1:  # every process has read the file before process 0 rewrites it
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("lgrpo_jax.evaluate: predictions read")
   # Rewrite the file without a torn tail, then append.
   if primary:
     with open(cfg_path, "w") as f:

@@ -3,8 +3,9 @@
 For each pair shown as given and swapped, the reasoner writes one greedy completion; it is correct
 when its parsed answer is the preferred image. Reported: accuracy per order and their mean, the
 position-bias gap, the format rate and — with a listener — the contradiction rate among well-formed
-completions. (The full evaluation command, with probability scoring and ranking, is
-`lgrpo_jax.evaluate`.)
+completions. The judge is `lgrpo_jax.evaluation.judge` (greedy, one sample, no answer-slot read);
+the full evaluation command, with probability scoring, sampling and ranking, is
+`python -m lgrpo_jax.evaluate` (docs/evaluation.md).
 """
 
 from __future__ import annotations
