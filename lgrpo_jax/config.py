@@ -38,22 +38,22 @@ class ModelConfig:
   preset: str = "tiny"  # a random model from presets (with the tiny local tokenizer) when no checkpoint
   tokenizer: str | None = None  # default: the checkpoint directory
   listener: str | None = None  # default: the policy's initial weights (the paper: the base checkpoint)
-  dtype: str = "float32"
+  dtype: str = "float32"  # compute dtype: float32 | bfloat16
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   source: str = "synthetic"  # synthetic | hpdv2 | imagereward | rapidata
   path: str | None = None  # the source's file (train.json, test.json, .parquet)
-  image_root: str | None = None
+  image_root: str | None = None  # relative image paths are under this folder
   fraction: float = 1.0  # deterministic subsample (the paper trains on ~16% of HPDv2)
-  synthetic_pairs: int = 256
-  synthetic_image_size: int = 112
-  synthetic_n_wrong: int = 1
+  synthetic_pairs: int = 256  # data.source=synthetic: number of generated pairs
+  synthetic_image_size: int = 112  # synthetic images are this many pixels square
+  synthetic_n_wrong: int = 1  # attributes the worse image gets wrong (0: a colour cast instead)
   # Held-out pairs for `loop.eval_every`: synthetic (a different seed) or any source by file.
   eval_source: str | None = None  # None: synthetic held-out pairs when source is synthetic, else none
-  eval_path: str | None = None
-  eval_image_root: str | None = None
+  eval_path: str | None = None  # the held-out source's file
+  eval_image_root: str | None = None  # its image root
   eval_pairs: int = 64  # at most this many held-out pairs (each judged in both orders)
 
   def __post_init__(self):
@@ -72,7 +72,7 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
-  run_dir: str = "runs/experiment"
+  run_dir: str = "runs/experiment"  # checkpoints, metrics, plots; an existing run resumes
   model: ModelConfig = ModelConfig()
   data: DataConfig = DataConfig()
   pipeline: PipelineConfig = PipelineConfig()
@@ -224,6 +224,101 @@ def _from_json(value, kind, key: str):
   return value
 
 
+def _field_docs(cls) -> dict[str, str]:
+  """Each field's comment in the class source: the comment on its line, else the comment lines
+  right above it."""
+  import inspect
+  import io
+  import re
+  import tokenize
+  src = inspect.getsource(cls)
+  comments: dict[int, str] = {}
+  for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+    if tok.type == tokenize.COMMENT:
+      comments[tok.start[0]] = tok.string.lstrip("#").strip()
+  lines = src.splitlines()
+  out = {}
+  for n, line in enumerate(lines, 1):
+    m = re.match(r"^(\s+)(\w+)\s*:", line)
+    if not m or m.group(2) not in {f.name for f in dataclasses.fields(cls)} or m.group(2) in out:
+      continue
+    if n in comments:
+      out[m.group(2)] = comments[n]
+      continue
+    above, k = [], n - 1
+    while k >= 1 and lines[k - 1].strip().startswith("#"):
+      above.insert(0, comments.get(k, ""))
+      k -= 1
+    out[m.group(2)] = " ".join(above)
+  return out
+
+
+def _show(value) -> str:
+  text = json.dumps(to_record(value), ensure_ascii=False) if not isinstance(value, str) else repr(value)
+  if len(text) > 70:
+    text = text[:67] + "…"
+  return "`" + text.replace("|", "\\|").replace("`", "'") + "`"
+
+
+def _type_name(kind) -> str:
+  text = kind if isinstance(kind, str) else getattr(kind, "__name__", None) or str(kind)
+  return str(text).replace("typing.", "").replace("|", "\\|")
+
+
+def reference() -> str:
+  """docs/configuration.md: every field of ExperimentConfig with its type, default and the comment
+  from the source (regenerate with `python -m lgrpo_jax.config --write docs/configuration.md`)."""
+  out = ["# Configuration reference", "",
+         "Generated from the config classes by `python -m lgrpo_jax.config --write docs/configuration.md`",
+         "(a test fails when this file and the code differ). Set any key in a config file (see `configs/`)",
+         "or on the command line: `python -m lgrpo_jax.launch --config configs/demo.py loop.steps=20",
+         "step.loss.beta=0`; an unknown key or a value of the wrong type is one error naming the key.", ""]
+
+  def section(cls, prefix: str, default) -> None:
+    hints = typing.get_type_hints(cls)
+    docs = _field_docs(cls)
+    rows, subs = [], []
+    for f in dataclasses.fields(cls):
+      value = getattr(default, f.name)
+      key = f"{prefix}{f.name}"
+      if dataclasses.is_dataclass(value):
+        subs.append((type(value), f"{key}.", value))
+        continue
+      rows.append(f"| `{key}` | {_type_name(hints[f.name])} | {_show(value)} | "
+                  f"{docs.get(f.name, '').replace('|', chr(92) + '|')} |")
+    if rows:
+      title = prefix.rstrip(".") or "(top level)"
+      doc = (cls.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
+      doc = "" if doc.startswith(cls.__name__ + "(") else doc  # the dataclass's generated signature
+      out.extend([f"## `{title}` — {cls.__name__}", "", *([doc, ""] if doc else []),
+                  "| key | type | default | meaning |", "|---|---|---|---|", *rows, ""])
+    for sub_cls, sub_prefix, sub_default in subs:
+      section(sub_cls, sub_prefix, sub_default)
+
+  section(ExperimentConfig, "", ExperimentConfig())
+  return "\n".join(out)
+
+
+def main(argv=None) -> int:
+  import argparse
+  ap = argparse.ArgumentParser(prog="python -m lgrpo_jax.config",
+                               description="Print (or --write) the configuration reference.")
+  ap.add_argument("--write", default=None, help="write it to this file (docs/configuration.md)")
+  args = ap.parse_args(argv)
+  text = reference()
+  if args.write:
+    with open(args.write, "w") as f:
+      f.write(text)
+  else:
+    print(text)
+  return 0
+
+
 __all__ = ["DataConfig", "ExperimentConfig", "ImageConfig", "LoopConfig", "LossConfig", "MeshConfig",
            "ModelConfig", "OptimConfig", "PipelineConfig", "PromptConfig", "RewardConfig", "SamplingConfig",
-           "SFTConfig", "StepConfig", "apply_overrides", "from_record", "load_config_file", "to_record"]
+           "SFTConfig", "StepConfig", "apply_overrides", "from_record", "load_config_file", "reference", "to_record"]
+
+
+if __name__ == "__main__":
+  import sys
+  sys.exit(main())

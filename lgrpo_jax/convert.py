@@ -1,13 +1,20 @@
 """Convert between Hugging Face Qwen2.5-VL directories and lgrpo_jax (Orbax) checkpoints.
 
   python -m lgrpo_jax.convert to-jax HF_DIR OUT_DIR [--dtype float32|bfloat16]
-  python -m lgrpo_jax.convert to-hf  CKPT_DIR OUT_DIR [--hf-source HF_DIR] [--dtype ...]
-                                     [--max-shard-size 4GB]
+  python -m lgrpo_jax.convert to-hf  RUN_DIR|CKPT_DIR OUT_DIR [--step N | --best] [--hf-source HF_DIR]
+                                     [--dtype bfloat16|float32] [--max-shard-size 4GB]
 
 to-jax reads a local HF directory (Hub or transformers-5 key layout, sharded or not) and writes an
 Orbax checkpoint plus config.json. to-hf writes a directory that
-`Qwen2_5_VLForConditionalGeneration.from_pretrained` loads; --hf-source copies the tokenizer,
-processor, chat template and generation config from the base checkpoint.
+`Qwen2_5_VLForConditionalGeneration.from_pretrained` loads, in bfloat16 unless --dtype float32.
+
+From a training run directory, to-hf takes its latest checkpoint (or --step N, or --best: the best
+by held-out accuracy), copies the tokenizer, processor and chat template from the run's base
+checkpoint (or --hf-source; the run's tokenizer fills in what is missing), writes
+generation_config.json (greedy, the run's completion length and end tokens) and a model card
+README.md: the training summary, the numbers of the run's latest `lgrpo_jax.evaluate` summary, the
+prompt format and a transformers usage snippet. From a checkpoint written by to-jax it writes the
+weights and config (--hf-source copies the side files).
 """
 
 from __future__ import annotations
@@ -39,13 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
   a.add_argument("out_dir", help="where to write the Orbax checkpoint")
   a.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                  help="parameter dtype of the checkpoint (default float32)")
-  b = sub.add_parser("to-hf", help="Orbax checkpoint -> HF directory")
-  b.add_argument("ckpt_dir", help="a checkpoint written by `to-jax` (or by training)")
+  b = sub.add_parser("to-hf", help="training run or Orbax checkpoint -> HF directory (+ model card)")
+  b.add_argument("ckpt_dir", help="a training run directory, or a checkpoint written by `to-jax`")
   b.add_argument("out_dir", help="where to write the HF directory")
+  b.add_argument("--step", type=int, default=None, help="a run's checkpoint at this step (default: the latest)")
+  b.add_argument("--best", action="store_true", help="a run's best checkpoint by held-out accuracy")
   b.add_argument("--hf-source", default=None,
-                 help="base HF directory to copy tokenizer/processor/chat-template files from")
-  b.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
-                 help="tensor dtype on disk (default: the checkpoint's parameter dtype)")
+                 help="base HF directory to copy tokenizer/processor/chat-template files from "
+                      "(default for a run: its model.checkpoint)")
+  b.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
+                 help="tensor dtype on disk (default bfloat16; float32 keeps fp32 weights exactly)")
   b.add_argument("--max-shard-size", type=parse_size, default="4GiB",
                  help="largest safetensors shard before splitting, e.g. 4GB (default 4GiB)")
   return p
@@ -54,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
   # Heavy imports after argument parsing, so --help is instant.
-  from lgrpo_jax import checkpoint, distributed
+  from lgrpo_jax import checkpoint, distributed, runs
   distributed.initialize()  # joins a multi-host run when the environment says so
   from lgrpo_jax.models.qwen2_5_vl import load_hf, save_hf
   try:
@@ -62,12 +72,20 @@ def main(argv=None) -> int:
       model = load_hf(args.hf_dir, dtype=args.dtype)
       out = checkpoint.save_model(model, args.out_dir)
       print(f"wrote Orbax checkpoint {out} ({args.dtype})")
+    elif runs.is_run_dir(args.ckpt_dir):
+      from lgrpo_jax.release import export_run
+      got = export_run(args.ckpt_dir, args.out_dir, step=args.step, best=args.best, dtype=args.dtype,
+                       hf_source=args.hf_source, max_shard_bytes=args.max_shard_size)
+      print(f"wrote HF directory {args.out_dir} from step {got['step']} ({args.dtype}), with README.md "
+            + (f"(evaluation: {got['evaluation']})" if got["evaluation"] else "(no evaluation found)"))
     else:
+      if args.step is not None or args.best:
+        raise runs.RunError(f"--step/--best choose among a run directory's checkpoints; {args.ckpt_dir} is not one")
       model = checkpoint.load_model(args.ckpt_dir)
       out = save_hf(model, args.out_dir, dtype=args.dtype, hf_source=args.hf_source,
                     max_shard_bytes=args.max_shard_size)
       print(f"wrote HF directory {out}")
-  except (CheckpointError, ConfigError, FileNotFoundError, NotADirectoryError) as e:
+  except (CheckpointError, ConfigError, FileNotFoundError, NotADirectoryError, runs.RunError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   return 0

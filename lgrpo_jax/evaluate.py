@@ -54,85 +54,6 @@ class EvalError(ValueError):
 
 
 # ---- the checkpoint --------------------------------------------------------------------------
-def is_run_dir(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, "config.json")) and any(
-      os.path.isdir(os.path.join(path, d)) for d in ("checkpoints", "best"))
-
-
-def _steps(directory: str) -> list[int]:
-  if not os.path.isdir(directory):
-    return []
-  return sorted(int(d) for d in os.listdir(directory)
-                if d.isdigit() and os.path.isfile(os.path.join(directory, d, "commit_success.txt")))
-
-
-def run_checkpoint(run_dir: str, step: int | None = None, best: bool = False) -> tuple[str, int]:
-  """(path of the training-state checkpoint, its step): the latest, `step`, or the best."""
-  where = os.path.join(run_dir, "best" if best else "checkpoints")
-  steps = _steps(where)
-  if not steps:
-    raise EvalError(f"{where}: no finished checkpoints" + (" (is best-checkpointing on: loop.eval_every?)"
-                                                           if best else ""))
-  if step is not None and step not in steps:
-    raise EvalError(f"{where}: no checkpoint for step {step}; there are {steps}")
-  chosen = step if step is not None else steps[-1]
-  return os.path.join(where, str(chosen), "state"), chosen
-
-
-def _load_any(path: str, dtype, mesh):
-  import lgrpo_jax
-  from lgrpo_jax import checkpoint
-  if not os.path.isdir(path):
-    raise EvalError(f"{path}: not found")
-  if checkpoint.is_checkpoint(path):
-    return checkpoint.load_model(path, dtype=dtype, mesh=mesh)
-  if os.path.isfile(os.path.join(path, "config.json")):
-    return lgrpo_jax.load_hf(path, dtype=dtype, mesh=mesh)
-  raise EvalError(f"{path}: neither a run directory, an lgrpo_jax checkpoint nor a Hugging Face directory")
-
-
-def _model_config(m, run_dir: str):
-  """The config of a run's model (without reading any weight)."""
-  from lgrpo_jax import checkpoint
-  from lgrpo_jax.data.tokenizer import tiny_model_config
-  from lgrpo_jax.models.qwen2_5_vl.hf import resolve_config
-  if m.checkpoint is None:
-    return resolve_config(tiny_model_config(m.tokenizer or os.path.join(run_dir, "tokenizer")), dtype=m.dtype)
-  if not os.path.isdir(m.checkpoint):
-    raise EvalError(f"the run's model.checkpoint {m.checkpoint!r} is not found (from {run_dir}/config.json)")
-  if checkpoint.is_checkpoint(m.checkpoint):
-    return checkpoint.model_config(m.checkpoint, m.dtype)
-  return resolve_config(m.checkpoint, dtype=m.dtype)
-
-
-def _restore_params(cfg, path: str, key: str | None, mesh):
-  """A model of config `cfg` with parameters read from an Orbax tree at `path` (under `key`, e.g.
-  the training state's 'params': the optimizer state is not read), straight into its shards."""
-  import jax
-  import orbax.checkpoint as ocp
-  from flax import nnx
-
-  from lgrpo_jax import sharding
-  from lgrpo_jax.models.qwen2_5_vl import Qwen25VL
-  graphdef, params = nnx.split(nnx.eval_shape(lambda: Qwen25VL(cfg, rngs=nnx.Rngs(0))), nnx.Param)
-  pure = nnx.to_pure_dict(params)
-  if mesh is None:
-    single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    shardings = jax.tree.map(lambda _: single, pure)
-  else:
-    shardings = nnx.to_pure_dict(sharding.state_shardings(params, mesh))
-  nnx.replace_by_pure_dict(params, jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), pure, shardings))
-  item = {key: params} if key else params  # the saved nesting: an nnx.State
-  args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), item)
-  try:
-    got = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
-        item=item, restore_args=args, partial_restore=key is not None))
-  except Exception as e:  # a damaged checkpoint or one of another model
-    raise EvalError(f"{path}: cannot restore the parameters ({type(e).__name__}: {str(e)[:300]})") from None
-  return nnx.merge(graphdef, got[key] if key else got)
-
-
 @dataclasses.dataclass
 class Loaded:
   model: object
@@ -147,26 +68,26 @@ def load(args, mesh) -> Loaded:
   from transformers import AutoTokenizer
 
   import lgrpo_jax
+  from lgrpo_jax import runs
   from lgrpo_jax.config import ExperimentConfig, from_record, load_config_file
   path = os.path.abspath(args.checkpoint)
-  if is_run_dir(path):
-    with open(os.path.join(path, "config.json")) as f:
-      cfg = from_record(json.load(f))
+  if runs.is_run_dir(path):
+    cfg = runs.run_config(path)
     m = cfg.model
-    tok_dir = m.tokenizer or (os.path.join(path, "tokenizer") if m.checkpoint is None else m.checkpoint)
-    model_cfg = _model_config(m, path)
-    state, step = run_checkpoint(path, args.step, args.best)
-    model = _restore_params(model_cfg, state, "params", mesh)
+    tok_dir = runs.tokenizer_dir(cfg, path)
+    model_cfg = runs.model_config(cfg, path)
+    state, step = runs.run_checkpoint(path, args.step, args.best)
+    model = runs.restore_params(model_cfg, state, "params", mesh)
     listener = None
     if not args.no_listener:  # as in training: the configured listener, else the warm start, else the base
       if args.listener or m.listener:
-        listener = _load_any(args.listener or m.listener, m.dtype, mesh)
+        listener = runs.load_any(args.listener or m.listener, m.dtype, mesh)
       elif os.path.isdir(os.path.join(path, "sft")):
-        listener = _restore_params(model_cfg, os.path.join(path, "sft"), None, mesh)
+        listener = runs.restore_params(model_cfg, os.path.join(path, "sft"), None, mesh)
       elif m.checkpoint is None:  # the tiny preset's initial weights (seeded, as the launcher made them)
         listener = lgrpo_jax.from_config(model_cfg, mesh=mesh)
       else:
-        listener = _load_any(m.checkpoint, m.dtype, mesh)
+        listener = runs.load_any(m.checkpoint, m.dtype, mesh)
     desc = {"kind": "run", "path": path, "step": step, "state": state}
   else:
     if args.step is not None or args.best:
@@ -175,9 +96,9 @@ def load(args, mesh) -> Loaded:
     if args.config:
       cfg = (from_record(json.load(open(args.config))) if args.config.endswith(".json")
              else load_config_file(args.config))
-    model = _load_any(path, cfg.model.dtype, mesh)
+    model = runs.load_any(path, cfg.model.dtype, mesh)
     tok_dir = args.tokenizer or path
-    listener = None if args.no_listener else (_load_any(args.listener, cfg.model.dtype, mesh) if args.listener
+    listener = None if args.no_listener else (runs.load_any(args.listener, cfg.model.dtype, mesh) if args.listener
                                                else model)
     desc = {"kind": "checkpoint", "path": path}
   tok_dir = args.tokenizer or tok_dir
@@ -406,6 +327,7 @@ def evaluate(args) -> int:
   from lgrpo_jax.sharding import make_mesh, on_mesh
   from lgrpo_jax.train.evaluation import gather_rows
   from lgrpo_jax.train.loop import pair_grid_of, to_device
+  from lgrpo_jax import runs
   from lgrpo_jax.train.step import Tables
   from flax import nnx
 
@@ -428,9 +350,8 @@ def evaluate(args) -> int:
 
   # The mesh first (models load straight into their shards), from a run's mesh settings.
   run_cfg = None
-  if is_run_dir(os.path.abspath(args.checkpoint)):
-    from lgrpo_jax.config import from_record
-    run_cfg = from_record(json.load(open(os.path.join(args.checkpoint, "config.json"))))
+  if runs.is_run_dir(os.path.abspath(args.checkpoint)):
+    run_cfg = runs.run_config(args.checkpoint)
   mesh = None
   if args.single_device and jax.process_count() > 1:
     raise EvalError("--single-device with several processes: each process must feed the mesh")

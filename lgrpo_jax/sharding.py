@@ -56,9 +56,9 @@ class MeshError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
   """Sizes of the (data, fsdp, tensor) axes; one of them may be -1 = "all remaining devices"."""
-  data: int = 1
-  fsdp: int = -1
-  tensor: int = 1
+  data: int = 1  # data-parallel replicas
+  fsdp: int = -1  # parameters sharded over this axis; -1: all remaining devices
+  tensor: int = 1  # tensor (model) parallel
 
   @classmethod
   def preset(cls, name: str, tensor: int = 1) -> "MeshConfig":

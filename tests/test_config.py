@@ -111,3 +111,25 @@ def test_real_7b_shaped_config_parses():
   assert cfg.text.head_dim == 128 and cfg.text.num_key_value_heads == 4
   assert cfg.text.mrope_section == (16, 24, 24) and cfg.vision.patch_dim == 1176
   assert cfg.vision.head_dim == 80 and not cfg.tie_word_embeddings
+
+
+def test_configuration_reference_is_generated_from_the_code():
+  """docs/configuration.md is `python -m lgrpo_jax.config --write docs/configuration.md`: every field,
+  its type, default and source comment — regenerate it when a config changes."""
+  import os
+
+  from lgrpo_jax.config import ExperimentConfig, reference
+  path = os.path.join(os.path.dirname(__file__), "..", "docs", "configuration.md")
+  text = reference()
+  assert open(path).read() == text, "docs/configuration.md is stale: python -m lgrpo_jax.config --write docs/configuration.md"
+  for key in ("`run_dir`", "`step.loss.beta`", "`pipeline.image.max_pixels`", "`mesh.fsdp`", "`sft.teacher`"):
+    assert key in text
+  # every leaf field of the config appears, described
+  def leaves(cfg, prefix=""):
+    import dataclasses
+    for f in dataclasses.fields(cfg):
+      v = getattr(cfg, f.name)
+      yield from leaves(v, f"{prefix}{f.name}.") if dataclasses.is_dataclass(v) else [f"{prefix}{f.name}"]
+  rows = {line.split("`")[1]: line for line in text.splitlines() if line.startswith("| `")}
+  for key in leaves(ExperimentConfig()):
+    assert key in rows and not rows[key].rstrip().endswith("|  |"), key

@@ -37,7 +37,7 @@ def test_to_jax_then_to_hf_round_trip(tmp_path, dtype):
   r = run("to-jax", tmp_path / "hf", tmp_path / "jax", "--dtype", dtype)
   assert r.returncode == 0, r.stderr
   assert checkpoint.is_checkpoint(tmp_path / "jax")
-  r = run("to-hf", tmp_path / "jax", tmp_path / "out", "--hf-source", tmp_path / "hf")
+  r = run("to-hf", tmp_path / "jax", tmp_path / "out", "--hf-source", tmp_path / "hf", "--dtype", dtype)
   assert r.returncode == 0, r.stderr
   src, out = read_all(tmp_path / "hf"), read_all(tmp_path / "out")
   assert sorted(src) == sorted(out)

@@ -3,6 +3,7 @@ and a short real run that writes its config and metrics."""
 
 import json
 import os
+from dataclasses import replace as dataclass_replace
 
 import pytest
 
@@ -88,6 +89,45 @@ def evaluate_the_run(run_dir, last_eval):
   for k in ("accuracy", "accuracy_as_given", "accuracy_swapped", "format_rate"):
     assert m[k] == pytest.approx(last_eval[f"eval/{k}"])
   assert evaluate.main(["--checkpoint", str(run_dir), "--data", "synthetic:2", "--step", "1"]) == 2
+  release_the_run(run_dir, loaded.model, m)
+
+
+def release_the_run(run_dir, policy, metrics):
+  """`python -m lgrpo_jax.convert to-hf RUN_DIR OUT`: transformers loads the export and gives our
+  policy's logits; the tokenizer, generation config and model card (with the evaluated accuracy) are there."""
+  import numpy as np
+  import torch
+  from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+  import lgrpo_jax
+  from lgrpo_jax import convert
+  from lgrpo_jax.config import ExperimentConfig
+  from lgrpo_jax.data.pipeline import make_batches
+  from lgrpo_jax.data.synthetic import synthetic
+  from hf_tiny import hf_logits
+  out = run_dir / "hf_fp32"
+  assert convert.main(["to-hf", str(run_dir), str(out), "--dtype", "float32"]) == 0
+  hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(out, dtype=torch.float32).eval()
+  tok = AutoTokenizer.from_pretrained(out)
+  pipe = dataclass_replace(ExperimentConfig().pipeline, global_batch=2, listener=False, num_epochs=1,
+                           image=dataclass_replace(ExperimentConfig().pipeline.image, max_pixels=56 * 84))
+  batch = next(iter(make_batches(list(synthetic(2, seed=5, image_size=84)), tok, pipe)))
+  arrays = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")}
+  ours = np.asarray(lgrpo_jax.forward(policy, **arrays))
+  ref = hf_logits(hf, {**{k: np.asarray(v, np.int64 if k != "pixel_values" else np.float32)
+                          for k, v in arrays.items()},
+                       "mm_token_type_ids": (batch["input_ids"] == hf.config.image_token_id).astype(np.int64)})
+  keep = batch["attention_mask"].astype(bool)
+  assert np.abs(ours - ref)[keep].max() <= 1e-4 * np.abs(ref)[keep].max()
+  # Default: bf16, greedy generation config, the card with the evaluated accuracy.
+  assert convert.main(["to-hf", str(run_dir), str(run_dir / "hf"), "--step", "2"]) == 0
+  assert json.load(open(run_dir / "hf" / "config.json"))["dtype"] == "bfloat16"
+  gen = json.load(open(run_dir / "hf" / "generation_config.json"))
+  assert gen["do_sample"] is False and gen["max_new_tokens"] == 8 and gen["eos_token_id"]
+  card = (run_dir / "hf" / "README.md").read_text()
+  assert f"| accuracy (mean of both orders) | {metrics['accuracy']:.3f} |" in card
+  assert "step 2" in card and "Qwen2_5_VLForConditionalGeneration" in card and "<answer>" in card
+  assert convert.main(["to-hf", str(run_dir), str(run_dir / "x"), "--step", "9"]) == 2
 
 
 @pytest.mark.parametrize("name", ["demo.py", "qwen2_5_vl_3b_hpdv2.py", "qwen2_5_vl_7b_hpdv2.py"])

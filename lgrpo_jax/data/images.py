@@ -52,13 +52,13 @@ class ImageError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class ImageConfig:
   """transformers' defaults for Qwen2.5-VL; `min_pixels`/`max_pixels` bound the resized area."""
-  min_pixels: int = 56 * 56
-  max_pixels: int = 28 * 28 * 1280
-  patch_size: int = 14
-  merge_size: int = 2
-  temporal_patch_size: int = 2
-  mean: tuple[float, float, float] = CLIP_MEAN
-  std: tuple[float, float, float] = CLIP_STD
+  min_pixels: int = 56 * 56  # smallest resized area (transformers default)
+  max_pixels: int = 28 * 28 * 1280  # largest resized area: bounds image tokens (area / 28²)
+  patch_size: int = 14  # vision patch side in pixels
+  merge_size: int = 2  # patches merged per side into one image token
+  temporal_patch_size: int = 2  # frames per patch (a still image is repeated)
+  mean: tuple[float, float, float] = CLIP_MEAN  # normalisation (CLIP)
+  std: tuple[float, float, float] = CLIP_STD  # normalisation (CLIP)
   # Optional shape buckets, (height, width) in pixels, multiples of patch·merge. None: transformers'
   # exact smart_resize (one grid per aspect ratio → one compilation per distinct grid tuple). With
   # buckets every image gets the bucket nearest its aspect ratio, so the device programs compile a
@@ -66,7 +66,7 @@ class ImageConfig:
   # transformers' preprocessing (by design): 'stretch' resizes to the bucket, 'pad' keeps the
   # aspect ratio and pads with white (centred).
   grid_buckets: tuple[tuple[int, int], ...] | None = None
-  fit: str = "stretch"
+  fit: str = "stretch"  # with grid_buckets: stretch | pad
 
   def __post_init__(self):
     if self.fit not in ("stretch", "pad"):

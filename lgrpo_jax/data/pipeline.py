@@ -48,15 +48,15 @@ MAX_SKIPS_PER_BATCH = 1000
 
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
-  global_batch: int = 8
-  seed: int = 0
+  global_batch: int = 8  # pairs per step over all processes
+  seed: int = 0  # shuffle and order-swap seed (the launcher uses loop.seed)
   swap_prob: float = 0.5  # training: random image order, label follows (DESIGN.md §1)
   both_orders: bool = False  # evaluation: every pair as given, then swapped (no shuffle)
   shuffle: bool = True  # False: the given order (evaluation of (pair, swapped) items)
   num_epochs: int | None = None  # None: repeat forever
-  length_buckets: tuple[int, ...] = (256, 512, 1024, 2048, 4096)
+  length_buckets: tuple[int, ...] = (256, 512, 1024, 2048, 4096)  # prompts are left-padded to one of these
   bad_records: str = "error"  # or "skip"
-  pad_id: int = 0
+  pad_id: int = 0  # token id of prompt padding (masked out)
   # Grouped: decode/tokenise threads (0: one per core). Plain: 0 decodes in Grain's prefetch
   # threads, >0 in that many worker processes.
   worker_count: int = 0

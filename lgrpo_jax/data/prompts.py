@@ -19,17 +19,20 @@ IMAGE_PAD = "<|image_pad|>"
 
 @dataclasses.dataclass(frozen=True)
 class PromptConfig:
+  # the reasoner's user text after the two images; {prompt} is the text-to-image prompt
   reasoner_instruction: str = (
       "Text-to-image prompt: {prompt}\n"
       "Which image matches the prompt better and has higher quality? Compare them step by step "
       "inside <think> </think>, then give the final answer inside <answer> </answer> as exactly "
       "\"Image 1\" or \"Image 2\".")
+  # the listener's user text before the reasoning it judges
   listener_instruction: str = (
       "Text-to-image prompt: {prompt}\n"
       "Here is someone's comparison of the two images:\n")
+  # after the reasoning: the question whose next token is the listener's choice
   listener_question: str = "\nBased on this comparison, which image is better, Image 1 or Image 2?"
-  choices: tuple[str, str] = ("Image 1", "Image 2")
-  image_labels: tuple[str, str] = ("Image 1:", "Image 2:")
+  choices: tuple[str, str] = ("Image 1", "Image 2")  # the two answers (their first differing tokens are scored)
+  image_labels: tuple[str, str] = ("Image 1:", "Image 2:")  # text before each image
   system: str | None = None  # None: the chat template's default system turn
 
 

@@ -97,11 +97,11 @@ def kl_k3(logp, logp_ref):
 class LossConfig:
   loss: str = "grpo"  # aggregation: grpo | dapo | dr_grpo (or a registered name)
   advantage: str = "grpo"  # grpo | dr_grpo
-  eps_low: float = 0.2
+  eps_low: float = 0.2  # clip ratio below: 1 − eps_low
   eps_high: float = 0.2  # DAPO's clip-higher uses e.g. 0.28
   beta: float = 0.04  # KL coefficient; 0 skips the reference model entirely
-  kl: str = "k3"
-  adv_eps: float = 1e-6
+  kl: str = "k3"  # KL estimator: k1 | k2 | k3
+  adv_eps: float = 1e-6  # added to the group std
 
   def __post_init__(self):
     lookup(LOSSES, self.loss, "LossConfig.loss")

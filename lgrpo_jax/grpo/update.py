@@ -33,12 +33,12 @@ FREEZABLE = {"vision": ("visual",), "embeddings": ("embed_tokens",)}
 class OptimConfig:
   learning_rate: float = 1e-6  # community GRPO default (DESIGN.md §1)
   schedule: str = "constant"  # or "cosine" (to 0 at total_steps)
-  warmup_steps: int = 0
-  total_steps: int = 1000
-  b1: float = 0.9
-  b2: float = 0.999
-  eps: float = 1e-8
-  weight_decay: float = 0.0
+  warmup_steps: int = 0  # linear warm-up steps
+  total_steps: int = 1000  # schedule length (cosine)
+  b1: float = 0.9  # AdamW
+  b2: float = 0.999  # AdamW
+  eps: float = 1e-8  # AdamW
+  weight_decay: float = 0.0  # AdamW (decoupled)
   max_grad_norm: float = 1.0  # 0: no clipping
   freeze: tuple[str, ...] = ()  # any of "vision", "embeddings"
   micro_batches: int = 1  # pairs per micro-batch = pairs / micro_batches

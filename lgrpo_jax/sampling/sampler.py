@@ -35,14 +35,14 @@ from lgrpo_jax.models.qwen2_5_vl.rope import get_rope_index
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
   """Static controls of a rollout (a change compiles a new program)."""
-  max_new_tokens: int = 256
+  max_new_tokens: int = 256  # completion length limit (N)
   num_samples: int = 1  # G completions per prompt
   temperature: float = 1.0  # 0: greedy
   top_k: int = 0  # 0: off
   top_p: float = 1.0  # 1: off
-  eos_ids: tuple[int, ...] = ()
+  eos_ids: tuple[int, ...] = ()  # tokens that end a completion (the launcher: the tokenizer's end tokens)
   stop_sequences: tuple[tuple[int, ...], ...] = ()  # token sequences that end a row (kept in it)
-  pad_id: int = 0
+  pad_id: int = 0  # written after a completion ended
 
   def __post_init__(self):
     for name, ok in (("max_new_tokens", self.max_new_tokens >= 1), ("num_samples", self.num_samples >= 1),

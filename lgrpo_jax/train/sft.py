@@ -89,7 +89,7 @@ TEACHERS = ("synthetic", "targets")
 class SFTConfig:
   """The optional supervised stage before GRPO (`python -m lgrpo_jax.launch … sft.steps=N`)."""
   steps: int = 0  # 0: no warm start (the 7B recipe starts from the instruct checkpoint)
-  learning_rate: float = 3e-3
+  learning_rate: float = 3e-3  # AdamW
   global_batch: int = 0  # pairs per step; 0: pipeline.global_batch
   max_target_tokens: int = 64  # targets are cut to this many tokens (the end-of-turn token included)
   # "synthetic": a scripted judge for data.source=synthetic (its descriptions are right; it answers
@@ -97,10 +97,10 @@ class SFTConfig:
   # "targets": a JSONL file of {"pair_id", "target"} (e.g. a stronger model's judgements), written
   # for the pair as stored; "Image 1"/"Image 2" are exchanged when the pipeline swapped the images.
   teacher: str = "synthetic"
-  targets_path: str | None = None
-  teacher_accuracy: float = 1.0
+  targets_path: str | None = None  # teacher="targets": the JSONL file
+  teacher_accuracy: float = 1.0  # teacher="synthetic": how often its answer is right
   listener_weight: float = 0.0  # > 0: also teach the listener role on the same targets (see sft_loss)
-  log_every: int = 25
+  log_every: int = 25  # steps between lines of RUN_DIR/sft_metrics.jsonl
 
   def __post_init__(self):
     if self.steps < 0 or self.global_batch < 0 or self.max_target_tokens < 2 or self.log_every < 1:

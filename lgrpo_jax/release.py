@@ -1,0 +1,157 @@
+"""Releasing a trained reasoner in Hugging Face format: the weights (`save_hf`), the tokenizer and
+processor files of the base checkpoint, a generation config with the run's end tokens and length,
+and a model card (README.md) that says how it was trained, how it scored, and how to prompt it.
+
+`python -m lgrpo_jax.convert to-hf RUN_DIR OUT_DIR [--step N | --best]` calls `export_run`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
+                   "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json",
+                   "preprocessor_config.json", "processor_config.json")
+
+
+def _is_hf_dir(path) -> bool:
+  from lgrpo_jax import checkpoint
+  return bool(path) and os.path.isfile(os.path.join(path, "config.json")) and not checkpoint.is_checkpoint(path)
+
+
+def export_run(run_dir, out_dir, *, step: int | None = None, best: bool = False, dtype: str = "bfloat16",
+               hf_source: str | None = None, max_shard_bytes: int | None = None) -> dict:
+  """Writes OUT_DIR from a training run; returns what was written (step, source, evaluation used)."""
+  from lgrpo_jax import runs
+  from lgrpo_jax.data.prompts import end_of_turn_ids
+  from lgrpo_jax.models.qwen2_5_vl import save_hf
+  run_dir = os.path.abspath(os.fspath(run_dir))
+  cfg = runs.run_config(run_dir)
+  model, chosen = runs.policy(run_dir, step, best)
+  base = cfg.model.checkpoint
+  source = hf_source or (base if _is_hf_dir(base) else None)
+  kw = {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}
+  save_hf(model, out_dir, dtype=dtype, hf_source=source, **kw)
+  tok_dir = runs.tokenizer_dir(cfg, run_dir)
+  for name in TOKENIZER_FILES:  # the run's tokenizer wins where the base had none (e.g. the tiny preset)
+    src, dst = os.path.join(tok_dir, name), os.path.join(out_dir, name)
+    if os.path.isfile(src) and not os.path.isfile(dst):
+      shutil.copyfile(src, dst)
+  from transformers import AutoTokenizer
+  tokenizer = AutoTokenizer.from_pretrained(out_dir)
+  write_generation_config(out_dir, cfg, eos_ids=cfg.step.sampling.eos_ids or end_of_turn_ids(tokenizer),
+                          pad_id=tokenizer.pad_token_id)
+  evaluation = runs.latest_eval_summary(run_dir)
+  with open(os.path.join(out_dir, "README.md"), "w") as f:
+    f.write(model_card(cfg, run_dir, chosen, best, evaluation, dtype))
+  return {"step": chosen, "hf_source": source, "evaluation": evaluation[0] if evaluation else None}
+
+
+def write_generation_config(out_dir, cfg, eos_ids, pad_id) -> None:
+  """Greedy decoding (how the reasoner is evaluated) up to the run's completion length, stopping at
+  the run's end tokens; keeps other fields a copied base config had."""
+  path = os.path.join(out_dir, "generation_config.json")
+  gen = json.load(open(path)) if os.path.isfile(path) else {}
+  for k in ("temperature", "top_p", "top_k", "repetition_penalty"):
+    gen.pop(k, None)  # sampling knobs of the base would contradict do_sample = false
+  gen.update({"do_sample": False, "max_new_tokens": cfg.step.sampling.max_new_tokens,
+              "eos_token_id": [int(e) for e in eos_ids]})
+  if pad_id is not None:
+    gen["pad_token_id"] = int(pad_id)
+  with open(path, "w") as f:
+    json.dump(gen, f, indent=2)
+
+
+def _fmt(v) -> str:
+  return "–" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def model_card(cfg, run_dir: str, step: int, best: bool, evaluation, dtype: str) -> str:
+  """README.md for the Hub: front matter, training summary, evaluation, prompt format, usage."""
+  from lgrpo_jax.data.prompts import PromptConfig
+  m, d, s = cfg.model, cfg.data, cfg.step
+  base = m.checkpoint or f"random `{m.preset}` preset (lgrpo_jax tests/demo)"
+  base_name = os.path.basename(os.path.normpath(m.checkpoint)) if m.checkpoint else None
+  p: PromptConfig = cfg.pipeline.prompt
+  lines = ["---", "library_name: transformers", "pipeline_tag: image-text-to-text",
+           *([f"base_model: {base_name}"] if base_name else []),
+           "tags:", "- lgrpo_jax", "- grpo", "- listener-reward", "- image-preference", "- reward-model", "---", "",
+           "# Image-preference reasoner trained with listener-rewarded GRPO", "",
+           "Given a text-to-image prompt and two generated images, this Qwen2.5-VL model compares them in "
+           "`<think>…</think>` and answers `<answer>Image 1</answer>` or `<answer>Image 2</answer>`. It was "
+           "trained with GRPO on rewards for format, accuracy and the confidence of a frozen *listener* that "
+           "reads the reasoning with the answer removed (lgrpo_jax).", "",
+           f"Exported from `{os.path.basename(run_dir)}` at step {step}" + (" (its best held-out checkpoint)" if best
+                                                                            else "") + f", weights in {dtype}.", "",
+           "## Training", "", "| | |", "|---|---|",
+           f"| base model | {base} |",
+           f"| data | {d.source}" + (f" (`{os.path.basename(d.path)}`)" if d.path else "")
+           + (f", fraction {d.fraction:g}" if d.fraction < 1 else "") + " |",
+           f"| warm start (SFT) | {cfg.sft.steps} steps" + (f", teacher {cfg.sft.teacher}" if cfg.sft.steps else "") + " |",
+           f"| GRPO steps | {step} of {cfg.loop.steps} |",
+           f"| pairs per step × completions (G) | {cfg.pipeline.global_batch} × {s.sampling.num_samples} |",
+           f"| sampling | temperature {s.sampling.temperature:g}, at most {s.sampling.max_new_tokens} new tokens |",
+           f"| objective | {s.loss.loss}, ε = ({s.loss.eps_low:g}, {s.loss.eps_high:g}), β = {s.loss.beta:g} "
+           f"({s.loss.kl}) |",
+           f"| learning rate | {s.optim.learning_rate:g} |",
+           f"| rewards | {', '.join(f'{w:g}·{n}' for n, w in s.rewards.weights)} |",
+           f"| listener | {m.listener or 'the initial policy (frozen)'} |", ""]
+  lines += ["## Evaluation", ""]
+  if evaluation is None:
+    lines += ["No evaluation was run on this checkpoint's run. Run "
+              "`python -m lgrpo_jax.evaluate --checkpoint RUN_DIR --data imagereward:test.json --images ROOT`.", ""]
+  else:
+    path, summ = evaluation
+    mt = summ["metrics"]
+    evaluated = summ.get("checkpoint", {}).get("step")
+    lines += [f"`{summ['settings']['data']}` ({mt['counts']['untied_comparisons']} comparisons people did not tie, "
+              f"each in both image orders; evaluated {summ.get('date', '')[:10]}"
+              + (f", checkpoint step {evaluated}" if evaluated is not None else "") + "):", "",
+              "| metric | value |", "|---|---|",
+              f"| accuracy (mean of both orders) | {_fmt(mt['accuracy'])} |",
+              f"| accuracy, images as given / swapped | {_fmt(mt['accuracy_as_given'])} / "
+              f"{_fmt(mt['accuracy_swapped'])} |",
+              f"| accuracy, order-debiased probabilities | {_fmt(mt['accuracy_debiased'])} |",
+              f"| format rate | {_fmt(mt['format_rate'])} |"]
+    if "imagereward_protocol" in mt:
+      lines.append(f"| ImageReward-protocol accuracy | {_fmt(mt['imagereward_protocol']['accuracy'])} |")
+    if "listener" in mt:
+      lis = mt["listener"]
+      lines += [f"| reasoning-contradiction rate | {_fmt(lis['contradiction_rate'])} |",
+                f"| accuracy when the listener agrees / contradicts | {_fmt(lis['accuracy_when_agree'])} / "
+                f"{_fmt(lis['accuracy_when_contradict'])} |"]
+    if evaluated is not None and evaluated != step:
+      lines += ["", f"Note: these numbers are for step {evaluated}; this export is step {step}."]
+    lines += ["", f"(from `{os.path.relpath(path, run_dir)}` in the run directory)", ""]
+  example = p.reasoner_instruction.format(prompt="a red fox in the snow, watercolor")
+  lines += ["## Prompt format", "",
+            f"One user turn: `{p.image_labels[0]}`, the first image, `{p.image_labels[1]}`, the second image, then:",
+            "", "```", p.reasoner_instruction, "```", "",
+            "with `{prompt}` the text-to-image prompt"
+            + (f", after the system turn `{p.system}`" if p.system is not None else
+               " (the chat template's default system turn)") + ". The answer is the text inside "
+            "`<answer>…</answer>`: `Image 1` or `Image 2`. Score both image orders and average to remove position "
+            "bias.", "",
+            "## Usage with transformers", "", "```python", "import torch",
+            "from PIL import Image",
+            "from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration", "",
+            "path = \"path/to/this/directory\"",
+            "model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch.bfloat16)",
+            "processor = AutoProcessor.from_pretrained(path)",
+            "images = [Image.open(\"a.png\"), Image.open(\"b.png\")]",
+            *([f"messages = [{{\"role\": \"system\", \"content\": {json.dumps(p.system)}}},"] if p.system is not None
+              else ["messages = ["]),
+            "    {\"role\": \"user\", \"content\": [",
+            f"    {{\"type\": \"text\", \"text\": {json.dumps(p.image_labels[0])}}}, {{\"type\": \"image\"}},",
+            f"    {{\"type\": \"text\", \"text\": {json.dumps(p.image_labels[1])}}}, {{\"type\": \"image\"}},",
+            f"    {{\"type\": \"text\", \"text\": {json.dumps(example)}}}]}}]",
+            "text = processor.apply_chat_template(messages, add_generation_prompt=True)",
+            "inputs = processor(text=[text], images=images, return_tensors=\"pt\")",
+            "out = model.generate(**inputs)  # greedy, up to the trained length (generation_config.json)",
+            "answer = processor.decode(out[0, inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True)",
+            "print(answer)  # <think>…</think><answer>Image 1</answer>", "```", "",
+            "Trained and exported with [lgrpo_jax](https://github.com/) — listener-rewarded GRPO in JAX. "
+            "The evaluation numbers above come from `python -m lgrpo_jax.evaluate`.", ""]
+  return "\n".join(lines)

@@ -1,0 +1,134 @@
+"""A training run directory as a source of models: its config, its checkpoints, its parameters.
+
+    RUN_DIR/config.json            the resolved ExperimentConfig (`config.to_record`)
+    RUN_DIR/checkpoints/<step>/    training states (policy params, optimizer state, …)
+    RUN_DIR/best/<step>/           the best by held-out accuracy
+    RUN_DIR/sft/                   the warm start's parameters (the listener's, by default)
+    RUN_DIR/eval/<name>/summary.json   evaluations (`python -m lgrpo_jax.evaluate`)
+
+Used by `lgrpo_jax.evaluate` and `lgrpo_jax.convert to-hf RUN_DIR`. Parameters are read straight
+into an abstract model (and into their shards with a mesh); the optimizer state is never read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+
+class RunError(ValueError):
+  """A run directory (or checkpoint) that cannot give what was asked, with what to do."""
+
+
+def is_run_dir(path) -> bool:
+  path = os.fspath(path)
+  return os.path.isfile(os.path.join(path, "config.json")) and any(
+      os.path.isdir(os.path.join(path, d)) for d in ("checkpoints", "best"))
+
+
+def run_config(run_dir):
+  from lgrpo_jax.config import from_record
+  with open(os.path.join(os.fspath(run_dir), "config.json")) as f:
+    return from_record(json.load(f))
+
+
+def _steps(directory: str) -> list[int]:
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(d) for d in os.listdir(directory)
+                if d.isdigit() and os.path.isfile(os.path.join(directory, d, "commit_success.txt")))
+
+
+def run_checkpoint(run_dir, step: int | None = None, best: bool = False) -> tuple[str, int]:
+  """(path of the training-state checkpoint, its step): the latest, `step`, or the best."""
+  where = os.path.join(os.fspath(run_dir), "best" if best else "checkpoints")
+  steps = _steps(where)
+  if not steps:
+    raise RunError(f"{where}: no finished checkpoints" + (" (is best-checkpointing on: loop.eval_every?)"
+                                                          if best else ""))
+  if step is not None and step not in steps:
+    raise RunError(f"{where}: no checkpoint for step {step}; there are {steps}")
+  chosen = step if step is not None else steps[-1]
+  return os.path.join(where, str(chosen), "state"), chosen
+
+
+def load_any(path, dtype=None, mesh=None):
+  """An lgrpo_jax Orbax model checkpoint or a Hugging Face directory."""
+  import lgrpo_jax
+  from lgrpo_jax import checkpoint
+  path = os.fspath(path)
+  if not os.path.isdir(path):
+    raise RunError(f"{path}: not found")
+  if checkpoint.is_checkpoint(path):
+    return checkpoint.load_model(path, dtype=dtype, mesh=mesh)
+  if os.path.isfile(os.path.join(path, "config.json")):
+    return lgrpo_jax.load_hf(path, dtype=dtype or "float32", mesh=mesh)
+  raise RunError(f"{path}: neither a run directory, an lgrpo_jax checkpoint nor a Hugging Face directory")
+
+
+def model_config(cfg, run_dir):
+  """The config of a run's model, from its ExperimentConfig (no weight is read)."""
+  from lgrpo_jax import checkpoint
+  from lgrpo_jax.data.tokenizer import tiny_model_config
+  from lgrpo_jax.models.qwen2_5_vl.hf import resolve_config
+  m = cfg.model
+  if m.checkpoint is None:
+    return resolve_config(tiny_model_config(tokenizer_dir(cfg, run_dir)), dtype=m.dtype)
+  if not os.path.isdir(m.checkpoint):
+    raise RunError(f"the run's model.checkpoint {m.checkpoint!r} is not found (from {run_dir}/config.json)")
+  if checkpoint.is_checkpoint(m.checkpoint):
+    return checkpoint.model_config(m.checkpoint, m.dtype)
+  return resolve_config(m.checkpoint, dtype=m.dtype)
+
+
+def tokenizer_dir(cfg, run_dir) -> str:
+  """Where the run's tokenizer is: model.tokenizer, the base checkpoint, or RUN_DIR/tokenizer."""
+  m = cfg.model
+  return m.tokenizer or (os.path.join(os.fspath(run_dir), "tokenizer") if m.checkpoint is None else m.checkpoint)
+
+
+def restore_params(cfg, path, key: str | None = None, mesh=None):
+  """A model of config `cfg` with parameters read from an Orbax tree at `path` (under `key`, e.g.
+  the training state's 'params': the optimizer state is not read), straight into its shards."""
+  import jax
+  import orbax.checkpoint as ocp
+  from flax import nnx
+
+  from lgrpo_jax import sharding
+  from lgrpo_jax.models.qwen2_5_vl import Qwen25VL
+  graphdef, params = nnx.split(nnx.eval_shape(lambda: Qwen25VL(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+  pure = nnx.to_pure_dict(params)
+  if mesh is None:
+    single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda _: single, pure)
+  else:
+    shardings = nnx.to_pure_dict(sharding.state_shardings(params, mesh))
+  nnx.replace_by_pure_dict(params, jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), pure, shardings))
+  item = {key: params} if key else params  # the saved nesting: an nnx.State
+  args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), item)
+  try:
+    got = ocp.PyTreeCheckpointer().restore(os.path.abspath(os.fspath(path)), args=ocp.args.PyTreeRestore(
+        item=item, restore_args=args, partial_restore=key is not None))
+  except Exception as e:  # a damaged checkpoint or one of another model
+    raise RunError(f"{path}: cannot restore the parameters ({type(e).__name__}: {str(e)[:300]})") from None
+  return nnx.merge(graphdef, got[key] if key else got)
+
+
+def policy(run_dir, step: int | None = None, best: bool = False, mesh=None):
+  """(the trained policy of a run at its latest / `step` / best checkpoint, the step)."""
+  cfg = run_config(run_dir)
+  state, chosen = run_checkpoint(run_dir, step, best)
+  return restore_params(model_config(cfg, run_dir), state, "params", mesh), chosen
+
+
+def latest_eval_summary(run_dir) -> tuple[str, dict] | None:
+  """(path, content) of the newest RUN_DIR/eval/*/summary.json, or None."""
+  root = os.path.join(os.fspath(run_dir), "eval")
+  found = [os.path.join(root, d, "summary.json") for d in (os.listdir(root) if os.path.isdir(root) else [])]
+  found = [f for f in found if os.path.isfile(f)]
+  if not found:
+    return None
+  newest = max(found, key=os.path.getmtime)
+  with open(newest) as f:
+    return newest, json.load(f)
