@@ -34,7 +34,7 @@ def synthetic_batch(cfg, batch: int, image_px: int = 56, text: int = 6, seed: in
   return ids, mask, pixels, np.tile([[1, g, g]], (batch, 1))
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
   from lgrpo_jax import distributed
   ap = argparse.ArgumentParser(prog="python -m lgrpo_jax.check", description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -45,7 +45,12 @@ def main(argv=None) -> int:
   ap.add_argument("--batch", type=int, default=8, help="global batch (rows), split across processes")
   ap.add_argument("--out", default=None, help="process 0 writes the gathered logits here (.npy)")
   distributed.add_args(ap)
-  args = ap.parse_args(argv)
+  return ap
+
+
+def main(argv=None) -> int:
+  from lgrpo_jax import distributed
+  args = build_parser().parse_args(argv)
   try:
     how = distributed.initialize_from_args(args)
   except ValueError as e:

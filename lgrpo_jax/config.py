@@ -269,10 +269,12 @@ def reference() -> str:
   """docs/configuration.md: every field of ExperimentConfig with its type, default and the comment
   from the source (regenerate with `python -m lgrpo_jax.config --write docs/configuration.md`)."""
   out = ["# Configuration reference", "",
-         "Generated from the config classes by `python -m lgrpo_jax.config --write docs/configuration.md`",
-         "(a test fails when this file and the code differ). Set any key in a config file (see `configs/`)",
-         "or on the command line: `python -m lgrpo_jax.launch --config configs/demo.py loop.steps=20",
-         "step.loss.beta=0`; an unknown key or a value of the wrong type is one error naming the key.", ""]
+         "Generated from the config classes (a test fails when this file and the code differ):", "",
+         "```bash", "python -m lgrpo_jax.config --write docs/configuration.md", "```", "",
+         "Set any key in a config file (plain Python returning an `ExperimentConfig`, see `configs/`) or",
+         "on the command line; an unknown key or a value of the wrong type is one error naming the key:", "",
+         "```bash", "python -m lgrpo_jax.launch --config configs/demo.py loop.steps=20 step.loss.beta=0 \\",
+         "    pipeline.image.grid_buckets=[[56,56]] \'step.rewards.weights=[[\"format\",1],[\"accuracy\",1]]\'", "```", ""]
 
   def section(cls, prefix: str, default) -> None:
     hints = typing.get_type_hints(cls)
@@ -299,12 +301,16 @@ def reference() -> str:
   return "\n".join(out)
 
 
-def main(argv=None) -> int:
+def build_parser():
   import argparse
   ap = argparse.ArgumentParser(prog="python -m lgrpo_jax.config",
                                description="Print (or --write) the configuration reference.")
   ap.add_argument("--write", default=None, help="write it to this file (docs/configuration.md)")
-  args = ap.parse_args(argv)
+  return ap
+
+
+def main(argv=None) -> int:
+  args = build_parser().parse_args(argv)
   text = reference()
   if args.write:
     with open(args.write, "w") as f:

@@ -100,14 +100,19 @@ def check(cfg) -> None:
                       f"step.optim.micro_batches={cfg.step.optim.micro_batches}")
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
   from lgrpo_jax import distributed
   ap = argparse.ArgumentParser(prog="python -m lgrpo_jax.launch", description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--config", required=True, help="a Python file defining config() -> ExperimentConfig")
   ap.add_argument("overrides", nargs="*", help="key.path=value (e.g. loop.steps=20 step.loss.beta=0)")
   distributed.add_args(ap)
-  args = ap.parse_args(argv)
+  return ap
+
+
+def main(argv=None) -> int:
+  from lgrpo_jax import distributed
+  args = build_parser().parse_args(argv)
   from lgrpo_jax.config import apply_overrides, load_config_file, to_record
   from lgrpo_jax.data.sources import DataError
   from lgrpo_jax.models.qwen2_5_vl.config import ConfigError

@@ -91,12 +91,16 @@ def bars(panels, out: str, width: int = 900, height: int = 240) -> str:
   return out
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
   ap = argparse.ArgumentParser(prog="python -m lgrpo_jax.plot", description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("run_dir")
   ap.add_argument("--out", default=None, help="PNG path (default RUN_DIR/curves.png)")
-  args = ap.parse_args(argv)
+  return ap
+
+
+def main(argv=None) -> int:
+  args = build_parser().parse_args(argv)
   try:
     print(plot(args.run_dir, args.out))
   except FileNotFoundError as e:
