@@ -30,10 +30,10 @@ ADVANTAGES: dict[str, Callable] = {}
 
 
 def _register(table: dict, kind: str):
-  def register(name: str):
+  def register(name: str, *, replace: bool = False):
     def wrap(fn):
-      if name in table:
-        raise ValueError(f"{kind} {name!r} is already registered")
+      if name in table and not replace:  # replace=True: re-running a notebook cell
+        raise ValueError(f"{kind} {name!r} is already registered (pass replace=True to override)")
       table[name] = fn
       return fn
     return wrap
