@@ -106,8 +106,8 @@ def model_card(cfg, run_dir: str, step: int, best: bool, evaluation, dtype: str)
     path, summ = evaluation
     mt = summ["metrics"]
     evaluated = summ.get("checkpoint", {}).get("step")
-    lines += [f"`{summ['settings']['data']}` ({mt['counts']['untied_comparisons']} comparisons people did not tie, "
-              f"each in both image orders; evaluated {summ.get('date', '')[:10]}"
+    lines += [f"`{summ['settings']['data']}` ({mt['counts']['untied_comparisons']} labelled comparisons, ties left out, "
+              f"each judged in both image orders; evaluated {summ.get('date', '')[:10]}"
               + (f", checkpoint step {evaluated}" if evaluated is not None else "") + "):", "",
               "| metric | value |", "|---|---|",
               f"| accuracy (mean of both orders) | {_fmt(mt['accuracy'])} |",
@@ -152,6 +152,6 @@ def model_card(cfg, run_dir: str, step: int, best: bool, evaluation, dtype: str)
             "out = model.generate(**inputs)  # greedy, up to the trained length (generation_config.json)",
             "answer = processor.decode(out[0, inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True)",
             "print(answer)  # <think>…</think><answer>Image 1</answer>", "```", "",
-            "Trained and exported with [lgrpo_jax](https://github.com/) — listener-rewarded GRPO in JAX. "
-            "The evaluation numbers above come from `python -m lgrpo_jax.evaluate`.", ""]
+            "Trained and exported with lgrpo_jax (listener-rewarded GRPO in JAX/Flax); the evaluation "
+            "numbers above come from `python -m lgrpo_jax.evaluate`.", ""]
   return "\n".join(lines)
