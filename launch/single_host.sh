@@ -4,7 +4,7 @@
 #   launch/single_host.sh [ENTRY] [ARGS...]
 #   launch/single_host.sh lgrpo_jax.check --mesh.fsdp=8
 #
-# ENTRY is a `python -m` module (default lgrpo_jax.check; the training launcher once it exists).
+# ENTRY is a `python -m` module: lgrpo_jax.check (default), lgrpo_jax.launch, lgrpo_jax.evaluate.
 # Mesh sizes go on the command line (--mesh.data/--mesh.fsdp/--mesh.tensor; -1 = the rest).
 # Sets nothing: JAX sees every local device. PYTHON overrides the interpreter (default .venv).
 set -euo pipefail
