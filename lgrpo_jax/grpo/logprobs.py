@@ -75,3 +75,25 @@ def completion_logprobs(model, x_prompt_btd, position_ids, prompt_mask, tokens_b
   if temperature != 1.0:
     head = head / temperature
   return token_logprobs(h_pred, head, tokens_bgn, chunk, dtype=model.dtype, with_entropy=with_entropy)
+
+
+def completion_logprobs_copies(model, x_prompt_rtd, position_ids, prompt_mask, tokens_bgn, mask_bgn,
+                               chunk: int = 8192, temperature: float = 1.0, with_entropy: bool = False):
+  """`completion_logprobs` computed the plain way, as every PyTorch peer does: each completion is
+  appended to its own copy of the prompt and the B·G sequences of P + N tokens run as one causal
+  forward. The prompt inputs are already per copy — row b·G + g holds pair b's prompt (embedded,
+  (B·G, P, E); positions (3, B·G, P); mask (B·G, P)). The comparison path and the test oracle of
+  prefix sharing (`StepConfig.prefix_sharing=False`)."""
+  b, g, n = tokens_bgn.shape
+  r, p = x_prompt_rtd.shape[:2]
+  toks, mask = tokens_bgn.reshape(r, n), mask_bgn.reshape(r, n)
+  x = jnp.concatenate([x_prompt_rtd, model.embed(toks)], axis=1)
+  start = jnp.max(position_ids, axis=(0, 2)) + 1  # completions continue after the prompt, as in extend
+  completion_pos = jnp.broadcast_to(start[:, None] + jnp.arange(n), (3, r, n))
+  pos = jnp.concatenate([position_ids, completion_pos.astype(position_ids.dtype)], axis=2)
+  h, _, _ = model.prefill(x, pos, jnp.concatenate([prompt_mask, mask.astype(prompt_mask.dtype)], axis=1))
+  h_pred = h[:, p - 1:p + n - 1].reshape(b, g, n, h.shape[-1])  # token i from the state before it
+  head = model.head_matrix()
+  if temperature != 1.0:
+    head = head / temperature
+  return token_logprobs(h_pred, head, tokens_bgn, chunk, dtype=model.dtype, with_entropy=with_entropy)

@@ -23,7 +23,7 @@ import optax
 from flax import nnx
 
 from lgrpo_jax.grpo.core import LossConfig, grpo_loss
-from lgrpo_jax.grpo.logprobs import completion_logprobs
+from lgrpo_jax.grpo.logprobs import completion_logprobs, completion_logprobs_copies
 from lgrpo_jax.models.qwen2_5_vl.rope import get_rope_index
 
 FREEZABLE = {"vision": ("visual",), "embeddings": ("embed_tokens",)}
@@ -105,23 +105,36 @@ class PolicyBatch(NamedTuple):
 
 
 def policy_logprobs(model, input_ids, attention_mask, pixel_values, pair_grid, tokens, mask, chunk=8192,
-                    with_entropy=False):
+                    with_entropy=False, prefix_sharing: bool = True):
   """Completion log-probs with the prompt (and its images) computed once per pair (also the
-  reference pass, and "recomputed" old log-probs: call it under `jax.lax.stop_gradient`)."""
-  b = input_ids.shape[0]
-  grid = tuple(pair_grid) * b
+  reference pass, and "recomputed" old log-probs: call it under `jax.lax.stop_gradient`).
+
+  `prefix_sharing=False`: the same values the plain way — the prompt and its images G times, each
+  copy with one completion (`completion_logprobs_copies`)."""
+  b, g = tokens.shape[:2]
+  if not prefix_sharing:
+    rep = lambda a: jnp.repeat(a, g, axis=0)  # row b·G + g: pair b's prompt, for its completion g
+    input_ids, attention_mask = rep(input_ids), rep(attention_mask)
+    pixel_values = None if pixel_values is None else rep(pixel_values)
+  rows = input_ids.shape[0]
+  grid = tuple(pair_grid) * rows
   feats = None
   if pixel_values is not None:
     feats = model.image_features(pixel_values.reshape(-1, pixel_values.shape[-1]), grid)
   pos, _ = get_rope_index(input_ids, attention_mask, grid, model.config)
   x = model.embed(input_ids, feats)
+  if not prefix_sharing:
+    return completion_logprobs_copies(model, x, pos, attention_mask, tokens, mask, chunk,
+                                      with_entropy=with_entropy)
   return completion_logprobs(model, x, pos, attention_mask, tokens, mask, chunk, with_entropy=with_entropy)
 
 
-def loss_fn(params, graphdef, batch: PolicyBatch, pair_grid, cfg: LossConfig, chunk: int):
+def loss_fn(params, graphdef, batch: PolicyBatch, pair_grid, cfg: LossConfig, chunk: int,
+            prefix_sharing: bool = True):
   model = nnx.merge(graphdef, params)
   logp, entropy = policy_logprobs(model, batch.input_ids, batch.attention_mask, batch.pixel_values,
-                                  pair_grid, batch.tokens, batch.mask, chunk, with_entropy=True)
+                                  pair_grid, batch.tokens, batch.mask, chunk, with_entropy=True,
+                                  prefix_sharing=prefix_sharing)
   return grpo_loss(logp, batch.logp_old, batch.advantages, batch.weights, cfg, batch.logp_ref, entropy)
 
 
@@ -132,7 +145,7 @@ def _split(batch: PolicyBatch, k: int) -> PolicyBatch:
 
 
 def accumulate_grads(params, graphdef, batch: PolicyBatch, pair_grid, loss_cfg: LossConfig,
-                     micro_batches: int, chunk: int = 8192):
+                     micro_batches: int, chunk: int = 8192, prefix_sharing: bool = True):
   """(Σ loss, Σ grads, metrics) over `micro_batches` equal slices of the pairs, one `lax.scan`."""
   b = batch.tokens.shape[0]
   if b % micro_batches:
@@ -142,7 +155,7 @@ def accumulate_grads(params, graphdef, batch: PolicyBatch, pair_grid, loss_cfg: 
 
   def body(carry, mb):
     loss_sum, grads_sum = carry
-    (loss, metrics), grads = grad_fn(params, graphdef, mb, pair_grid, loss_cfg, chunk)
+    (loss, metrics), grads = grad_fn(params, graphdef, mb, pair_grid, loss_cfg, chunk, prefix_sharing)
     return (loss_sum + loss, jax.tree.map(jnp.add, grads_sum, grads)), metrics
 
   zeros = jax.tree.map(jnp.zeros_like, params)
@@ -156,14 +169,14 @@ def all_finite(tree) -> jax.Array:
 
 
 def update(params, opt_state, graphdef, tx: optax.GradientTransformation, batch: PolicyBatch, pair_grid,
-           loss_cfg: LossConfig, optim_cfg: OptimConfig, chunk: int = 8192):
+           loss_cfg: LossConfig, optim_cfg: OptimConfig, chunk: int = 8192, prefix_sharing: bool = True):
   """μ optimiser steps on the same rollouts → (params, opt_state, metrics). A pass whose loss or
   gradients are not finite changes nothing (bit for bit) and is counted in `skipped_updates`."""
 
   def one_pass(carry, _):
     params, opt_state, skipped = carry
     loss, grads, metrics = accumulate_grads(params, graphdef, batch, pair_grid, loss_cfg,
-                                            optim_cfg.micro_batches, chunk)
+                                            optim_cfg.micro_batches, chunk, prefix_sharing)
     ok = jnp.isfinite(loss) & all_finite(grads)
 
     def apply(args):

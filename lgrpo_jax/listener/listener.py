@@ -67,13 +67,17 @@ def reasoning_view(tokens_bgn, lengths_bg, spec: ListenerSpec):
 
 
 def listener_logits(model: Qwen25VL, prefix_ids, prefix_mask, pixel_values, grid, tokens_bgn, lengths_bg,
-                    spec: ListenerSpec):
+                    spec: ListenerSpec, prefix_sharing: bool = True):
   """(B, G, 2) fp32 logits of (Image 1, Image 2) for every completion (traced; differentiable, for
   training a listener — `listener_probs` is what rewards use).
 
   prefix_ids / prefix_mask (B, P): the left-padded listener prefix of each pair, whose image pads
   take `pixel_values` / `grid` (the pair's two images, as for the reasoner); tokens (B, G, N) and
-  lengths (B, G): the G completions of each pair (e.g. a `Rollout`)."""
+  lengths (B, G): the G completions of each pair (e.g. a `Rollout`). `prefix_sharing=False`: the
+  same values the plain way (`_listener_logits_copies`)."""
+  if not prefix_sharing:
+    return _listener_logits_copies(model, prefix_ids, prefix_mask, pixel_values, grid, tokens_bgn, lengths_bg,
+                                   spec)
   b, g, n = tokens_bgn.shape
   image_embeds = model.image_features(pixel_values, grid) if grid else None
   pos, _ = get_rope_index(prefix_ids, prefix_mask, grid, model.config)
@@ -91,11 +95,45 @@ def listener_logits(model: Qwen25VL, prefix_ids, prefix_mask, pixel_values, grid
   return logits
 
 
+def _listener_logits_copies(model: Qwen25VL, prefix_ids, prefix_mask, pixel_values, grid, tokens_bgn, lengths_bg,
+                            spec: ListenerSpec):
+  """`listener_logits` computed the plain way: the prefix and its images once per completion, each
+  copy followed by that completion's slots and the question, one causal forward over B·G sequences
+  (holes masked, positions counting the kept tokens as in the shared layout). The comparison path
+  and the test oracle of prefix sharing."""
+  b, g, n = tokens_bgn.shape
+  r = b * g
+  rep = lambda a: jnp.repeat(a, g, axis=0)  # row b·G + g: pair b's prefix, for its completion g
+  ids, mask = rep(prefix_ids), rep(prefix_mask)
+  image_embeds = None
+  if grid:
+    per_pair = pixel_values.reshape(b, -1, pixel_values.shape[-1])
+    grid_r = tuple(gr for i in range(b) for _ in range(g) for gr in grid[2 * i:2 * i + 2])
+    image_embeds = model.image_features(rep(per_pair).reshape(-1, pixel_values.shape[-1]), grid_r)
+  else:
+    grid_r = grid
+  pos, _ = get_rope_index(ids, mask, grid_r, model.config)
+  suffix = jnp.broadcast_to(jnp.asarray(spec.suffix_ids, jnp.int32), (b, g, len(spec.suffix_ids)))
+  seen, keep = reasoning_view(tokens_bgn.astype(jnp.int32), lengths_bg, spec)
+  chunk = jnp.concatenate([seen, suffix], axis=-1).reshape(r, -1)
+  valid = jnp.concatenate([keep, jnp.ones(suffix.shape, bool)], -1).reshape(r, -1)
+  start = jnp.max(pos, axis=(0, 2)) + 1
+  chunk_pos = jnp.broadcast_to(start[:, None] + jnp.cumsum(valid, axis=-1) - 1, (3, *valid.shape))
+  x = jnp.concatenate([model.embed(ids, image_embeds), model.embed(chunk)], axis=1)
+  h, _, _ = model.prefill(x, jnp.concatenate([pos, chunk_pos.astype(pos.dtype)], axis=2),
+                          jnp.concatenate([mask, valid.astype(mask.dtype)], axis=1))
+  w = model.head_weights(spec.choice_ids)  # (2, E)
+  last = h[:, -1].reshape(b, g, h.shape[-1])  # the last question slot, always kept
+  return jnp.einsum("bge,ce->bgc", last.astype(model.dtype), w.astype(model.dtype),
+                    precision=precision_for(model.dtype)).astype(jnp.float32)
+
+
 def listener_probs(model: Qwen25VL, prefix_ids, prefix_mask, pixel_values, grid, tokens_bgn, lengths_bg,
-                   spec: ListenerSpec):
+                   spec: ListenerSpec, prefix_sharing: bool = True):
   """(B, G, 2) fp32 probabilities of (Image 1, Image 2) for every completion (traced; call in jit).
   Arguments as for `listener_logits`; no gradient flows through them."""
-  logits = listener_logits(model, prefix_ids, prefix_mask, pixel_values, grid, tokens_bgn, lengths_bg, spec)
+  logits = listener_logits(model, prefix_ids, prefix_mask, pixel_values, grid, tokens_bgn, lengths_bg, spec,
+                           prefix_sharing)
   return jax.lax.stop_gradient(jax.nn.softmax(logits, axis=-1))
 
 

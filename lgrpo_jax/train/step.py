@@ -37,6 +37,10 @@ class StepConfig:
   optim: OptimConfig = OptimConfig()
   rewards: RewardConfig = RewardConfig()
   old_logprobs: str = "sampler"  # or "recompute": a teacher-forced pass of the sampling policy
+  # True: each pair's prompt and images run once in the listener, reference, old and policy log-probs,
+  # the G completions attending to that one pass (exact). False: every completion with its own copy of
+  # the prompt and images, as the PyTorch peers do — for comparison (bench/) and as the test oracle.
+  prefix_sharing: bool = True
   logprob_chunk: int = 8192  # vocabulary rows per chunk of the log-prob pass
 
   def __post_init__(self):
@@ -93,7 +97,7 @@ def train_step(state: TrainState, ref_params, listener_params, batch: Batch, tab
   if cfg.rewards.needs_listener:
     listener = nnx.merge(listener_graphdef, listener_params)
     probs = listener_probs(listener, batch.listener_input_ids, batch.listener_attention_mask, pixels, grid,
-                           rollout.tokens, rollout.lengths, spec)
+                           rollout.tokens, rollout.lengths, spec, cfg.prefix_sharing)
   inputs = RewardInputs(rollout.tokens, rollout.mask, rollout.lengths, batch.labels, parsed, probs)
   total, parts = compute_rewards(inputs, cfg.rewards)
   adv = advantages(total, cfg.loss)
@@ -101,13 +105,13 @@ def train_step(state: TrainState, ref_params, listener_params, batch: Batch, tab
   # 3. Old and reference log-probs (prompt once per pair), then the update.
   logp_of = lambda params, gd: jax.lax.stop_gradient(policy_logprobs(
       nnx.merge(gd, params), batch.input_ids, batch.attention_mask, batch.pixel_values, pair_grid,
-      rollout.tokens, rollout.mask, cfg.logprob_chunk))
+      rollout.tokens, rollout.mask, cfg.logprob_chunk, prefix_sharing=cfg.prefix_sharing))
   logp_old = rollout.logprobs if cfg.old_logprobs == "sampler" else logp_of(state.params, graphdef)
   logp_ref = logp_of(ref_params, graphdef) if cfg.loss.beta > 0 else None
   pb = PolicyBatch(batch.input_ids, batch.attention_mask, batch.pixel_values, rollout.tokens, rollout.mask,
                    logp_old, adv, token_weights(rollout.mask, cfg.loss, batch.valid), logp_ref)
   params, opt_state, update_metrics = update(state.params, state.opt_state, graphdef, tx, pb, pair_grid,
-                                             cfg.loss, cfg.optim, cfg.logprob_chunk)
+                                             cfg.loss, cfg.optim, cfg.logprob_chunk, cfg.prefix_sharing)
 
   valid = batch.valid.astype(jnp.float32)
   metrics = {**reward_metrics(inputs, total, parts, batch.valid), **advantage_metrics(total, adv, batch.valid),
