@@ -496,9 +496,8 @@ def evaluate(args) -> int:
       f.write(listener_table(metrics))
     plot_summary(metrics, os.path.join(out_dir, "evaluation.png"))
     print(report_lines(summary, out_dir), flush=True)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices("lgrpo_jax.evaluate: done")
+  from lgrpo_jax import distributed
+  distributed.finish("lgrpo_jax.evaluate: done")
   return 0
 
 

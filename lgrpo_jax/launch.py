@@ -156,9 +156,7 @@ def main(argv=None) -> int:
   trainer.close()
   if jax.process_index() == 0:
     print(summary(cfg.run_dir), flush=True)
-  if jax.process_count() > 1:  # leave together: process 0 reports while the others would shut down
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices("lgrpo_jax.launch: done")
+  distributed.finish("lgrpo_jax.launch: done")  # leave together: process 0 reported while the others waited
   return 0
 
 

@@ -1,0 +1,203 @@
+"""The GRPO step's phases with and without prefix sharing, on the shared 74M benchmark model.
+
+  .venv/bin/python bench/step.py [--pairs 4] [--samples 8] [--new-tokens 128] [--runs 1]
+
+B pairs, each a prompt with two 448² images (256 image tokens each) and --text-tokens of text; G
+completions of N tokens per pair (every row generates N tokens: no EOS); the listener's prefix is as
+long as the prompt, its question 24 tokens. Phases, each its own jitted program, timed after a
+compile run (median of --runs):
+
+  rollout     sampling (prefill once per pair, G rows decoded from the shared cache) — the same in
+              both modes (the sampler always shares the prefix)
+  listener    P(Image 1/2) for every completion
+  reference   the reference model's per-token log-probs (β > 0)
+  update      loss + backward + AdamW (one pass, one micro-batch)
+
+`shared`: `step.prefix_sharing=True` (each pair's images and prompt once, the G completions attend
+to that one pass); `copies`: every completion with its own copy of the prompt and images, as the
+PyTorch peers compute it. Checks first that both modes give the same log-probs and listener
+probabilities. Prints per phase: seconds, counted matmul FLOPs, the measured/predicted saving, and
+the achieved fraction of the fp32 matmul rate measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from forward import DEFAULT_CONFIG  # noqa: E402
+
+
+def pair_inputs(cfg: dict, pairs: int, text_tokens: int, image_px: int, seed: int = 0):
+  """Prompt ids with two images per pair, and the pixels (pairs, 2·g², patch_dim)."""
+  v = cfg["vision_config"]
+  p, m = v["patch_size"], v["spatial_merge_size"]
+  g = image_px // p
+  n_img = g * g // (m * m)
+  rng = np.random.default_rng(seed)
+  special = min(cfg["vision_start_token_id"], cfg["image_token_id"], cfg["video_token_id"])
+  image = [cfg["vision_start_token_id"], *[cfg["image_token_id"]] * n_img, cfg["vision_end_token_id"]]
+  third = text_tokens // 3
+  rows = []
+  for _ in range(pairs):
+    text = rng.integers(0, special, text_tokens).tolist()
+    rows.append(text[:third] + image + text[third:2 * third] + image + text[2 * third:])
+  ids = np.asarray(rows, np.int32)
+  patch_dim = v["in_channels"] * v["temporal_patch_size"] * p * p
+  pixels = rng.standard_normal((pairs, 2 * g * g, patch_dim)).astype(np.float32)
+  return ids, pixels, ((1, g, g), (1, g, g))
+
+
+def timed(fn, runs: int) -> float:
+  import jax
+  jax.block_until_ready(fn())  # compile
+  times = []
+  for _ in range(runs):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--config", default=DEFAULT_CONFIG)
+  ap.add_argument("--pairs", type=int, default=4)
+  ap.add_argument("--samples", type=int, default=8)
+  ap.add_argument("--new-tokens", type=int, default=128)
+  ap.add_argument("--text-tokens", type=int, default=128)
+  ap.add_argument("--image", type=int, default=448)
+  ap.add_argument("--runs", type=int, default=1)
+  ap.add_argument("--beta", type=float, default=0.04)
+  ap.add_argument("--chunk", type=int, default=8192)
+  args = ap.parse_args()
+
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  import lgrpo_jax
+  from lgrpo_jax.grpo import LossConfig, token_weights
+  from lgrpo_jax.grpo.update import OptimConfig, PolicyBatch, make_optimizer, policy_logprobs, update
+  from lgrpo_jax.listener import ListenerSpec, listener_probs
+  from lgrpo_jax.models.qwen2_5_vl import flops as F
+  from lgrpo_jax.models.qwen2_5_vl.rope import get_rope_index
+  from lgrpo_jax.sampling import SamplingConfig, sample_from_embeddings
+  from lgrpo_jax.train.metrics import measured_matmul_tflops
+
+  with open(args.config) as f:
+    raw = json.load(f)
+  model = lgrpo_jax.from_config(raw, seed=0)
+  cfg = model.config
+  b, g, n = args.pairs, args.samples, args.new_tokens
+  ids_np, pixels_np, pair_grid = pair_inputs(raw, b, args.text_tokens, args.image)
+  p = ids_np.shape[1]
+  ids, mask = jnp.asarray(ids_np), jnp.ones(ids_np.shape, jnp.int32)
+  pixels = jnp.asarray(pixels_np)
+  grid = pair_grid * b
+  rng = np.random.default_rng(1)
+  tokens = jnp.asarray(rng.integers(0, 1000, (b, g, n)), jnp.int32)
+  tmask = jnp.ones((b, g, n), jnp.int32)
+  lengths = jnp.full((b, g), n, jnp.int32)
+  suffix = 24
+  spec = ListenerSpec(tuple(int(t) for t in rng.integers(0, 1000, suffix)), (11, 12), (), ())
+  graphdef, params = nnx.split(model, nnx.Param)
+  loss_cfg, optim_cfg = LossConfig(beta=args.beta), OptimConfig(learning_rate=1e-6)
+  tx = make_optimizer(optim_cfg, params)
+  opt_state = tx.init(params)
+  flat = pixels.reshape(-1, pixels.shape[-1])
+
+  import functools
+
+  @functools.cache  # one compiled program per mode (the check and the timing share it)
+  def logp(prefix_sharing):
+    return jax.jit(lambda prm: policy_logprobs(nnx.merge(graphdef, prm), ids, mask, pixels, pair_grid, tokens, tmask,
+                                               args.chunk, prefix_sharing=prefix_sharing))
+
+  @functools.cache
+  def listen(prefix_sharing):
+    return jax.jit(lambda prm: listener_probs(nnx.merge(graphdef, prm), ids, mask, flat, grid, tokens, lengths, spec,
+                                              prefix_sharing))
+
+  # Correctness first: both modes agree.
+  a, c = np.asarray(logp(True)(params)), np.asarray(logp(False)(params))
+  la, lc = np.asarray(listen(True)(params)), np.asarray(listen(False)(params))
+  err_logp = float(np.abs(a - c).max() / np.abs(c).max())
+  err_listener = float(np.abs(la - lc).max())
+  print(f"check: log-probs shared vs copies, max rel. diff {err_logp:.2e}; listener probs max abs. diff "
+        f"{err_listener:.2e}", flush=True)
+  if err_logp > 1e-4 or err_listener > 1e-4:
+    sys.exit("the two modes disagree: not timing")
+
+  rate = measured_matmul_tflops(jnp.float32) * 1e12
+  ref_logp = jnp.asarray(a)
+  pb = PolicyBatch(ids, mask, pixels, tokens, tmask, ref_logp, jnp.asarray(rng.standard_normal((b, g)), jnp.float32),
+                   token_weights(tmask, loss_cfg), ref_logp if args.beta > 0 else None)
+
+  def step_update(prefix_sharing):
+    return jax.jit(lambda prm, st: update(prm, st, graphdef, tx, pb, pair_grid, loss_cfg, optim_cfg, args.chunk,
+                                          prefix_sharing)[0])
+
+  def rollout():
+    sampling = SamplingConfig(max_new_tokens=n, num_samples=g, temperature=1.0)
+
+    def run(prm):
+      policy = nnx.merge(graphdef, prm)
+      pos, _ = get_rope_index(ids, mask, grid, policy.config)
+      x = policy.embed(ids, policy.image_features(flat, grid))
+      return sample_from_embeddings(policy, x, pos, mask, sampling, jax.random.key(0)).tokens
+    return jax.jit(run)
+
+  # Counted matmul FLOPs of each phase in each mode.
+  vis1, vis_g = F.vision_matmuls(cfg, grid), F.vision_matmuls(cfg, pair_grid * (b * g))
+  t_head = [("head", 1, b * g * n, cfg.text.hidden_size, cfg.text.vocab_size)]
+  fl = {
+      "rollout": (F.matmul_flops(F.rollout_matmuls(cfg, b, p, grid, g, n)),) * 2,
+      "listener": (F.matmul_flops(vis1 + F.text_matmuls(cfg, b, p, lm_head=False)
+                                  + F.extend_matmuls(cfg, b, p, g, n + suffix, lm_head=False)),
+                   F.matmul_flops(vis_g + F.text_matmuls(cfg, b * g, p + n + suffix, lm_head=False))),
+  }
+  policy_shared = F.matmul_flops(vis1 + F.text_matmuls(cfg, b, p, lm_head=False)
+                                 + F.extend_matmuls(cfg, b, p, g, n, lm_head=True))
+  policy_copies = F.matmul_flops(vis_g + F.text_matmuls(cfg, b * g, p + n, lm_head=False) + t_head)
+  fl["reference"] = (policy_shared, policy_copies)
+  fl["update"] = (3 * policy_shared, 3 * policy_copies)
+
+  sample = rollout()
+  times = {"rollout": (timed(lambda: sample(params), args.runs),) * 2}
+  for mode, sharing in ((0, True), (1, False)):
+    lp, li, up = logp(sharing), listen(sharing), step_update(sharing)
+    for phase, fn in (("listener", lambda: li(params)), ("reference", lambda: lp(params)),
+                      ("update", lambda: up(params, opt_state))):
+      t = timed(fn, args.runs)
+      times.setdefault(phase, [None, None])[mode] = t
+      print(f"{phase:9s} {'shared' if sharing else 'copies'}: {t:7.2f} s", flush=True)
+  rate_after = measured_matmul_tflops(jnp.float32) * 1e12
+
+  print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}, "
+        f"{jax.devices()[0].platform}; {b} pairs × {g} completions × {n} tokens, prompt {p} tokens "
+        f"(two {args.image}² images), listener suffix {suffix}, β={args.beta}")
+  print(f"fp32 matmul rate (2048³) before / after: {rate / 1e9:.0f} / {rate_after / 1e9:.0f} GFLOP/s")
+  print(f"{'phase':10s} {'shared s':>9s} {'copies s':>9s} {'saving':>7s} {'shared TF':>10s} {'copies TF':>10s} "
+        f"{'predicted':>9s} {'shared %rate':>12s} {'copies %rate':>12s}")
+  total = [0.0, 0.0, 0, 0]
+  for phase in ("rollout", "listener", "reference", "update"):
+    (ts, tc), (fs, fc) = times[phase], fl[phase]
+    total = [total[0] + ts, total[1] + tc, total[2] + fs, total[3] + fc]
+    print(f"{phase:10s} {ts:9.2f} {tc:9.2f} {tc / ts:6.2f}× {fs / 1e12:10.3f} {fc / 1e12:10.3f} {fc / fs:8.2f}× "
+          f"{fs / ts / rate:11.0%} {fc / tc / rate:11.0%}")
+  ts, tc, fs, fc = total
+  print(f"{'step':10s} {ts:9.2f} {tc:9.2f} {tc / ts:6.2f}× {fs / 1e12:10.3f} {fc / 1e12:10.3f} {fc / fs:8.2f}× "
+        f"{fs / ts / rate:11.0%} {fc / tc / rate:11.0%}")
+
+
+if __name__ == "__main__":
+  main()
