@@ -177,9 +177,15 @@ def main() -> None:
     lp, li, up = logp(sharing), listen(sharing), step_update(sharing)
     for phase, fn in (("listener", lambda: li(params)), ("reference", lambda: lp(params)),
                       ("update", lambda: up(params, opt_state))):
-      t = timed(fn, args.runs)
+      try:
+        t = timed(fn, args.runs)
+      except jax.errors.JaxRuntimeError as e:  # e.g. the copies update out of memory: report, go on
+        t = None
+        print(f"{phase:9s} {'shared' if sharing else 'copies'}: failed ({str(e).splitlines()[0][:120]})",
+              flush=True)
       times.setdefault(phase, [None, None])[mode] = t
-      print(f"{phase:9s} {'shared' if sharing else 'copies'}: {t:7.2f} s", flush=True)
+      if t is not None:
+        print(f"{phase:9s} {'shared' if sharing else 'copies'}: {t:7.2f} s", flush=True)
   rate_after = measured_matmul_tflops(jnp.float32) * 1e12
 
   print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}, "
@@ -189,14 +195,20 @@ def main() -> None:
   print(f"{'phase':10s} {'shared s':>9s} {'copies s':>9s} {'saving':>7s} {'shared TF':>10s} {'copies TF':>10s} "
         f"{'predicted':>9s} {'shared %rate':>12s} {'copies %rate':>12s}")
   total = [0.0, 0.0, 0, 0]
+
+  def row(name, ts, tc, fs, fc):
+    sec = lambda t: f"{t:9.2f}" if t is not None else f"{'failed':>9s}"
+    frac = lambda f, t: f"{f / t / rate:11.0%}" if t else f"{'–':>11s}"
+    saving = f"{tc / ts:6.2f}×" if ts and tc else f"{'–':>7s}"
+    print(f"{name:10s} {sec(ts)} {sec(tc)} {saving} {fs / 1e12:10.3f} {fc / 1e12:10.3f} {fc / fs:8.2f}× "
+          f"{frac(fs, ts)} {frac(fc, tc)}")
+
   for phase in ("rollout", "listener", "reference", "update"):
     (ts, tc), (fs, fc) = times[phase], fl[phase]
-    total = [total[0] + ts, total[1] + tc, total[2] + fs, total[3] + fc]
-    print(f"{phase:10s} {ts:9.2f} {tc:9.2f} {tc / ts:6.2f}× {fs / 1e12:10.3f} {fc / 1e12:10.3f} {fc / fs:8.2f}× "
-          f"{fs / ts / rate:11.0%} {fc / tc / rate:11.0%}")
-  ts, tc, fs, fc = total
-  print(f"{'step':10s} {ts:9.2f} {tc:9.2f} {tc / ts:6.2f}× {fs / 1e12:10.3f} {fc / 1e12:10.3f} {fc / fs:8.2f}× "
-        f"{fs / ts / rate:11.0%} {fc / tc / rate:11.0%}")
+    add = lambda a, b: None if a is None or b is None else a + b
+    total = [add(total[0], ts), add(total[1], tc), total[2] + fs, total[3] + fc]
+    row(phase, ts, tc, fs, fc)
+  row("step", *total)
 
 
 if __name__ == "__main__":
