@@ -383,7 +383,7 @@ def evaluate(args) -> int:
   groups, todo, left_out = plan(groups, mode, anchors, args.max_pairs, args.seed)
   bad_images = check_images(groups, pipe.image, args.bad_records)
   skipped: dict[str, int] = {}
-  items, meta = [], {}
+  meta = {}
   for g, i, j in todo:
     reasons = [bad_images[(g.group_id, k)][0] for k in (i, j) if (g.group_id, k) in bad_images]
     if reasons:
@@ -410,7 +410,7 @@ def evaluate(args) -> int:
     if differ and os.path.isfile(pred_path):
       raise EvalError(f"{out_dir} holds predictions made with other settings ({', '.join(differ)} differ: "
                       f"{ {k: before.get(k) for k in differ} }); use another --out or remove it")
-  previous = [r for r in read_predictions(pred_path)]
+  previous = read_predictions(pred_path)
   done = {(r["pair_id"], r["order"]) for r in previous if r["pair_id"] in meta}
   if jax.process_count() > 1:  # every process has read the file before process 0 rewrites it
     from jax.experimental import multihost_utils
