@@ -21,7 +21,7 @@ from lgrpo_jax.data.pipeline import PipelineConfig
 from lgrpo_jax.data.prompts import PromptConfig
 from lgrpo_jax.grpo.core import LossConfig
 from lgrpo_jax.grpo.update import OptimConfig
-from lgrpo_jax.models.qwen2_5_vl.config import ConfigError
+from lgrpo_jax.models.qwen2_5_vl.config import REMAT, ConfigError
 from lgrpo_jax.rewards import RewardConfig
 from lgrpo_jax.sampling import SamplingConfig
 from lgrpo_jax.sharding import MeshConfig
@@ -39,6 +39,13 @@ class ModelConfig:
   tokenizer: str | None = None  # default: the checkpoint directory
   listener: str | None = None  # default: the policy's initial weights (the paper: the base checkpoint)
   dtype: str = "float32"  # compute dtype: float32 | bfloat16
+  # Policy activations recomputed in the backward pass, per layer: none | full | dots (weight-matmul
+  # outputs kept). Trades step time for memory; values and gradients are unchanged.
+  remat: str = "none"
+
+  def __post_init__(self):
+    if self.remat not in REMAT:
+      raise ConfigError(f"model.remat={self.remat!r}: choose one of {REMAT}")
 
 
 @dataclasses.dataclass(frozen=True)

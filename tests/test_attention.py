@@ -48,6 +48,19 @@ def test_attention_paths_match_reference(monkeypatch, path, shape, masked):
   np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_blocked_path_only_on_cpu(monkeypatch):
+  """Large problems take the blocked path (a lax.map over blocks) on CPU only; on an accelerator the
+  same call is one direct program with no loop."""
+  import jax
+  q = jnp.ones((1, 64, 1, 2, 8))
+  k = v = jnp.ones((1, 64, 1, 8))
+  monkeypatch.setattr(layers, "DIRECT_MAX", 0)
+  loops = lambda: str(jax.make_jaxpr(lambda *a: layers.attention(*a, None, 0.3))(q, k, v)).count("scan")
+  assert loops() >= 1  # CPU: blocked
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert loops() == 0
+
+
 def test_model_with_blocked_attention_matches_transformers(monkeypatch, tmp_path):
   hf = build_hf(config_dict("a"), seed=8)
   hf.save_pretrained(tmp_path)

@@ -151,6 +151,9 @@ def accumulate_grads(params, graphdef, batch: PolicyBatch, pair_grid, loss_cfg: 
   if b % micro_batches:
     raise ValueError(f"{b} pairs do not split into {micro_batches} micro-batches")
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if micro_batches == 1:  # no accumulator: one gradient tree alive instead of two
+    (loss, metrics), grads = grad_fn(params, graphdef, batch, pair_grid, loss_cfg, chunk, prefix_sharing)
+    return loss, grads, metrics
   micro = _split(batch, micro_batches)
 
   def body(carry, mb):
@@ -188,8 +191,13 @@ def update(params, opt_state, graphdef, tx: optax.GradientTransformation, batch:
     metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
     return (params, opt_state, skipped + (~ok).astype(jnp.int32)), metrics
 
-  (params, opt_state, skipped), metrics = jax.lax.scan(
-      one_pass, (params, opt_state, jnp.int32(0)), None, length=optim_cfg.passes)
+  carry = (params, opt_state, jnp.int32(0))
+  if optim_cfg.passes == 1:  # no scan: its carry would hold a second copy of parameters + optimiser state
+    carry, metrics = one_pass(carry, None)
+    metrics = jax.tree.map(lambda v: v[None], metrics)
+  else:
+    carry, metrics = jax.lax.scan(one_pass, carry, None, length=optim_cfg.passes)
+  params, opt_state, skipped = carry
   # Report the first pass (the policy that sampled) and the last pass's loss.
   out = {k: v[0] for k, v in metrics.items()}
   out.update(loss_last_pass=metrics["loss"][-1], skipped_updates=skipped)

@@ -17,6 +17,7 @@ MODEL_TYPE = "qwen2_5_vl"
 
 SUPPORTED_ACTS = ("silu", "gelu", "gelu_pytorch_tanh", "quick_gelu")
 DTYPES = ("float32", "bfloat16")
+REMAT = ("none", "full", "dots")  # layers.REMAT_POLICIES
 
 
 class ConfigError(ValueError):
@@ -84,6 +85,9 @@ class Qwen25VLConfig:
   # Ours, not HF's: parameter storage and matmul compute dtypes ("float32" | "bfloat16").
   param_dtype: str = "float32"
   dtype: str = "float32"
+  # Ours: activation rematerialisation of each scanned layer in the backward pass ("none" | "full" |
+  # "dots"; see layers.REMAT_POLICIES). Changes memory and time, never values.
+  remat: str = "none"
 
   def replace(self, **kw) -> "Qwen25VLConfig":
     out = dataclasses.replace(self, **kw)
@@ -289,6 +293,8 @@ def validate(cfg: Qwen25VLConfig, source: str = "config") -> None:
   for where, act in (("text_config.hidden_act", t.hidden_act), ("vision_config.hidden_act", v.hidden_act)):
     if act not in SUPPORTED_ACTS:
       raise ConfigError(f"{source}: {where}={act!r} is not supported (supported: {SUPPORTED_ACTS})")
+  if cfg.remat not in REMAT:
+    raise ConfigError(f"{source}: remat={cfg.remat!r} must be one of {REMAT}")
   for where, dt in (("param_dtype", cfg.param_dtype), ("dtype", cfg.dtype)):
     if dt not in DTYPES:
       raise ConfigError(f"{source}: {where}={dt!r} must be one of {DTYPES}")

@@ -89,10 +89,16 @@ class Qwen25VL(nnx.Module):
         (t.hidden_size,), (t.vocab_size,), in_names=("embed",), out_names=("vocab",),
         use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
+  def set_remat(self, policy: str) -> "Qwen25VL":
+    """Rematerialise each decoder / vision layer in the backward pass (`Qwen25VLConfig.remat`:
+    "none" | "full" | "dots"); values and gradients are unchanged, memory and time are not."""
+    self.config = self.config.replace(remat=policy)
+    return self
+
   # ---- pieces (used separately by the sampler, the listener and the loss) -------------------
   def image_features(self, pixel_values, image_grid_thw):
     """(N patches, C·T·P·P) → (N/m², hidden) merged image embeddings, images in order."""
-    return self.visual(pixel_values, static_grid(image_grid_thw))
+    return self.visual(pixel_values, static_grid(image_grid_thw), remat=self.config.remat)
 
   def embed(self, input_ids, image_embeds=None):
     """Token embeddings with `<|image_pad|>` positions replaced, in order, by image embeddings."""
@@ -112,7 +118,8 @@ class Qwen25VL(nnx.Module):
     mask_bts = jnp.tril(jnp.ones((t, t), bool))[None] & valid[:, None, :]
     cos, sin = text_rotary(position_ids, self.config)
     x_btd = scan_layers(self.layers, constrain(x_btd, ACT_BTD),
-                        lambda layer, x: constrain(layer(x, cos, sin, mask_bts), ACT_BTD))
+                        lambda layer, x: constrain(layer(x, cos, sin, mask_bts), ACT_BTD),
+                        remat=self.config.remat)
     return self.norm(x_btd)
 
   def prefill(self, x_btd, position_ids, attention_mask):
@@ -127,7 +134,7 @@ class Qwen25VL(nnx.Module):
       x, kv = layer(x, cos, sin, mask_bts, return_kv=True)
       return constrain(x, ACT_BTD), kv
 
-    x_btd, (k, v) = scan_layers_xs(self.layers, constrain(x_btd, ACT_BTD), None, layer_fn)
+    x_btd, (k, v) = scan_layers_xs(self.layers, constrain(x_btd, ACT_BTD), None, layer_fn, self.config.remat)
     return self.norm(x_btd), k, v
 
   def unstacked_layers(self) -> list[DecoderLayer]:
@@ -188,7 +195,7 @@ class Qwen25VL(nnx.Module):
       return constrain(layer.finish(x, attention(q, k_all, v_all, mask_bts, layer.head_dim**-0.5)),
                        ACT_BTD), None
 
-    x, _ = scan_layers_xs(self.layers, constrain(x, ACT_BTD), (prefix_k, prefix_v), layer_fn)
+    x, _ = scan_layers_xs(self.layers, constrain(x, ACT_BTD), (prefix_k, prefix_v), layer_fn, self.config.remat)
     return self.norm(x).reshape(b, g, t, e)
 
   def head_matrix(self):
@@ -221,7 +228,7 @@ class Qwen25VL(nnx.Module):
       if not grid:
         raise ValueError("pixel_values given without image_grid_thw")
       check_image_tokens(input_ids, grid, self.config)
-      image_embeds = self.visual(pixel_values, grid)
+      image_embeds = self.visual(pixel_values, grid, remat=self.config.remat)
     if position_ids is None:
       position_ids, _ = get_rope_index(input_ids, attention_mask, grid, self.config)
     x = self.embed(input_ids, image_embeds)

@@ -190,7 +190,7 @@ class VisionTower(nnx.Module):
     emb = jnp.concatenate([freqs, freqs], -1)
     return jnp.cos(emb), jnp.sin(emb)
 
-  def __call__(self, pixel_values, grid: Grid):
+  def __call__(self, pixel_values, grid: Grid, remat: str = "none"):
     """pixel_values: (N, C·T·P·P) patches as the processor returns them → (N/m², out_hidden_size)."""
     layout = vision_layout(grid, self.cfg)
     if pixel_values.shape != (layout.num_patches, self.cfg.patch_dim):
@@ -203,5 +203,5 @@ class VisionTower(nnx.Module):
       groups = layout.frames if full else layout.windows
       x = scan_layers(self.blocks, constrain(x, ("batch", None)),
                       lambda blk, h, g=groups: constrain(blk(h, cos, sin, g), ("batch", None)),
-                      start, stop)
+                      start, stop, remat)
     return self.merger(x)[layout.merged_unperm]

@@ -1,0 +1,537 @@
+"""Accelerator efficiency: a ~3B-shaped Qwen2.5-VL in bf16 (random weights) on one GPU, < 8 minutes.
+
+  PYTHONPATH=. python3 bench/gpu.py --out DIR          # on the lent GPU (installs nothing)
+  .venv/bin/python bench/gpu.py --tiny                  # anywhere: tiny configs, to know it runs
+
+Two processes, one after the other (JAX and PyTorch each take the GPU's memory for themselves):
+
+  torch   transformers on the GPU: a tiny random model (windows, two images of different sizes per
+          row, left padding, untied head) in fp32 — its logits are the reference for ours; then the
+          3B config's forward in bf16 (SDPA attention), timed.
+  jax     correctness first: the tiny model loaded from the saved transformers directory gives the
+          same logits (fp32 ≤ 1e-4 of the largest, bf16 ≤ 3e-2); then the ceilings measured here: a
+          bf16 8192³ matmul (random inputs) and a device-to-device copy (bytes read + written);
+          then on the 3B config in bf16:
+            forward   the same inputs as torch's (B rows: two 448² images + text each)
+            update    one GRPO update (loss + backward + AdamW, β > 0, prefix sharing), parameters and
+                      optimiser state donated; MFU = counted model FLOPs (3 × forward) / time / the
+                      measured matmul rate; the micro-batch count is the smallest whose compiled
+                      program fits in free memory (XLA's memory analysis, before running)
+            decode    the sampler (B prompts × G samples, N new tokens, no EOS) minus its prefill,
+                      per step; HBM fraction = (decoder weights + the KV cache as read) / step time /
+                      the measured copy bandwidth
+          and the decode again on a ~1.5B text decoder (Qwen2-VL-2B-shaped).
+
+Prints a table last; JSON of everything under --out. Each part and section reports its own failure
+and the rest goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+
+# Qwen2.5-VL-3B's shapes (text decoder 36 × 2048, GQA 16/2, tied head; the 32-layer windowed vision
+# tower shared by the whole family).
+VISION = {
+    "depth": 32, "hidden_size": 1280, "num_heads": 16, "intermediate_size": 3420, "hidden_act": "silu",
+    "in_channels": 3, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
+    "tokens_per_second": 2, "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31],
+    "out_hidden_size": 2048,
+}
+TEXT = {
+    "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,
+    "num_attention_heads": 16, "num_key_value_heads": 2, "hidden_act": "silu",
+    "max_position_embeddings": 128000, "rms_norm_eps": 1e-6,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+    "bos_token_id": 151643, "eos_token_id": 151645, "pad_token_id": 151643,
+}
+SPECIAL = {"image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
+           "vision_end_token_id": 151653}
+CONFIG_3B = {"model_type": "qwen2_5_vl", "text_config": TEXT, "vision_config": VISION, **SPECIAL,
+             "tie_word_embeddings": True}
+CONFIG_1_5B = {"model_type": "qwen2_5_vl",
+               "text_config": dict(TEXT, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                                   num_attention_heads=12),
+               "vision_config": dict(VISION, out_hidden_size=1536), **SPECIAL, "tie_word_embeddings": True}
+# --tiny: the same program on configs that run on a laptop CPU in a minute.
+TINY_VISION = dict(VISION, depth=2, hidden_size=64, num_heads=2, intermediate_size=96, fullatt_block_indexes=[1],
+                   out_hidden_size=128)
+TINY_TEXT = dict(TEXT, vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                 num_attention_heads=4, rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                                         "mrope_section": [4, 6, 6]},
+                 bos_token_id=1, eos_token_id=2, pad_token_id=0)
+TINY_SPECIAL = {"image_token_id": 1020, "video_token_id": 1021, "vision_start_token_id": 1018,
+                "vision_end_token_id": 1019}
+TINY_BIG = {"model_type": "qwen2_5_vl", "text_config": TINY_TEXT, "vision_config": TINY_VISION, **TINY_SPECIAL,
+            "tie_word_embeddings": True}
+TINY_SMALL = {"model_type": "qwen2_5_vl", "text_config": dict(TINY_TEXT, intermediate_size=192, num_hidden_layers=1),
+              "vision_config": TINY_VISION, **TINY_SPECIAL, "tie_word_embeddings": True}
+
+
+def sizes(tiny: bool) -> dict:
+  if tiny:
+    return dict(big=TINY_BIG, small=TINY_SMALL, image=112, text=16, fwd_rows=2, pairs=2, samples=4, new=16,
+                decode_new=16, matmul=512, copy_mib=64, name_big="tiny", name_small="tiny-small",
+                update_plans=[("dots", 2)], chunk=32)
+  # Forward: 8 rows of two 448² images (256 tokens each) + 128 text tokens (642 tokens). Update: 4 pairs
+  # × 8 completions × 256 tokens. Decode: 4 prompts × 8 samples = 32 rows (bandwidth-bound: 32 FLOP per
+  # weight byte against the ~270 of the chip's ridge), 256 new tokens.
+  return dict(big=CONFIG_3B, small=CONFIG_1_5B, image=448, text=128, fwd_rows=8, pairs=4, samples=8, new=256,
+              decode_new=256, matmul=8192, copy_mib=4096, name_big="3B", name_small="1.5B",
+              # Estimated from XLA's CPU memory analysis (fp32 ÷ 2): activations per pair ~35 GB
+              # without remat, ~18 with "dots", ~9 with "full"; ~43 GB free after weights, grads
+              # and AdamW state.
+              update_plans=[("none", 4), ("dots", 2), ("full", 1)], chunk=2048)
+
+
+def hf_config(raw: dict):
+  from transformers import Qwen2_5_VLConfig
+  return Qwen2_5_VLConfig(**{k: v for k, v in raw.items() if k != "model_type"})
+
+
+def tiny_parity_batch():
+  import hf_tiny
+  rows = [{"text": [5, 7, 4], "images": [(56, 84), (84, 140)], "pad": 3},
+          {"text": [9, 3, 6], "images": [(112, 56), (56, 56)]}]
+  return hf_tiny.config_dict("a"), hf_tiny.make_batch(rows, seed=0)
+
+
+def forward_inputs(raw: dict, rows: int, text: int, image: int) -> dict:
+  """Rows of two `image`² images + `text` tokens: numpy arrays as a processor returns them."""
+  from step import pair_inputs
+  ids, pixels, pair_grid = pair_inputs(raw, rows, text, image)
+  return {"input_ids": ids.astype(np.int64), "attention_mask": np.ones_like(ids, np.int64),
+          "pixel_values": pixels.reshape(-1, pixels.shape[-1]),
+          "image_grid_thw": np.asarray(pair_grid * rows, np.int64),
+          "mm_token_type_ids": (ids == raw["image_token_id"]).astype(np.int64)}
+
+
+# ---- torch part ----------------------------------------------------------------------------------
+def torch_part(args, work: str) -> dict:
+  import torch
+
+  from transformers import Qwen2_5_VLForConditionalGeneration
+
+  import hf_tiny
+  dev = "cuda" if torch.cuda.is_available() else "cpu"
+  out: dict = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu"}
+  import transformers
+  out["transformers"] = transformers.__version__
+  sz = sizes(args.tiny)
+
+  # Reference logits of the tiny model on this device (fp32, no TF32).
+  torch.backends.cuda.matmul.allow_tf32 = False
+  torch.backends.cudnn.allow_tf32 = False
+  cfg, batch = tiny_parity_batch()
+  hf = hf_tiny.build_hf(cfg, seed=0)
+  hf.save_pretrained(os.path.join(work, "tiny_hf"))
+  np.savez(os.path.join(work, "tiny_batch.npz"), **batch)
+  try:
+    pos, _ = hf_tiny.hf_positions(hf, batch)
+  except TypeError:  # an older transformers without mm_token_type_ids
+    tb = {k: torch.from_numpy(v) for k, v in batch.items()}
+    pos, _ = hf.model.get_rope_index(input_ids=tb["input_ids"], image_grid_thw=tb["image_grid_thw"],
+                                     attention_mask=tb["attention_mask"])
+  hf = hf.to(dev)
+  kw = {"input_ids": torch.from_numpy(batch["input_ids"]).to(dev),
+        "attention_mask": torch.from_numpy(batch["attention_mask"]).to(dev), "position_ids": pos.to(dev),
+        "pixel_values": torch.from_numpy(batch["pixel_values"]).to(dev),
+        "image_grid_thw": torch.from_numpy(batch["image_grid_thw"]).to(dev)}
+  with torch.no_grad():
+    np.save(os.path.join(work, "tiny_logits_hf.npy"), hf(**kw).logits.float().cpu().numpy())
+  del hf
+  print("torch: tiny reference logits written", flush=True)
+
+  # The big config's forward in bf16 (random weights: the timing does not depend on them).
+  inputs = forward_inputs(sz["big"], sz["fwd_rows"], sz["text"], sz["image"])
+  hcfg = hf_config(sz["big"])
+  hcfg._attn_implementation = "sdpa"
+  torch.manual_seed(0)
+  prev = torch.get_default_dtype()
+  torch.set_default_dtype(torch.bfloat16)
+  with torch.device(dev):
+    model = Qwen2_5_VLForConditionalGeneration(hcfg).eval()
+  torch.set_default_dtype(prev)
+  t = {k: torch.from_numpy(v).to(dev) for k, v in inputs.items()}
+  t["pixel_values"] = t["pixel_values"].to(torch.bfloat16)
+
+  def run():
+    with torch.inference_mode():
+      try:
+        model(**t)
+      except TypeError:  # an older transformers without mm_token_type_ids
+        t.pop("mm_token_type_ids")
+        model(**t)
+    if dev == "cuda":
+      torch.cuda.synchronize()
+
+  for _ in range(2):
+    run()
+  times = []
+  for _ in range(args.runs):
+    t0 = time.perf_counter()
+    run()
+    times.append(time.perf_counter() - t0)
+  out["forward_s"] = statistics.median(times)
+  out["forward_shape"] = list(inputs["input_ids"].shape)
+  if dev == "cuda":
+    out["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+  print(f"torch: forward {out['forward_s'] * 1e3:.1f} ms", flush=True)
+  return out
+
+
+# ---- jax part ------------------------------------------------------------------------------------
+def median_time(fn, runs: int) -> float:
+  times = []
+  for _ in range(runs):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+DEADLINE: float | None = None  # perf_counter() after which the jax part skips its remaining sections
+PLANS: list[tuple[str, int]] = []  # --plans: the update's (remat, micro-batches) candidates
+ONLY: tuple[str, ...] = ()  # --only: the sections to run (parity and ceilings always run)
+
+
+def section(res: dict, name: str, fn, save: str | None = None) -> None:
+  """res[name] = fn(), or the error; written to `save` at once (a later crash keeps what was measured)."""
+  t0 = time.perf_counter()
+  if ONLY and name.split("_")[0] not in ONLY:
+    return
+  if DEADLINE is not None and t0 > DEADLINE:
+    res[name] = {"error": "skipped: past --budget"}
+    print(f"jax: {name}: skipped (past --budget)", flush=True)
+    return
+  try:
+    res[name] = fn()
+  except Exception as e:  # report and go on: the other sections still measure
+    res[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+    traceback.print_exc()
+  res[name]["section_s"] = time.perf_counter() - t0
+  print(f"jax: {name}: {json.dumps(res[name], default=float)[:600]}", flush=True)
+  if save:
+    with open(save, "w") as f:
+      json.dump(res, f, indent=1, default=float)
+
+
+def jax_part(args, work: str) -> dict:
+  os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  import lgrpo_jax
+  from lgrpo_jax.grpo import LossConfig, token_weights
+  from lgrpo_jax.grpo.update import OptimConfig, PolicyBatch, make_optimizer, update
+  from lgrpo_jax.models.qwen2_5_vl import flops as F
+  from lgrpo_jax.models.qwen2_5_vl.rope import get_rope_index
+  from lgrpo_jax.sampling.sampler import SamplingConfig, _sample_jit
+
+  import flax
+  sz = sizes(args.tiny)
+  dev = jax.devices()[0]
+  res: dict = {"jax": jax.__version__, "flax": flax.__version__, "device": str(dev.device_kind),
+               "platform": dev.platform}
+
+  save = os.path.join(work, "jax.json")
+
+  def parity():
+    batch = dict(np.load(os.path.join(work, "tiny_batch.npz")))
+    ref = np.load(os.path.join(work, "tiny_logits_hf.npy"))
+    valid = batch["attention_mask"].astype(bool)
+    scale = np.abs(ref[valid]).max()
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+      m = lgrpo_jax.load_hf(os.path.join(work, "tiny_hf"), dtype=dtype)
+      got = np.asarray(lgrpo_jax.forward(m, batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+                                         batch["image_grid_thw"]), np.float32)
+      out[f"rel_err_{dtype}"] = float(np.abs(got[valid] - ref[valid]).max() / scale)
+    out["ok"] = out["rel_err_float32"] <= 1e-4 and out["rel_err_bfloat16"] <= 3e-2
+    if not out["ok"]:
+      raise AssertionError(f"logits differ from transformers: {out}")
+    return out
+
+  def ceilings():
+    n = sz["matmul"]
+    ks = jax.random.split(jax.random.key(0), 8)
+    pairs = [(jax.random.normal(ks[2 * i], (n, n), jnp.bfloat16), jax.random.normal(ks[2 * i + 1], (n, n), jnp.bfloat16))
+             for i in range(4)]  # rotate inputs: no cache reuse between timed products
+    mm = jax.jit(lambda a, b: a @ b)
+    for a, b in pairs:
+      mm(a, b).block_until_ready()
+    i = iter(range(10**9))
+
+    def one():
+      a, b = pairs[next(i) % 4]
+      mm(a, b).block_until_ready()
+    t = median_time(one, 20)
+    elems = sz["copy_mib"] * 2**20 // 2
+    x = jax.random.normal(ks[0], (elems,), jnp.bfloat16)
+    cp = jax.jit(lambda x: x * 2)  # one read + one write of every element
+    cp(x).block_until_ready()
+    tc = median_time(lambda: cp(x).block_until_ready(), 20)
+    return {"matmul_tflops": 2 * n**3 / t / 1e12, "copy_gbps": 2 * elems * 2 / tc / 1e9}
+
+  section(res, "parity", parity, save)
+  section(res, "ceilings", ceilings, save)
+  peak = res["ceilings"].get("matmul_tflops", float("nan")) * 1e12
+  bw = res["ceilings"].get("copy_gbps", float("nan")) * 1e9
+
+  big = lgrpo_jax.from_config(sz["big"], dtype="bfloat16", param_dtype="bfloat16", seed=0)
+  cfg = big.config
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(big, nnx.Param)))
+  res["params_big"] = n_params
+
+  def forward():
+    inp = forward_inputs(sz["big"], sz["fwd_rows"], sz["text"], sz["image"])
+    run = lambda: lgrpo_jax.forward(big, inp["input_ids"], inp["attention_mask"], inp["pixel_values"],
+                                    inp["image_grid_thw"]).block_until_ready()
+    t0 = time.perf_counter()
+    run()
+    compile_s = time.perf_counter() - t0
+    t = median_time(run, args.runs)
+    b, p = inp["input_ids"].shape
+    fl = F.forward_flops(cfg, b, p, tuple(map(tuple, inp["image_grid_thw"].tolist())))
+    return {"s": t, "compile_s": compile_s, "tflop": fl / 1e12, "mfu": fl / t / peak, "shape": [b, p]}
+
+  def update_step():
+    from step import pair_inputs
+    b, g, n = sz["pairs"], sz["samples"], sz["new"]
+    ids_np, pixels_np, pair_grid = pair_inputs(sz["big"], b, sz["text"], sz["image"])
+    p = ids_np.shape[1]
+    rng = np.random.default_rng(1)
+    tokens = jnp.asarray(rng.integers(0, 1000, (b, g, n)), jnp.int32)
+    tmask = jnp.ones((b, g, n), jnp.int32)
+    loss_cfg = LossConfig(beta=0.04)
+    logp = jnp.asarray(-rng.random((b, g, n)) * 5, jnp.float32)
+    pb = PolicyBatch(jnp.asarray(ids_np), jnp.ones(ids_np.shape, jnp.int32), jnp.asarray(pixels_np, jnp.bfloat16),
+                     tokens, tmask, logp, jnp.asarray(rng.standard_normal((b, g)), jnp.float32),
+                     token_weights(tmask, loss_cfg), logp)
+    free = None
+    stats = dev.memory_stats() or {}
+    if "bytes_limit" in stats:
+      free = stats["bytes_limit"] - stats["bytes_in_use"]
+    chosen = None
+    # Fastest first; each is compiled and kept only if XLA's memory analysis says it fits.
+    for remat, micro in PLANS or sz["update_plans"]:
+      graphdef, params = nnx.split(big.set_remat(remat), nnx.Param)
+      optim = OptimConfig(learning_rate=1e-6, micro_batches=micro)
+      tx = make_optimizer(optim, params)
+      opt_state = jax.eval_shape(tx.init, params)
+      fn = jax.jit(lambda prm, st, tx=tx, optim=optim, gd=graphdef: update(prm, st, gd, tx, pb, pair_grid, loss_cfg,
+                                                                            optim, sz["chunk"]),
+                   donate_argnums=(0, 1))
+      t0 = time.perf_counter()
+      compiled = fn.lower(params, opt_state).compile()
+      compile_s = time.perf_counter() - t0
+      ma = compiled.memory_analysis()
+      temp = getattr(ma, "temp_size_in_bytes", 0) if ma is not None else 0
+      state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(opt_state))
+      need = temp + state_bytes
+      print(f"jax: update remat={remat} micro_batches={micro}: temp {temp / 2**30:.1f} GiB + optimiser state "
+            f"{state_bytes / 2**30:.1f} GiB, free {free / 2**30 if free else float('nan'):.1f} GiB, "
+            f"compile {compile_s:.0f} s", flush=True)
+      if free is None or need < 0.9 * free:
+        chosen = (remat, micro, tx, compiled, compile_s, temp)
+        break
+    if chosen is None:
+      raise MemoryError("no (remat, micro-batches) plan fits the update in free memory")
+    remat, micro, tx, compiled, compile_s, temp = chosen
+    opt_state = tx.init(params)
+    params, opt_state, metrics = compiled(params, opt_state)
+    jax.block_until_ready(params)
+    times, losses = [], []
+    for _ in range(args.runs):
+      t0 = time.perf_counter()
+      params, opt_state, metrics = compiled(params, opt_state)
+      jax.block_until_ready(params)
+      times.append(time.perf_counter() - t0)
+      losses.append(float(metrics["loss"]))
+    t = statistics.median(times)
+    grid = pair_grid * b
+    policy = F.matmul_flops(F.vision_matmuls(cfg, grid) + F.text_matmuls(cfg, b, p, lm_head=False)
+                            + F.extend_matmuls(cfg, b, p, g, n, lm_head=True))
+    fl = 3 * policy
+    finite = all(np.isfinite(losses)) and bool(np.isfinite(float(metrics["grad_norm"])))
+    nnx.update(big, params)  # `big`'s own arrays were donated: the decode runs on the updated ones
+    del params, opt_state
+    if not finite:
+      raise FloatingPointError(f"update gave a non-finite loss / grad norm: {losses}")
+    big.set_remat("none")
+    return {"s": t, "compile_s": compile_s, "micro_batches": micro, "remat": remat, "temp_gib": temp / 2**30,
+            "tflop": fl / 1e12, "mfu": fl / t / peak, "shape": [b, g, n, p], "loss": losses[-1],
+            "tokens": b * p + b * g * n}
+
+  def decode(model, raw, name):
+    def run():
+      mcfg = model.config
+      b, g, n = sz["pairs"], sz["samples"], sz["decode_new"]
+      inp = forward_inputs(raw, b, sz["text"], sz["image"])
+      ids, mask = jnp.asarray(inp["input_ids"], jnp.int32), jnp.asarray(inp["attention_mask"], jnp.int32)
+      pixels = jnp.asarray(inp["pixel_values"], jnp.bfloat16)
+      grid = tuple(map(tuple, inp["image_grid_thw"].tolist()))
+      scfg = SamplingConfig(max_new_tokens=n, num_samples=g, temperature=1.0)
+      sample = lambda: jax.block_until_ready(_sample_jit(model, ids, mask, pixels, jax.random.key(0), grid, scfg))
+
+      @nnx.jit
+      def prefill(m):
+        pos, _ = get_rope_index(ids, mask, grid, m.config)
+        x = m.embed(ids, m.image_features(pixels, grid))
+        h, k, v = m.prefill(x, pos, mask)
+        return m.logits(h[:, -1:]), k, v
+
+      t0 = time.perf_counter()
+      out = sample()
+      compile_s = time.perf_counter() - t0
+      steps = int(out.steps)
+      jax.block_until_ready(prefill(model))
+      t_all = median_time(sample, args.runs)
+      t_pre = median_time(lambda: jax.block_until_ready(prefill(model)), args.runs)
+      per_step = (t_all - t_pre) / max(steps - 1, 1)
+      t = mcfg.text
+      p = ids.shape[1]
+      layer_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model.layers, nnx.Param)))
+      head = t.vocab_size * t.hidden_size
+      weight_bytes = 2 * (layer_params + head + t.hidden_size)
+      # The cache as the decode step reads it: every layer's prefix keys/values once per prompt and
+      # every sample's N suffix slots (all slots are read; the not-yet-written ones are masked).
+      kv_bytes = 2 * 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * b * (p + g * n)
+      moved = weight_bytes + kv_bytes
+      return {"model": name, "rows": b * g, "prompt": p, "new_tokens": n, "steps": steps, "s": t_all,
+              "prefill_s": t_pre, "step_ms": per_step * 1e3, "compile_s": compile_s,
+              "weights_gb": weight_bytes / 1e9, "kv_gb": kv_bytes / 1e9,
+              "gbps": moved / per_step / 1e9, "hbm_frac": moved / per_step / bw,
+              "tokens_per_s": b * g * steps / t_all}
+    return run
+
+  section(res, "forward", forward, save)
+  section(res, "update", update_step, save)
+  section(res, f"decode_{sz['name_big']}", decode(big, sz["big"], sz["name_big"]), save)
+  big = None  # its memory goes before the 1.5B model is built
+  if ONLY and "decode" not in ONLY:
+    return res
+  small = lgrpo_jax.from_config(sz["small"], dtype="bfloat16", param_dtype="bfloat16", seed=0)
+  section(res, f"decode_{sz['name_small']}", decode(small, sz["small"], sz["name_small"]), save)
+  stats = dev.memory_stats() or {}
+  res["peak_mem_gib"] = stats.get("peak_bytes_in_use", 0) / 2**30
+  return res
+
+
+# ---- driver --------------------------------------------------------------------------------------
+def table(tr: dict, jr: dict, tiny: bool) -> str:
+  sz = sizes(tiny)
+  lines = [f"device: {jr.get('device')} ({jr.get('platform')}); jax {jr.get('jax')}, flax {jr.get('flax')}, "
+           f"torch {tr.get('torch')}, transformers {tr.get('transformers')}; {platform.node()}, "
+           f"{time.strftime('%Y-%m-%d')}",
+           f"model: {sz['name_big']} ({jr.get('params_big', 0) / 1e9:.2f} B parameters) in bf16, random weights"]
+  par = jr.get("parity", {})
+  lines.append(f"parity vs transformers (tiny, fp32 / bf16 rel. err.): {par.get('rel_err_float32', float('nan')):.1e} "
+               f"/ {par.get('rel_err_bfloat16', float('nan')):.1e} {'ok' if par.get('ok') else 'FAILED ' + par.get('error', '')}")
+  c = jr.get("ceilings", {})
+  lines.append(f"measured ceilings: bf16 matmul {c.get('matmul_tflops', float('nan')):.0f} TFLOP/s, "
+               f"copy {c.get('copy_gbps', float('nan')):.0f} GB/s")
+  lines.append(f"{'what':22s} {'ms':>9s} {'TFLOP':>8s} {'TFLOP/s':>8s} {'of peak':>8s}  notes")
+  f = jr.get("forward", {})
+  if "s" in f:
+    lines.append(f"{'forward (ours)':22s} {f['s'] * 1e3:9.1f} {f['tflop']:8.2f} {f['tflop'] / f['s']:8.0f} "
+                 f"{f['mfu']:8.0%}  {f['shape'][0]} rows × {f['shape'][1]} tokens, compile {f['compile_s']:.0f} s")
+    if "forward_s" in tr:
+      lines.append(f"{'forward (transformers)':22s} {tr['forward_s'] * 1e3:9.1f} {f['tflop']:8.2f} "
+                   f"{f['tflop'] / tr['forward_s']:8.0f} {f['mfu'] * f['s'] / tr['forward_s']:8.0%}  "
+                   f"ours is {tr['forward_s'] / f['s']:.2f}× faster")
+  else:
+    lines.append(f"forward: {f.get('error')}")
+  u = jr.get("update", {})
+  if "s" in u:
+    b, g, n, p = u["shape"]
+    lines.append(f"{'update (GRPO, β>0)':22s} {u['s'] * 1e3:9.1f} {u['tflop']:8.2f} {u['tflop'] / u['s']:8.0f} "
+                 f"{u['mfu']:8.0%}  {b} pairs × {g} × {n} tokens, prompt {p}, micro-batches {u['micro_batches']}, "
+                 f"remat {u['remat']}, "
+                 f"{u['tokens']} tokens")
+  else:
+    lines.append(f"update: {u.get('error')}")
+  lines.append(f"{'decode':22s} {'ms/step':>9s} {'GB/step':>8s} {'GB/s':>8s} {'of copy':>8s}  notes")
+  for key in (f"decode_{sz['name_big']}", f"decode_{sz['name_small']}"):
+    d = jr.get(key, {})
+    if "step_ms" in d:
+      lines.append(f"{key:22s} {d['step_ms']:9.2f} {d['weights_gb'] + d['kv_gb']:8.2f} {d['gbps']:8.0f} "
+                   f"{d['hbm_frac']:8.0%}  {d['rows']} rows, prompt {d['prompt']}, {d['steps']} steps, "
+                   f"weights {d['weights_gb']:.2f} GB + KV {d['kv_gb']:.2f} GB; {d['tokens_per_s']:.0f} tok/s "
+                   f"incl. prefill")
+    else:
+      lines.append(f"{key}: {d.get('error')}")
+  return "\n".join(lines)
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--out", default=None, help="folder for results.json and the two parts' logs")
+  ap.add_argument("--tiny", action="store_true", help="tiny configs (checks the script runs, e.g. on CPU)")
+  ap.add_argument("--runs", type=int, default=5)
+  ap.add_argument("--budget", type=float, default=420,
+                  help="seconds: sections not started by then (from the start) are skipped, the table still printed")
+  ap.add_argument("--only", help="comma list of forward,update,decode (default: all)")
+  ap.add_argument("--plans", help="update candidates as remat:micro_batches,... e.g. full:1 (default: the size's)")
+  ap.add_argument("--part", choices=("torch", "jax"), help=argparse.SUPPRESS)
+  ap.add_argument("--work", help=argparse.SUPPRESS)
+  args = ap.parse_args()
+
+  if args.part:
+    global DEADLINE, ONLY, PLANS
+    ONLY = tuple(("parity,ceilings," + args.only).split(",")) if args.only else ()
+    PLANS = [(p.split(":")[0], int(p.split(":")[1])) for p in args.plans.split(",")] if args.plans else []
+    DEADLINE = time.perf_counter() + args.budget if args.budget else None
+    fn = torch_part if args.part == "torch" else jax_part
+    res = fn(args, args.work)
+    with open(os.path.join(args.work, f"{args.part}.json"), "w") as f:
+      json.dump(res, f, indent=1, default=float)
+    return
+
+  work = tempfile.mkdtemp(prefix="bench_gpu_")
+  out = args.out or work
+  os.makedirs(out, exist_ok=True)
+  results = {}
+  start = time.perf_counter()
+  for part in ("torch", "jax"):
+    t0 = time.perf_counter()
+    cmd = [sys.executable, os.path.abspath(__file__), "--part", part, "--work", work, "--runs", str(args.runs),
+           "--budget", str(max(1.0, args.budget - (time.perf_counter() - start)))]
+    cmd += [f"--only={args.only}"] if args.only else []
+    cmd += [f"--plans={args.plans}"] if args.plans else []
+    cmd += ["--tiny"] if args.tiny else []
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with open(os.path.join(out, f"{part}.log"), "w") as log:
+      proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      log.write(proc.stdout)
+    tail = [l for l in proc.stdout.splitlines() if l.startswith(f"{part}:")]
+    print("\n".join(tail), flush=True)
+    if proc.returncode:
+      print(f"{part} part failed (exit {proc.returncode}); last lines:\n" + "\n".join(proc.stdout.splitlines()[-15:]))
+    path = os.path.join(work, f"{part}.json")
+    results[part] = json.load(open(path)) if os.path.exists(path) else {"error": f"exit {proc.returncode}"}
+    results[part]["wall_s"] = time.perf_counter() - t0
+  with open(os.path.join(out, "results.json"), "w") as f:
+    json.dump(results, f, indent=1, default=float)
+  print()
+  print(table(results["torch"], results["jax"], args.tiny))
+
+
+if __name__ == "__main__":
+  main()

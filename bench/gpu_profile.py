@@ -1,0 +1,135 @@
+"""Where the GPU time goes: a profiler trace of the 3B forward and GRPO update of bench/gpu.py.
+
+  PYTHONPATH=. python3 bench/gpu_profile.py --out DIR     # on the lent GPU; --tiny anywhere
+
+Runs each program once to compile, then once under `jax.profiler.trace` (Perfetto JSON), and copies
+the traces to DIR/{forward,update}.trace.json.gz. `--summarize DIR` (here, no GPU needed) prints the
+device time per kernel category of each trace: matmuls (cuBLAS / Triton gemm), attention-like
+fusions, the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+
+def profile(args) -> None:
+  os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  import lgrpo_jax
+  from gpu import forward_inputs, sizes
+  from step import pair_inputs
+  from lgrpo_jax.grpo import LossConfig, token_weights
+  from lgrpo_jax.grpo.update import OptimConfig, PolicyBatch, make_optimizer, update
+
+  sz = sizes(args.tiny)
+  os.makedirs(args.out, exist_ok=True)
+  big = lgrpo_jax.from_config(sz["big"], dtype="bfloat16", param_dtype="bfloat16", seed=0)
+
+  def traced(name, fn):
+    jax.block_until_ready(fn())  # compile
+    d = tempfile.mkdtemp(prefix=f"trace_{name}_")
+    with jax.profiler.trace(d, create_perfetto_trace=True):
+      jax.block_until_ready(fn())
+    found = glob.glob(os.path.join(d, "**", "perfetto_trace.json.gz"), recursive=True)
+    if found:
+      shutil.copy(found[0], os.path.join(args.out, f"{name}.trace.json.gz"))
+    print(f"{name}: trace {'written' if found else 'MISSING'}", flush=True)
+
+  inp = forward_inputs(sz["big"], sz["fwd_rows"], sz["text"], sz["image"])
+  traced("forward", lambda: lgrpo_jax.forward(big, inp["input_ids"], inp["attention_mask"], inp["pixel_values"],
+                                              inp["image_grid_thw"]))
+  b, g, n = sz["pairs"], sz["samples"], sz["new"]
+  ids_np, pixels_np, pair_grid = pair_inputs(sz["big"], b, sz["text"], sz["image"])
+  rng = np.random.default_rng(1)
+  tokens = jnp.asarray(rng.integers(0, 1000, (b, g, n)), jnp.int32)
+  tmask = jnp.ones((b, g, n), jnp.int32)
+  loss_cfg = LossConfig(beta=0.04)
+  logp = jnp.asarray(-rng.random((b, g, n)) * 5, jnp.float32)
+  pb = PolicyBatch(jnp.asarray(ids_np), jnp.ones(ids_np.shape, jnp.int32), jnp.asarray(pixels_np, jnp.bfloat16),
+                   tokens, tmask, logp, jnp.asarray(rng.standard_normal((b, g)), jnp.float32),
+                   token_weights(tmask, loss_cfg), logp)
+  remat, micro = sz["update_plans"][-1]  # the plan bench/gpu.py ran on the H100 (remat full, 1 micro-batch)
+  graphdef, params = nnx.split(big.set_remat(remat), nnx.Param)
+  optim = OptimConfig(learning_rate=1e-6, micro_batches=micro)
+  tx = make_optimizer(optim, params)
+  state = {"p": params, "s": tx.init(params)}
+  step = jax.jit(lambda prm, st: update(prm, st, graphdef, tx, pb, pair_grid, loss_cfg, optim, sz["chunk"])[:2],
+                 donate_argnums=(0, 1))
+
+  def run():
+    state["p"], state["s"] = step(state["p"], state["s"])
+    return state["p"]
+  traced("update", run)
+
+
+def categorize(name: str) -> str:
+  low = name.lower()
+  if any(k in low for k in ("gemm", "cublas", "sm90_xmma", "cutlass", "matmul", "dot")):
+    return "matmul"
+  if any(k in low for k in ("softmax", "reduce", "row_reduction")):
+    return "reductions"
+  if any(k in low for k in ("copy", "transpose", "memcpy", "memset", "dynamic-update", "concatenate", "gather",
+                            "scatter")):
+    return "copies/gathers"
+  if "fusion" in low or "loop_" in low or "input_" in low:
+    return "fusions (elementwise)"
+  return "other"
+
+
+def summarize(folder: str) -> None:
+  for path in sorted(glob.glob(os.path.join(folder, "*.trace.json.gz"))):
+    with gzip.open(path) as f:
+      trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    pids = {e["pid"]: e["args"].get("name", "") for e in events
+            if e.get("ph") == "M" and e.get("name") == "process_name"}
+    gpu = {p for p, nm in pids.items() if "/device:GPU" in nm or "gpu" in nm.lower()}
+    kernels = [e for e in events if e.get("ph") == "X" and e.get("pid") in gpu and "dur" in e]
+    by_cat, by_name = collections.Counter(), collections.Counter()
+    for e in kernels:
+      op = (e.get("args") or {}).get("hlo_op", "")
+      by_cat[categorize(e["name"] + " " + op)] += e["dur"]
+      by_name[f"{e['name']} [{op}]" if op else e["name"]] += e["dur"]
+    total = sum(by_cat.values())
+    span = (max(e["ts"] + e["dur"] for e in kernels) - min(e["ts"] for e in kernels)) if kernels else 0
+    print(f"\n{os.path.basename(path)}: {len(kernels)} device events, busy {total / 1e3:.1f} ms of a "
+          f"{span / 1e3:.1f} ms span")
+    for cat, us in by_cat.most_common():
+      print(f"  {cat:24s} {us / 1e3:9.1f} ms {us / max(total, 1):6.1%}")
+    print("  top kernels:")
+    for nm, us in by_name.most_common(25):
+      print(f"    {us / 1e3:8.1f} ms  {nm[:110]}")
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--out", default="profile_out")
+  ap.add_argument("--tiny", action="store_true")
+  ap.add_argument("--summarize", metavar="DIR", help="print the summary of the traces in DIR (no profiling)")
+  args = ap.parse_args()
+  if args.summarize:
+    summarize(args.summarize)
+  else:
+    profile(args)
+    summarize(args.out)
+
+
+if __name__ == "__main__":
+  main()
