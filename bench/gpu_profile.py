@@ -81,7 +81,7 @@ def profile(args) -> None:
 
 def categorize(name: str) -> str:
   low = name.lower()
-  if any(k in low for k in ("gemm", "cublas", "sm90_xmma", "cutlass", "matmul", "dot")):
+  if any(k in low for k in ("gemm", "cublas", "nvjet", "xmma", "cutlass", "matmul", "dot")):
     return "matmul"
   if any(k in low for k in ("softmax", "reduce", "row_reduction")):
     return "reductions"
@@ -109,8 +109,9 @@ def summarize(folder: str) -> None:
       by_name[f"{e['name']} [{op}]" if op else e["name"]] += e["dur"]
     total = sum(by_cat.values())
     span = (max(e["ts"] + e["dur"] for e in kernels) - min(e["ts"] for e in kernels)) if kernels else 0
+    tiny = [e["dur"] for e in kernels if e["dur"] < 5]
     print(f"\n{os.path.basename(path)}: {len(kernels)} device events, busy {total / 1e3:.1f} ms of a "
-          f"{span / 1e3:.1f} ms span")
+          f"{span / 1e3:.1f} ms span; {len(tiny)} events under 5 µs take {sum(tiny) / 1e3:.1f} ms")
     for cat, us in by_cat.most_common():
       print(f"  {cat:24s} {us / 1e3:9.1f} ms {us / max(total, 1):6.1%}")
     print("  top kernels:")

@@ -1,6 +1,6 @@
 """The GRPO step's phases with and without prefix sharing, on the shared 74M benchmark model.
 
-  .venv/bin/python bench/step.py [--pairs 4] [--samples 8] [--new-tokens 128] [--runs 1]
+  .venv/bin/python bench/step.py [--pairs 4] [--samples 8] [--new-tokens 128] [--runs 1] [--micro-batches 1]
 
 B pairs, each a prompt with two 448² images (256 image tokens each) and --text-tokens of text; G
 completions of N tokens per pair (every row generates N tokens: no EOS); the listener's prefix is as
@@ -78,6 +78,8 @@ def main() -> None:
   ap.add_argument("--runs", type=int, default=1)
   ap.add_argument("--beta", type=float, default=0.04)
   ap.add_argument("--chunk", type=int, default=8192)
+  ap.add_argument("--micro-batches", type=int, default=1,
+                  help="the update's gradient-accumulation micro-batches (both modes; bounds activation memory)")
   args = ap.parse_args()
 
   import jax
@@ -110,7 +112,7 @@ def main() -> None:
   suffix = 24
   spec = ListenerSpec(tuple(int(t) for t in rng.integers(0, 1000, suffix)), (11, 12), (), ())
   graphdef, params = nnx.split(model, nnx.Param)
-  loss_cfg, optim_cfg = LossConfig(beta=args.beta), OptimConfig(learning_rate=1e-6)
+  loss_cfg, optim_cfg = LossConfig(beta=args.beta), OptimConfig(learning_rate=1e-6, micro_batches=args.micro_batches)
   tx = make_optimizer(optim_cfg, params)
   opt_state = tx.init(params)
   flat = pixels.reshape(-1, pixels.shape[-1])
@@ -190,7 +192,8 @@ def main() -> None:
 
   print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}, "
         f"{jax.devices()[0].platform}; {b} pairs × {g} completions × {n} tokens, prompt {p} tokens "
-        f"(two {args.image}² images), listener suffix {suffix}, β={args.beta}")
+        f"(two {args.image}² images), listener suffix {suffix}, β={args.beta}, update in {args.micro_batches} "
+        f"micro-batch(es)")
   print(f"fp32 matmul rate (2048³) before / after: {rate / 1e9:.0f} / {rate_after / 1e9:.0f} GFLOP/s")
   print(f"{'phase':10s} {'shared s':>9s} {'copies s':>9s} {'saving':>7s} {'shared TF':>10s} {'copies TF':>10s} "
         f"{'predicted':>9s} {'shared %rate':>12s} {'copies %rate':>12s}")

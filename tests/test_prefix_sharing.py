@@ -171,3 +171,37 @@ def test_training_step_with_and_without_prefix_sharing(setup):
     assert m1[k] == pytest.approx(m2[k], rel=1e-4, abs=1e-6), k
   diffs = np.concatenate([np.abs(a - b).ravel() for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2))])
   assert diffs.max() <= 2e-3 and np.mean(diffs < 1e-6) > 0.99  # Adam: last-bit gradient noise can flip ~lr
+
+
+def test_remat_keeps_gradients_and_saves_memory(setup):
+  """`model.remat`: the GRPO-loss gradients of every parameter (vision tower, both attention kinds,
+  prefix + extend) are the same with each policy, and recomputing cuts the backward's memory."""
+  _, model, host, tokens, mask = setup
+  batch, grid = to_device(host), pair_grid_of(host)
+  rng = np.random.default_rng(1)
+  shape = tokens.shape
+  logp = jnp.asarray(-rng.random(shape), jnp.float32)
+  pb = PolicyBatch(batch.input_ids, batch.attention_mask, batch.pixel_values, tokens, mask, logp,
+                   jnp.asarray(rng.standard_normal(shape[:2]), jnp.float32), token_weights(mask, LossConfig()), logp)
+  cfg = LossConfig(beta=0.04)
+  grads, temp = {}, {}
+  for policy in ("none", "full", "dots"):
+    graphdef, params = nnx.split(lgrpo_jax.from_config(model.config.replace(remat=policy), seed=7), nnx.Param)
+    fn = jax.jit(jax.grad(lambda p: loss_fn(p, graphdef, pb, grid, cfg, 128)[0]))
+    compiled = fn.lower(params).compile()
+    temp[policy] = compiled.memory_analysis().temp_size_in_bytes
+    grads[policy] = jax.tree.leaves(compiled(params))
+  for policy in ("full", "dots"):
+    worst = max(float(np.abs(np.asarray(a) - np.asarray(b)).max() / max(np.abs(np.asarray(b)).max(), 1e-30))
+                for a, b in zip(grads[policy], grads["none"]))
+    assert worst <= 1e-6, (policy, worst)
+  assert temp["full"] < temp["none"], temp
+
+
+def test_remat_is_validated():
+  from lgrpo_jax.config import ModelConfig
+  from lgrpo_jax.models.qwen2_5_vl import ConfigError
+  with pytest.raises(ConfigError, match="model.remat='some'"):
+    ModelConfig(remat="some")
+  with pytest.raises(ConfigError, match="remat='x'"):
+    lgrpo_jax.from_config(lgrpo_jax.models.qwen2_5_vl.presets.TINY).config.replace(remat="x")
