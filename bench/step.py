@@ -67,40 +67,30 @@ def timed(fn, runs: int) -> float:
   return statistics.median(times)
 
 
-def main() -> None:
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--config", default=DEFAULT_CONFIG)
-  ap.add_argument("--pairs", type=int, default=4)
-  ap.add_argument("--samples", type=int, default=8)
-  ap.add_argument("--new-tokens", type=int, default=128)
-  ap.add_argument("--text-tokens", type=int, default=128)
-  ap.add_argument("--image", type=int, default=448)
-  ap.add_argument("--runs", type=int, default=1)
-  ap.add_argument("--beta", type=float, default=0.04)
-  ap.add_argument("--chunk", type=int, default=8192)
-  ap.add_argument("--micro-batches", type=int, default=1,
-                  help="the update's gradient-accumulation micro-batches (both modes; bounds activation memory)")
-  args = ap.parse_args()
+def build(raw: dict, model, *, pairs: int, samples: int, new_tokens: int, text_tokens: int, image_px: int,
+          beta: float = 0.04, chunk: int = 8192, micro_batches: int = 1, suffix: int = 24):
+  """The step's phases on `model` (any mesh it lives on) as jitted programs, and their counted FLOPs.
+
+  Returns a namespace: params, opt_state, prompt_len, and for each mode (True = prefix sharing):
+  `logp(mode)`, `listen(mode)` (params → out), `update(mode)` ((params, opt_state) → params),
+  `rollout()` (params → tokens), `flops[phase] = (shared, copies)`."""
+  import functools
+  import types
 
   import jax
   import jax.numpy as jnp
   from flax import nnx
 
-  import lgrpo_jax
   from lgrpo_jax.grpo import LossConfig, token_weights
   from lgrpo_jax.grpo.update import OptimConfig, PolicyBatch, make_optimizer, policy_logprobs, update
   from lgrpo_jax.listener import ListenerSpec, listener_probs
   from lgrpo_jax.models.qwen2_5_vl import flops as F
   from lgrpo_jax.models.qwen2_5_vl.rope import get_rope_index
   from lgrpo_jax.sampling import SamplingConfig, sample_from_embeddings
-  from lgrpo_jax.train.metrics import measured_matmul_tflops
 
-  with open(args.config) as f:
-    raw = json.load(f)
-  model = lgrpo_jax.from_config(raw, seed=0)
   cfg = model.config
-  b, g, n = args.pairs, args.samples, args.new_tokens
-  ids_np, pixels_np, pair_grid = pair_inputs(raw, b, args.text_tokens, args.image)
+  b, g, n = pairs, samples, new_tokens
+  ids_np, pixels_np, pair_grid = pair_inputs(raw, b, text_tokens, image_px)
   p = ids_np.shape[1]
   ids, mask = jnp.asarray(ids_np), jnp.ones(ids_np.shape, jnp.int32)
   pixels = jnp.asarray(pixels_np)
@@ -109,45 +99,32 @@ def main() -> None:
   tokens = jnp.asarray(rng.integers(0, 1000, (b, g, n)), jnp.int32)
   tmask = jnp.ones((b, g, n), jnp.int32)
   lengths = jnp.full((b, g), n, jnp.int32)
-  suffix = 24
   spec = ListenerSpec(tuple(int(t) for t in rng.integers(0, 1000, suffix)), (11, 12), (), ())
   graphdef, params = nnx.split(model, nnx.Param)
-  loss_cfg, optim_cfg = LossConfig(beta=args.beta), OptimConfig(learning_rate=1e-6, micro_batches=args.micro_batches)
+  loss_cfg, optim_cfg = LossConfig(beta=beta), OptimConfig(learning_rate=1e-6, micro_batches=micro_batches)
   tx = make_optimizer(optim_cfg, params)
   opt_state = tx.init(params)
   flat = pixels.reshape(-1, pixels.shape[-1])
-
-  import functools
+  ref_logp = jnp.asarray(-rng.random((b, g, n)), jnp.float32)
+  pb = PolicyBatch(ids, mask, pixels, tokens, tmask, ref_logp, jnp.asarray(rng.standard_normal((b, g)), jnp.float32),
+                   token_weights(tmask, loss_cfg), ref_logp if beta > 0 else None)
 
   @functools.cache  # one compiled program per mode (the check and the timing share it)
   def logp(prefix_sharing):
     return jax.jit(lambda prm: policy_logprobs(nnx.merge(graphdef, prm), ids, mask, pixels, pair_grid, tokens, tmask,
-                                               args.chunk, prefix_sharing=prefix_sharing))
+                                               chunk, prefix_sharing=prefix_sharing))
 
   @functools.cache
   def listen(prefix_sharing):
     return jax.jit(lambda prm: listener_probs(nnx.merge(graphdef, prm), ids, mask, flat, grid, tokens, lengths, spec,
                                               prefix_sharing))
 
-  # Correctness first: both modes agree.
-  a, c = np.asarray(logp(True)(params)), np.asarray(logp(False)(params))
-  la, lc = np.asarray(listen(True)(params)), np.asarray(listen(False)(params))
-  err_logp = float(np.abs(a - c).max() / np.abs(c).max())
-  err_listener = float(np.abs(la - lc).max())
-  print(f"check: log-probs shared vs copies, max rel. diff {err_logp:.2e}; listener probs max abs. diff "
-        f"{err_listener:.2e}", flush=True)
-  if err_logp > 1e-4 or err_listener > 1e-4:
-    sys.exit("the two modes disagree: not timing")
-
-  rate = measured_matmul_tflops(jnp.float32) * 1e12
-  ref_logp = jnp.asarray(a)
-  pb = PolicyBatch(ids, mask, pixels, tokens, tmask, ref_logp, jnp.asarray(rng.standard_normal((b, g)), jnp.float32),
-                   token_weights(tmask, loss_cfg), ref_logp if args.beta > 0 else None)
-
+  @functools.cache
   def step_update(prefix_sharing):
-    return jax.jit(lambda prm, st: update(prm, st, graphdef, tx, pb, pair_grid, loss_cfg, optim_cfg, args.chunk,
+    return jax.jit(lambda prm, st: update(prm, st, graphdef, tx, pb, pair_grid, loss_cfg, optim_cfg, chunk,
                                           prefix_sharing)[0])
 
+  @functools.cache
   def rollout():
     sampling = SamplingConfig(max_new_tokens=n, num_samples=g, temperature=1.0)
 
@@ -172,7 +149,51 @@ def main() -> None:
   policy_copies = F.matmul_flops(vis_g + F.text_matmuls(cfg, b * g, p + n, lm_head=False) + t_head)
   fl["reference"] = (policy_shared, policy_copies)
   fl["update"] = (3 * policy_shared, 3 * policy_copies)
+  return types.SimpleNamespace(params=params, opt_state=opt_state, prompt_len=p, logp=logp, listen=listen,
+                               update=step_update, rollout=rollout, flops=fl, suffix=suffix)
 
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--config", default=DEFAULT_CONFIG)
+  ap.add_argument("--pairs", type=int, default=4)
+  ap.add_argument("--samples", type=int, default=8)
+  ap.add_argument("--new-tokens", type=int, default=128)
+  ap.add_argument("--text-tokens", type=int, default=128)
+  ap.add_argument("--image", type=int, default=448)
+  ap.add_argument("--runs", type=int, default=1)
+  ap.add_argument("--beta", type=float, default=0.04)
+  ap.add_argument("--chunk", type=int, default=8192)
+  ap.add_argument("--micro-batches", type=int, default=1,
+                  help="the update's gradient-accumulation micro-batches (both modes; bounds activation memory)")
+  args = ap.parse_args()
+
+  import jax
+  import jax.numpy as jnp
+
+  import lgrpo_jax
+  from lgrpo_jax.train.metrics import measured_matmul_tflops
+
+  with open(args.config) as f:
+    raw = json.load(f)
+  model = lgrpo_jax.from_config(raw, seed=0)
+  b, g, n = args.pairs, args.samples, args.new_tokens
+  s = build(raw, model, pairs=b, samples=g, new_tokens=n, text_tokens=args.text_tokens, image_px=args.image,
+            beta=args.beta, chunk=args.chunk, micro_batches=args.micro_batches)
+  params, opt_state, p, fl, suffix = s.params, s.opt_state, s.prompt_len, s.flops, s.suffix
+  logp, listen, step_update, rollout = s.logp, s.listen, s.update, s.rollout
+
+  # Correctness first: both modes agree.
+  a, c = np.asarray(logp(True)(params)), np.asarray(logp(False)(params))
+  la, lc = np.asarray(listen(True)(params)), np.asarray(listen(False)(params))
+  err_logp = float(np.abs(a - c).max() / np.abs(c).max())
+  err_listener = float(np.abs(la - lc).max())
+  print(f"check: log-probs shared vs copies, max rel. diff {err_logp:.2e}; listener probs max abs. diff "
+        f"{err_listener:.2e}", flush=True)
+  if err_logp > 1e-4 or err_listener > 1e-4:
+    sys.exit("the two modes disagree: not timing")
+
+  rate = measured_matmul_tflops(jnp.float32) * 1e12
   sample = rollout()
   times = {"rollout": (timed(lambda: sample(params), args.runs),) * 2}
   for mode, sharing in ((0, True), (1, False)):

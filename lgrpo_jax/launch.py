@@ -121,6 +121,8 @@ def main(argv=None) -> int:
   import jax
 
   from lgrpo_jax.sharding import MeshError
+  from lgrpo_jax.train.metrics import compile_stats
+  compile_stats()  # count every XLA compilation of the run, the warm start's included
   try:
     distributed.initialize_from_args(args)
     cfg = apply_overrides(load_config_file(args.config), args.overrides)
@@ -182,6 +184,10 @@ def summary(run_dir: str) -> str:
     if last is not first:
       lines.append(f"held-out accuracy at step {last['step']}: {fmt(last)}")
       lines.append(f"change: {100 * (last['eval/accuracy'] - first['eval/accuracy']):+.1f} points")
+  if train and "compiles" in train[-1]:
+    last = train[-1]
+    lines.append(f"XLA compilations in this process: {last['compiles']} ({last['compile_s']:.1f} s), "
+                 f"{last['compiled_programs']} of them training-step programs")
   lines.append(f"run directory: {run_dir} (metrics.jsonl, tensorboard/, curves.png, checkpoints/)")
   return "\n".join(lines)
 

@@ -26,6 +26,9 @@ def test_resume_is_bit_identical_and_metrics_are_written(tmp_path):
   assert {"reward/total", "accuracy", "format_rate", "contradiction_rate", "kl", "loss", "tokens_per_s",
           "compiled_programs"} <= set(lines[0])
   assert lines[-1]["compiled_programs"] == 1
+  # Every XLA compilation happens before the first step ends (checkpoint saves included): none after.
+  assert lines[0]["compiles"] > 0 and lines[0]["compile_s"] > 0
+  assert {(m["compiles"], m["compile_s"]) for m in lines} == {(lines[0]["compiles"], lines[0]["compile_s"])}
   resumed = [json.loads(x)["step"] for x in open(tmp_path / "b" / "metrics.jsonl")]
   assert resumed == [1, 2, 3, 4, 5]
   assert sorted(int(p.name) for p in (tmp_path / "a" / "checkpoints").iterdir() if p.name.isdigit()) == [4, 5]

@@ -42,7 +42,7 @@ from lgrpo_jax.listener import ListenerSpec
 from lgrpo_jax.rewards import ByteTable
 from lgrpo_jax.sharding import on_mesh, put, state_shardings
 from lgrpo_jax.models.qwen2_5_vl.flops import grpo_step_flops
-from lgrpo_jax.train.metrics import MetricSinks, measured_matmul_tflops
+from lgrpo_jax.train.metrics import MetricSinks, compile_stats, measured_matmul_tflops
 from lgrpo_jax.train.step import Batch, StepConfig, Tables, TrainState, init_state, make_train_step
 
 log = logging.getLogger("lgrpo_jax.train")
@@ -122,6 +122,7 @@ class Trainer:
     is required: each process feeds its own rows of every global batch."""
     if jax.process_count() > 1 and mesh is None:
       raise ValueError("several processes: the Trainer needs a mesh over all their devices (sharding.make_mesh)")
+    compile_stats()  # start counting XLA compilations (if the launcher has not already)
     self.mesh = mesh
     self.run_dir = os.path.abspath(os.fspath(run_dir))
     os.makedirs(self.run_dir, exist_ok=True)
@@ -296,6 +297,7 @@ class Trainer:
       tflops = self.step_flops(host, int(metrics["decode_steps"])) / dt / 1e12
       metrics.update(step=step, step_time=dt, tokens_per_s=metrics["generated_tokens"] / dt,
                      compiled_programs=sum(f._cache_size() for f in self._steps.values()),
+                     compiles=compile_stats()[0], compile_s=compile_stats()[1],
                      tflops=tflops, mfu=tflops / self.peak_tflops)
       is_eval = self.evaluator is not None and (step % self.loop_cfg.eval_every == 0
                                                 or step == self.loop_cfg.steps)

@@ -13,6 +13,26 @@ import jax.numpy as jnp
 
 log = logging.getLogger("lgrpo_jax.train")
 
+# XLA backend compilations in this process (every jit/pjit program, ours and JAX's small helpers):
+# count and seconds, from JAX's monitoring events. The loop logs them per step (`compiles`,
+# `compile_s`): after the first steps of each shape bucket the count must stop growing.
+_BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+_compiles = {"count": 0, "seconds": 0.0, "registered": False}
+
+
+def _on_duration(event: str, seconds: float, **_) -> None:
+  if event == _BACKEND_COMPILE_EVENT:
+    _compiles["count"] += 1
+    _compiles["seconds"] += seconds
+
+
+def compile_stats() -> tuple[int, float]:
+  """(XLA compilations, seconds spent in them) in this process since the first call."""
+  if not _compiles["registered"]:
+    jax.monitoring.register_event_duration_secs_listener(_on_duration)
+    _compiles["registered"] = True
+  return _compiles["count"], _compiles["seconds"]
+
 
 class MetricSinks:
   """Writes one dict of scalars per step to every configured sink (process 0 only)."""
