@@ -56,6 +56,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import sys
 import tempfile
@@ -354,6 +355,7 @@ def main() -> None:
                      trl=trl.__version__, cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
                      machine=platform.processor() or platform.machine()), f, indent=2)
     print(f"wrote {args.out}")
+  shutil.rmtree(tmp, ignore_errors=True)  # the saved model (~300 MB at the default config)
 
 
 if __name__ == "__main__":
