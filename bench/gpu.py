@@ -121,6 +121,26 @@ def forward_inputs(raw: dict, rows: int, text: int, image: int) -> dict:
           "mm_token_type_ids": (ids == raw["image_token_id"]).astype(np.int64)}
 
 
+def update_batch(sz: dict):
+  """(PolicyBatch, pair grid, LossConfig) of the update: random completions of exactly N tokens."""
+  import jax.numpy as jnp
+
+  from lgrpo_jax.grpo import LossConfig, token_weights
+  from lgrpo_jax.grpo.update import PolicyBatch
+  from step import pair_inputs
+  b, g, n = sz["pairs"], sz["samples"], sz["new"]
+  ids_np, pixels_np, pair_grid = pair_inputs(sz["big"], b, sz["text"], sz["image"])
+  rng = np.random.default_rng(1)
+  tokens = jnp.asarray(rng.integers(0, 1000, (b, g, n)), jnp.int32)
+  tmask = jnp.ones((b, g, n), jnp.int32)
+  loss_cfg = LossConfig(beta=0.04)
+  logp = jnp.asarray(-rng.random((b, g, n)) * 5, jnp.float32)
+  pb = PolicyBatch(jnp.asarray(ids_np), jnp.ones(ids_np.shape, jnp.int32), jnp.asarray(pixels_np, jnp.bfloat16),
+                   tokens, tmask, logp, jnp.asarray(rng.standard_normal((b, g)), jnp.float32),
+                   token_weights(tmask, loss_cfg), logp)
+  return pb, pair_grid, loss_cfg
+
+
 # ---- torch part ----------------------------------------------------------------------------------
 def torch_part(args, work: str) -> dict:
   import torch
@@ -238,8 +258,7 @@ def jax_part(args, work: str) -> dict:
   from flax import nnx
 
   import lgrpo_jax
-  from lgrpo_jax.grpo import LossConfig, token_weights
-  from lgrpo_jax.grpo.update import OptimConfig, PolicyBatch, make_optimizer, update
+  from lgrpo_jax.grpo.update import OptimConfig, make_optimizer, update
   from lgrpo_jax.models.qwen2_5_vl import flops as F
   from lgrpo_jax.models.qwen2_5_vl.rope import get_rope_index
   from lgrpo_jax.sampling.sampler import SamplingConfig, _sample_jit
@@ -312,18 +331,9 @@ def jax_part(args, work: str) -> dict:
     return {"s": t, "compile_s": compile_s, "tflop": fl / 1e12, "mfu": fl / t / peak, "shape": [b, p]}
 
   def update_step():
-    from step import pair_inputs
     b, g, n = sz["pairs"], sz["samples"], sz["new"]
-    ids_np, pixels_np, pair_grid = pair_inputs(sz["big"], b, sz["text"], sz["image"])
-    p = ids_np.shape[1]
-    rng = np.random.default_rng(1)
-    tokens = jnp.asarray(rng.integers(0, 1000, (b, g, n)), jnp.int32)
-    tmask = jnp.ones((b, g, n), jnp.int32)
-    loss_cfg = LossConfig(beta=0.04)
-    logp = jnp.asarray(-rng.random((b, g, n)) * 5, jnp.float32)
-    pb = PolicyBatch(jnp.asarray(ids_np), jnp.ones(ids_np.shape, jnp.int32), jnp.asarray(pixels_np, jnp.bfloat16),
-                     tokens, tmask, logp, jnp.asarray(rng.standard_normal((b, g)), jnp.float32),
-                     token_weights(tmask, loss_cfg), logp)
+    pb, pair_grid, loss_cfg = update_batch(sz)
+    p = pb.input_ids.shape[1]
     free = None
     stats = dev.memory_stats() or {}
     if "bytes_limit" in stats:

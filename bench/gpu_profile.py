@@ -20,7 +20,6 @@ import shutil
 import sys
 import tempfile
 
-import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -29,14 +28,11 @@ sys.path.insert(0, HERE)
 def profile(args) -> None:
   os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
   import jax
-  import jax.numpy as jnp
   from flax import nnx
 
   import lgrpo_jax
-  from gpu import forward_inputs, sizes
-  from step import pair_inputs
-  from lgrpo_jax.grpo import LossConfig, token_weights
-  from lgrpo_jax.grpo.update import OptimConfig, PolicyBatch, make_optimizer, update
+  from gpu import forward_inputs, sizes, update_batch
+  from lgrpo_jax.grpo.update import OptimConfig, make_optimizer, update
 
   sz = sizes(args.tiny)
   os.makedirs(args.out, exist_ok=True)
@@ -55,16 +51,7 @@ def profile(args) -> None:
   inp = forward_inputs(sz["big"], sz["fwd_rows"], sz["text"], sz["image"])
   traced("forward", lambda: lgrpo_jax.forward(big, inp["input_ids"], inp["attention_mask"], inp["pixel_values"],
                                               inp["image_grid_thw"]))
-  b, g, n = sz["pairs"], sz["samples"], sz["new"]
-  ids_np, pixels_np, pair_grid = pair_inputs(sz["big"], b, sz["text"], sz["image"])
-  rng = np.random.default_rng(1)
-  tokens = jnp.asarray(rng.integers(0, 1000, (b, g, n)), jnp.int32)
-  tmask = jnp.ones((b, g, n), jnp.int32)
-  loss_cfg = LossConfig(beta=0.04)
-  logp = jnp.asarray(-rng.random((b, g, n)) * 5, jnp.float32)
-  pb = PolicyBatch(jnp.asarray(ids_np), jnp.ones(ids_np.shape, jnp.int32), jnp.asarray(pixels_np, jnp.bfloat16),
-                   tokens, tmask, logp, jnp.asarray(rng.standard_normal((b, g)), jnp.float32),
-                   token_weights(tmask, loss_cfg), logp)
+  pb, pair_grid, loss_cfg = update_batch(sz)
   remat, micro = sz["update_plans"][-1]  # the plan bench/gpu.py ran on the H100 (remat full, 1 micro-batch)
   graphdef, params = nnx.split(big.set_remat(remat), nnx.Param)
   optim = OptimConfig(learning_rate=1e-6, micro_batches=micro)
