@@ -44,6 +44,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+from forward import median_time  # noqa: E402  (fn, runs, warm-up runs)
 
 # Qwen2.5-VL-3B's shapes (text decoder 36 × 2048, GQA 16/2, tied head; the 32-layer windowed vision
 # tower shared by the whole family).
@@ -216,15 +217,6 @@ def torch_part(args, work: str) -> dict:
 
 
 # ---- jax part ------------------------------------------------------------------------------------
-def median_time(fn, runs: int) -> float:
-  times = []
-  for _ in range(runs):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
-
-
 DEADLINE: float | None = None  # perf_counter() after which the jax part skips its remaining sections
 PLANS: list[tuple[str, int]] = []  # --plans: the update's (remat, micro-batches) candidates
 ONLY: tuple[str, ...] = ()  # --only: the sections to run (parity and ceilings always run)
@@ -300,12 +292,12 @@ def jax_part(args, work: str) -> dict:
     def one():
       a, b = pairs[next(i) % 4]
       mm(a, b).block_until_ready()
-    t = median_time(one, 20)
+    t = median_time(one, 20, 0)
     elems = sz["copy_mib"] * 2**20 // 2
     x = jax.random.normal(ks[0], (elems,), jnp.bfloat16)
     cp = jax.jit(lambda x: x * 2)  # one read + one write of every element
     cp(x).block_until_ready()
-    tc = median_time(lambda: cp(x).block_until_ready(), 20)
+    tc = median_time(lambda: cp(x).block_until_ready(), 20, 0)
     return {"matmul_tflops": 2 * n**3 / t / 1e12, "copy_gbps": 2 * elems * 2 / tc / 1e9}
 
   section(res, "parity", parity, save)
@@ -325,7 +317,7 @@ def jax_part(args, work: str) -> dict:
     t0 = time.perf_counter()
     run()
     compile_s = time.perf_counter() - t0
-    t = median_time(run, args.runs)
+    t = median_time(run, args.runs, 0)
     b, p = inp["input_ids"].shape
     fl = F.forward_flops(cfg, b, p, tuple(map(tuple, inp["image_grid_thw"].tolist())))
     return {"s": t, "compile_s": compile_s, "tflop": fl / 1e12, "mfu": fl / t / peak, "shape": [b, p]}
@@ -412,8 +404,8 @@ def jax_part(args, work: str) -> dict:
       compile_s = time.perf_counter() - t0
       steps = int(out.steps)
       jax.block_until_ready(prefill(model))
-      t_all = median_time(sample, args.runs)
-      t_pre = median_time(lambda: jax.block_until_ready(prefill(model)), args.runs)
+      t_all = median_time(sample, args.runs, 0)
+      t_pre = median_time(lambda: jax.block_until_ready(prefill(model)), args.runs, 0)
       per_step = (t_all - t_pre) / max(steps - 1, 1)
       t = mcfg.text
       p = ids.shape[1]

@@ -297,7 +297,7 @@ class Trainer:
       tflops = self.step_flops(host, int(metrics["decode_steps"])) / dt / 1e12
       metrics.update(step=step, step_time=dt, tokens_per_s=metrics["generated_tokens"] / dt,
                      compiled_programs=sum(f._cache_size() for f in self._steps.values()),
-                     compiles=compile_stats()[0], compile_s=compile_stats()[1],
+                     **dict(zip(("compiles", "compile_s"), compile_stats())),
                      tflops=tflops, mfu=tflops / self.peak_tflops)
       is_eval = self.evaluator is not None and (step % self.loop_cfg.eval_every == 0
                                                 or step == self.loop_cfg.steps)
