@@ -166,6 +166,9 @@ def main() -> None:
   ap.add_argument("--chunk", type=int, default=8192)
   ap.add_argument("--micro-batches", type=int, default=1,
                   help="the update's gradient-accumulation micro-batches (both modes; bounds activation memory)")
+  ap.add_argument("--modes", choices=("both", "shared"), default="both",
+                  help="shared: time prefix sharing only (the G-copies mode is still run once for the check)")
+  ap.add_argument("--out", default=None, help="write the results as JSON")
   args = ap.parse_args()
 
   import jax
@@ -196,7 +199,7 @@ def main() -> None:
   rate = measured_matmul_tflops(jnp.float32) * 1e12
   sample = rollout()
   times = {"rollout": (timed(lambda: sample(params), args.runs),) * 2}
-  for mode, sharing in ((0, True), (1, False)):
+  for mode, sharing in ((0, True), (1, False))[:1 if args.modes == "shared" else 2]:
     lp, li, up = logp(sharing), listen(sharing), step_update(sharing)
     for phase, fn in (("listener", lambda: li(params)), ("reference", lambda: lp(params)),
                       ("update", lambda: up(params, opt_state))):
@@ -221,7 +224,7 @@ def main() -> None:
   total = [0.0, 0.0, 0, 0]
 
   def row(name, ts, tc, fs, fc):
-    sec = lambda t: f"{t:9.2f}" if t is not None else f"{'failed':>9s}"
+    sec = lambda t: f"{t:9.2f}" if t is not None else f"{'–':>9s}"
     frac = lambda f, t: f"{f / t / rate:11.0%}" if t else f"{'–':>11s}"
     saving = f"{tc / ts:6.2f}×" if ts and tc else f"{'–':>7s}"
     print(f"{name:10s} {sec(ts)} {sec(tc)} {saving} {fs / 1e12:10.3f} {fc / 1e12:10.3f} {fc / fs:8.2f}× "
@@ -233,6 +236,18 @@ def main() -> None:
     total = [add(total[0], ts), add(total[1], tc), total[2] + fs, total[3] + fc]
     row(phase, ts, tc, fs, fc)
   row("step", *total)
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(dict(phases={ph: times[ph][0] for ph in ("rollout", "listener", "reference", "update")},
+                     phases_copies={ph: times[ph][1] for ph in ("rollout", "listener", "reference", "update")},
+                     step_s=total[0], step_copies_s=total[1],
+                     flops={ph: fl[ph][0] for ph in fl}, flops_copies={ph: fl[ph][1] for ph in fl},
+                     matmul_gflops_before=rate / 1e9, matmul_gflops_after=rate_after / 1e9,
+                     sizes=dict(pairs=b, samples=g, new_tokens=n, prompt_tokens=p, image=args.image,
+                                listener_suffix=suffix, beta=args.beta, micro_batches=args.micro_batches),
+                     check=dict(logp_rel=err_logp, listener_abs=err_listener), runs=args.runs,
+                     jax=jax.__version__, cores=os.cpu_count()), f, indent=2)
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
