@@ -13,14 +13,19 @@ Two processes, one after the other (JAX and PyTorch each take the GPU's memory f
           bf16 8192³ matmul (random inputs) and a device-to-device copy (bytes read + written);
           then on the 3B config in bf16:
             forward   the same inputs as torch's (B rows: two 448² images + text each)
+            forward   the same inputs as torch's (B rows: two 448² images + text each), once per
+                      attention kernel (--attention: xla, cudnn)
             update    one GRPO update (loss + backward + AdamW, β > 0, prefix sharing), parameters and
                       optimiser state donated; MFU = counted model FLOPs (3 × forward) / time / the
-                      measured matmul rate; the micro-batch count is the smallest whose compiled
-                      program fits in free memory (XLA's memory analysis, before running)
-            decode    the sampler (B prompts × G samples, N new tokens, no EOS) minus its prefill,
+                      measured matmul rate; each (remat, micro-batches, attention) plan of --plans
+                      runs only if its compiled program fits in free memory (XLA's memory analysis,
+                      before running); the first that fits is "the" update, --all-plans times the rest
+            decode    the sampler (P prompts × G samples, N new tokens, no EOS) minus its prefill,
                       per step; HBM fraction = (decoder weights + the KV cache as read) / step time /
-                      the measured copy bandwidth
-          and the decode again on a ~1.5B text decoder (Qwen2-VL-2B-shaped).
+                      the measured copy bandwidth; one line per --decode variant (model, rows,
+                      temperature: 0 is greedy, no sampling pass over the vocabulary), the 3B at 32 rows
+                      traced once with --trace-decode (kernels per step, busy vs wall time)
+          where the 1.5B is a ~1.5B text decoder (Qwen2-VL-2B-shaped).
 
 Prints a table last; JSON of everything under --out. Each part and section reports its own failure
 and the rest goes on.
@@ -88,7 +93,8 @@ def sizes(tiny: bool) -> dict:
   if tiny:
     return dict(big=TINY_BIG, small=TINY_SMALL, image=112, text=16, fwd_rows=2, pairs=2, samples=4, new=16,
                 decode_new=16, matmul=512, copy_mib=64, name_big="tiny", name_small="tiny-small",
-                update_plans=[("dots", 2)], chunk=32)
+                update_plans=[("dots", 2, "auto")], chunk=32,
+                decode=[("tiny", 8, 1.0), ("tiny", 8, 0.0), ("tiny-small", 8, 1.0)])
   # Forward: 8 rows of two 448² images (256 tokens each) + 128 text tokens (642 tokens). Update: 4 pairs
   # × 8 completions × 256 tokens. Decode: 4 prompts × 8 samples = 32 rows (bandwidth-bound: 32 FLOP per
   # weight byte against the ~270 of the chip's ridge), 256 new tokens.
@@ -97,7 +103,10 @@ def sizes(tiny: bool) -> dict:
               # Estimated from XLA's CPU memory analysis (fp32 ÷ 2): activations per pair ~35 GB
               # without remat, ~18 with "dots", ~9 with "full"; ~43 GB free after weights, grads
               # and AdamW state.
-              update_plans=[("none", 4), ("dots", 2), ("full", 1)], chunk=2048)
+              update_plans=[("none", 4, "auto"), ("dots", 2, "auto"), ("full", 1, "auto")], chunk=2048,
+              # 32 rows (4 prompts × 8): 32 FLOP per weight byte; 128 rows still under the ridge of an
+              # H100 (~240 FLOP/byte) and near an H200's (~150).
+              decode=[("3B", 32, 1.0), ("3B", 32, 0.0), ("3B", 64, 1.0), ("3B", 128, 1.0), ("1.5B", 32, 1.0)])
 
 
 def hf_config(raw: dict):
@@ -218,7 +227,11 @@ def torch_part(args, work: str) -> dict:
 
 # ---- jax part ------------------------------------------------------------------------------------
 DEADLINE: float | None = None  # perf_counter() after which the jax part skips its remaining sections
-PLANS: list[tuple[str, int]] = []  # --plans: the update's (remat, micro-batches) candidates
+PLANS: list[tuple[str, int, str]] = []  # --plans: the update's (remat, micro-batches, attention) candidates
+ALL_PLANS = False  # --all-plans: time every plan that fits, not only the first
+ATTENTION: tuple[str, ...] = ("xla", "cudnn")  # --attention: the forward's kernels
+DECODE: list[tuple[str, int, float]] = []  # --decode: (model, rows, temperature) variants
+TRACE_DECODE = False
 ONLY: tuple[str, ...] = ()  # --only: the sections to run (parity and ceilings always run)
 
 
@@ -269,12 +282,13 @@ def jax_part(args, work: str) -> dict:
     valid = batch["attention_mask"].astype(bool)
     scale = np.abs(ref[valid]).max()
     out = {}
-    for dtype in ("float32", "bfloat16"):
-      m = lgrpo_jax.load_hf(os.path.join(work, "tiny_hf"), dtype=dtype)
+    cases = [("float32", "xla"), ("bfloat16", "xla")] + ([("bfloat16", "cudnn")] if dev.platform == "gpu" else [])
+    for dtype, impl in cases:
+      m = lgrpo_jax.load_hf(os.path.join(work, "tiny_hf"), dtype=dtype).set_attention(impl)
       got = np.asarray(lgrpo_jax.forward(m, batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
                                          batch["image_grid_thw"]), np.float32)
-      out[f"rel_err_{dtype}"] = float(np.abs(got[valid] - ref[valid]).max() / scale)
-    out["ok"] = out["rel_err_float32"] <= 1e-4 and out["rel_err_bfloat16"] <= 3e-2
+      out[f"rel_err_{dtype}_{impl}"] = float(np.abs(got[valid] - ref[valid]).max() / scale)
+    out["ok"] = all(v <= (1e-4 if "float32" in k else 3e-2) for k, v in out.items())
     if not out["ok"]:
       raise AssertionError(f"logits differ from transformers: {out}")
     return out
@@ -310,30 +324,44 @@ def jax_part(args, work: str) -> dict:
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(big, nnx.Param)))
   res["params_big"] = n_params
 
-  def forward():
-    inp = forward_inputs(sz["big"], sz["fwd_rows"], sz["text"], sz["image"])
-    run = lambda: lgrpo_jax.forward(big, inp["input_ids"], inp["attention_mask"], inp["pixel_values"],
-                                    inp["image_grid_thw"]).block_until_ready()
-    t0 = time.perf_counter()
-    run()
-    compile_s = time.perf_counter() - t0
-    t = median_time(run, args.runs, 0)
-    b, p = inp["input_ids"].shape
-    fl = F.forward_flops(cfg, b, p, tuple(map(tuple, inp["image_grid_thw"].tolist())))
-    return {"s": t, "compile_s": compile_s, "tflop": fl / 1e12, "mfu": fl / t / peak, "shape": [b, p]}
+  def forward(impl):
+    def run_forward():
+      big.set_attention(impl)
+      inp = forward_inputs(sz["big"], sz["fwd_rows"], sz["text"], sz["image"])
+      run = lambda: lgrpo_jax.forward(big, inp["input_ids"], inp["attention_mask"], inp["pixel_values"],
+                                      inp["image_grid_thw"]).block_until_ready()
+      t0 = time.perf_counter()
+      run()
+      compile_s = time.perf_counter() - t0
+      t = median_time(run, args.runs, 0)
+      b, p = inp["input_ids"].shape
+      fl = F.forward_flops(cfg, b, p, tuple(map(tuple, inp["image_grid_thw"].tolist())))
+      big.set_attention("auto")  # the update and decode sections set their own
+      return {"s": t, "compile_s": compile_s, "tflop": fl / 1e12, "mfu": fl / t / peak, "shape": [b, p],
+              "attention": impl}
+    return run_forward
 
   def update_step():
     b, g, n = sz["pairs"], sz["samples"], sz["new"]
     pb, pair_grid, loss_cfg = update_batch(sz)
     p = pb.input_ids.shape[1]
-    free = None
-    stats = dev.memory_stats() or {}
-    if "bytes_limit" in stats:
-      free = stats["bytes_limit"] - stats["bytes_in_use"]
-    chosen = None
-    # Fastest first; each is compiled and kept only if XLA's memory analysis says it fits.
-    for remat, micro in PLANS or sz["update_plans"]:
-      graphdef, params = nnx.split(big.set_remat(remat), nnx.Param)
+    grid = pair_grid * b
+    policy = F.matmul_flops(F.vision_matmuls(cfg, grid) + F.text_matmuls(cfg, b, p, lm_head=False)
+                            + F.extend_matmuls(cfg, b, p, g, n, lm_head=True))
+    fl = 3 * policy
+    params = nnx.state(big, nnx.Param)
+    measured = []
+    # In the order given (fastest expected first); each is compiled and run only if XLA's memory
+    # analysis says it fits next to the parameters already on the device.
+    for remat, micro, impl in PLANS:
+      if measured and not ALL_PLANS:
+        break
+      if DEADLINE is not None and time.perf_counter() > DEADLINE:
+        measured.append({"remat": remat, "micro_batches": micro, "attention": impl, "error": "skipped: past --budget"})
+        continue
+      stats = dev.memory_stats() or {}
+      free = stats["bytes_limit"] - stats["bytes_in_use"] if "bytes_limit" in stats else None
+      graphdef, params = nnx.split(big.set_remat(remat).set_attention(impl), nnx.Param)
       optim = OptimConfig(learning_rate=1e-6, micro_batches=micro)
       tx = make_optimizer(optim, params)
       opt_state = jax.eval_shape(tx.init, params)
@@ -341,55 +369,63 @@ def jax_part(args, work: str) -> dict:
                                                                             optim, sz["chunk"]),
                    donate_argnums=(0, 1))
       t0 = time.perf_counter()
-      compiled = fn.lower(params, opt_state).compile()
+      try:
+        compiled = fn.lower(params, opt_state).compile()
+      except Exception as e:  # e.g. a kernel this GPU / cuDNN cannot run: report, try the next plan
+        measured.append({"remat": remat, "micro_batches": micro, "attention": impl,
+                         "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
+        print(f"jax: update {remat}:{micro}:{impl}: {measured[-1]['error']}", flush=True)
+        continue
       compile_s = time.perf_counter() - t0
       ma = compiled.memory_analysis()
       temp = getattr(ma, "temp_size_in_bytes", 0) if ma is not None else 0
       state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(opt_state))
-      need = temp + state_bytes
-      print(f"jax: update remat={remat} micro_batches={micro}: temp {temp / 2**30:.1f} GiB + optimiser state "
-            f"{state_bytes / 2**30:.1f} GiB, free {free / 2**30 if free else float('nan'):.1f} GiB, "
+      rec = {"remat": remat, "micro_batches": micro, "attention": impl, "temp_gib": temp / 2**30,
+             "state_gib": state_bytes / 2**30, "free_gib": free / 2**30 if free else None, "compile_s": compile_s}
+      print(f"jax: update remat={remat} micro_batches={micro} attention={impl}: temp {temp / 2**30:.1f} GiB + "
+            f"optimiser state {state_bytes / 2**30:.1f} GiB, free {free / 2**30 if free else float('nan'):.1f} GiB, "
             f"compile {compile_s:.0f} s", flush=True)
-      if free is None or need < 0.9 * free:
-        chosen = (remat, micro, tx, compiled, compile_s, temp)
-        break
-    if chosen is None:
-      raise MemoryError("no (remat, micro-batches) plan fits the update in free memory")
-    remat, micro, tx, compiled, compile_s, temp = chosen
-    opt_state = tx.init(params)
-    params, opt_state, metrics = compiled(params, opt_state)
-    jax.block_until_ready(params)
-    times, losses = [], []
-    for _ in range(args.runs):
-      t0 = time.perf_counter()
+      if free is not None and temp + state_bytes >= 0.9 * free:
+        rec["error"] = "does not fit"
+        measured.append(rec)
+        continue
+      opt_state = tx.init(params)
       params, opt_state, metrics = compiled(params, opt_state)
       jax.block_until_ready(params)
-      times.append(time.perf_counter() - t0)
-      losses.append(float(metrics["loss"]))
-    t = statistics.median(times)
-    grid = pair_grid * b
-    policy = F.matmul_flops(F.vision_matmuls(cfg, grid) + F.text_matmuls(cfg, b, p, lm_head=False)
-                            + F.extend_matmuls(cfg, b, p, g, n, lm_head=True))
-    fl = 3 * policy
-    finite = all(np.isfinite(losses)) and bool(np.isfinite(float(metrics["grad_norm"])))
-    nnx.update(big, params)  # `big`'s own arrays were donated: the decode runs on the updated ones
-    del params, opt_state
-    if not finite:
-      raise FloatingPointError(f"update gave a non-finite loss / grad norm: {losses}")
-    big.set_remat("none")
-    return {"s": t, "compile_s": compile_s, "micro_batches": micro, "remat": remat, "temp_gib": temp / 2**30,
-            "tflop": fl / 1e12, "mfu": fl / t / peak, "shape": [b, g, n, p], "loss": losses[-1],
-            "tokens": b * p + b * g * n}
+      times, losses = [], []
+      for _ in range(args.runs):
+        t0 = time.perf_counter()
+        params, opt_state, metrics = compiled(params, opt_state)
+        jax.block_until_ready(params)
+        times.append(time.perf_counter() - t0)
+        losses.append(float(metrics["loss"]))
+      nnx.update(big, params)  # `big`'s own arrays were donated: later sections run on the updated ones
+      del opt_state, compiled
+      if not (all(np.isfinite(losses)) and bool(np.isfinite(float(metrics["grad_norm"])))):
+        rec["error"] = f"non-finite loss / grad norm: {losses}"
+        measured.append(rec)
+        continue
+      t = statistics.median(times)
+      rec.update(s=t, mfu=fl / t / peak, loss=losses[-1])
+      measured.append(rec)
+      print(f"jax: update {remat}:{micro}:{impl}: {t * 1e3:.1f} ms, MFU {fl / t / peak:.0%}", flush=True)
+    big.set_remat("none").set_attention(default_impl)
+    ok = [m for m in measured if "s" in m]
+    if not ok:
+      raise MemoryError(f"no update plan ran: {measured}")
+    best = min(ok, key=lambda m: m["s"])
+    return {**best, "tflop": fl / 1e12, "shape": [b, g, n, p], "tokens": b * p + b * g * n, "plans": measured}
 
-  def decode(model, raw, name):
+  def decode(model, raw, name, rows, temperature, trace=False):
     def run():
       mcfg = model.config
-      b, g, n = sz["pairs"], sz["samples"], sz["decode_new"]
+      g, n = sz["samples"], sz["decode_new"]
+      b = max(1, rows // g)
       inp = forward_inputs(raw, b, sz["text"], sz["image"])
       ids, mask = jnp.asarray(inp["input_ids"], jnp.int32), jnp.asarray(inp["attention_mask"], jnp.int32)
       pixels = jnp.asarray(inp["pixel_values"], jnp.bfloat16)
       grid = tuple(map(tuple, inp["image_grid_thw"].tolist()))
-      scfg = SamplingConfig(max_new_tokens=n, num_samples=g, temperature=1.0)
+      scfg = SamplingConfig(max_new_tokens=n, num_samples=g, temperature=temperature)
       sample = lambda: jax.block_until_ready(_sample_jit(model, ids, mask, pixels, jax.random.key(0), grid, scfg))
 
       @nnx.jit
@@ -416,21 +452,57 @@ def jax_part(args, work: str) -> dict:
       # every sample's N suffix slots (all slots are read; the not-yet-written ones are masked).
       kv_bytes = 2 * 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * b * (p + g * n)
       moved = weight_bytes + kv_bytes
-      return {"model": name, "rows": b * g, "prompt": p, "new_tokens": n, "steps": steps, "s": t_all,
-              "prefill_s": t_pre, "step_ms": per_step * 1e3, "compile_s": compile_s,
-              "weights_gb": weight_bytes / 1e9, "kv_gb": kv_bytes / 1e9,
-              "gbps": moved / per_step / 1e9, "hbm_frac": moved / per_step / bw,
-              "tokens_per_s": b * g * steps / t_all}
+      res = {"model": name, "rows": b * g, "temperature": temperature, "prompt": p, "new_tokens": n,
+             "steps": steps, "s": t_all, "prefill_s": t_pre, "step_ms": per_step * 1e3, "compile_s": compile_s,
+             "weights_gb": weight_bytes / 1e9, "kv_gb": kv_bytes / 1e9,
+             "gbps": moved / per_step / 1e9, "hbm_frac": moved / per_step / bw,
+             "tokens_per_s": b * g * steps / t_all}
+      if trace:
+        res["trace"] = trace_decode(sample, steps)
+      return res
     return run
 
-  section(res, "forward", forward, save)
+  def trace_decode(sample, steps):
+    """One traced rollout (already compiled): kernels per decode step and device busy time."""
+    import glob
+    import shutil
+    from gpu_profile import kernel_events, summarize
+    d = tempfile.mkdtemp(prefix="trace_decode_")
+    with jax.profiler.trace(d, create_perfetto_trace=True):
+      sample()
+    found = glob.glob(os.path.join(d, "**", "perfetto_trace.json.gz"), recursive=True)
+    if not found:
+      return {"error": "no trace written"}
+    dest = os.path.join(args.out_dir, "decode.trace.json.gz") if args.out_dir else found[0]
+    if dest != found[0]:
+      shutil.copy(found[0], dest)
+    kernels, span_us = kernel_events(found[0])
+    busy = sum(e["dur"] for e in kernels)
+    summarize(os.path.dirname(found[0]), pattern=os.path.basename(found[0]))
+    return {"kernels": len(kernels), "kernels_per_step": len(kernels) / steps, "busy_ms": busy / 1e3,
+            "span_ms": span_us / 1e3, "file": dest}
+
+  for impl in ATTENTION:
+    section(res, f"forward_{impl}", forward(impl), save)
+  # A kernel that failed in the forward (e.g. cuDNN unavailable) is left out of what follows.
+  failed = {impl for impl in ATTENTION if "error" in res.get(f"forward_{impl}", {})}
+  global PLANS
+  PLANS = [p for p in (PLANS or sz["update_plans"]) if p[2] not in failed]
+  default_impl = "xla" if "cudnn" in failed else "auto"
+  res["attention_default"] = default_impl
   section(res, "update", update_step, save)
-  section(res, f"decode_{sz['name_big']}", decode(big, sz["big"], sz["name_big"]), save)
-  big = None  # its memory goes before the 1.5B model is built
-  if ONLY and "decode" not in ONLY:
-    return res
-  small = lgrpo_jax.from_config(sz["small"], dtype="bfloat16", param_dtype="bfloat16", seed=0)
-  section(res, f"decode_{sz['name_small']}", decode(small, sz["small"], sz["name_small"]), save)
+  variants = (DECODE or sz["decode"]) if not ONLY or "decode" in ONLY else []
+  built = {sz["name_big"]: (big, sz["big"])}
+  for i, (name, rows, temp) in enumerate(variants):
+    if name not in built:
+      built.clear()  # the previous model's memory goes before the next one is built
+      big = None
+      raw = sz["big"] if name == sz["name_big"] else sz["small"]
+      built[name] = (lgrpo_jax.from_config(raw, dtype="bfloat16", param_dtype="bfloat16", seed=0), raw)
+    model, raw = built[name]
+    model.set_attention(default_impl)
+    trace = TRACE_DECODE and i == 0
+    section(res, f"decode_{name}_{rows}_t{temp:g}", decode(model, raw, name, rows, temp, trace), save)
   stats = dev.memory_stats() or {}
   res["peak_mem_gib"] = stats.get("peak_bytes_in_use", 0) / 2**30
   return res
@@ -439,66 +511,105 @@ def jax_part(args, work: str) -> dict:
 # ---- driver --------------------------------------------------------------------------------------
 def table(tr: dict, jr: dict, tiny: bool) -> str:
   sz = sizes(tiny)
+  nan = float("nan")
   lines = [f"device: {jr.get('device')} ({jr.get('platform')}); jax {jr.get('jax')}, flax {jr.get('flax')}, "
            f"torch {tr.get('torch')}, transformers {tr.get('transformers')}; {platform.node()}, "
            f"{time.strftime('%Y-%m-%d')}",
            f"model: {sz['name_big']} ({jr.get('params_big', 0) / 1e9:.2f} B parameters) in bf16, random weights"]
   par = jr.get("parity", {})
-  lines.append(f"parity vs transformers (tiny, fp32 / bf16 rel. err.): {par.get('rel_err_float32', float('nan')):.1e} "
-               f"/ {par.get('rel_err_bfloat16', float('nan')):.1e} {'ok' if par.get('ok') else 'FAILED ' + par.get('error', '')}")
+  errs = ", ".join(f"{k[8:]} {v:.1e}" for k, v in par.items() if k.startswith("rel_err_"))
+  lines.append(f"parity vs transformers (tiny; max rel. err. of the logits): {errs} "
+               f"{'ok' if par.get('ok') else 'FAILED ' + par.get('error', '')}")
   c = jr.get("ceilings", {})
-  lines.append(f"measured ceilings: bf16 matmul {c.get('matmul_tflops', float('nan')):.0f} TFLOP/s, "
-               f"copy {c.get('copy_gbps', float('nan')):.0f} GB/s")
-  lines.append(f"{'what':22s} {'ms':>9s} {'TFLOP':>8s} {'TFLOP/s':>8s} {'of peak':>8s}  notes")
-  f = jr.get("forward", {})
-  if "s" in f:
-    lines.append(f"{'forward (ours)':22s} {f['s'] * 1e3:9.1f} {f['tflop']:8.2f} {f['tflop'] / f['s']:8.0f} "
-                 f"{f['mfu']:8.0%}  {f['shape'][0]} rows × {f['shape'][1]} tokens, compile {f['compile_s']:.0f} s")
-    if "forward_s" in tr:
-      lines.append(f"{'forward (transformers)':22s} {tr['forward_s'] * 1e3:9.1f} {f['tflop']:8.2f} "
-                   f"{f['tflop'] / tr['forward_s']:8.0f} {f['mfu'] * f['s'] / tr['forward_s']:8.0%}  "
-                   f"ours is {tr['forward_s'] / f['s']:.2f}× faster")
-  else:
-    lines.append(f"forward: {f.get('error')}")
+  lines.append(f"measured ceilings: bf16 matmul {c.get('matmul_tflops', nan):.0f} TFLOP/s, "
+               f"copy {c.get('copy_gbps', nan):.0f} GB/s")
+  lines.append(f"{'what':24s} {'ms':>9s} {'TFLOP':>8s} {'TFLOP/s':>8s} {'of peak':>8s}  notes")
+  fwd = [v for k, v in jr.items() if k.startswith("forward_")]
+  for f in fwd:
+    if "s" in f:
+      lines.append(f"{'forward (ours, ' + f['attention'] + ')':24s} {f['s'] * 1e3:9.1f} {f['tflop']:8.2f} "
+                   f"{f['tflop'] / f['s']:8.0f} {f['mfu']:8.0%}  {f['shape'][0]} rows × {f['shape'][1]} tokens, "
+                   f"compile {f['compile_s']:.0f} s" + (f"; transformers / ours {tr['forward_s'] / f['s']:.2f}×"
+                                                        if "forward_s" in tr else ""))
+    else:
+      lines.append(f"forward: {f.get('error')}")
+  best = min((f for f in fwd if "s" in f), key=lambda f: f["s"], default=None)
+  if "forward_s" in tr and best:
+    lines.append(f"{'forward (transformers)':24s} {tr['forward_s'] * 1e3:9.1f} {best['tflop']:8.2f} "
+                 f"{best['tflop'] / tr['forward_s']:8.0f} {best['mfu'] * best['s'] / tr['forward_s']:8.0%}  "
+                 f"SDPA; ours ({best['attention']}) is {tr['forward_s'] / best['s']:.2f}× faster")
   u = jr.get("update", {})
   if "s" in u:
     b, g, n, p = u["shape"]
-    lines.append(f"{'update (GRPO, β>0)':22s} {u['s'] * 1e3:9.1f} {u['tflop']:8.2f} {u['tflop'] / u['s']:8.0f} "
-                 f"{u['mfu']:8.0%}  {b} pairs × {g} × {n} tokens, prompt {p}, micro-batches {u['micro_batches']}, "
-                 f"remat {u['remat']}, "
-                 f"{u['tokens']} tokens")
+    for m in u["plans"]:
+      what = f"update {m['remat']}:{m['micro_batches']}:{m['attention']}"
+      if "s" in m:
+        lines.append(f"{what:24s} {m['s'] * 1e3:9.1f} {u['tflop']:8.2f} {u['tflop'] / m['s']:8.0f} {m['mfu']:8.0%}  "
+                     f"temp {m['temp_gib']:.1f} GiB + state {m['state_gib']:.1f} GiB; compile {m['compile_s']:.0f} s")
+      else:
+        lines.append(f"{what:24s} {'–':>9s}  {m.get('error')}" + (f" (temp {m['temp_gib']:.1f} + state "
+                     f"{m['state_gib']:.1f} GiB vs free {m['free_gib']:.1f})" if m.get("free_gib") else ""))
+    lines.append(f"  update = GRPO loss (β>0) + backward + AdamW on {b} pairs × {g} × {n} tokens, prompt {p} "
+                 f"({u['tokens']} tokens), plan = remat:micro-batches:attention; best MFU {u['mfu']:.0%}")
   else:
     lines.append(f"update: {u.get('error')}")
-  lines.append(f"{'decode':22s} {'ms/step':>9s} {'GB/step':>8s} {'GB/s':>8s} {'of copy':>8s}  notes")
-  for key in (f"decode_{sz['name_big']}", f"decode_{sz['name_small']}"):
-    d = jr.get(key, {})
+  lines.append(f"{'decode':24s} {'ms/step':>9s} {'GB/step':>8s} {'GB/s':>8s} {'of copy':>8s}  notes")
+  for key, d in jr.items():
+    if not key.startswith("decode_"):
+      continue
     if "step_ms" in d:
-      lines.append(f"{key:22s} {d['step_ms']:9.2f} {d['weights_gb'] + d['kv_gb']:8.2f} {d['gbps']:8.0f} "
-                   f"{d['hbm_frac']:8.0%}  {d['rows']} rows, prompt {d['prompt']}, {d['steps']} steps, "
-                   f"weights {d['weights_gb']:.2f} GB + KV {d['kv_gb']:.2f} GB; {d['tokens_per_s']:.0f} tok/s "
-                   f"incl. prefill")
+      sampling = "greedy" if d["temperature"] == 0 else "sampled"
+      lines.append(f"{d['model'] + ' ' + str(d['rows']) + ' rows ' + sampling:24s} {d['step_ms']:9.2f} "
+                   f"{d['weights_gb'] + d['kv_gb']:8.2f} {d['gbps']:8.0f} {d['hbm_frac']:8.0%}  prompt {d['prompt']}, "
+                   f"{d['steps']} steps, weights {d['weights_gb']:.2f} GB + KV {d['kv_gb']:.2f} GB; "
+                   f"{d['tokens_per_s']:.0f} tok/s incl. prefill")
+      tr_ = d.get("trace")
+      if tr_ and "kernels" in tr_:
+        lines.append(f"{'  (traced)':24s} {tr_['kernels_per_step']:.0f} kernels per step; device busy "
+                     f"{tr_['busy_ms']:.1f} of {tr_['span_ms']:.1f} ms")
     else:
       lines.append(f"{key}: {d.get('error')}")
   return "\n".join(lines)
 
 
+def parse_plans(text: str) -> list[tuple[str, int, str]]:
+  out = []
+  for item in text.split(","):
+    parts = item.split(":")
+    out.append((parts[0], int(parts[1]), parts[2] if len(parts) > 2 else "auto"))
+  return out
+
+
+def parse_decode(text: str) -> list[tuple[str, int, float]]:
+  return [(v.split(":")[0], int(v.split(":")[1]), float(v.split(":")[2])) for v in text.split(",")]
+
+
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--out", default=None, help="folder for results.json and the two parts' logs")
+  ap.add_argument("--out", default=None, help="folder for results.json, the parts' logs and the decode trace")
   ap.add_argument("--tiny", action="store_true", help="tiny configs (checks the script runs, e.g. on CPU)")
   ap.add_argument("--runs", type=int, default=5)
   ap.add_argument("--budget", type=float, default=420,
                   help="seconds: sections not started by then (from the start) are skipped, the table still printed")
   ap.add_argument("--only", help="comma list of forward,update,decode (default: all)")
-  ap.add_argument("--plans", help="update candidates as remat:micro_batches,... e.g. full:1 (default: the size's)")
+  ap.add_argument("--attention", default="xla,cudnn", help="the forward's attention kernels, in order")
+  ap.add_argument("--plans", help="update candidates as remat:micro_batches[:attention],... e.g. full:1:cudnn "
+                                  "(default: the size's)")
+  ap.add_argument("--all-plans", action="store_true", help="time every update plan that fits, not only the first")
+  ap.add_argument("--decode", help="decode variants as model:rows:temperature,... e.g. 3B:32:1,1.5B:32:0")
+  ap.add_argument("--trace-decode", action="store_true", help="trace the first decode variant (kernels per step)")
   ap.add_argument("--part", choices=("torch", "jax"), help=argparse.SUPPRESS)
   ap.add_argument("--work", help=argparse.SUPPRESS)
+  ap.add_argument("--out-dir", help=argparse.SUPPRESS)
   args = ap.parse_args()
 
   if args.part:
-    global DEADLINE, ONLY, PLANS
+    global DEADLINE, ONLY, PLANS, ALL_PLANS, ATTENTION, DECODE, TRACE_DECODE
     ONLY = tuple(("parity,ceilings," + args.only).split(",")) if args.only else ()
-    PLANS = [(p.split(":")[0], int(p.split(":")[1])) for p in args.plans.split(",")] if args.plans else []
+    PLANS = parse_plans(args.plans) if args.plans else []
+    ALL_PLANS, TRACE_DECODE = args.all_plans, args.trace_decode
+    ATTENTION = tuple(args.attention.split(","))
+    DECODE = parse_decode(args.decode) if args.decode else []
     DEADLINE = time.perf_counter() + args.budget if args.budget else None
     fn = torch_part if args.part == "torch" else jax_part
     res = fn(args, args.work)
@@ -506,26 +617,35 @@ def main() -> None:
       json.dump(res, f, indent=1, default=float)
     return
 
-  work = tempfile.mkdtemp(prefix="bench_gpu_")
-  out = args.out or work
+  out = args.out or tempfile.mkdtemp(prefix="bench_gpu_")
   os.makedirs(out, exist_ok=True)
+  work = os.path.join(out, "work")  # under --out: what a part saved comes back even if the run is cut short
+  os.makedirs(work, exist_ok=True)
   results = {}
   start = time.perf_counter()
   for part in ("torch", "jax"):
     t0 = time.perf_counter()
-    cmd = [sys.executable, os.path.abspath(__file__), "--part", part, "--work", work, "--runs", str(args.runs),
-           "--budget", str(max(1.0, args.budget - (time.perf_counter() - start)))]
+    cmd = [sys.executable, os.path.abspath(__file__), "--part", part, "--work", work, "--out-dir", out,
+           "--runs", str(args.runs), "--budget", str(max(1.0, args.budget - (time.perf_counter() - start))),
+           f"--attention={args.attention}"]
     cmd += [f"--only={args.only}"] if args.only else []
     cmd += [f"--plans={args.plans}"] if args.plans else []
+    cmd += [f"--decode={args.decode}"] if args.decode else []
+    cmd += ["--all-plans"] if args.all_plans else []
+    cmd += ["--trace-decode"] if args.trace_decode else []
     cmd += ["--tiny"] if args.tiny else []
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    tail = []
     with open(os.path.join(out, f"{part}.log"), "w") as log:
-      proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-      log.write(proc.stdout)
-    tail = [l for l in proc.stdout.splitlines() if l.startswith(f"{part}:")]
-    print("\n".join(tail), flush=True)
+      proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      for line in proc.stdout:  # streamed: a run cut short still shows its progress
+        log.write(line)
+        tail = (tail + [line.rstrip()])[-15:]
+        if line.startswith(f"{part}:"):
+          print(line.rstrip()[:400], flush=True)
+      proc.wait()
     if proc.returncode:
-      print(f"{part} part failed (exit {proc.returncode}); last lines:\n" + "\n".join(proc.stdout.splitlines()[-15:]))
+      print(f"{part} part failed (exit {proc.returncode}); last lines:\n" + "\n".join(tail))
     path = os.path.join(work, f"{part}.json")
     results[part] = json.load(open(path)) if os.path.exists(path) else {"error": f"exit {proc.returncode}"}
     results[part]["wall_s"] = time.perf_counter() - t0

@@ -80,22 +80,28 @@ def categorize(name: str) -> str:
   return "other"
 
 
-def summarize(folder: str) -> None:
-  for path in sorted(glob.glob(os.path.join(folder, "*.trace.json.gz"))):
-    with gzip.open(path) as f:
-      trace = json.load(f)
-    events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    pids = {e["pid"]: e["args"].get("name", "") for e in events
-            if e.get("ph") == "M" and e.get("name") == "process_name"}
-    gpu = {p for p, nm in pids.items() if "/device:GPU" in nm or "gpu" in nm.lower()}
-    kernels = [e for e in events if e.get("ph") == "X" and e.get("pid") in gpu and "dur" in e]
+def kernel_events(path: str) -> tuple[list[dict], float]:
+  """The device (GPU) kernel events of a Perfetto JSON trace, and their span in µs."""
+  with gzip.open(path) as f:
+    trace = json.load(f)
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  pids = {e["pid"]: e["args"].get("name", "") for e in events
+          if e.get("ph") == "M" and e.get("name") == "process_name"}
+  gpu = {p for p, nm in pids.items() if "/device:GPU" in nm or "gpu" in nm.lower()}
+  kernels = [e for e in events if e.get("ph") == "X" and e.get("pid") in gpu and "dur" in e]
+  span = (max(e["ts"] + e["dur"] for e in kernels) - min(e["ts"] for e in kernels)) if kernels else 0
+  return kernels, span
+
+
+def summarize(folder: str, pattern: str = "*.trace.json.gz") -> None:
+  for path in sorted(glob.glob(os.path.join(folder, pattern))):
+    kernels, span = kernel_events(path)
     by_cat, by_name = collections.Counter(), collections.Counter()
     for e in kernels:
       op = (e.get("args") or {}).get("hlo_op", "")
       by_cat[categorize(e["name"] + " " + op)] += e["dur"]
       by_name[f"{e['name']} [{op}]" if op else e["name"]] += e["dur"]
     total = sum(by_cat.values())
-    span = (max(e["ts"] + e["dur"] for e in kernels) - min(e["ts"] for e in kernels)) if kernels else 0
     tiny = [e["dur"] for e in kernels if e["dur"] < 5]
     print(f"\n{os.path.basename(path)}: {len(kernels)} device events, busy {total / 1e3:.1f} ms of a "
           f"{span / 1e3:.1f} ms span; {len(tiny)} events under 5 µs take {sum(tiny) / 1e3:.1f} ms")

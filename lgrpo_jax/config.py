@@ -21,7 +21,7 @@ from lgrpo_jax.data.pipeline import PipelineConfig
 from lgrpo_jax.data.prompts import PromptConfig
 from lgrpo_jax.grpo.core import LossConfig
 from lgrpo_jax.grpo.update import OptimConfig
-from lgrpo_jax.models.qwen2_5_vl.config import REMAT, ConfigError
+from lgrpo_jax.models.qwen2_5_vl.config import ATTENTION, REMAT, ConfigError
 from lgrpo_jax.rewards import RewardConfig
 from lgrpo_jax.sampling import SamplingConfig
 from lgrpo_jax.sharding import MeshConfig
@@ -42,10 +42,15 @@ class ModelConfig:
   # Policy activations recomputed in the backward pass, per layer: none | full | dots (weight-matmul
   # outputs kept). Trades step time for memory; values and gradients are unchanged.
   remat: str = "none"
+  # Attention kernel of the policy, reference and listener: auto (cuDNN flash attention on GPUs in
+  # bfloat16, XLA elsewhere) | xla | cudnn (an error where cuDNN cannot run).
+  attention: str = "auto"
 
   def __post_init__(self):
     if self.remat not in REMAT:
       raise ConfigError(f"model.remat={self.remat!r}: choose one of {REMAT}")
+    if self.attention not in ATTENTION:
+      raise ConfigError(f"model.attention={self.attention!r}: choose one of {ATTENTION}")
 
 
 @dataclasses.dataclass(frozen=True)

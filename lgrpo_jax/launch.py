@@ -43,12 +43,12 @@ def build(cfg, mesh=None):
     tok_dir = m.tokenizer or m.checkpoint
     model = (checkpoint.load_model(m.checkpoint, dtype=m.dtype, mesh=mesh) if checkpoint.is_checkpoint(m.checkpoint)
              else lgrpo_jax.load_hf(m.checkpoint, dtype=m.dtype, mesh=mesh))
-  model.set_remat(m.remat)
+  model.set_remat(m.remat).set_attention(m.attention)
   tokenizer = AutoTokenizer.from_pretrained(tok_dir)
   listener = None
   if m.listener is not None:
     listener = (checkpoint.load_model(m.listener, dtype=m.dtype, mesh=mesh) if checkpoint.is_checkpoint(m.listener)
-                else lgrpo_jax.load_hf(m.listener, dtype=m.dtype, mesh=mesh))
+                else lgrpo_jax.load_hf(m.listener, dtype=m.dtype, mesh=mesh)).set_attention(m.attention)
   d = cfg.data
   report = sources.Report(cfg.pipeline.bad_records)
 

@@ -71,3 +71,56 @@ def test_model_with_blocked_attention_matches_transformers(monkeypatch, tmp_path
     batch = make_batch(CASES[case], seed=3)
     got = np.asarray(ours(**ours_inputs(batch)))
     assert rel_err(got, hf_logits(hf, batch), batch["attention_mask"]) <= 1e-4, case
+
+
+@pytest.mark.parametrize("shape", [(2, 37, 2, 3, 8), (3, 5, 1, 2, 16)])
+def test_cudnn_path_layout_matches_reference(monkeypatch, shape):
+  """The cuDNN path's conventions (K·G query heads grouped as jax/transformers do, the mask as a
+  (B, 1, T, S) argument, the scale) against the float64 reference. cuDNN needs a GPU, so here
+  `jax.nn.dot_product_attention` runs its XLA implementation with the same arguments."""
+  import jax
+  real = jax.nn.dot_product_attention
+  seen = []
+
+  def xla_instead(*a, implementation=None, **kw):
+    seen.append(implementation)
+    return real(*a, implementation="xla", **kw)
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", xla_instead)
+  rng = np.random.default_rng(sum(shape))
+  b, t, kh, g, d = shape
+  q = rng.standard_normal(shape).astype(np.float32)
+  k = rng.standard_normal((b, t, kh, d)).astype(np.float32)
+  v = rng.standard_normal((b, t, kh, d)).astype(np.float32)
+  valid = np.arange(t)[None, :] >= rng.integers(0, t // 2, b)[:, None]  # left padding, no empty row
+  mask = np.tril(np.ones((t, t), bool))[None] & valid[:, None, :]
+  for m in (mask, valid[:, None, :], None):  # full, key-only (vision) and no mask
+    got = np.asarray(layers._attention_cudnn(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
+                                             None if m is None else jnp.asarray(m), d**-0.5))
+    ref = reference(q, k, v, m, d**-0.5)
+    rows = valid[:, :, None, None, None] if m is not None else np.ones_like(ref, bool)
+    np.testing.assert_allclose(np.where(rows, got, 0), np.where(rows, ref, 0), rtol=1e-5, atol=1e-5)
+  assert seen == ["cudnn"] * 3
+
+
+def test_attention_impl_choice_and_errors(monkeypatch):
+  """auto is XLA off GPUs (and for fp32 on one); cudnn where it cannot run is a clear error."""
+  import jax
+  from lgrpo_jax.config import ModelConfig
+  from lgrpo_jax.models.qwen2_5_vl.config import ConfigError
+  q = jnp.ones((1, 4, 1, 2, 8))
+  k = v = jnp.ones((1, 4, 1, 8))
+  np.testing.assert_array_equal(np.asarray(layers.attention(q, k, v, None, 0.3, "auto")),
+                                np.asarray(layers.attention(q, k, v, None, 0.3, "xla")))
+  with pytest.raises(ValueError, match="backend is cpu"):
+    layers.attention(q, k, v, None, 0.3, "cudnn")
+  with pytest.raises(ValueError, match="choose one of"):
+    layers.attention(q, k, v, None, 0.3, "flash")
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert "bfloat16/float16" in layers.cudnn_supported(jnp.float32, 128)
+  assert "head_dim=80" not in (layers.cudnn_supported(jnp.float32, 80) or "")  # dtype is checked first
+  with pytest.raises(ConfigError, match="model.attention"):
+    ModelConfig(attention="flash")
+  cfg = lgrpo_jax.from_config(config_dict("a")).config
+  with pytest.raises(ConfigError, match="attention"):
+    cfg.replace(attention="flash")

@@ -167,3 +167,26 @@ def test_sharded_sampling_gives_the_same_tokens(pair):
   np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(ref.tokens))
   np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(ref.logprobs), atol=1e-5)
   np.testing.assert_array_equal(np.asarray(greedy.tokens), hf_generate(hf, batch))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fused_decode_weights_give_the_layer_outputs(pair, dtype):
+  """The decode loop's fused q/k/v and gate/up kernels compute what the layer's own projections do."""
+  _, _, path = pair
+  model = lgrpo_jax.load_hf(path, dtype=dtype)
+  layer = model.unstacked_layers()[1]
+  w = layer.decode_weights()
+  assert w.qkv.dtype == jnp.dtype(dtype) and w.gate_up.shape[1] == 2
+  rng = np.random.default_rng(0)
+  b, g, e = 2, 3, model.config.text.hidden_size
+  x = jnp.asarray(rng.standard_normal((b, g, e)), dtype)
+  ang = jnp.asarray(rng.standard_normal((b, g, layer.head_dim)), jnp.float32)
+  cos, sin = jnp.cos(ang), jnp.sin(ang)
+  q, k, v = layer.qkv(x, cos, sin)
+  fq, fk, fv = layer.decode_qkv(x, cos, sin, w)
+  tol = 1e-6 if dtype == "float32" else 1e-2
+  for got, ref in ((fq, q), (fk, k), (fv, v)):
+    assert got.shape == ref.shape and got.dtype == ref.dtype
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(ref, np.float32), atol=tol, rtol=tol)
+  np.testing.assert_allclose(np.asarray(layer.decode_finish(x, q, w), np.float32),
+                             np.asarray(layer.finish(x, q), np.float32), atol=tol, rtol=tol)

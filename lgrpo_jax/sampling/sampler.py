@@ -126,7 +126,7 @@ def sample_from_embeddings(model: Qwen25VL, x_btd, position_ids, attention_mask,
   g, n = cfg.num_samples, cfg.max_new_tokens
   h_btd, k, v = model.prefill(x_btd, position_ids, attention_mask)
   cache = KVCache.from_prefill(k, v, attention_mask, g, n)
-  layers = model.unstacked_layers()  # sliced once, outside the loop
+  layers = model.decode_layers()  # sliced and fused once, outside the loop
   next_pos_b = jnp.max(position_ids, axis=(0, 2)) + 1  # first generated token's position
   last_bv = model.logits(h_btd[:, -1:])[:, 0]  # left padding: the last slot is the last real token
   logits_bgv = jnp.broadcast_to(last_bv[:, None], (b, g, last_bv.shape[-1]))

@@ -18,6 +18,7 @@ MODEL_TYPE = "qwen2_5_vl"
 SUPPORTED_ACTS = ("silu", "gelu", "gelu_pytorch_tanh", "quick_gelu")
 DTYPES = ("float32", "bfloat16")
 REMAT = ("none", "full", "dots")  # layers.REMAT_POLICIES
+ATTENTION = ("auto", "xla", "cudnn")  # layers.ATTENTION_IMPLS
 
 
 class ConfigError(ValueError):
@@ -88,6 +89,9 @@ class Qwen25VLConfig:
   # Ours: activation rematerialisation of each scanned layer in the backward pass ("none" | "full" |
   # "dots"; see layers.REMAT_POLICIES). Changes memory and time, never values.
   remat: str = "none"
+  # Ours: the attention kernel ("auto" | "xla" | "cudnn"; see layers.attention). auto: cuDNN's fused
+  # flash attention on GPUs in bf16/fp16, XLA's softmax(QK^T)V elsewhere.
+  attention: str = "auto"
 
   def replace(self, **kw) -> "Qwen25VLConfig":
     out = dataclasses.replace(self, **kw)
@@ -295,6 +299,8 @@ def validate(cfg: Qwen25VLConfig, source: str = "config") -> None:
       raise ConfigError(f"{source}: {where}={act!r} is not supported (supported: {SUPPORTED_ACTS})")
   if cfg.remat not in REMAT:
     raise ConfigError(f"{source}: remat={cfg.remat!r} must be one of {REMAT}")
+  if cfg.attention not in ATTENTION:
+    raise ConfigError(f"{source}: attention={cfg.attention!r} must be one of {ATTENTION}")
   for where, dt in (("param_dtype", cfg.param_dtype), ("dtype", cfg.dtype)):
     if dt not in DTYPES:
       raise ConfigError(f"{source}: {where}={dt!r} must be one of {DTYPES}")

@@ -118,11 +118,31 @@ DIRECT_MAX = 1 << 19
 BLOCKED_BACKENDS = ("cpu",)
 
 
-def attention(q_btkgd, k_bskd, v_bskd, mask_bts, scale: float):
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+
+
+def cudnn_supported(dtype, head_dim: int) -> str | None:
+  """None if cuDNN's fused (flash) attention can run these operands here, else the reason."""
+  if jax.default_backend() != "gpu":
+    return f"the backend is {jax.default_backend()}, not a GPU"
+  if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    return f"cuDNN attention needs bfloat16/float16 operands, not {jnp.dtype(dtype).name}"
+  if head_dim % 8 or head_dim > 128:
+    return f"head_dim={head_dim} (cuDNN: a multiple of 8, at most 128)"
+  cap = getattr(jax.devices()[0], "compute_capability", "0")
+  if float(cap) < 8.0:
+    return f"GPU compute capability {cap} (cuDNN flash attention: 8.0 or newer)"
+  return None
+
+
+def attention(q_btkgd, k_bskd, v_bskd, mask_bts, scale: float, impl: str = "auto"):
   """Softmax attention with grouped query heads; scores and softmax statistics in fp32.
 
   q: (B, T, K, G, D) — K kv heads, G query heads per kv head; k, v: (B, S, K, D);
   mask: bool broadcastable to (B, T, S), or None when every key is visible. Returns (B, T, K, G, D).
+
+  impl: "xla" (below), "cudnn" (cuDNN's fused flash attention: the (T, S) scores never reach memory;
+  GPUs, bf16/fp16 only — an error elsewhere), "auto" (cudnn where it is supported, else xla).
 
   Writing the (T, S) score matrix to memory is what costs on CPU (measured: a batch of
   1024×1024 score blocks runs at ~55 GFLOP/s against ~150 for one cache-resident block), so on CPU
@@ -132,10 +152,30 @@ def attention(q_btkgd, k_bskd, v_bskd, mask_bts, scale: float):
   """
   b, t, kh, g, d = q_btkgd.shape
   s = k_bskd.shape[1]
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f"attention impl={impl!r}: choose one of {ATTENTION_IMPLS}")
+  if impl != "xla":
+    why = cudnn_supported(q_btkgd.dtype, d)
+    if why is None:
+      return _attention_cudnn(q_btkgd, k_bskd, v_bskd, mask_bts, scale)
+    if impl == "cudnn":
+      raise ValueError(f"attention='cudnn' cannot run here: {why}; use 'auto' or 'xla'")
   q_btkgd = (q_btkgd.astype(jnp.float32) * scale).astype(q_btkgd.dtype)
   if g * t * s <= DIRECT_MAX or jax.default_backend() not in BLOCKED_BACKENDS:
     return _attention_direct(q_btkgd, k_bskd, v_bskd, mask_bts)
   return _attention_blocked(q_btkgd, k_bskd, v_bskd, mask_bts)
+
+
+def _attention_cudnn(q_btkgd, k_bskd, v_bskd, mask_bts, scale: float):
+  # (B, T, K·G, D) queries: head n = k·G + g is jax's (and transformers' repeat_kv) GQA grouping. The
+  # mask becomes an additive (B, 1, T, S) bias (cuDNN needs T and S explicit); a fully masked
+  # (left-padding) row gets a large finite negative everywhere, so uniform weights, as in `xla`.
+  b, t, kh, g, d = q_btkgd.shape
+  s = k_bskd.shape[1]
+  mask = None if mask_bts is None else jnp.broadcast_to(jnp.asarray(mask_bts, bool), (b, t, s))[:, None]
+  o = jax.nn.dot_product_attention(q_btkgd.reshape(b, t, kh * g, d), k_bskd, v_bskd, mask=mask, scale=scale,
+                                   implementation="cudnn")
+  return o.reshape(b, t, kh, g, d)
 
 
 def _softmax_weighted_sum(s_f32, v, mask):

@@ -9,6 +9,7 @@ Decoder layers are stacked on a 'layers' axis and run as one `lax.scan`.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +26,25 @@ from lgrpo_jax.models.qwen2_5_vl.vision import VisionTower
 from lgrpo_jax.sharding import constrain
 
 ACT_BTD = ("batch", "length", None)  # decoder activations between blocks
+
+
+class DecodeWeights(NamedTuple):
+  """One decoder layer's matmul weights for the decode loop, prepared once per rollout in the compute
+  dtype: q, k and v as one (E, K, h+2, D) kernel (kv head k's h query heads, then its key, then its
+  value) and gate, up as one (E, 2, I) kernel. A decode step multiplies a few dozen rows, so each
+  matmul costs a kernel launch and a pass over its weights: one matmul instead of three, and one
+  instead of two."""
+  qkv: jax.Array
+  qkv_bias: jax.Array
+  o: jax.Array
+  gate_up: jax.Array
+  down: jax.Array
+
+
+def _mm(x, w, n_in: int = 1):
+  """x · w contracting x's last n_in axes with w's first n_in (the Dense arithmetic)."""
+  return jax.lax.dot_general(x.astype(w.dtype), w, ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))),
+                                                    ((), ())), precision=precision_for(w.dtype))
 
 
 class DecoderLayer(nnx.Module):
@@ -63,9 +83,39 @@ class DecoderLayer(nnx.Module):
     x_btd = x_btd + self.o_proj(o_btkhd.reshape(b, t, -1, self.head_dim))
     return x_btd + self.mlp(self.post_attention_layernorm(x_btd))
 
-  def __call__(self, x_btd, cos_btd, sin_btd, mask_bts, return_kv: bool = False):
+  def decode_weights(self) -> DecodeWeights:
+    k, h, d = self.kv_heads, self.groups, self.head_dim
+    dt = self.q_proj.dtype
+    q = self.q_proj.kernel[...]
+    qkv = jnp.concatenate([q.reshape(q.shape[0], k, h, d), self.k_proj.kernel[...][:, :, None],
+                           self.v_proj.kernel[...][:, :, None]], axis=2).astype(dt)
+    bias = jnp.concatenate([self.q_proj.bias[...].reshape(k, h, d), self.k_proj.bias[...][:, None],
+                            self.v_proj.bias[...][:, None]], axis=1).astype(dt)
+    mlp = self.mlp
+    gate_up = jnp.stack([mlp.gate_proj.kernel[...], mlp.up_proj.kernel[...]], axis=1).astype(dt)
+    return DecodeWeights(constrain(qkv, ("embed", "kv_heads", None, "head_dim")), bias,
+                         self.o_proj.kernel[...].astype(dt), constrain(gate_up, ("embed", None, "mlp")),
+                         mlp.down_proj.kernel[...].astype(dt))
+
+  def decode_qkv(self, x_bgd, cos_bgd, sin_bgd, w: DecodeWeights):
+    """`qkv` of one new token per sample with the fused kernel: q (B, G, K, h, D), k, v (B, G, K, D)."""
+    h = self.groups
+    y = _mm(self.input_layernorm(x_bgd), w.qkv) + w.qkv_bias  # (B, G, K, h+2, D)
+    c, s = cos_bgd[:, :, None], sin_bgd[:, :, None]
+    q = apply_rotary(y[..., :h, :], c[..., None, :], s[..., None, :])
+    return q, apply_rotary(y[..., h, :], c, s), y[..., h + 1, :]
+
+  def decode_finish(self, x_bgd, o_bgkhd, w: DecodeWeights):
+    """`finish` with the fused gate/up kernel."""
+    b, g = o_bgkhd.shape[:2]
+    x_bgd = x_bgd + _mm(o_bgkhd.reshape(b, g, -1, self.head_dim), w.o, 2)
+    gu = _mm(self.post_attention_layernorm(x_bgd), w.gate_up)  # (B, G, 2, I)
+    hid = constrain(self.mlp.act(gu[..., 0, :]) * gu[..., 1, :], ("batch", None, "mlp"))
+    return x_bgd + _mm(hid, w.down)
+
+  def __call__(self, x_btd, cos_btd, sin_btd, mask_bts, return_kv: bool = False, impl: str = "auto"):
     q, k, v = self.qkv(x_btd, cos_btd, sin_btd)
-    out = self.finish(x_btd, attention(q, k, v, mask_bts, self.head_dim**-0.5))
+    out = self.finish(x_btd, attention(q, k, v, mask_bts, self.head_dim**-0.5, impl))
     return (out, (k, v)) if return_kv else out
 
 
@@ -95,10 +145,17 @@ class Qwen25VL(nnx.Module):
     self.config = self.config.replace(remat=policy)
     return self
 
+  def set_attention(self, impl: str) -> "Qwen25VL":
+    """The attention kernel of the decoder and the vision tower (`Qwen25VLConfig.attention`:
+    "auto" | "xla" | "cudnn"); the same values up to rounding, different speed and memory."""
+    self.config = self.config.replace(attention=impl)
+    return self
+
   # ---- pieces (used separately by the sampler, the listener and the loss) -------------------
   def image_features(self, pixel_values, image_grid_thw):
     """(N patches, C·T·P·P) → (N/m², hidden) merged image embeddings, images in order."""
-    return self.visual(pixel_values, static_grid(image_grid_thw), remat=self.config.remat)
+    return self.visual(pixel_values, static_grid(image_grid_thw), remat=self.config.remat,
+                       attention=self.config.attention)
 
   def embed(self, input_ids, image_embeds=None):
     """Token embeddings with `<|image_pad|>` positions replaced, in order, by image embeddings."""
@@ -118,7 +175,8 @@ class Qwen25VL(nnx.Module):
     mask_bts = jnp.tril(jnp.ones((t, t), bool))[None] & valid[:, None, :]
     cos, sin = text_rotary(position_ids, self.config)
     x_btd = scan_layers(self.layers, constrain(x_btd, ACT_BTD),
-                        lambda layer, x: constrain(layer(x, cos, sin, mask_bts), ACT_BTD),
+                        lambda layer, x: constrain(layer(x, cos, sin, mask_bts, impl=self.config.attention),
+                                                   ACT_BTD),
                         remat=self.config.remat)
     return self.norm(x_btd)
 
@@ -131,7 +189,7 @@ class Qwen25VL(nnx.Module):
     cos, sin = text_rotary(position_ids, self.config)
 
     def layer_fn(layer, x, _):
-      x, kv = layer(x, cos, sin, mask_bts, return_kv=True)
+      x, kv = layer(x, cos, sin, mask_bts, return_kv=True, impl=self.config.attention)
       return constrain(x, ACT_BTD), kv
 
     x_btd, (k, v) = scan_layers_xs(self.layers, constrain(x_btd, ACT_BTD), None, layer_fn, self.config.remat)
@@ -145,28 +203,33 @@ class Qwen25VL(nnx.Module):
     n = self.config.text.num_hidden_layers
     return [nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state)) for i in range(n)]
 
+  def decode_layers(self) -> list[tuple[DecoderLayer, DecodeWeights]]:
+    """`unstacked_layers()` with each layer's fused decode weights: computed once, outside the decode
+    loop (the fused kernels replace the sliced q/k/v and gate/up ones: no extra memory)."""
+    return [(layer, layer.decode_weights()) for layer in self.unstacked_layers()]
+
   def decode_step(self, x_bgd, positions_bg, cache, step, layers=None):
     """One new token for each of G samples per prompt → (hidden (B, G, E) after the final norm,
     the cache with the token's keys/values written at suffix slot `step`). The token attends to
     the prefix, its sample's slots before `step`, and itself. Text positions only (all three M-RoPE
-    axes equal). `layers`: `unstacked_layers()`, computed once outside the loop.
+    axes equal). `layers`: `decode_layers()`, computed once outside the loop.
 
     Each layer writes its slot *before* reading the cache: the update-then-read pattern lets XLA
     update the loop-carried cache in place (writing after the read made it copy the whole cache
     every step: ~10 ms per step at 128 slots on the benchmark model)."""
-    layers = self.unstacked_layers() if layers is None else layers
+    layers = self.decode_layers() if layers is None else layers
     cos, sin = text_rotary(jnp.broadcast_to(positions_bg, (3, *positions_bg.shape)), self.config)
     own_mask_n = jnp.arange(cache.suffix_k[0].shape[3]) <= step
     to_bk = lambda a: jnp.swapaxes(a, 1, 2)  # (B, G, K, ...) <-> (B, K, G, ...): tiny, per token
     new_k, new_v = [], []
-    for i, layer in enumerate(layers):
-      q, k, v = layer.qkv(x_bgd, cos, sin)  # (B, G, K, h, D), (B, G, K, D)
+    for i, (layer, w) in enumerate(layers):
+      q, k, v = layer.decode_qkv(x_bgd, cos, sin, w)  # (B, G, K, h, D), (B, G, K, D)
       start = (0, 0, 0, step, 0)
       sk = jax.lax.dynamic_update_slice(cache.suffix_k[i], to_bk(k)[:, :, :, None], start)
       sv = jax.lax.dynamic_update_slice(cache.suffix_v[i], to_bk(v)[:, :, :, None], start)
       o = attention_decode(to_bk(q), cache.prefix_k[i], cache.prefix_v[i], cache.prefix_mask, sk, sv,
                            own_mask_n, layer.head_dim**-0.5)
-      x_bgd = layer.finish(x_bgd, to_bk(o))
+      x_bgd = layer.decode_finish(x_bgd, to_bk(o), w)
       new_k.append(sk)
       new_v.append(sv)
     return self.norm(x_bgd), cache._replace(suffix_k=tuple(new_k), suffix_v=tuple(new_v))
@@ -192,8 +255,8 @@ class Qwen25VL(nnx.Module):
       q, k, v = layer.qkv(x, cos, sin)
       k_all = jnp.concatenate([rep(pk), k], axis=1)
       v_all = jnp.concatenate([rep(pv), v], axis=1)
-      return constrain(layer.finish(x, attention(q, k_all, v_all, mask_bts, layer.head_dim**-0.5)),
-                       ACT_BTD), None
+      o = attention(q, k_all, v_all, mask_bts, layer.head_dim**-0.5, self.config.attention)
+      return constrain(layer.finish(x, o), ACT_BTD), None
 
     x, _ = scan_layers_xs(self.layers, constrain(x, ACT_BTD), (prefix_k, prefix_v), layer_fn, self.config.remat)
     return self.norm(x).reshape(b, g, t, e)
@@ -228,7 +291,7 @@ class Qwen25VL(nnx.Module):
       if not grid:
         raise ValueError("pixel_values given without image_grid_thw")
       check_image_tokens(input_ids, grid, self.config)
-      image_embeds = self.visual(pixel_values, grid, remat=self.config.remat)
+      image_embeds = self.visual(pixel_values, grid, remat=self.config.remat, attention=self.config.attention)
     if position_ids is None:
       position_ids, _ = get_rope_index(input_ids, attention_mask, grid, self.config)
     x = self.embed(input_ids, image_embeds)

@@ -141,13 +141,13 @@ class VisionBlock(nnx.Module):
     self.mlp = GatedMLP(d, cfg.intermediate_size, act=cfg.hidden_act, use_bias=True, dtype=dtype,
                         param_dtype=param_dtype, rngs=rngs)
 
-  def __call__(self, x_nd, cos_nd, sin_nd, groups: Groups):
+  def __call__(self, x_nd, cos_nd, sin_nd, groups: Groups, impl: str = "auto"):
     qkv = constrain(self.qkv(self.norm1(x_nd)), ("batch", None, "heads", None))  # (N, 3, H, Dh)
     q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
     q = apply_rotary(q, cos_nd[:, None], sin_nd[:, None])
     k = apply_rotary(k, cos_nd[:, None], sin_nd[:, None])
     q_glhd, k_glhd, v_glhd = groups.gather(q), groups.gather(k), groups.gather(v)
-    o = attention(q_glhd[:, :, :, None], k_glhd, v_glhd, groups.key_mask(), self.head_dim**-0.5)
+    o = attention(q_glhd[:, :, :, None], k_glhd, v_glhd, groups.key_mask(), self.head_dim**-0.5, impl)
     o_nhd = groups.scatter(o[:, :, :, 0])
     x_nd = x_nd + self.proj(o_nhd)
     return x_nd + self.mlp(self.norm2(x_nd))
@@ -190,7 +190,7 @@ class VisionTower(nnx.Module):
     emb = jnp.concatenate([freqs, freqs], -1)
     return jnp.cos(emb), jnp.sin(emb)
 
-  def __call__(self, pixel_values, grid: Grid, remat: str = "none"):
+  def __call__(self, pixel_values, grid: Grid, remat: str = "none", attention: str = "auto"):
     """pixel_values: (N, C·T·P·P) patches as the processor returns them → (N/m², out_hidden_size)."""
     layout = vision_layout(grid, self.cfg)
     if pixel_values.shape != (layout.num_patches, self.cfg.patch_dim):
@@ -202,6 +202,6 @@ class VisionTower(nnx.Module):
     for start, stop, full in block_runs(self.cfg):
       groups = layout.frames if full else layout.windows
       x = scan_layers(self.blocks, constrain(x, ("batch", None)),
-                      lambda blk, h, g=groups: constrain(blk(h, cos, sin, g), ("batch", None)),
+                      lambda blk, h, g=groups: constrain(blk(h, cos, sin, g, attention), ("batch", None)),
                       start, stop, remat)
     return self.merger(x)[layout.merged_unperm]
