@@ -7,10 +7,12 @@ Two processes, one after the other (JAX and PyTorch each take the GPU's memory f
 
   torch   transformers on the GPU: a tiny random model (windows, two images of different sizes per
           row, left padding, untied head) in fp32 — its logits are the reference for ours; then the
-          3B config's forward in bf16 (SDPA attention), timed.
+          3B config's forward in bf16 (SDPA attention), timed; then a device-to-device copy.
   jax     correctness first: the tiny model loaded from the saved transformers directory gives the
           same logits (fp32 ≤ 1e-4 of the largest, bf16 ≤ 3e-2); then the ceilings measured here: a
-          bf16 8192³ matmul (random inputs) and a device-to-device copy (bytes read + written);
+          bf16 8192³ matmul (random inputs), a device-to-device copy (bytes read + written; the
+          better of an XLA elementwise x·2 and PyTorch's `copy_`, measured in the torch part) and a
+          read-only pass (row sums);
           then on the 3B config in bf16:
             forward   the same inputs as torch's (B rows: two 448² images + text each)
             forward   the same inputs as torch's (B rows: two 448² images + text each), once per
@@ -22,7 +24,7 @@ Two processes, one after the other (JAX and PyTorch each take the GPU's memory f
                       before running); the first that fits is "the" update, --all-plans times the rest
             decode    the sampler (P prompts × G samples, N new tokens, no EOS) minus its prefill,
                       per step; HBM fraction = (decoder weights + the KV cache as read) / step time /
-                      the measured copy bandwidth; one line per --decode variant (model, rows,
+                      the measured copy bandwidth (and the read-only rate); one line per --decode variant (model, rows,
                       temperature: 0 is greedy, no sampling pass over the vocabulary), the 3B at 32 rows
                       traced once with --trace-decode (kernels per step, busy vs wall time)
           where the 1.5B is a ~1.5B text decoder (Qwen2-VL-2B-shaped).
@@ -222,6 +224,22 @@ def torch_part(args, work: str) -> dict:
   if dev == "cuda":
     out["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
   print(f"torch: forward {out['forward_s'] * 1e3:.1f} ms", flush=True)
+  model = t = None  # free the 3B before the copy buffers
+  if dev == "cuda":
+    torch.cuda.empty_cache()
+
+  # An independent copy ceiling: PyTorch's device-to-device copy of the same bytes as the jax probe.
+  n = sz["copy_mib"] * 2**20 // 2
+  src = torch.randn(n, dtype=torch.bfloat16, device=dev)
+  dst = torch.empty_like(src)
+
+  def copy():
+    dst.copy_(src)
+    if dev == "cuda":
+      torch.cuda.synchronize()
+  copy()
+  out["copy_gbps"] = 2 * n * 2 / median_time(copy, 20, 0) / 1e9
+  print(f"torch: copy {out['copy_gbps']:.0f} GB/s", flush=True)
   return out
 
 
@@ -312,17 +330,30 @@ def jax_part(args, work: str) -> dict:
     cp = jax.jit(lambda x: x * 2)  # one read + one write of every element
     cp(x).block_until_ready()
     tc = median_time(lambda: cp(x).block_until_ready(), 20, 0)
-    return {"matmul_tflops": 2 * n**3 / t / 1e12, "copy_gbps": 2 * elems * 2 / tc / 1e9}
+    # Read-only: a decode step mostly reads (weights, cache). Rows of 8192 summed in fp32.
+    rd = jax.jit(lambda x: jnp.sum(x.reshape(-1, 8192), axis=1, dtype=jnp.float32))
+    rd(x).block_until_ready()
+    tr = median_time(lambda: rd(x).block_until_ready(), 20, 0)
+    return {"matmul_tflops": 2 * n**3 / t / 1e12, "copy_gbps": 2 * elems * 2 / tc / 1e9,
+            "read_gbps": elems * 2 / tr / 1e9}
 
   section(res, "parity", parity, save)
   section(res, "ceilings", ceilings, save)
   peak = res["ceilings"].get("matmul_tflops", float("nan")) * 1e12
-  bw = res["ceilings"].get("copy_gbps", float("nan")) * 1e9
+  # The copy ceiling: the better of this probe and PyTorch's device-to-device copy (torch part).
+  torch_copy = json.load(open(os.path.join(work, "torch.json"))).get("copy_gbps") if os.path.exists(
+      os.path.join(work, "torch.json")) else None
+  bw = max(res["ceilings"].get("copy_gbps", float("nan")), torch_copy or 0) * 1e9
+  read_bw = res["ceilings"].get("read_gbps", float("nan")) * 1e9
+  res["ceilings"]["torch_copy_gbps"] = torch_copy
+  res["ceilings"]["copy_ceiling_gbps"] = bw / 1e9
 
   big = lgrpo_jax.from_config(sz["big"], dtype="bfloat16", param_dtype="bfloat16", seed=0)
   cfg = big.config
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(big, nnx.Param)))
   res["params_big"] = n_params
+
+  logits = {}  # the 3B's logits per attention kernel: compared after both ran
 
   def forward(impl):
     def run_forward():
@@ -334,6 +365,8 @@ def jax_part(args, work: str) -> dict:
       run()
       compile_s = time.perf_counter() - t0
       t = median_time(run, args.runs, 0)
+      logits[impl] = lgrpo_jax.forward(big, inp["input_ids"], inp["attention_mask"], inp["pixel_values"],
+                                       inp["image_grid_thw"])
       b, p = inp["input_ids"].shape
       fl = F.forward_flops(cfg, b, p, tuple(map(tuple, inp["image_grid_thw"].tolist())))
       big.set_attention("auto")  # the update and decode sections set their own
@@ -456,6 +489,7 @@ def jax_part(args, work: str) -> dict:
              "steps": steps, "s": t_all, "prefill_s": t_pre, "step_ms": per_step * 1e3, "compile_s": compile_s,
              "weights_gb": weight_bytes / 1e9, "kv_gb": kv_bytes / 1e9,
              "gbps": moved / per_step / 1e9, "hbm_frac": moved / per_step / bw,
+             "read_frac": moved / per_step / read_bw,
              "tokens_per_s": b * g * steps / t_all}
       if trace:
         res["trace"] = trace_decode(sample, steps)
@@ -484,6 +518,12 @@ def jax_part(args, work: str) -> dict:
 
   for impl in ATTENTION:
     section(res, f"forward_{impl}", forward(impl), save)
+  if len(logits) == 2:
+    a, b_ = logits.values()
+    res["forward_kernels_rel_diff"] = float(jnp.max(jnp.abs(a - b_)) / jnp.max(jnp.abs(b_)))
+    print(f"jax: forward logits xla vs cudnn (3B, bf16): max rel. diff {res['forward_kernels_rel_diff']:.1e}",
+          flush=True)
+  logits.clear()
   # A kernel that failed in the forward (e.g. cuDNN unavailable) is left out of what follows.
   failed = {impl for impl in ATTENTION if "error" in res.get(f"forward_{impl}", {})}
   global PLANS
@@ -521,8 +561,11 @@ def table(tr: dict, jr: dict, tiny: bool) -> str:
   lines.append(f"parity vs transformers (tiny; max rel. err. of the logits): {errs} "
                f"{'ok' if par.get('ok') else 'FAILED ' + par.get('error', '')}")
   c = jr.get("ceilings", {})
-  lines.append(f"measured ceilings: bf16 matmul {c.get('matmul_tflops', nan):.0f} TFLOP/s, "
-               f"copy {c.get('copy_gbps', nan):.0f} GB/s")
+  lines.append(f"measured ceilings: bf16 matmul {c.get('matmul_tflops', nan):.0f} TFLOP/s; copy (read + write) "
+               f"{c.get('copy_gbps', nan):.0f} GB/s (jax x·2), {c.get('torch_copy_gbps') or nan:.0f} GB/s "
+               f"(torch copy_); read-only {c.get('read_gbps', nan):.0f} GB/s (jax row sums)")
+  if "forward_kernels_rel_diff" in jr:
+    lines.append(f"3B logits, xla vs cudnn attention: max rel. diff {jr['forward_kernels_rel_diff']:.1e}")
   lines.append(f"{'what':24s} {'ms':>9s} {'TFLOP':>8s} {'TFLOP/s':>8s} {'of peak':>8s}  notes")
   fwd = [v for k, v in jr.items() if k.startswith("forward_")]
   for f in fwd:
@@ -553,14 +596,15 @@ def table(tr: dict, jr: dict, tiny: bool) -> str:
                  f"({u['tokens']} tokens), plan = remat:micro-batches:attention; best MFU {u['mfu']:.0%}")
   else:
     lines.append(f"update: {u.get('error')}")
-  lines.append(f"{'decode':24s} {'ms/step':>9s} {'GB/step':>8s} {'GB/s':>8s} {'of copy':>8s}  notes")
+  lines.append(f"{'decode':24s} {'ms/step':>9s} {'GB/step':>8s} {'GB/s':>8s} {'of copy':>8s} {'of read':>8s}  notes")
   for key, d in jr.items():
     if not key.startswith("decode_"):
       continue
     if "step_ms" in d:
       sampling = "greedy" if d["temperature"] == 0 else "sampled"
       lines.append(f"{d['model'] + ' ' + str(d['rows']) + ' rows ' + sampling:24s} {d['step_ms']:9.2f} "
-                   f"{d['weights_gb'] + d['kv_gb']:8.2f} {d['gbps']:8.0f} {d['hbm_frac']:8.0%}  prompt {d['prompt']}, "
+                   f"{d['weights_gb'] + d['kv_gb']:8.2f} {d['gbps']:8.0f} {d['hbm_frac']:8.0%} {d.get('read_frac', nan):8.0%}  "
+                   f"prompt {d['prompt']}, "
                    f"{d['steps']} steps, weights {d['weights_gb']:.2f} GB + KV {d['kv_gb']:.2f} GB; "
                    f"{d['tokens_per_s']:.0f} tok/s incl. prefill")
       tr_ = d.get("trace")
