@@ -500,7 +500,7 @@ def jax_part(args, work: str) -> dict:
     """One traced rollout (already compiled): kernels per decode step and device busy time."""
     import glob
     import shutil
-    from gpu_profile import kernel_events, summarize
+    from gpu_profile import busy_us, kernel_events, summarize
     d = tempfile.mkdtemp(prefix="trace_decode_")
     with jax.profiler.trace(d, create_perfetto_trace=True):
       sample()
@@ -511,8 +511,8 @@ def jax_part(args, work: str) -> dict:
     if dest != found[0]:
       shutil.copy(found[0], dest)
     kernels, span_us = kernel_events(found[0])
-    busy = sum(e["dur"] for e in kernels)
-    summarize(os.path.dirname(found[0]), pattern=os.path.basename(found[0]))
+    busy = busy_us(kernels)
+    summarize(os.path.dirname(found[0]), pattern=os.path.basename(found[0]), per=steps)
     return {"kernels": len(kernels), "kernels_per_step": len(kernels) / steps, "busy_ms": busy / 1e3,
             "span_ms": span_us / 1e3, "file": dest}
 
@@ -567,7 +567,7 @@ def table(tr: dict, jr: dict, tiny: bool) -> str:
   if "forward_kernels_rel_diff" in jr:
     lines.append(f"3B logits, xla vs cudnn attention: max rel. diff {jr['forward_kernels_rel_diff']:.1e}")
   lines.append(f"{'what':24s} {'ms':>9s} {'TFLOP':>8s} {'TFLOP/s':>8s} {'of peak':>8s}  notes")
-  fwd = [v for k, v in jr.items() if k.startswith("forward_")]
+  fwd = [v for k, v in jr.items() if k.startswith("forward_") and isinstance(v, dict)]
   for f in fwd:
     if "s" in f:
       lines.append(f"{'forward (ours, ' + f['attention'] + ')':24s} {f['s'] * 1e3:9.1f} {f['tflop']:8.2f} "
@@ -582,7 +582,9 @@ def table(tr: dict, jr: dict, tiny: bool) -> str:
                  f"{best['tflop'] / tr['forward_s']:8.0f} {best['mfu'] * best['s'] / tr['forward_s']:8.0%}  "
                  f"SDPA; ours ({best['attention']}) is {tr['forward_s'] / best['s']:.2f}× faster")
   u = jr.get("update", {})
-  if "s" in u:
+  if "update" not in jr:
+    pass
+  elif "s" in u:
     b, g, n, p = u["shape"]
     for m in u["plans"]:
       what = f"update {m['remat']}:{m['micro_batches']}:{m['attention']}"
@@ -598,7 +600,7 @@ def table(tr: dict, jr: dict, tiny: bool) -> str:
     lines.append(f"update: {u.get('error')}")
   lines.append(f"{'decode':24s} {'ms/step':>9s} {'GB/step':>8s} {'GB/s':>8s} {'of copy':>8s} {'of read':>8s}  notes")
   for key, d in jr.items():
-    if not key.startswith("decode_"):
+    if not key.startswith("decode_") or not isinstance(d, dict):
       continue
     if "step_ms" in d:
       sampling = "greedy" if d["temperature"] == 0 else "sampled"

@@ -93,9 +93,32 @@ def kernel_events(path: str) -> tuple[list[dict], float]:
   return kernels, span
 
 
-def summarize(folder: str, pattern: str = "*.trace.json.gz") -> None:
+def busy_us(kernels: list[dict]) -> float:
+  """Time the device ran at least one kernel: the union of the kernels' intervals (events can nest)."""
+  total, end = 0.0, float("-inf")
+  for e in sorted(kernels, key=lambda e: e["ts"]):
+    start, stop = e["ts"], e["ts"] + e["dur"]
+    if stop > end:
+      total += stop - max(start, end)
+      end = stop
+  return total
+
+
+def summarize(folder: str, pattern: str = "*.trace.json.gz", per: int = 0) -> None:
+  """Device time per kernel category and the top kernels; `per` > 0 also lists every kernel name as
+  count and µs per call, and its time per `per`-th of the trace (e.g. per decode step)."""
   for path in sorted(glob.glob(os.path.join(folder, pattern))):
     kernels, span = kernel_events(path)
+    print(f"\n{os.path.basename(path)}: device busy (union of kernel intervals) {busy_us(kernels) / 1e3:.1f} ms "
+          f"of {span / 1e3:.1f} ms")
+    if per:
+      calls, dur = collections.Counter(), collections.Counter()
+      for e in kernels:
+        calls[e["name"]] += 1
+        dur[e["name"]] += e["dur"]
+      print(f"  per 1/{per} of the trace: {len(kernels) / per:.0f} kernels; top kernels:")
+      for nm, us in dur.most_common(30):
+        print(f"    {nm[:60]:60s} {calls[nm]:7d} calls {us / calls[nm]:7.2f} µs each {us / per / 1e3:7.3f} ms")
     by_cat, by_name = collections.Counter(), collections.Counter()
     for e in kernels:
       op = (e.get("args") or {}).get("hlo_op", "")
@@ -117,9 +140,11 @@ def main() -> None:
   ap.add_argument("--out", default="profile_out")
   ap.add_argument("--tiny", action="store_true")
   ap.add_argument("--summarize", metavar="DIR", help="print the summary of the traces in DIR (no profiling)")
+  ap.add_argument("--per", type=int, default=0, help="with --summarize: also per kernel, per N-th of the trace "
+                                                      "(e.g. the decode steps of decode.trace.json.gz)")
   args = ap.parse_args()
   if args.summarize:
-    summarize(args.summarize)
+    summarize(args.summarize, per=args.per)
   else:
     profile(args)
     summarize(args.out)
