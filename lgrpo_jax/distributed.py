@@ -71,6 +71,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(**kwargs)
   _initialized = True
+  coordination_barriers_for_orbax()
   log.info("process %d of %d (%s), %d local / %d global devices", jax.process_index(),
            jax.process_count(), how, jax.local_device_count(), jax.device_count())
   return how
@@ -87,11 +88,38 @@ def initialize_from_args(args: argparse.Namespace) -> str:
   return initialize(args.coordinator, args.num_processes, args.process_id)
 
 
+BARRIER_TIMEOUT_S = 1800  # a barrier waits this long for the slowest process (checkpoint writes included)
+
+
+def coordination_barriers_for_orbax() -> None:
+  """Make Orbax wait at the distributed service's named barriers instead of device collectives.
+
+  By default Orbax's barrier is `multihost_utils.sync_global_devices`, a device all-gather, and it
+  runs it from its background save thread. Collectives are matched across processes by order, not
+  by name: process 0's save thread could meet process 1's main-thread collective (training, or the
+  barrier of `finish`), and the run hung until the shutdown barrier killed it — seen in the
+  two-process tests under load. Named barriers of the coordination service cannot cross-match and
+  take a timeout. Orbax reads its (absl) flag at each barrier; it is set as if given on the command
+  line, without parsing anyone else's flags."""
+  from absl import flags
+  from orbax.checkpoint._src.multihost import multihost  # noqa: F401  (defines the flag)
+  flag = flags.FLAGS["experimental_orbax_use_distributed_barrier"]
+  flag.value, flag.present = True, 1
+
+
+def barrier(tag: str, timeout_s: int = BARRIER_TIMEOUT_S) -> None:
+  """All processes wait here (a named barrier of the distributed service; no device collective, so
+  it is safe beside other threads' collectives). A process that does not arrive in `timeout_s` makes
+  every waiting process fail with the barrier's name and the missing process ids."""
+  if jax.process_count() > 1:
+    from jax._src import distributed as jax_distributed
+    jax_distributed.global_state.client.wait_at_barrier(tag, timeout_s * 1000)
+
+
 def finish(tag: str) -> None:
   """The last call of a multi-process entry point: a barrier, then the distributed service's own
   shutdown while every process is still here. (Left to interpreter exit, one process slowed by its
   exit handlers made the others' shutdown barrier time out: seen in CI under load.)"""
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(tag)
+    barrier(tag)
     jax.distributed.shutdown()

@@ -29,20 +29,40 @@ def run_check(n_proc: int, out, extra=()):
 
 
 def spawn(base, n_proc: int, env, timeout: int):
-  """Run `base` as one process, or as n_proc processes joined on loopback; their stdouts."""
+  """Run `base` as one process, or as n_proc processes joined on loopback; their stdouts.
+
+  Every process's pipes are drained at once (threads), so a chatty process never blocks on a full
+  pipe while another is read; a failure shows the stderr of *every* process (the one that failed
+  first is often not process 0) with Python stacks from faulthandler on a fatal signal."""
+  import concurrent.futures
+  env = {**env, "PYTHONFAULTHANDLER": "1"}
   if n_proc > 1:
     port = free_port()
     base = base + ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(n_proc)]
-    procs = [subprocess.Popen(base + ["--process-id", str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env=env) for i in range(n_proc)]
+    cmds = [base + ["--process-id", str(i)] for i in range(n_proc)]
   else:
-    procs = [subprocess.Popen(base, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)]
-  outs = []
-  for p in procs:
-    stdout, stderr = p.communicate(timeout=timeout)
-    assert p.returncode == 0, stderr[-3000:]
-    outs.append(stdout)
-  return outs
+    cmds = [base]
+  procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+           for c in cmds]
+
+  def wait(p):
+    try:
+      return p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+      p.kill()
+      out, err = p.communicate()
+      return out, err + f"\n[test: killed after {timeout} s]"
+
+  with concurrent.futures.ThreadPoolExecutor(len(procs)) as pool:
+    results = list(pool.map(wait, procs))
+  if any(p.returncode != 0 for p in procs):
+    def excerpt(err):  # the first Python traceback (often the cause), then the end
+      i = err.find("Traceback (most recent call last)")
+      return (err[i:i + 2000] + "\n[…]\n" if i >= 0 else "") + err[-2500:]
+    report = "\n".join(f"--- process {i}: exit {p.returncode}; stderr ---\n{excerpt(err)}"
+                        for i, (p, (_, err)) in enumerate(zip(procs, results)))
+    pytest.fail(report, pytrace=False)
+  return [out for out, _ in results]
 
 
 @pytest.mark.parametrize("source", ["random", "checkpoint"])
@@ -62,6 +82,28 @@ def test_two_processes_equal_one(tmp_path, source):
   a, b = np.load(tmp_path / "one.npy"), np.load(tmp_path / "two.npy")
   assert a.shape == (8, 512)
   np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device_barriers", [False, True])
+def test_orbax_barrier_in_a_thread_never_meets_a_main_thread_collective(device_barriers):
+  """Orbax waits at barriers from its background save thread. As device collectives (its default)
+  they are matched across processes by order, so process 0's barrier met process 1's main-thread
+  all-gather (each got the other's data: the two-process training hung at the end under load).
+  After `distributed.initialize` they are named barriers of the coordination service: each thread
+  meets its own kind. `device_barriers` puts the default back and shows the cross-match."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  port = free_port()
+  worker = os.path.join(os.path.dirname(__file__), "barrier_worker.py")
+  extra = ["--device-barriers"] if device_barriers else []
+  procs = [subprocess.Popen([sys.executable, worker, str(port), str(i), *extra], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
+  outs = [p.communicate(timeout=120) for p in procs]
+  assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+  lines = [next(ln for ln in out.splitlines() if ln.startswith("gathered")) for out, _ in outs]
+  if device_barriers:
+    assert all("AssertionError" in ln and "[1, 2]" not in ln for ln in lines), lines
+  else:
+    assert lines == ["gathered [1, 2] errors []"] * 2
 
 
 @pytest.mark.parametrize("env,how", [
