@@ -1,11 +1,18 @@
-"""One of two processes for tests/test_multiprocess.py: Orbax's barrier in a background thread (as
-during an async checkpoint save) beside a device collective in the main thread, staggered so that a
-collective-based barrier would be matched with the other process's main-thread collective.
+"""One of two processes for tests/test_multiprocess.py: Orbax's barriers from background threads,
+staggered between the processes so that badly named or collective-based barriers go wrong.
 
-  python tests/barrier_worker.py PORT PROCESS_ID [--device-barriers]
+  python tests/barrier_worker.py PORT PROCESS_ID thread [--device-barriers]
+  python tests/barrier_worker.py PORT PROCESS_ID managers RUN_DIR [--same-names]
 
-`--device-barriers` puts back Orbax's default (device-collective barriers) to show the failure."""
+`thread`: Orbax's barrier in a background thread (as during an async save) beside a device
+collective in the main thread. `--device-barriers` puts back Orbax's default (device-collective
+barriers) to show the cross-match.
 
+`managers`: the training loop's two checkpoint managers save the same step at once (as at an
+evaluation step that is also a save step). `--same-names` builds them without their barrier
+prefixes to show the collision."""
+
+import os
 import sys
 import threading
 import time
@@ -14,32 +21,53 @@ import numpy as np
 
 from lgrpo_jax import distributed
 
-port, pid = sys.argv[1], int(sys.argv[2])
+port, pid, scenario = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 distributed.initialize(f"127.0.0.1:{port}", 2, pid)
 if "--device-barriers" in sys.argv:
   from absl import flags
   flags.FLAGS["experimental_orbax_use_distributed_barrier"].value = False
 
+import orbax.checkpoint as ocp  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 from orbax.checkpoint._src.multihost import multihost  # noqa: E402
 
 errors = []
 
+if scenario == "thread":
+  def background():
+    try:
+      if pid == 1:
+        time.sleep(3)
+      multihost.sync_global_processes("background save")
+    except Exception as e:  # noqa: BLE001 - reported below
+      errors.append(type(e).__name__)
 
-def background():
-  try:
-    if pid == 1:
-      time.sleep(3)
-    multihost.sync_global_processes("background save")
-  except Exception as e:  # noqa: BLE001 - reported below
-    errors.append(type(e).__name__)
-
-
-thread = threading.Thread(target=background)
-thread.start()
-if pid == 0:
-  time.sleep(3)
-gathered = multihost_utils.process_allgather(np.array([pid + 1], np.uint32))  # the main thread's collective
-thread.join()
-print(f"gathered {gathered.ravel().tolist()} errors {errors}", flush=True)
+  thread = threading.Thread(target=background)
+  thread.start()
+  if pid == 0:
+    time.sleep(3)
+  gathered = multihost_utils.process_allgather(np.array([pid + 1], np.uint32))  # the main thread's collective
+  thread.join()
+  print(f"gathered {gathered.ravel().tolist()} errors {errors}", flush=True)
+else:
+  from lgrpo_jax.train.loop import checkpoint_managers
+  run_dir = sys.argv[4]
+  if "--same-names" in sys.argv:
+    short = ocp.CheckpointManagerOptions(async_options=ocp.options.AsyncOptions(timeout_secs=8))
+    managers = [ocp.CheckpointManager(os.path.join(run_dir, d), options=short) for d in ("checkpoints", "best")]
+  else:
+    managers = checkpoint_managers(run_dir, keep=2)
+  if pid == 1:
+    time.sleep(3)  # process 0's two save threads wait at their barriers meanwhile
+  tree = {"w": np.arange(8, dtype=np.float32) + pid}
+  for m in managers:
+    m.save(1, args=ocp.args.StandardSave(tree))
+  for m in managers:
+    try:
+      m.wait_until_finished()
+    except Exception as e:  # noqa: BLE001 - reported below
+      errors.append(type(e).__name__)
+  print(f"saved {[m.all_steps() for m in managers]} errors {errors}", flush=True)
+  if errors:
+    os._exit(0)  # the failed barrier left the other process waiting: skip the shutdown barrier
 distributed.finish("barrier worker: done")

@@ -84,6 +84,18 @@ def test_two_processes_equal_one(tmp_path, source):
   np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
 
 
+def run_barrier_worker(*args, timeout=120) -> list[str]:
+  """tests/barrier_worker.py as two processes on loopback; each one's result line."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  port = free_port()
+  worker = os.path.join(os.path.dirname(__file__), "barrier_worker.py")
+  procs = [subprocess.Popen([sys.executable, worker, str(port), str(i), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
+  outs = [p.communicate(timeout=timeout) for p in procs]
+  assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+  return [next(ln for ln in out.splitlines() if ln.startswith(("gathered", "saved"))) for out, _ in outs]
+
+
 @pytest.mark.parametrize("device_barriers", [False, True])
 def test_orbax_barrier_in_a_thread_never_meets_a_main_thread_collective(device_barriers):
   """Orbax waits at barriers from its background save thread. As device collectives (its default)
@@ -91,19 +103,25 @@ def test_orbax_barrier_in_a_thread_never_meets_a_main_thread_collective(device_b
   all-gather (each got the other's data: the two-process training hung at the end under load).
   After `distributed.initialize` they are named barriers of the coordination service: each thread
   meets its own kind. `device_barriers` puts the default back and shows the cross-match."""
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-  port = free_port()
-  worker = os.path.join(os.path.dirname(__file__), "barrier_worker.py")
-  extra = ["--device-barriers"] if device_barriers else []
-  procs = [subprocess.Popen([sys.executable, worker, str(port), str(i), *extra], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
-  outs = [p.communicate(timeout=120) for p in procs]
-  assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
-  lines = [next(ln for ln in out.splitlines() if ln.startswith("gathered")) for out, _ in outs]
+  lines = run_barrier_worker("thread", *(["--device-barriers"] if device_barriers else []))
   if device_barriers:
     assert all("AssertionError" in ln and "[1, 2]" not in ln for ln in lines), lines
   else:
     assert lines == ["gathered [1, 2] errors []"] * 2
+
+
+@pytest.mark.parametrize("same_names", [False, True])
+def test_two_checkpoint_managers_save_the_same_step_at_once(tmp_path, same_names):
+  """The loop's `checkpoints` and `best` managers write the same step concurrently (an evaluation
+  step that is also a save step), each from its own thread; Orbax names its barriers by step, so
+  they carry distinct prefixes (`train.loop.checkpoint_managers`). `same_names` builds them
+  without, and shows the collision that failed the two-process training."""
+  lines = run_barrier_worker("managers", str(tmp_path / "run"), *(["--same-names"] if same_names else []))
+  if same_names:
+    # process 0's second save thread found the first one's barrier "already ongoing"
+    assert "JaxRuntimeError" in lines[0] and "errors []" not in lines[1], lines
+  else:
+    assert lines == ["saved [[1], [1]] errors []"] * 2
 
 
 @pytest.mark.parametrize("env,how", [

@@ -108,6 +108,20 @@ def place(params, mesh):
                       is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def checkpoint_managers(run_dir: str, keep: int) -> tuple[ocp.CheckpointManager, ocp.CheckpointManager]:
+  """RUN_DIR/checkpoints (the last `keep`) and RUN_DIR/best (one), both saving asynchronously.
+
+  The two may write the same step at once, each from its own background thread, and Orbax names
+  its process-wide barriers by step only: each manager gets its own barrier prefix (with the same
+  names, a multi-process run failed with "barrier _async_write_complete.N is already ongoing")."""
+  barriers = lambda name: ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name)
+  manager = ocp.CheckpointManager(os.path.join(run_dir, "checkpoints"), options=ocp.CheckpointManagerOptions(
+      max_to_keep=keep, enable_async_checkpointing=True, multiprocessing_options=barriers("checkpoints")))
+  best = ocp.CheckpointManager(os.path.join(run_dir, "best"), options=ocp.CheckpointManagerOptions(
+      max_to_keep=1, multiprocessing_options=barriers("best")))
+  return manager, best
+
+
 class Trainer:
   """Owns the policy/reference/listener parameters, the optimizer, the data iterator and the
   checkpoints of one run directory."""
@@ -156,11 +170,7 @@ class Trainer:
     self.batches = make_batches(pairs, tokenizer, dataclasses.replace(pipe_cfg, seed=loop_cfg.seed),
                                 process_index=jax.process_index(), process_count=jax.process_count())
     self._steps: dict = {}
-    self.manager = ocp.CheckpointManager(
-        os.path.join(self.run_dir, "checkpoints"),
-        options=ocp.CheckpointManagerOptions(max_to_keep=loop_cfg.keep, enable_async_checkpointing=True))
-    self.best = ocp.CheckpointManager(os.path.join(self.run_dir, "best"),
-                                      options=ocp.CheckpointManagerOptions(max_to_keep=1))
+    self.manager, self.best = checkpoint_managers(self.run_dir, loop_cfg.keep)
     self.best_accuracy = -1.0
     self.evaluator = None
     if eval_pairs is not None and loop_cfg.eval_every:
