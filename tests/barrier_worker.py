@@ -31,13 +31,15 @@ import orbax.checkpoint as ocp  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 from orbax.checkpoint._src.multihost import multihost  # noqa: E402
 
+# Stagger from a common point: after the imports, which take a different time in each process.
+distributed.barrier("barrier worker: ready")
 errors = []
 
 if scenario == "thread":
   def background():
     try:
       if pid == 1:
-        time.sleep(3)
+        time.sleep(5)
       multihost.sync_global_processes("background save")
     except Exception as e:  # noqa: BLE001 - reported below
       errors.append(type(e).__name__)
@@ -45,7 +47,7 @@ if scenario == "thread":
   thread = threading.Thread(target=background)
   thread.start()
   if pid == 0:
-    time.sleep(3)
+    time.sleep(5)
   gathered = multihost_utils.process_allgather(np.array([pid + 1], np.uint32))  # the main thread's collective
   thread.join()
   print(f"gathered {gathered.ravel().tolist()} errors {errors}", flush=True)
@@ -58,7 +60,7 @@ else:
   else:
     managers = checkpoint_managers(run_dir, keep=2)
   if pid == 1:
-    time.sleep(3)  # process 0's two save threads wait at their barriers meanwhile
+    time.sleep(5)  # process 0's two save threads wait at their barriers meanwhile
   tree = {"w": np.arange(8, dtype=np.float32) + pid}
   for m in managers:
     m.save(1, args=ocp.args.StandardSave(tree))
