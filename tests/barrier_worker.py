@@ -2,17 +2,15 @@
 staggered between the processes so that badly named or collective-based barriers go wrong.
 
   python tests/barrier_worker.py PORT PROCESS_ID thread [--device-barriers]
-  python tests/barrier_worker.py PORT PROCESS_ID managers RUN_DIR [--same-names]
+  python tests/barrier_worker.py PORT PROCESS_ID managers RUN_DIR
 
 `thread`: Orbax's barrier in a background thread (as during an async save) beside a device
 collective in the main thread. `--device-barriers` puts back Orbax's default (device-collective
 barriers) to show the cross-match.
 
 `managers`: the training loop's two checkpoint managers save the same step at once (as at an
-evaluation step that is also a save step). `--same-names` builds them without their barrier
-prefixes to show the collision."""
+evaluation step that is also a save step)."""
 
-import os
 import sys
 import threading
 import time
@@ -54,13 +52,9 @@ if scenario == "thread":
 else:
   from lgrpo_jax.train.loop import checkpoint_managers
   run_dir = sys.argv[4]
-  if "--same-names" in sys.argv:
-    short = ocp.CheckpointManagerOptions(async_options=ocp.options.AsyncOptions(timeout_secs=8))
-    managers = [ocp.CheckpointManager(os.path.join(run_dir, d), options=short) for d in ("checkpoints", "best")]
-  else:
-    managers = checkpoint_managers(run_dir, keep=2)
+  managers = checkpoint_managers(run_dir, keep=2)
   if pid == 1:
-    time.sleep(5)  # process 0's two save threads wait at their barriers meanwhile
+    time.sleep(5)  # process 0's two save threads reach their barriers first
   tree = {"w": np.arange(8, dtype=np.float32) + pid}
   for m in managers:
     m.save(1, args=ocp.args.StandardSave(tree))
@@ -70,6 +64,4 @@ else:
     except Exception as e:  # noqa: BLE001 - reported below
       errors.append(type(e).__name__)
   print(f"saved {[m.all_steps() for m in managers]} errors {errors}", flush=True)
-  if errors:
-    os._exit(0)  # the failed barrier left the other process waiting: skip the shutdown barrier
 distributed.finish("barrier worker: done")

@@ -110,21 +110,15 @@ def test_orbax_barrier_in_a_thread_never_meets_a_main_thread_collective(device_b
     assert lines == ["gathered [1, 2] errors []"] * 2
 
 
-@pytest.mark.parametrize("same_names", [False, True])
-def test_two_checkpoint_managers_save_the_same_step_at_once(tmp_path, same_names):
+def test_two_checkpoint_managers_save_the_same_step_at_once(tmp_path):
   """The loop's `checkpoints` and `best` managers write the same step concurrently (an evaluation
-  step that is also a save step), each from its own thread; Orbax names its barriers by step, so
-  they carry distinct prefixes (`train.loop.checkpoint_managers`). `same_names` builds them
-  without, and shows the collision that failed the two-process training."""
-  lines = run_barrier_worker("managers", str(tmp_path / "run"), *(["--same-names"] if same_names else []))
-  if same_names:
-    # Process 0's second save thread finds the first one's barrier "already ongoing" when both wait
-    # at once (process 1 arrives 5 s later); under heavy load they may not overlap: then skip.
-    if all("errors []" in ln for ln in lines):
-      pytest.skip("the two save threads did not wait at the same time (machine under load)")
-    assert any("JaxRuntimeError" in ln for ln in lines), lines
-  else:
-    assert lines == ["saved [[1], [1]] errors []"] * 2
+  step that is also a save step), each from its own thread, on two processes. Orbax names its
+  barriers by step, so they carry distinct prefixes (`train.loop.checkpoint_managers`); with the
+  same names the two-process training failed with "Barrier _async_write_complete.2 is already
+  ongoing" (whether the two threads overlap depends on timing, so that failure is not reproduced
+  here; this checks the managers' saves complete on both processes)."""
+  lines = run_barrier_worker("managers", str(tmp_path / "run"))
+  assert lines == ["saved [[1], [1]] errors []"] * 2
 
 
 @pytest.mark.parametrize("env,how", [
