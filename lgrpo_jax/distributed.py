@@ -117,9 +117,9 @@ def barrier(tag: str, timeout_s: int = BARRIER_TIMEOUT_S) -> None:
 
 
 def finish(tag: str) -> None:
-  """The last call of a multi-process entry point: a barrier, then the distributed service's own
-  shutdown while every process is still here. (Left to interpreter exit, one process slowed by its
-  exit handlers made the others' shutdown barrier time out: seen in CI under load.)"""
+  """The last call of a multi-process entry point: a named barrier, then the distributed service's
+  own shutdown while every process is still here. (A shutdown barrier that times out means one
+  process left early: its own log has the error.)"""
   if jax.process_count() > 1:
     barrier(tag)
     jax.distributed.shutdown()
