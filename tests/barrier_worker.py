@@ -1,8 +1,8 @@
 """One of two processes for tests/test_multiprocess.py: Orbax's barriers from background threads,
 staggered between the processes so that badly named or collective-based barriers go wrong.
 
-  python tests/barrier_worker.py PORT PROCESS_ID thread [--device-barriers]
-  python tests/barrier_worker.py PORT PROCESS_ID managers RUN_DIR
+  python tests/barrier_worker.py thread [--device-barriers] --coordinator H:P --num-processes 2 --process-id I
+  python tests/barrier_worker.py managers RUN_DIR --coordinator H:P --num-processes 2 --process-id I
 
 `thread`: Orbax's barrier in a background thread (as during an async save) beside a device
 collective in the main thread. `--device-barriers` puts back Orbax's default (device-collective
@@ -11,7 +11,7 @@ barriers) to show the cross-match.
 `managers`: the training loop's two checkpoint managers save the same step at once (as at an
 evaluation step that is also a save step)."""
 
-import sys
+import argparse
 import threading
 import time
 
@@ -19,9 +19,15 @@ import numpy as np
 
 from lgrpo_jax import distributed
 
-port, pid, scenario = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-distributed.initialize(f"127.0.0.1:{port}", 2, pid)
-if "--device-barriers" in sys.argv:
+ap = argparse.ArgumentParser()
+ap.add_argument("scenario", choices=("thread", "managers"))
+ap.add_argument("run_dir", nargs="?")
+ap.add_argument("--device-barriers", action="store_true")
+distributed.add_args(ap)
+args = ap.parse_args()
+distributed.initialize_from_args(args)
+pid = args.process_id
+if args.device_barriers:
   from absl import flags
   flags.FLAGS["experimental_orbax_use_distributed_barrier"].value = False
 
@@ -33,7 +39,7 @@ from orbax.checkpoint._src.multihost import multihost  # noqa: E402
 distributed.barrier("barrier worker: ready")
 errors = []
 
-if scenario == "thread":
+if args.scenario == "thread":
   def background():
     try:
       if pid == 1:
@@ -51,8 +57,7 @@ if scenario == "thread":
   print(f"gathered {gathered.ravel().tolist()} errors {errors}", flush=True)
 else:
   from lgrpo_jax.train.loop import checkpoint_managers
-  run_dir = sys.argv[4]
-  managers = checkpoint_managers(run_dir, keep=2)
+  managers = checkpoint_managers(args.run_dir, keep=2)
   if pid == 1:
     time.sleep(5)  # process 0's two save threads reach their barriers first
   tree = {"w": np.arange(8, dtype=np.float32) + pid}

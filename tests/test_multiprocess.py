@@ -84,16 +84,12 @@ def test_two_processes_equal_one(tmp_path, source):
   np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
 
 
-def run_barrier_worker(*args, timeout=120) -> list[str]:
+def run_barrier_worker(*args) -> list[str]:
   """tests/barrier_worker.py as two processes on loopback; each one's result line."""
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-  port = free_port()
   worker = os.path.join(os.path.dirname(__file__), "barrier_worker.py")
-  procs = [subprocess.Popen([sys.executable, worker, str(port), str(i), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
-  outs = [p.communicate(timeout=timeout) for p in procs]
-  assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
-  return [next(ln for ln in out.splitlines() if ln.startswith(("gathered", "saved"))) for out, _ in outs]
+  outs = spawn([sys.executable, worker, *args], 2, env, timeout=120)
+  return [next(ln for ln in out.splitlines() if ln.startswith(("gathered", "saved"))) for out in outs]
 
 
 @pytest.mark.parametrize("device_barriers", [False, True])
