@@ -47,6 +47,7 @@ def main() -> None:
   ap.add_argument("--pairs", type=int, default=1)
   ap.add_argument("--micro-batches", type=int, default=1)
   ap.add_argument("--top", type=int, default=15)
+  ap.add_argument("--kind", default=None, help="list the top thunks of this kind only (e.g. copy_bitcast_fusion)")
   args = ap.parse_args()
 
   import jax
@@ -87,8 +88,10 @@ def main() -> None:
   print(f"\n{'thunk kind':38s} {'calls':>6s} {'s':>8s} {'share':>6s}")
   for kind, us in kinds.most_common(args.top):
     print(f"{kind:38s} {kind_calls[kind]:6d} {us / 1e6:8.3f} {us / total:6.1%}")
-  print(f"\n{'thunk':38s} {'calls':>6s} {'ms':>8s}  shape, JAX op")
-  for name, us in per_name.most_common(args.top):
+  print(f"\n{'thunk':38s} {'calls':>6s} {'ms':>8s}  shape, JAX op{f' ({args.kind} only)' if args.kind else ''}")
+  named = [(n, us) for n, us in per_name.most_common()
+           if args.kind is None or re.sub(r"\.\d+$", "", n) == args.kind][:args.top]
+  for name, us in named:
     m = re.search(r"%" + re.escape(name) + r" = (\S+) [^\n]*?op_name=\"([^\"]*)\"", hlo)
     where = f"{m.group(1)[:32]}  {m.group(2)[-70:]}" if m else ""
     print(f"{name:38s} {calls[name]:6d} {us / 1e3:8.1f}  {where}")

@@ -124,3 +124,83 @@ def test_attention_impl_choice_and_errors(monkeypatch):
   cfg = lgrpo_jax.from_config(config_dict("a")).config
   with pytest.raises(ConfigError, match="attention"):
     cfg.replace(attention="flash")
+
+
+def test_extend_attention_equals_attention_over_the_concatenation():
+  """`attention_extend` (the G samples' queries stacked against one prefix) equals plain attention
+  over [prefix repeated per sample | own tokens], values and gradients, with a left-padded prefix
+  and holes in the samples' own tokens (rows whose own tokens are all holes included)."""
+  import jax
+  rng = np.random.default_rng(5)
+  b, g, t, p, kh, h, d = 2, 3, 6, 7, 2, 2, 8
+  r = b * g
+  q = jnp.asarray(rng.standard_normal((r, t, kh, h, d)), jnp.float32)
+  k, v = (jnp.asarray(rng.standard_normal((r, t, kh, d)), jnp.float32) for _ in range(2))
+  pk, pv = (jnp.asarray(rng.standard_normal((b, p, kh, d)), jnp.float32) for _ in range(2))
+  prefix_mask = jnp.asarray(np.arange(p)[None] >= np.array([[0], [3]]))  # pair 1 left-padded
+  valid = rng.random((r, t)) > 0.3
+  valid[1, :] = False  # a sample with every own slot a hole
+  own_mask = jnp.asarray(np.tril(np.ones((t, t), bool))[None] & valid[:, None, :])
+
+  def plain(q, k, v, pk, pv):
+    rep = lambda a: jnp.repeat(a, g, axis=0)
+    mask = jnp.concatenate([jnp.broadcast_to(rep(prefix_mask)[:, None], (r, t, p)), own_mask], 2)
+    return layers.attention(q, jnp.concatenate([rep(pk), k], 1), jnp.concatenate([rep(pv), v], 1), mask, 0.3,
+                            "xla")
+
+  split = lambda q, k, v, pk, pv: layers.attention_extend(q, k, v, pk, pv, prefix_mask, own_mask, 0.3)
+  args = (q, k, v, pk, pv)
+  np.testing.assert_allclose(np.asarray(split(*args)), np.asarray(plain(*args)), rtol=1e-5, atol=1e-5)
+  rep = lambda a: np.repeat(np.asarray(a), g, axis=0)
+  ref_mask = np.concatenate([np.broadcast_to(rep(prefix_mask)[:, None], (r, t, p)), np.asarray(own_mask)], 2)
+  ref = reference(q, np.concatenate([rep(pk), k], 1), np.concatenate([rep(pv), v], 1), ref_mask, 0.3)
+  np.testing.assert_allclose(np.asarray(split(*args)), ref, rtol=1e-5, atol=1e-5)
+  w = jnp.asarray(rng.standard_normal((r, t, kh, h, d)), jnp.float32)
+  grads = lambda f: jax.grad(lambda *a: jnp.sum(f(*a) * w), argnums=(0, 1, 2, 3, 4))(*args)
+  for got, want in zip(grads(split), grads(plain)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
+
+
+def test_extend_uses_the_split_path_except_with_cudnn(monkeypatch):
+  """Where cuDNN's fused kernel runs, `extend` keeps one flash-attention call over the repeated
+  prefix (its scores never reach memory); elsewhere it takes `attention_extend`."""
+  from lgrpo_jax.models.qwen2_5_vl import model as model_mod
+  m = lgrpo_jax.from_config(config_dict("a"), seed=0)
+  cfg = m.config
+  b, g, t, p = 1, 2, 3, 4
+  e = cfg.text.hidden_size
+  _, pk, pv = m.prefill(jnp.ones((b, p, e)), jnp.broadcast_to(jnp.arange(p), (3, b, p)), jnp.ones((b, p), bool))
+  run = lambda: m.extend(jnp.ones((b, g, t, e)), jnp.broadcast_to(p + jnp.arange(t), (b, g, t)),
+                         jnp.ones((b, g, t), bool), pk, pv, jnp.ones((b, p), bool))
+  calls = []
+  real_split, real_attention = model_mod.attention_extend, model_mod.attention
+  monkeypatch.setattr(model_mod, "attention_extend", lambda *a: calls.append("split") or real_split(*a))
+  monkeypatch.setattr(model_mod, "attention", lambda *a: calls.append("concat") or real_attention(*a[:5], "xla"))
+  split = np.asarray(run())
+  assert set(calls) == {"split"}
+  calls.clear()
+  monkeypatch.setattr(model_mod, "uses_cudnn", lambda *a: True)
+  concat = np.asarray(run())
+  assert set(calls) == {"concat"}
+  np.testing.assert_allclose(split, concat, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu"])
+def test_gated_activation_backward(monkeypatch, act):
+  """The gated activation's custom backward (materialised on CPU) gives autodiff's gradients, and
+  only CPU takes it."""
+  import jax
+  rng = np.random.default_rng(2)
+  gate, up, w = (jnp.asarray(rng.standard_normal((5, 7)), jnp.float32) for _ in range(3))
+  f = layers.activation(act)
+  loss = lambda fn: lambda a, b: jnp.sum(fn(a, b) * w)
+  ours = jax.grad(loss(lambda a, b: layers.gated_activation(f, a, b)), argnums=(0, 1))
+  plain = jax.grad(loss(lambda a, b: f(a) * b), argnums=(0, 1))
+  for got, want in zip(ours(gate, up), plain(gate, up)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(layers.gated_activation(f, gate, up)), np.asarray(f(gate) * up))
+  barrier = lambda: "optimization_barrier" in str(jax.make_jaxpr(  # a new function each time: no trace cache
+      jax.grad(loss(lambda a, b: layers.gated_activation(f, a, b)), argnums=(0, 1)))(gate, up))
+  assert barrier()
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert not barrier()

@@ -7,6 +7,7 @@ construction mesh-agnostic: placement is decided where the model is created or l
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Sequence
 
 import jax
@@ -79,6 +80,43 @@ class Dense(nnx.Module):
     return y
 
 
+# Backends on which the gated activation's backward writes its two gradients out before the weight-gradient
+# matmuls read them (see `gated_activation`). Measured on CPU only.
+MATERIALISE_BACKENDS = ("cpu",)
+
+
+def gated_activation(act, gate, up):
+  """act(gate) · up, with a backward pass that materialises d gate and d up in their own layout.
+
+  Left to itself, XLA's CPU backend fuses the activation's derivative into a transposing copy that
+  writes d gate as (hidden, tokens) for the weight-gradient matmul — a strided, ~20× slower than
+  streaming loop (measured: 0.3–0.5 s of a 6 s update of one pair on the 74M benchmark model). An
+  optimisation barrier after the elementwise backward keeps it a plain streaming fusion; the
+  transpose, if the matmul still wants one, is then a plain copy. Values are unchanged."""
+  if jax.default_backend() not in MATERIALISE_BACKENDS:
+    return act(gate) * up
+  return _gated(act, gate, up)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _gated(act, gate, up):
+  return act(gate) * up
+
+
+def _gated_fwd(act, gate, up):
+  return act(gate) * up, (gate, up)
+
+
+def _gated_bwd(act, res, dh):
+  gate, up = res
+  a, act_vjp = jax.vjp(act, gate)
+  (d_gate,) = act_vjp(dh * up)
+  return jax.lax.optimization_barrier((d_gate, dh * a))
+
+
+_gated.defvjp(_gated_fwd, _gated_bwd)
+
+
 class GatedMLP(nnx.Module):
   """SwiGLU: down(act(gate(x)) * up(x)). Biases in the vision tower, none in the decoder."""
 
@@ -90,7 +128,7 @@ class GatedMLP(nnx.Module):
     self.act = activation(act)
 
   def __call__(self, x):
-    h = self.act(self.gate_proj(x)) * self.up_proj(x)
+    h = gated_activation(self.act, self.gate_proj(x), self.up_proj(x))
     return self.down_proj(constrain(h, ("batch",) + (None,) * (h.ndim - 2) + ("mlp",)))
 
 
@@ -135,6 +173,19 @@ def cudnn_supported(dtype, head_dim: int) -> str | None:
   return None
 
 
+def uses_cudnn(impl: str, dtype, head_dim: int) -> bool:
+  """Whether attention `impl` ("auto" | "xla" | "cudnn") runs cuDNN's fused kernel for these
+  operands here; "cudnn" where it cannot run is an error naming the reason."""
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f"attention impl={impl!r}: choose one of {ATTENTION_IMPLS}")
+  if impl == "xla":
+    return False
+  why = cudnn_supported(dtype, head_dim)
+  if why is not None and impl == "cudnn":
+    raise ValueError(f"attention='cudnn' cannot run here: {why}; use 'auto' or 'xla'")
+  return why is None
+
+
 def attention(q_btkgd, k_bskd, v_bskd, mask_bts, scale: float, impl: str = "auto"):
   """Softmax attention with grouped query heads; scores and softmax statistics in fp32.
 
@@ -152,14 +203,8 @@ def attention(q_btkgd, k_bskd, v_bskd, mask_bts, scale: float, impl: str = "auto
   """
   b, t, kh, g, d = q_btkgd.shape
   s = k_bskd.shape[1]
-  if impl not in ATTENTION_IMPLS:
-    raise ValueError(f"attention impl={impl!r}: choose one of {ATTENTION_IMPLS}")
-  if impl != "xla":
-    why = cudnn_supported(q_btkgd.dtype, d)
-    if why is None:
-      return _attention_cudnn(q_btkgd, k_bskd, v_bskd, mask_bts, scale)
-    if impl == "cudnn":
-      raise ValueError(f"attention='cudnn' cannot run here: {why}; use 'auto' or 'xla'")
+  if uses_cudnn(impl, q_btkgd.dtype, d):
+    return _attention_cudnn(q_btkgd, k_bskd, v_bskd, mask_bts, scale)
   q_btkgd = (q_btkgd.astype(jnp.float32) * scale).astype(q_btkgd.dtype)
   if g * t * s <= DIRECT_MAX or jax.default_backend() not in BLOCKED_BACKENDS:
     return _attention_direct(q_btkgd, k_bskd, v_bskd, mask_bts)
@@ -266,6 +311,45 @@ def attention_decode(q_bkghd, prefix_k_bkpd, prefix_v_bkpd, prefix_mask_bp, own_
   o_own = jnp.einsum("bkghn,bkgnd->bkghd", p_own.astype(dt), own_v_bkgnd, precision=prec,
                      preferred_element_type=f32)
   return ((o_pre + o_own) / denom).astype(dt)
+
+
+def attention_extend(q_rtkhd, k_rtkd, v_rtkd, prefix_k_bpkd, prefix_v_bpkd, prefix_mask_bp, own_mask_rtt,
+                     scale: float):
+  """T new tokens for each of G samples per prompt attending to [shared prefix | their own tokens],
+  exactly, without repeating the prefix G times: the prefill/decode split of `attention_decode`
+  applied to a chunk of tokens (the loss, reference and listener passes).
+
+  Rows r = b·G + g. q (R, T, K, h, D); the samples' own keys/values k, v (R, T, K, D) with mask
+  (R, T, T) (causal and valid); the prompt's prefix_k/v (B, P, K, D) with mask (B, P). The prefix
+  scores are one (G·T·h, P) matmul per (prompt, kv head) — the G samples' queries stacked as rows
+  — so the prefix is read once and, in the backward pass, its gradient is that matmul's own
+  contraction instead of a sum over G repeated copies. The two parts share one max and one
+  denominator, so this is softmax attention over the concatenation. Returns (R, T, K, h, D)."""
+  r, t, kh, h, d = q_rtkhd.shape
+  b, p = prefix_mask_bp.shape
+  g = r // b
+  prec = precision_for(q_rtkhd.dtype)
+  f32, dt = jnp.float32, v_rtkd.dtype
+  q = (q_rtkhd.astype(f32) * scale).astype(q_rtkhd.dtype)
+  # Prefix part, rows (g, t, h) of each (prompt, kv head).
+  q_pre = q.reshape(b, g, t, kh, h, d).transpose(0, 3, 1, 2, 4, 5).reshape(b, kh, g * t * h, d)
+  s_pre = jnp.einsum("bkrd,bpkd->bkrp", q_pre, prefix_k_bpkd, precision=prec, preferred_element_type=f32)
+  s_pre = jnp.where(prefix_mask_bp[:, None, None, :], s_pre, MASK_VALUE).reshape(b, kh, g, t, h, p)
+  # Own part, rows (t, h) of each (sample, kv head).
+  s_own = jnp.einsum("rtkhd,rskd->rkths", q, k_rtkd, precision=prec, preferred_element_type=f32)
+  s_own = jnp.where(own_mask_rtt[:, None, :, None, :], s_own, MASK_VALUE)
+  to_pre = lambda a: a.reshape(b, g, kh, t, h).transpose(0, 2, 1, 3, 4)  # (R, K, T, h) → (B, K, G, T, h)
+  to_own = lambda a: a.transpose(0, 2, 1, 3, 4).reshape(r, kh, t, h)
+  m = jnp.maximum(s_pre.max(-1), to_pre(s_own.max(-1)))  # (B, K, G, T, h)
+  p_pre = jnp.exp(s_pre - m[..., None])
+  p_own = jnp.exp(s_own - to_own(m)[..., None])
+  denom = p_pre.sum(-1) + to_pre(p_own.sum(-1))
+  o_pre = jnp.einsum("bkrp,bpkd->bkrd", p_pre.astype(dt).reshape(b, kh, g * t * h, p), prefix_v_bpkd,
+                     precision=prec, preferred_element_type=f32)
+  o_pre = o_pre.reshape(b, kh, g, t, h, d) / denom[..., None]
+  o_own = jnp.einsum("rkths,rskd->rtkhd", p_own.astype(dt), v_rtkd, precision=prec, preferred_element_type=f32)
+  o_own = o_own / to_own(denom).transpose(0, 2, 1, 3)[..., None]
+  return (o_pre.transpose(0, 2, 3, 1, 4, 5).reshape(r, t, kh, h, d) + o_own).astype(dt)
 
 
 def stack_modules(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs) -> nnx.Module:

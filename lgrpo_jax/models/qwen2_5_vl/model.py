@@ -18,9 +18,9 @@ from flax import nnx
 
 from lgrpo_jax.models.qwen2_5_vl.config import Qwen25VLConfig, TextConfig, validate
 from lgrpo_jax.models.qwen2_5_vl.layers import (INIT_STD, Dense, GatedMLP, RMSNorm, apply_rotary,
-                                                attention, attention_decode, is_concrete, param,
+                                                attention, attention_decode, attention_extend, is_concrete, param,
                                                 precision_for, scan_layers, scan_layers_xs,
-                                                stack_modules, static_grid)
+                                                stack_modules, static_grid, uses_cudnn)
 from lgrpo_jax.models.qwen2_5_vl.rope import get_rope_index, text_rotary
 from lgrpo_jax.models.qwen2_5_vl.vision import VisionTower
 from lgrpo_jax.sharding import constrain
@@ -246,17 +246,21 @@ class Qwen25VL(nnx.Module):
     pos = positions_bgt.reshape(b * g, t)
     cos, sin = text_rotary(jnp.broadcast_to(pos, (3, *pos.shape)), self.config)
     valid = valid_bgt.reshape(b * g, t).astype(bool)
+    own_mask = jnp.tril(jnp.ones((t, t), bool))[None] & valid[:, None, :]
+    prefix_mask = prefix_mask.astype(bool)
+    fused = uses_cudnn(self.config.attention, self.dtype, self.config.text.head_dim)
     rep = lambda a: jnp.repeat(a, g, axis=0)  # per-sample view of the prompt (keys, mask)
-    mask_bts = jnp.concatenate(
-        [jnp.broadcast_to(rep(prefix_mask.astype(bool))[:, None, :], (b * g, t, p)),
-         jnp.tril(jnp.ones((t, t), bool))[None] & valid[:, None, :]], axis=2)
+    if fused:  # one flash-attention call over [repeated prefix | own]: the scores never reach memory
+      mask_bts = jnp.concatenate([jnp.broadcast_to(rep(prefix_mask)[:, None, :], (b * g, t, p)), own_mask], 2)
 
     def layer_fn(layer, x, kv):
       pk, pv = kv
       q, k, v = layer.qkv(x, cos, sin)
-      k_all = jnp.concatenate([rep(pk), k], axis=1)
-      v_all = jnp.concatenate([rep(pv), v], axis=1)
-      o = attention(q, k_all, v_all, mask_bts, layer.head_dim**-0.5, self.config.attention)
+      if fused:
+        o = attention(q, jnp.concatenate([rep(pk), k], axis=1), jnp.concatenate([rep(pv), v], axis=1),
+                      mask_bts, layer.head_dim**-0.5, self.config.attention)
+      else:  # the prefix read once per prompt, not once per sample
+        o = attention_extend(q, k, v, pk, pv, prefix_mask, own_mask, layer.head_dim**-0.5)
       return constrain(layer.finish(x, o), ACT_BTD), None
 
     x, _ = scan_layers_xs(self.layers, constrain(x, ACT_BTD), (prefix_k, prefix_v), layer_fn, self.config.remat)
