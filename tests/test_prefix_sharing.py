@@ -205,3 +205,28 @@ def test_remat_is_validated():
     ModelConfig(remat="some")
   with pytest.raises(ConfigError, match="remat='x'"):
     lgrpo_jax.from_config(lgrpo_jax.models.qwen2_5_vl.presets.TINY).config.replace(remat="x")
+
+
+def test_unrolled_layers_equal_the_scan(setup, monkeypatch):
+  """On CPU (`layers.UNROLL_BACKENDS`) the layer stacks run as a Python loop; elsewhere as one
+  lax.scan. Both give the same GRPO-loss gradients for every parameter, and only the scan traces a
+  loop over layers."""
+  from lgrpo_jax.models.qwen2_5_vl import layers
+  _, model, host, tokens, mask = setup
+  batch, grid = to_device(host), pair_grid_of(host)
+  rng = np.random.default_rng(2)
+  logp = jnp.asarray(-rng.random(tokens.shape), jnp.float32)
+  pb = PolicyBatch(batch.input_ids, batch.attention_mask, batch.pixel_values, tokens, mask, logp,
+                   jnp.asarray(rng.standard_normal(tokens.shape[:2]), jnp.float32),
+                   token_weights(mask, LossConfig()), logp)
+  graphdef, params = nnx.split(model, nnx.Param)
+  grads, loops = {}, {}
+  for backends in (("cpu",), ()):
+    monkeypatch.setattr(layers, "UNROLL_BACKENDS", backends)
+    fn = lambda p: loss_fn(p, graphdef, pb, grid, LossConfig(beta=0.04), 128)[0]
+    loops[backends] = str(jax.make_jaxpr(fn)(params)).count("scan[")
+    grads[backends] = jax.tree.leaves(jax.jit(jax.grad(fn))(params))
+  assert loops[()] >= 3 and loops[("cpu",)] < loops[()], loops  # vision, prefill, extend scans
+  worst = max(float(np.abs(np.asarray(a) - np.asarray(b)).max() / max(np.abs(np.asarray(b)).max(), 1e-30))
+              for a, b in zip(grads[("cpu",)], grads[()]))
+  assert worst <= 1e-5, worst
