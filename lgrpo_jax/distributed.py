@@ -17,6 +17,8 @@ import argparse
 import logging
 import os
 
+import warnings
+
 import jax
 
 log = logging.getLogger(__name__)
@@ -91,6 +93,9 @@ def initialize_from_args(args: argparse.Namespace) -> str:
 BARRIER_TIMEOUT_S = 1800  # a barrier waits this long for the slowest process (checkpoint writes included)
 
 
+ORBAX_BARRIER_FLAG = "experimental_orbax_use_distributed_barrier"
+
+
 def coordination_barriers_for_orbax() -> None:
   """Make Orbax wait at the distributed service's named barriers instead of device collectives.
 
@@ -102,8 +107,17 @@ def coordination_barriers_for_orbax() -> None:
   take a timeout. Orbax reads its (absl) flag at each barrier; it is set as if given on the command
   line, without parsing anyone else's flags."""
   from absl import flags
-  from orbax.checkpoint._src.multihost import multihost  # noqa: F401  (defines the flag)
-  flag = flags.FLAGS["experimental_orbax_use_distributed_barrier"]
+  try:
+    from orbax.checkpoint._src.multihost import multihost  # noqa: F401  (defines the flag)
+    flag = flags.FLAGS[ORBAX_BARRIER_FLAG]
+  except (ImportError, KeyError) as e:  # a private module: an Orbax release may move or rename it
+    import orbax.checkpoint
+    warnings.warn(f"orbax-checkpoint {getattr(orbax.checkpoint, '__version__', '?')} has no flag "
+                  f"{ORBAX_BARRIER_FLAG!r} ({type(e).__name__}: {e}): its checkpoint barriers may be "
+                  "device collectives run from a background thread, which can hang multi-process runs "
+                  "at a save (docs/troubleshooting.md); orbax-checkpoint 0.12.8 has the flag",
+                  RuntimeWarning, stacklevel=2)
+    return
   flag.value, flag.present = True, 1
 
 

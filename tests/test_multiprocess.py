@@ -143,6 +143,24 @@ def test_detect_rejects_partial_or_bad_settings():
     distributed.detect(coordinator="h:1", num_processes=2, process_id=5, env={})
 
 
+def test_orbax_barrier_flag_set_or_warned(monkeypatch):
+  """The installed Orbax has the flag and it ends up set; an Orbax without it (renamed or moved: a
+  private module) gives a warning naming the flag and the risk, not a KeyError at start-up."""
+  from absl import flags
+  from orbax.checkpoint._src.multihost import multihost  # noqa: F401  (defines the flag)
+  flag = flags.FLAGS[distributed.ORBAX_BARRIER_FLAG]
+  before = flag.value, flag.present
+  try:
+    flag.value = False
+    distributed.coordination_barriers_for_orbax()
+    assert flag.value is True
+  finally:  # this process's other tests keep Orbax's default
+    flag.value, flag.present = before
+  monkeypatch.setattr(distributed, "ORBAX_BARRIER_FLAG", "no_such_orbax_flag")
+  with pytest.warns(RuntimeWarning, match="no_such_orbax_flag.*hang multi-process runs"):
+    distributed.coordination_barriers_for_orbax()
+
+
 def test_check_reports_bad_mesh_in_one_line(tmp_path):
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
   r = subprocess.run([sys.executable, "-m", "lgrpo_jax.check", "--mesh.data", "3"], capture_output=True,
