@@ -220,13 +220,14 @@ class Qwen25VL(nnx.Module):
     every step: ~10 ms per step at 128 slots on the benchmark model)."""
     layers = self.decode_layers() if layers is None else layers
     cos, sin = text_rotary(jnp.broadcast_to(positions_bg, (3, *positions_bg.shape)), self.config)
-    own_mask_n = jnp.arange(cache.suffix_v[0].shape[3]) <= step
+    own_mask_n = jnp.arange(cache.suffix_k[0].shape[3]) <= step
     to_bk = lambda a: jnp.swapaxes(a, 1, 2)  # (B, G, K, ...) <-> (B, K, G, ...): tiny, per token
     new_k, new_v = [], []
     for i, (layer, w) in enumerate(layers):
       q, k, v = layer.decode_qkv(x_bgd, cos, sin, w)  # (B, G, K, h, D), (B, G, K, D)
-      sk = jax.lax.dynamic_update_slice(cache.suffix_k[i], to_bk(k)[..., None], (0, 0, 0, 0, step))
-      sv = jax.lax.dynamic_update_slice(cache.suffix_v[i], to_bk(v)[:, :, :, None], (0, 0, 0, step, 0))
+      start = (0, 0, 0, step, 0)
+      sk = jax.lax.dynamic_update_slice(cache.suffix_k[i], to_bk(k)[:, :, :, None], start)
+      sv = jax.lax.dynamic_update_slice(cache.suffix_v[i], to_bk(v)[:, :, :, None], start)
       o = attention_decode(to_bk(q), cache.prefix_k[i], cache.prefix_v[i], cache.prefix_mask, sk, sv,
                            own_mask_n, layer.head_dim**-0.5)
       x_bgd = layer.decode_finish(x_bgd, to_bk(o), w)
