@@ -212,16 +212,15 @@ def main() -> None:
       times.setdefault(phase, [None, None])[mode] = t
       if t is not None:
         print(f"{phase:9s} {'shared' if sharing else 'copies'}: {t:7.2f} s", flush=True)
-  rate_after = measured_matmul_tflops(jnp.float32) * 1e12
-  rate_before = rate
+  rate_before, rate_after = rate, measured_matmul_tflops(jnp.float32) * 1e12
 
   print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}, "
         f"{jax.devices()[0].platform}; {b} pairs × {g} completions × {n} tokens, prompt {p} tokens "
         f"(two {args.image}² images), listener suffix {suffix}, β={args.beta}, update in {args.micro_batches} "
         f"micro-batch(es)")
-  print(f"fp32 matmul rate (2048³) before / after: {rate / 1e9:.0f} / {rate_after / 1e9:.0f} GFLOP/s "
+  print(f"fp32 matmul rate (2048³) before / after: {rate_before / 1e9:.0f} / {rate_after / 1e9:.0f} GFLOP/s "
         "(the higher one is the floor's rate: a disturbed measurement only reads lower)")
-  rate = max(rate, rate_after)
+  rate = max(rate_before, rate_after)
   print(f"{'phase':10s} {'shared s':>9s} {'copies s':>9s} {'saving':>7s} {'shared TF':>10s} {'copies TF':>10s} "
         f"{'predicted':>9s} {'shared %rate':>12s} {'copies %rate':>12s}")
   total = [0.0, 0.0, 0, 0]
@@ -239,8 +238,9 @@ def main() -> None:
     total = [add(total[0], ts), add(total[1], tc), total[2] + fs, total[3] + fc]
     row(phase, ts, tc, fs, fc)
   row("step", *total)
-  if total[0]:
-    print(f"step / FLOP floor: {total[0]:.2f} s / {total[2] / rate:.2f} s = {total[0] * rate / total[2]:.2f}×")
+  floor_ratio = total[0] * rate / total[2] if total[0] else None
+  if floor_ratio:
+    print(f"step / FLOP floor: {total[0]:.2f} s / {total[2] / rate:.2f} s = {floor_ratio:.2f}×")
   if args.out:
     with open(args.out, "w") as f:
       json.dump(dict(phases={ph: times[ph][0] for ph in ("rollout", "listener", "reference", "update")},
@@ -248,7 +248,7 @@ def main() -> None:
                      step_s=total[0], step_copies_s=total[1],
                      flops={ph: fl[ph][0] for ph in fl}, flops_copies={ph: fl[ph][1] for ph in fl},
                      matmul_gflops_before=rate_before / 1e9, matmul_gflops_after=rate_after / 1e9,
-                     floor_ratio=total[0] * rate / total[2] if total[0] else None,
+                     floor_ratio=floor_ratio,
                      sizes=dict(pairs=b, samples=g, new_tokens=n, prompt_tokens=p, image=args.image,
                                 listener_suffix=suffix, beta=args.beta, micro_batches=args.micro_batches),
                      check=dict(logp_rel=err_logp, listener_abs=err_listener), runs=args.runs,

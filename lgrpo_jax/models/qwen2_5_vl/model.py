@@ -18,8 +18,8 @@ from flax import nnx
 
 from lgrpo_jax.models.qwen2_5_vl.config import Qwen25VLConfig, TextConfig, validate
 from lgrpo_jax.models.qwen2_5_vl.layers import (INIT_STD, Dense, GatedMLP, RMSNorm, apply_rotary,
-                                                attention, attention_decode, attention_extend, is_concrete, param,
-                                                precision_for, scan_layers, scan_layers_xs,
+                                                attention, attention_decode, attention_extend, is_concrete,
+                                                param, precision_for, scan_layers, scan_layers_xs,
                                                 stack_modules, static_grid, uses_cudnn)
 from lgrpo_jax.models.qwen2_5_vl.rope import get_rope_index, text_rotary
 from lgrpo_jax.models.qwen2_5_vl.vision import VisionTower
