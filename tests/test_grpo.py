@@ -13,6 +13,7 @@ from flax import nnx
 import lgrpo_jax
 from lgrpo_jax.grpo import LossConfig, advantages, grpo_loss, token_logprobs, token_weights
 from lgrpo_jax.grpo.update import OptimConfig, PolicyBatch, accumulate_grads, make_optimizer, update
+from lgrpo_jax.models.qwen2_5_vl import layers
 from lgrpo_jax.rewards import RewardConfig, RewardInputs, compute_rewards, register_reward
 from lgrpo_jax.rewards.text import Parsed
 from lgrpo_jax.sampling import SamplingConfig, sample
@@ -107,11 +108,16 @@ def test_clipped_tokens_get_no_gradient():
   assert float(m["ratio_max"]) == pytest.approx(1.5)
 
 
-def test_chunked_logprobs_equal_full_logsoftmax_and_gradients():
+@pytest.mark.parametrize("backends", [("cpu",), ()], ids=["loop", "scan"])
+def test_chunked_logprobs_equal_full_logsoftmax_and_gradients(backends, monkeypatch):
+  """Both ways over the chunks (the CPU's Python loop over exact slices, the scan over the padded
+  head elsewhere) against the unchunked log-softmax: values, entropy, and the hand-written
+  gradients, including repeated targets (the one-hot part is a scatter-add)."""
+  monkeypatch.setattr(layers, "UNROLL_BACKENDS", backends)
   rng = np.random.default_rng(0)
   h = jnp.asarray(rng.normal(size=(2, 3, 5, 16)), jnp.float32)
   w = jnp.asarray(rng.normal(size=(203, 16)), jnp.float32)  # V not a multiple of the chunk
-  t = jnp.asarray(rng.integers(0, 203, (2, 3, 5)))
+  t = jnp.asarray(rng.integers(0, 203, (2, 3, 5))).at[1, 2, :3].set(202)  # the last, padded chunk's
   full = lambda h, w: jnp.take_along_axis(jax.nn.log_softmax(
       jnp.einsum("...e,ve->...v", h, w, precision="highest"), -1), t[..., None], -1)[..., 0]
   chunked = lambda h, w: token_logprobs(h, w, t, chunk=64)
@@ -119,8 +125,9 @@ def test_chunked_logprobs_equal_full_logsoftmax_and_gradients():
   _, ent = token_logprobs(h, w, t, chunk=64, with_entropy=True)
   logp_all = jax.nn.log_softmax(jnp.einsum("...e,ve->...v", h, w, precision="highest"), -1)
   np.testing.assert_allclose(ent, -(jnp.exp(logp_all) * logp_all).sum(-1), rtol=1e-5, atol=1e-5)
-  ga = jax.grad(lambda h, w: chunked(h, w).sum(), argnums=(0, 1))(h, w)
-  gb = jax.grad(lambda h, w: full(h, w).sum(), argnums=(0, 1))(h, w)
+  weights = jnp.asarray(rng.normal(size=t.shape), jnp.float32)  # a cotangent that is not all ones
+  ga = jax.grad(lambda h, w: (chunked(h, w) * weights).sum(), argnums=(0, 1))(h, w)
+  gb = jax.grad(lambda h, w: (full(h, w) * weights).sum(), argnums=(0, 1))(h, w)
   for a, b in zip(ga, gb):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 

@@ -1,10 +1,22 @@
 """Per-token log-probabilities of completions, from fp32 logits computed in vocabulary chunks.
 
-`token_logprobs` never holds the (…, V) logits: it scans over chunks of C vocabulary rows of the
-output head, keeping a running max, a running Σ exp and the target's logit (an online logsumexp),
-and the chunk body is rematerialised in the backward pass. Peak logits memory is rows·C·4 bytes
-instead of rows·V·4: for 4 pairs × 8 completions × 512 tokens and Qwen's V = 151,936 that is
-0.54 GB at C = 8,192 against 9.96 GB unchunked.
+`token_logprobs` never holds the (…, V) logits: it goes over chunks of C vocabulary rows of the
+output head, keeping a running max and a running Σ exp (an online logsumexp). Peak logits memory is
+rows·C·4 bytes instead of rows·V·4: for 4 pairs × 8 completions × 512 tokens and Qwen's V = 151,936
+that is 0.54 GB at C = 8,192 against 9.96 GB unchunked.
+
+Its backward pass is written by hand (a custom VJP): with L = log softmax(z)[y], z = h·Wᵀ,
+dL/dz = g·(onehot(y) − softmax(z)). The forward keeps only h, W, the targets and each row's
+logsumexp; the backward recomputes each chunk's logits once and forms its gradient in one pass,
+  dh = g·W[y] − Σ_chunks (g·p_c)·W_c,   dW_c = −(g·p_c)ᵀ·h,   dW[y] += g·h,
+so the one-hot part is a gather and a scatter of R rows, not a comparison over R × V entries. The
+target logit is the row product h·W[y] (no pick from the chunk). On CPU (`layers.UNROLL_BACKENDS`)
+the chunks are a Python loop over exact slices of W (no padding of the head, no stacked gradient to
+zero-fill) and dW_cᵀ = hᵀ·(g·p_c) is computed as (E, C) blocks, transposed once at the end: XLA's
+CPU matmul takes no transposed left operand, and transposing each (R, C) chunk gradient instead,
+fused into its elementwise producer, was the slow part (measured: 1,024 rows × V = 32,000, E = 512,
+C = 8,192: 630 ms forward + backward against 938 ms with autodiff through a rematerialised scan).
+Elsewhere the chunks are a `lax.scan` over the padded head, so compile time does not grow with V.
 
 `completion_logprobs` is the policy (or reference) pass of the loss: the prompt and its images run
 once per pair (`prefill`), the G completions attend to that one prefix (`extend`), and the gradients
@@ -13,48 +25,124 @@ of all G completions flow into it.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
+from lgrpo_jax.models.qwen2_5_vl import layers
 from lgrpo_jax.models.qwen2_5_vl.layers import precision_for
+
+F32 = jnp.float32
 
 
 def token_logprobs(h_re, head_ve, targets_r, chunk: int = 8192, dtype=jnp.float32, with_entropy=False):
-  """log softmax(h·Wᵀ)[target] in fp32 for hidden states h (…, E), head W (V, E), targets (…).
-  With `with_entropy`, also the entropy of each position's distribution (same pass, no gradient):
-  H = m + log s − t/s, where t = Σ exp(l − m)·l is carried alongside s = Σ exp(l − m)."""
-  v, e = head_ve.shape
-  c = min(chunk, v)
-  nc = -(-v // c)
-  w = jnp.pad(head_ve, ((0, nc * c - v), (0, 0))).reshape(nc, c, e).astype(dtype)
-  h = h_re.astype(dtype)
-  lead = h.shape[:-1]
-  prec = precision_for(dtype)
+  """log softmax(h·Wᵀ)[target] in fp32 for hidden states h (…, E), head W (V, E), targets (…),
+  with h and W in `dtype` and fp32 accumulation. With `with_entropy`, also the entropy of each
+  position's distribution (same pass, no gradient): H = lse − t/s, where t = Σ exp(l − m)·l is
+  carried alongside s = Σ exp(l − m)."""
+  lead = h_re.shape[:-1]
+  h = h_re.astype(dtype).reshape(-1, h_re.shape[-1])
+  t = targets_r.reshape(-1).astype(jnp.int32)
+  logp, ent = _logprobs(min(chunk, head_ve.shape[0]), with_entropy, h, head_ve.astype(dtype), t)
+  logp = logp.reshape(lead)
+  return (logp, ent.reshape(lead)) if with_entropy else logp
 
-  @jax.checkpoint
-  def body(carry, xs):
-    m, s, t, tgt = carry
-    w_ce, k = xs
-    logits = jnp.einsum("...e,ce->...c", h, w_ce, precision=prec, preferred_element_type=jnp.float32)
-    col = k * c + jnp.arange(c)
-    logits = jnp.where(col < v, logits, -jnp.inf)  # padded rows of the last chunk
-    m_new = jnp.maximum(m, logits.max(-1))
-    scale = jnp.exp(m - m_new)
-    e = jnp.exp(logits - m_new[..., None])
-    s = s * scale + e.sum(-1)
-    if with_entropy:
-      t = t * scale + jnp.sum(jnp.where(e > 0, e * logits, 0.0), -1)
-    in_chunk = (targets_r >= k * c) & (targets_r < (k + 1) * c)
-    picked = jnp.take_along_axis(logits, jnp.clip(targets_r - k * c, 0, c - 1)[..., None], -1)[..., 0]
-    return (m_new, s, t, jnp.where(in_chunk, picked, tgt)), None
 
-  zeros = jnp.zeros(lead, jnp.float32)
-  (m, s, t, tgt), _ = jax.lax.scan(body, (jnp.full(lead, -jnp.inf, jnp.float32), zeros, zeros, zeros),
-                                   (w, jnp.arange(nc)))
-  logp = tgt - m - jnp.log(s)
+def _chunk_slices(v: int, c: int) -> list[tuple[int, int]]:
+  return [(a, min(a + c, v)) for a in range(0, v, c)]
+
+
+def _logits(h_re, w_ce):
+  return jnp.einsum("re,ce->rc", h_re, w_ce, precision=precision_for(w_ce.dtype), preferred_element_type=F32)
+
+
+def _target_logits(h_re, w_ve, t_r):
+  return jnp.einsum("re,re->r", h_re, w_ve[t_r], precision=precision_for(w_ve.dtype), preferred_element_type=F32)
+
+
+def _stats_update(carry, logits_rc, with_entropy):
+  """Fold one chunk's logits into the running max m, Σ exp(l − m) and Σ exp(l − m)·l."""
+  m, s, ts = carry
+  m_new = jnp.maximum(m, logits_rc.max(-1))
+  scale = jnp.exp(m - m_new)
+  e = jnp.exp(logits_rc - m_new[:, None])
+  s = s * scale + e.sum(-1)
   if with_entropy:
-    return logp, jax.lax.stop_gradient(m + jnp.log(s) - t / s)
-  return logp
+    ts = ts * scale + jnp.sum(jnp.where(e > 0, e * logits_rc, 0.0), -1)
+  return m_new, s, ts
+
+
+def _padded_chunks(w_ve, c):
+  """W as (n, C, E) chunks, the last padded with zero rows, and the valid-column mask of each chunk."""
+  v, e = w_ve.shape
+  n = -(-v // c)
+  w = jnp.pad(w_ve, ((0, n * c - v), (0, 0))).reshape(n, c, e)
+  return w, (jnp.arange(n)[:, None] * c + jnp.arange(c)) < v
+
+
+def _forward(c, with_entropy, h_re, w_ve, t_r, unrolled: bool):
+  """→ log-probs, entropies (zeros without `with_entropy`) and each row's logsumexp."""
+  r = h_re.shape[0]
+  carry = (jnp.full((r,), -jnp.inf, F32), jnp.zeros((r,), F32), jnp.zeros((r,), F32))
+  if unrolled:
+    for a, b in _chunk_slices(w_ve.shape[0], c):
+      carry = _stats_update(carry, _logits(h_re, w_ve[a:b]), with_entropy)
+  else:
+    def body(carry, xs):
+      w_ce, valid_c = xs
+      return _stats_update(carry, jnp.where(valid_c, _logits(h_re, w_ce), -jnp.inf), with_entropy), None
+    carry, _ = jax.lax.scan(body, carry, _padded_chunks(w_ve, c))
+  m, s, ts = carry
+  lse = m + jnp.log(s)
+  ent = lse - ts / s if with_entropy else jnp.zeros_like(lse)
+  return _target_logits(h_re, w_ve, t_r) - lse, ent, lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _logprobs(c, with_entropy, h_re, w_ve, t_r):
+  """Without a gradient (the reference pass, the sampler's reported log-probs): the scan everywhere. On CPU
+  (measured, 4 pairs, the 74M benchmark model's reference pass) the Python loop kept every chunk's logits
+  alive at once (+140k page faults, ~+8% time); under a gradient the loop is the faster one."""
+  logp, ent, _ = _forward(c, with_entropy, h_re, w_ve, t_r, unrolled=False)
+  return logp, ent
+
+
+def _logprobs_fwd(c, with_entropy, h_re, w_ve, t_r):
+  logp, ent, lse = _forward(c, with_entropy, h_re, w_ve, t_r, unrolled=layers._unrolled())
+  return (logp, ent), (h_re, w_ve, t_r, lse)
+
+
+def _logprobs_bwd(c, with_entropy, res, cotangents):
+  """The entropy's cotangent is dropped: it is reported, not trained on."""
+  h_re, w_ve, t_r, lse = res
+  g = cotangents[0].astype(F32)
+  v, e = w_ve.shape
+  dt, prec = w_ve.dtype, precision_for(w_ve.dtype)
+  # The softmax part of each chunk's logit gradient, −g·p (R, C), in the matmul dtype.
+  neg_gp = lambda logits_rc: (-g[:, None] * jnp.exp(logits_rc - lse[:, None])).astype(dt)
+  mm = lambda x, y, spec: jnp.einsum(spec, x, y, precision=prec, preferred_element_type=F32)
+  dh = g[:, None] * w_ve[t_r].astype(F32)  # the one-hot part
+  if layers._unrolled():
+    h_er = h_re.T  # small (E × R): every weight-gradient product below is then a plain one
+    dw_blocks = []
+    for a, b in _chunk_slices(v, c):
+      dz = neg_gp(_logits(h_re, w_ve[a:b]))
+      dh = dh + mm(dz, w_ve[a:b], "rc,ce->re")
+      dw_blocks.append(mm(h_er, dz, "er,rc->ec"))
+    dw = jnp.concatenate(dw_blocks, axis=1).T
+  else:
+    def body(dh, xs):
+      w_ce, valid_c = xs
+      dz = neg_gp(jnp.where(valid_c, _logits(h_re, w_ce), -jnp.inf))
+      return dh + mm(dz, w_ce, "rc,ce->re"), mm(dz, h_re, "rc,re->ce")
+    dh, dw = jax.lax.scan(body, dh, _padded_chunks(w_ve, c))
+    dw = dw.reshape(-1, e)[:v]
+  dw = dw.at[t_r].add(g[:, None] * h_re.astype(F32))  # the one-hot part
+  return dh.astype(h_re.dtype), dw.astype(dt), None
+
+
+_logprobs.defvjp(_logprobs_fwd, _logprobs_bwd)
 
 
 def completion_logprobs(model, x_prompt_btd, position_ids, prompt_mask, tokens_bgn, mask_bgn,
