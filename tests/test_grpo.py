@@ -117,7 +117,7 @@ def test_chunked_logprobs_equal_full_logsoftmax_and_gradients(backends, monkeypa
   rng = np.random.default_rng(0)
   h = jnp.asarray(rng.normal(size=(2, 3, 5, 16)), jnp.float32)
   w = jnp.asarray(rng.normal(size=(203, 16)), jnp.float32)  # V not a multiple of the chunk
-  t = jnp.asarray(rng.integers(0, 203, (2, 3, 5))).at[1, 2, :3].set(202)  # the last, padded chunk's
+  t = jnp.asarray(rng.integers(0, 203, (2, 3, 5))).at[1, 2, :3].set(202)  # repeated, in the last (partial) chunk
   full = lambda h, w: jnp.take_along_axis(jax.nn.log_softmax(
       jnp.einsum("...e,ve->...v", h, w, precision="highest"), -1), t[..., None], -1)[..., 0]
   chunked = lambda h, w: token_logprobs(h, w, t, chunk=64)

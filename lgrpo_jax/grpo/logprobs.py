@@ -10,13 +10,14 @@ dL/dz = g·(onehot(y) − softmax(z)). The forward keeps only h, W, the targets 
 logsumexp; the backward recomputes each chunk's logits once and forms its gradient in one pass,
   dh = g·W[y] − Σ_chunks (g·p_c)·W_c,   dW_c = −(g·p_c)ᵀ·h,   dW[y] += g·h,
 so the one-hot part is a gather and a scatter of R rows, not a comparison over R × V entries. The
-target logit is the row product h·W[y] (no pick from the chunk). On CPU (`layers.UNROLL_BACKENDS`)
-the chunks are a Python loop over exact slices of W (no padding of the head, no stacked gradient to
-zero-fill) and dW_cᵀ = hᵀ·(g·p_c) is computed as (E, C) blocks, transposed once at the end: XLA's
+target logit is the row product h·W[y] (no pick from the chunk). Under a gradient on CPU
+(`layers.UNROLL_BACKENDS`) the chunks are a Python loop over exact slices of W (no padding of the
+head, no stacked gradient to zero-fill) and dW_cᵀ = hᵀ·(g·p_c) is computed as (E, C) blocks, transposed once at the end: XLA's
 CPU matmul takes no transposed left operand, and transposing each (R, C) chunk gradient instead,
 fused into its elementwise producer, was the slow part (measured: 1,024 rows × V = 32,000, E = 512,
 C = 8,192: 630 ms forward + backward against 938 ms with autodiff through a rematerialised scan).
-Elsewhere the chunks are a `lax.scan` over the padded head, so compile time does not grow with V.
+Elsewhere, and without a gradient, the chunks are a `lax.scan` over the padded head (compile time
+does not grow with V).
 
 `completion_logprobs` is the policy (or reference) pass of the loss: the prompt and its images run
 once per pair (`prefill`), the G completions attend to that one prefix (`extend`), and the gradients
@@ -101,9 +102,9 @@ def _forward(c, with_entropy, h_re, w_ve, t_r, unrolled: bool):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _logprobs(c, with_entropy, h_re, w_ve, t_r):
-  """Without a gradient (the reference pass, the sampler's reported log-probs): the scan everywhere. On CPU
-  (measured, 4 pairs, the 74M benchmark model's reference pass) the Python loop kept every chunk's logits
-  alive at once (+140k page faults, ~+8% time); under a gradient the loop is the faster one."""
+  """Without a gradient (e.g. the reference pass): the scan on every backend. On CPU the Python loop
+  kept every chunk's logits alive at once there (measured, the 74M benchmark model's reference pass
+  over 4 pairs: +140k page faults, ~+8% time); under a gradient the loop is the faster one."""
   logp, ent, _ = _forward(c, with_entropy, h_re, w_ve, t_r, unrolled=False)
   return logp, ent
 
