@@ -48,6 +48,8 @@ def main() -> None:
   ap.add_argument("--micro-batches", type=int, default=1)
   ap.add_argument("--top", type=int, default=15)
   ap.add_argument("--kind", default=None, help="list the top thunks of this kind only (e.g. copy_bitcast_fusion)")
+  ap.add_argument("--by-op", action="store_true",
+                  help="also group the thunks by (HLO shape, JAX op): e.g. one decoder op summed over its layers")
   args = ap.parse_args()
 
   import jax
@@ -91,10 +93,21 @@ def main() -> None:
   print(f"\n{'thunk':38s} {'calls':>6s} {'ms':>8s}  shape, JAX op{f' ({args.kind} only)' if args.kind else ''}")
   named = [(n, us) for n, us in per_name.most_common()
            if args.kind is None or re.sub(r"\.\d+$", "", n) == args.kind][:args.top]
-  for name, us in named:
+  def where(name):
     m = re.search(r"%" + re.escape(name) + r" = (\S+) [^\n]*?op_name=\"([^\"]*)\"", hlo)
-    where = f"{m.group(1)[:32]}  {m.group(2)[-70:]}" if m else ""
-    print(f"{name:38s} {calls[name]:6d} {us / 1e3:8.1f}  {where}")
+    return f"{m.group(1)[:32]}  {m.group(2)[-70:]}" if m else ""
+
+  for name, us in named:
+    print(f"{name:38s} {calls[name]:6d} {us / 1e3:8.1f}  {where(name)}")
+  if args.by_op:
+    groups, group_calls = collections.Counter(), collections.Counter()
+    for name, us in per_name.items():
+      key = re.sub(r"\.\d+$", "", name) + "  " + where(name)
+      groups[key] += us
+      group_calls[key] += calls[name]
+    print(f"\n{'ms':>8s} {'calls':>6s}  thunk kind, shape, JAX op (summed over thunks)")
+    for key, us in groups.most_common(args.top):
+      print(f"{us / 1e3:8.1f} {group_calls[key]:6d}  {key}")
 
 
 if __name__ == "__main__":

@@ -204,3 +204,38 @@ def test_gated_activation_backward(monkeypatch, act):
   assert barrier()
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   assert not barrier()
+
+
+@pytest.mark.parametrize("in_shape,out_shape", [((6,), (4, 3)), ((4, 3), (5,))])
+def test_dense_weight_gradient_backward(monkeypatch, in_shape, out_shape):
+  """Dense's CPU backward (`layers.WEIGHT_GRAD_BACKENDS`: dW = xᵀ·g with x on the left) gives
+  autodiff's values and gradients for one- and two-axis contractions over 4-D inputs; only CPU
+  takes it."""
+  import jax
+  from flax import nnx
+  dense = layers.Dense(in_shape, out_shape, in_names=(None,) * len(in_shape), out_names=(None,) * len(out_shape),
+                       use_bias=True, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(3)
+  dense.bias.set_value(jnp.asarray(rng.standard_normal(out_shape), jnp.float32))
+  x = jnp.asarray(rng.standard_normal((2, 7, *in_shape)), jnp.float32)
+  w_out = jnp.asarray(rng.standard_normal((2, 7, *out_shape)), jnp.float32)  # a non-uniform cotangent
+  graphdef, params = nnx.split(dense)
+
+  def run(backends):
+    monkeypatch.setattr(layers, "WEIGHT_GRAD_BACKENDS", backends)
+    loss = lambda p, x: jnp.sum(nnx.merge(graphdef, p)(x) * w_out)
+    custom = "custom_vjp" in str(jax.make_jaxpr(loss)(params, x))
+    value, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x)
+    return custom, value, jax.tree.leaves(grads)
+
+  custom, value, grads = run(("cpu",))
+  plain, want_value, want = run(())
+  assert custom and not plain
+  np.testing.assert_allclose(float(value), float(want_value), rtol=1e-6)
+  assert len(grads) == 3  # bias, kernel, x
+  for got, ref in zip(grads, want):
+    assert np.abs(np.asarray(ref)).max() > 0
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-6)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(layers, "WEIGHT_GRAD_BACKENDS", ("cpu",))
+  assert "custom_vjp" not in str(jax.make_jaxpr(lambda p, x: nnx.merge(graphdef, p)(x))(params, x))

@@ -230,3 +230,29 @@ def test_unrolled_layers_equal_the_scan(setup, monkeypatch):
   worst = max(float(np.abs(np.asarray(a) - np.asarray(b)).max() / max(np.abs(np.asarray(b)).max(), 1e-30))
               for a, b in zip(grads[("cpu",)], grads[()]))
   assert worst <= 1e-5, worst
+
+
+def test_dense_weight_gradients_equal_autodiff(setup, monkeypatch):
+  """On CPU (`layers.WEIGHT_GRAD_BACKENDS`) every Dense takes its weight gradient as xᵀ·g with a
+  custom backward; the GRPO loss's gradients for every parameter (vision tower, decoder, untied head)
+  equal JAX's own transpose of the matmuls."""
+  from lgrpo_jax.models.qwen2_5_vl import layers
+  _, model, host, tokens, mask = setup
+  batch, grid = to_device(host), pair_grid_of(host)
+  rng = np.random.default_rng(4)
+  logp = jnp.asarray(-rng.random(tokens.shape), jnp.float32)
+  pb = PolicyBatch(batch.input_ids, batch.attention_mask, batch.pixel_values, tokens, mask, logp,
+                   jnp.asarray(rng.standard_normal(tokens.shape[:2]), jnp.float32),
+                   token_weights(mask, LossConfig()), logp)
+  graphdef, params = nnx.split(model, nnx.Param)
+  grads, customs = {}, {}
+  for backends in (("cpu",), ()):
+    monkeypatch.setattr(layers, "WEIGHT_GRAD_BACKENDS", backends)
+    fn = lambda p: loss_fn(p, graphdef, pb, grid, LossConfig(beta=0.04), 128)[0]
+    customs[backends] = str(jax.make_jaxpr(fn)(params)).count("custom_vjp_call")
+    grads[backends] = jax.tree_util.tree_leaves_with_path(jax.jit(jax.grad(fn))(params))
+  assert customs[("cpu",)] > customs[()] + 20, customs  # every Dense of both stacks
+  assert len(grads[()]) > 20
+  for (path, a), (_, b) in zip(grads[("cpu",)], grads[()]):
+    a, b = np.asarray(a), np.asarray(b)
+    assert np.abs(a - b).max() <= 1e-5 * np.abs(b).max(), jax.tree_util.keystr(path)
