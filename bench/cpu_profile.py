@@ -111,4 +111,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+  from lgrpo_jax.hostmem import reexec_with_hugepages
+  reexec_with_hugepages()  # as the entry points do: huge-page malloc (lgrpo_jax/hostmem.py)
   main()

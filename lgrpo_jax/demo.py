@@ -33,4 +33,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+  from lgrpo_jax.hostmem import reexec_with_hugepages
+  reexec_with_hugepages()  # huge-page malloc where the kernel offers it (see lgrpo_jax/hostmem.py)
   sys.exit(main())
