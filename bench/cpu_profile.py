@@ -1,6 +1,6 @@
 """Where a GRPO-step phase spends its CPU time: XLA's per-thunk trace events, grouped.
 
-  .venv/bin/python bench/cpu_profile.py [--phase update] [--pairs 1] [--micro-batches 1]
+  .venv/bin/python bench/cpu_profile.py [--phase update] [--pairs 1] [--micro-batches 1] [--by-op]
 
 Builds the phase exactly as bench/step.py does (74M benchmark model, prefix sharing, G = 8 × 128
 tokens, two 448² images per pair), runs it once to compile and once untimed-warm, times one run,
@@ -8,8 +8,10 @@ then runs it once under `jax.profiler.trace`. On the CPU the thunk executor runs
 program one after another here, so their summed durations add up to the wall time (printed, to
 check). Prints the time per thunk kind (XLA's fusion name without its number: `ynn_fusion` is a
 matmul with what XLA fused into it, `copy_bitcast_fusion` a transposing elementwise fusion, …),
-the top thunks with their HLO shape and JAX op, and the minor page faults of the timed run.
-Run it alone on the machine.
+the top thunks with their HLO shape and JAX op, and the minor page faults of the timed run; with
+--by-op also the thunks summed per (kind, HLO shape, JAX op), e.g. one decoder op over its layers or
+one decode-loop op over its steps. Run it alone on the machine; like the entry points it re-executes
+itself with huge-page malloc where that applies (lgrpo_jax/hostmem.py).
 """
 
 from __future__ import annotations

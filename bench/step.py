@@ -17,7 +17,9 @@ compile run (median of --runs):
 to that one pass); `copies`: every completion with its own copy of the prompt and images, as the
 PyTorch peers compute it. Checks first that both modes give the same log-probs and listener
 probabilities. Prints per phase: seconds, counted matmul FLOPs, the measured/predicted saving, and
-the achieved fraction of the fp32 matmul rate measured in the same run.
+the achieved fraction of the fp32 matmul rate measured in the same run. Like the entry points, it
+re-executes itself with huge-page malloc where that applies (lgrpo_jax/hostmem.py;
+LGRPO_HOST_HUGEPAGES=0 to measure without).
 """
 
 from __future__ import annotations
