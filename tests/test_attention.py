@@ -210,7 +210,7 @@ def test_gated_activation_backward(monkeypatch, act):
 def test_dense_weight_gradient_backward(monkeypatch, in_shape, out_shape):
   """Dense's CPU backward (`layers.WEIGHT_GRAD_BACKENDS`: dW = xᵀ·g with x on the left) gives
   autodiff's values and gradients for one- and two-axis contractions over 4-D inputs; only CPU
-  takes it."""
+  takes it, and only with at most `WEIGHT_GRAD_MAX_DEVICES` devices."""
   import jax
   from flax import nnx
   dense = layers.Dense(in_shape, out_shape, in_names=(None,) * len(in_shape), out_names=(None,) * len(out_shape),
@@ -221,6 +221,7 @@ def test_dense_weight_gradient_backward(monkeypatch, in_shape, out_shape):
   w_out = jnp.asarray(rng.standard_normal((2, 7, *out_shape)), jnp.float32)  # a non-uniform cotangent
   graphdef, params = nnx.split(dense)
 
+  monkeypatch.setattr(layers, "WEIGHT_GRAD_MAX_DEVICES", jax.device_count())  # the tests' 8 CPU devices
   def run(backends):
     monkeypatch.setattr(layers, "WEIGHT_GRAD_BACKENDS", backends)
     loss = lambda p, x: jnp.sum(nnx.merge(graphdef, p)(x) * w_out)
@@ -236,6 +237,11 @@ def test_dense_weight_gradient_backward(monkeypatch, in_shape, out_shape):
   for got, ref in zip(grads, want):
     assert np.abs(np.asarray(ref)).max() > 0
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-6)
-  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   monkeypatch.setattr(layers, "WEIGHT_GRAD_BACKENDS", ("cpu",))
-  assert "custom_vjp" not in str(jax.make_jaxpr(lambda p, x: nnx.merge(graphdef, p)(x))(params, x))
+  traced = lambda: str(jax.make_jaxpr(lambda p, x: nnx.merge(graphdef, p)(x))(params, x))
+  assert "custom_vjp" in traced()
+  monkeypatch.setattr(layers, "WEIGHT_GRAD_MAX_DEVICES", jax.device_count() - 1)  # several devices: JAX's rule
+  assert "custom_vjp" not in traced()
+  monkeypatch.setattr(layers, "WEIGHT_GRAD_MAX_DEVICES", jax.device_count())
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert "custom_vjp" not in traced()

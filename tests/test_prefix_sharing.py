@@ -233,8 +233,8 @@ def test_unrolled_layers_equal_the_scan(setup, monkeypatch):
 
 
 def test_dense_weight_gradients_equal_autodiff(setup, monkeypatch):
-  """On CPU (`layers.WEIGHT_GRAD_BACKENDS`) every Dense takes its weight gradient as xᵀ·g with a
-  custom backward; the GRPO loss's gradients for every parameter (vision tower, decoder, untied head)
+  """On one CPU device (`layers.WEIGHT_GRAD_BACKENDS`, `WEIGHT_GRAD_MAX_DEVICES`) every Dense takes
+  its weight gradient as xᵀ·g with a custom backward; the GRPO loss's gradients for every parameter (vision tower, decoder, untied head)
   equal JAX's own transpose of the matmuls."""
   from lgrpo_jax.models.qwen2_5_vl import layers
   _, model, host, tokens, mask = setup
@@ -244,6 +244,7 @@ def test_dense_weight_gradients_equal_autodiff(setup, monkeypatch):
   pb = PolicyBatch(batch.input_ids, batch.attention_mask, batch.pixel_values, tokens, mask, logp,
                    jnp.asarray(rng.standard_normal(tokens.shape[:2]), jnp.float32),
                    token_weights(mask, LossConfig()), logp)
+  monkeypatch.setattr(layers, "WEIGHT_GRAD_MAX_DEVICES", jax.device_count())  # the tests' 8 CPU devices
   graphdef, params = nnx.split(model, nnx.Param)
   grads, customs = {}, {}
   for backends in (("cpu",), ()):

@@ -72,7 +72,7 @@ class Dense(nnx.Module):
   def __call__(self, x):
     n = self.n_in
     x, w = x.astype(self.dtype), self.kernel[...].astype(self.dtype)
-    if jax.default_backend() in WEIGHT_GRAD_BACKENDS:
+    if jax.default_backend() in WEIGHT_GRAD_BACKENDS and jax.device_count() <= WEIGHT_GRAD_MAX_DEVICES:
       y = _dense(n, x, w)
     else:
       y = jax.lax.dot_general(x, w, ((tuple(range(x.ndim - n, x.ndim)), tuple(range(n))), ((), ())),
@@ -83,8 +83,12 @@ class Dense(nnx.Module):
 
 
 # Backends on which Dense's weight gradient is contracted as x^T·g with x on the left (see `_dense`).
-# Measured on CPU only; elsewhere JAX's own transpose rule.
+# Measured on CPU only; elsewhere JAX's own transpose rule. Only for single-device programs: with a
+# CPU mesh (the sharded-training tests) GSPMD partitioned the reshaped products differently, and a
+# two-process run no longer summed like one process (rewards after one step 2e-5 apart); JAX's
+# rule keeps that partitioning as it was.
 WEIGHT_GRAD_BACKENDS = ("cpu",)
+WEIGHT_GRAD_MAX_DEVICES = 1
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
