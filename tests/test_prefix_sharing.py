@@ -207,23 +207,31 @@ def test_remat_is_validated():
     lgrpo_jax.from_config(lgrpo_jax.models.qwen2_5_vl.presets.TINY).config.replace(remat="x")
 
 
-def test_unrolled_layers_equal_the_scan(setup, monkeypatch):
-  """On CPU (`layers.UNROLL_BACKENDS`) the layer stacks run as a Python loop; elsewhere as one
-  lax.scan. Both give the same GRPO-loss gradients for every parameter, and only the scan traces a
-  loop over layers."""
-  from lgrpo_jax.models.qwen2_5_vl import layers
+def grpo_loss_of_params(setup, seed: int):
+  """A maker of the GRPO loss (β = 0.04) as a function of the model's parameters, on random
+  old/reference log-probs and advantages, and the parameters. Each call of the maker gives a new
+  function, which JAX traces anew, so a switch monkeypatched in `layers` takes effect."""
   _, model, host, tokens, mask = setup
   batch, grid = to_device(host), pair_grid_of(host)
-  rng = np.random.default_rng(2)
+  rng = np.random.default_rng(seed)
   logp = jnp.asarray(-rng.random(tokens.shape), jnp.float32)
   pb = PolicyBatch(batch.input_ids, batch.attention_mask, batch.pixel_values, tokens, mask, logp,
                    jnp.asarray(rng.standard_normal(tokens.shape[:2]), jnp.float32),
                    token_weights(mask, LossConfig()), logp)
   graphdef, params = nnx.split(model, nnx.Param)
+  return (lambda: lambda p: loss_fn(p, graphdef, pb, grid, LossConfig(beta=0.04), 128)[0]), params
+
+
+def test_unrolled_layers_equal_the_scan(setup, monkeypatch):
+  """On CPU (`layers.UNROLL_BACKENDS`) the layer stacks run as a Python loop; elsewhere as one
+  lax.scan. Both give the same GRPO-loss gradients for every parameter, and only the scan traces a
+  loop over layers."""
+  from lgrpo_jax.models.qwen2_5_vl import layers
+  make_loss, params = grpo_loss_of_params(setup, seed=2)
   grads, loops = {}, {}
   for backends in (("cpu",), ()):
     monkeypatch.setattr(layers, "UNROLL_BACKENDS", backends)
-    fn = lambda p: loss_fn(p, graphdef, pb, grid, LossConfig(beta=0.04), 128)[0]
+    fn = make_loss()
     loops[backends] = str(jax.make_jaxpr(fn)(params)).count("scan[")
     grads[backends] = jax.tree.leaves(jax.jit(jax.grad(fn))(params))
   assert loops[()] >= 3 and loops[("cpu",)] < loops[()], loops  # vision, prefill, extend scans
@@ -234,22 +242,15 @@ def test_unrolled_layers_equal_the_scan(setup, monkeypatch):
 
 def test_dense_weight_gradients_equal_autodiff(setup, monkeypatch):
   """On one CPU device (`layers.WEIGHT_GRAD_BACKENDS`, `WEIGHT_GRAD_MAX_DEVICES`) every Dense takes
-  its weight gradient as xᵀ·g with a custom backward; the GRPO loss's gradients for every parameter (vision tower, decoder, untied head)
-  equal JAX's own transpose of the matmuls."""
+  its weight gradient as xᵀ·g with a custom backward; the GRPO loss's gradients for every parameter
+  (vision tower, decoder, untied head) equal JAX's own transpose of the matmuls."""
   from lgrpo_jax.models.qwen2_5_vl import layers
-  _, model, host, tokens, mask = setup
-  batch, grid = to_device(host), pair_grid_of(host)
-  rng = np.random.default_rng(4)
-  logp = jnp.asarray(-rng.random(tokens.shape), jnp.float32)
-  pb = PolicyBatch(batch.input_ids, batch.attention_mask, batch.pixel_values, tokens, mask, logp,
-                   jnp.asarray(rng.standard_normal(tokens.shape[:2]), jnp.float32),
-                   token_weights(mask, LossConfig()), logp)
+  make_loss, params = grpo_loss_of_params(setup, seed=4)
   monkeypatch.setattr(layers, "WEIGHT_GRAD_MAX_DEVICES", jax.device_count())  # the tests' 8 CPU devices
-  graphdef, params = nnx.split(model, nnx.Param)
   grads, customs = {}, {}
   for backends in (("cpu",), ()):
     monkeypatch.setattr(layers, "WEIGHT_GRAD_BACKENDS", backends)
-    fn = lambda p: loss_fn(p, graphdef, pb, grid, LossConfig(beta=0.04), 128)[0]
+    fn = make_loss()
     customs[backends] = str(jax.make_jaxpr(fn)(params)).count("custom_vjp_call")
     grads[backends] = jax.tree_util.tree_leaves_with_path(jax.jit(jax.grad(fn))(params))
   assert customs[("cpu",)] > customs[()] + 20, customs  # every Dense of both stacks
