@@ -250,6 +250,7 @@ ALL_PLANS = False  # --all-plans: time every plan that fits, not only the first
 ATTENTION: tuple[str, ...] = ("xla", "cudnn")  # --attention: the forward's kernels
 DECODE: list[tuple[str, int, float]] = []  # --decode: (model, rows, temperature) variants
 TRACE_DECODE = False
+DECODE_ATTENTION: tuple[str, ...] = ("xla",)  # --decode-attention: the decode loop's attention kernels
 ONLY: tuple[str, ...] = ()  # --only: the sections to run (parity and ceilings always run)
 
 
@@ -307,6 +308,19 @@ def jax_part(args, work: str) -> dict:
                                          batch["image_grid_thw"]), np.float32)
       out[f"rel_err_{dtype}_{impl}"] = float(np.abs(got[valid] - ref[valid]).max() / scale)
     out["ok"] = all(v <= (1e-4 if "float32" in k else 3e-2) for k, v in out.items())
+    if "pallas" in DECODE_ATTENTION:
+      # The Pallas decode kernel as compiled here, against the XLA decode path: the same sampled
+      # tokens from the tiny model in fp32 (its arithmetic is checked on CPU; this checks the GPU build).
+      m = lgrpo_jax.load_hf(os.path.join(work, "tiny_hf"), dtype="float32")
+      gen_kw = dict(max_new_tokens=12, num_samples=4, temperature=1.0, seed=0, eos_token_id=[], pad_token_id=0)
+      inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")}
+      want = lgrpo_jax.generate(m, **inputs, **gen_kw)
+      got = lgrpo_jax.generate(m.set_decode_attention("pallas"), **inputs, **gen_kw)
+      out["pallas_tokens_equal"] = bool(np.array_equal(np.asarray(got.tokens), np.asarray(want.tokens)))
+      out["pallas_logprob_diff"] = float(np.abs(np.asarray(got.logprobs) - np.asarray(want.logprobs)).max())
+      print(f"jax: pallas decode (tiny, fp32) tokens equal: {out['pallas_tokens_equal']}, "
+            f"log-prob diff {out['pallas_logprob_diff']:.1e}", flush=True)
+      out["ok"] = out["ok"] and out["pallas_tokens_equal"] and out["pallas_logprob_diff"] < 1e-4
     if not out["ok"]:
       raise AssertionError(f"logits differ from transformers: {out}")
     return out
@@ -485,18 +499,19 @@ def jax_part(args, work: str) -> dict:
       # every sample's N suffix slots (all slots are read; the not-yet-written ones are masked).
       kv_bytes = 2 * 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * b * (p + g * n)
       moved = weight_bytes + kv_bytes
-      res = {"model": name, "rows": b * g, "temperature": temperature, "prompt": p, "new_tokens": n,
+      res = {"model": name, "decode_attention": mcfg.decode_attention, "rows": b * g, "temperature": temperature,
+             "prompt": p, "new_tokens": n,
              "steps": steps, "s": t_all, "prefill_s": t_pre, "step_ms": per_step * 1e3, "compile_s": compile_s,
              "weights_gb": weight_bytes / 1e9, "kv_gb": kv_bytes / 1e9,
              "gbps": moved / per_step / 1e9, "hbm_frac": moved / per_step / bw,
              "read_frac": moved / per_step / read_bw,
              "tokens_per_s": b * g * steps / t_all}
       if trace:
-        res["trace"] = trace_decode(sample, steps)
+        res["trace"] = trace_decode(sample, steps, mcfg.decode_attention)
       return res
     return run
 
-  def trace_decode(sample, steps):
+  def trace_decode(sample, steps, impl):
     """One traced rollout (already compiled): kernels per decode step and device busy time."""
     import glob
     import shutil
@@ -507,7 +522,8 @@ def jax_part(args, work: str) -> dict:
     found = glob.glob(os.path.join(d, "**", "perfetto_trace.json.gz"), recursive=True)
     if not found:
       return {"error": "no trace written"}
-    dest = os.path.join(args.out_dir, "decode.trace.json.gz") if args.out_dir else found[0]
+    name = "decode.trace.json.gz" if impl == "xla" else f"decode_{impl}.trace.json.gz"
+    dest = os.path.join(args.out_dir, name) if args.out_dir else found[0]
     if dest != found[0]:
       shutil.copy(found[0], dest)
     kernels, span_us = kernel_events(found[0])
@@ -541,8 +557,12 @@ def jax_part(args, work: str) -> dict:
       built[name] = (lgrpo_jax.from_config(raw, dtype="bfloat16", param_dtype="bfloat16", seed=0), raw)
     model, raw = built[name]
     model.set_attention(default_impl)
-    trace = TRACE_DECODE and i == 0
-    section(res, f"decode_{name}_{rows}_t{temp:g}", decode(model, raw, name, rows, temp, trace), save)
+    for impl in DECODE_ATTENTION:
+      model.set_decode_attention(impl)
+      trace = TRACE_DECODE and i == 0
+      key = f"decode_{name}_{rows}_t{temp:g}" + ("" if impl == "xla" else f"_{impl}")
+      section(res, key, decode(model, raw, name, rows, temp, trace), save)
+    model.set_decode_attention("xla")
   stats = dev.memory_stats() or {}
   res["peak_mem_gib"] = stats.get("peak_bytes_in_use", 0) / 2**30
   return res
@@ -560,6 +580,9 @@ def table(tr: dict, jr: dict, tiny: bool) -> str:
   errs = ", ".join(f"{k[8:]} {v:.1e}" for k, v in par.items() if k.startswith("rel_err_"))
   lines.append(f"parity vs transformers (tiny; max rel. err. of the logits): {errs} "
                f"{'ok' if par.get('ok') else 'FAILED ' + par.get('error', '')}")
+  if "pallas_tokens_equal" in par:
+    lines.append(f"pallas decode vs xla decode (tiny, fp32, 4 × 12 sampled tokens): tokens equal "
+                 f"{par['pallas_tokens_equal']}, max log-prob diff {par['pallas_logprob_diff']:.1e}")
   c = jr.get("ceilings", {})
   lines.append(f"measured ceilings: bf16 matmul {c.get('matmul_tflops', nan):.0f} TFLOP/s; copy (read + write) "
                f"{c.get('copy_gbps', nan):.0f} GB/s (jax x·2), {c.get('torch_copy_gbps') or nan:.0f} GB/s "
@@ -598,20 +621,22 @@ def table(tr: dict, jr: dict, tiny: bool) -> str:
                  f"({u['tokens']} tokens), plan = remat:micro-batches:attention; best MFU {u['mfu']:.0%}")
   else:
     lines.append(f"update: {u.get('error')}")
-  lines.append(f"{'decode':24s} {'ms/step':>9s} {'GB/step':>8s} {'GB/s':>8s} {'of copy':>8s} {'of read':>8s}  notes")
+  lines.append(f"{'decode':31s} {'ms/step':>9s} {'GB/step':>8s} {'GB/s':>8s} {'of copy':>8s} {'of read':>8s}  notes")
   for key, d in jr.items():
     if not key.startswith("decode_") or not isinstance(d, dict):
       continue
     if "step_ms" in d:
       sampling = "greedy" if d["temperature"] == 0 else "sampled"
-      lines.append(f"{d['model'] + ' ' + str(d['rows']) + ' rows ' + sampling:24s} {d['step_ms']:9.2f} "
+      what = f"{d['model']} {d['rows']} rows {sampling}" + (
+          "" if d.get("decode_attention", "xla") == "xla" else f" {d['decode_attention']}")
+      lines.append(f"{what:31s} {d['step_ms']:9.2f} "
                    f"{d['weights_gb'] + d['kv_gb']:8.2f} {d['gbps']:8.0f} {d['hbm_frac']:8.0%} {d.get('read_frac', nan):8.0%}  "
                    f"prompt {d['prompt']}, "
                    f"{d['steps']} steps, weights {d['weights_gb']:.2f} GB + KV {d['kv_gb']:.2f} GB; "
                    f"{d['tokens_per_s']:.0f} tok/s incl. prefill")
       tr_ = d.get("trace")
       if tr_ and "kernels" in tr_:
-        lines.append(f"{'  (traced)':24s} {tr_['kernels_per_step']:.0f} kernels per step; device busy "
+        lines.append(f"{'  (traced)':31s} {tr_['kernels_per_step']:.0f} kernels per step; device busy "
                      f"{tr_['busy_ms']:.1f} of {tr_['span_ms']:.1f} ms")
     else:
       lines.append(f"{key}: {d.get('error')}")
@@ -644,18 +669,21 @@ def main() -> None:
   ap.add_argument("--all-plans", action="store_true", help="time every update plan that fits, not only the first")
   ap.add_argument("--decode", help="decode variants as model:rows:temperature,... e.g. 3B:32:1,1.5B:32:0")
   ap.add_argument("--trace-decode", action="store_true", help="trace the first decode variant (kernels per step)")
+  ap.add_argument("--decode-attention", default="xla",
+                  help="the decode loop's attention, each decode variant timed with each: xla,pallas")
   ap.add_argument("--part", choices=("torch", "jax"), help=argparse.SUPPRESS)
   ap.add_argument("--work", help=argparse.SUPPRESS)
   ap.add_argument("--out-dir", help=argparse.SUPPRESS)
   args = ap.parse_args()
 
   if args.part:
-    global DEADLINE, ONLY, PLANS, ALL_PLANS, ATTENTION, DECODE, TRACE_DECODE
+    global DEADLINE, ONLY, PLANS, ALL_PLANS, ATTENTION, DECODE, TRACE_DECODE, DECODE_ATTENTION
     ONLY = tuple(("parity,ceilings," + args.only).split(",")) if args.only else ()
     PLANS = parse_plans(args.plans) if args.plans else []
     ALL_PLANS, TRACE_DECODE = args.all_plans, args.trace_decode
     ATTENTION = tuple(args.attention.split(","))
     DECODE = parse_decode(args.decode) if args.decode else []
+    DECODE_ATTENTION = tuple(args.decode_attention.split(","))
     DEADLINE = time.perf_counter() + args.budget if args.budget else None
     fn = torch_part if args.part == "torch" else jax_part
     res = fn(args, args.work)
@@ -673,7 +701,7 @@ def main() -> None:
     t0 = time.perf_counter()
     cmd = [sys.executable, os.path.abspath(__file__), "--part", part, "--work", work, "--out-dir", out,
            "--runs", str(args.runs), "--budget", str(max(1.0, args.budget - (time.perf_counter() - start))),
-           f"--attention={args.attention}"]
+           f"--attention={args.attention}", f"--decode-attention={args.decode_attention}"]
     cmd += [f"--only={args.only}"] if args.only else []
     cmd += [f"--plans={args.plans}"] if args.plans else []
     cmd += [f"--decode={args.decode}"] if args.decode else []

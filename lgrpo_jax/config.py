@@ -21,7 +21,7 @@ from lgrpo_jax.data.pipeline import PipelineConfig
 from lgrpo_jax.data.prompts import PromptConfig
 from lgrpo_jax.grpo.core import LossConfig
 from lgrpo_jax.grpo.update import OptimConfig
-from lgrpo_jax.models.qwen2_5_vl.config import ATTENTION, REMAT, ConfigError
+from lgrpo_jax.models.qwen2_5_vl.config import ATTENTION, DECODE_ATTENTION, REMAT, ConfigError
 from lgrpo_jax.rewards import RewardConfig
 from lgrpo_jax.sampling import SamplingConfig
 from lgrpo_jax.sharding import MeshConfig
@@ -45,12 +45,17 @@ class ModelConfig:
   # Attention kernel of the policy, reference and listener: auto (cuDNN flash attention on GPUs in
   # bfloat16, XLA elsewhere) | xla | cudnn (an error where cuDNN cannot run).
   attention: str = "auto"
+  # The rollout's decode-loop attention: xla | pallas (one Pallas kernel per layer that also writes
+  # the cache; GPUs; elsewhere it runs interpreted, for checking only). Not yet timed on a GPU.
+  decode_attention: str = "xla"
 
   def __post_init__(self):
     if self.remat not in REMAT:
       raise ConfigError(f"model.remat={self.remat!r}: choose one of {REMAT}")
     if self.attention not in ATTENTION:
       raise ConfigError(f"model.attention={self.attention!r}: choose one of {ATTENTION}")
+    if self.decode_attention not in DECODE_ATTENTION:
+      raise ConfigError(f"model.decode_attention={self.decode_attention!r}: choose one of {DECODE_ATTENTION}")
 
 
 @dataclasses.dataclass(frozen=True)

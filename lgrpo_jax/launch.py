@@ -43,7 +43,8 @@ def build(cfg, mesh=None):
     tok_dir = m.tokenizer or m.checkpoint
     model = (checkpoint.load_model(m.checkpoint, dtype=m.dtype, mesh=mesh) if checkpoint.is_checkpoint(m.checkpoint)
              else lgrpo_jax.load_hf(m.checkpoint, dtype=m.dtype, mesh=mesh))
-  model.set_remat(m.remat).set_attention(m.attention)
+  # set_decode_attention checks the model's head_dim against the kernel (a ConfigError naming it)
+  model.set_remat(m.remat).set_attention(m.attention).set_decode_attention(m.decode_attention)
   tokenizer = AutoTokenizer.from_pretrained(tok_dir)
   listener = None
   if m.listener is not None:

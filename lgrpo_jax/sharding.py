@@ -160,11 +160,17 @@ def constrain(x, names: Sequence[str | None]):
   """Sharding constraint on an activation by logical names, when a mesh is set (`jax.set_mesh`);
   the identity otherwise. Used at block boundaries so XLA keeps the batch split and does not
   replicate activations."""
+  spec = active_spec(names, x.shape)
+  return x if spec is None else jax.lax.with_sharding_constraint(x, spec)
+
+
+def active_spec(names: Sequence[str | None], shape: Sequence[int]) -> P | None:
+  """The PartitionSpec these logical names get on the mesh that is set (`jax.set_mesh`), by the
+  active rules; None when no mesh of more than one device is set."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or math.prod(mesh.shape.values()) == 1:
-    return x
-  spec = logical_to_spec(names, x.shape, mesh, _ACTIVE_RULES[-1])
-  return jax.lax.with_sharding_constraint(x, spec)
+    return None
+  return logical_to_spec(names, shape, mesh, _ACTIVE_RULES[-1])
 
 
 # ---- per-process batches -----------------------------------------------------------------------

@@ -19,6 +19,7 @@ SUPPORTED_ACTS = ("silu", "gelu", "gelu_pytorch_tanh", "quick_gelu")
 DTYPES = ("float32", "bfloat16")
 REMAT = ("none", "full", "dots")  # layers.REMAT_POLICIES
 ATTENTION = ("auto", "xla", "cudnn")  # layers.ATTENTION_IMPLS
+DECODE_ATTENTION = ("xla", "pallas")  # kernels.decode_attention
 
 
 class ConfigError(ValueError):
@@ -92,6 +93,10 @@ class Qwen25VLConfig:
   # Ours: the attention kernel ("auto" | "xla" | "cudnn"; see layers.attention). auto: cuDNN's fused
   # flash attention on GPUs in bf16/fp16, XLA's softmax(QK^T)V elsewhere.
   attention: str = "auto"
+  # Ours: the decode loop's attention ("xla" | "pallas"). pallas: one Pallas (Triton) kernel per layer
+  # that also writes the cache (kernels/decode_attention.py); on GPUs only — elsewhere it runs under
+  # Pallas' interpreter (slow, for checking). Not yet timed on a GPU, so not the default.
+  decode_attention: str = "xla"
 
   def replace(self, **kw) -> "Qwen25VLConfig":
     out = dataclasses.replace(self, **kw)
@@ -301,6 +306,13 @@ def validate(cfg: Qwen25VLConfig, source: str = "config") -> None:
     raise ConfigError(f"{source}: remat={cfg.remat!r} must be one of {REMAT}")
   if cfg.attention not in ATTENTION:
     raise ConfigError(f"{source}: attention={cfg.attention!r} must be one of {ATTENTION}")
+  if cfg.decode_attention not in DECODE_ATTENTION:
+    raise ConfigError(f"{source}: decode_attention={cfg.decode_attention!r} must be one of {DECODE_ATTENTION}")
+  if cfg.decode_attention == "pallas":
+    from lgrpo_jax.kernels.decode_attention import check_shapes  # imports Pallas: only when asked for
+    why = check_shapes(t.head_dim)
+    if why:
+      raise ConfigError(f"{source}: decode_attention='pallas' cannot run this model: {why}")
   for where, dt in (("param_dtype", cfg.param_dtype), ("dtype", cfg.dtype)):
     if dt not in DTYPES:
       raise ConfigError(f"{source}: {where}={dt!r} must be one of {DTYPES}")

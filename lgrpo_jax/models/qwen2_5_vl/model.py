@@ -15,7 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
+from lgrpo_jax.models.qwen2_5_vl.cache import SUFFIX_NAMES
 from lgrpo_jax.models.qwen2_5_vl.config import Qwen25VLConfig, TextConfig, validate
 from lgrpo_jax.models.qwen2_5_vl.layers import (INIT_STD, Dense, GatedMLP, RMSNorm, apply_rotary,
                                                 attention, attention_decode, attention_extend, is_concrete,
@@ -23,7 +25,7 @@ from lgrpo_jax.models.qwen2_5_vl.layers import (INIT_STD, Dense, GatedMLP, RMSNo
                                                 stack_modules, static_grid, uses_cudnn)
 from lgrpo_jax.models.qwen2_5_vl.rope import get_rope_index, text_rotary
 from lgrpo_jax.models.qwen2_5_vl.vision import VisionTower
-from lgrpo_jax.sharding import constrain
+from lgrpo_jax.sharding import active_spec, constrain
 
 ACT_BTD = ("batch", "length", None)  # decoder activations between blocks
 
@@ -45,6 +47,24 @@ def _mm(x, w, n_in: int = 1):
   """x · w contracting x's last n_in axes with w's first n_in (the Dense arithmetic)."""
   return jax.lax.dot_general(x.astype(w.dtype), w, ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))),
                                                     ((), ())), precision=precision_for(w.dtype))
+
+
+def _pallas_decode_attention(q_bgkhd, k_bgkd, v_bgkd, prefix_k, prefix_v, prefix_mask, suffix_k, suffix_v,
+                             step, scale):
+  """`kernels.decode_attention` on the mesh that is set: a Pallas kernel has no partitioning rule,
+  so under a mesh it runs per device on the cache's own shards (`shard_map`; every (b, g, k) is
+  independent) instead of on gathered copies."""
+  from lgrpo_jax.kernels.decode_attention import decode_attention  # imports Pallas: only when used
+  call = functools.partial(decode_attention, scale=scale)
+  spec = active_spec(SUFFIX_NAMES, suffix_k.shape)
+  if spec is None:
+    return call(q_bgkhd, k_bgkd, v_bgkd, prefix_k, prefix_v, prefix_mask, suffix_k, suffix_v, step)
+  sb, sk, sg = tuple(spec)[:3]  # (B, K, G) of the (B, K, G, N, D) cache
+  q_spec, prefix_spec, cache_spec = P(sb, sg, sk), P(sb, sk), P(sb, sk, sg)
+  sharded = jax.shard_map(call, in_specs=(q_spec, q_spec, q_spec, prefix_spec, prefix_spec, P(sb),
+                                          cache_spec, cache_spec, P()),
+                          out_specs=(q_spec, cache_spec, cache_spec), check_vma=False)
+  return sharded(q_bgkhd, k_bgkd, v_bgkd, prefix_k, prefix_v, prefix_mask, suffix_k, suffix_v, step)
 
 
 class DecoderLayer(nnx.Module):
@@ -145,6 +165,12 @@ class Qwen25VL(nnx.Module):
     self.config = self.config.replace(remat=policy)
     return self
 
+  def set_decode_attention(self, impl: str) -> "Qwen25VL":
+    """The decode loop's attention (`Qwen25VLConfig.decode_attention`: "xla" | "pallas"); the same
+    values up to the order of fp32 sums."""
+    self.config = self.config.replace(decode_attention=impl)
+    return self
+
   def set_attention(self, impl: str) -> "Qwen25VL":
     """The attention kernel of the decoder and the vision tower (`Qwen25VLConfig.attention`:
     "auto" | "xla" | "cudnn"); the same values up to rounding, different speed and memory."""
@@ -220,6 +246,8 @@ class Qwen25VL(nnx.Module):
     every step: ~10 ms per step at 128 slots on the benchmark model)."""
     layers = self.decode_layers() if layers is None else layers
     cos, sin = text_rotary(jnp.broadcast_to(positions_bg, (3, *positions_bg.shape)), self.config)
+    if self.config.decode_attention == "pallas":
+      return self._decode_step_pallas(x_bgd, cos, sin, cache, step, layers)
     own_mask_n = jnp.arange(cache.suffix_k[0].shape[3]) <= step
     to_bk = lambda a: jnp.swapaxes(a, 1, 2)  # (B, G, K, ...) <-> (B, K, G, ...): tiny, per token
     new_k, new_v = [], []
@@ -231,6 +259,20 @@ class Qwen25VL(nnx.Module):
       o = attention_decode(to_bk(q), cache.prefix_k[i], cache.prefix_v[i], cache.prefix_mask, sk, sv,
                            own_mask_n, layer.head_dim**-0.5)
       x_bgd = layer.decode_finish(x_bgd, to_bk(o), w)
+      new_k.append(sk)
+      new_v.append(sv)
+    return self.norm(x_bgd), cache._replace(suffix_k=tuple(new_k), suffix_v=tuple(new_v))
+
+  def _decode_step_pallas(self, x_bgd, cos, sin, cache, step, layers):
+    """`decode_step` with `kernels.decode_attention`: per layer one kernel writes the slot and
+    attends, in the projections' (B, G, K, …) layout (no swaps, no separate cache writes)."""
+    prefix_mask = cache.prefix_mask.astype(jnp.int32)  # Triton loads no bools; loop-invariant
+    new_k, new_v = [], []
+    for i, (layer, w) in enumerate(layers):
+      q, k, v = layer.decode_qkv(x_bgd, cos, sin, w)  # (B, G, K, h, D), (B, G, K, D)
+      o, sk, sv = _pallas_decode_attention(q, k, v, cache.prefix_k[i], cache.prefix_v[i], prefix_mask,
+                                           cache.suffix_k[i], cache.suffix_v[i], step, layer.head_dim**-0.5)
+      x_bgd = layer.decode_finish(x_bgd, o, w)
       new_k.append(sk)
       new_v.append(sv)
     return self.norm(x_bgd), cache._replace(suffix_k=tuple(new_k), suffix_v=tuple(new_v))

@@ -1,0 +1,167 @@
+"""The Pallas decode-attention kernel (`kernels.decode_attention`): on CPU it runs under Pallas'
+interpreter, so these tests check its arithmetic and cache writes against the XLA path and a
+float64 reference, that it passes Pallas' Triton lowering for CUDA at the 3B shapes (no GPU needed
+to lower), and that the sampler with `decode_attention="pallas"` gives transformers' greedy tokens
+and the XLA path's sampled tokens, on one device and on a data × fsdp × tensor mesh."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import lgrpo_jax
+from lgrpo_jax import sharding
+from lgrpo_jax.kernels.decode_attention import check_shapes, decode_attention
+from lgrpo_jax.models.qwen2_5_vl.config import ConfigError, from_hf_dict
+from lgrpo_jax.models.qwen2_5_vl.layers import attention_decode
+from hf_tiny import CASES, PAD, build_hf, config_dict, make_batch, ours_inputs
+
+to_bk = lambda a: jnp.swapaxes(a, 1, 2)
+
+
+def random_inputs(b, g, kh, h, d, p, n, dtype, seed=0, pad=(5, 0)):
+  rng = np.random.default_rng(seed)
+  f = lambda *s: jnp.asarray(rng.standard_normal(s), dtype)
+  prefix_mask = jnp.asarray(np.arange(p)[None, :] >= np.asarray(pad)[:b, None])  # left padding
+  return dict(q=f(b, g, kh, h, d), k=f(b, g, kh, d), v=f(b, g, kh, d), pk=f(b, kh, p, d), pv=f(b, kh, p, d),
+              pm=prefix_mask, sk=f(b, kh, g, n, d), sv=f(b, kh, g, n, d))
+
+
+def reference_f64(x, step, scale):
+  """softmax over [real prefix slots | own slots < step | the new token], in float64."""
+  a = {k: np.asarray(v, np.float64) for k, v in x.items()}
+  b, g, kh, h, d = a["q"].shape
+  out = np.zeros((b, g, kh, h, d))
+  for bi in range(b):
+    for gi in range(g):
+      for ki in range(kh):
+        keys = np.concatenate([a["pk"][bi, ki][np.asarray(x["pm"][bi])], a["sk"][bi, ki, gi, :step],
+                               a["k"][bi, gi, ki][None]])
+        vals = np.concatenate([a["pv"][bi, ki][np.asarray(x["pm"][bi])], a["sv"][bi, ki, gi, :step],
+                               a["v"][bi, gi, ki][None]])
+        s = a["q"][bi, gi, ki] @ keys.T * scale
+        p = np.exp(s - s.max(-1, keepdims=True))
+        out[bi, gi, ki] = (p / p.sum(-1, keepdims=True)) @ vals
+  return out
+
+
+def xla_path(x, step, scale):
+  """What `decode_step` does without the kernel: write the slot, then `attention_decode`."""
+  sk = x["sk"].at[:, :, :, step].set(to_bk(x["k"]))
+  sv = x["sv"].at[:, :, :, step].set(to_bk(x["v"]))
+  own = jnp.arange(x["sk"].shape[3]) <= step
+  return to_bk(attention_decode(to_bk(x["q"]), x["pk"], x["pv"], x["pm"], sk, sv, own, scale)), sk, sv
+
+
+def run_kernel(x, step, scale, block):
+  return decode_attention(x["q"], x["k"], x["v"], x["pk"], x["pv"], x["pm"].astype(jnp.int32), x["sk"], x["sv"],
+                          step, scale=scale, block=block)
+
+
+# (P, N, step, block): P not a multiple of the block and a first prefix block that is all padding;
+# step 0 (no own slots yet), a step on a block boundary, the last slot.
+SHAPES = [(37, 40, 21, 16), (37, 40, 0, 16), (20, 48, 32, 16), (64, 33, 32, 32)]
+
+
+@pytest.mark.parametrize("p,n,step,block", SHAPES)
+def test_kernel_equals_reference_and_xla_path_fp32(p, n, step, block):
+  x = random_inputs(2, 3, 2, 2, 16, p, n, jnp.float32, pad=(17, 0))
+  scale = 16**-0.5
+  o, sk, sv = run_kernel(x, step, scale, block)
+  ref_o, ref_sk, ref_sv = xla_path(x, step, scale)
+  np.testing.assert_allclose(np.asarray(o), reference_f64(x, step, scale), atol=2e-6, rtol=2e-6)
+  np.testing.assert_allclose(np.asarray(o), np.asarray(ref_o), atol=2e-6, rtol=2e-6)
+  # The cache: slot `step` written, every other slot untouched (bit for bit).
+  np.testing.assert_array_equal(np.asarray(sk), np.asarray(ref_sk))
+  np.testing.assert_array_equal(np.asarray(sv), np.asarray(ref_sv))
+
+
+def test_kernel_bf16_and_more_query_heads_than_rows():
+  """bf16 with h = 32 query heads per kv head (more than the 16-row minimum) and D = 32."""
+  x = random_inputs(1, 2, 1, 32, 32, 50, 24, jnp.bfloat16, seed=1, pad=(3,))
+  scale = 32**-0.5
+  o, sk, _ = run_kernel(x, 9, scale, 16)
+  ref_o, ref_sk, _ = xla_path(x, 9, scale)
+  assert o.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(o, np.float32), np.asarray(ref_o, np.float32), atol=2e-2, rtol=2e-2)
+  np.testing.assert_allclose(np.asarray(o, np.float32), reference_f64(x, 9, scale), atol=3e-2, rtol=3e-2)
+  np.testing.assert_array_equal(np.asarray(sk, np.float32), np.asarray(ref_sk, np.float32))
+
+
+def test_kernel_lowers_to_triton_for_cuda_at_3b_shapes():
+  """Pallas' Triton lowering (block shapes, ops, the dynamic own-slot loop) at the 3B decode's
+  shapes: 4 prompts × 8 samples, 2 kv heads × 8 query heads, D 128, prompt 644, 256 slots."""
+  sds = jax.ShapeDtypeStruct
+  bf = jnp.bfloat16
+  args = (sds((4, 8, 2, 8, 128), bf), sds((4, 8, 2, 128), bf), sds((4, 8, 2, 128), bf),
+          sds((4, 2, 644, 128), bf), sds((4, 2, 644, 128), bf), sds((4, 644), jnp.int32),
+          sds((4, 2, 8, 256, 128), bf), sds((4, 2, 8, 256, 128), bf), sds((), jnp.int32))
+  fn = lambda *a: decode_attention(*a, scale=128**-0.5, interpret=False)
+  text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  calls = re.findall(r"custom_call @(\S+?)\(", text)
+  assert calls == ["__gpu$xla.gpu.triton"], calls
+  assert "grid_x = 4" in text and "grid_y = 8" in text and "grid_z = 2" in text
+
+
+def test_shape_checks():
+  assert check_shapes(128) is None and check_shapes(16) is None
+  assert "power of two" in check_shapes(8) and "power of two" in check_shapes(96)
+  assert "block" in check_shapes(64, block=8)
+  with pytest.raises(ValueError, match="head_dim=8"):
+    x = random_inputs(1, 1, 1, 2, 8, 16, 16, jnp.float32)
+    run_kernel(x, 0, 1.0, 16)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+  hf = build_hf(config_dict("a"), seed=5)
+  path = tmp_path_factory.mktemp("pallas_decode")
+  hf.save_pretrained(path)
+  return hf, path
+
+
+def generate(model, batch, **kw):
+  return lgrpo_jax.generate(model, **ours_inputs(batch), pad_token_id=PAD, eos_token_id=[], max_new_tokens=10, **kw)
+
+
+def test_sampler_with_kernel_equals_transformers_and_xla_path(tiny):
+  hf, path = tiny
+  batch = make_batch(CASES["left_padded_batch"], seed=11)
+  with torch.no_grad():
+    kw = {k: torch.from_numpy(v) for k, v in batch.items()}
+    ref = hf.generate(**kw, max_new_tokens=10, do_sample=False, pad_token_id=PAD)[:, batch["input_ids"].shape[1]:]
+  xla = lgrpo_jax.load_hf(path, dtype="float32")
+  pallas = lgrpo_jax.load_hf(path, dtype="float32").set_decode_attention("pallas")
+  np.testing.assert_array_equal(np.asarray(generate(pallas, batch).tokens), ref.numpy())
+  want = generate(xla, batch, num_samples=4, temperature=0.9, seed=3)
+  got = generate(pallas, batch, num_samples=4, temperature=0.9, seed=3)
+  np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+  np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(want.logprobs), atol=1e-5)
+  # On a mesh that splits the prompts (data), the samples (fsdp) and the kv heads (tensor), the
+  # kernel runs per device on its shards (shard_map) and gives the same tokens.
+  mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
+  sharded = lgrpo_jax.load_hf(path, mesh=mesh, dtype="float32").set_decode_attention("pallas")
+  with jax.set_mesh(mesh):
+    spec = sharding.active_spec(("batch", "kv_heads", "batch", "length", "head_dim"), (2, 2, 4, 10, 16))
+    assert tuple(spec)[:3] == ("data", "tensor", "fsdp"), spec
+    got_mesh = generate(sharded, batch, num_samples=4, temperature=0.9, seed=3)
+  np.testing.assert_array_equal(np.asarray(got_mesh.tokens), np.asarray(want.tokens))
+  np.testing.assert_allclose(np.asarray(got_mesh.logprobs), np.asarray(want.logprobs), atol=1e-5)
+
+
+def test_config_rejects_bad_decode_attention(tiny):
+  _, path = tiny
+  model = lgrpo_jax.load_hf(path, dtype="float32")
+  with pytest.raises(ConfigError, match="decode_attention='flash'"):
+    model.set_decode_attention("flash")
+  small = config_dict("a", text_config={"hidden_size": 32, "rope_parameters": {"mrope_section": [2, 1, 1]}})
+  cfg = from_hf_dict(small)  # head_dim 8: valid for the model, too small for the MMA
+  assert cfg.text.head_dim == 8
+  with pytest.raises(ConfigError, match="head_dim=8 must be a power of two"):
+    cfg.replace(decode_attention="pallas")
+  from lgrpo_jax.config import ModelConfig
+  with pytest.raises(ConfigError, match="model.decode_attention='triton'"):
+    ModelConfig(decode_attention="triton")
