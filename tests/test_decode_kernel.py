@@ -106,6 +106,25 @@ def test_kernel_lowers_to_triton_for_cuda_at_3b_shapes():
   assert "grid_x = 4" in text and "grid_y = 8" in text and "grid_z = 2" in text
 
 
+@pytest.mark.parametrize("dtype,want", [("float32", "ieee"), ("bfloat16", "bf16")])
+def test_triton_products_keep_the_xla_paths_precision(dtype, want, capsys):
+  """fp32 caches multiply in IEEE fp32 as the XLA path does (HIGHEST), not Triton's default TF32."""
+  sds, dt = jax.ShapeDtypeStruct, jnp.dtype(dtype)
+  args = (sds((1, 2, 1, 2, 16), dt), sds((1, 2, 1, 16), dt), sds((1, 2, 1, 16), dt), sds((1, 1, 20, 16), dt),
+          sds((1, 1, 20, 16), dt), sds((1, 20), jnp.int32), sds((1, 1, 2, 8, 16), dt), sds((1, 1, 2, 8, 16), dt),
+          sds((), jnp.int32))
+  fn = lambda *a: decode_attention(*a, scale=0.25, block=16, interpret=False, debug=True)
+  jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+  dots = [line for line in capsys.readouterr().out.splitlines() if "tt.dot " in line]
+  assert len(dots) == 4, dots  # q·kᵀ and p·v, in the prefix and the own-slot loops
+  for line in dots:
+    operands = line.split(" -> ")[0]
+    if want == "ieee":  # fp32 operands, no TF32 rounding (IEEE is tt.dot's default, so not printed)
+      assert "tensor<16x16xf32> * tensor<16x16xf32>" in operands and "tf32" not in line
+    else:  # bf16 operands into an fp32 accumulator (the precision attribute is moot for bf16)
+      assert "xbf16> * tensor<16x16xbf16>" in operands and "-> tensor<16x16xf32>" in line
+
+
 def test_shape_checks():
   assert check_shapes(128) is None and check_shapes(16) is None
   assert "power of two" in check_shapes(8) and "power of two" in check_shapes(96)

@@ -64,19 +64,21 @@ def _kernel(step_ref, q_ref, kn_ref, vn_ref, pk_ref, pv_ref, pm_ref, sk_in, sv_i
   sv_ref[b, k, g, step, :] = v_new
 
   dt = k_new.dtype
+  # fp32 caches: IEEE products (Triton's default for fp32 is TF32), as the XLA path's HIGHEST.
+  prec = jax.lax.Precision.HIGHEST if dt == jnp.float32 else jax.lax.Precision.DEFAULT
   q = plt.load(q_ref.at[b, g, k, pl.ds(0, rows), :], mask=row_ok[:, None], other=0)
   q = (q.astype(f32) * scale).astype(dt)  # as attention_decode rounds it
 
   def attend(carry, keys, vals, valid):
     m, l, acc = carry
-    s = jax.lax.dot_general(q, keys, (((1,), (1,)), ((), ())), preferred_element_type=f32)
+    s = jax.lax.dot_general(q, keys, (((1,), (1,)), ((), ())), precision=prec, preferred_element_type=f32)
     s = jnp.where(valid[None, :], s, MASK_VALUE)
     m_new = jnp.maximum(m, s.max(axis=1))
     alpha = jnp.exp(m - m_new)
     p = jnp.exp(s - m_new[:, None])
     l = l * alpha + p.sum(axis=1)
     acc = acc * alpha[:, None] + jax.lax.dot_general(
-        p.astype(dt), vals, (((1,), (0,)), ((), ())), preferred_element_type=f32)
+        p.astype(dt), vals, (((1,), (0,)), ((), ())), precision=prec, preferred_element_type=f32)
     return m_new, l, acc
 
   d = q.shape[-1]
@@ -126,11 +128,12 @@ def check_shapes(head_dim: int, block: int = BLOCK) -> str | None:
 
 def decode_attention(q_bgkhd, k_new_bgkd, v_new_bgkd, prefix_k_bkpd, prefix_v_bkpd, prefix_mask_bp,
                      suffix_k_bkgnd, suffix_v_bkgnd, step, *, scale: float, block: int = BLOCK,
-                     interpret: bool | None = None):
+                     interpret: bool | None = None, debug: bool = False):
   """→ (o (B, G, K, h, D), suffix_k, suffix_v with slot `step` written; the caches are updated in
   place when the caller's buffers can be). prefix_mask (B, P): nonzero = a real prompt slot, in an
   integer dtype (Triton loads no bools; convert once per step, not per layer). `interpret`: None
-  runs the Triton kernel on GPUs and Pallas' interpreter elsewhere."""
+  runs the Triton kernel on GPUs and Pallas' interpreter elsewhere. `debug`: print the kernel's
+  jaxpr and Triton IR when it is lowered."""
   b, g, kh, h, d = q_bgkhd.shape
   p = prefix_k_bkpd.shape[2]
   why = check_shapes(d, block)
@@ -153,6 +156,7 @@ def decode_attention(q_bgkhd, k_new_bgkd, v_new_bgkd, prefix_k_bkpd, prefix_v_bk
       input_output_aliases={7: 1, 8: 2},
       compiler_params=plt.CompilerParams(num_warps=4, num_stages=2),
       interpret=interpret,
+      debug=debug,
       name="decode_attention",
   )(step_1, q_bgkhd, k_new_bgkd, v_new_bgkd, prefix_k_bkpd, prefix_v_bkpd, prefix_mask_bp,
     suffix_k_bkgnd, suffix_v_bkgnd)
