@@ -154,42 +154,9 @@ def update_batch(sz: dict):
 
 
 # ---- torch part ----------------------------------------------------------------------------------
-def torch_part(args, work: str) -> dict:
+def forward_torch(args, sz, dev, out: dict) -> None:
   import torch
-
   from transformers import Qwen2_5_VLForConditionalGeneration
-
-  import hf_tiny
-  dev = "cuda" if torch.cuda.is_available() else "cpu"
-  out: dict = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu"}
-  import transformers
-  out["transformers"] = transformers.__version__
-  sz = sizes(args.tiny)
-
-  # Reference logits of the tiny model on this device (fp32, no TF32).
-  torch.backends.cuda.matmul.allow_tf32 = False
-  torch.backends.cudnn.allow_tf32 = False
-  cfg, batch = tiny_parity_batch()
-  hf = hf_tiny.build_hf(cfg, seed=0)
-  hf.save_pretrained(os.path.join(work, "tiny_hf"))
-  np.savez(os.path.join(work, "tiny_batch.npz"), **batch)
-  try:
-    pos, _ = hf_tiny.hf_positions(hf, batch)
-  except TypeError:  # an older transformers without mm_token_type_ids
-    tb = {k: torch.from_numpy(v) for k, v in batch.items()}
-    pos, _ = hf.model.get_rope_index(input_ids=tb["input_ids"], image_grid_thw=tb["image_grid_thw"],
-                                     attention_mask=tb["attention_mask"])
-  hf = hf.to(dev)
-  kw = {"input_ids": torch.from_numpy(batch["input_ids"]).to(dev),
-        "attention_mask": torch.from_numpy(batch["attention_mask"]).to(dev), "position_ids": pos.to(dev),
-        "pixel_values": torch.from_numpy(batch["pixel_values"]).to(dev),
-        "image_grid_thw": torch.from_numpy(batch["image_grid_thw"]).to(dev)}
-  with torch.no_grad():
-    np.save(os.path.join(work, "tiny_logits_hf.npy"), hf(**kw).logits.float().cpu().numpy())
-  del hf
-  print("torch: tiny reference logits written", flush=True)
-
-  # The big config's forward in bf16 (random weights: the timing does not depend on them).
   inputs = forward_inputs(sz["big"], sz["fwd_rows"], sz["text"], sz["image"])
   hcfg = hf_config(sz["big"])
   hcfg._attn_implementation = "sdpa"
@@ -224,9 +191,45 @@ def torch_part(args, work: str) -> dict:
   if dev == "cuda":
     out["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
   print(f"torch: forward {out['forward_s'] * 1e3:.1f} ms", flush=True)
-  model = t = None  # free the 3B before the copy buffers
-  if dev == "cuda":
-    torch.cuda.empty_cache()
+
+
+def torch_part(args, work: str) -> dict:
+  import torch
+
+  import hf_tiny
+  dev = "cuda" if torch.cuda.is_available() else "cpu"
+  out: dict = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu"}
+  import transformers
+  out["transformers"] = transformers.__version__
+  sz = sizes(args.tiny)
+
+  # Reference logits of the tiny model on this device (fp32, no TF32).
+  torch.backends.cuda.matmul.allow_tf32 = False
+  torch.backends.cudnn.allow_tf32 = False
+  cfg, batch = tiny_parity_batch()
+  hf = hf_tiny.build_hf(cfg, seed=0)
+  hf.save_pretrained(os.path.join(work, "tiny_hf"))
+  np.savez(os.path.join(work, "tiny_batch.npz"), **batch)
+  try:
+    pos, _ = hf_tiny.hf_positions(hf, batch)
+  except TypeError:  # an older transformers without mm_token_type_ids
+    tb = {k: torch.from_numpy(v) for k, v in batch.items()}
+    pos, _ = hf.model.get_rope_index(input_ids=tb["input_ids"], image_grid_thw=tb["image_grid_thw"],
+                                     attention_mask=tb["attention_mask"])
+  hf = hf.to(dev)
+  kw = {"input_ids": torch.from_numpy(batch["input_ids"]).to(dev),
+        "attention_mask": torch.from_numpy(batch["attention_mask"]).to(dev), "position_ids": pos.to(dev),
+        "pixel_values": torch.from_numpy(batch["pixel_values"]).to(dev),
+        "image_grid_thw": torch.from_numpy(batch["image_grid_thw"]).to(dev)}
+  with torch.no_grad():
+    np.save(os.path.join(work, "tiny_logits_hf.npy"), hf(**kw).logits.float().cpu().numpy())
+  del hf
+  print("torch: tiny reference logits written", flush=True)
+
+  # The big config's forward in bf16 (random weights: the timing does not depend on them); only
+  # when the forward is measured (a decode-only run spends its device minutes on the decode).
+  if not args.only or "forward" in args.only.split(","):
+    forward_torch(args, sz, dev, out)
 
   # An independent copy ceiling: PyTorch's device-to-device copy of the same bytes as the jax probe.
   n = sz["copy_mib"] * 2**20 // 2
