@@ -52,7 +52,6 @@ def test_counted_flops_equal_traced_dots(variant, case):
 
 
 def test_rollout_count_equals_traced_prefill_and_decode_step():
-  from lgrpo_jax.models.qwen2_5_vl.cache import KVCache
   from lgrpo_jax.models.qwen2_5_vl.flops import matmul_flops, rollout_matmuls
   model = lgrpo_jax.from_config(config_dict("a"))
   batch = ours_inputs(make_batch(CASES["left_padded_batch"]))
@@ -70,7 +69,7 @@ def test_rollout_count_equals_traced_prefill_and_decode_step():
   args = (batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
   pre_jaxpr = jax.make_jaxpr(prefill)(state, *args)
   _, k, v = jax.eval_shape(prefill, state, *args)
-  cache = jax.eval_shape(lambda k, v: KVCache.from_prefill(k, v, batch["attention_mask"], g, n), k, v)
+  cache = jax.eval_shape(lambda k, v: model.new_cache(k, v, batch["attention_mask"], g, n), k, v)
 
   def step(st, tok, cache):
     m = nnx.merge(graphdef, st)

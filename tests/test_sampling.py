@@ -190,3 +190,27 @@ def test_fused_decode_weights_give_the_layer_outputs(pair, dtype):
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(ref, np.float32), atol=tol, rtol=tol)
   np.testing.assert_allclose(np.asarray(layer.decode_finish(x, q, w), np.float32),
                              np.asarray(layer.finish(x, q), np.float32), atol=tol, rtol=tol)
+
+
+def test_cpu_cache_layout_with_transposed_keys_gives_the_same_rollout(pair, monkeypatch):
+  """On CPU the XLA decode path stores keys (…, D, slots) (cache.KEYS_TRANSPOSED_BACKENDS); the
+  (…, slots, D) layout that GPUs use gives the same tokens and log-probs."""
+  from lgrpo_jax.models.qwen2_5_vl import model as model_module
+  _, ours, _ = pair
+  batch = make_batch(CASES["left_padded_batch"], seed=11)
+  shapes = lambda m: jax.eval_shape(lambda: m.new_cache(
+      jnp.zeros((2, 2, 7, 2, 16)), jnp.zeros((2, 2, 7, 2, 16)), jnp.ones((2, 7), bool), 3, 5))
+  kw = dict(max_new_tokens=N, num_samples=4, temperature=0.9, seed=3)
+  assert ours.decode_keys_transposed()
+  c = shapes(ours)
+  assert c.prefix_k[0].shape == (2, 2, 16, 7) and c.suffix_k[0].shape == (2, 2, 3, 16, 5)
+  assert c.prefix_v[0].shape == (2, 2, 7, 16) and c.suffix_v[0].shape == (2, 2, 3, 5, 16)
+  transposed = our_generate(ours, batch, **kw)
+  monkeypatch.setattr(model_module, "KEYS_TRANSPOSED_BACKENDS", ())
+  jax.clear_caches()  # the layout is read at trace time: trace the rollout again
+  assert not ours.decode_keys_transposed() and shapes(ours).suffix_k[0].shape == (2, 2, 3, 5, 16)
+  plain = our_generate(ours, batch, **kw)
+  monkeypatch.undo()
+  jax.clear_caches()  # later tests trace this backend's own layout again
+  np.testing.assert_array_equal(np.asarray(transposed.tokens), np.asarray(plain.tokens))
+  np.testing.assert_allclose(np.asarray(transposed.logprobs), np.asarray(plain.logprobs), atol=1e-5)

@@ -26,7 +26,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lgrpo_jax.models.qwen2_5_vl.cache import KVCache
 from lgrpo_jax.models.qwen2_5_vl.layers import static_grid
 from lgrpo_jax.models.qwen2_5_vl.model import Qwen25VL, check_image_tokens
 from lgrpo_jax.models.qwen2_5_vl.rope import get_rope_index
@@ -125,7 +124,7 @@ def sample_from_embeddings(model: Qwen25VL, x_btd, position_ids, attention_mask,
   b = x_btd.shape[0]
   g, n = cfg.num_samples, cfg.max_new_tokens
   h_btd, k, v = model.prefill(x_btd, position_ids, attention_mask)
-  cache = KVCache.from_prefill(k, v, attention_mask, g, n)
+  cache = model.new_cache(k, v, attention_mask, g, n)
   layers = model.decode_layers()  # sliced and fused once, outside the loop
   next_pos_b = jnp.max(position_ids, axis=(0, 2)) + 1  # first generated token's position
   last_bv = model.logits(h_btd[:, -1:])[:, 0]  # left padding: the last slot is the last real token

@@ -331,7 +331,7 @@ def _attention_blocked(q_btkgd, k_bskd, v_bskd, mask_bts):
 
 
 def attention_decode(q_bkghd, prefix_k_bkpd, prefix_v_bkpd, prefix_mask_bp, own_k_bkgnd, own_v_bkgnd,
-                     own_mask_n, scale: float):
+                     own_mask_n, scale: float, keys_transposed: bool = False):
   """One new token per sample attending to [shared prefix | its own tokens so far], exactly.
 
   G samples of a prompt share one prefix cache: their queries are stacked as G·h rows against the
@@ -340,16 +340,19 @@ def attention_decode(q_bkghd, prefix_k_bkpd, prefix_v_bkpd, prefix_mask_bp, own_
   the concatenation. Layouts put the batch-like axes first so no cache is transposed per step:
   q (B, K, G, h, D) (K kv heads, h query heads per kv head); prefix (B, K, P, D) with mask (B, P);
   own (B, K, G, N, D) — the sample's generated tokens, the new one already written — with mask (N,)
-  (the slots written so far). Returns (B, K, G, h, D).
+  (the slots written so far). Returns (B, K, G, h, D). keys_transposed: the keys are stored
+  (B, K, D, P) and (B, K, G, D, N) instead (cache.KEYS_TRANSPOSED_BACKENDS).
   """
   b, kh, g, h, d = q_bkghd.shape
   prec = precision_for(q_bkghd.dtype)
   f32 = jnp.float32
   q = (q_bkghd.astype(f32) * scale).astype(q_bkghd.dtype)
-  s_pre = jnp.einsum("bkrd,bkpd->bkrp", q.reshape(b, kh, g * h, d), prefix_k_bkpd, precision=prec,
+  pre, own = ("bkrd,bkdp->bkrp", "bkghd,bkgdn->bkghn") if keys_transposed else ("bkrd,bkpd->bkrp",
+                                                                               "bkghd,bkgnd->bkghn")
+  s_pre = jnp.einsum(pre, q.reshape(b, kh, g * h, d), prefix_k_bkpd, precision=prec,
                      preferred_element_type=f32).reshape(b, kh, g, h, -1)
   s_pre = jnp.where(prefix_mask_bp[:, None, None, None, :], s_pre, MASK_VALUE)
-  s_own = jnp.einsum("bkghd,bkgnd->bkghn", q, own_k_bkgnd, precision=prec, preferred_element_type=f32)
+  s_own = jnp.einsum(own, q, own_k_bkgnd, precision=prec, preferred_element_type=f32)
   s_own = jnp.where(own_mask_n, s_own, MASK_VALUE)
   m = jnp.maximum(s_pre.max(-1, keepdims=True), s_own.max(-1, keepdims=True))
   p_pre, p_own = jnp.exp(s_pre - m), jnp.exp(s_own - m)

@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from lgrpo_jax.models.qwen2_5_vl.cache import SUFFIX_NAMES
+from lgrpo_jax.models.qwen2_5_vl.cache import KEYS_TRANSPOSED_BACKENDS, SUFFIX_NAMES, KVCache
 from lgrpo_jax.models.qwen2_5_vl.config import Qwen25VLConfig, TextConfig, validate
 from lgrpo_jax.models.qwen2_5_vl.layers import (INIT_STD, Dense, GatedMLP, RMSNorm, apply_rotary,
                                                 attention, attention_decode, attention_extend, is_concrete,
@@ -235,11 +235,23 @@ class Qwen25VL(nnx.Module):
     weights are not needed there (whether XLA frees them early was not measured)."""
     return [(layer, layer.decode_weights()) for layer in self.unstacked_layers()]
 
+  def new_cache(self, k_lbpkd, v_lbpkd, attention_mask_bp, num_samples: int, max_new_tokens: int) -> KVCache:
+    """The decode loop's cache from `prefill`'s keys/values, in the layout `decode_step` reads on
+    this backend (keys transposed on CPU's XLA path)."""
+    return KVCache.from_prefill(k_lbpkd, v_lbpkd, attention_mask_bp, num_samples, max_new_tokens,
+                                keys_transposed=self.decode_keys_transposed())
+
+  def decode_keys_transposed(self) -> bool:
+    """Whether this backend's decode cache stores keys transposed (`cache.KEYS_TRANSPOSED_BACKENDS`;
+    the XLA decode path only: the Pallas kernel reads (…, slots, D) keys)."""
+    return self.config.decode_attention == "xla" and jax.default_backend() in KEYS_TRANSPOSED_BACKENDS
+
   def decode_step(self, x_bgd, positions_bg, cache, step, layers=None):
     """One new token for each of G samples per prompt → (hidden (B, G, E) after the final norm,
     the cache with the token's keys/values written at suffix slot `step`). The token attends to
     the prefix, its sample's slots before `step`, and itself. Text positions only (all three M-RoPE
-    axes equal). `layers`: `decode_layers()`, computed once outside the loop.
+    axes equal). `cache`: from `new_cache` (its key layout is the backend's). `layers`:
+    `decode_layers()`, computed once outside the loop.
 
     Each layer writes its slot *before* reading the cache: the update-then-read pattern lets XLA
     update the loop-carried cache in place (writing after the read made it copy the whole cache
@@ -248,16 +260,18 @@ class Qwen25VL(nnx.Module):
     cos, sin = text_rotary(jnp.broadcast_to(positions_bg, (3, *positions_bg.shape)), self.config)
     if self.config.decode_attention == "pallas":
       return self._decode_step_pallas(x_bgd, cos, sin, cache, step, layers)
-    own_mask_n = jnp.arange(cache.suffix_k[0].shape[3]) <= step
+    own_mask_n = jnp.arange(cache.suffix_v[0].shape[3]) <= step
+    kt = self.decode_keys_transposed()
     to_bk = lambda a: jnp.swapaxes(a, 1, 2)  # (B, G, K, ...) <-> (B, K, G, ...): tiny, per token
     new_k, new_v = [], []
     for i, (layer, w) in enumerate(layers):
       q, k, v = layer.decode_qkv(x_bgd, cos, sin, w)  # (B, G, K, h, D), (B, G, K, D)
       start = (0, 0, 0, step, 0)
-      sk = jax.lax.dynamic_update_slice(cache.suffix_k[i], to_bk(k)[:, :, :, None], start)
+      k_slot = to_bk(k)[..., None] if kt else to_bk(k)[:, :, :, None]  # (B, K, G, D, 1) | (B, K, G, 1, D)
+      sk = jax.lax.dynamic_update_slice(cache.suffix_k[i], k_slot, (0, 0, 0, 0, step) if kt else start)
       sv = jax.lax.dynamic_update_slice(cache.suffix_v[i], to_bk(v)[:, :, :, None], start)
       o = attention_decode(to_bk(q), cache.prefix_k[i], cache.prefix_v[i], cache.prefix_mask, sk, sv,
-                           own_mask_n, layer.head_dim**-0.5)
+                           own_mask_n, layer.head_dim**-0.5, keys_transposed=kt)
       x_bgd = layer.decode_finish(x_bgd, to_bk(o), w)
       new_k.append(sk)
       new_v.append(sv)
