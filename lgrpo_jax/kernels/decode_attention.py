@@ -22,7 +22,9 @@ same (b, k) prefix; all but the first from L2).
 
 Status: opt-in (`Qwen25VLConfig.decode_attention = "pallas"`), not yet timed on a GPU — the default
 stays XLA until a GPU session measures it (`bench/gpu.py --decode-attention xla,pallas`). On a
-backend other than GPU it runs under Pallas' interpreter (correct, slow: for checking only).
+backend other than GPU it runs under Pallas' interpreter (correct, slow: for checking only). It uses
+Pallas' Triton backend, deprecated as of JAX 0.11 (still present in 0.11.x); a Mosaic GPU version is
+the follow-up if that backend goes.
 """
 
 from __future__ import annotations
