@@ -27,7 +27,12 @@ Two processes, one after the other (JAX and PyTorch each take the GPU's memory f
                       the measured copy bandwidth (and the read-only rate); one line per --decode variant (model, rows,
                       temperature: 0 is greedy, no sampling pass over the vocabulary), the 3B at 32 rows
                       traced once with --trace-decode (kernels per step, busy vs wall time)
-          where the 1.5B is a ~1.5B text decoder (Qwen2-VL-2B-shaped).
+          where the 1.5B is a ~1.5B text decoder (Qwen2-VL-2B-shaped). With --decode-attention …,pallas:
+            first the compiled Pallas decode kernel's sampled tokens against the XLA path's (tiny
+            model, fp32: `parity_pallas`), then one decode step's attention work for all 36 layers at
+            the 3B shapes on its own (`decode_kernel`): the XLA path's µs per layer against the
+            kernel's under a sweep of launch parameters (slots per chunk 64/128 × warps 2/4/8 ×
+            stages 2/3); the fastest that matches the XLA path is kept for the decode timings.
 
 Prints a table last; JSON of everything under --out. Each part and section reports its own failure
 and the rest goes on.
@@ -36,6 +41,8 @@ and the rest goes on.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import json
 import os
 import platform
@@ -357,9 +364,106 @@ def jax_part(args, work: str) -> dict:
     return {"matmul_tflops": 2 * n**3 / t / 1e12, "copy_gbps": 2 * elems * 2 / tc / 1e9,
             "read_gbps": elems * 2 / tr / 1e9}
 
+  def decode_kernel():
+    """One decode step's attention work for all layers of the 3B shapes (4 prompts × 8 samples at
+    slot N/2 of N, the decode variants' prompt), on its own: the XLA path (rotary, the q/k/v split,
+    the swaps, both cache writes, `attention_decode`) against the Pallas kernel under each tuning
+    of the sweep. µs per layer = one jitted call over all layers (caches donated) / layers; the
+    outputs are compared with the XLA path's first. The fastest tuning is kept (`set_tuning`) for
+    the decode timings that follow."""
+    from lgrpo_jax.kernels import decode_attention as dk
+    from lgrpo_jax.models.qwen2_5_vl.layers import apply_rotary, attention_decode
+    t = sz["big"]["text_config"]
+    nl, kh, d = t["num_hidden_layers"], t["num_key_value_heads"], t["hidden_size"] // t["num_attention_heads"]
+    h = t["num_attention_heads"] // kh
+    g, n = sz["samples"], sz["decode_new"]
+    b = max(1, 32 // g)
+    p = forward_inputs(sz["big"], 1, sz["text"], sz["image"])["input_ids"].shape[1]
+    step, scale, bf = n // 2, d**-0.5, jnp.bfloat16
+    ks = (jax.random.fold_in(jax.random.key(1), i) for i in itertools.count())
+    rnd = lambda *shape: jax.random.normal(next(ks), shape, bf)
+    qkv = rnd(nl, b, g, kh, h + 2, d)
+    angle = jax.random.uniform(next(ks), (b, g, d // 2), jnp.float32, 0, 300)
+    angle = jnp.concatenate([angle, angle], -1)
+    cos, sin = jnp.cos(angle), jnp.sin(angle)
+    pk, pv = rnd(nl, b, kh, p, d), rnd(nl, b, kh, p, d)
+    mask = jnp.ones((b, p), jnp.int32)
+    slots = lambda i: jax.random.normal(jax.random.fold_in(jax.random.key(2), i), (b, kh, g, n, d), bf)
+    cache = lambda: (tuple(slots(i) for i in range(nl)), tuple(slots(nl + i) for i in range(nl)))  # same each time
+    to_bk = lambda a: jnp.swapaxes(a, 1, 2)
+
+    def xla_step(sk, sv, qkv, cos, sin, pk, pv, mask):
+      c, s = cos[:, :, None], sin[:, :, None]
+      own = jnp.arange(n) <= step
+      outs, nk, nv = [], [], []
+      for i in range(nl):
+        y = qkv[i]
+        q = apply_rotary(y[..., :h, :], c[..., None, :], s[..., None, :])
+        k = apply_rotary(y[..., h, :], c, s)
+        k_i = jax.lax.dynamic_update_slice(sk[i], to_bk(k)[:, :, :, None], (0, 0, 0, step, 0))
+        v_i = jax.lax.dynamic_update_slice(sv[i], to_bk(y[..., h + 1, :])[:, :, :, None], (0, 0, 0, step, 0))
+        outs.append(to_bk(attention_decode(to_bk(q), pk[i], pv[i], mask.astype(bool), k_i, v_i, own, scale)))
+        nk.append(k_i)
+        nv.append(v_i)
+      return tuple(outs), tuple(nk), tuple(nv)
+
+    def pallas_step(tuning):
+      def run(sk, sv, qkv, cos, sin, pk, pv, mask):
+        outs, nk, nv = [], [], []
+        for i in range(nl):
+          o, k_i, v_i = dk.decode_attention(qkv[i], cos, sin, pk[i], pv[i], mask, sk[i], sv[i], step,
+                                            scale=scale, tuning=tuning)
+          outs.append(o)
+          nk.append(k_i)
+          nv.append(v_i)
+        return tuple(outs), tuple(nk), tuple(nv)
+      return run
+
+    iters = 2 if args.tiny else 20
+    inputs = (qkv, cos, sin, pk, pv, mask)
+
+    def measure(fn):
+      f = jax.jit(fn, donate_argnums=(0, 1))
+      state = cache()
+      out, *state = f(*state, *inputs)
+      jax.block_until_ready(state)
+      times = []
+      for _ in range(max(args.runs, 3)):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+          _, *state = f(*state, *inputs)
+        jax.block_until_ready(state)
+        times.append((time.perf_counter() - t0) / iters)
+      return out, statistics.median(times) / nl * 1e6
+
+    ref, xla_us = measure(xla_step)
+    tunings = ([dk.Tuning(block=64), dk.Tuning()] if args.tiny else
+               [dk.Tuning(block=bl, num_warps=w, num_stages=st) for bl in (64, 128) for w in (2, 4, 8)
+                for st in (2, 3)])
+    sweep = []
+    for tu in tunings:
+      try:
+        out, us = measure(pallas_step(tu))
+      except Exception as e:  # a tuning Triton rejects (e.g. out of shared memory) is reported, not fatal
+        sweep.append({**dataclasses.asdict(tu), "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
+        continue
+      err = max(float(jnp.max(jnp.abs(a.astype(jnp.float32) - r.astype(jnp.float32)))) for a, r in zip(out, ref))
+      sweep.append({**dataclasses.asdict(tu), "us_per_layer": us, "max_abs_diff": err, "ok": err < 5e-2})
+    good = [r for r in sweep if r.get("ok")]
+    if not good:
+      raise AssertionError(f"no kernel tuning ran and matched the XLA path: {sweep}")
+    best = min(good, key=lambda r: r["us_per_layer"])
+    dk.set_tuning(dk.Tuning(best["block"], best["num_warps"], best["num_stages"]))
+    return {"shape": {"layers": nl, "prompts": b, "samples": g, "kv_heads": kh, "heads_per_kv": h, "head_dim": d,
+                      "prompt": p, "slots": n, "step": step},
+            "xla_us_per_layer": xla_us, "best": best, "saving_ms_per_step": (xla_us - best["us_per_layer"]) * nl / 1e3,
+            "sweep": sweep}
+
   section(res, "parity", parity, save)
   if "pallas" in DECODE_ATTENTION:
     section(res, "parity_pallas", parity_pallas, save)
+    if (not ONLY or "decode" in ONLY) and "error" not in res["parity_pallas"]:
+      section(res, "decode_kernel", decode_kernel, save)
   section(res, "ceilings", ceilings, save)
   peak = res["ceilings"].get("matmul_tflops", float("nan")) * 1e12
   # The copy ceiling: the better of this probe and PyTorch's device-to-device copy (torch part).
@@ -635,8 +739,22 @@ def table(tr: dict, jr: dict, tiny: bool) -> str:
   else:
     lines.append(f"update: {u.get('error')}")
   lines.append(f"{'decode':31s} {'ms/step':>9s} {'GB/step':>8s} {'GB/s':>8s} {'of copy':>8s} {'of read':>8s}  notes")
+  dkr = jr.get("decode_kernel")
+  if dkr is not None:
+    if "best" in dkr:
+      bst, sh = dkr["best"], dkr["shape"]
+      lines.append(f"decode attention per layer ({sh['prompts']}×{sh['samples']} rows, prompt {sh['prompt']}, slot "
+                   f"{sh['step']} of {sh['slots']}): xla {dkr['xla_us_per_layer']:.1f} µs, pallas "
+                   f"{bst['us_per_layer']:.1f} µs (block {bst['block']}, {bst['num_warps']} warps, "
+                   f"{bst['num_stages']} stages; max |diff| {bst['max_abs_diff']:.1e}): "
+                   f"{dkr['saving_ms_per_step']:.2f} ms less per step")
+      lines.append("  sweep (µs/layer): " + ", ".join(
+          f"{r['block']}/{r['num_warps']}/{r['num_stages']} " + (f"{r['us_per_layer']:.1f}" if "us_per_layer" in r
+                                                                  else "failed") for r in dkr["sweep"]))
+    else:
+      lines.append(f"decode attention per layer: {dkr.get('error')}")
   for key, d in jr.items():
-    if not key.startswith("decode_") or not isinstance(d, dict):
+    if not key.startswith("decode_") or key == "decode_kernel" or not isinstance(d, dict):
       continue
     if "step_ms" in d:
       sampling = "greedy" if d["temperature"] == 0 else "sampled"

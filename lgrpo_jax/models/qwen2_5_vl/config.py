@@ -94,7 +94,7 @@ class Qwen25VLConfig:
   # flash attention on GPUs in bf16/fp16, XLA's softmax(QK^T)V elsewhere.
   attention: str = "auto"
   # Ours: the decode loop's attention ("xla" | "pallas"). pallas: one Pallas (Triton) kernel per layer
-  # that also writes the cache (kernels/decode_attention.py); on GPUs only — elsewhere it runs under
+  # that also applies rotary and writes the cache (kernels/decode_attention.py); on GPUs only — elsewhere it runs under
   # Pallas' interpreter (slow, for checking). Not yet timed on a GPU, so not the default.
   decode_attention: str = "xla"
 

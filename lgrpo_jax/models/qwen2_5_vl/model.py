@@ -49,22 +49,23 @@ def _mm(x, w, n_in: int = 1):
                                                     ((), ())), precision=precision_for(w.dtype))
 
 
-def _pallas_decode_attention(q_bgkhd, k_bgkd, v_bgkd, prefix_k, prefix_v, prefix_mask, suffix_k, suffix_v,
+def _pallas_decode_attention(qkv_bgkjd, cos_bgd, sin_bgd, prefix_k, prefix_v, prefix_mask, suffix_k, suffix_v,
                              step, scale):
   """`kernels.decode_attention` on the mesh that is set: a Pallas kernel has no partitioning rule,
   so under a mesh it runs per device on the cache's own shards (`shard_map`; every (b, g, k) is
   independent) instead of on gathered copies."""
   from lgrpo_jax.kernels.decode_attention import decode_attention  # imports Pallas: only when used
   call = functools.partial(decode_attention, scale=scale)
+  args = (qkv_bgkjd, cos_bgd, sin_bgd, prefix_k, prefix_v, prefix_mask, suffix_k, suffix_v, step)
   spec = active_spec(SUFFIX_NAMES, suffix_k.shape)
   if spec is None:
-    return call(q_bgkhd, k_bgkd, v_bgkd, prefix_k, prefix_v, prefix_mask, suffix_k, suffix_v, step)
+    return call(*args)
   sb, sk, sg = tuple(spec)[:3]  # (B, K, G) of the (B, K, G, N, D) cache
-  q_spec, prefix_spec, cache_spec = P(sb, sg, sk), P(sb, sk), P(sb, sk, sg)
-  sharded = jax.shard_map(call, in_specs=(q_spec, q_spec, q_spec, prefix_spec, prefix_spec, P(sb),
+  q_spec, rot_spec, prefix_spec, cache_spec = P(sb, sg, sk), P(sb, sg), P(sb, sk), P(sb, sk, sg)
+  sharded = jax.shard_map(call, in_specs=(q_spec, rot_spec, rot_spec, prefix_spec, prefix_spec, P(sb),
                                           cache_spec, cache_spec, P()),
                           out_specs=(q_spec, cache_spec, cache_spec), check_vma=False)
-  return sharded(q_bgkhd, k_bgkd, v_bgkd, prefix_k, prefix_v, prefix_mask, suffix_k, suffix_v, step)
+  return sharded(*args)
 
 
 class DecoderLayer(nnx.Module):
@@ -117,10 +118,14 @@ class DecoderLayer(nnx.Module):
                          self.o_proj.kernel[...].astype(dt), constrain(gate_up, ("embed", None, "mlp")),
                          mlp.down_proj.kernel[...].astype(dt))
 
+  def decode_proj(self, x_bgd, w: DecodeWeights):
+    """The fused q/k/v projection of one new token per sample, before rotary: (B, G, K, h+2, D)."""
+    return _mm(self.input_layernorm(x_bgd), w.qkv) + w.qkv_bias
+
   def decode_qkv(self, x_bgd, cos_bgd, sin_bgd, w: DecodeWeights):
     """`qkv` of one new token per sample with the fused kernel: q (B, G, K, h, D), k, v (B, G, K, D)."""
     h = self.groups
-    y = _mm(self.input_layernorm(x_bgd), w.qkv) + w.qkv_bias  # (B, G, K, h+2, D)
+    y = self.decode_proj(x_bgd, w)  # (B, G, K, h+2, D)
     c, s = cos_bgd[:, :, None], sin_bgd[:, :, None]
     q = apply_rotary(y[..., :h, :], c[..., None, :], s[..., None, :])
     return q, apply_rotary(y[..., h, :], c, s), y[..., h + 1, :]
@@ -278,13 +283,14 @@ class Qwen25VL(nnx.Module):
     return self.norm(x_bgd), cache._replace(suffix_k=tuple(new_k), suffix_v=tuple(new_v))
 
   def _decode_step_pallas(self, x_bgd, cos, sin, cache, step, layers):
-    """`decode_step` with `kernels.decode_attention`: per layer one kernel writes the slot and
-    attends, in the projections' (B, G, K, …) layout (no swaps, no separate cache writes)."""
+    """`decode_step` with `kernels.decode_attention`: per layer one kernel takes the fused q/k/v
+    projection as it comes (unrotated, unsplit), rotates, writes the slot and attends, in the
+    projections' (B, G, K, …) layout (no rotary, split, swap or cache-write kernels around it)."""
     prefix_mask = cache.prefix_mask.astype(jnp.int32)  # Triton loads no bools; loop-invariant
     new_k, new_v = [], []
     for i, (layer, w) in enumerate(layers):
-      q, k, v = layer.decode_qkv(x_bgd, cos, sin, w)  # (B, G, K, h, D), (B, G, K, D)
-      o, sk, sv = _pallas_decode_attention(q, k, v, cache.prefix_k[i], cache.prefix_v[i], prefix_mask,
+      qkv = layer.decode_proj(x_bgd, w)  # (B, G, K, h+2, D)
+      o, sk, sv = _pallas_decode_attention(qkv, cos, sin, cache.prefix_k[i], cache.prefix_v[i], prefix_mask,
                                            cache.suffix_k[i], cache.suffix_v[i], step, layer.head_dim**-0.5)
       x_bgd = layer.decode_finish(x_bgd, o, w)
       new_k.append(sk)
