@@ -10,7 +10,9 @@ compile run (median of --runs):
   rollout     sampling (prefill once per pair, G rows decoded from the shared cache) — the same in
               both modes (the sampler always shares the prefix)
   listener    P(Image 1/2) for every completion
-  reference   the reference model's per-token log-probs (β > 0)
+  reference   the reference model's per-token log-probs (β > 0); the listener is the reference model
+              (the training default), so this phase reuses the listener phase's image features —
+              one vision pass for both, as the training step runs it (--separate-vision: each its own)
   update      loss + backward + AdamW (one pass, one micro-batch)
 
 `shared`: `step.prefix_sharing=True` (each pair's images and prompt once, the G completions attend
@@ -70,12 +72,17 @@ def timed(fn, runs: int) -> float:
 
 
 def build(raw: dict, model, *, pairs: int, samples: int, new_tokens: int, text_tokens: int, image_px: int,
-          beta: float = 0.04, chunk: int = 8192, micro_batches: int = 1, suffix: int = 24):
+          beta: float = 0.04, chunk: int = 8192, micro_batches: int = 1, suffix: int = 24,
+          share_frozen_vision: bool = True):
   """The step's phases on `model` (any mesh it lives on) as jitted programs, and their counted FLOPs.
 
   Returns a namespace: params, opt_state, prompt_len, and for each mode (True = prefix sharing):
   `logp(mode)`, `listen(mode)` (params → out), `update(mode)` ((params, opt_state) → params),
-  `rollout()` (params → tokens), `flops[phase] = (shared, copies)`."""
+  `rollout()` (params → tokens), `flops[phase] = (shared, copies)`.
+
+  `share_frozen_vision` (as the training step does when the listener is the reference model, the
+  default): the listener phase runs the vision tower and the reference phase reuses its image
+  features (handed in as an argument, not recomputed); False: each phase runs its own."""
   import functools
   import types
 
@@ -111,10 +118,15 @@ def build(raw: dict, model, *, pairs: int, samples: int, new_tokens: int, text_t
   pb = PolicyBatch(ids, mask, pixels, tokens, tmask, ref_logp, jnp.asarray(rng.standard_normal((b, g)), jnp.float32),
                    token_weights(tmask, loss_cfg), ref_logp if beta > 0 else None)
 
+  # The listener's image features, for the reference phase when they are shared (the same weights).
+  frozen_feats = jax.jit(lambda prm: nnx.merge(graphdef, prm).image_features(flat, grid))(params) \
+      if share_frozen_vision else None
+
   @functools.cache  # one compiled program per mode (the check and the timing share it)
   def logp(prefix_sharing):
-    return jax.jit(lambda prm: policy_logprobs(nnx.merge(graphdef, prm), ids, mask, pixels, pair_grid, tokens, tmask,
-                                               chunk, prefix_sharing=prefix_sharing))
+    fn = jax.jit(lambda prm, feats: policy_logprobs(nnx.merge(graphdef, prm), ids, mask, pixels, pair_grid, tokens,
+                                                    tmask, chunk, prefix_sharing=prefix_sharing, image_embeds=feats))
+    return lambda prm: fn(prm, frozen_feats)
 
   @functools.cache
   def listen(prefix_sharing):
@@ -149,7 +161,9 @@ def build(raw: dict, model, *, pairs: int, samples: int, new_tokens: int, text_t
   policy_shared = F.matmul_flops(vis1 + F.text_matmuls(cfg, b, p, lm_head=False)
                                  + F.extend_matmuls(cfg, b, p, g, n, lm_head=True))
   policy_copies = F.matmul_flops(vis_g + F.text_matmuls(cfg, b * g, p + n, lm_head=False) + t_head)
-  fl["reference"] = (policy_shared, policy_copies)
+  # Shared frozen vision: the reference phase's vision tower is the listener's (counted there).
+  fl["reference"] = ((policy_shared - F.matmul_flops(vis1), policy_copies - F.matmul_flops(vis_g))
+                     if share_frozen_vision else (policy_shared, policy_copies))
   fl["update"] = (3 * policy_shared, 3 * policy_copies)
   return types.SimpleNamespace(params=params, opt_state=opt_state, prompt_len=p, logp=logp, listen=listen,
                                update=step_update, rollout=rollout, flops=fl, suffix=suffix)
@@ -170,6 +184,8 @@ def main() -> None:
                   help="the update's gradient-accumulation micro-batches (both modes; bounds activation memory)")
   ap.add_argument("--modes", choices=("both", "shared"), default="both",
                   help="shared: time prefix sharing only (the G-copies mode is still run once for the check)")
+  ap.add_argument("--separate-vision", action="store_true",
+                  help="the reference phase runs its own vision tower (a listener that is not the reference model)")
   ap.add_argument("--out", default=None, help="write the results as JSON")
   args = ap.parse_args()
 
@@ -184,7 +200,8 @@ def main() -> None:
   model = lgrpo_jax.from_config(raw, seed=0)
   b, g, n = args.pairs, args.samples, args.new_tokens
   s = build(raw, model, pairs=b, samples=g, new_tokens=n, text_tokens=args.text_tokens, image_px=args.image,
-            beta=args.beta, chunk=args.chunk, micro_batches=args.micro_batches)
+            beta=args.beta, chunk=args.chunk, micro_batches=args.micro_batches,
+            share_frozen_vision=not args.separate_vision)
   params, opt_state, p, fl, suffix = s.params, s.opt_state, s.prompt_len, s.flops, s.suffix
   logp, listen, step_update, rollout = s.logp, s.listen, s.update, s.rollout
 
@@ -252,7 +269,8 @@ def main() -> None:
                      matmul_gflops_before=rate_before / 1e9, matmul_gflops_after=rate_after / 1e9,
                      floor_ratio=floor_ratio,
                      sizes=dict(pairs=b, samples=g, new_tokens=n, prompt_tokens=p, image=args.image,
-                                listener_suffix=suffix, beta=args.beta, micro_batches=args.micro_batches),
+                                listener_suffix=suffix, beta=args.beta, micro_batches=args.micro_batches,
+                                shared_frozen_vision=not args.separate_vision),
                      check=dict(logp_rel=err_logp, listener_abs=err_listener), runs=args.runs,
                      jax=jax.__version__, cores=os.cpu_count()), f, indent=2)
     print(f"wrote {args.out}")

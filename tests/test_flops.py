@@ -109,3 +109,12 @@ def test_extend_count_equals_traced_extend():
   assert grpo_step_flops(model.config, b, p, (), g, c, passes=2, **base) - one == 3 * policy
   assert grpo_step_flops(model.config, b, p, (), g, c, reference=True, **base) - one == policy
   assert one > matmul_flops(rollout_matmuls(model.config, b, p, (), g, c)) + 3 * policy
+  # A listener that is the reference model shares their vision pass: one fewer, and only then.
+  from lgrpo_jax.models.qwen2_5_vl.flops import vision_matmuls
+  grid = ((1, 4, 4), (1, 4, 8)) * b
+  vis = matmul_flops(vision_matmuls(model.config, grid))
+  both = grpo_step_flops(model.config, b, p, grid, g, c, reference=True, **base)
+  assert vis > 0 and both - grpo_step_flops(model.config, b, p, grid, g, c, reference=True,
+                                            shared_frozen_vision=True, **base) == vis
+  assert grpo_step_flops(model.config, b, p, grid, g, c, shared_frozen_vision=True, **base) == grpo_step_flops(
+      model.config, b, p, grid, g, c, **base)  # β = 0: no reference pass, nothing shared

@@ -12,6 +12,8 @@ from train_worker import make
 def test_resume_is_bit_identical_and_metrics_are_written(tmp_path):
   tok_dir = build_tiny_tokenizer(tmp_path / "tok")
   straight = make(tmp_path / "a", tok_dir, steps=5, save_every=2)
+  # The listener and the reference default to the initial policy: one frozen copy, not two.
+  assert straight.listener_is_reference and straight.listener_params is straight.ref_params
   straight.run()
   first = make(tmp_path / "b", tok_dir, steps=2, save_every=2)
   first.run()

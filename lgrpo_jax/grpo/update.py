@@ -105,21 +105,25 @@ class PolicyBatch(NamedTuple):
 
 
 def policy_logprobs(model, input_ids, attention_mask, pixel_values, pair_grid, tokens, mask, chunk=8192,
-                    with_entropy=False, prefix_sharing: bool = True):
+                    with_entropy=False, prefix_sharing: bool = True, image_embeds=None):
   """Completion log-probs with the prompt (and its images) computed once per pair (also the
   reference pass, and "recomputed" old log-probs: call it under `jax.lax.stop_gradient`).
 
   `prefix_sharing=False`: the same values the plain way — the prompt and its images G times, each
-  copy with one completion (`completion_logprobs_copies`)."""
+  copy with one completion (`completion_logprobs_copies`). `image_embeds`: the pairs' image
+  features (`model.image_features` of `pixel_values`) when the caller already has them — the
+  reference pass, when the listener is the same frozen model — instead of running the tower."""
   b, g = tokens.shape[:2]
+  if image_embeds is not None and not prefix_sharing:
+    image_embeds = model.repeat_image_features(image_embeds, tuple(pair_grid) * b, b, g)
   if not prefix_sharing:
     rep = lambda a: jnp.repeat(a, g, axis=0)  # row b·G + g: pair b's prompt, for its completion g
     input_ids, attention_mask = rep(input_ids), rep(attention_mask)
     pixel_values = None if pixel_values is None else rep(pixel_values)
   rows = input_ids.shape[0]
   grid = tuple(pair_grid) * rows
-  feats = None
-  if pixel_values is not None:
+  feats = image_embeds
+  if feats is None and pixel_values is not None:
     feats = model.image_features(pixel_values.reshape(-1, pixel_values.shape[-1]), grid)
   pos, _ = get_rope_index(input_ids, attention_mask, grid, model.config)
   x = model.embed(input_ids, feats)

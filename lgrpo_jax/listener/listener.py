@@ -67,19 +67,22 @@ def reasoning_view(tokens_bgn, lengths_bg, spec: ListenerSpec):
 
 
 def listener_logits(model: Qwen25VL, prefix_ids, prefix_mask, pixel_values, grid, tokens_bgn, lengths_bg,
-                    spec: ListenerSpec, prefix_sharing: bool = True):
+                    spec: ListenerSpec, prefix_sharing: bool = True, image_embeds=None):
   """(B, G, 2) fp32 logits of (Image 1, Image 2) for every completion (traced; differentiable, for
   training a listener — `listener_probs` is what rewards use).
 
   prefix_ids / prefix_mask (B, P): the left-padded listener prefix of each pair, whose image pads
   take `pixel_values` / `grid` (the pair's two images, as for the reasoner); tokens (B, G, N) and
   lengths (B, G): the G completions of each pair (e.g. a `Rollout`). `prefix_sharing=False`: the
-  same values the plain way (`_listener_logits_copies`)."""
+  same values the plain way (`_listener_logits_copies`). `image_embeds`: `model.image_features(
+  pixel_values, grid)` when the caller already has them (the training step, when the listener is
+  the reference model: one vision pass for both)."""
   if not prefix_sharing:
     return _listener_logits_copies(model, prefix_ids, prefix_mask, pixel_values, grid, tokens_bgn, lengths_bg,
-                                   spec)
+                                   spec, image_embeds)
   b, g, n = tokens_bgn.shape
-  image_embeds = model.image_features(pixel_values, grid) if grid else None
+  if image_embeds is None and grid:
+    image_embeds = model.image_features(pixel_values, grid)
   pos, _ = get_rope_index(prefix_ids, prefix_mask, grid, model.config)
   _, pk, pv = model.prefill(model.embed(prefix_ids, image_embeds), pos, prefix_mask)
   suffix = jnp.broadcast_to(jnp.asarray(spec.suffix_ids, jnp.int32), (b, g, len(spec.suffix_ids)))
@@ -96,7 +99,7 @@ def listener_logits(model: Qwen25VL, prefix_ids, prefix_mask, pixel_values, grid
 
 
 def _listener_logits_copies(model: Qwen25VL, prefix_ids, prefix_mask, pixel_values, grid, tokens_bgn, lengths_bg,
-                            spec: ListenerSpec):
+                            spec: ListenerSpec, pair_embeds=None):
   """`listener_logits` computed the plain way: the prefix and its images once per completion, each
   copy followed by that completion's slots and the question, one causal forward over B·G sequences
   (holes masked, positions counting the kept tokens as in the shared layout). The comparison path
@@ -107,9 +110,12 @@ def _listener_logits_copies(model: Qwen25VL, prefix_ids, prefix_mask, pixel_valu
   ids, mask = rep(prefix_ids), rep(prefix_mask)
   image_embeds = None
   if grid:
-    per_pair = pixel_values.reshape(b, -1, pixel_values.shape[-1])
     grid_r = tuple(gr for i in range(b) for _ in range(g) for gr in grid[2 * i:2 * i + 2])
-    image_embeds = model.image_features(rep(per_pair).reshape(-1, pixel_values.shape[-1]), grid_r)
+    if pair_embeds is not None:  # the pairs' features, given: repeated, not recomputed
+      image_embeds = model.repeat_image_features(pair_embeds, grid, b, g)
+    else:
+      per_pair = pixel_values.reshape(b, -1, pixel_values.shape[-1])
+      image_embeds = model.image_features(rep(per_pair).reshape(-1, pixel_values.shape[-1]), grid_r)
   else:
     grid_r = grid
   pos, _ = get_rope_index(ids, mask, grid_r, model.config)
@@ -129,11 +135,11 @@ def _listener_logits_copies(model: Qwen25VL, prefix_ids, prefix_mask, pixel_valu
 
 
 def listener_probs(model: Qwen25VL, prefix_ids, prefix_mask, pixel_values, grid, tokens_bgn, lengths_bg,
-                   spec: ListenerSpec, prefix_sharing: bool = True):
+                   spec: ListenerSpec, prefix_sharing: bool = True, image_embeds=None):
   """(B, G, 2) fp32 probabilities of (Image 1, Image 2) for every completion (traced; call in jit).
   Arguments as for `listener_logits`; no gradient flows through them."""
   logits = listener_logits(model, prefix_ids, prefix_mask, pixel_values, grid, tokens_bgn, lengths_bg, spec,
-                           prefix_sharing)
+                           prefix_sharing, image_embeds)
   return jax.lax.stop_gradient(jax.nn.softmax(logits, axis=-1))
 
 

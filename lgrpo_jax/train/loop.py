@@ -146,13 +146,20 @@ class Trainer:
     if mesh is not None:
       params = place(params, mesh)
     copy = lambda m: jax.tree.map(jnp.copy, nnx.split(m, nnx.Param)[1])
-    # Frozen copies: the reference (for β > 0) and the listener default to the initial policy.
+    # Frozen copies: the reference (for β > 0) and the listener default to the initial policy. When
+    # both do, they are one copy (one model's memory, not two) and the step runs its vision tower
+    # once for the listener and reference passes (`make_train_step(listener_is_reference=True)`).
     self.ref_params = copy(reference) if reference is not None else jax.tree.map(jnp.copy, params)
     listener = listener if listener is not None else model
     self.listener_graphdef = nnx.split(listener, nnx.Param)[0]
-    self.listener_params = copy(listener) if listener is not model else jax.tree.map(jnp.copy, params)
+    self.listener_is_reference = listener is model and reference is None
+    if self.listener_is_reference:
+      self.listener_params = self.ref_params
+    else:
+      self.listener_params = copy(listener) if listener is not model else jax.tree.map(jnp.copy, params)
     if mesh is not None:
-      self.ref_params, self.listener_params = place(self.ref_params, mesh), place(self.listener_params, mesh)
+      self.ref_params = place(self.ref_params, mesh)
+      self.listener_params = self.ref_params if self.listener_is_reference else place(self.listener_params, mesh)
     self.tx = make_optimizer(step_cfg.optim, params)
     self.state = init_state(params, self.tx, loop_cfg.seed)
     self.state_shardings = None
@@ -238,7 +245,8 @@ class Trainer:
   def _step_fn(self, pair_grid):
     if pair_grid not in self._steps:
       self._steps[pair_grid] = make_train_step(self.graphdef, self.listener_graphdef, self.tx, self.step_cfg,
-                                               self.spec, pair_grid, self.state_shardings)
+                                               self.spec, pair_grid, self.state_shardings,
+                                               self.listener_is_reference)
     return self._steps[pair_grid]
 
   def _mesh_ctx(self):
@@ -291,7 +299,8 @@ class Trainer:
         self.model_config, b, p, pair_grid_of(host) * b, c.sampling.num_samples, max(decode_steps, 1),
         listener_len=host["listener_input_ids"].shape[1] if c.rewards.needs_listener else 0,
         listener_suffix=len(self.spec.suffix_ids), passes=c.optim.passes,
-        recompute_old=c.old_logprobs == "recompute", reference=c.loss.beta > 0)
+        recompute_old=c.old_logprobs == "recompute", reference=c.loss.beta > 0,
+        shared_frozen_vision=self.listener_is_reference)
 
   def _loop(self, out, tty, on_metrics):
     while int(self.state.step) < self.loop_cfg.steps and not self._stop:

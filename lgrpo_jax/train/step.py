@@ -6,7 +6,9 @@ algorithm:
     → (reference log-probs when β > 0) → μ optimiser passes over micro-batches → metrics
 
 Policy, reference and listener parameters are separate pytrees (the reference and the listener are
-never updated and nothing differentiates them). The train state (policy parameters, optimizer
+never updated and nothing differentiates them). When the listener *is* the reference model (the
+default: both are the initial policy; `listener_is_reference`), the step gets one frozen pytree for
+both and runs its vision tower once for the two passes. The train state (policy parameters, optimizer
 state, step, RNG key) is donated. Every pair of a batch has the same image grids (the grouped
 pipeline), so `pair_grid` — the two images' grids — is static and micro-batches are equal slices.
 """
@@ -76,8 +78,10 @@ class Tables(NamedTuple):
 
 
 def train_step(state: TrainState, ref_params, listener_params, batch: Batch, tables: Tables, *,
-               graphdef, listener_graphdef, tx, cfg: StepConfig, spec: ListenerSpec | None, pair_grid):
-  """(new state, metrics). Traced; `make_train_step` jits it."""
+               graphdef, listener_graphdef, tx, cfg: StepConfig, spec: ListenerSpec | None, pair_grid,
+               listener_is_reference: bool = False):
+  """(new state, metrics). Traced; `make_train_step` jits it. `listener_is_reference`: the
+  listener's weights are `ref_params` (`listener_params` is not read)."""
   b = batch.input_ids.shape[0]
   grid = tuple(pair_grid) * b
   key, k_sample = jax.random.split(state.key)
@@ -93,21 +97,26 @@ def train_step(state: TrainState, ref_params, listener_params, batch: Batch, tab
 
   # 2. Rewards: parse the completions' text, ask the listener, weight the parts.
   parsed = parse(rollout.tokens, rollout.mask, tables.byte_table, tables.byte_lengths)
+  # The listener and the reference model read the same images; when they are one model, its image
+  # features are computed once for both passes (the same arithmetic: the values do not change).
+  frozen_feats = None
+  if listener_is_reference and cfg.rewards.needs_listener and cfg.loss.beta > 0:
+    frozen_feats = jax.lax.stop_gradient(nnx.merge(graphdef, ref_params).image_features(pixels, grid))
   probs = None
   if cfg.rewards.needs_listener:
-    listener = nnx.merge(listener_graphdef, listener_params)
+    listener = nnx.merge(listener_graphdef, ref_params if listener_is_reference else listener_params)
     probs = listener_probs(listener, batch.listener_input_ids, batch.listener_attention_mask, pixels, grid,
-                           rollout.tokens, rollout.lengths, spec, cfg.prefix_sharing)
+                           rollout.tokens, rollout.lengths, spec, cfg.prefix_sharing, frozen_feats)
   inputs = RewardInputs(rollout.tokens, rollout.mask, rollout.lengths, batch.labels, parsed, probs)
   total, parts = compute_rewards(inputs, cfg.rewards)
   adv = advantages(total, cfg.loss)
 
   # 3. Old and reference log-probs (prompt once per pair), then the update.
-  logp_of = lambda params, gd: jax.lax.stop_gradient(policy_logprobs(
+  logp_of = lambda params, gd, feats=None: jax.lax.stop_gradient(policy_logprobs(
       nnx.merge(gd, params), batch.input_ids, batch.attention_mask, batch.pixel_values, pair_grid,
-      rollout.tokens, rollout.mask, cfg.logprob_chunk, prefix_sharing=cfg.prefix_sharing))
+      rollout.tokens, rollout.mask, cfg.logprob_chunk, prefix_sharing=cfg.prefix_sharing, image_embeds=feats))
   logp_old = rollout.logprobs if cfg.old_logprobs == "sampler" else logp_of(state.params, graphdef)
-  logp_ref = logp_of(ref_params, graphdef) if cfg.loss.beta > 0 else None
+  logp_ref = logp_of(ref_params, graphdef, frozen_feats) if cfg.loss.beta > 0 else None
   pb = PolicyBatch(batch.input_ids, batch.attention_mask, batch.pixel_values, rollout.tokens, rollout.mask,
                    logp_old, adv, token_weights(rollout.mask, cfg.loss, batch.valid), logp_ref)
   params, opt_state, update_metrics = update(state.params, state.opt_state, graphdef, tx, pb, pair_grid,
@@ -124,14 +133,17 @@ def train_step(state: TrainState, ref_params, listener_params, batch: Batch, tab
 
 
 def make_train_step(graphdef, listener_graphdef, tx, cfg: StepConfig, spec: ListenerSpec | None, pair_grid,
-                    state_shardings=None):
+                    state_shardings=None, listener_is_reference: bool = False):
   """The jitted step for one image-grid signature: (state, ref_params, listener_params, batch,
   tables) → (state, metrics); the state is donated. One compiled program per batch shape.
+  `listener_is_reference`: the listener is the reference model (pass its parameters as
+  `ref_params`; `listener_params` is ignored): one vision pass for both, one copy of the weights.
 
   `state_shardings` (on a mesh): the new state is laid out exactly like the old one (metrics
   replicated), so the next step finds the same input layout and does not recompile."""
   fn = functools.partial(train_step, graphdef=graphdef, listener_graphdef=listener_graphdef, tx=tx, cfg=cfg,
-                         spec=spec, pair_grid=tuple(map(tuple, pair_grid)))
+                         spec=spec, pair_grid=tuple(map(tuple, pair_grid)),
+                         listener_is_reference=listener_is_reference)
   if state_shardings is None:
     return jax.jit(fn, donate_argnums=(0,))
   mesh = jax.tree.leaves(state_shardings)[0].mesh

@@ -109,14 +109,15 @@ def extend_matmuls(cfg: Qwen25VLConfig, batch: int, prefix_len: int, samples: in
 
 def grpo_step_flops(cfg: Qwen25VLConfig, batch: int, prompt_len: int, grid: Grid, samples: int,
                     new_tokens: int, *, listener_len: int = 0, listener_suffix: int = 0, passes: int = 1,
-                    recompute_old: bool = False, reference: bool = False) -> int:
+                    recompute_old: bool = False, reference: bool = False, shared_frozen_vision: bool = False) -> int:
   """Counted FLOPs of one GRPO step as `lgrpo_jax.train.step` runs it (for the MFU metric):
 
     rollout (vision + prefill once per pair, `new_tokens` decode steps of batch·samples rows)
     + listener (vision + its prefix once per pair, then samples·(new_tokens + suffix) tokens)
     + 3 × policy forward (forward + backward ≈ 2 × forward) per optimiser pass
     + one policy forward each for recomputed old log-probs and for the reference (β > 0),
-  where a policy forward is vision + prompt once per pair + samples·new_tokens tokens with the head."""
+  where a policy forward is vision + prompt once per pair + samples·new_tokens tokens with the head;
+  `shared_frozen_vision` (the listener is the reference model): their two vision passes are one."""
   mm = rollout_matmuls(cfg, batch, prompt_len, grid, samples, new_tokens)
   if listener_len:
     mm += vision_matmuls(cfg, grid) + text_matmuls(cfg, batch, listener_len, lm_head=False)
@@ -125,4 +126,5 @@ def grpo_step_flops(cfg: Qwen25VLConfig, batch: int, prompt_len: int, grid: Grid
   policy = (vision_matmuls(cfg, grid) + text_matmuls(cfg, batch, prompt_len, lm_head=False)
             + extend_matmuls(cfg, batch, prompt_len, samples, new_tokens, lm_head=True, name="policy"))
   forwards = 3 * passes + int(recompute_old) + int(reference)
-  return matmul_flops(mm) + forwards * matmul_flops(policy)
+  shared = matmul_flops(vision_matmuls(cfg, grid)) if shared_frozen_vision and listener_len and reference else 0
+  return matmul_flops(mm) + forwards * matmul_flops(policy) - shared

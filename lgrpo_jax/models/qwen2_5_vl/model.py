@@ -188,6 +188,17 @@ class Qwen25VL(nnx.Module):
     return self.visual(pixel_values, static_grid(image_grid_thw), remat=self.config.remat,
                        attention=self.config.attention)
 
+  def repeat_image_features(self, feats, grid, groups: int, repeats: int):
+    """`image_features` of `groups` equal groups of images in order (e.g. the pairs: `grid` lists
+    their images) → each group's rows `repeats` times in a row: the features of the images
+    repeated per completion, as the plain (no prefix sharing) layout lays them out, without
+    running the tower again."""
+    m2 = self.config.vision.spatial_merge_size ** 2
+    per = len(grid) // groups
+    sizes = [sum(t * h * w for t, h, w in grid[i * per:(i + 1) * per]) // m2 for i in range(groups)]
+    parts = jnp.split(feats, np.cumsum(sizes)[:-1].tolist())
+    return jnp.concatenate([part for part in parts for _ in range(repeats)])
+
   def embed(self, input_ids, image_embeds=None):
     """Token embeddings with `<|image_pad|>` positions replaced, in order, by image embeddings."""
     x = self.embed_tokens[...][input_ids].astype(self.dtype)
