@@ -73,7 +73,7 @@ def timed(fn, runs: int) -> float:
 
 def build(raw: dict, model, *, pairs: int, samples: int, new_tokens: int, text_tokens: int, image_px: int,
           beta: float = 0.04, chunk: int = 8192, micro_batches: int = 1, suffix: int = 24,
-          share_frozen_vision: bool = True):
+          share_frozen_vision: bool = True, freeze_vision: bool = False):
   """The step's phases on `model` (any mesh it lives on) as jitted programs, and their counted FLOPs.
 
   Returns a namespace: params, opt_state, prompt_len, and for each mode (True = prefix sharing):
@@ -82,7 +82,9 @@ def build(raw: dict, model, *, pairs: int, samples: int, new_tokens: int, text_t
 
   `share_frozen_vision` (as the training step does when the listener is the reference model, the
   default): the listener phase runs the vision tower and the reference phase reuses its image
-  features (handed in as an argument, not recomputed); False: each phase runs its own."""
+  features (handed in as an argument, not recomputed); False: each phase runs its own.
+  `freeze_vision` (`optim.freeze=("vision",)`): the update gets the rollout's image features, as the
+  training step hands them on (no vision pass, no backward through it)."""
   import functools
   import types
 
@@ -110,7 +112,8 @@ def build(raw: dict, model, *, pairs: int, samples: int, new_tokens: int, text_t
   lengths = jnp.full((b, g), n, jnp.int32)
   spec = ListenerSpec(tuple(int(t) for t in rng.integers(0, 1000, suffix)), (11, 12), (), ())
   graphdef, params = nnx.split(model, nnx.Param)
-  loss_cfg, optim_cfg = LossConfig(beta=beta), OptimConfig(learning_rate=1e-6, micro_batches=micro_batches)
+  loss_cfg = LossConfig(beta=beta)
+  optim_cfg = OptimConfig(learning_rate=1e-6, micro_batches=micro_batches, freeze=("vision",) if freeze_vision else ())
   tx = make_optimizer(optim_cfg, params)
   opt_state = tx.init(params)
   flat = pixels.reshape(-1, pixels.shape[-1])
@@ -118,9 +121,11 @@ def build(raw: dict, model, *, pairs: int, samples: int, new_tokens: int, text_t
   pb = PolicyBatch(ids, mask, pixels, tokens, tmask, ref_logp, jnp.asarray(rng.standard_normal((b, g)), jnp.float32),
                    token_weights(tmask, loss_cfg), ref_logp if beta > 0 else None)
 
-  # The listener's image features, for the reference phase when they are shared (the same weights).
-  frozen_feats = jax.jit(lambda prm: nnx.merge(graphdef, prm).image_features(flat, grid))(params) \
-      if share_frozen_vision else None
+  # The listener's image features, for the reference phase when they are shared (the same weights),
+  # and the rollout's, for the update when the tower is frozen (the same weights again, here).
+  encode = jax.jit(lambda prm: nnx.merge(graphdef, prm).image_features(flat, grid))
+  frozen_feats = encode(params) if share_frozen_vision else None
+  rollout_feats = encode(params).reshape(b, -1, cfg.text.hidden_size) if freeze_vision else None
 
   @functools.cache  # one compiled program per mode (the check and the timing share it)
   def logp(prefix_sharing):
@@ -135,8 +140,10 @@ def build(raw: dict, model, *, pairs: int, samples: int, new_tokens: int, text_t
 
   @functools.cache
   def step_update(prefix_sharing):
-    return jax.jit(lambda prm, st: update(prm, st, graphdef, tx, pb, pair_grid, loss_cfg, optim_cfg, chunk,
-                                          prefix_sharing)[0])
+    # The batch is an argument, not a closure constant: XLA would constant-fold through it.
+    fn = jax.jit(lambda prm, st, batch: update(prm, st, graphdef, tx, batch, pair_grid, loss_cfg, optim_cfg, chunk,
+                                               prefix_sharing)[0])
+    return lambda prm, st: fn(prm, st, pb._replace(image_embeds=rollout_feats))
 
   @functools.cache
   def rollout():
@@ -165,6 +172,8 @@ def build(raw: dict, model, *, pairs: int, samples: int, new_tokens: int, text_t
   fl["reference"] = ((policy_shared - F.matmul_flops(vis1), policy_copies - F.matmul_flops(vis_g))
                      if share_frozen_vision else (policy_shared, policy_copies))
   fl["update"] = (3 * policy_shared, 3 * policy_copies)
+  if freeze_vision:  # the tower is neither run nor differentiated in the update
+    fl["update"] = (3 * (policy_shared - F.matmul_flops(vis1)), 3 * (policy_copies - F.matmul_flops(vis_g)))
   return types.SimpleNamespace(params=params, opt_state=opt_state, prompt_len=p, logp=logp, listen=listen,
                                update=step_update, rollout=rollout, flops=fl, suffix=suffix)
 
@@ -186,6 +195,8 @@ def main() -> None:
                   help="shared: time prefix sharing only (the G-copies mode is still run once for the check)")
   ap.add_argument("--separate-vision", action="store_true",
                   help="the reference phase runs its own vision tower (a listener that is not the reference model)")
+  ap.add_argument("--freeze-vision", action="store_true",
+                  help="optim.freeze=vision: the update reuses the rollout's image features (no vision pass or backward)")
   ap.add_argument("--out", default=None, help="write the results as JSON")
   args = ap.parse_args()
 
@@ -201,7 +212,7 @@ def main() -> None:
   b, g, n = args.pairs, args.samples, args.new_tokens
   s = build(raw, model, pairs=b, samples=g, new_tokens=n, text_tokens=args.text_tokens, image_px=args.image,
             beta=args.beta, chunk=args.chunk, micro_batches=args.micro_batches,
-            share_frozen_vision=not args.separate_vision)
+            share_frozen_vision=not args.separate_vision, freeze_vision=args.freeze_vision)
   params, opt_state, p, fl, suffix = s.params, s.opt_state, s.prompt_len, s.flops, s.suffix
   logp, listen, step_update, rollout = s.logp, s.listen, s.update, s.rollout
 
@@ -270,7 +281,7 @@ def main() -> None:
                      floor_ratio=floor_ratio,
                      sizes=dict(pairs=b, samples=g, new_tokens=n, prompt_tokens=p, image=args.image,
                                 listener_suffix=suffix, beta=args.beta, micro_batches=args.micro_batches,
-                                shared_frozen_vision=not args.separate_vision),
+                                shared_frozen_vision=not args.separate_vision, freeze_vision=args.freeze_vision),
                      check=dict(logp_rel=err_logp, listener_abs=err_listener), runs=args.runs,
                      jax=jax.__version__, cores=os.cpu_count()), f, indent=2)
     print(f"wrote {args.out}")

@@ -102,6 +102,9 @@ class PolicyBatch(NamedTuple):
   advantages: jax.Array  # (B, G)
   weights: jax.Array  # (B, G, N) from grpo.token_weights over the whole batch
   logp_ref: jax.Array | None = None  # (B, G, N), needed when β > 0
+  # (B, image tokens per pair, E): the pairs' image features, given when the vision tower is frozen
+  # (no gradient flows into it; `update` fills it in, the training step passes the rollout's).
+  image_embeds: jax.Array | None = None
 
 
 def policy_logprobs(model, input_ids, attention_mask, pixel_values, pair_grid, tokens, mask, chunk=8192,
@@ -136,9 +139,11 @@ def policy_logprobs(model, input_ids, attention_mask, pixel_values, pair_grid, t
 def loss_fn(params, graphdef, batch: PolicyBatch, pair_grid, cfg: LossConfig, chunk: int,
             prefix_sharing: bool = True):
   model = nnx.merge(graphdef, params)
+  feats = batch.image_embeds  # given: a frozen tower, so a constant here (no backward through it)
+  feats = None if feats is None else jax.lax.stop_gradient(feats.reshape(-1, feats.shape[-1]))
   logp, entropy = policy_logprobs(model, batch.input_ids, batch.attention_mask, batch.pixel_values,
                                   pair_grid, batch.tokens, batch.mask, chunk, with_entropy=True,
-                                  prefix_sharing=prefix_sharing)
+                                  prefix_sharing=prefix_sharing, image_embeds=feats)
   return grpo_loss(logp, batch.logp_old, batch.advantages, batch.weights, cfg, batch.logp_ref, entropy)
 
 
@@ -178,7 +183,17 @@ def all_finite(tree) -> jax.Array:
 def update(params, opt_state, graphdef, tx: optax.GradientTransformation, batch: PolicyBatch, pair_grid,
            loss_cfg: LossConfig, optim_cfg: OptimConfig, chunk: int = 8192, prefix_sharing: bool = True):
   """μ optimiser steps on the same rollouts → (params, opt_state, metrics). A pass whose loss or
-  gradients are not finite changes nothing (bit for bit) and is counted in `skipped_updates`."""
+  gradients are not finite changes nothing (bit for bit) and is counted in `skipped_updates`.
+
+  A frozen vision tower (`optim_cfg.freeze` has "vision") is run once, before the passes, unless
+  `batch.image_embeds` already holds its features: the loss then reads them as constants, so no
+  pass runs the tower again or differentiates through it (its gradient would be thrown away). The
+  same parameters, the same values; the reported `grad_norm` no longer counts the frozen tower."""
+  if "vision" in optim_cfg.freeze and batch.image_embeds is None and batch.pixel_values is not None:
+    model = nnx.merge(graphdef, params)
+    b = batch.pixel_values.shape[0]
+    feats = model.image_features(batch.pixel_values.reshape(-1, batch.pixel_values.shape[-1]), tuple(pair_grid) * b)
+    batch = batch._replace(image_embeds=jax.lax.stop_gradient(feats).reshape(b, -1, feats.shape[-1]))
 
   def one_pass(carry, _):
     params, opt_state, skipped = carry

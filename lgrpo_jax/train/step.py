@@ -112,13 +112,18 @@ def train_step(state: TrainState, ref_params, listener_params, batch: Batch, tab
   adv = advantages(total, cfg.loss)
 
   # 3. Old and reference log-probs (prompt once per pair), then the update.
-  logp_of = lambda params, gd, feats=None: jax.lax.stop_gradient(policy_logprobs(
+  logp_of = lambda params, gd, image_embeds=None: jax.lax.stop_gradient(policy_logprobs(
       nnx.merge(gd, params), batch.input_ids, batch.attention_mask, batch.pixel_values, pair_grid,
-      rollout.tokens, rollout.mask, cfg.logprob_chunk, prefix_sharing=cfg.prefix_sharing, image_embeds=feats))
-  logp_old = rollout.logprobs if cfg.old_logprobs == "sampler" else logp_of(state.params, graphdef)
+      rollout.tokens, rollout.mask, cfg.logprob_chunk, prefix_sharing=cfg.prefix_sharing,
+      image_embeds=image_embeds))
+  # Recomputed old log-probs: the sampling policy's own pass, so the rollout's image features.
+  logp_old = rollout.logprobs if cfg.old_logprobs == "sampler" else logp_of(state.params, graphdef, feats)
   logp_ref = logp_of(ref_params, graphdef, frozen_feats) if cfg.loss.beta > 0 else None
+  # A frozen vision tower gives the update the rollout's image features (the same parameters).
+  frozen_vision = "vision" in cfg.optim.freeze
   pb = PolicyBatch(batch.input_ids, batch.attention_mask, batch.pixel_values, rollout.tokens, rollout.mask,
-                   logp_old, adv, token_weights(rollout.mask, cfg.loss, batch.valid), logp_ref)
+                   logp_old, adv, token_weights(rollout.mask, cfg.loss, batch.valid), logp_ref,
+                   jax.lax.stop_gradient(feats).reshape(b, -1, feats.shape[-1]) if frozen_vision else None)
   params, opt_state, update_metrics = update(state.params, state.opt_state, graphdef, tx, pb, pair_grid,
                                              cfg.loss, cfg.optim, cfg.logprob_chunk, cfg.prefix_sharing)
 
