@@ -175,7 +175,9 @@ def build(raw: dict, model, *, pairs: int, samples: int, new_tokens: int, text_t
   if freeze_vision:  # the tower is neither run nor differentiated in the update
     fl["update"] = (3 * (policy_shared - F.matmul_flops(vis1)), 3 * (policy_copies - F.matmul_flops(vis_g)))
   return types.SimpleNamespace(params=params, opt_state=opt_state, prompt_len=p, logp=logp, listen=listen,
-                               update=step_update, rollout=rollout, flops=fl, suffix=suffix)
+                               update=step_update, rollout=rollout, flops=fl, suffix=suffix,
+                               parts=types.SimpleNamespace(graphdef=graphdef, tx=tx, batch=pb, pair_grid=pair_grid,
+                                                           loss_cfg=loss_cfg, optim_cfg=optim_cfg, chunk=chunk))
 
 
 def main() -> None:
