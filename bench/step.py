@@ -123,9 +123,10 @@ def build(raw: dict, model, *, pairs: int, samples: int, new_tokens: int, text_t
 
   # The listener's image features, for the reference phase when they are shared (the same weights),
   # and the rollout's, for the update when the tower is frozen (the same weights again, here).
-  encode = jax.jit(lambda prm: nnx.merge(graphdef, prm).image_features(flat, grid))
-  frozen_feats = encode(params) if share_frozen_vision else None
-  rollout_feats = encode(params).reshape(b, -1, cfg.text.hidden_size) if freeze_vision else None
+  feats = jax.jit(lambda prm: nnx.merge(graphdef, prm).image_features(flat, grid))(params) \
+      if share_frozen_vision or freeze_vision else None
+  frozen_feats = feats if share_frozen_vision else None
+  rollout_feats = feats.reshape(b, -1, cfg.text.hidden_size) if freeze_vision else None
 
   @functools.cache  # one compiled program per mode (the check and the timing share it)
   def logp(prefix_sharing):
