@@ -21,7 +21,7 @@ from lgrpo_jax.data.pipeline import PipelineConfig
 from lgrpo_jax.data.prompts import PromptConfig
 from lgrpo_jax.grpo.core import LossConfig
 from lgrpo_jax.grpo.update import OptimConfig
-from lgrpo_jax.models.qwen2_5_vl.config import ATTENTION, DECODE_ATTENTION, REMAT, ConfigError
+from lgrpo_jax.models.qwen2_5_vl.config import ATTENTION, DECODE_ATTENTION, DECODE_MATMUL, REMAT, ConfigError
 from lgrpo_jax.rewards import RewardConfig
 from lgrpo_jax.sampling import SamplingConfig
 from lgrpo_jax.sharding import MeshConfig
@@ -48,6 +48,9 @@ class ModelConfig:
   # The rollout's decode-loop attention: xla | pallas (one Pallas kernel per layer that also writes
   # the cache; GPUs; elsewhere it runs interpreted, for checking only). Not yet timed on a GPU.
   decode_attention: str = "xla"
+  # The rollout's decode-loop weight matmuls: xla | pallas (one Pallas kernel per matmul with the
+  # norms, bias, SwiGLU and residual adds folded in; GPUs, data/fsdp meshes). Not yet timed on a GPU.
+  decode_matmul: str = "xla"
 
   def __post_init__(self):
     if self.remat not in REMAT:
@@ -56,6 +59,8 @@ class ModelConfig:
       raise ConfigError(f"model.attention={self.attention!r}: choose one of {ATTENTION}")
     if self.decode_attention not in DECODE_ATTENTION:
       raise ConfigError(f"model.decode_attention={self.decode_attention!r}: choose one of {DECODE_ATTENTION}")
+    if self.decode_matmul not in DECODE_MATMUL:
+      raise ConfigError(f"model.decode_matmul={self.decode_matmul!r}: choose one of {DECODE_MATMUL}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -45,6 +45,7 @@ def build(cfg, mesh=None):
              else lgrpo_jax.load_hf(m.checkpoint, dtype=m.dtype, mesh=mesh))
   # set_decode_attention checks the model's head_dim against the kernel (a ConfigError naming it)
   model.set_remat(m.remat).set_attention(m.attention).set_decode_attention(m.decode_attention)
+  model.set_decode_matmul(m.decode_matmul)
   tokenizer = AutoTokenizer.from_pretrained(tok_dir)
   listener = None
   if m.listener is not None:

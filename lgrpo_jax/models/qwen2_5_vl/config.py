@@ -20,6 +20,7 @@ DTYPES = ("float32", "bfloat16")
 REMAT = ("none", "full", "dots")  # layers.REMAT_POLICIES
 ATTENTION = ("auto", "xla", "cudnn")  # layers.ATTENTION_IMPLS
 DECODE_ATTENTION = ("xla", "pallas")  # kernels.decode_attention
+DECODE_MATMUL = ("xla", "pallas")  # kernels.decode_matmul
 
 
 class ConfigError(ValueError):
@@ -97,6 +98,10 @@ class Qwen25VLConfig:
   # that also applies rotary and writes the cache (kernels/decode_attention.py); on GPUs only — elsewhere it runs under
   # Pallas' interpreter (slow, for checking). Not yet timed on a GPU, so not the default.
   decode_attention: str = "xla"
+  # Ours: the decode loop's weight matmuls ("xla" | "pallas"). pallas: one Pallas (Triton) kernel per
+  # matmul with the RMSNorm, bias, SwiGLU and residual adds folded in (kernels/decode_matmul.py); GPUs
+  # only (interpreted elsewhere), data/fsdp meshes. Not yet timed on a GPU, so not the default.
+  decode_matmul: str = "xla"
 
   def replace(self, **kw) -> "Qwen25VLConfig":
     out = dataclasses.replace(self, **kw)
@@ -313,6 +318,11 @@ def validate(cfg: Qwen25VLConfig, source: str = "config") -> None:
     why = check_shapes(t.head_dim)
     if why:
       raise ConfigError(f"{source}: decode_attention='pallas' cannot run this model: {why}")
+  if cfg.decode_matmul not in DECODE_MATMUL:
+    raise ConfigError(f"{source}: decode_matmul={cfg.decode_matmul!r} must be one of {DECODE_MATMUL}")
+  if cfg.decode_matmul == "pallas" and t.hidden_act != "silu":
+    raise ConfigError(f"{source}: decode_matmul='pallas' folds in SwiGLU with silu; this model's "
+                      f"text_config.hidden_act is {t.hidden_act!r}")
   for where, dt in (("param_dtype", cfg.param_dtype), ("dtype", cfg.dtype)):
     if dt not in DTYPES:
       raise ConfigError(f"{source}: {where}={dt!r} must be one of {DTYPES}")

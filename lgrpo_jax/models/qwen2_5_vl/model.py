@@ -43,6 +43,48 @@ class DecodeWeights(NamedTuple):
   down: jax.Array
 
 
+class DecodeWeightsKMajor(NamedTuple):
+  """`DecodeWeights` for the Pallas decode matmuls (`Qwen25VLConfig.decode_matmul = "pallas"`,
+  kernels/decode_matmul.py): every kernel (N, K), each output column's weights contiguous, replicated
+  on the mesh (gathered once per rollout, not per step). qkv (K·(h+2)·D, E) in `DecodeWeights.qkv`'s
+  column order, its bias (K·(h+2)·D,), o (E, H·D), gate_up (2, I, E), down (E, I)."""
+  qkv: jax.Array
+  qkv_bias: jax.Array
+  o: jax.Array
+  gate_up: jax.Array
+  down: jax.Array
+
+
+def _pallas_matmul(x_bgk, w, *, kind: str, norm=None, bias=None, residual=None):
+  """`kernels.decode_matmul` on (B, G, K) rows → (B, G, N). `norm`: the RMSNorm module to fold in;
+  `residual` (B, G, N). Under a mesh it runs per device on its rows (`shard_map`) with the weights
+  replicated: data/fsdp meshes only — a tensor-parallel mesh would need each matmul split by
+  columns or rows with a sum across devices, which this path does not do (decode_matmul="xla" does)."""
+  from lgrpo_jax.kernels.decode_matmul import decode_matmul  # imports Pallas: only when used
+  eps = None if norm is None else norm.eps
+  named = {"w": w, "norm_weight": None if norm is None else norm.weight[...], "bias": bias, "residual": residual}
+  named = {k: v for k, v in named.items() if v is not None}
+
+  def call(x, **kw):
+    b, g = x.shape[:2]
+    if "residual" in kw:
+      kw["residual"] = kw["residual"].reshape(b * g, -1)
+    y = decode_matmul(x.reshape(b * g, -1), kw.pop("w"), eps=eps if eps is not None else 1e-6, kind=kind, **kw)
+    return y.reshape(b, g, -1)
+
+  spec = active_spec(("batch", None, None), x_bgk.shape)
+  if spec is None:
+    return call(x_bgk, **named)
+  tensor = jax.sharding.get_abstract_mesh().shape.get("tensor", 1)
+  if tensor > 1:
+    raise ValueError(f"decode_matmul='pallas' runs on data/fsdp meshes only; this mesh has tensor={tensor} "
+                     "(use decode_matmul='xla' with tensor parallelism)")
+  rows = P(spec[0])
+  specs = {k: rows if k == "residual" else P() for k in named}
+  sharded = jax.shard_map(lambda x, kw: call(x, **kw), in_specs=(rows, specs), out_specs=rows, check_vma=False)
+  return sharded(x_bgk, named)
+
+
 def _mm(x, w, n_in: int = 1):
   """x · w contracting x's last n_in axes with w's first n_in (the Dense arithmetic)."""
   return jax.lax.dot_general(x.astype(w.dtype), w, ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))),
@@ -104,7 +146,8 @@ class DecoderLayer(nnx.Module):
     x_btd = x_btd + self.o_proj(o_btkhd.reshape(b, t, -1, self.head_dim))
     return x_btd + self.mlp(self.post_attention_layernorm(x_btd))
 
-  def decode_weights(self) -> DecodeWeights:
+  def decode_weights(self, k_major: bool = False) -> DecodeWeights | DecodeWeightsKMajor:
+    """The fused decode weights; `k_major`: their (N, K) layout for the Pallas matmuls."""
     k, h, d = self.kv_heads, self.groups, self.head_dim
     dt = self.q_proj.dtype
     q = self.q_proj.kernel[...]
@@ -113,6 +156,13 @@ class DecoderLayer(nnx.Module):
     bias = jnp.concatenate([self.q_proj.bias[...].reshape(k, h, d), self.k_proj.bias[...][:, None],
                             self.v_proj.bias[...][:, None]], axis=1).astype(dt)
     mlp = self.mlp
+    if k_major:  # transposed once per rollout; replicated (None names) so no step gathers them
+      e = qkv.shape[0]
+      rep = lambda a: constrain(a, (None,) * a.ndim)
+      return DecodeWeightsKMajor(
+          rep(qkv.reshape(e, -1).T), rep(bias.reshape(-1)), rep(self.o_proj.kernel[...].astype(dt).reshape(-1, e).T),
+          rep(jnp.stack([mlp.gate_proj.kernel[...].T, mlp.up_proj.kernel[...].T]).astype(dt)),
+          rep(mlp.down_proj.kernel[...].T.astype(dt)))
     gate_up = jnp.stack([mlp.gate_proj.kernel[...], mlp.up_proj.kernel[...]], axis=1).astype(dt)
     return DecodeWeights(constrain(qkv, ("embed", "kv_heads", None, "head_dim")), bias,
                          self.o_proj.kernel[...].astype(dt), constrain(gate_up, ("embed", None, "mlp")),
@@ -120,6 +170,9 @@ class DecoderLayer(nnx.Module):
 
   def decode_proj(self, x_bgd, w: DecodeWeights):
     """The fused q/k/v projection of one new token per sample, before rotary: (B, G, K, h+2, D)."""
+    if isinstance(w, DecodeWeightsKMajor):  # one kernel: norm, matmul, bias
+      y = _pallas_matmul(x_bgd, w.qkv, kind="qkv", norm=self.input_layernorm, bias=w.qkv_bias)
+      return y.reshape(*y.shape[:2], self.kv_heads, self.groups + 2, self.head_dim)
     return _mm(self.input_layernorm(x_bgd), w.qkv) + w.qkv_bias
 
   def decode_qkv(self, x_bgd, cos_bgd, sin_bgd, w: DecodeWeights):
@@ -133,6 +186,10 @@ class DecoderLayer(nnx.Module):
   def decode_finish(self, x_bgd, o_bgkhd, w: DecodeWeights):
     """`finish` with the fused gate/up kernel."""
     b, g = o_bgkhd.shape[:2]
+    if isinstance(w, DecodeWeightsKMajor):  # three kernels: o + residual, norm + gate/up + SwiGLU, down + residual
+      x_bgd = _pallas_matmul(o_bgkhd.reshape(b, g, -1), w.o, kind="o", residual=x_bgd)
+      hid = _pallas_matmul(x_bgd, w.gate_up, kind="gate_up", norm=self.post_attention_layernorm)
+      return _pallas_matmul(hid, w.down, kind="down", residual=x_bgd)
     x_bgd = x_bgd + _mm(o_bgkhd.reshape(b, g, -1, self.head_dim), w.o, 2)
     gu = _mm(self.post_attention_layernorm(x_bgd), w.gate_up)  # (B, G, 2, I)
     hid = constrain(self.mlp.act(gu[..., 0, :]) * gu[..., 1, :], ("batch", None, "mlp"))
@@ -174,6 +231,12 @@ class Qwen25VL(nnx.Module):
     """The decode loop's attention (`Qwen25VLConfig.decode_attention`: "xla" | "pallas"); the same
     values up to the order of fp32 sums."""
     self.config = self.config.replace(decode_attention=impl)
+    return self
+
+  def set_decode_matmul(self, impl: str) -> "Qwen25VL":
+    """The decode loop's weight matmuls (`Qwen25VLConfig.decode_matmul`: "xla" | "pallas"); the
+    same values up to the order of fp32 sums."""
+    self.config = self.config.replace(decode_matmul=impl)
     return self
 
   def set_attention(self, impl: str) -> "Qwen25VL":
@@ -249,7 +312,8 @@ class Qwen25VL(nnx.Module):
     """`unstacked_layers()` with each layer's fused decode weights: computed once, outside the decode
     loop. The loop reads only the fused q/k/v and gate/up kernels, so the per-layer slices of those
     weights are not needed there (whether XLA frees them early was not measured)."""
-    return [(layer, layer.decode_weights()) for layer in self.unstacked_layers()]
+    k_major = self.config.decode_matmul == "pallas"
+    return [(layer, layer.decode_weights(k_major)) for layer in self.unstacked_layers()]
 
   def new_cache(self, k_lbpkd, v_lbpkd, attention_mask_bp, num_samples: int, max_new_tokens: int) -> KVCache:
     """The decode loop's cache from `prefill`'s keys/values, in the layout `decode_step` reads on
