@@ -33,6 +33,13 @@ Two processes, one after the other (JAX and PyTorch each take the GPU's memory f
             the 3B shapes on its own (`decode_kernel`): the XLA path's µs per layer against the
             kernel's under a sweep of launch parameters (slots per chunk 64/128 × warps 2/4/8 ×
             stages 2/3); the fastest that matches the XLA path is kept for the decode timings.
+          With --decode-matmul …,pallas (the decode's weight matmuls as Pallas kernels with the norms,
+          bias, SwiGLU and residual adds folded in): the same tiny-model check (`parity_pallas`),
+          then each of the four matmuls of the 3B decoder layer at 32 rows over 36 layers' own
+          weights (`decode_matmul_kernel`): the XLA path's µs per layer and GB/s against the kernel's
+          under a sweep (block_n × block_k × split, then warps and stages around the best); the
+          fastest that matches is kept. Every decode variant is timed with each (attention, matmul)
+          pair of the two lists.
 
 Prints a table last; JSON of everything under --out. Each part and section reports its own failure
 and the rest goes on.
@@ -261,6 +268,12 @@ ATTENTION: tuple[str, ...] = ("xla", "cudnn")  # --attention: the forward's kern
 DECODE: list[tuple[str, int, float]] = []  # --decode: (model, rows, temperature) variants
 TRACE_DECODE = False
 DECODE_ATTENTION: tuple[str, ...] = ("xla",)  # --decode-attention: the decode loop's attention kernels
+DECODE_MATMUL: tuple[str, ...] = ("xla",)  # --decode-matmul: the decode loop's weight matmuls
+
+
+def decode_impls() -> list[tuple[str, str]]:
+  """The (attention, matmul) pairs each decode variant is timed with."""
+  return list(itertools.product(DECODE_ATTENTION, DECODE_MATMUL))
 ONLY: tuple[str, ...] = ()  # --only: the sections to run (parity and ceilings always run)
 
 
@@ -323,17 +336,23 @@ def jax_part(args, work: str) -> dict:
     return out
 
   def parity_pallas():
-    """The Pallas decode kernel as compiled here, against the XLA decode path: the same sampled
-    tokens from the tiny model in fp32 (its arithmetic is checked on CPU; this checks the GPU build)."""
+    """The Pallas decode kernels as compiled here, against the XLA decode path: the same sampled
+    tokens from the tiny model in fp32 (their arithmetic is checked on CPU; this checks the GPU
+    build), for each Pallas (attention, matmul) pair asked for."""
     batch = dict(np.load(os.path.join(work, "tiny_batch.npz")))
     m = lgrpo_jax.load_hf(os.path.join(work, "tiny_hf"), dtype="float32")
     gen_kw = dict(max_new_tokens=12, num_samples=4, temperature=1.0, seed=0, eos_token_id=[], pad_token_id=0)
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")}
     want = lgrpo_jax.generate(m, **inputs, **gen_kw)
-    got = lgrpo_jax.generate(m.set_decode_attention("pallas"), **inputs, **gen_kw)
-    out = {"tokens_equal": bool(np.array_equal(np.asarray(got.tokens), np.asarray(want.tokens))),
-           "logprob_diff": float(np.abs(np.asarray(got.logprobs) - np.asarray(want.logprobs)).max())}
-    out["ok"] = out["tokens_equal"] and out["logprob_diff"] < 1e-4
+    out = {}
+    for att, mm in decode_impls():
+      if att == mm == "xla":
+        continue
+      got = lgrpo_jax.generate(m.set_decode_attention(att).set_decode_matmul(mm), **inputs, **gen_kw)
+      out[f"{att}/{mm}"] = {"tokens_equal": bool(np.array_equal(np.asarray(got.tokens), np.asarray(want.tokens))),
+                            "logprob_diff": float(np.abs(np.asarray(got.logprobs) - np.asarray(want.logprobs)).max())}
+    m.set_decode_attention("xla").set_decode_matmul("xla")
+    out["ok"] = all(r["tokens_equal"] and r["logprob_diff"] < 1e-4 for r in out.values())
     if not out["ok"]:
       raise AssertionError(f"pallas decode differs from the XLA decode: {out}")
     return out
@@ -459,11 +478,124 @@ def jax_part(args, work: str) -> dict:
             "xla_us_per_layer": xla_us, "best": best, "saving_ms_per_step": (xla_us - best["us_per_layer"]) * nl / 1e3,
             "sweep": sweep}
 
+  def decode_matmul_kernel():
+    """The four weight matmuls of a 3B decoder layer at 32 rows (4 prompts × 8 samples), each over 36
+    layers' own weights (so they stream from HBM, as in the decode), on their own: the XLA path's ops
+    (`DecoderLayer.decode_proj` / `decode_finish`: RMSNorm, the matmul on the (K, N) weights, bias /
+    residual / SwiGLU) against `decode_matmul` on the (N, K) weights under a sweep. µs per layer = one
+    jitted call over all layers / layers; outputs compared with the XLA path's. The fastest matching
+    tuning per matmul is kept (`set_tuning`) for the decode timings that follow."""
+    from lgrpo_jax.kernels import decode_matmul as dm
+    from lgrpo_jax.models.qwen2_5_vl.model import _mm
+    t = sz["big"]["text_config"]
+    nl, e, inter = t["num_hidden_layers"], t["hidden_size"], t["intermediate_size"]
+    hd = e // t["num_attention_heads"]
+    n_qkv = (t["num_attention_heads"] + 2 * t["num_key_value_heads"]) * hd
+    rows, bf, f32 = 32, jnp.bfloat16, jnp.float32
+    ks = (jax.random.fold_in(jax.random.key(3), i) for i in itertools.count())
+    rnd = lambda *shape, s=1.0: (s * jax.random.normal(next(ks), shape, f32)).astype(bf)
+
+    def rms(x, w):  # layers.RMSNorm
+      x32 = x.astype(f32)
+      return w.astype(bf) * (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + 1e-6)).astype(bf)
+
+    kinds = {  # kind: (x, [(XLA-layout weight, kernel-layout weight) per layer], extras, xla fn, kernel kwargs)
+        "qkv": (e, (e, n_qkv), dict(norm=(e,), bias=(n_qkv,))),
+        "o": (e, (e, e), dict(residual=(rows, e))),
+        "gate_up": (e, (e, 2, inter), dict(norm=(e,))),
+        "down": (inter, (inter, e), dict(residual=(rows, e))),
+    }
+    iters = 2 if args.tiny else 20
+    out = {}
+    for kind, (k_in, w_shape, extra) in kinds.items():
+      x = rnd(rows, k_in)
+      ws = [rnd(*w_shape, s=k_in**-0.5) for _ in range(nl)]
+      wts = [jnp.moveaxis(w, 0, -1) for w in ws]  # (N, K) / (2, I, E)
+      ex = {k: rnd(*shp) for k, shp in extra.items()}
+
+      def xla_fn(x, ws, ex):
+        outs = []
+        for w in ws:
+          xi = rms(x, ex["norm"]) if "norm" in ex else x
+          y = _mm(xi, w)
+          if w.ndim == 3:
+            y = jax.nn.silu(y[:, 0]) * y[:, 1]
+          y = y + ex["bias"] if "bias" in ex else y
+          outs.append(ex["residual"] + y if "residual" in ex else y)
+        return outs
+
+      def pallas_fn(tuning):
+        def run(x, ws, ex):
+          return [dm.decode_matmul(x, w, norm_weight=ex.get("norm"), bias=ex.get("bias"),
+                                   residual=ex.get("residual"), tuning=tuning) for w in ws]
+        return run
+
+      def measure(fn, ws):
+        f = jax.jit(fn)
+        y = jax.block_until_ready(f(x, ws, ex))
+        times = []
+        for _ in range(max(args.runs, 3)):
+          t0 = time.perf_counter()
+          for _ in range(iters):
+            r = f(x, ws, ex)
+          jax.block_until_ready(r)
+          times.append((time.perf_counter() - t0) / iters)
+        return y, statistics.median(times) / nl * 1e6
+
+      nbytes = 2 * int(np.prod(w_shape))
+      ref, xla_us = measure(xla_fn, ws)
+
+      def sweep_one(tu, sweep):
+        try:
+          y, us = measure(pallas_fn(tu), wts)
+        except Exception as err:  # a tuning Triton rejects is reported, not fatal
+          sweep.append({**dataclasses.asdict(tu), "error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"})
+          return
+        diff = max(float(jnp.max(jnp.abs(a.astype(f32) - b.astype(f32)) / (1 + jnp.abs(b.astype(f32)))))
+                   for a, b in zip(y, ref))
+        sweep.append({**dataclasses.asdict(tu), "us_per_layer": us, "gbps": nbytes / us / 1e3,
+                      "max_rel_diff": diff, "ok": diff < 3e-2})
+
+      sweep: list = []
+      if args.tiny:
+        first = [dm.Tuning(block_n=16, block_k=64), dm.Tuning(block_n=32, block_k=64, split=2)]
+      else:  # tile sizes first (4 warps, 3 stages), then warps and stages around the best
+        first = ([dm.Tuning(bn, bk) for bn in ((32, 64, 128) if kind == "gate_up" else (16, 32))
+                  for bk in (128, 256, 512)] +
+                 [dm.Tuning(bn, 256, split=sp) for bn in ((64, 128) if kind == "gate_up" else (32, 64))
+                  for sp in (2, 4)])
+      for tu in first:
+        sweep_one(tu, sweep)
+      good = [r for r in sweep if r.get("ok")]
+      if good and not args.tiny:
+        b0 = min(good, key=lambda r: r["us_per_layer"])
+        for w_, st in ((2, 3), (8, 3), (4, 2), (4, 4), (8, 4)):
+          sweep_one(dm.Tuning(b0["block_n"], b0["block_k"], b0["split"], w_, st), sweep)
+        good = [r for r in sweep if r.get("ok")]
+      if not good:
+        out[kind] = {"xla_us_per_layer": xla_us, "error": "no tuning ran and matched", "sweep": sweep}
+        continue
+      best = min(good, key=lambda r: r["us_per_layer"])
+      dm.set_tuning(kind, dm.Tuning(best["block_n"], best["block_k"], best["split"], best["num_warps"],
+                                    best["num_stages"]))
+      out[kind] = {"weight_mb": nbytes / 1e6, "xla_us_per_layer": xla_us, "xla_gbps": nbytes / xla_us / 1e3,
+                   "best": best, "sweep": sweep}
+      print(f"jax: decode matmul {kind}: xla {xla_us:.1f} µs, pallas {best['us_per_layer']:.1f} µs "
+            f"({best['gbps']:.0f} GB/s)", flush=True)
+      ws = wts = ref = None  # this kind's weights go before the next kind's are made
+    fine = [v for v in out.values() if "best" in v]
+    out["saving_ms_per_step"] = sum(v["xla_us_per_layer"] - v["best"]["us_per_layer"] for v in fine) * nl / 1e3
+    out["rows"], out["layers"] = rows, nl
+    return out
+
   section(res, "parity", parity, save)
-  if "pallas" in DECODE_ATTENTION:
+  if "pallas" in DECODE_ATTENTION or "pallas" in DECODE_MATMUL:
     section(res, "parity_pallas", parity_pallas, save)
     if (not ONLY or "decode" in ONLY) and "error" not in res["parity_pallas"]:
-      section(res, "decode_kernel", decode_kernel, save)
+      if "pallas" in DECODE_ATTENTION:
+        section(res, "decode_kernel", decode_kernel, save)
+      if "pallas" in DECODE_MATMUL:
+        section(res, "decode_matmul_kernel", decode_matmul_kernel, save)
   section(res, "ceilings", ceilings, save)
   peak = res["ceilings"].get("matmul_tflops", float("nan")) * 1e12
   # The copy ceiling: the better of this probe and PyTorch's device-to-device copy (torch part).
@@ -611,7 +743,8 @@ def jax_part(args, work: str) -> dict:
       # every sample's N suffix slots (all slots are read; the not-yet-written ones are masked).
       kv_bytes = 2 * 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * b * (p + g * n)
       moved = weight_bytes + kv_bytes
-      res = {"model": name, "decode_attention": mcfg.decode_attention, "rows": b * g, "temperature": temperature,
+      res = {"model": name, "decode_attention": mcfg.decode_attention, "decode_matmul": mcfg.decode_matmul,
+             "rows": b * g, "temperature": temperature,
              "prompt": p, "new_tokens": n,
              "steps": steps, "s": t_all, "prefill_s": t_pre, "step_ms": per_step * 1e3, "compile_s": compile_s,
              "weights_gb": weight_bytes / 1e9, "kv_gb": kv_bytes / 1e9,
@@ -619,7 +752,8 @@ def jax_part(args, work: str) -> dict:
              "read_frac": moved / per_step / read_bw,
              "tokens_per_s": b * g * steps / t_all}
       if trace:
-        res["trace"] = trace_decode(sample, steps, mcfg.decode_attention)
+        res["trace"] = trace_decode(sample, steps, "_".join(sorted({mcfg.decode_attention, mcfg.decode_matmul}
+                                                                   - {"xla"})) or "xla")
       return res
     return run
 
@@ -669,15 +803,16 @@ def jax_part(args, work: str) -> dict:
       built[name] = (lgrpo_jax.from_config(raw, dtype="bfloat16", param_dtype="bfloat16", seed=0), raw)
     model, raw = built[name]
     model.set_attention(default_impl)
-    for impl in DECODE_ATTENTION:
-      key = f"decode_{name}_{rows}_t{temp:g}" + ("" if impl == "xla" else f"_{impl}")
-      if impl == "pallas" and "error" in res.get("parity_pallas", {}):
-        res[key] = {"error": "skipped: the kernel failed its parity check"}
+    for att, mm in decode_impls():
+      key = f"decode_{name}_{rows}_t{temp:g}" + ("" if att == "xla" else f"_{att}") + (
+          "" if mm == "xla" else f"_mm_{mm}")
+      if "pallas" in (att, mm) and "error" in res.get("parity_pallas", {}):
+        res[key] = {"error": "skipped: the kernels failed their parity check"}
         continue
-      model.set_decode_attention(impl)
+      model.set_decode_attention(att).set_decode_matmul(mm)
       trace = TRACE_DECODE and i == 0
       section(res, key, decode(model, raw, name, rows, temp, trace), save)
-    model.set_decode_attention("xla")
+    model.set_decode_attention("xla").set_decode_matmul("xla")
   stats = dev.memory_stats() or {}
   res["peak_mem_gib"] = stats.get("peak_bytes_in_use", 0) / 2**30
   return res
@@ -697,9 +832,9 @@ def table(tr: dict, jr: dict, tiny: bool) -> str:
                f"{'ok' if par.get('ok') else 'FAILED ' + par.get('error', '')}")
   pp = jr.get("parity_pallas")
   if pp is not None:
-    lines.append("pallas decode vs xla decode (tiny, fp32, 4 × 12 sampled tokens): " + (
-        f"tokens equal {pp['tokens_equal']}, max log-prob diff {pp['logprob_diff']:.1e}" if "ok" in pp
-        else f"FAILED {pp.get('error')}"))
+    lines.append("pallas decode vs xla decode (tiny, fp32, 4 × 12 sampled tokens; attention/matmul): " + (
+        "; ".join(f"{k}: tokens equal {v['tokens_equal']}, max log-prob diff {v['logprob_diff']:.1e}"
+                  for k, v in pp.items() if isinstance(v, dict)) if "ok" in pp else f"FAILED {pp.get('error')}"))
   c = jr.get("ceilings", {})
   lines.append(f"measured ceilings: bf16 matmul {c.get('matmul_tflops', nan):.0f} TFLOP/s; copy (read + write) "
                f"{c.get('copy_gbps', nan):.0f} GB/s (jax x·2), {c.get('torch_copy_gbps') or nan:.0f} GB/s "
@@ -738,7 +873,7 @@ def table(tr: dict, jr: dict, tiny: bool) -> str:
                  f"({u['tokens']} tokens), plan = remat:micro-batches:attention; best MFU {u['mfu']:.0%}")
   else:
     lines.append(f"update: {u.get('error')}")
-  lines.append(f"{'decode':31s} {'ms/step':>9s} {'GB/step':>8s} {'GB/s':>8s} {'of copy':>8s} {'of read':>8s}  notes")
+  lines.append(f"{'decode':40s} {'ms/step':>9s} {'GB/step':>8s} {'GB/s':>8s} {'of copy':>8s} {'of read':>8s}  notes")
   dkr = jr.get("decode_kernel")
   if dkr is not None:
     if "best" in dkr:
@@ -753,21 +888,41 @@ def table(tr: dict, jr: dict, tiny: bool) -> str:
                                                                   else "failed") for r in dkr["sweep"]))
     else:
       lines.append(f"decode attention per layer: {dkr.get('error')}")
+  dmk = jr.get("decode_matmul_kernel")
+  if dmk is not None:
+    if "error" in dmk and "rows" not in dmk:
+      lines.append(f"decode matmuls per layer: {dmk.get('error')}")
+    else:
+      lines.append(f"decode matmuls per layer ({dmk['rows']} rows, {dmk['layers']} layers' weights), xla vs pallas "
+                   f"(block_n/block_k/split/warps/stages): {dmk['saving_ms_per_step']:.2f} ms less per step")
+      for kind in ("qkv", "o", "gate_up", "down"):
+        v = dmk.get(kind, {})
+        if "best" in v:
+          bst = v["best"]
+          lines.append(f"  {kind:8s} {v['weight_mb']:6.1f} MB: xla {v['xla_us_per_layer']:6.1f} µs "
+                       f"({v['xla_gbps']:5.0f} GB/s), pallas {bst['us_per_layer']:6.1f} µs ({bst['gbps']:5.0f} GB/s) "
+                       f"{bst['block_n']}/{bst['block_k']}/{bst['split']}/{bst['num_warps']}/{bst['num_stages']}, "
+                       f"max rel diff {bst['max_rel_diff']:.1e}; sweep: " + ", ".join(
+                           f"{r['block_n']}/{r['block_k']}/{r['split']}/{r['num_warps']}/{r['num_stages']} "
+                           + (f"{r['us_per_layer']:.1f}" if "us_per_layer" in r else "failed") for r in v["sweep"]))
+        elif v:
+          lines.append(f"  {kind}: {v.get('error')}")
   for key, d in jr.items():
-    if not key.startswith("decode_") or key == "decode_kernel" or not isinstance(d, dict):
+    if not key.startswith("decode_") or key in ("decode_kernel", "decode_matmul_kernel") or not isinstance(d, dict):
       continue
     if "step_ms" in d:
       sampling = "greedy" if d["temperature"] == 0 else "sampled"
       what = f"{d['model']} {d['rows']} rows {sampling}" + (
-          "" if d.get("decode_attention", "xla") == "xla" else f" {d['decode_attention']}")
-      lines.append(f"{what:31s} {d['step_ms']:9.2f} "
+          "" if d.get("decode_attention", "xla") == "xla" else f" {d['decode_attention']}") + (
+          "" if d.get("decode_matmul", "xla") == "xla" else f" mm:{d['decode_matmul']}")
+      lines.append(f"{what:40s} {d['step_ms']:9.2f} "
                    f"{d['weights_gb'] + d['kv_gb']:8.2f} {d['gbps']:8.0f} {d['hbm_frac']:8.0%} {d.get('read_frac', nan):8.0%}  "
                    f"prompt {d['prompt']}, "
                    f"{d['steps']} steps, weights {d['weights_gb']:.2f} GB + KV {d['kv_gb']:.2f} GB; "
                    f"{d['tokens_per_s']:.0f} tok/s incl. prefill")
       tr_ = d.get("trace")
       if tr_ and "kernels" in tr_:
-        lines.append(f"{'  (traced)':31s} {tr_['kernels_per_step']:.0f} kernels per step; device busy "
+        lines.append(f"{'  (traced)':40s} {tr_['kernels_per_step']:.0f} kernels per step; device busy "
                      f"{tr_['busy_ms']:.1f} of {tr_['span_ms']:.1f} ms")
     else:
       lines.append(f"{key}: {d.get('error')}")
@@ -802,19 +957,22 @@ def main() -> None:
   ap.add_argument("--trace-decode", action="store_true", help="trace the first decode variant (kernels per step)")
   ap.add_argument("--decode-attention", default="xla",
                   help="the decode loop's attention, each decode variant timed with each: xla,pallas")
+  ap.add_argument("--decode-matmul", default="xla",
+                  help="the decode loop's weight matmuls, each decode variant timed with each: xla,pallas")
   ap.add_argument("--part", choices=("torch", "jax"), help=argparse.SUPPRESS)
   ap.add_argument("--work", help=argparse.SUPPRESS)
   ap.add_argument("--out-dir", help=argparse.SUPPRESS)
   args = ap.parse_args()
 
   if args.part:
-    global DEADLINE, ONLY, PLANS, ALL_PLANS, ATTENTION, DECODE, TRACE_DECODE, DECODE_ATTENTION
+    global DEADLINE, ONLY, PLANS, ALL_PLANS, ATTENTION, DECODE, TRACE_DECODE, DECODE_ATTENTION, DECODE_MATMUL
     ONLY = tuple(("parity,ceilings," + args.only).split(",")) if args.only else ()
     PLANS = parse_plans(args.plans) if args.plans else []
     ALL_PLANS, TRACE_DECODE = args.all_plans, args.trace_decode
     ATTENTION = tuple(args.attention.split(","))
     DECODE = parse_decode(args.decode) if args.decode else []
     DECODE_ATTENTION = tuple(args.decode_attention.split(","))
+    DECODE_MATMUL = tuple(args.decode_matmul.split(","))
     DEADLINE = time.perf_counter() + args.budget if args.budget else None
     fn = torch_part if args.part == "torch" else jax_part
     res = fn(args, args.work)
@@ -832,7 +990,8 @@ def main() -> None:
     t0 = time.perf_counter()
     cmd = [sys.executable, os.path.abspath(__file__), "--part", part, "--work", work, "--out-dir", out,
            "--runs", str(args.runs), "--budget", str(max(1.0, args.budget - (time.perf_counter() - start))),
-           f"--attention={args.attention}", f"--decode-attention={args.decode_attention}"]
+           f"--attention={args.attention}", f"--decode-attention={args.decode_attention}",
+           f"--decode-matmul={args.decode_matmul}"]
     cmd += [f"--only={args.only}"] if args.only else []
     cmd += [f"--plans={args.plans}"] if args.plans else []
     cmd += [f"--decode={args.decode}"] if args.decode else []
