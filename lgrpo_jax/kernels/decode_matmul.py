@@ -63,11 +63,13 @@ class Tuning:
   num_stages: int = 3
 
 
-# 3B shapes at 32 rows on a 132-SM GPU: ~128–172 programs per matmul (one wave).
+# 3B shapes at 32 rows on a 132-SM GPU: ~128–172 programs per matmul (one wave). Shared memory per
+# program ≈ num_stages × (32 + block_n · (2 if gate_up else 1)) × block_k × 2 bytes: 120 KB for gate_up
+# here (block_k 256 would be 240 KB, over an H100's 227 KB).
 TUNING: dict[str, Tuning] = {
     "qkv": Tuning(block_n=16),  # N = 2,560: 160 programs
     "o": Tuning(block_n=16),  # N = 2,048: 128
-    "gate_up": Tuning(block_n=64),  # N = 11,008 (gate and up each): 172
+    "gate_up": Tuning(block_n=64, block_k=128),  # N = 11,008 (gate and up each): 172
     "down": Tuning(block_n=16),  # N = 2,048, K = 11,008: 128
 }
 
