@@ -2,9 +2,9 @@
 
 At a few dozen rows a decode step is a pass over the weights, and the XLA path spends a third of it
 outside the weight matmuls (H200 trace, 3B config, 32 rows: per layer the four matmuls take 53 µs —
-q/k/v and o at 1.7 TB/s, gate/up 3.5, down 2.9 — and ~14 small fusions 1.3–2.3 µs each: the two
-RMSNorms, the bias add, SwiGLU, the residual adds; docs/PERFORMANCE.md). Here each matmul is one
-kernel that also does its neighbours' work:
+q/k/v and o at 1.7 TB/s, gate/up 3.5, down 2.9, as XLA's autotuned Triton GEMM fusions — and ~14
+small fusions of 1.3–2.3 µs each: the two RMSNorms, the bias add, SwiGLU, the residual adds among
+them; docs/PERFORMANCE.md). Here each matmul is one kernel that also does its neighbours' work:
 
     qkv  = RMSNorm(x; w_in) · W_qkvᵀ + b                                 norm prologue, bias epilogue
     x    = x + o · W_oᵀ                                                   residual epilogue
