@@ -101,6 +101,9 @@ def check(cfg) -> None:
   if cfg.pipeline.global_batch % cfg.step.optim.micro_batches:
     raise ConfigError(f"pipeline.global_batch={cfg.pipeline.global_batch} is not divisible by "
                       f"step.optim.micro_batches={cfg.step.optim.micro_batches}")
+  if cfg.model.decode_matmul == "pallas" and sizes[2] > 1:
+    raise ConfigError(f"model.decode_matmul='pallas' runs on data/fsdp meshes only; mesh.tensor={sizes[2]} "
+                      "(use model.decode_matmul=xla with tensor parallelism)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -42,9 +42,11 @@ def test_overrides_are_typed_and_checked():
     ("data.source=hpdv2", "data.path is required"),
     ("sft.teacher=targets", "sft.targets_path is required for sft.teacher='targets'"),
     ("sft.teacher_accuracy=1.5", "sft.teacher_accuracy=1.5 must be in [0, 1]"),
+    ("model.decode_matmul=cublas", "model.decode_matmul='cublas': choose one of"),
+    ("model.decode_matmul=pallas mesh.tensor=2", "model.decode_matmul='pallas' runs on data/fsdp meshes only"),
 ])
 def test_bad_input_is_one_clear_error_before_compiling(tmp_path, capsys, override, message):
-  rc = launch.main(["--config", DEMO, f"run_dir={tmp_path}", override])
+  rc = launch.main(["--config", DEMO, f"run_dir={tmp_path}", *override.split()])
   assert rc == 2
   assert message in capsys.readouterr().err
 
