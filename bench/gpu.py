@@ -905,6 +905,11 @@ def table(tr: dict, jr: dict, tiny: bool) -> str:
                            + (f"{r['us_per_layer']:.1f}" if "us_per_layer" in r else "failed") for r in v["sweep"]))
         elif v:
           lines.append(f"  {kind}: {v.get('error')}")
+      best = {k: v["best"] for k, v in dmk.items() if isinstance(v, dict) and "best" in v}
+      if best:  # what to write into kernels/decode_matmul.py's TUNING if the Pallas decode wins
+        lines.append("  as TUNING: {" + ", ".join(
+            f'"{k}": Tuning({b["block_n"]}, {b["block_k"]}, {b["split"]}, {b["num_warps"]}, {b["num_stages"]})'
+            for k, b in best.items()) + "}")
   for key, d in jr.items():
     if not key.startswith("decode_") or key in ("decode_kernel", "decode_matmul_kernel") or not isinstance(d, dict):
       continue
