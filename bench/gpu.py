@@ -37,7 +37,8 @@ Two processes, one after the other (JAX and PyTorch each take the GPU's memory f
           bias, SwiGLU and residual adds folded in): the same tiny-model check (`parity_pallas`),
           then each of the four matmuls of the 3B decoder layer at 32 rows over 36 layers' own
           weights (`decode_matmul_kernel`): the XLA path's µs per layer and GB/s against the kernel's
-          under a sweep (5 tile shapes, then warps and stages around the best: 8 per matmul); the
+          under a sweep (5 tile shapes, then warps, stages and `prenorm` around the best: 8–9 per
+          matmul); the
           fastest that matches is kept. Every decode variant is timed with each (attention, matmul)
           pair of the two lists.
 
@@ -558,7 +559,7 @@ def jax_part(args, work: str) -> dict:
 
       sweep: list = []
       if args.tiny:
-        first = [dm.Tuning(block_n=16, block_k=64), dm.Tuning(block_n=32, block_k=64, split=2)]
+        first = [dm.Tuning(block_n=16, block_k=64), dm.Tuning(block_n=32, block_k=64, split=2, prenorm=True)]
       else:  # tile sizes first (4 warps, 3 stages), then warps and stages around the best
         first = ([dm.Tuning(bn, bk) for bn in ((32, 64) if kind == "gate_up" else (16, 32)) for bk in (128, 256)] +
                  [dm.Tuning(128 if kind == "gate_up" else 64, 128, split=2)])
@@ -569,13 +570,15 @@ def jax_part(args, work: str) -> dict:
         b0 = min(good, key=lambda r: r["us_per_layer"])
         for w_, st in ((2, 3), (8, 3), (4, 4)):
           sweep_one(dm.Tuning(b0["block_n"], b0["block_k"], b0["split"], w_, st), sweep)
+        if "norm" in extra:  # the rows' 1/rms by XLA instead of a pass over x in every program
+          sweep_one(dm.Tuning(b0["block_n"], b0["block_k"], b0["split"], 4, 3, prenorm=True), sweep)
         good = [r for r in sweep if r.get("ok")]
       if not good:
         out[kind] = {"xla_us_per_layer": xla_us, "error": "no tuning ran and matched", "sweep": sweep}
         continue
       best = min(good, key=lambda r: r["us_per_layer"])
       dm.set_tuning(kind, dm.Tuning(best["block_n"], best["block_k"], best["split"], best["num_warps"],
-                                    best["num_stages"]))
+                                    best["num_stages"], best["prenorm"]))
       out[kind] = {"weight_mb": nbytes / 1e6, "xla_us_per_layer": xla_us, "xla_gbps": nbytes / xla_us / 1e3,
                    "best": best, "sweep": sweep}
       print(f"jax: decode matmul {kind}: xla {xla_us:.1f} µs, pallas {best['us_per_layer']:.1f} µs "
@@ -899,16 +902,18 @@ def table(tr: dict, jr: dict, tiny: bool) -> str:
           bst = v["best"]
           lines.append(f"  {kind:8s} {v['weight_mb']:6.1f} MB: xla {v['xla_us_per_layer']:6.1f} µs "
                        f"({v['xla_gbps']:5.0f} GB/s), pallas {bst['us_per_layer']:6.1f} µs ({bst['gbps']:5.0f} GB/s) "
-                       f"{bst['block_n']}/{bst['block_k']}/{bst['split']}/{bst['num_warps']}/{bst['num_stages']}, "
+                       f"{bst['block_n']}/{bst['block_k']}/{bst['split']}/{bst['num_warps']}/{bst['num_stages']}"
+                       f"{'/prenorm' if bst['prenorm'] else ''}, "
                        f"max rel diff {bst['max_rel_diff']:.1e}; sweep: " + ", ".join(
-                           f"{r['block_n']}/{r['block_k']}/{r['split']}/{r['num_warps']}/{r['num_stages']} "
-                           + (f"{r['us_per_layer']:.1f}" if "us_per_layer" in r else "failed") for r in v["sweep"]))
+                           f"{r['block_n']}/{r['block_k']}/{r['split']}/{r['num_warps']}/{r['num_stages']}"
+                           f"{'/prenorm' if r['prenorm'] else ''} " + (f"{r['us_per_layer']:.1f}" if "us_per_layer" in r else "failed") for r in v["sweep"]))
         elif v:
           lines.append(f"  {kind}: {v.get('error')}")
       best = {k: v["best"] for k, v in dmk.items() if isinstance(v, dict) and "best" in v}
       if best:  # what to write into kernels/decode_matmul.py's TUNING if the Pallas decode wins
         lines.append("  as TUNING: {" + ", ".join(
-            f'"{k}": Tuning({b["block_n"]}, {b["block_k"]}, {b["split"]}, {b["num_warps"]}, {b["num_stages"]})'
+            f'"{k}": Tuning({b["block_n"]}, {b["block_k"]}, {b["split"]}, {b["num_warps"]}, {b["num_stages"]}'
+            + (", prenorm=True)" if b["prenorm"] else ")")
             for k, b in best.items()) + "}")
   for key, d in jr.items():
     if not key.startswith("decode_") or key in ("decode_kernel", "decode_matmul_kernel") or not isinstance(d, dict):

@@ -38,7 +38,8 @@ def xla_path(x, w, norm_weight=None, bias=None, residual=None, eps=1e-6):
 
 FORMS = {  # (gated, norm, bias, residual): the four matmuls of a decoder layer, and a bare one
     "qkv": (False, True, True, False), "o": (False, False, False, True), "gate_up": (True, True, False, False),
-    "down": (False, False, False, True), "bare": (False, False, False, False)}
+    "down": (False, False, False, True), "bare": (False, False, False, False),
+    "qkv_prenorm": (False, True, True, False), "gate_up_prenorm": (True, True, False, False)}  # 1/rms by XLA
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -52,7 +53,7 @@ def test_kernel_equals_xla_path(dtype, form, m, k, n, split):
   f = lambda *s: jnp.asarray(rng.standard_normal(s), dtype)
   x, w = f(m, k), f(2, n, k) if gated else f(n, k)
   kw = dict(norm_weight=f(k) if norm else None, bias=f(n) if bias else None, residual=f(m, n) if residual else None)
-  got = decode_matmul(x, w, **kw, tuning=Tuning(block_n=16, block_k=16, split=split))
+  got = decode_matmul(x, w, **kw, tuning=Tuning(block_n=16, block_k=16, split=split, prenorm="prenorm" in form))
   want = xla_path(x, w, **kw)
   assert got.shape == (m, n) and got.dtype == jnp.dtype(dtype)
   got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
@@ -109,10 +110,21 @@ def test_kernels_lower_to_triton_at_3b_shapes_without_masked_weight_loads(kind, 
   ir = capsys.readouterr().out
   weight_loads = [line for line in ir.splitlines() if re.search(rf"tt.load .*tensor<{t.block_n}x{t.block_k}x", line)]
   assert len(weight_loads) == (2 if kind == "gate_up" else 1), weight_loads
+  norm_pass = [line for line in ir.splitlines() if "scf.for" in line and "-> (tensor<32xf32>)" in line]
+  assert len(norm_pass) == (1 if kind in ("qkv", "gate_up") else 0), norm_pass  # the Σx² loop
   for line in weight_loads:
     assert re.search(r"tt.load %\w+ :", line), line  # the pointer alone: no mask, no fill value
   dots = [line for line in ir.splitlines() if "tt.dot " in line]
   assert len(dots) == len(weight_loads) and all("xbf16> * tensor<" in d and "xf32>" in d for d in dots)
+
+
+def test_prenorm_takes_the_rms_from_xla_instead_of_a_pass_in_the_kernel(capsys):
+  """`Tuning.prenorm`: no Σx² loop in the kernel; one XLA reduction before it, its (M,) fp32 result an
+  operand of the Triton call."""
+  text = lower_3b("qkv", Tuning(block_n=16, prenorm=True), debug=True)
+  ir = capsys.readouterr().out
+  assert not [line for line in ir.splitlines() if "scf.for" in line and "-> (tensor<32xf32>)" in line]
+  assert re.search(r"stablehlo.reduce.*\n?.*tensor<32xf32>", text) and "tensor<32xf32>, tensor<2560xbf16>" in text
 
 
 def test_tuning_reaches_the_triton_call():

@@ -17,7 +17,8 @@ Weights are (N, K) — "K-major": each output column's weights contiguous — ma
 (`DecoderLayer.decode_weights`). Program (i, j, s) computes rows i·bm…, columns j·bn… over the s-th
 of `split` ranges of K:
 
-    if norm:   r = rsqrt(Σ_k x² / K + eps) over the row block's whole K (x is small; from L2)
+    if norm:   r = rsqrt(Σ_k x² / K + eps) over the row block's whole K (x is small; from L2), or
+               from XLA (`Tuning.prenorm`)
     for each (bm, bk) tile of x and (bn, bk) tile of W in the range:
       x̂ = w_norm · bf(x · r)   (if norm: exactly `layers.RMSNorm`'s rounding)
       acc += x̂ · Wᵀ            (fp32 accumulation; IEEE fp32 products for fp32 weights)
@@ -54,13 +55,17 @@ KINDS = ("qkv", "o", "gate_up", "down")
 class Tuning:
   """Launch parameters of one matmul: `block_n` output columns and `block_k` of the contraction per
   program step, `split` programs along K (fp32 partials summed by XLA when > 1), Triton's
-  `num_warps` and `num_stages` (software pipelining of the weight loads). First guesses, not
-  measured: `bench/gpu.py --decode-matmul …,pallas` sweeps them per matmul on its GPU."""
+  `num_warps` and `num_stages` (software pipelining of the weight loads). `prenorm` (the RMSNorm
+  forms only): the rows' 1/rms computed by XLA before the kernel (one small reduction) instead of
+  by a first pass over x in every program — that pass reads x from L2 once more per program, which
+  for q/k/v at block_n 16 is twice the weights' bytes. First guesses, not measured:
+  `bench/gpu.py --decode-matmul …,pallas` sweeps them per matmul on its GPU."""
   block_n: int = 32
   block_k: int = 256
   split: int = 1
   num_warps: int = 4
   num_stages: int = 3
+  prenorm: bool = False
 
 
 # 3B shapes at 32 rows on a 132-SM GPU: ~128–172 programs per matmul (one wave). Shared memory per
@@ -126,10 +131,12 @@ def _full(mask, shape):
   return None if mask is None else jnp.broadcast_to(mask, shape)
 
 
-def _kernel(*refs, m, k, n, bm, bn, bk, steps, k_mask, norm, eps, bias, residual, gated, split, prec, dt):
+def _kernel(*refs, m, k, n, bm, bn, bk, steps, k_mask, norm, prenorm, eps, bias, residual, gated, split, prec,
+            dt):
   refs = list(refs)
   x_ref, w_ref = refs.pop(0), refs.pop(0)
   nw_ref = refs.pop(0) if norm else None
+  inv_ref = refs.pop(0) if norm and prenorm else None
   b_ref = refs.pop(0) if bias and split == 1 else None
   r_ref = refs.pop(0) if residual and split == 1 else None
   (out_ref,) = refs
@@ -146,7 +153,9 @@ def _kernel(*refs, m, k, n, bm, bn, bk, steps, k_mask, norm, eps, bias, residual
     k_ok = (k0 + lanes < k)[None, :] if k_mask else None
     return _load(x_ref.at[pl.ds(i * bm, bm), pl.ds(k0, bk)], _and(row_ok, k_ok)), k_ok
 
-  if norm:
+  if norm and prenorm:
+    inv = _load(inv_ref.at[pl.ds(i * bm, bm)], None if row_ok is None else row_ok[:, 0])
+  elif norm:
     def sum_sq(c, acc):
       x = x_tile(c * bk)[0].astype(f32)
       return acc + jnp.sum(x * x, axis=1)
@@ -220,9 +229,12 @@ def decode_matmul(x_mk, w, *, norm_weight=None, eps: float = 1e-6, bias=None, re
   prec = jax.lax.Precision.HIGHEST if w.dtype == jnp.float32 else jax.lax.Precision.DEFAULT
   k_mask = k % bk != 0 or pl.cdiv(k, bk) % split != 0  # else no tile reaches past K
   kernel = functools.partial(_kernel, m=m, k=k, n=n, bm=bm, bn=bn, bk=bk, steps=steps, k_mask=k_mask, norm=norm_weight is not None,
-                             eps=eps, bias=bias is not None, residual=residual is not None, gated=gated, split=split,
+                             prenorm=tuning.prenorm, eps=eps, bias=bias is not None, residual=residual is not None, gated=gated, split=split,
                              prec=prec, dt=dt)
   args = [x_mk, w.reshape(2 * n, k) if gated else w] + [a for a in (norm_weight,) if a is not None]
+  if norm_weight is not None and tuning.prenorm:  # `layers.RMSNorm`'s 1/rms, by XLA
+    x32 = x_mk.astype(jnp.float32)
+    args.append(jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1) + eps))
   if split == 1:
     args += [a for a in (bias, residual) if a is not None]
     out_shape = jax.ShapeDtypeStruct((m, n), dt)
