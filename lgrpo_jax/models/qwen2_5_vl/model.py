@@ -47,29 +47,31 @@ class DecodeWeightsKMajor(NamedTuple):
   """`DecodeWeights` for the Pallas decode matmuls (`Qwen25VLConfig.decode_matmul = "pallas"`,
   kernels/decode_matmul.py): every kernel (N, K), each output column's weights contiguous, replicated
   on the mesh (gathered once per rollout, not per step). qkv (K·(h+2)·D, E) in `DecodeWeights.qkv`'s
-  column order, its bias (K·(h+2)·D,), o (E, H·D), gate_up (2, I, E), down (E, I)."""
+  column order, its bias (K·(h+2)·D,), o (E, H·D), gate_up (2, I, E), down (E, I), and the two
+  RMSNorm weights (E,) that the q/k/v and gate/up kernels fold in."""
   qkv: jax.Array
   qkv_bias: jax.Array
   o: jax.Array
   gate_up: jax.Array
   down: jax.Array
+  input_norm: jax.Array
+  post_norm: jax.Array
 
 
-def _pallas_matmul(x_bgk, w, *, kind: str, norm=None, bias=None, residual=None):
-  """`kernels.decode_matmul` on (B, G, K) rows → (B, G, N). `norm`: the RMSNorm module to fold in;
-  `residual` (B, G, N). Under a mesh it runs per device on its rows (`shard_map`) with the weights
+def _pallas_matmul(x_bgk, w, *, kind: str, norm=None, eps: float = 1e-6, bias=None, residual=None):
+  """`kernels.decode_matmul` on (B, G, K) rows → (B, G, N). `norm` (K,): the RMSNorm weight to
+  fold in (with `eps`); `residual` (B, G, N). Under a mesh it runs per device on its rows (`shard_map`) with the weights
   replicated: data/fsdp meshes only — a tensor-parallel mesh would need each matmul split by
   columns or rows with a sum across devices, which this path does not do (decode_matmul="xla" does)."""
   from lgrpo_jax.kernels.decode_matmul import decode_matmul  # imports Pallas: only when used
-  eps = None if norm is None else norm.eps
-  named = {"w": w, "norm_weight": None if norm is None else norm.weight[...], "bias": bias, "residual": residual}
+  named = {"w": w, "norm_weight": norm, "bias": bias, "residual": residual}
   named = {k: v for k, v in named.items() if v is not None}
 
   def call(x, **kw):
     b, g = x.shape[:2]
     if "residual" in kw:
       kw["residual"] = kw["residual"].reshape(b * g, -1)
-    y = decode_matmul(x.reshape(b * g, -1), kw.pop("w"), eps=eps if eps is not None else 1e-6, kind=kind, **kw)
+    y = decode_matmul(x.reshape(b * g, -1), kw.pop("w"), eps=eps, kind=kind, **kw)
     return y.reshape(b, g, -1)
 
   spec = active_spec(("batch", None, None), x_bgk.shape)
@@ -162,7 +164,8 @@ class DecoderLayer(nnx.Module):
       return DecodeWeightsKMajor(
           rep(qkv.reshape(e, -1).T), rep(bias.reshape(-1)), rep(self.o_proj.kernel[...].astype(dt).reshape(-1, e).T),
           rep(jnp.stack([mlp.gate_proj.kernel[...].T, mlp.up_proj.kernel[...].T]).astype(dt)),
-          rep(mlp.down_proj.kernel[...].T.astype(dt)))
+          rep(mlp.down_proj.kernel[...].T.astype(dt)), rep(self.input_layernorm.weight[...]),
+          rep(self.post_attention_layernorm.weight[...]))
     gate_up = jnp.stack([mlp.gate_proj.kernel[...], mlp.up_proj.kernel[...]], axis=1).astype(dt)
     return DecodeWeights(constrain(qkv, ("embed", "kv_heads", None, "head_dim")), bias,
                          self.o_proj.kernel[...].astype(dt), constrain(gate_up, ("embed", None, "mlp")),
@@ -171,7 +174,7 @@ class DecoderLayer(nnx.Module):
   def decode_proj(self, x_bgd, w: DecodeWeights):
     """The fused q/k/v projection of one new token per sample, before rotary: (B, G, K, h+2, D)."""
     if isinstance(w, DecodeWeightsKMajor):  # one kernel: norm, matmul, bias
-      y = _pallas_matmul(x_bgd, w.qkv, kind="qkv", norm=self.input_layernorm, bias=w.qkv_bias)
+      y = _pallas_matmul(x_bgd, w.qkv, kind="qkv", norm=w.input_norm, eps=self.input_layernorm.eps, bias=w.qkv_bias)
       return y.reshape(*y.shape[:2], self.kv_heads, self.groups + 2, self.head_dim)
     return _mm(self.input_layernorm(x_bgd), w.qkv) + w.qkv_bias
 
@@ -188,7 +191,7 @@ class DecoderLayer(nnx.Module):
     b, g = o_bgkhd.shape[:2]
     if isinstance(w, DecodeWeightsKMajor):  # three kernels: o + residual, norm + gate/up + SwiGLU, down + residual
       x_bgd = _pallas_matmul(o_bgkhd.reshape(b, g, -1), w.o, kind="o", residual=x_bgd)
-      hid = _pallas_matmul(x_bgd, w.gate_up, kind="gate_up", norm=self.post_attention_layernorm)
+      hid = _pallas_matmul(x_bgd, w.gate_up, kind="gate_up", norm=w.post_norm, eps=self.post_attention_layernorm.eps)
       return _pallas_matmul(hid, w.down, kind="down", residual=x_bgd)
     x_bgd = x_bgd + _mm(o_bgkhd.reshape(b, g, -1, self.head_dim), w.o, 2)
     gu = _mm(self.post_attention_layernorm(x_bgd), w.gate_up)  # (B, G, 2, I)
