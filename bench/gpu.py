@@ -272,6 +272,32 @@ DECODE_ATTENTION: tuple[str, ...] = ("xla",)  # --decode-attention: the decode l
 DECODE_MATMUL: tuple[str, ...] = ("xla",)  # --decode-matmul: the decode loop's weight matmuls
 
 
+def attention_tunings(tiny: bool) -> list:
+  """The decode-attention kernel's sweep (also compiled for sm_90 by bench/triton_sm90.py)."""
+  from lgrpo_jax.kernels import decode_attention as dk
+  if tiny:
+    return [dk.Tuning(block=64), dk.Tuning()]
+  return [dk.Tuning(block=bl, num_warps=w, num_stages=st) for bl in (64, 128) for w in (2, 4, 8) for st in (2, 3)]
+
+
+def matmul_first(kind: str, tiny: bool) -> list:
+  """The decode matmul sweep's first stage for `kind`: tile shapes at 4 warps, 3 stages."""
+  from lgrpo_jax.kernels import decode_matmul as dm
+  if tiny:
+    return [dm.Tuning(block_n=16, block_k=64), dm.Tuning(block_n=32, block_k=64, split=2, prenorm=True)]
+  return ([dm.Tuning(bn, bk) for bn in ((32, 64) if kind == "gate_up" else (16, 32)) for bk in (128, 256)] +
+          [dm.Tuning(128 if kind == "gate_up" else 64, 128, split=2)])
+
+
+def matmul_around(kind: str, best) -> list:
+  """The second stage around the first stage's best: other warps / stages, and (the norm matmuls)
+  the rows' 1/rms from XLA."""
+  # gate/up at 2 warps spills registers at every tile of the first stage (bench/triton_sm90.py)
+  pairs = ((8, 3), (4, 4)) if kind == "gate_up" else ((2, 3), (8, 3), (4, 4))
+  out = [dataclasses.replace(best, num_warps=w, num_stages=st) for w, st in pairs]
+  return out + ([dataclasses.replace(best, prenorm=True)] if kind in ("qkv", "gate_up") else [])
+
+
 def decode_impls() -> list[tuple[str, str]]:
   """The (attention, matmul) pairs each decode variant is timed with: all-XLA first, then all-Pallas
   (what a short budget must not skip), then the mixed pairs."""
@@ -459,9 +485,7 @@ def jax_part(args, work: str) -> dict:
       return out, statistics.median(times) / nl * 1e6
 
     ref, xla_us = measure(xla_step)
-    tunings = ([dk.Tuning(block=64), dk.Tuning()] if args.tiny else
-               [dk.Tuning(block=bl, num_warps=w, num_stages=st) for bl in (64, 128) for w in (2, 4, 8)
-                for st in (2, 3)])
+    tunings = attention_tunings(args.tiny)
     sweep = []
     sweep_start = time.perf_counter()
     for tu in tunings:
@@ -569,20 +593,13 @@ def jax_part(args, work: str) -> dict:
                       "max_rel_diff": diff, "ok": diff < 3e-2})
 
       sweep: list = []
-      if args.tiny:
-        first = [dm.Tuning(block_n=16, block_k=64), dm.Tuning(block_n=32, block_k=64, split=2, prenorm=True)]
-      else:  # tile sizes first (4 warps, 3 stages), then warps and stages around the best
-        first = ([dm.Tuning(bn, bk) for bn in ((32, 64) if kind == "gate_up" else (16, 32)) for bk in (128, 256)] +
-                 [dm.Tuning(128 if kind == "gate_up" else 64, 128, split=2)])
-      for tu in first:
+      for tu in matmul_first(kind, args.tiny):  # tile shapes first, then warps, stages, prenorm around the best
         sweep_one(tu, sweep)
       good = [r for r in sweep if r.get("ok")]
       if good and not args.tiny:
         b0 = min(good, key=lambda r: r["us_per_layer"])
-        for w_, st in ((2, 3), (8, 3), (4, 4)):
-          sweep_one(dm.Tuning(b0["block_n"], b0["block_k"], b0["split"], w_, st), sweep)
-        if "norm" in extra:  # the rows' 1/rms by XLA instead of a pass over x in every program
-          sweep_one(dm.Tuning(b0["block_n"], b0["block_k"], b0["split"], 4, 3, prenorm=True), sweep)
+        for tu in matmul_around(kind, dm.Tuning(**{f.name: b0[f.name] for f in dataclasses.fields(dm.Tuning)})):
+          sweep_one(tu, sweep)
         good = [r for r in sweep if r.get("ok")]
       if not good:
         out[kind] = {"xla_us_per_layer": xla_us, "error": "no tuning ran and matched", "sweep": sweep}
