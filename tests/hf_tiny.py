@@ -141,6 +141,21 @@ def ours_inputs(batch: dict) -> dict:
           if k in batch}
 
 
+def hf_generate(hf, batch: dict, n: int, eos=None) -> np.ndarray:
+  """transformers' greedy continuation of a `make_batch` batch: the n new tokens (B, n)."""
+  kw = {k: torch.from_numpy(v) for k, v in batch.items()}
+  with torch.no_grad():
+    out = hf.generate(**kw, max_new_tokens=n, do_sample=False, eos_token_id=eos, pad_token_id=PAD)
+  return out[:, batch["input_ids"].shape[1]:].numpy()
+
+
+def our_generate(model, batch: dict, **kw):
+  """`lgrpo_jax.generate` on a `make_batch` batch (no EOS ids unless given)."""
+  import lgrpo_jax  # here, not at the top: bench/gpu.py's PyTorch process imports this module without jax
+  kw.setdefault("eos_token_id", [])
+  return lgrpo_jax.generate(model, **ours_inputs(batch), pad_token_id=PAD, **kw)
+
+
 def rel_err(ours: np.ndarray, ref: np.ndarray, mask: np.ndarray | None = None) -> float:
   """max |ours - ref| / max |ref| over the attended positions."""
   ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)

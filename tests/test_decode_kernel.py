@@ -10,14 +10,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 import lgrpo_jax
 from lgrpo_jax import sharding
 from lgrpo_jax.kernels.decode_attention import Tuning, check_shapes, decode_attention, set_tuning
 from lgrpo_jax.models.qwen2_5_vl.config import ConfigError, from_hf_dict
 from lgrpo_jax.models.qwen2_5_vl.layers import apply_rotary, attention_decode
-from hf_tiny import CASES, PAD, build_hf, config_dict, make_batch, ours_inputs
+from hf_tiny import CASES, build_hf, config_dict, hf_generate, make_batch, our_generate
 
 to_bk = lambda a: jnp.swapaxes(a, 1, 2)
 
@@ -190,18 +189,16 @@ def tiny(tmp_path_factory):
 
 
 def generate(model, batch, **kw):
-  return lgrpo_jax.generate(model, **ours_inputs(batch), pad_token_id=PAD, eos_token_id=[], max_new_tokens=10, **kw)
+  return our_generate(model, batch, max_new_tokens=10, **kw)
 
 
 def test_sampler_with_kernel_equals_transformers_and_xla_path(tiny):
   hf, path = tiny
   batch = make_batch(CASES["left_padded_batch"], seed=11)
-  with torch.no_grad():
-    kw = {k: torch.from_numpy(v) for k, v in batch.items()}
-    ref = hf.generate(**kw, max_new_tokens=10, do_sample=False, pad_token_id=PAD)[:, batch["input_ids"].shape[1]:]
+  ref = hf_generate(hf, batch, 10)
   xla = lgrpo_jax.load_hf(path, dtype="float32")
   pallas = lgrpo_jax.load_hf(path, dtype="float32").set_decode_attention("pallas")
-  np.testing.assert_array_equal(np.asarray(generate(pallas, batch).tokens), ref.numpy())
+  np.testing.assert_array_equal(np.asarray(generate(pallas, batch).tokens), ref)
   want = generate(xla, batch, num_samples=4, temperature=0.9, seed=3)
   got = generate(pallas, batch, num_samples=4, temperature=0.9, seed=3)
   np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))

@@ -11,14 +11,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 import lgrpo_jax
 from lgrpo_jax import sharding
 from lgrpo_jax.kernels.decode_matmul import KINDS, TUNING, Tuning, decode_matmul, set_tuning
 from lgrpo_jax.models.qwen2_5_vl.config import ConfigError, from_hf_dict
 from lgrpo_jax.models.qwen2_5_vl.layers import RMSNorm
-from hf_tiny import CASES, PAD, build_hf, config_dict, make_batch, ours_inputs
+from hf_tiny import CASES, build_hf, config_dict, hf_generate, make_batch, our_generate
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -174,20 +173,18 @@ def test_layer_with_k_major_weights_equals_xla_weights(tiny, dtype):
 
 
 def generate(model, batch, **kw):
-  return lgrpo_jax.generate(model, **ours_inputs(batch), pad_token_id=PAD, eos_token_id=[], max_new_tokens=8, **kw)
+  return our_generate(model, batch, max_new_tokens=8, **kw)
 
 
 def test_sampler_with_kernels_equals_transformers_and_xla_path(tiny):
   hf, path = tiny
   batch = make_batch(CASES["left_padded_batch"], seed=11)
-  with torch.no_grad():
-    kw = {k: torch.from_numpy(v) for k, v in batch.items()}
-    ref = hf.generate(**kw, max_new_tokens=8, do_sample=False, pad_token_id=PAD)[:, batch["input_ids"].shape[1]:]
+  ref = hf_generate(hf, batch, 8)
   xla = lgrpo_jax.load_hf(path, dtype="float32")
   want = generate(xla, batch, num_samples=4, temperature=0.9, seed=3)
   for attention in ("xla", "pallas"):  # the matmul kernels alone, and the whole Pallas decode layer
     pallas = lgrpo_jax.load_hf(path, dtype="float32").set_decode_matmul("pallas").set_decode_attention(attention)
-    np.testing.assert_array_equal(np.asarray(generate(pallas, batch).tokens), ref.numpy())
+    np.testing.assert_array_equal(np.asarray(generate(pallas, batch).tokens), ref)
     got = generate(pallas, batch, num_samples=4, temperature=0.9, seed=3)
     np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
     np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(want.logprobs), atol=1e-5)

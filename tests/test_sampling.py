@@ -7,13 +7,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 import lgrpo_jax
 from lgrpo_jax import sharding
 from lgrpo_jax.models.qwen2_5_vl import get_rope_index
 from lgrpo_jax.sampling import SamplingConfig
-from hf_tiny import CASES, PAD, build_hf, config_dict, hf_logits, make_batch, ours_inputs
+from hf_tiny import CASES, PAD, build_hf, config_dict, hf_generate, hf_logits, make_batch, our_generate
 
 N = 10
 GEN_CASES = ["one_image_windows", "two_images_sizes", "left_padded_batch"]
@@ -27,23 +26,11 @@ def pair(request, tmp_path_factory):
   return hf, lgrpo_jax.load_hf(path, dtype="float32"), path
 
 
-def hf_generate(hf, batch, n=N, eos=None):
-  kw = {k: torch.from_numpy(v) for k, v in batch.items()}
-  with torch.no_grad():
-    out = hf.generate(**kw, max_new_tokens=n, do_sample=False, eos_token_id=eos, pad_token_id=PAD)
-  return out[:, batch["input_ids"].shape[1]:].numpy()
-
-
-def our_generate(model, batch, **kw):
-  kw.setdefault("eos_token_id", [])
-  return lgrpo_jax.generate(model, **ours_inputs(batch), pad_token_id=PAD, **kw)
-
-
 @pytest.mark.parametrize("case", GEN_CASES)
 def test_greedy_equals_transformers_generate(pair, case):
   hf, ours, _ = pair
   batch = make_batch(CASES[case], seed=11)
-  ref = hf_generate(hf, batch)
+  ref = hf_generate(hf, batch, N)
   out = our_generate(ours, batch, max_new_tokens=N)
   np.testing.assert_array_equal(np.asarray(out.tokens), ref)
   assert np.asarray(out.mask).all() and int(out.steps) == N
@@ -52,12 +39,12 @@ def test_greedy_equals_transformers_generate(pair, case):
 def test_eos_and_stop_sequences_end_rows_independently(pair):
   hf, ours, _ = pair
   batch = make_batch(CASES["left_padded_batch"], seed=11)
-  free = hf_generate(hf, batch)
+  free = hf_generate(hf, batch, N)
   # EOS: the first token that row 0 writes for the first time at step ≥ 2; transformers pads
   # finished rows the same way (and trims the columns after every row has finished).
   j = next(j for j in range(2, N) if free[0, j] not in free[0, :j])
   eos = int(free[0, j])
-  ref = hf_generate(hf, batch, eos=eos)
+  ref = hf_generate(hf, batch, N, eos=eos)
   out = our_generate(ours, batch, max_new_tokens=N, eos_token_id=eos)
   np.testing.assert_array_equal(np.asarray(out.tokens)[:, :ref.shape[1]], ref)
   assert (np.asarray(out.tokens)[:, ref.shape[1]:] == PAD).all()
@@ -166,7 +153,7 @@ def test_sharded_sampling_gives_the_same_tokens(pair):
     greedy = our_generate(model, batch, max_new_tokens=N)
   np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(ref.tokens))
   np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(ref.logprobs), atol=1e-5)
-  np.testing.assert_array_equal(np.asarray(greedy.tokens), hf_generate(hf, batch))
+  np.testing.assert_array_equal(np.asarray(greedy.tokens), hf_generate(hf, batch, N))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
