@@ -156,6 +156,12 @@ def our_generate(model, batch: dict, **kw):
   return lgrpo_jax.generate(model, **ours_inputs(batch), pad_token_id=PAD, **kw)
 
 
+def assert_same_samples(got, want, atol: float = 1e-5) -> None:
+  """Two `generate` results: the same tokens, log-probs within atol."""
+  np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+  np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(want.logprobs), atol=atol)
+
+
 def rel_err(ours: np.ndarray, ref: np.ndarray, mask: np.ndarray | None = None) -> float:
   """max |ours - ref| / max |ref| over the attended positions."""
   ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)

@@ -16,7 +16,7 @@ from lgrpo_jax import sharding
 from lgrpo_jax.kernels.decode_attention import Tuning, check_shapes, decode_attention, set_tuning
 from lgrpo_jax.models.qwen2_5_vl.config import ConfigError, from_hf_dict
 from lgrpo_jax.models.qwen2_5_vl.layers import apply_rotary, attention_decode
-from hf_tiny import CASES, build_hf, config_dict, hf_generate, make_batch, our_generate
+from hf_tiny import CASES, assert_same_samples, build_hf, config_dict, hf_generate, make_batch, our_generate
 
 to_bk = lambda a: jnp.swapaxes(a, 1, 2)
 
@@ -201,8 +201,7 @@ def test_sampler_with_kernel_equals_transformers_and_xla_path(tiny):
   np.testing.assert_array_equal(np.asarray(generate(pallas, batch).tokens), ref)
   want = generate(xla, batch, num_samples=4, temperature=0.9, seed=3)
   got = generate(pallas, batch, num_samples=4, temperature=0.9, seed=3)
-  np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
-  np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(want.logprobs), atol=1e-5)
+  assert_same_samples(got, want)
   # On a mesh that splits the prompts (data), the samples (fsdp) and the kv heads (tensor), the
   # kernel runs per device on its shards (shard_map) and gives the same tokens.
   mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
@@ -211,8 +210,7 @@ def test_sampler_with_kernel_equals_transformers_and_xla_path(tiny):
     spec = sharding.active_spec(("batch", "kv_heads", "batch", "length", "head_dim"), (2, 2, 4, 10, 16))
     assert tuple(spec)[:3] == ("data", "tensor", "fsdp"), spec
     got_mesh = generate(sharded, batch, num_samples=4, temperature=0.9, seed=3)
-  np.testing.assert_array_equal(np.asarray(got_mesh.tokens), np.asarray(want.tokens))
-  np.testing.assert_allclose(np.asarray(got_mesh.logprobs), np.asarray(want.logprobs), atol=1e-5)
+  assert_same_samples(got_mesh, want)
 
 
 def test_config_rejects_bad_decode_attention(tiny):

@@ -17,7 +17,7 @@ from lgrpo_jax import sharding
 from lgrpo_jax.kernels.decode_matmul import KINDS, TUNING, Tuning, decode_matmul, set_tuning
 from lgrpo_jax.models.qwen2_5_vl.config import ConfigError, from_hf_dict
 from lgrpo_jax.models.qwen2_5_vl.layers import RMSNorm
-from hf_tiny import CASES, build_hf, config_dict, hf_generate, make_batch, our_generate
+from hf_tiny import CASES, assert_same_samples, build_hf, config_dict, hf_generate, make_batch, our_generate
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -186,15 +186,13 @@ def test_sampler_with_kernels_equals_transformers_and_xla_path(tiny):
     pallas = lgrpo_jax.load_hf(path, dtype="float32").set_decode_matmul("pallas").set_decode_attention(attention)
     np.testing.assert_array_equal(np.asarray(generate(pallas, batch).tokens), ref)
     got = generate(pallas, batch, num_samples=4, temperature=0.9, seed=3)
-    np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
-    np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(want.logprobs), atol=1e-5)
+    assert_same_samples(got, want)
   # data × fsdp mesh: each device runs the kernels on its rows (shard_map), weights replicated.
   mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=4))
   sharded = lgrpo_jax.load_hf(path, mesh=mesh, dtype="float32").set_decode_matmul("pallas")
   with jax.set_mesh(mesh):
     got_mesh = generate(sharded, batch, num_samples=4, temperature=0.9, seed=3)
-  np.testing.assert_array_equal(np.asarray(got_mesh.tokens), np.asarray(want.tokens))
-  np.testing.assert_allclose(np.asarray(got_mesh.logprobs), np.asarray(want.logprobs), atol=1e-5)
+  assert_same_samples(got_mesh, want)
   # A tensor-parallel mesh is refused with the reason, not run wrongly.
   mesh_tp = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
   tp = lgrpo_jax.load_hf(path, mesh=mesh_tp, dtype="float32").set_decode_matmul("pallas")

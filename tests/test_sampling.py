@@ -12,7 +12,7 @@ import lgrpo_jax
 from lgrpo_jax import sharding
 from lgrpo_jax.models.qwen2_5_vl import get_rope_index
 from lgrpo_jax.sampling import SamplingConfig
-from hf_tiny import CASES, PAD, build_hf, config_dict, hf_generate, hf_logits, make_batch, our_generate
+from hf_tiny import CASES, PAD, assert_same_samples, build_hf, config_dict, hf_generate, hf_logits, make_batch, our_generate
 
 N = 10
 GEN_CASES = ["one_image_windows", "two_images_sizes", "left_padded_batch"]
@@ -151,8 +151,7 @@ def test_sharded_sampling_gives_the_same_tokens(pair):
   with jax.set_mesh(mesh):
     got = our_generate(model, batch, max_new_tokens=N, num_samples=4, temperature=0.9, seed=3)
     greedy = our_generate(model, batch, max_new_tokens=N)
-  np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(ref.tokens))
-  np.testing.assert_allclose(np.asarray(got.logprobs), np.asarray(ref.logprobs), atol=1e-5)
+  assert_same_samples(got, ref)
   np.testing.assert_array_equal(np.asarray(greedy.tokens), hf_generate(hf, batch, N))
 
 
@@ -199,5 +198,4 @@ def test_cpu_cache_layout_with_transposed_keys_gives_the_same_rollout(pair, monk
   plain = our_generate(ours, batch, **kw)
   monkeypatch.undo()
   jax.clear_caches()  # later tests trace this backend's own layout again
-  np.testing.assert_array_equal(np.asarray(transposed.tokens), np.asarray(plain.tokens))
-  np.testing.assert_allclose(np.asarray(transposed.logprobs), np.asarray(plain.logprobs), atol=1e-5)
+  assert_same_samples(transposed, plain)
