@@ -517,6 +517,7 @@ def jax_part(args, work: str) -> dict:
     jitted call over all layers / layers; outputs compared with the XLA path's. The fastest matching
     tuning per matmul is kept (`set_tuning`) for the decode timings that follow."""
     from lgrpo_jax.kernels import decode_matmul as dm
+    from lgrpo_jax.models.qwen2_5_vl.layers import RMSNorm
     from lgrpo_jax.models.qwen2_5_vl.model import _mm
     t = sz["big"]["text_config"]
     nl, e, inter = t["num_hidden_layers"], t["hidden_size"], t["intermediate_size"]
@@ -526,11 +527,12 @@ def jax_part(args, work: str) -> dict:
     ks = (jax.random.fold_in(jax.random.key(3), i) for i in itertools.count())
     rnd = lambda *shape, s=1.0: (s * jax.random.normal(next(ks), shape, f32)).astype(bf)
 
-    def rms(x, w):  # layers.RMSNorm
-      x32 = x.astype(f32)
-      return w.astype(bf) * (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + 1e-6)).astype(bf)
+    def rms(x, w):  # the model's own RMSNorm, with weight w
+      norm = RMSNorm(w.shape[0], eps=1e-6, param_dtype=w.dtype)
+      norm.weight[...] = w
+      return norm(x)
 
-    kinds = {  # kind: (x, [(XLA-layout weight, kernel-layout weight) per layer], extras, xla fn, kernel kwargs)
+    kinds = {  # kind: (K of x, one layer's weight in the XLA layout, the extra inputs' shapes)
         "qkv": (e, (e, n_qkv), dict(norm=(e,), bias=(n_qkv,))),
         "o": (e, (e, e), dict(residual=(rows, e))),
         "gate_up": (e, (e, 2, inter), dict(norm=(e,))),
