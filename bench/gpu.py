@@ -37,9 +37,9 @@ Two processes, one after the other (JAX and PyTorch each take the GPU's memory f
           bias, SwiGLU and residual adds folded in): the same tiny-model check (`parity_pallas`),
           then each of the four matmuls of the 3B decoder layer at 32 rows over 36 layers' own
           weights (`decode_matmul_kernel`): the XLA path's µs per layer and GB/s against the kernel's
-          under a sweep (5 tile shapes, then warps, stages and `prenorm` around the best: 8–9 per
-          matmul); the
-          fastest that matches is kept. Every decode variant is timed with each (attention, matmul)
+          under a sweep (5 tile shapes, then warps and stages around the best: 7–8 per matmul),
+          called as the decode step calls them (q/k/v and gate/up take the Σx² partials that o
+          and down return); the fastest that matches is kept. Every decode variant is timed with each (attention, matmul)
           pair of the two lists.
 
 Prints a table last; JSON of everything under --out. Each part and section reports its own failure
@@ -284,18 +284,18 @@ def matmul_first(kind: str, tiny: bool) -> list:
   """The decode matmul sweep's first stage for `kind`: tile shapes at 4 warps, 3 stages."""
   from lgrpo_jax.kernels import decode_matmul as dm
   if tiny:
-    return [dm.Tuning(block_n=16, block_k=64), dm.Tuning(block_n=32, block_k=64, split=2, prenorm=True)]
+    return [dm.Tuning(block_n=16, block_k=64), dm.Tuning(block_n=32, block_k=64, split=2)]
   return ([dm.Tuning(bn, bk) for bn in ((32, 64) if kind == "gate_up" else (16, 32)) for bk in (128, 256)] +
           [dm.Tuning(128 if kind == "gate_up" else 64, 128, split=2)])
 
 
 def matmul_around(kind: str, best) -> list:
-  """The second stage around the first stage's best: other warps / stages, and (the norm matmuls)
-  the rows' 1/rms from XLA."""
+  """The second stage around the first stage's best: other warps / stages. (`prenorm` is not swept:
+  in the decode step the norm matmuls take the Σx² partials from the kernel before them, and only
+  layer 0's q/k/v would use it.)"""
   # gate/up at 2 warps spills registers at every tile of the first stage (bench/triton_sm90.py)
   pairs = ((8, 3), (4, 4)) if kind == "gate_up" else ((2, 3), (8, 3), (4, 4))
-  out = [dataclasses.replace(best, num_warps=w, num_stages=st) for w, st in pairs]
-  return out + ([dataclasses.replace(best, prenorm=True)] if kind in ("qkv", "gate_up") else [])
+  return [dataclasses.replace(best, num_warps=w, num_stages=st) for w, st in pairs]
 
 
 def decode_impls() -> list[tuple[str, str]]:
@@ -513,9 +513,11 @@ def jax_part(args, work: str) -> dict:
     """The four weight matmuls of a 3B decoder layer at 32 rows (4 prompts × 8 samples), each over 36
     layers' own weights (so they stream from HBM, as in the decode), on their own: the XLA path's ops
     (`DecoderLayer.decode_proj` / `decode_finish`: RMSNorm, the matmul on the (K, N) weights, bias /
-    residual / SwiGLU) against `decode_matmul` on the (N, K) weights under a sweep. µs per layer = one
-    jitted call over all layers / layers; outputs compared with the XLA path's. The fastest matching
-    tuning per matmul is kept (`set_tuning`) for the decode timings that follow."""
+    residual / SwiGLU) against `decode_matmul` on the (N, K) weights under a sweep, called as the decode
+    step calls it: q/k/v and gate/up take x's Σx² partials (from the kernel before them there), o and
+    down return theirs. µs per layer = one jitted call over all layers / layers; outputs compared with
+    the XLA path's. The fastest matching tuning per matmul is kept (`set_tuning`) for the decode
+    timings that follow."""
     from lgrpo_jax.kernels import decode_matmul as dm
     from lgrpo_jax.models.qwen2_5_vl.layers import RMSNorm
     from lgrpo_jax.models.qwen2_5_vl.model import _mm
@@ -545,6 +547,9 @@ def jax_part(args, work: str) -> dict:
       ws = [rnd(*w_shape, s=k_in**-0.5) for _ in range(nl)]
       wts = [jnp.moveaxis(w, 0, -1) for w in ws]  # (N, K) / (2, I, E)
       ex = {k: rnd(*shp) for k, shp in extra.items()}
+      if "norm" in ex:  # x's Σx² in E / 16 partials, as the o / down kernel before it returns them
+        x32 = x.astype(f32)
+        ex["norm_ss"] = jnp.sum(jnp.square(x32.reshape(rows, k_in // 16, 16)), axis=-1).T
 
       def xla_fn(x, ws, ex):
         outs = []
@@ -559,8 +564,9 @@ def jax_part(args, work: str) -> dict:
 
       def pallas_fn(tuning):
         def run(x, ws, ex):
-          return [dm.decode_matmul(x, w, norm_weight=ex.get("norm"), bias=ex.get("bias"),
-                                   residual=ex.get("residual"), tuning=tuning) for w in ws]
+          return [dm.decode_matmul(x, w, norm_weight=ex.get("norm"), norm_ss=ex.get("norm_ss"), bias=ex.get("bias"),
+                                   residual=ex.get("residual"), return_ss="residual" in ex, tuning=tuning)
+                  for w in ws]
         return run
 
       def measure(fn, ws):
@@ -589,13 +595,14 @@ def jax_part(args, work: str) -> dict:
         except Exception as err:  # a tuning Triton rejects is reported, not fatal
           sweep.append({**dataclasses.asdict(tu), "error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"})
           return
+        y = [a[0] if isinstance(a, tuple) else a for a in y]  # (y, Σy² partials) from o and down
         diff = max(float(jnp.max(jnp.abs(a.astype(f32) - b.astype(f32)) / (1 + jnp.abs(b.astype(f32)))))
                    for a, b in zip(y, ref))
         sweep.append({**dataclasses.asdict(tu), "us_per_layer": us, "gbps": nbytes / us / 1e3,
                       "max_rel_diff": diff, "ok": diff < 3e-2})
 
       sweep: list = []
-      for tu in matmul_first(kind, args.tiny):  # tile shapes first, then warps, stages, prenorm around the best
+      for tu in matmul_first(kind, args.tiny):  # tile shapes first, then warps and stages around the best
         sweep_one(tu, sweep)
       good = [r for r in sweep if r.get("ok")]
       if good and not args.tiny:

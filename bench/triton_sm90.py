@@ -5,8 +5,9 @@
 Step 1 (this interpreter, the project's jax): lower each kernel at the 3B decode shapes (32 rows)
 for CUDA through Pallas' Triton lowering and write its Triton IR without debug locations: the decode
 attention kernel under every tuning of bench/gpu.py's sweep; each decode matmul under the sweep's
-first-stage tunings, the second-stage variants around each of them (everything the GPU sweep can
-try) and its `TUNING` default.
+first-stage tunings and the second-stage variants around each of them (everything the GPU sweep can
+try), called as the decode step calls it (Σx² partials in or out), and its `TUNING` default also
+without them (layer 0's q/k/v).
 Step 2 (`--triton-python`: any Python with the `triton` wheel — e.g. a separate venv with
 `pip install triton`; not a dependency of lgrpo_jax): compile each to PTX, and with the wheel's
 ptxas to a cubin for sm_90a, and report shared memory (over 227 KB a program cannot launch on an
@@ -72,14 +73,24 @@ def dump(out: str) -> list[dict]:
     fn = lambda *a, t=t: dk.decode_attention(*a, scale=128**-0.5, tuning=t, interpret=False)
     jax.jit(fn).trace(*attention_args).lower(lowering_platforms=("cuda",))
     write(f"attention_b{t.block}_w{t.num_warps}_s{t.num_stages}", t, t.num_warps, t.num_stages)
+  # As the decode step calls them: q/k/v and gate/up take the 2,048 / 16 Σx² partials of the o / down
+  # kernel before them; o and down return theirs. The default tunings also as layer 0's q/k/v runs
+  # (no partials: the Σx² pass in the kernel).
+  ss_in = {"qkv": 2048 // 16, "gate_up": 2048 // 16}
   for kind in dm.KINDS:
-    tunings = [dm.TUNING[kind]]
+    calls = [(dm.TUNING[kind], {})]
     for first in gpu.matmul_first(kind, tiny=False):
-      tunings += [first] + gpu.matmul_around(kind, first)
-    for t in dict.fromkeys(tunings):  # in order, once each
-      lower_3b(kind, t)
+      calls += [(t, {"ss": ss_in.get(kind, 0), "ret_ss": kind in ("o", "down")})
+                for t in [first] + gpu.matmul_around(kind, first)]
+    calls += [(dm.TUNING[kind], calls[1][1])]
+    seen = set()
+    for t, kw in calls:
       name = f"{kind}_n{t.block_n}_k{t.block_k}_s{t.split}_w{t.num_warps}_st{t.num_stages}" + (
-          "_prenorm" if t.prenorm else "")
+          "_prenorm" if t.prenorm else "") + ("_ss" if kw.get("ss") or kw.get("ret_ss") else "")
+      if name in seen:
+        continue
+      seen.add(name)
+      lower_3b(kind, t, **kw)
       write(name, t, t.num_warps, t.num_stages)
   with open(os.path.join(out, "manifest.json"), "w") as f:
     json.dump(manifest, f, indent=1)

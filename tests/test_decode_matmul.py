@@ -38,7 +38,14 @@ def xla_path(x, w, norm_weight=None, bias=None, residual=None, eps=1e-6):
 FORMS = {  # (gated, norm, bias, residual): the four matmuls of a decoder layer, and a bare one
     "qkv": (False, True, True, False), "o": (False, False, False, True), "gate_up": (True, True, False, False),
     "down": (False, False, False, True), "bare": (False, False, False, False),
-    "qkv_prenorm": (False, True, True, False), "gate_up_prenorm": (True, True, False, False)}  # 1/rms by XLA
+    "qkv_prenorm": (False, True, True, False), "gate_up_prenorm": (True, True, False, False),  # Σx² by XLA
+    "qkv_ss": (False, True, True, False), "gate_up_ss": (True, True, False, False)}  # Σx² partials handed in
+
+
+def ss_parts(x, cuts):
+  """Σ x² of each row over the column sets cut at `cuts` → (P, M) fp32, as a producer's `return_ss`."""
+  x32 = np.asarray(x, np.float32)
+  return jnp.asarray(np.stack([np.sum(c * c, axis=1) for c in np.split(x32, cuts, axis=1)]))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -52,7 +59,8 @@ def test_kernel_equals_xla_path(dtype, form, m, k, n, split):
   f = lambda *s: jnp.asarray(rng.standard_normal(s), dtype)
   x, w = f(m, k), f(2, n, k) if gated else f(n, k)
   kw = dict(norm_weight=f(k) if norm else None, bias=f(n) if bias else None, residual=f(m, n) if residual else None)
-  got = decode_matmul(x, w, **kw, tuning=Tuning(block_n=16, block_k=16, split=split, prenorm="prenorm" in form))
+  ss = ss_parts(x, [7, 9, 30]) if form.endswith("_ss") else None  # 4 uneven parts: masked to 4 of a block
+  got = decode_matmul(x, w, **kw, norm_ss=ss, tuning=Tuning(block_n=16, block_k=16, split=split, prenorm="prenorm" in form))
   want = xla_path(x, w, **kw)
   assert got.shape == (m, n) and got.dtype == jnp.dtype(dtype)
   got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
@@ -65,6 +73,25 @@ def test_kernel_equals_xla_path(dtype, form, m, k, n, split):
     assert np.mean(got == want) > 0.9, np.mean(got == want)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("m,k,n,split", [(5, 40, 24, 1), (5, 40, 24, 3), (16, 64, 48, 1)])
+def test_return_ss_gives_each_rows_squares_by_column_block(dtype, m, k, n, split):
+  """`return_ss`: y as without it, and Σ y² per row over each block_n-wide column block of y as
+  returned (ragged: the last block's columns past N count nothing), or over all of N when split > 1
+  (the epilogue runs in XLA). Their sum is what the next RMSNorm needs."""
+  rng = np.random.default_rng(m + split)
+  f = lambda *s: jnp.asarray(rng.standard_normal(s), dtype)
+  x, w, r = f(m, k), f(n, k), f(m, n)
+  tuning = Tuning(block_n=16, block_k=16, split=split)
+  y, ss = decode_matmul(x, w, residual=r, return_ss=True, tuning=tuning)
+  np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(decode_matmul(x, w, residual=r, tuning=tuning), np.float32))
+  y32 = np.asarray(y, np.float32)
+  want = ss_parts(y, list(range(16, n, 16)) if split == 1 else [])
+  assert ss.shape == want.shape == ((n + 15) // 16 if split == 1 else 1, m) and ss.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(ss), want, rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(ss).sum(0), np.sum(y32 * y32, axis=1), rtol=1e-6)
+
+
 def test_bad_shapes_and_tunings_are_refused():
   x = jnp.zeros((4, 32))
   with pytest.raises(ValueError, match=r"weight \(16, 24\) does not take x \(4, 32\)"):
@@ -73,6 +100,12 @@ def test_bad_shapes_and_tunings_are_refused():
     decode_matmul(x, jnp.zeros((16, 32)), bias=jnp.zeros(8))
   with pytest.raises(ValueError, match="gated .* takes no bias or residual"):
     decode_matmul(x, jnp.zeros((2, 16, 32)), residual=jnp.zeros((4, 16)))
+  with pytest.raises(ValueError, match="gated .* returns no"):
+    decode_matmul(x, jnp.zeros((2, 16, 32)), return_ss=True)
+  with pytest.raises(ValueError, match=r"norm_ss \(3, 5\) float32 wants norm_weight and shape \(P, 4\)"):
+    decode_matmul(x, jnp.zeros((16, 32)), norm_weight=jnp.ones(32), norm_ss=jnp.zeros((3, 5)))
+  with pytest.raises(ValueError, match="wants norm_weight"):
+    decode_matmul(x, jnp.zeros((16, 32)), norm_ss=jnp.zeros((3, 4)))
   with pytest.raises(ValueError, match="block_k=48 must be a power of two"):
     decode_matmul(x, jnp.zeros((16, 32)), tuning=Tuning(block_k=48))
   with pytest.raises(ValueError, match="kind='mlp' must be one of"):
@@ -82,17 +115,21 @@ def test_bad_shapes_and_tunings_are_refused():
 E, I, N_QKV = 2048, 11008, 2560  # the 3B decoder: hidden, MLP width, q/k/v columns (2 kv heads × 10 × 128)
 
 
-def lower_3b(kind, tuning=None, debug=False):
-  """The `kind` matmul of the 3B decode step at 32 rows, lowered for CUDA → StableHLO text."""
+def lower_3b(kind, tuning=None, debug=False, ss=0, ret_ss=False):
+  """The `kind` matmul of the 3B decode step at 32 rows, lowered for CUDA → StableHLO text. `ss`: hand
+  in that many Σx² partials; `ret_ss`: ask for the Σy² partials."""
   sds, bf = jax.ShapeDtypeStruct, jnp.bfloat16
   x_k, w, extra = {"qkv": (E, (N_QKV, E), dict(norm_weight=(E,), bias=(N_QKV,))),
                    "o": (E, (E, E), dict(residual=(32, E))),
                    "gate_up": (E, (2, I, E), dict(norm_weight=(E,))),
                    "down": (I, (E, I), dict(residual=(32, E)))}[kind]
+  dtypes = {"norm_ss": jnp.float32}
+  if ss:
+    extra["norm_ss"] = (ss, 32)
   names = list(extra)
   fn = lambda x, w, *a: decode_matmul(x, w, **dict(zip(names, a)), kind=kind, tuning=tuning, interpret=False,
-                                      debug=debug)
-  args = (sds((32, x_k), bf), sds(w, bf), *(sds(s, bf) for s in extra.values()))
+                                      return_ss=ret_ss, debug=debug)
+  args = (sds((32, x_k), bf), sds(w, bf), *(sds(s, dtypes.get(nm, bf)) for nm, s in extra.items()))
   return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
@@ -117,13 +154,26 @@ def test_kernels_lower_to_triton_at_3b_shapes_without_masked_weight_loads(kind, 
   assert len(dots) == len(weight_loads) and all("xbf16> * tensor<" in d and "xf32>" in d for d in dots)
 
 
-def test_prenorm_takes_the_rms_from_xla_instead_of_a_pass_in_the_kernel(capsys):
-  """`Tuning.prenorm`: no Σx² loop in the kernel; one XLA reduction before it, its (M,) fp32 result an
-  operand of the Triton call."""
+def test_prenorm_and_norm_ss_replace_the_pass_in_the_kernel(capsys):
+  """`Tuning.prenorm`: no Σx² loop in the kernel; one XLA reduction before it, its (1, M) fp32 result an
+  operand of the Triton call. `norm_ss` (a producer's partials): no loop and no reduction either."""
+  norm_pass = lambda ir: [line for line in ir.splitlines() if "scf.for" in line and "-> (tensor<32xf32>)" in line]
   text = lower_3b("qkv", Tuning(block_n=16, prenorm=True), debug=True)
+  assert not norm_pass(capsys.readouterr().out)
+  assert re.search(r"stablehlo.reduce.*\n?.*tensor<32xf32>", text) and "tensor<1x32xf32>, tensor<2560xbf16>" in text
+  text = lower_3b("gate_up", ss=128, debug=True)
   ir = capsys.readouterr().out
-  assert not [line for line in ir.splitlines() if "scf.for" in line and "-> (tensor<32xf32>)" in line]
-  assert re.search(r"stablehlo.reduce.*\n?.*tensor<32xf32>", text) and "tensor<32xf32>, tensor<2560xbf16>" in text
+  assert not norm_pass(ir) and "stablehlo.reduce" not in text and "tensor<128x32xf32>" in text
+  assert re.search(r"tt.load .*tensor<128x32x", ir), "the partials are loaded as one (P, rows) block"
+
+
+def test_return_ss_is_a_second_output_of_the_triton_call(capsys):
+  """The producer's Σy² partials come out of the same Triton call (no XLA reduction), (N / block_n, M)."""
+  text = lower_3b("down", ret_ss=True, debug=True)
+  ir = capsys.readouterr().out
+  assert re.findall(r"custom_call @(\S+?)\(", text) == ["__gpu$xla.gpu.triton"] and "stablehlo.reduce" not in text
+  assert re.search(r"-> \(tensor<32x2048xbf16>, tensor<%dx32xf32>\)" % (E // TUNING["down"].block_n), text), text[-600:]
+  assert len([line for line in ir.splitlines() if "tt.store" in line]) == 2
 
 
 def test_tuning_reaches_the_triton_call():
@@ -156,7 +206,8 @@ def tiny(tmp_path_factory):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_layer_with_k_major_weights_equals_xla_weights(tiny, dtype):
-  """`decode_proj` / `decode_finish` with the (N, K) weights and the kernels = with the XLA weights."""
+  """`decode_proj` / `decode_finish` with the (N, K) weights and the kernels = with the XLA weights; the
+  next layer's q/k/v from `decode_finish`'s Σx² partials = from its own norm."""
   _, path = tiny
   layer = lgrpo_jax.load_hf(path, dtype=dtype).unstacked_layers()[1]
   w, wk = layer.decode_weights(), layer.decode_weights(k_major=True)
@@ -168,8 +219,13 @@ def test_layer_with_k_major_weights_equals_xla_weights(tiny, dtype):
   assert yk.shape == y.shape and yk.dtype == y.dtype
   np.testing.assert_allclose(np.asarray(yk, np.float32), np.asarray(y, np.float32), atol=tol, rtol=tol)
   o = y[..., :layer.groups, :]  # any (B, G, K, h, D) input will do for the output half
-  np.testing.assert_allclose(np.asarray(layer.decode_finish(x, o, wk), np.float32),
-                             np.asarray(layer.decode_finish(x, o, w), np.float32), atol=tol, rtol=tol)
+  out, ss = layer.decode_finish(x, o, wk, return_ss=True)
+  assert layer.decode_finish(x, o, w, return_ss=True)[1] is None  # the XLA path has no partials
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(layer.decode_finish(x, o, w), np.float32),
+                             atol=tol, rtol=tol)
+  assert ss.shape[1:] == (b, g) and ss.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(layer.decode_proj(out, wk, ss), np.float32),
+                             np.asarray(layer.decode_proj(out, w), np.float32), atol=tol, rtol=tol)
 
 
 def generate(model, batch, **kw):

@@ -17,8 +17,13 @@ Weights are (N, K) — "K-major": each output column's weights contiguous — ma
 (`DecoderLayer.decode_weights`). Program (i, j, s) computes rows i·bm…, columns j·bn… over the s-th
 of `split` ranges of K:
 
-    if norm:   r = rsqrt(Σ_k x² / K + eps) over the row block's whole K (x is small; from L2), or
-               from XLA (`Tuning.prenorm`)
+    if norm:   r = rsqrt(Σ_k x² / K + eps) for the row block, Σ_k x² from one of:
+               - the producer: the kernel that wrote x (o, down: `return_ss`) also wrote each row's
+                 Σ y² over each of its column blocks, (N / bn, M) fp32; this kernel adds them up
+                 (`norm_ss`) — no pass over x, no extra launch. The decode step threads them:
+                 down → the next layer's q/k/v, o → gate/up.
+               - else a first pass over the row block's whole K (x is small; from L2), or one XLA
+                 reduction before the kernel (`Tuning.prenorm`).
     for each (bm, bk) tile of x and (bn, bk) tile of W in the range:
       x̂ = w_norm · bf(x · r)   (if norm: exactly `layers.RMSNorm`'s rounding)
       acc += x̂ · Wᵀ            (fp32 accumulation; IEEE fp32 products for fp32 weights)
@@ -56,7 +61,8 @@ class Tuning:
   """Launch parameters of one matmul: `block_n` output columns and `block_k` of the contraction per
   program step, `split` programs along K (fp32 partials summed by XLA when > 1), Triton's
   `num_warps` and `num_stages` (software pipelining of the weight loads). `prenorm` (the RMSNorm
-  forms only): the rows' 1/rms computed by XLA before the kernel (one small reduction) instead of
+  forms, when no `norm_ss` is handed in): the rows' Σx² computed by XLA before the kernel (one small
+  reduction) instead of
   by a first pass over x in every program — that pass reads x from L2 once more per program, which
   for q/k/v at block_n 16 is twice the weights' bytes. First guesses, not measured:
   `bench/gpu.py --decode-matmul …,pallas` sweeps them per matmul on its GPU."""
@@ -131,15 +137,16 @@ def _full(mask, shape):
   return None if mask is None else jnp.broadcast_to(mask, shape)
 
 
-def _kernel(*refs, m, k, n, bm, bn, bk, steps, k_mask, norm, prenorm, eps, bias, residual, gated, split, prec,
-            dt):
+def _kernel(*refs, m, k, n, bm, bn, bk, steps, k_mask, norm, parts, eps, bias, residual, gated, split, emit_ss,
+            prec, dt):
   refs = list(refs)
   x_ref, w_ref = refs.pop(0), refs.pop(0)
   nw_ref = refs.pop(0) if norm else None
-  inv_ref = refs.pop(0) if norm and prenorm else None
+  ss_ref = refs.pop(0) if norm and parts else None  # (parts, M) fp32: Σx² over disjoint column sets
   b_ref = refs.pop(0) if bias and split == 1 else None
   r_ref = refs.pop(0) if residual and split == 1 else None
-  (out_ref,) = refs
+  out_ref = refs.pop(0)
+  ss_out_ref = refs.pop(0) if emit_ss and split == 1 else None
   i, j, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   f32 = jnp.float32
   # Masks only where a tile can reach past the array (None: every tile is inside). A mask along K,
@@ -153,8 +160,12 @@ def _kernel(*refs, m, k, n, bm, bn, bk, steps, k_mask, norm, prenorm, eps, bias,
     k_ok = (k0 + lanes < k)[None, :] if k_mask else None
     return _load(x_ref.at[pl.ds(i * bm, bm), pl.ds(k0, bk)], _and(row_ok, k_ok)), k_ok
 
-  if norm and prenorm:
-    inv = _load(inv_ref.at[pl.ds(i * bm, bm)], None if row_ok is None else row_ok[:, 0])
+  if norm and parts:
+    rows = pl.next_power_of_2(parts)  # a Triton block is a power of two: mask the rows past `parts`
+    part_ok = (jnp.arange(rows) < parts)[:, None] if rows != parts else None
+    ss = jnp.sum(_load(ss_ref.at[pl.ds(0, rows), pl.ds(i * bm, bm)], _and(part_ok, None if row_ok is None else row_ok.T)),
+                 axis=0)
+    inv = jax.lax.rsqrt(ss / k + eps)
   elif norm:
     def sum_sq(c, acc):
       x = x_tile(c * bk)[0].astype(f32)
@@ -190,17 +201,24 @@ def _kernel(*refs, m, k, n, bm, bn, bk, steps, k_mask, norm, prenorm, eps, bias,
   r = _load(r_ref.at[pl.ds(i * bm, bm), pl.ds(j * bn, bn)], out_mask) if residual else None
   y = epilogue(accs[0], accs[1] if gated else None, b, r, dt)
   plt.store(out_ref.at[pl.ds(i * bm, bm), pl.ds(j * bn, bn)], y, mask=_full(out_mask, (bm, bn)))
+  if emit_ss:  # Σ y² over this block's columns, of y as stored: the next RMSNorm's input
+    y32 = y.astype(f32)
+    sq = y32 * y32 if col_ok is None else jnp.where(col_ok.T, y32 * y32, 0.0)
+    plt.store(ss_out_ref.at[j, pl.ds(i * bm, bm)], jnp.sum(sq, axis=1), mask=None if row_ok is None else row_ok[:, 0])
 
 
-def decode_matmul(x_mk, w, *, norm_weight=None, eps: float = 1e-6, bias=None, residual=None,
-                  kind: str | None = None, tuning: Tuning | None = None, interpret: bool | None = None,
-                  debug: bool = False):
+def decode_matmul(x_mk, w, *, norm_weight=None, eps: float = 1e-6, norm_ss=None, bias=None, residual=None,
+                  return_ss: bool = False, kind: str | None = None, tuning: Tuning | None = None,
+                  interpret: bool | None = None, debug: bool = False):
   """→ (M, N) in x's dtype: `epilogue(RMSNorm(x; norm_weight) · Wᵀ)` as described above.
 
   x (M, K) in the compute dtype; w (N, K), or (2, N, K) for gate and up (→ silu(gate) ⊙ up);
-  norm_weight (K,): RMSNorm x first (eps); bias (N,); residual (M, N): added last. `kind` (one of
-  KINDS) picks `TUNING[kind]` when `tuning` is None. `interpret`: None runs Triton on GPUs and
-  Pallas' interpreter elsewhere. `debug`: print the kernel's jaxpr and Triton IR when lowered."""
+  norm_weight (K,): RMSNorm x first (eps); norm_ss (P, M) fp32: Σ x² of each row over P disjoint
+  column sets covering K (another call's `return_ss`), instead of a pass over x; bias (N,); residual
+  (M, N): added last. `return_ss` (not gated): → (y, ss), ss (P, M) fp32 the Σ y² of each row over P
+  column sets (P = N / block_n, or 1 when split > 1), y as returned. `kind` (one of KINDS) picks
+  `TUNING[kind]` when `tuning` is None. `interpret`: None runs Triton on GPUs and Pallas'
+  interpreter elsewhere. `debug`: print the kernel's jaxpr and Triton IR when lowered."""
   gated = w.ndim == 3
   m, k = x_mk.shape
   n = w.shape[-2]
@@ -210,8 +228,12 @@ def decode_matmul(x_mk, w, *, norm_weight=None, eps: float = 1e-6, bias=None, re
   for name, a, want in (("norm_weight", norm_weight, (k,)), ("bias", bias, (n,)), ("residual", residual, (m, n))):
     if a is not None and a.shape != want:
       raise ValueError(f"pallas decode matmul: {name} {a.shape}, want {want}")
-  if gated and (bias is not None or residual is not None):
-    raise ValueError("pallas decode matmul: the gated (gate/up) form takes no bias or residual")
+  if gated and (bias is not None or residual is not None or return_ss):
+    raise ValueError("pallas decode matmul: the gated (gate/up) form takes no bias or residual and returns no Σy²")
+  if norm_ss is not None and (norm_weight is None or norm_ss.ndim != 2 or norm_ss.shape[1] != m
+                              or norm_ss.dtype != jnp.float32):
+    raise ValueError(f"pallas decode matmul: norm_ss {norm_ss.shape} {norm_ss.dtype} wants norm_weight and "
+                     f"shape (P, {m}) float32")
   tuning = tuning or TUNING[kind or ("gate_up" if gated else "qkv")]
   why = check_tuning(tuning)
   if why:
@@ -228,25 +250,31 @@ def decode_matmul(x_mk, w, *, norm_weight=None, eps: float = 1e-6, bias=None, re
   steps = pl.cdiv(pl.cdiv(k, bk), split)  # bk-steps per K range (the last range may be short: masked)
   prec = jax.lax.Precision.HIGHEST if w.dtype == jnp.float32 else jax.lax.Precision.DEFAULT
   k_mask = k % bk != 0 or pl.cdiv(k, bk) % split != 0  # else no tile reaches past K
-  kernel = functools.partial(_kernel, m=m, k=k, n=n, bm=bm, bn=bn, bk=bk, steps=steps, k_mask=k_mask, norm=norm_weight is not None,
-                             prenorm=tuning.prenorm, eps=eps, bias=bias is not None, residual=residual is not None, gated=gated, split=split,
-                             prec=prec, dt=dt)
-  args = [x_mk, w.reshape(2 * n, k) if gated else w] + [a for a in (norm_weight,) if a is not None]
-  if norm_weight is not None and tuning.prenorm:  # `layers.RMSNorm`'s 1/rms, by XLA
+  if norm_weight is not None and norm_ss is None and tuning.prenorm:  # Σx² by XLA, as `layers.RMSNorm` sums
     x32 = x_mk.astype(jnp.float32)
-    args.append(jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1) + eps))
+    norm_ss = jnp.sum(x32 * x32, axis=-1)[None]
+  parts = 0 if norm_ss is None else norm_ss.shape[0]
+  emit_ss = return_ss and split == 1
+  kernel = functools.partial(_kernel, m=m, k=k, n=n, bm=bm, bn=bn, bk=bk, steps=steps, k_mask=k_mask, norm=norm_weight is not None,
+                             parts=parts, eps=eps, bias=bias is not None, residual=residual is not None, gated=gated, split=split,
+                             emit_ss=emit_ss, prec=prec, dt=dt)
+  args = [x_mk, w.reshape(2 * n, k) if gated else w] + [a for a in (norm_weight, norm_ss) if a is not None]
   if split == 1:
     args += [a for a in (bias, residual) if a is not None]
-    out_shape = jax.ShapeDtypeStruct((m, n), dt)
+    out_shape = [jax.ShapeDtypeStruct((m, n), dt)] + [jax.ShapeDtypeStruct((pl.cdiv(n, bn), m), jnp.float32)] * emit_ss
   else:
-    out_shape = jax.ShapeDtypeStruct((split * (2 if gated else 1), m, n), jnp.float32)
+    out_shape = [jax.ShapeDtypeStruct((split * (2 if gated else 1), m, n), jnp.float32)]
   out = pl.pallas_call(
       kernel, out_shape=out_shape, grid=(pl.cdiv(m, bm), pl.cdiv(n, bn), split),
       compiler_params=plt.CompilerParams(num_warps=tuning.num_warps, num_stages=tuning.num_stages),
       interpret=interpret, debug=debug, name=f"decode_matmul_{kind or 'any'}")(*args)
   if split == 1:
-    return out
+    return tuple(out) if emit_ss else out[0]
   if gated:
-    acc = out.reshape(split, 2, m, n).sum(axis=0)
+    acc = out[0].reshape(split, 2, m, n).sum(axis=0)
     return epilogue(acc[0], acc[1], None, None, dt)
-  return epilogue(out.sum(axis=0), None, bias, residual, dt)
+  y = epilogue(out[0].sum(axis=0), None, bias, residual, dt)
+  if not return_ss:
+    return y
+  y32 = y.astype(jnp.float32)
+  return y, jnp.sum(y32 * y32, axis=-1)[None]

@@ -58,21 +58,28 @@ class DecodeWeightsKMajor(NamedTuple):
   post_norm: jax.Array
 
 
-def _pallas_matmul(x_bgk, w, *, kind: str, norm=None, eps: float = 1e-6, bias=None, residual=None):
-  """`kernels.decode_matmul` on (B, G, K) rows → (B, G, N). `norm` (K,): the RMSNorm weight to
-  fold in (with `eps`); `residual` (B, G, N). Under a mesh it runs per device on its rows (`shard_map`) with the weights
-  replicated: data/fsdp meshes only — a tensor-parallel mesh would need each matmul split by
-  columns or rows with a sum across devices, which this path does not do (decode_matmul="xla" does)."""
+def _pallas_matmul(x_bgk, w, *, kind: str, norm=None, eps: float = 1e-6, norm_ss=None, bias=None, residual=None,
+                   return_ss: bool = False):
+  """`kernels.decode_matmul` on (B, G, K) rows → (B, G, N), or with `return_ss` (y, the Σy²
+  partials (P, B, G) fp32). `norm` (K,): the RMSNorm weight to fold in (with `eps`); `norm_ss`
+  (P, B, G): the input's Σx² partials from the kernel that wrote it; `residual` (B, G, N). Under a
+  mesh it runs per device on its rows (`shard_map`) with the weights replicated: data/fsdp meshes
+  only — a tensor-parallel mesh would need each matmul split by columns or rows with a sum across
+  devices, which this path does not do (decode_matmul="xla" does)."""
   from lgrpo_jax.kernels.decode_matmul import decode_matmul  # imports Pallas: only when used
-  named = {"w": w, "norm_weight": norm, "bias": bias, "residual": residual}
+  named = {"w": w, "norm_weight": norm, "norm_ss": norm_ss, "bias": bias, "residual": residual}
   named = {k: v for k, v in named.items() if v is not None}
 
   def call(x, **kw):
     b, g = x.shape[:2]
     if "residual" in kw:
       kw["residual"] = kw["residual"].reshape(b * g, -1)
-    y = decode_matmul(x.reshape(b * g, -1), kw.pop("w"), eps=eps, kind=kind, **kw)
-    return y.reshape(b, g, -1)
+    if "norm_ss" in kw:
+      kw["norm_ss"] = kw["norm_ss"].reshape(-1, b * g)
+    out = decode_matmul(x.reshape(b * g, -1), kw.pop("w"), eps=eps, kind=kind, return_ss=return_ss, **kw)
+    y, ss = out if return_ss else (out, None)
+    y = y.reshape(b, g, -1)
+    return (y, ss.reshape(-1, b, g)) if return_ss else y
 
   spec = active_spec(("batch", None, None), x_bgk.shape)
   if spec is None:
@@ -81,9 +88,10 @@ def _pallas_matmul(x_bgk, w, *, kind: str, norm=None, eps: float = 1e-6, bias=No
   if tensor > 1:
     raise ValueError(f"decode_matmul='pallas' runs on data/fsdp meshes only; this mesh has tensor={tensor} "
                      "(use decode_matmul='xla' with tensor parallelism)")
-  rows = P(spec[0])
-  specs = {k: rows if k == "residual" else P() for k in named}
-  sharded = jax.shard_map(lambda x, kw: call(x, **kw), in_specs=(rows, specs), out_specs=rows, check_vma=False)
+  rows, ss_rows = P(spec[0]), P(None, spec[0])  # (B, G, …) and (P, B, G): split by rows
+  specs = {k: rows if k == "residual" else ss_rows if k == "norm_ss" else P() for k in named}
+  sharded = jax.shard_map(lambda x, kw: call(x, **kw), in_specs=(rows, specs),
+                          out_specs=(rows, ss_rows) if return_ss else rows, check_vma=False)
   return sharded(x_bgk, named)
 
 
@@ -171,32 +179,38 @@ class DecoderLayer(nnx.Module):
                          self.o_proj.kernel[...].astype(dt), constrain(gate_up, ("embed", None, "mlp")),
                          mlp.down_proj.kernel[...].astype(dt))
 
-  def decode_proj(self, x_bgd, w: DecodeWeights):
-    """The fused q/k/v projection of one new token per sample, before rotary: (B, G, K, h+2, D)."""
+  def decode_proj(self, x_bgd, w: DecodeWeights, norm_ss=None):
+    """The fused q/k/v projection of one new token per sample, before rotary: (B, G, K, h+2, D).
+    `norm_ss` (the Pallas matmuls only): x's Σx² partials from the previous layer's down kernel."""
     if isinstance(w, DecodeWeightsKMajor):  # one kernel: norm, matmul, bias
-      y = _pallas_matmul(x_bgd, w.qkv, kind="qkv", norm=w.input_norm, eps=self.input_layernorm.eps, bias=w.qkv_bias)
+      y = _pallas_matmul(x_bgd, w.qkv, kind="qkv", norm=w.input_norm, eps=self.input_layernorm.eps, norm_ss=norm_ss,
+                         bias=w.qkv_bias)
       return y.reshape(*y.shape[:2], self.kv_heads, self.groups + 2, self.head_dim)
     return _mm(self.input_layernorm(x_bgd), w.qkv) + w.qkv_bias
 
-  def decode_qkv(self, x_bgd, cos_bgd, sin_bgd, w: DecodeWeights):
+  def decode_qkv(self, x_bgd, cos_bgd, sin_bgd, w: DecodeWeights, norm_ss=None):
     """`qkv` of one new token per sample with the fused kernel: q (B, G, K, h, D), k, v (B, G, K, D)."""
     h = self.groups
-    y = self.decode_proj(x_bgd, w)  # (B, G, K, h+2, D)
+    y = self.decode_proj(x_bgd, w, norm_ss)  # (B, G, K, h+2, D)
     c, s = cos_bgd[:, :, None], sin_bgd[:, :, None]
     q = apply_rotary(y[..., :h, :], c[..., None, :], s[..., None, :])
     return q, apply_rotary(y[..., h, :], c, s), y[..., h + 1, :]
 
-  def decode_finish(self, x_bgd, o_bgkhd, w: DecodeWeights):
-    """`finish` with the fused gate/up kernel."""
+  def decode_finish(self, x_bgd, o_bgkhd, w: DecodeWeights, return_ss: bool = False):
+    """`finish` with the fused gate/up kernel. `return_ss`: → (x, its Σx² partials for the next
+    layer's `decode_proj`: (P, B, G) fp32 from the Pallas down kernel, None on the XLA path)."""
     b, g = o_bgkhd.shape[:2]
     if isinstance(w, DecodeWeightsKMajor):  # three kernels: o + residual, norm + gate/up + SwiGLU, down + residual
-      x_bgd = _pallas_matmul(o_bgkhd.reshape(b, g, -1), w.o, kind="o", residual=x_bgd)
-      hid = _pallas_matmul(x_bgd, w.gate_up, kind="gate_up", norm=w.post_norm, eps=self.post_attention_layernorm.eps)
-      return _pallas_matmul(hid, w.down, kind="down", residual=x_bgd)
+      # o and down also return Σx² of the x they write, so the norm after each needs no pass over x
+      x_bgd, ss = _pallas_matmul(o_bgkhd.reshape(b, g, -1), w.o, kind="o", residual=x_bgd, return_ss=True)
+      hid = _pallas_matmul(x_bgd, w.gate_up, kind="gate_up", norm=w.post_norm, eps=self.post_attention_layernorm.eps,
+                           norm_ss=ss)
+      return _pallas_matmul(hid, w.down, kind="down", residual=x_bgd, return_ss=return_ss)
     x_bgd = x_bgd + _mm(o_bgkhd.reshape(b, g, -1, self.head_dim), w.o, 2)
     gu = _mm(self.post_attention_layernorm(x_bgd), w.gate_up)  # (B, G, 2, I)
     hid = constrain(self.mlp.act(gu[..., 0, :]) * gu[..., 1, :], ("batch", None, "mlp"))
-    return x_bgd + _mm(hid, w.down)
+    x_bgd = x_bgd + _mm(hid, w.down)
+    return (x_bgd, None) if return_ss else x_bgd
 
   def __call__(self, x_btd, cos_btd, sin_btd, mask_bts, return_kv: bool = False, impl: str = "auto"):
     q, k, v = self.qkv(x_btd, cos_btd, sin_btd)
@@ -346,16 +360,16 @@ class Qwen25VL(nnx.Module):
     own_mask_n = jnp.arange(cache.suffix_v[0].shape[3]) <= step
     kt = self.decode_keys_transposed()
     to_bk = lambda a: jnp.swapaxes(a, 1, 2)  # (B, G, K, ...) <-> (B, K, G, ...): tiny, per token
-    new_k, new_v = [], []
+    new_k, new_v, ss = [], [], None  # ss: x's Σx² partials from the Pallas down kernel (else None)
     for i, (layer, w) in enumerate(layers):
-      q, k, v = layer.decode_qkv(x_bgd, cos, sin, w)  # (B, G, K, h, D), (B, G, K, D)
+      q, k, v = layer.decode_qkv(x_bgd, cos, sin, w, ss)  # (B, G, K, h, D), (B, G, K, D)
       start = (0, 0, 0, step, 0)
       k_slot = to_bk(k)[..., None] if kt else to_bk(k)[:, :, :, None]  # (B, K, G, D, 1) | (B, K, G, 1, D)
       sk = jax.lax.dynamic_update_slice(cache.suffix_k[i], k_slot, (0, 0, 0, 0, step) if kt else start)
       sv = jax.lax.dynamic_update_slice(cache.suffix_v[i], to_bk(v)[:, :, :, None], start)
       o = attention_decode(to_bk(q), cache.prefix_k[i], cache.prefix_v[i], cache.prefix_mask, sk, sv,
                            own_mask_n, layer.head_dim**-0.5, keys_transposed=kt)
-      x_bgd = layer.decode_finish(x_bgd, to_bk(o), w)
+      x_bgd, ss = layer.decode_finish(x_bgd, to_bk(o), w, return_ss=True)
       new_k.append(sk)
       new_v.append(sv)
     return self.norm(x_bgd), cache._replace(suffix_k=tuple(new_k), suffix_v=tuple(new_v))
@@ -365,12 +379,12 @@ class Qwen25VL(nnx.Module):
     projection as it comes (unrotated, unsplit), rotates, writes the slot and attends, in the
     projections' (B, G, K, …) layout (no rotary, split, swap or cache-write kernels around it)."""
     prefix_mask = cache.prefix_mask.astype(jnp.int32)  # Triton loads no bools; loop-invariant
-    new_k, new_v = [], []
+    new_k, new_v, ss = [], [], None
     for i, (layer, w) in enumerate(layers):
-      qkv = layer.decode_proj(x_bgd, w)  # (B, G, K, h+2, D)
+      qkv = layer.decode_proj(x_bgd, w, ss)  # (B, G, K, h+2, D)
       o, sk, sv = _pallas_decode_attention(qkv, cos, sin, cache.prefix_k[i], cache.prefix_v[i], prefix_mask,
                                            cache.suffix_k[i], cache.suffix_v[i], step, layer.head_dim**-0.5)
-      x_bgd = layer.decode_finish(x_bgd, o, w)
+      x_bgd, ss = layer.decode_finish(x_bgd, o, w, return_ss=True)
       new_k.append(sk)
       new_v.append(sv)
     return self.norm(x_bgd), cache._replace(suffix_k=tuple(new_k), suffix_v=tuple(new_v))
