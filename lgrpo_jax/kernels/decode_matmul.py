@@ -28,14 +28,14 @@ of `split` ranges of K:
       x̂ = w_norm · bf(x · r)   (if norm: exactly `layers.RMSNorm`'s rounding)
       acc += x̂ · Wᵀ            (fp32 accumulation; IEEE fp32 products for fp32 weights)
     split == 1: the epilogue (bias / residual / SwiGLU, `epilogue`) and the store, in the kernel
-    split > 1:  fp32 partial sums stored; XLA adds them and runs the same `epilogue` (more programs
-                for a narrow N: o and down have N = 2,048 at 3B)
+    split > 1:  fp32 partial sums stored; XLA adds them and runs the same `epilogue` (and Σ y²: one
+                partial) — more programs for a narrow N: o and down have N = 2,048 at 3B
 
 Equal to the XLA path (`DecoderLayer.decode_proj` / `decode_finish`) up to the order of fp32 sums
 (tests/test_decode_matmul.py, under Pallas' interpreter on CPU). Status: opt-in
 (`Qwen25VLConfig.decode_matmul = "pallas"`), not yet timed on a GPU: `bench/gpu.py --decode-matmul
 xla,pallas` sweeps the tunings per matmul and times the decode with it. Pallas' Triton backend, as
-`decode_attention`.
+`decode_attention` (deprecated by jax from 0.11 in favour of Mosaic GPU: a warning; docs/model.md).
 """
 
 from __future__ import annotations
