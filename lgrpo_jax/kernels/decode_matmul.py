@@ -61,10 +61,10 @@ class Tuning:
   """Launch parameters of one matmul: `block_n` output columns and `block_k` of the contraction per
   program step, `split` programs along K (fp32 partials summed by XLA when > 1), Triton's
   `num_warps` and `num_stages` (software pipelining of the weight loads). `prenorm` (the RMSNorm
-  forms, when no `norm_ss` is handed in): the rows' Σx² computed by XLA before the kernel (one small
-  reduction) instead of
-  by a first pass over x in every program — that pass reads x from L2 once more per program, which
-  for q/k/v at block_n 16 is twice the weights' bytes. First guesses, not measured:
+  forms, when no `norm_ss` is handed in: layer 0's q/k/v in the decode step): the rows' Σx² from one
+  small XLA reduction before the kernel instead of a first pass over x in every program — that pass
+  reads x from L2 once more per program, which for q/k/v at block_n 16 is twice the weights' bytes.
+  First guesses, not measured:
   `bench/gpu.py --decode-matmul …,pallas` sweeps them per matmul on its GPU."""
   block_n: int = 32
   block_k: int = 256
