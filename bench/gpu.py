@@ -41,6 +41,9 @@ Two processes, one after the other (JAX and PyTorch each take the GPU's memory f
           called as the decode step calls them (q/k/v and gate/up take the Σx² partials that o
           and down return); the fastest that matches is kept. Every decode variant is timed with each (attention, matmul)
           pair of the two lists.
+          With --decode-while-graph: the first decode variant's all-XLA and all-Pallas runs once more
+          with the whole loop as one CUDA graph (XLA command buffers with WHILE: no host round trip
+          for the loop condition per step; `WHILE_GRAPH_OPTIONS`).
 
 Prints a table last; JSON of everything under --out. Each part and section reports its own failure
 and the rest goes on.
@@ -270,6 +273,13 @@ DECODE: list[tuple[str, int, float]] = []  # --decode: (model, rows, temperature
 TRACE_DECODE = False
 DECODE_ATTENTION: tuple[str, ...] = ("xla",)  # --decode-attention: the decode loop's attention kernels
 DECODE_MATMUL: tuple[str, ...] = ("xla",)  # --decode-matmul: the decode loop's weight matmuls
+WHILE_GRAPH = False  # --decode-while-graph: also time the all-XLA and all-Pallas decodes as one CUDA graph
+# XLA's default command-buffer kinds (openxla/xla debug_options_flags.cc, 2026-08) plus WHILE: the whole
+# decode loop becomes one command buffer (CUDA graph conditional nodes) instead of one graph launched
+# per iteration with the loop condition read back by the host in between. A per-compile override
+# (`jax.jit(compiler_options=...)`) takes the whole list, not XLA_FLAGS' "+WHILE".
+WHILE_GRAPH_OPTIONS = {"xla_gpu_enable_command_buffer":
+                       "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,DYNAMIC_SLICE_FUSION,WHILE"}
 
 
 def attention_tunings(tiny: bool) -> list:
@@ -338,6 +348,7 @@ def jax_part(args, work: str) -> dict:
   from lgrpo_jax.models.qwen2_5_vl import flops as F
   from lgrpo_jax.models.qwen2_5_vl.rope import get_rope_index
   from lgrpo_jax.sampling.sampler import SamplingConfig, _sample_jit
+  from lgrpo_jax.sampling.sampler import sample as sample_rollout
 
   import flax
   sz = sizes(args.tiny)
@@ -745,7 +756,7 @@ def jax_part(args, work: str) -> dict:
     best = min(ok, key=lambda m: m["s"])
     return {**best, "tflop": fl / 1e12, "shape": [b, g, n, p], "tokens": b * p + b * g * n, "plans": measured}
 
-  def decode(model, raw, name, rows, temperature, trace=False):
+  def decode(model, raw, name, rows, temperature, trace=False, while_graph=False):
     def run():
       mcfg = model.config
       g, n = sz["samples"], sz["decode_new"]
@@ -756,6 +767,13 @@ def jax_part(args, work: str) -> dict:
       grid = tuple(map(tuple, inp["image_grid_thw"].tolist()))
       scfg = SamplingConfig(max_new_tokens=n, num_samples=g, temperature=temperature)
       sample = lambda: jax.block_until_ready(_sample_jit(model, ids, mask, pixels, jax.random.key(0), grid, scfg))
+      if while_graph:  # the same rollout through jax.jit, which takes per-compile XLA options
+        graphdef, state = nnx.split(model)
+        rollout = jax.jit(lambda st, key: sample_rollout(nnx.merge(graphdef, st), ids, mask, pixels, grid, scfg, key),
+                          compiler_options=WHILE_GRAPH_OPTIONS)
+        sample = lambda: jax.block_until_ready(rollout(state, jax.random.key(0)))
+        same_tokens = lambda: bool(jnp.array_equal(sample().tokens, _sample_jit(
+            model, ids, mask, pixels, jax.random.key(0), grid, scfg).tokens))
 
       @nnx.jit
       def prefill(m):
@@ -767,6 +785,7 @@ def jax_part(args, work: str) -> dict:
       t0 = time.perf_counter()
       out = sample()
       compile_s = time.perf_counter() - t0
+      same = same_tokens() if while_graph else None  # after the compile is timed
       steps = int(out.steps)
       jax.block_until_ready(prefill(model))
       t_all = median_time(sample, args.runs, 0)
@@ -782,7 +801,7 @@ def jax_part(args, work: str) -> dict:
       kv_bytes = 2 * 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * b * (p + g * n)
       moved = weight_bytes + kv_bytes
       res = {"model": name, "decode_attention": mcfg.decode_attention, "decode_matmul": mcfg.decode_matmul,
-             "rows": b * g, "temperature": temperature,
+             "while_graph": while_graph, **({"tokens_equal_plain_jit": same} if while_graph else {}), "rows": b * g, "temperature": temperature,
              "prompt": p, "new_tokens": n,
              "steps": steps, "s": t_all, "prefill_s": t_pre, "step_ms": per_step * 1e3, "compile_s": compile_s,
              "weights_gb": weight_bytes / 1e9, "kv_gb": kv_bytes / 1e9,
@@ -850,6 +869,8 @@ def jax_part(args, work: str) -> dict:
       model.set_decode_attention(att).set_decode_matmul(mm)
       trace = TRACE_DECODE and i == 0 and att == mm  # the all-XLA and all-Pallas runs
       section(res, key, decode(model, raw, name, rows, temp, trace), save)
+      if WHILE_GRAPH and i == 0 and att == mm:
+        section(res, key + "_whilegraph", decode(model, raw, name, rows, temp, while_graph=True), save)
     model.set_decode_attention("xla").set_decode_matmul("xla")
   stats = dev.memory_stats() or {}
   res["peak_mem_gib"] = stats.get("peak_bytes_in_use", 0) / 2**30
@@ -959,7 +980,8 @@ def table(tr: dict, jr: dict, tiny: bool) -> str:
       sampling = "greedy" if d["temperature"] == 0 else "sampled"
       what = f"{d['model']} {d['rows']} rows {sampling}" + (
           "" if d.get("decode_attention", "xla") == "xla" else f" {d['decode_attention']}") + (
-          "" if d.get("decode_matmul", "xla") == "xla" else f" mm:{d['decode_matmul']}")
+          "" if d.get("decode_matmul", "xla") == "xla" else f" mm:{d['decode_matmul']}") + (
+          (" while-graph" + ("" if d.get("tokens_equal_plain_jit") else " (TOKENS DIFFER)")) if d.get("while_graph") else "")
       lines.append(f"{what:40s} {d['step_ms']:9.2f} "
                    f"{d['weights_gb'] + d['kv_gb']:8.2f} {d['gbps']:8.0f} {d['hbm_frac']:8.0%} {d.get('read_frac', nan):8.0%}  "
                    f"prompt {d['prompt']}, "
@@ -1004,16 +1026,19 @@ def main() -> None:
                   help="the decode loop's attention, each decode variant timed with each: xla,pallas")
   ap.add_argument("--decode-matmul", default="xla",
                   help="the decode loop's weight matmuls, each decode variant timed with each: xla,pallas")
+  ap.add_argument("--decode-while-graph", action="store_true",
+                  help="also time the first decode variant's all-XLA and all-Pallas runs with the whole loop as one "
+                       "CUDA graph (XLA command buffers with WHILE)")
   ap.add_argument("--part", choices=("torch", "jax"), help=argparse.SUPPRESS)
   ap.add_argument("--work", help=argparse.SUPPRESS)
   ap.add_argument("--out-dir", help=argparse.SUPPRESS)
   args = ap.parse_args()
 
   if args.part:
-    global DEADLINE, ONLY, PLANS, ALL_PLANS, ATTENTION, DECODE, TRACE_DECODE, DECODE_ATTENTION, DECODE_MATMUL
+    global DEADLINE, ONLY, PLANS, ALL_PLANS, ATTENTION, DECODE, TRACE_DECODE, DECODE_ATTENTION, DECODE_MATMUL, WHILE_GRAPH
     ONLY = tuple(("parity,ceilings," + args.only).split(",")) if args.only else ()
     PLANS = parse_plans(args.plans) if args.plans else []
-    ALL_PLANS, TRACE_DECODE = args.all_plans, args.trace_decode
+    ALL_PLANS, TRACE_DECODE, WHILE_GRAPH = args.all_plans, args.trace_decode, args.decode_while_graph
     ATTENTION = tuple(args.attention.split(","))
     DECODE = parse_decode(args.decode) if args.decode else []
     DECODE_ATTENTION = tuple(args.decode_attention.split(","))
@@ -1042,6 +1067,7 @@ def main() -> None:
     cmd += [f"--decode={args.decode}"] if args.decode else []
     cmd += ["--all-plans"] if args.all_plans else []
     cmd += ["--trace-decode"] if args.trace_decode else []
+    cmd += ["--decode-while-graph"] if args.decode_while_graph else []
     cmd += ["--tiny"] if args.tiny else []
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     tail = []
