@@ -41,8 +41,8 @@ Two processes, one after the other (JAX and PyTorch each take the GPU's memory f
           called as the decode step calls them (q/k/v and gate/up take the Σx² partials that o
           and down return); the fastest that matches is kept. Every decode variant is timed with each (attention, matmul)
           pair of the two lists.
-          With --decode-while-graph: the first decode variant's all-XLA and all-Pallas runs once more
-          with the whole loop as one CUDA graph (XLA command buffers with WHILE: no host round trip
+          With --decode-while-graph: the first decode variant's all-XLA and all-Pallas runs once more,
+          after all the others, with the whole loop as one CUDA graph (XLA command buffers with WHILE: no host round trip
           for the loop condition per step; `WHILE_GRAPH_OPTIONS`).
 
 Prints a table last; JSON of everything under --out. Each part and section reports its own failure
@@ -869,8 +869,12 @@ def jax_part(args, work: str) -> dict:
       model.set_decode_attention(att).set_decode_matmul(mm)
       trace = TRACE_DECODE and i == 0 and att == mm  # the all-XLA and all-Pallas runs
       section(res, key, decode(model, raw, name, rows, temp, trace), save)
-      if WHILE_GRAPH and i == 0 and att == mm:
-        section(res, key + "_whilegraph", decode(model, raw, name, rows, temp, while_graph=True), save)
+    # Last, so that a failure there (a new XLA path on the GPU) costs none of the runs above.
+    for att, mm in [p for p in decode_impls() if p[0] == p[1]] if WHILE_GRAPH and i == 0 else []:
+      key = f"decode_{name}_{rows}_t{temp:g}" + ("" if att == "xla" else f"_{att}_mm_{mm}") + "_whilegraph"
+      if "error" not in res.get(key.removesuffix("_whilegraph"), {"error": "not run"}):
+        model.set_decode_attention(att).set_decode_matmul(mm)
+        section(res, key, decode(model, raw, name, rows, temp, while_graph=True), save)
     model.set_decode_attention("xla").set_decode_matmul("xla")
   stats = dev.memory_stats() or {}
   res["peak_mem_gib"] = stats.get("peak_bytes_in_use", 0) / 2**30
