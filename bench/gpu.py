@@ -37,7 +37,7 @@ Two processes, one after the other (JAX and PyTorch each take the GPU's memory f
           bias, SwiGLU and residual adds folded in): the same tiny-model check (`parity_pallas`),
           then each of the four matmuls of the 3B decoder layer at 32 rows over 36 layers' own
           weights (`decode_matmul_kernel`): the XLA path's µs per layer and GB/s against the kernel's
-          under a sweep (5 tile shapes, then warps and stages around the best: 7–8 per matmul),
+          under a sweep (5–7 tile shapes, then warps and stages around the best: 7–10 per matmul),
           called as the decode step calls them (q/k/v and gate/up take the Σx² partials that o
           and down return); the fastest that matches is kept. Every decode variant is timed with each (attention, matmul)
           pair of the two lists.
@@ -295,8 +295,13 @@ def matmul_first(kind: str, tiny: bool) -> list:
   from lgrpo_jax.kernels import decode_matmul as dm
   if tiny:
     return [dm.Tuning(block_n=16, block_k=64), dm.Tuning(block_n=32, block_k=64, split=2)]
-  return ([dm.Tuning(bn, bk) for bn in ((32, 64) if kind == "gate_up" else (16, 32)) for bk in (128, 256)] +
-          [dm.Tuning(128 if kind == "gate_up" else 64, 128, split=2)])
+  if kind == "gate_up":  # gate and up share each program's x: x from L2 is 32 / (2 · block_n) of the weights
+    return [dm.Tuning(bn, bk) for bn in (32, 64) for bk in (128, 256)] + [dm.Tuning(128, 128, split=2)]
+  # N = 2,048–2,560: block_n 16 gives the most programs (128–160, one wave on 132 SMs), but every
+  # program reads all of its rows' x from L2, 32 / block_n of the weights' bytes (2x at 16; for down
+  # x is 704 KB a program); wider blocks with K split keep ~128 programs at a half or a quarter of it
+  return ([dm.Tuning(bn, bk) for bn in (16, 32) for bk in (128, 256)] +
+          [dm.Tuning(32, 128, split=2), dm.Tuning(64, 128, split=2), dm.Tuning(64, 128, split=4)])
 
 
 def matmul_around(kind: str, best) -> list:
