@@ -41,8 +41,8 @@ Two processes, one after the other (JAX and PyTorch each take the GPU's memory f
           called as the decode step calls them (q/k/v and gate/up take the Σx² partials that o
           and down return); the fastest that matches is kept. Every decode variant is timed with each (attention, matmul)
           pair of the two lists.
-          With --decode-while-graph: the first decode variant's all-XLA and all-Pallas runs once more,
-          after all the others, with the whole loop as one CUDA graph (XLA command buffers with WHILE: no host round trip
+          With --decode-while-graph: the first decode variant's all-XLA and all-Pallas runs once more
+          (after those two, before the mixed pairs) with the whole loop as one CUDA graph (XLA command buffers with WHILE: no host round trip
           for the loop condition per step; `WHILE_GRAPH_OPTIONS`).
 
 Prints a table last; JSON of everything under --out. Each part and section reports its own failure
@@ -865,21 +865,24 @@ def jax_part(args, work: str) -> dict:
       built[name] = (lgrpo_jax.from_config(raw, dtype="bfloat16", param_dtype="bfloat16", seed=0), raw)
     model, raw = built[name]
     model.set_attention(default_impl)
-    for att, mm in decode_impls():
+    pairs = decode_impls()  # all-XLA, all-Pallas, then the mixed pairs
+    same = [(att, mm, False) for att, mm in pairs if att == mm]
+    # The one-graph runs after the all-XLA and all-Pallas ones (a failure there costs neither), before
+    # the mixed pairs (the first to go when the budget is short).
+    runs = same + [(att, mm, True) for att, mm, _ in same if WHILE_GRAPH and i == 0] + [
+        (att, mm, False) for att, mm in pairs if att != mm]
+    for att, mm, while_graph in runs:
       key = f"decode_{name}_{rows}_t{temp:g}" + ("" if att == "xla" else f"_{att}") + (
           "" if mm == "xla" else f"_mm_{mm}")
       if "pallas" in (att, mm) and "error" in res.get("parity_pallas", {}):
         res[key] = {"error": "skipped: the kernels failed their parity check"}
         continue
+      if while_graph and "error" in res.get(key, {"error": "not run"}):
+        continue  # its plain run failed or was skipped: nothing to compare with
       model.set_decode_attention(att).set_decode_matmul(mm)
-      trace = TRACE_DECODE and i == 0 and att == mm  # the all-XLA and all-Pallas runs
-      section(res, key, decode(model, raw, name, rows, temp, trace), save)
-    # Last, so that a failure there (a new XLA path on the GPU) costs none of the runs above.
-    for att, mm in [p for p in decode_impls() if p[0] == p[1]] if WHILE_GRAPH and i == 0 else []:
-      key = f"decode_{name}_{rows}_t{temp:g}" + ("" if att == "xla" else f"_{att}_mm_{mm}") + "_whilegraph"
-      if "error" not in res.get(key.removesuffix("_whilegraph"), {"error": "not run"}):
-        model.set_decode_attention(att).set_decode_matmul(mm)
-        section(res, key, decode(model, raw, name, rows, temp, while_graph=True), save)
+      trace = TRACE_DECODE and i == 0 and att == mm and not while_graph  # the all-XLA and all-Pallas runs
+      section(res, key + ("_whilegraph" if while_graph else ""),
+              decode(model, raw, name, rows, temp, trace, while_graph=while_graph), save)
     model.set_decode_attention("xla").set_decode_matmul("xla")
   stats = dev.memory_stats() or {}
   res["peak_mem_gib"] = stats.get("peak_bytes_in_use", 0) / 2**30
