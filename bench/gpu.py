@@ -39,11 +39,12 @@ Two processes, one after the other (JAX and PyTorch each take the GPU's memory f
           weights (`decode_matmul_kernel`): the XLA path's µs per layer and GB/s against the kernel's
           under a sweep (5–7 tile shapes, then warps and stages around the best: 7–10 per matmul),
           called as the decode step calls them (q/k/v and gate/up take the Σx² partials that o
-          and down return); the fastest that matches is kept. Every decode variant is timed with each (attention, matmul)
-          pair of the two lists.
+          and down return); the fastest that matches is kept. Every decode variant is timed with
+          each (attention, matmul) pair of the two lists.
           With --decode-while-graph: the first decode variant's all-XLA and all-Pallas runs once more
-          (after those two, before the mixed pairs) with the whole loop as one CUDA graph (XLA command buffers with WHILE: no host round trip
-          for the loop condition per step; `WHILE_GRAPH_OPTIONS`).
+          (after those two, before the mixed pairs) with the whole loop as one CUDA graph (XLA
+          command buffers with WHILE: no host round trip for the loop condition per step;
+          `WHILE_GRAPH_OPTIONS`).
 
 Prints a table last; JSON of everything under --out. Each part and section reports its own failure
 and the rest goes on.
@@ -866,10 +867,10 @@ def jax_part(args, work: str) -> dict:
     model, raw = built[name]
     model.set_attention(default_impl)
     pairs = decode_impls()  # all-XLA, all-Pallas, then the mixed pairs
-    same = [(att, mm, False) for att, mm in pairs if att == mm]
+    plain = [(att, mm, False) for att, mm in pairs if att == mm]  # all-XLA, all-Pallas
     # The one-graph runs after the all-XLA and all-Pallas ones (a failure there costs neither), before
     # the mixed pairs (the first to go when the budget is short).
-    runs = same + [(att, mm, True) for att, mm, _ in same if WHILE_GRAPH and i == 0] + [
+    runs = plain + [(att, mm, True) for att, mm, _ in plain if WHILE_GRAPH and i == 0] + [
         (att, mm, False) for att, mm in pairs if att != mm]
     for att, mm, while_graph in runs:
       key = f"decode_{name}_{rows}_t{temp:g}" + ("" if att == "xla" else f"_{att}") + (
