@@ -95,6 +95,9 @@ class DataConfig:
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
   run_dir: str = "runs/experiment"  # checkpoints, metrics, plots; an existing run resumes
+  # Persistent XLA compilation cache (train/compile_cache.py): "auto" ($JAX_COMPILATION_CACHE_DIR,
+  # else RUN_DIR/xla_cache), "off", or a directory. A restarted run loads its programs from it.
+  compile_cache: str = "auto"
   model: ModelConfig = ModelConfig()
   data: DataConfig = DataConfig()
   pipeline: PipelineConfig = PipelineConfig()

@@ -4,12 +4,14 @@ Config files are plain Python returning an `ExperimentConfig` (see configs/). Ov
 against the config's typed fields (an unknown key or a wrong type is one clear error). Every input is
 checked before anything compiles: checkpoint and data paths, the mesh against the devices, the batch
 against the processes, G ≥ 2. The resolved config is written to RUN_DIR/config.json; an existing
-run directory with checkpoints resumes. Multi-host start-up (lgrpo_jax.distributed) runs first.
+run directory with checkpoints resumes, loading its compiled programs from RUN_DIR/xla_cache
+(`compile_cache`: "auto", "off" or a directory). Multi-host start-up (lgrpo_jax.distributed) runs first.
 
 Main knobs: run_dir, model.checkpoint, data.source/path/image_root/fraction, pipeline.global_batch,
 sft.steps/teacher/targets_path (optional warm start), step.sampling.num_samples/max_new_tokens/
 temperature, step.loss.beta/loss/eps_low/eps_high, step.optim.learning_rate/micro_batches/passes,
-step.rewards.weights, loop.steps/save_every/eval_every/tensorboard/wandb_project, mesh.fsdp.
+step.rewards.weights, loop.steps/save_every/eval_every/tensorboard/wandb_project, mesh.fsdp,
+compile_cache.
 
 Prints the held-out accuracy (both orders) and contradiction rate before and after GRPO when
 held-out pairs are configured, and writes RUN_DIR/curves.png.
@@ -117,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+  import contextlib
+  with contextlib.ExitStack() as scope:  # process-wide settings made for the run end with it
+    return _main(argv, scope)
+
+
+def _main(argv, scope) -> int:
   from lgrpo_jax import distributed
   args = build_parser().parse_args(argv)
   from lgrpo_jax.config import apply_overrides, load_config_file, to_record
@@ -132,6 +140,9 @@ def main(argv=None) -> int:
     distributed.initialize_from_args(args)
     cfg = apply_overrides(load_config_file(args.config), args.overrides)
     check(cfg)
+    from lgrpo_jax.train import compile_cache
+    # The persistent compilation cache, before anything compiles: a restarted run loads its programs.
+    scope.enter_context(compile_cache.use(compile_cache.resolve(cfg.compile_cache, cfg.run_dir)))
     from lgrpo_jax.sharding import make_mesh
     mesh = make_mesh(cfg.mesh) if jax.device_count() > 1 else None
     model, listener, tokenizer, pairs, eval_pairs = build(cfg, mesh)
@@ -191,8 +202,10 @@ def summary(run_dir: str) -> str:
       lines.append(f"change: {100 * (last['eval/accuracy'] - first['eval/accuracy']):+.1f} points")
   if train and "compiles" in train[-1]:
     last = train[-1]
-    lines.append(f"XLA compilations in this process: {last['compiles']} ({last['compile_s']:.1f} s), "
-                 f"{last['compiled_programs']} of them training-step programs")
+    hits = last.get("compile_cache_hits", 0)
+    lines.append(f"XLA compilations in this process: {last['compiles']} ({last['compile_s']:.1f} s"
+                 + (f"; {hits} loaded from the compilation cache" if hits else "")
+                 + f"), {last['compiled_programs']} of them training-step programs")
   lines.append(f"run directory: {run_dir} (metrics.jsonl, tensorboard/, curves.png, checkpoints/)")
   return "\n".join(lines)
 

@@ -5,6 +5,7 @@
     RUN_DIR/best/<step>/           the best by held-out accuracy
     RUN_DIR/sft/                   the warm start's parameters (the listener's, by default)
     RUN_DIR/eval/<name>/summary.json   evaluations (`python -m lgrpo_jax.evaluate`)
+    RUN_DIR/xla_cache/             compiled programs for a restart (`compile_cache`, by default)
 
 Used by `lgrpo_jax.evaluate` and `lgrpo_jax.convert to-hf RUN_DIR`. Parameters are read straight
 into an abstract model (and into their shards with a mesh); the optimizer state is never read.

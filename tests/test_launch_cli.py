@@ -44,6 +44,7 @@ def test_overrides_are_typed_and_checked():
     ("sft.teacher_accuracy=1.5", "sft.teacher_accuracy=1.5 must be in [0, 1]"),
     ("model.decode_matmul=cublas", "model.decode_matmul='cublas': choose one of"),
     ("model.decode_matmul=pallas mesh.tensor=2", "model.decode_matmul='pallas' runs on data/fsdp meshes only"),
+    (f"compile_cache={DEMO}", "demo.py exists and is not a directory"),
 ])
 def test_bad_input_is_one_clear_error_before_compiling(tmp_path, capsys, override, message):
   rc = launch.main(["--config", DEMO, f"run_dir={tmp_path}", *override.split()])
@@ -51,7 +52,10 @@ def test_bad_input_is_one_clear_error_before_compiling(tmp_path, capsys, overrid
   assert message in capsys.readouterr().err
 
 
-def test_short_run_writes_config_and_metrics(tmp_path):
+def test_short_run_writes_config_and_metrics(tmp_path, monkeypatch):
+  import jax
+  monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)  # compile_cache=auto: RUN_DIR/xla_cache
+  cache_setting = jax.config.jax_compilation_cache_dir, jax.config.jax_enable_compilation_cache
   # In this process (8 simulated devices): the launcher trains on the default FSDP mesh.
   rc = launch.main(["--config", DEMO, f"run_dir={tmp_path}", "loop.steps=2", "step.sampling.max_new_tokens=8",
                     "step.sampling.num_samples=2", "sft.steps=1", "sft.log_every=1", "data.synthetic_pairs=16",
@@ -64,6 +68,10 @@ def test_short_run_writes_config_and_metrics(tmp_path):
   assert [m["step"] for m in lines] == [0, 1, 2]  # held-out evaluation before the first step
   assert "eval/accuracy" in lines[0] and "eval/accuracy" in lines[-1] and (tmp_path / "curves.png").is_file()
   assert [json.loads(x)["step"] for x in open(tmp_path / "sft_metrics.jsonl")] == [1]
+  # The run used its own compilation cache (a fresh run: nothing loaded) and left the process as it was.
+  assert cfg["compile_cache"] == "auto" and (tmp_path / "xla_cache").is_dir()
+  assert lines[-1]["compile_cache_hits"] == 0 and lines[-1]["compiles"] > 0
+  assert (jax.config.jax_compilation_cache_dir, jax.config.jax_enable_compilation_cache) == cache_setting
   evaluate_the_run(tmp_path, lines[-1])
 
 

@@ -1,6 +1,7 @@
 """A training run in its own process, for the kill/resume tests:
-  python tests/train_worker.py RUN_DIR TOKENIZER_DIR STEPS OUT_NPZ
-Trains the tiny model on synthetic pairs (checkpoint every step) and writes the final parameters."""
+  python tests/train_worker.py RUN_DIR TOKENIZER_DIR STEPS OUT_NPZ [COMPILE_CACHE]
+Trains the tiny model on synthetic pairs (checkpoint every step) and writes the final parameters;
+with COMPILE_CACHE, through that persistent compilation cache (`ExperimentConfig.compile_cache`)."""
 
 import sys
 
@@ -38,6 +39,9 @@ def final_params(trainer) -> dict:
 
 if __name__ == "__main__":
   run_dir, tok_dir, steps, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+  if len(sys.argv) > 5:
+    from lgrpo_jax.train import compile_cache
+    compile_cache.enable(compile_cache.resolve(sys.argv[5], run_dir))
   t = make(run_dir, tok_dir, steps)
   t.run()
   t.close()

@@ -42,7 +42,7 @@ from lgrpo_jax.listener import ListenerSpec
 from lgrpo_jax.rewards import ByteTable
 from lgrpo_jax.sharding import on_mesh, put, state_shardings
 from lgrpo_jax.models.qwen2_5_vl.flops import grpo_step_flops
-from lgrpo_jax.train.metrics import MetricSinks, compile_stats, measured_matmul_tflops
+from lgrpo_jax.train.metrics import MetricSinks, compile_cache_hits, compile_stats, measured_matmul_tflops
 from lgrpo_jax.train.step import Batch, StepConfig, Tables, TrainState, init_state, make_train_step
 
 log = logging.getLogger("lgrpo_jax.train")
@@ -166,6 +166,13 @@ class Trainer:
     if mesh is not None:  # scalars (step, key, optimizer counts) replicated on the mesh like the outputs
       self.state = on_mesh(self.state, mesh)
       self.state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
+    else:  # one device: commit the arrays to it as a restored checkpoint's are, so that a fresh and a
+      # resumed run lower the step alike (else the restart misses the persistent compilation cache)
+      self.state, self.ref_params, self.listener_params = jax.device_put(
+          (self.state, self.ref_params, None if self.listener_is_reference else self.listener_params),
+          jax.devices()[0])
+      if self.listener_is_reference:
+        self.listener_params = self.ref_params
     bt = ByteTable.from_tokenizer(tokenizer)
     if bt.truncated:
       log.warning("%d tokens are longer than the byte table's width; their tails are ignored by parsing",
@@ -228,6 +235,8 @@ class Trainer:
                               jax.random.wrap_key_data(t["key"]))
       if self.state_shardings is not None:
         self.state = jax.tree.map(put, self.state, self.state_shardings)
+      else:
+        self.state = jax.device_put(self.state, jax.devices()[0])
       self.batches.set_state(restored["data"])
       self._drop_metrics_after(step)
       log.info("resumed from %s/checkpoints/%d", self.run_dir, step)
@@ -317,6 +326,7 @@ class Trainer:
       metrics.update(step=step, step_time=dt, tokens_per_s=metrics["generated_tokens"] / dt,
                      compiled_programs=sum(f._cache_size() for f in self._steps.values()),
                      **dict(zip(("compiles", "compile_s"), compile_stats())),
+                     compile_cache_hits=compile_cache_hits(),
                      tflops=tflops, mfu=tflops / self.peak_tflops)
       is_eval = self.evaluator is not None and (step % self.loop_cfg.eval_every == 0
                                                 or step == self.loop_cfg.steps)

@@ -15,9 +15,12 @@ log = logging.getLogger("lgrpo_jax.train")
 
 # XLA backend compilations in this process (every jit/pjit program, ours and JAX's small helpers):
 # count and seconds, from JAX's monitoring events. The loop logs them per step (`compiles`,
-# `compile_s`): after the first steps of each shape bucket the count must stop growing.
+# `compile_s`): after the first steps of each shape bucket the count must stop growing. JAX times a
+# program loaded from the persistent cache (train/compile_cache.py) as a compilation too, so the
+# loads are counted apart as well (`compile_cache_hits`).
 _BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
-_compiles = {"count": 0, "seconds": 0.0, "registered": False}
+_CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
+_compiles = {"count": 0, "seconds": 0.0, "cache_hits": 0, "registered": False}
 
 
 def _on_duration(event: str, seconds: float, **_) -> None:
@@ -26,12 +29,30 @@ def _on_duration(event: str, seconds: float, **_) -> None:
     _compiles["seconds"] += seconds
 
 
-def compile_stats() -> tuple[int, float]:
-  """(XLA compilations, seconds spent in them) in this process since the first call."""
+def _on_event(event: str, **_) -> None:
+  if event == _CACHE_HIT_EVENT:
+    _compiles["cache_hits"] += 1
+
+
+def _register() -> None:
   if not _compiles["registered"]:
     jax.monitoring.register_event_duration_secs_listener(_on_duration)
+    jax.monitoring.register_event_listener(_on_event)
     _compiles["registered"] = True
+
+
+def compile_stats() -> tuple[int, float]:
+  """(XLA compilations, seconds spent in them) in this process since the first call; a program
+  loaded from the persistent compilation cache counts as one, with the seconds it took to load."""
+  _register()
   return _compiles["count"], _compiles["seconds"]
+
+
+def compile_cache_hits() -> int:
+  """Programs loaded from the persistent compilation cache in this process since the first call
+  of this or `compile_stats`."""
+  _register()
+  return _compiles["cache_hits"]
 
 
 class MetricSinks:

@@ -1,0 +1,71 @@
+"""The persistent compilation cache setting (`ExperimentConfig.compile_cache`): where it points, that
+programs are written there and loaded back (counted), that "off" turns it off, and that the
+launcher's setting ends with the run. A restarted training run through it: test_train_loop."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from lgrpo_jax.models.qwen2_5_vl.config import ConfigError
+from lgrpo_jax.train import compile_cache
+from lgrpo_jax.train.metrics import compile_cache_hits
+
+
+def test_resolve(tmp_path, monkeypatch):
+  run = str(tmp_path / "run")
+  assert compile_cache.resolve("auto", run, env={}) == os.path.join(run, "xla_cache")
+  assert compile_cache.resolve("auto", run, env={"JAX_COMPILATION_CACHE_DIR": "/shared/xla"}) == "/shared/xla"
+  assert compile_cache.resolve("off", run, env={"JAX_COMPILATION_CACHE_DIR": "/shared/xla"}) is None
+  monkeypatch.chdir(tmp_path)
+  assert compile_cache.resolve("cache", run, env={}) == str(tmp_path / "cache")
+  assert compile_cache.resolve("gs://bucket/xla", run, env={}) == "gs://bucket/xla"
+  with pytest.raises(ConfigError, match="choose 'auto', 'off' or a directory"):
+    compile_cache.resolve("", run, env={})
+  (tmp_path / "file").write_text("x")
+  with pytest.raises(ConfigError, match=r"compile_cache='file': .*file exists and is not a directory"):
+    compile_cache.resolve("file", run, env={})
+  with pytest.raises(ConfigError, match=r"compile_cache: cannot create .*file/sub"):
+    compile_cache.enable(compile_cache.resolve("file/sub", run, env={}))
+
+
+@pytest.fixture
+def every_program_cached():
+  """No minimum compile time, so that the tiny programs here are written."""
+  before = jax.config.jax_persistent_cache_min_compile_time_secs
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  yield
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", before)
+
+
+def run_new_program(scale: float):
+  """Compiles (or loads) a program no other test has: a constant of its own in the HLO."""
+  x = np.arange(8, dtype=np.float32)  # not jnp: that would be a program of its own
+  return np.asarray(jax.jit(lambda v: v * scale + 1.0)(x))
+
+
+def test_programs_are_written_and_loaded_back_and_off_turns_it_off(tmp_path, every_program_cached):
+  cache = tmp_path / "xla"
+  before = jax.config.jax_compilation_cache_dir, jax.config.jax_enable_compilation_cache
+  with compile_cache.use(str(cache)):
+    first = run_new_program(3.25)
+    written = set(os.listdir(cache))
+    assert written  # the program (and its compile time) is in the cache
+    hits = compile_cache_hits()
+    jax.clear_caches()  # as a new process would: nothing compiled in memory
+    again = run_new_program(3.25)
+    assert compile_cache_hits() == hits + 1 and set(os.listdir(cache)) == written
+    np.testing.assert_array_equal(again, first)
+    with compile_cache.use(None):  # "off": neither written nor read
+      run_new_program(5.5)
+      jax.clear_caches()
+      run_new_program(3.25)
+      assert set(os.listdir(cache)) == written and compile_cache_hits() == hits + 1
+    run_new_program(7.75)  # the outer setting is back
+    assert len(os.listdir(cache)) > len(written)
+  # ... and after the block, the process's own setting (none, unless the environment gave one).
+  assert (jax.config.jax_compilation_cache_dir, jax.config.jax_enable_compilation_cache) == before
+  n = len(os.listdir(cache))
+  run_new_program(9.125)
+  assert len(os.listdir(cache)) == n
