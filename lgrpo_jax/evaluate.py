@@ -28,6 +28,10 @@ Writes to --out (default: RUN_DIR/eval/<data name>, or eval/<data name>):
 
 Missing or undecodable images: `--bad-records error` (default) stops naming the record and file;
 `skip` leaves out every comparison with such an image and counts them by reason.
+
+Compiled programs are kept for the next evaluation (`--compile-cache`, as the launcher's
+`compile_cache`): by default in the run directory's xla_cache (shared with its training), else in
+OUT/xla_cache, or in $JAX_COMPILATION_CACHE_DIR when that is set.
 """
 
 from __future__ import annotations
@@ -284,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
   ap.add_argument("--quiet", action="store_true", help="no progress line")
   ap.add_argument("--single-device", action="store_true",
                   help="one device even when more are visible (default: a mesh over all, as in training)")
+  ap.add_argument("--compile-cache", default="auto",
+                  help="persistent compilation cache: auto (the run's RUN_DIR/xla_cache, else OUT/xla_cache), "
+                       "off, or a directory")
   distributed.add_args(ap)
   return ap
 
@@ -306,13 +313,14 @@ def main(argv=None) -> int:
   from lgrpo_jax.sharding import MeshError
   try:
     distributed.initialize_from_args(args)
-    return evaluate(args)
+    with contextlib.ExitStack() as scope:  # the compilation cache's setting ends with the evaluation
+      return evaluate(args, scope)
   except (EvalError, ConfigError, DataError, CheckpointError, MeshError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)  # ImageError and the pipeline's errors are ValueErrors
     return 2
 
 
-def evaluate(args) -> int:
+def evaluate(args, scope: contextlib.ExitStack | None = None) -> int:
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -348,10 +356,18 @@ def evaluate(args) -> int:
   primary = jax.process_index() == 0
   say = (lambda m: print(m, file=sys.stderr, flush=True)) if primary else (lambda m: None)
 
-  # The mesh first (models load straight into their shards), from a run's mesh settings.
   run_cfg = None
   if runs.is_run_dir(os.path.abspath(args.checkpoint)):
     run_cfg = runs.run_config(args.checkpoint)
+  name = f"{source}-{os.path.splitext(os.path.basename(where))[0]}"
+  out_dir = args.out or (os.path.join(args.checkpoint, "eval", name) if run_cfg is not None
+                         else os.path.join("eval", name))
+  if scope is not None:  # before anything compiles; a run's cache is its training's
+    from lgrpo_jax.train import compile_cache
+    scope.enter_context(compile_cache.use(compile_cache.resolve(
+        args.compile_cache, args.checkpoint if run_cfg is not None else out_dir)))
+
+  # The mesh first (models load straight into their shards), from a run's mesh settings.
   mesh = None
   if args.single_device and jax.process_count() > 1:
     raise EvalError("--single-device with several processes: each process must feed the mesh")
@@ -391,10 +407,6 @@ def evaluate(args) -> int:
       continue
     pair, preferred = pair_of(g, i, j)
     meta[pair.pair_id] = {"group": g.group_id, "i": i, "j": j, "preferred": preferred, "pair": pair}
-  source, _, where = args.data.partition(":")
-  name = f"{source}-{os.path.splitext(os.path.basename(where))[0]}"
-  out_dir = args.out or (os.path.join(args.checkpoint, "eval", name) if run_cfg is not None
-                         else os.path.join("eval", name))
   os.makedirs(out_dir, exist_ok=True)
   settings = {"checkpoint": loaded.checkpoint["path"], "step": loaded.checkpoint.get("step"),
               "listener": loaded.checkpoint["listener"], "data": args.data,

@@ -190,6 +190,7 @@ def test_imagereward_end_to_end_counts_skips_resume_and_sharding(tiny_hf, imager
           "--max-pairs", str(MAX_PAIRS), "--bad-records", "skip"]
   out = tmp_path / "eval"
   assert run_eval(*data, "--out", str(out)) == 0  # 8 simulated devices: sharded like training
+  assert (out / "xla_cache").is_dir()  # --compile-cache auto, for a checkpoint that is not a run: OUT/xla_cache
   summary = json.load(open(out / "summary.json"))
   total, judged, tied, skipped = expected_counts(records, bad)
   assert summary["planned"]["comparisons"] == total == MAX_PAIRS
@@ -260,6 +261,8 @@ def test_imagereward_end_to_end_counts_skips_resume_and_sharding(tiny_hf, imager
   assert run_eval(*data[:-2], "--out", str(tmp_path / "strict")) == 2
   err = capsys.readouterr().err
   assert "image file not found" in err and records[1]["generations"][0] in err and "--bad-records skip" in err
+  assert run_eval(*data, "--out", str(tmp_path / "c"), "--compile-cache", str(path)) == 2
+  assert "exists and is not a directory" in capsys.readouterr().err
 
 
 def test_sampled_judgements_are_aggregated(tiny_hf, imagereward_images, tmp_path):

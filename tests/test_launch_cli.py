@@ -95,6 +95,7 @@ def evaluate_the_run(run_dir, last_eval):
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), ours, ref)
   assert loaded.checkpoint["step"] == 2
   assert evaluate.main(["--checkpoint", str(run_dir), "--data", "synthetic:2", "--quiet"]) == 0
+  assert not (run_dir / "eval" / "synthetic-2" / "xla_cache").exists()  # a run's evaluation uses the run's cache
   m = json.load(open(run_dir / "eval" / "synthetic-2" / "summary.json"))["metrics"]
   for k in ("accuracy", "accuracy_as_given", "accuracy_swapped", "format_rate"):
     assert m[k] == pytest.approx(last_eval[f"eval/{k}"])
