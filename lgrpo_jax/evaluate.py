@@ -320,7 +320,7 @@ def main(argv=None) -> int:
     return 2
 
 
-def evaluate(args, scope: contextlib.ExitStack | None = None) -> int:
+def evaluate(args, scope: contextlib.ExitStack) -> int:
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -362,10 +362,9 @@ def evaluate(args, scope: contextlib.ExitStack | None = None) -> int:
   name = f"{source}-{os.path.splitext(os.path.basename(where))[0]}"
   out_dir = args.out or (os.path.join(args.checkpoint, "eval", name) if run_cfg is not None
                          else os.path.join("eval", name))
-  if scope is not None:  # before anything compiles; a run's cache is its training's
-    from lgrpo_jax.train import compile_cache
-    scope.enter_context(compile_cache.use(compile_cache.resolve(
-        args.compile_cache, args.checkpoint if run_cfg is not None else out_dir)))
+  from lgrpo_jax.train import compile_cache  # before anything compiles; a run's cache is its training's
+  scope.enter_context(compile_cache.use(compile_cache.resolve(
+      args.compile_cache, args.checkpoint if run_cfg is not None else out_dir)))
 
   # The mesh first (models load straight into their shards), from a run's mesh settings.
   mesh = None

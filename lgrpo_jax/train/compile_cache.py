@@ -19,13 +19,14 @@ from __future__ import annotations
 import contextlib
 import os
 
+from lgrpo_jax.models.qwen2_5_vl.config import ConfigError
+
 ENV = "JAX_COMPILATION_CACHE_DIR"
 RUN_SUBDIR = "xla_cache"
 
 
 def resolve(setting: str, run_dir: str, env=None) -> str | None:
   """The cache directory for `setting` ("auto", "off" or a path), or None for no cache."""
-  from lgrpo_jax.models.qwen2_5_vl.config import ConfigError
   env = os.environ if env is None else env
   if setting == "off":
     return None
@@ -51,7 +52,6 @@ def enable(path: str | None) -> None:
       try:
         os.makedirs(path, exist_ok=True)
       except OSError as e:
-        from lgrpo_jax.models.qwen2_5_vl.config import ConfigError
         raise ConfigError(f"compile_cache: cannot create {path}: {e.strerror}") from None
     jax.config.update("jax_enable_compilation_cache", True)
     cc.set_cache_dir(path)
