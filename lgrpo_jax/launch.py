@@ -134,8 +134,8 @@ def _main(argv, scope) -> int:
   import jax
 
   from lgrpo_jax.sharding import MeshError
-  from lgrpo_jax.train.metrics import compile_stats
-  compile_stats()  # count every XLA compilation of the run, the warm start's included
+  from lgrpo_jax.train.metrics import CompileCounter
+  compiles = CompileCounter()  # every XLA compilation of this run, the warm start's included
   try:
     distributed.initialize_from_args(args)
     cfg = apply_overrides(load_config_file(args.config), args.overrides)
@@ -168,7 +168,8 @@ def _main(argv, scope) -> int:
       print(f"error: {e}", file=sys.stderr)
       return 2
   trainer = Trainer(cfg.run_dir, model, tokenizer, pairs, cfg.step, cfg.pipeline, cfg.loop,
-                    listener=listener, config_record=to_record(cfg), eval_pairs=eval_pairs, mesh=mesh)
+                    listener=listener, config_record=to_record(cfg), eval_pairs=eval_pairs, mesh=mesh,
+                    compile_counter=compiles)
   if trainer.resumed_from is not None:
     print(f"resumed from step {trainer.resumed_from}", file=sys.stderr)
   trainer.run()
@@ -203,7 +204,7 @@ def summary(run_dir: str) -> str:
   if train and "compiles" in train[-1]:
     last = train[-1]
     hits = last.get("compile_cache_hits", 0)
-    lines.append(f"XLA compilations in this process: {last['compiles']} ({last['compile_s']:.1f} s"
+    lines.append(f"XLA compilations in this run: {last['compiles']} ({last['compile_s']:.1f} s"
                  + (f"; {hits} loaded from the compilation cache" if hits else "")
                  + f"), {last['compiled_programs']} of them training-step programs")
   lines.append(f"run directory: {run_dir} (metrics.jsonl, tensorboard/, curves.png, checkpoints/)")

@@ -10,7 +10,7 @@ import pytest
 
 from lgrpo_jax.models.qwen2_5_vl.config import ConfigError
 from lgrpo_jax.train import compile_cache
-from lgrpo_jax.train.metrics import compile_cache_hits
+from lgrpo_jax.train.metrics import CompileCounter, compile_cache_hits
 
 
 def test_resolve(tmp_path, monkeypatch):
@@ -69,3 +69,20 @@ def test_programs_are_written_and_loaded_back_and_off_turns_it_off(tmp_path, eve
   n = len(os.listdir(cache))
   run_new_program(9.125)
   assert len(os.listdir(cache)) == n
+
+
+def test_compile_counter_counts_a_runs_own(tmp_path, every_program_cached):
+  """The loop's `compiles` / `compile_cache_hits` are the run's own: a second run in one process (a
+  notebook) does not report what the first one compiled or loaded."""
+  run_new_program(11.5)  # compiled before the counter: not its
+  counter = CompileCounter()
+  assert counter.stats() == (0, 0.0) and counter.cache_hits() == 0
+  with compile_cache.use(str(tmp_path / "xla")):
+    run_new_program(12.5)
+    n, seconds = counter.stats()
+    assert n >= 1 and seconds > 0 and counter.cache_hits() == 0
+    jax.clear_caches()
+    run_new_program(12.5)  # loaded: a compilation and a hit
+    assert counter.stats()[0] == n + 1 and counter.cache_hits() == 1
+  later = CompileCounter()
+  assert later.stats() == (0, 0.0) and later.cache_hits() == 0 and counter.cache_hits() == 1

@@ -42,7 +42,7 @@ from lgrpo_jax.listener import ListenerSpec
 from lgrpo_jax.rewards import ByteTable
 from lgrpo_jax.sharding import on_mesh, put, state_shardings
 from lgrpo_jax.models.qwen2_5_vl.flops import grpo_step_flops
-from lgrpo_jax.train.metrics import MetricSinks, compile_cache_hits, compile_stats, measured_matmul_tflops
+from lgrpo_jax.train.metrics import CompileCounter, MetricSinks, measured_matmul_tflops
 from lgrpo_jax.train.step import Batch, StepConfig, Tables, TrainState, init_state, make_train_step
 
 log = logging.getLogger("lgrpo_jax.train")
@@ -129,14 +129,16 @@ class Trainer:
   def __init__(self, run_dir, model, tokenizer, pairs, step_cfg: StepConfig = StepConfig(),
                pipe_cfg: PipelineConfig = PipelineConfig(), loop_cfg: LoopConfig = LoopConfig(),
                listener=None, reference=None, config_record: dict | None = None, eval_pairs=None,
-               mesh=None):
+               mesh=None, compile_counter=None):
     """With `mesh` (sharding.make_mesh), every parameter and optimizer-state array is laid out by
     the rules table (FSDP / tensor / data axes) and batch rows are split over the data axes;
     without, everything lives on the default device. With several processes (multi-host) a mesh
     is required: each process feeds its own rows of every global batch."""
     if jax.process_count() > 1 and mesh is None:
       raise ValueError("several processes: the Trainer needs a mesh over all their devices (sharding.make_mesh)")
-    compile_stats()  # start counting XLA compilations (if the launcher has not already)
+    # This run's XLA compilations: from the launcher's start when it hands its counter over (the
+    # warm start included), else from here.
+    self.compiles = compile_counter or CompileCounter()
     self.mesh = mesh
     self.run_dir = os.path.abspath(os.fspath(run_dir))
     os.makedirs(self.run_dir, exist_ok=True)
@@ -325,8 +327,8 @@ class Trainer:
       tflops = self.step_flops(host, int(metrics["decode_steps"])) / dt / 1e12
       metrics.update(step=step, step_time=dt, tokens_per_s=metrics["generated_tokens"] / dt,
                      compiled_programs=sum(f._cache_size() for f in self._steps.values()),
-                     **dict(zip(("compiles", "compile_s"), compile_stats())),
-                     compile_cache_hits=compile_cache_hits(),
+                     **dict(zip(("compiles", "compile_s"), self.compiles.stats())),
+                     compile_cache_hits=self.compiles.cache_hits(),
                      tflops=tflops, mfu=tflops / self.peak_tflops)
       is_eval = self.evaluator is not None and (step % self.loop_cfg.eval_every == 0
                                                 or step == self.loop_cfg.steps)

@@ -14,10 +14,10 @@ import jax.numpy as jnp
 log = logging.getLogger("lgrpo_jax.train")
 
 # XLA backend compilations in this process (every jit/pjit program, ours and JAX's small helpers):
-# count and seconds, from JAX's monitoring events. The loop logs them per step (`compiles`,
-# `compile_s`): after the first steps of each shape bucket the count must stop growing. JAX times a
-# program loaded from the persistent cache (train/compile_cache.py) as a compilation too, so the
-# loads are counted apart as well (`compile_cache_hits`).
+# count and seconds, from JAX's monitoring events. The loop logs a run's own (`CompileCounter`) per
+# step (`compiles`, `compile_s`): after the first steps of each shape bucket the count must stop
+# growing. JAX times a program loaded from the persistent cache (train/compile_cache.py) as a
+# compilation too, so the loads are counted apart as well (`compile_cache_hits`).
 _BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 _CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
 _compiles = {"count": 0, "seconds": 0.0, "cache_hits": 0, "registered": False}
@@ -53,6 +53,24 @@ def compile_cache_hits() -> int:
   of this or `compile_stats`."""
   _register()
   return _compiles["cache_hits"]
+
+
+class CompileCounter:
+  """A run's own compilations: `compile_stats` and `compile_cache_hits` counted from when this
+  counter was made, so a second run in one process (a notebook, a test session) does not report
+  the first one's programs."""
+
+  def __init__(self):
+    _register()
+    self._base = (_compiles["count"], _compiles["seconds"], _compiles["cache_hits"])
+
+  def stats(self) -> tuple[int, float]:
+    """(compilations, seconds) since this counter was made; cache loads count as compilations."""
+    return _compiles["count"] - self._base[0], _compiles["seconds"] - self._base[1]
+
+  def cache_hits(self) -> int:
+    """Programs loaded from the persistent compilation cache since this counter was made."""
+    return _compiles["cache_hits"] - self._base[2]
 
 
 class MetricSinks:
