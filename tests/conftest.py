@@ -8,6 +8,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import sys  # noqa: E402
 
+import pytest  # noqa: E402
+
 sys.path.insert(0, os.path.dirname(__file__))
 
 
@@ -20,17 +22,15 @@ def shared_dir() -> str:
   return path
 
 
-import pytest  # noqa: E402
-
 
 @pytest.fixture(scope="session", autouse=True)
 def xla_compile_cache(tmp_path_factory):
   """One persistent compilation cache per test worker, so a program a test compiled (the same tiny
   configs recur across files) is loaded by the next test that builds it: the suite took 19:37
-  instead of 21:38 on 2 cores (docs/PERFORMANCE.md). Every program is kept (no minimum compile time). Per
-  worker (pytest-xdist gives each its own basetemp), so no two processes write one directory. The
-  launcher's and test_compile_cache's own caches replace it for their block and restore it.
-  LGRPO_TEST_COMPILE_CACHE=off: none, as before."""
+  instead of 21:38 on 2 cores (docs/PERFORMANCE.md). Every program is kept (no minimum compile
+  time). Per worker (pytest-xdist gives each its own basetemp), so no two processes write one
+  directory. The launcher's and test_compile_cache's own caches replace it for their block and
+  restore it. LGRPO_TEST_COMPILE_CACHE=off: none, as before."""
   if os.environ.get("LGRPO_TEST_COMPILE_CACHE") == "off":
     yield None
     return

@@ -10,7 +10,7 @@ import pytest
 
 from lgrpo_jax.models.qwen2_5_vl.config import ConfigError
 from lgrpo_jax.train import compile_cache
-from lgrpo_jax.train.metrics import CompileCounter, compile_cache_hits
+from lgrpo_jax.train.metrics import CompileCounter
 
 
 def test_resolve(tmp_path, monkeypatch):
@@ -52,16 +52,16 @@ def test_programs_are_written_and_loaded_back_and_off_turns_it_off(tmp_path, eve
     first = run_new_program(3.25)
     written = set(os.listdir(cache))
     assert written  # the program (and its compile time) is in the cache
-    hits = compile_cache_hits()
+    counter = CompileCounter()
     jax.clear_caches()  # as a new process would: nothing compiled in memory
     again = run_new_program(3.25)
-    assert compile_cache_hits() == hits + 1 and set(os.listdir(cache)) == written
+    assert counter.cache_hits() == 1 and set(os.listdir(cache)) == written
     np.testing.assert_array_equal(again, first)
     with compile_cache.use(None):  # "off": neither written nor read
       run_new_program(5.5)
       jax.clear_caches()
       run_new_program(3.25)
-      assert set(os.listdir(cache)) == written and compile_cache_hits() == hits + 1
+      assert set(os.listdir(cache)) == written and counter.cache_hits() == 1
     run_new_program(7.75)  # the outer setting is back
     assert len(os.listdir(cache)) > len(written)
   # ... and after the block, the process's own setting (none, unless the environment gave one).

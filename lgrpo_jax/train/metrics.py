@@ -41,24 +41,10 @@ def _register() -> None:
     _compiles["registered"] = True
 
 
-def compile_stats() -> tuple[int, float]:
-  """(XLA compilations, seconds spent in them) in this process since the first call; a program
-  loaded from the persistent compilation cache counts as one, with the seconds it took to load."""
-  _register()
-  return _compiles["count"], _compiles["seconds"]
-
-
-def compile_cache_hits() -> int:
-  """Programs loaded from the persistent compilation cache in this process since the first call
-  of this or `compile_stats`."""
-  _register()
-  return _compiles["cache_hits"]
-
-
 class CompileCounter:
-  """A run's own compilations: `compile_stats` and `compile_cache_hits` counted from when this
-  counter was made, so a second run in one process (a notebook, a test session) does not report
-  the first one's programs."""
+  """A run's own XLA compilations and persistent-cache loads, counted from when this counter was
+  made, so a second run in one process (a notebook, a test session) does not report the first
+  one's programs."""
 
   def __init__(self):
     _register()
