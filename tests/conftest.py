@@ -6,6 +6,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import contextlib  # noqa: E402
 import sys  # noqa: E402
 
 import pytest  # noqa: E402
@@ -22,6 +23,18 @@ def shared_dir() -> str:
   return path
 
 
+@contextlib.contextmanager
+def no_min_compile_time():
+  """Every program goes to the persistent compilation cache, the tiny ones too (JAX's default only
+  keeps those that took ≥ 1 s to compile)."""
+  import jax
+  before = jax.config.jax_persistent_cache_min_compile_time_secs
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", before)
+
 
 @pytest.fixture(scope="session", autouse=True)
 def xla_compile_cache(tmp_path_factory):
@@ -34,11 +47,7 @@ def xla_compile_cache(tmp_path_factory):
   if os.environ.get("LGRPO_TEST_COMPILE_CACHE") == "off":
     yield None
     return
-  import jax
   from lgrpo_jax.train import compile_cache
   path = str(tmp_path_factory.getbasetemp() / "xla_cache")
-  before = jax.config.jax_persistent_cache_min_compile_time_secs
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  with compile_cache.use(path):
+  with no_min_compile_time(), compile_cache.use(path):
     yield path
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", before)

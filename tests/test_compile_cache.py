@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import no_min_compile_time
 from lgrpo_jax.models.qwen2_5_vl.config import ConfigError
 from lgrpo_jax.train import compile_cache
 from lgrpo_jax.train.metrics import CompileCounter
@@ -33,10 +34,8 @@ def test_resolve(tmp_path, monkeypatch):
 @pytest.fixture
 def every_program_cached():
   """No minimum compile time, so that the tiny programs here are written."""
-  before = jax.config.jax_persistent_cache_min_compile_time_secs
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  yield
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", before)
+  with no_min_compile_time():
+    yield
 
 
 def run_new_program(scale: float):
