@@ -1,5 +1,5 @@
 """The paper's recipe as far as it is known: Qwen2.5-VL-7B-Instruct reasoner, the same checkpoint frozen as the
-listener, GRPO on ~16% of HPDv2 (arXiv 2506.22832; DESIGN.md §1). Point model.checkpoint at a local
+listener, GRPO on ~16% of HPDv2 (arXiv 2506.22832). Point model.checkpoint at a local
 copy of the checkpoint and data.path / data.image_root at a local HPDv2:
 
   python -m lgrpo_jax.launch --config configs/qwen2_5_vl_7b_hpdv2.py \

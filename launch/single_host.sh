@@ -3,9 +3,11 @@
 #
 #   launch/single_host.sh [ENTRY] [ARGS...]
 #   launch/single_host.sh lgrpo_jax.check --mesh.fsdp=8
+#   launch/single_host.sh lgrpo_jax.launch --config configs/qwen2_5_vl_3b_hpdv2.py mesh.fsdp=8
 #
 # ENTRY is a `python -m` module: lgrpo_jax.check (default), lgrpo_jax.launch, lgrpo_jax.evaluate.
-# Mesh sizes go on the command line (--mesh.data/--mesh.fsdp/--mesh.tensor; -1 = the rest).
+# Mesh sizes go on the command line: lgrpo_jax.check takes --mesh.data/--mesh.fsdp/--mesh.tensor,
+# lgrpo_jax.launch the overrides mesh.data=/mesh.fsdp=/mesh.tensor= (-1 = the rest).
 # Sets nothing: JAX sees every local device. PYTHON overrides the interpreter (default .venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -174,35 +174,53 @@ def _parse(text: str, kind, key: str):
     raise ConfigError(f"{key}={text!r}: expected JSON for {kind}") from None
 
 
-def _set(cfg, path: list[str], text: str, full: str):
+def _parse_override(cfg, path: list[str], text: str, full: str):
+  """The value of override `full` (key path `path` in `cfg`), parsed to its field's type."""
   fields = {f.name: f for f in dataclasses.fields(cfg)}
   name = path[0]
   if name not in fields:
     raise ConfigError(f"unknown config key {full!r}: {type(cfg).__name__} has {sorted(fields)}")
-  hints = typing.get_type_hints(type(cfg))
   current = getattr(cfg, name)
   if len(path) > 1:
     if not dataclasses.is_dataclass(current):
       raise ConfigError(f"unknown config key {full!r}: {name} is a value, not a section")
-    value = _set(current, path[1:], text, full)
-  else:
-    if dataclasses.is_dataclass(current):
-      raise ConfigError(f"{full} is a section; set one of its keys: "
-                        f"{sorted(f.name for f in dataclasses.fields(current))}")
-    value = _parse(text, hints[name], full)
+    return _parse_override(current, path[1:], text, full)
+  if dataclasses.is_dataclass(current):
+    raise ConfigError(f"{full} is a section; set one of its keys: "
+                      f"{sorted(f.name for f in dataclasses.fields(current))}")
+  return _parse(text, typing.get_type_hints(type(cfg))[name], full)
+
+
+def _replace(cfg, changes: dict, given: dict, prefix: str = ""):
+  """`cfg` with `changes` ({field: value, or {…} for a section}) made, each section rebuilt once
+  with all of its changes, so that a check across two fields (a source and its path) sees both.
+  `given`: the overrides as typed, named in the error of a section that rejects them."""
+  kwargs = {name: _replace(getattr(cfg, name), value, given, f"{prefix}{name}.") if isinstance(value, dict)
+            else value for name, value in changes.items()}
   try:
-    return dataclasses.replace(cfg, **{name: value})
+    return dataclasses.replace(cfg, **kwargs)
   except (ValueError, TypeError) as e:
-    raise ConfigError(f"{full}={text!r}: {e}") from None
+    mine = " ".join(f"{k}={v!r}" for k, v in given.items() if k.startswith(prefix))
+    raise ConfigError(f"{mine}: {e}") from None
 
 
 def apply_overrides(cfg: ExperimentConfig, overrides: list[str]) -> ExperimentConfig:
+  """`cfg` with `key.path=value` overrides; a key given twice takes its last value. Their order
+  does not matter: `data.source=hpdv2 data.path=F` and `data.path=F data.source=hpdv2` both work."""
+  changes, given = {}, {}
   for item in overrides:
     if "=" not in item:
       raise ConfigError(f"override {item!r}: expected key.path=value")
-    key, text = item.split("=", 1)
-    cfg = _set(cfg, key.strip().split("."), text.strip(), key.strip())
-  return cfg
+    key, text = (part.strip() for part in item.split("=", 1))
+    path = key.split(".")
+    value = _parse_override(cfg, path, text, key)
+    node = changes
+    for name in path[:-1]:
+      node = node.setdefault(name, {})
+    node[path[-1]] = value
+    given.pop(key, None)
+    given[key] = text
+  return _replace(cfg, changes, given) if changes else cfg
 
 
 def to_record(cfg) -> Any:

@@ -35,6 +35,21 @@ def test_overrides_are_typed_and_checked():
     apply_overrides(cfg, ["step=3"])
 
 
+def test_overrides_that_complete_each_other_work_in_any_order():
+  # A source and its path (or a teacher and its file) are checked together: the section is rebuilt
+  # once with all of its overrides, so neither order is rejected half-way.
+  cfg = load_config_file(DEMO)
+  for overrides in (["data.source=hpdv2", "data.path=train.json"], ["data.path=train.json", "data.source=hpdv2"]):
+    got = apply_overrides(cfg, overrides)
+    assert (got.data.source, got.data.path) == ("hpdv2", "train.json")
+  got = apply_overrides(cfg, ["sft.teacher=targets", "loop.steps=3", "sft.targets_path=t.jsonl", "loop.steps=5"])
+  assert (got.sft.teacher, got.sft.targets_path, got.loop.steps) == ("targets", "t.jsonl", 5)
+  got = apply_overrides(cfg, ["data.eval_source=imagereward", "data.eval_path=test.json"])
+  assert (got.data.eval_source, got.data.eval_path) == ("imagereward", "test.json")
+  with pytest.raises(ConfigError, match=r"sft.teacher='targets': sft.targets_path is required"):
+    apply_overrides(cfg, ["sft.teacher=targets", "data.path=train.json"])
+
+
 @pytest.mark.parametrize("override,message", [
     ("model.checkpoint=/nonexistent/ckpt", "model.checkpoint='/nonexistent/ckpt': not found"),
     ("mesh.fsdp=3", "mesh"),

@@ -25,7 +25,7 @@ def test_real_imagereward_counts_match_an_independent_count():
   report = Report()
   pairs = list(imagereward(IR, image_root="/imgs", report=report))
   assert len(records) == 466
-  assert (untied, tied) == (6399, 831)  # the figures in DESIGN.md
+  assert (untied, tied) == (6399, 831)  # the figures docs/data.md and docs/evaluation.md quote
   assert len(pairs) == report.pairs == untied
   assert report.skipped["tied_in_human_ranking"] == tied
   first = records[0]

@@ -50,7 +50,7 @@ MAX_SKIPS_PER_BATCH = 1000
 class PipelineConfig:
   global_batch: int = 8  # pairs per step over all processes
   seed: int = 0  # shuffle and order-swap seed (the launcher uses loop.seed)
-  swap_prob: float = 0.5  # training: random image order, label follows (DESIGN.md §1)
+  swap_prob: float = 0.5  # training: random image order, label follows (against position bias)
   both_orders: bool = False  # evaluation: every pair as given, then swapped (no shuffle)
   shuffle: bool = True  # False: the given order (evaluation of (pair, swapped) items)
   num_epochs: int | None = None  # None: repeat forever

@@ -4,7 +4,7 @@ The reasoner sees one user turn: "Image 1:" <image> "Image 2:" <image> and the i
 text-to-image prompt; it answers `<think>…</think><answer>Image 1|Image 2</answer>`. The listener
 prefix is the same images and prompt with the listener's instruction; its suffix (after the
 reasoner's chain of thought, answer removed) is `listener_question`, whose next token is the choice.
-The paper's exact wording is not public (DESIGN.md §1); these defaults are ours, and every string
+The paper's exact wording is not public (arXiv 2506.22832 gives none); these defaults are ours, and every string
 is a config field.
 """
 

@@ -5,7 +5,7 @@ what it left out through one `Report`: pairs skipped by protocol (ties in a huma
 records, handled by policy — `error` stops with the file and record id, `skip` counts per reason
 and keeps the first few ids. Nothing is dropped silently.
 
-Formats (docs: ../shared/DESIGN.md §6):
+Formats (docs/data.md):
   ImageReward test.json  [{id, prompt, generations: [path], ranking: [int]}], rank 1 best, ties
                          allowed; every untied pair within a prompt is a pair (THUDM protocol).
   HPDv2 train.json       [{prompt, human_preference: [0|1, 0|1], file_path|image_path: [a, b], ...}]

@@ -31,7 +31,7 @@ FREEZABLE = {"vision": ("visual",), "embeddings": ("embed_tokens",)}
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-  learning_rate: float = 1e-6  # community GRPO default (DESIGN.md §1)
+  learning_rate: float = 1e-6  # community GRPO default (the paper's is not public)
   schedule: str = "constant"  # or "cosine" (to 0 at total_steps)
   warmup_steps: int = 0  # linear warm-up steps
   total_steps: int = 1000  # schedule length (cosine)

@@ -1,7 +1,7 @@
 """The listener: a frozen VLM reads the prompt, the two images and the reasoner's chain of thought
 with the answer removed, and gives P(Image 1), P(Image 2) by a softmax over the two choice tokens.
 
-Layout, with no dynamic shapes (DESIGN.md §2):
+Layout, with no dynamic shapes (docs/architecture.md):
 
     [listener prefix: system, images, prompt, "Here is someone's comparison:"]   once per pair
     [completion slots (N): the reasoning, answer and EOS slots are holes | question suffix]   per sample

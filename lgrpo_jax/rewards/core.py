@@ -1,4 +1,4 @@
-"""Rewards: named functions in a registry, weighted into the total (DESIGN.md §1).
+"""Rewards: named functions in a registry, weighted into the total (docs/grpo.md).
 
     total = Σ_name weight_name · reward_name(inputs)      default: format 1.0, accuracy 0.5, listener 0.5
 
@@ -95,7 +95,7 @@ def compute_rewards(inputs: RewardInputs, cfg: RewardConfig = RewardConfig()):
 def reward_metrics(inputs: RewardInputs, total, parts, valid_b=None) -> dict:
   """Per-step means: each reward, the total, format rate, accuracy, listener confidence, and the
   contradiction rate — among well-formed completions, how often the listener's argmax differs from
-  the reasoner's answer (DESIGN.md §1.6)."""
+  the reasoner's answer (the paper's "reasoning contradiction", arXiv 2506.22832)."""
   w = jnp.ones(total.shape, jnp.float32) if valid_b is None else \
       jnp.broadcast_to(valid_b[:, None], total.shape).astype(jnp.float32)
   mean = lambda x: jnp.sum(x * w) / jnp.maximum(w.sum(), 1)

@@ -1,4 +1,4 @@
-"""One GRPO training step as one compiled program (DESIGN.md §2), reading top to bottom like the
+"""One GRPO training step as one compiled program (docs/architecture.md), reading top to bottom like the
 algorithm:
 
     vision encode (policy) → prefill once per pair → sample G completions (shared-prefix cache)
