@@ -1,6 +1,7 @@
 """The loop: metrics written per step, checkpoints, and exact resume (bit-identical parameters)."""
 
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -51,6 +52,48 @@ def test_periodic_eval_and_best_checkpoint(tmp_path):
     assert m["eval/accuracy"] == (m["eval/accuracy_as_given"] + m["eval/accuracy_swapped"]) / 2
     assert "eval/contradiction_rate" in m
   assert any(p.name.isdigit() for p in (tmp_path / "run" / "best").iterdir())
+
+
+class ScriptedEvaluator:
+  """Stands in for the held-out evaluation: the accuracies it returns are given in advance."""
+
+  def __init__(self, accuracies):
+    self.accuracies = list(accuracies)
+
+  def __call__(self, params, listener_params):
+    return {"eval/accuracy": self.accuracies.pop(0)}
+
+
+def test_best_checkpoint_keeps_its_accuracy_across_restarts(tmp_path):
+  tok_dir = build_tiny_tokenizer(tmp_path / "tok")
+  run = tmp_path / "run"
+  best_steps = lambda: sorted(int(p.name) for p in (run / "best").iterdir() if p.name.isdigit())
+  metric_steps = lambda: [json.loads(x)["step"] for x in open(run / "metrics.jsonl")]
+
+  def train(steps, accuracies):
+    t = make(run, tok_dir, steps=steps, save_every=1, eval_every=1)
+    t.evaluator = ScriptedEvaluator(accuracies)
+    t.run()
+    t.close()
+    assert not t.evaluator.accuracies
+    return t
+
+  train(4, [0.1, 0.5, 0.25, 0.6, 0.75])  # steps 0 (before the first step) to 4: the best is step 4
+  assert best_steps() == [4]
+  # Killed after step 4's best/ was written but before its checkpoint: the run resumes from step 3
+  # and evaluates step 4 again (the same parameters, so the same accuracy) — best/4 already holds it.
+  shutil.rmtree(run / "checkpoints" / "4")
+  assert train(5, [0.75, 0.5]).resumed_from == 3
+  assert best_steps() == [4]
+  # A later restart: an evaluation below best/'s 0.75 does not replace it, a better one does.
+  assert train(7, [0.7, 0.8]).resumed_from == 5
+  assert best_steps() == [7]
+  assert metric_steps() == [0, 1, 2, 3, 4, 5, 6, 7]
+  # No checkpoint left (an attempt that died before its first save): the run starts over and its
+  # metrics are written once, not after the earlier attempt's lines.
+  shutil.rmtree(run / "checkpoints")
+  assert train(1, [0.1, 0.2]).resumed_from is None
+  assert metric_steps() == [0, 1] and best_steps() == [7]
 
 
 def test_unreadable_newest_checkpoint_falls_back_to_the_previous(tmp_path, capsys):

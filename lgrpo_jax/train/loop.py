@@ -16,7 +16,9 @@ A run directory that already holds checkpoints resumes from the latest readable 
 newest checkpoint is reported and skipped for the previous one): same parameters, optimizer state,
 RNG and next batch, so an interrupted run — even one killed with SIGKILL — ends exactly where an
 uninterrupted one does (tested bit for bit in a subprocess). Metrics lines past the checkpoint are
-dropped on resume, so metrics.jsonl has each step once.
+dropped on resume (all of them when no checkpoint was left), so metrics.jsonl has each step once;
+best/ keeps its held-out accuracy across restarts (read back from metrics.jsonl), so a resumed run
+replaces it only with a better evaluation.
 """
 
 from __future__ import annotations
@@ -187,7 +189,6 @@ class Trainer:
                                 process_index=jax.process_index(), process_count=jax.process_count())
     self._steps: dict = {}
     self.manager, self.best = checkpoint_managers(self.run_dir, loop_cfg.keep)
-    self.best_accuracy = -1.0
     self.evaluator = None
     if eval_pairs is not None and loop_cfg.eval_every:
       from lgrpo_jax.train.evaluation import Evaluator
@@ -198,6 +199,7 @@ class Trainer:
     if config_record is not None and jax.process_index() == 0:
       with open(os.path.join(self.run_dir, "config.json"), "w") as f:
         json.dump(config_record, f, indent=2, default=str)
+    self.best_accuracy = self._best_accuracy()  # before _restore drops the metrics past its step
     self.resumed_from = self._restore()
     self.sinks = MetricSinks(self.run_dir, tensorboard=loop_cfg.tensorboard, wandb_project=loop_cfg.wandb_project,
                              config_record=config_record)
@@ -243,7 +245,27 @@ class Trainer:
       self._drop_metrics_after(step)
       log.info("resumed from %s/checkpoints/%d", self.run_dir, step)
       return step
+    self._drop_metrics_after(-1)  # an earlier attempt that left no checkpoint: its lines are redone
     return None
+
+  def _best_accuracy(self) -> float:
+    """The held-out accuracy of the checkpoint in best/ (from its step's metrics line), or -1 when
+    there is none. Read on process 0 and broadcast, so every process decides the same saves."""
+    steps = self.best.all_steps()
+    path = os.path.join(self.run_dir, "metrics.jsonl")
+    acc = -1.0
+    if steps and jax.process_index() == 0 and os.path.isfile(path):
+      for line in open(path):
+        record = json.loads(line) if line.strip() else {}
+        if record.get("step") == max(steps) and "eval/accuracy" in record:
+          acc = float(record["eval/accuracy"])
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      acc = float(multihost_utils.broadcast_one_to_all(np.float32(acc)))
+    if steps and acc < 0:
+      log.warning("%s/best/%d has no held-out accuracy in metrics.jsonl: the next evaluation replaces it",
+                  self.run_dir, max(steps))
+    return acc
 
   def _drop_metrics_after(self, step: int) -> None:
     path = os.path.join(self.run_dir, "metrics.jsonl")
@@ -347,9 +369,11 @@ class Trainer:
       if (step % self.loop_cfg.save_every == 0 or step == self.loop_cfg.steps
           or 0 < self.loop_cfg.save_every_minutes <= minutes):
         self.save()
-      if is_eval and metrics["eval/accuracy"] > self.best_accuracy:
+      # compared in float32: the restored best accuracy was broadcast to every process as one
+      if is_eval and np.float32(metrics["eval/accuracy"]) > np.float32(self.best_accuracy):
         self.best_accuracy = metrics["eval/accuracy"]
-        self.best.save(step, args=self._args(), force=True)
+        if step not in self.best.all_steps():  # else an earlier attempt saved this very step
+          self.best.save(step, args=self._args(), force=True)
     if tty and out:
       print(file=sys.stderr)
 
