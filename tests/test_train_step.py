@@ -69,6 +69,73 @@ def test_one_program_per_shape_and_frozen_reference_and_listener(tmp_path):
       np.testing.assert_array_equal(np.asarray(a), b)
 
 
+def tiny_step(tmp_path, **step_kw):
+  """A compiled GRPO step of the tiny model on 2-pair batches: (step, params, tx, batches, tables)."""
+  tok_dir = build_tiny_tokenizer(tmp_path / "tok")
+  tok = AutoTokenizer.from_pretrained(tok_dir)
+  graphdef, params = nnx.split(lgrpo_jax.from_config(tiny_model_config(tok_dir)), nnx.Param)
+  pipe = PipelineConfig(global_batch=2, seed=0, image=ImageConfig(min_pixels=56 * 56, max_pixels=56 * 56),
+                        length_buckets=(256,))
+  batches = make_batches(list(synthetic(8, seed=0, image_size=64)), tok, pipe)
+  end = tok.convert_tokens_to_ids("<|im_end|>")
+  cfg = StepConfig(sampling=SamplingConfig(max_new_tokens=10, num_samples=4, temperature=1.0, eos_ids=(end,)),
+                   loss=LossConfig(beta=0.04), optim=OptimConfig(learning_rate=1e-3), **step_kw)
+  tx = make_optimizer(cfg.optim, params)
+  bt = ByteTable.from_tokenizer(tok)
+  tables = Tables(jnp.asarray(bt.table), jnp.asarray(bt.lengths))
+  grid = ((1, 4, 4), (1, 4, 4))  # 56×56 pixels: 4×4 patches of 14
+  step = make_train_step(graphdef, graphdef, tx, cfg, ListenerSpec.from_tokenizer(tok), grid)
+  return step, params, tx, batches, tables
+
+
+def test_the_step_reads_the_reference_and_the_listener_it_is_given(tmp_path):
+  # The reference only enters the KL term and the listener only the listener reward: a step given a
+  # different reference changes the KL and not the listener reward, and the other way round. The
+  # same state and key each time, so the same completions are sampled.
+  step, params, tx, batches, tables = tiny_step(tmp_path)
+  keys = iter(jax.random.split(jax.random.key(1), 1000))
+  perturbed = lambda tree: jax.tree.map(lambda x: x + 0.05 * jax.random.normal(next(keys), x.shape, x.dtype), tree)
+  other_ref, other_listener = perturbed(params), perturbed(params)
+  batch = device_batch(next(batches))
+  state = init_state(params, tx, seed=0)
+
+  def metrics(ref, listener):
+    _, m = step(jax.tree.map(jnp.copy, state), ref, listener, batch, tables)  # the state is donated
+    return float(m["kl"]), float(m["reward/listener"])
+
+  kl_own, listener_own = metrics(params, params)
+  kl_ref, listener_ref = metrics(other_ref, params)
+  kl_lis, listener_lis = metrics(params, other_listener)
+  assert abs(kl_own) < 1e-6  # the reference is the sampling policy itself
+  assert kl_ref > 1e-4 and listener_ref == pytest.approx(listener_own, rel=1e-6, abs=1e-7)
+  assert kl_lis == pytest.approx(kl_own, abs=1e-7) and abs(listener_lis - listener_own) > 1e-4
+
+
+def test_an_invalid_row_changes_nothing(tmp_path):
+  # A row with valid = 0 (a padding row, or a record whose image failed under bad_records=skip) is
+  # sampled like the others but weighs nothing: whatever it holds, the update and the metrics are
+  # those of the valid rows.
+  step, params, tx, batches, tables = tiny_step(tmp_path)
+  first, other = next(batches), next(batches)
+  first["valid"] = np.asarray([1, 0], np.int32)
+  swapped = {k: v.copy() for k, v in first.items()}
+  for k in ("input_ids", "attention_mask", "pixel_values", "labels", "listener_input_ids",
+            "listener_attention_mask"):  # row 1 becomes another pair (pixels: rows are whole images)
+    rows = swapped[k].shape[0] // 2
+    swapped[k][rows:] = other[k][rows:]
+  swapped["labels"][1] = 1 - first["labels"][1]
+  assert not np.array_equal(swapped["pixel_values"], first["pixel_values"])
+  state = init_state(params, tx, seed=0)
+  (s1, m1), (s2, m2) = (step(jax.tree.map(jnp.copy, state), params, params, device_batch(b), tables)
+                        for b in (first, swapped))
+  for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-9)
+  assert not np.array_equal(np.asarray(jax.tree.leaves(s1.params)[0]), np.asarray(jax.tree.leaves(params)[0]))
+  for k in m1:
+    if k != "decode_steps":  # the loop runs until every row (valid or not) has ended
+      assert float(m1[k]) == pytest.approx(float(m2[k]), rel=1e-5, abs=1e-7), k
+
+
 def test_step_config_rejects_single_sample():
   with pytest.raises(ValueError, match="G ≥ 2"):
     StepConfig(sampling=SamplingConfig(num_samples=1))

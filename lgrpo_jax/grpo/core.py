@@ -199,7 +199,12 @@ def grpo_loss(logp, logp_old, advantages_bg, weights, cfg: LossConfig, logp_ref=
 
 
 def advantage_metrics(rewards_bg, advantages_bg, valid_b=None) -> dict:
-  """Advantage statistics and the number of groups with zero reward variance (no signal)."""
-  return {"advantage_mean": advantages_bg.mean(), "advantage_std": advantages_bg.std(),
-          "advantage_abs_max": jnp.abs(advantages_bg).max(),
+  """Advantage statistics over the valid groups (`valid_b`: 1 for a real pair, 0 for a padding
+  row) and the number of groups with zero reward variance (no signal)."""
+  w = jnp.ones(advantages_bg.shape, jnp.float32) if valid_b is None else \
+      jnp.broadcast_to(valid_b[:, None], advantages_bg.shape).astype(jnp.float32)
+  n = jnp.maximum(w.sum(), 1)
+  mean = jnp.sum(advantages_bg * w) / n
+  return {"advantage_mean": mean, "advantage_std": jnp.sqrt(jnp.sum(w * (advantages_bg - mean) ** 2) / n),
+          "advantage_abs_max": jnp.max(jnp.where(w > 0, jnp.abs(advantages_bg), 0)),
           "zero_variance_groups": zero_variance_groups(rewards_bg, valid_b)}
