@@ -5,6 +5,7 @@ import shutil
 
 import jax
 import numpy as np
+import pytest
 
 from lgrpo_jax.data.tokenizer import build_tiny_tokenizer
 from train_worker import make
@@ -52,6 +53,45 @@ def test_periodic_eval_and_best_checkpoint(tmp_path):
     assert m["eval/accuracy"] == (m["eval/accuracy_as_given"] + m["eval/accuracy_swapped"]) / 2
     assert "eval/contradiction_rate" in m
   assert any(p.name.isdigit() for p in (tmp_path / "run" / "best").iterdir())
+
+
+def test_held_out_accuracy_per_order_from_a_known_judge(tmp_path, monkeypatch):
+  # The tiny model cannot write a well-formed answer in a few tokens, so the runs above evaluate
+  # zeros. Here a judge with known answers: always "Image 1" (well-formed where the shown label is
+  # 0, the listener always choosing "Image 2"). Pairs labelled [0, 0, 1]: as given it is right on
+  # the two label-0 pairs, swapped on the one label-1 pair.
+  import dataclasses
+
+  import jax.numpy as jnp
+  from transformers import AutoTokenizer
+
+  from lgrpo_jax.data import ImageConfig
+  from lgrpo_jax.data.pipeline import PipelineConfig
+  from lgrpo_jax.data.synthetic import synthetic
+  from lgrpo_jax.listener import ListenerSpec
+  from lgrpo_jax.sampling import SamplingConfig
+  from lgrpo_jax.train import evaluation
+
+  def judge(params, listener_params, batch, tables, **kw):
+    n = batch.labels.shape[0]
+    return jnp.ones(n, jnp.int32), batch.labels == 0, jnp.full(n, 2, jnp.int32)
+
+  monkeypatch.setattr(evaluation, "judge_greedy", judge)
+  tok = AutoTokenizer.from_pretrained(build_tiny_tokenizer(tmp_path / "tok"))
+  pairs = [dataclasses.replace(p, label=label) for p, label in zip(synthetic(3, seed=9, image_size=56), (0, 0, 1))]
+  # 4 rows per batch: the 6 judgements fill one batch and 2 rows of the next (2 padding rows).
+  pipe = PipelineConfig(global_batch=4, image=ImageConfig(min_pixels=56 * 56, max_pixels=56 * 56),
+                        length_buckets=(256,))
+  for spec in (ListenerSpec.from_tokenizer(tok), None):
+    m = evaluation.Evaluator(pairs, tok, pipe, SamplingConfig(), None, None, spec, None)(None, None)
+    assert m["eval/pairs"] == 3
+    assert m["eval/accuracy_as_given"] == pytest.approx(2 / 3) and m["eval/accuracy_swapped"] == pytest.approx(1 / 3)
+    assert m["eval/accuracy"] == pytest.approx(0.5) and m["eval/position_bias_gap"] == pytest.approx(1 / 3)
+    assert m["eval/format_rate"] == pytest.approx(0.5)  # shown label 0: 2 rows as given, 1 swapped
+    if spec is None:
+      assert "eval/contradiction_rate" not in m
+    else:
+      assert m["eval/contradiction_rate"] == 1.0  # every well-formed answer, "Image 1", against "Image 2"
 
 
 class ScriptedEvaluator:
