@@ -283,3 +283,34 @@ def test_sampled_judgements_are_aggregated(tiny_hf, imagereward_images, tmp_path
     assert p["answer"] == (1 if mean > 0.5 else 2 if mean < 0.5 else 0)
     texts |= {s["text"] for s in p["samples"]}
   assert len(texts) > 6  # temperature 1: the samples differ
+
+
+def test_pair_sources_become_groups_ranked_by_their_label(tmp_path):
+  from lgrpo_jax import evaluate
+  # An HPDv2 pair is one group of two images with ranks (1, 2) when the first is preferred: judged
+  # as the pair (0, 1), the preferred image is the source's label again.
+  from lgrpo_jax.data.sources import Report
+  records = [{"prompt": "a cat", "image_path": ["a.png", "b.png"], "human_preference": [1, 0]},
+             {"prompt": "a dog", "image_path": ["c.png", "d.png"], "human_preference": [0, 1]}]
+  path = tmp_path / "train.json"
+  path.write_text(json.dumps(records))
+  groups = evaluate.read_groups(f"hpdv2:{path}", str(tmp_path), Report(), None)
+  assert [g.ranks for g in groups] == [(1, 2), (2, 1)]
+  assert [evaluate.pair_of(g, 0, 1)[1] for g in groups] == [0, 1]
+  assert [evaluate.pair_of(g, 0, 1)[0].images for g in groups] == [
+      (str(tmp_path / "a.png"), str(tmp_path / "b.png")), (str(tmp_path / "c.png"), str(tmp_path / "d.png"))]
+
+
+def test_run_checkpoint_picks_latest_step_or_best(tmp_path):
+  from lgrpo_jax import runs
+  for where, step in (("checkpoints", 2), ("checkpoints", 4), ("best", 2), ("checkpoints", 6)):
+    (tmp_path / where / str(step)).mkdir(parents=True)
+    if step != 6:  # 6: an unfinished save (no commit marker)
+      (tmp_path / where / str(step) / "commit_success.txt").write_text("")
+  assert runs.run_checkpoint(tmp_path) == (str(tmp_path / "checkpoints" / "4" / "state"), 4)
+  assert runs.run_checkpoint(tmp_path, step=2) == (str(tmp_path / "checkpoints" / "2" / "state"), 2)
+  assert runs.run_checkpoint(tmp_path, best=True) == (str(tmp_path / "best" / "2" / "state"), 2)
+  with pytest.raises(runs.RunError, match=r"no checkpoint for step 6; there are \[2, 4\]"):
+    runs.run_checkpoint(tmp_path, step=6)
+  with pytest.raises(runs.RunError, match="loop.eval_every"):
+    runs.run_checkpoint(tmp_path / "nothing", best=True)

@@ -52,7 +52,7 @@ def test_overrides_that_complete_each_other_work_in_any_order():
 
 @pytest.mark.parametrize("override,message", [
     ("model.checkpoint=/nonexistent/ckpt", "model.checkpoint='/nonexistent/ckpt': not found"),
-    ("mesh.fsdp=3", "mesh"),
+    ("mesh.fsdp=3", "mesh (data=1, fsdp=3, tensor=1): 1×3×1 = 3 devices, but 8 are available"),
     ("step.optim.micro_batches=3", "not divisible by step.optim.micro_batches=3"),
     ("data.source=hpdv2", "data.path is required"),
     ("sft.teacher=targets", "sft.targets_path is required for sft.teacher='targets'"),
@@ -109,6 +109,10 @@ def evaluate_the_run(run_dir, last_eval):
     ours = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), ours, ref)
   assert loaded.checkpoint["step"] == 2
+  # --best: the run's best/ checkpoint (here the evaluation at its last step, 2)
+  best = evaluate.load(evaluate.build_parser().parse_args(["--checkpoint", str(run_dir), "--data", "synthetic:2",
+                                                           "--best"]), mesh=None)
+  assert best.checkpoint["state"] == str(run_dir / "best" / "2" / "state")
   assert evaluate.main(["--checkpoint", str(run_dir), "--data", "synthetic:2", "--quiet"]) == 0
   assert not (run_dir / "eval" / "synthetic-2" / "xla_cache").exists()  # a run's evaluation uses the run's cache
   m = json.load(open(run_dir / "eval" / "synthetic-2" / "summary.json"))["metrics"]
@@ -154,6 +158,8 @@ def release_the_run(run_dir, policy, metrics):
   assert f"| accuracy (mean of both orders) | {metrics['accuracy']:.3f} |" in card
   assert "step 2" in card and "Qwen2_5_VLForConditionalGeneration" in card and "<answer>" in card
   assert convert.main(["to-hf", str(run_dir), str(run_dir / "x"), "--step", "9"]) == 2
+  assert convert.main(["to-hf", str(run_dir), str(run_dir / "hf_best"), "--best"]) == 0
+  assert "at step 2 (its best held-out checkpoint)" in (run_dir / "hf_best" / "README.md").read_text()
 
 
 @pytest.mark.parametrize("name", ["demo.py", "qwen2_5_vl_3b_hpdv2.py", "qwen2_5_vl_7b_hpdv2.py"])

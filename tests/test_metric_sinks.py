@@ -47,3 +47,12 @@ def test_wandb_asked_for_but_missing_is_a_clear_error(tmp_path, monkeypatch):
 
 def test_measured_matmul_rate_is_plausible():
   assert 1e-4 < measured_matmul_tflops(n=256, repeats=2) < 1e3
+
+
+def test_measured_matmul_rate_counts_two_flops_per_multiply_add(monkeypatch):
+  # A clock that advances 0.5 s per reading: every timed matmul takes 0.5 s, so the rate is
+  # exactly 2·n³ FLOP / 0.5 s.
+  from lgrpo_jax.train import metrics
+  ticks = iter(range(100))
+  monkeypatch.setattr(metrics, "time", types.SimpleNamespace(perf_counter=lambda: 0.5 * next(ticks)))
+  assert metrics.measured_matmul_tflops(n=64, repeats=3) == pytest.approx(2 * 64**3 / 0.5 / 1e12)
