@@ -67,6 +67,33 @@ def test_bad_input_is_one_clear_error_before_compiling(tmp_path, capsys, overrid
   assert message in capsys.readouterr().err
 
 
+def test_model_listener_is_the_frozen_listener(tmp_path):
+  # model.listener=DIR: the listener is that checkpoint, not a copy of the policy; the reference
+  # stays the initial policy, so the Trainer keeps two frozen copies.
+  import jax
+  import numpy as np
+  from flax import nnx
+
+  import lgrpo_jax
+  from lgrpo_jax.data.tokenizer import build_tiny_tokenizer, tiny_model_config
+  from lgrpo_jax.train import Trainer
+  tok_dir = build_tiny_tokenizer(tmp_path / "tok")
+  other = lgrpo_jax.from_config(tiny_model_config(tok_dir), seed=7)
+  lgrpo_jax.save_hf(other, tmp_path / "listener", dtype="float32")
+  cfg = apply_overrides(load_config_file(DEMO), [f"run_dir={tmp_path / 'run'}", f"model.tokenizer={tok_dir}",
+                                                 f"model.listener={tmp_path / 'listener'}", "data.synthetic_pairs=4"])
+  launch.check(cfg)
+  model, listener, tokenizer, pairs, _ = launch.build(cfg)
+  params = lambda m: jax.tree.leaves(nnx.state(m, nnx.Param))
+  equal = lambda xs, ys: all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(xs, ys))
+  assert equal(params(listener), params(other)) and not equal(params(model), params(other))
+  t = Trainer(tmp_path / "run", model, tokenizer, pairs, cfg.step, cfg.pipeline, cfg.loop, listener=listener)
+  assert not t.listener_is_reference
+  assert equal(jax.tree.leaves(t.listener_params), params(other))
+  assert equal(jax.tree.leaves(t.ref_params), params(model))
+  t.close()
+
+
 def test_short_run_writes_config_and_metrics(tmp_path, monkeypatch):
   import jax
   monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)  # compile_cache=auto: RUN_DIR/xla_cache
