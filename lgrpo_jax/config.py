@@ -85,6 +85,14 @@ class DataConfig:
       raise ConfigError(f"data.path is required for data.source={self.source!r}")
     if not 0 < self.fraction <= 1:
       raise ConfigError(f"data.fraction={self.fraction} must be in (0, 1]")
+    for name in ("synthetic_pairs", "synthetic_image_size"):
+      if getattr(self, name) < 1:
+        raise ConfigError(f"data.{name}={getattr(self, name)} must be ≥ 1")
+    if self.eval_pairs < 0:
+      raise ConfigError(f"data.eval_pairs={self.eval_pairs} must be ≥ 0")
+    if not 0 <= self.synthetic_n_wrong <= 3:
+      raise ConfigError(f"data.synthetic_n_wrong={self.synthetic_n_wrong} must be in [0, 3] (attributes: colour, "
+                        "shape, background; 0: a colour cast)")
     if self.eval_source is not None:
       if self.eval_source not in SOURCES:
         raise ConfigError(f"data.eval_source={self.eval_source!r}: choose one of {SOURCES}")

@@ -69,8 +69,6 @@ class Loaded:
 
 def load(args, mesh) -> Loaded:
   """The reasoner, the listener and the tokenizer named by the arguments."""
-  from transformers import AutoTokenizer
-
   import lgrpo_jax
   from lgrpo_jax import runs
   from lgrpo_jax.config import ExperimentConfig, from_record, load_config_file
@@ -106,10 +104,12 @@ def load(args, mesh) -> Loaded:
                                                else model)
     desc = {"kind": "checkpoint", "path": path}
   tok_dir = args.tokenizer or tok_dir
+  from lgrpo_jax.data.prompts import TokenizerError, load_tokenizer
   try:
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-  except (OSError, ValueError) as e:
-    raise EvalError(f"{tok_dir}: cannot load a tokenizer ({e}); give --tokenizer DIR") from None
+    tokenizer = load_tokenizer(tok_dir, "--tokenizer" if args.tokenizer else "--checkpoint",
+                               "" if args.tokenizer else "; give --tokenizer DIR")
+  except TokenizerError as e:
+    raise EvalError(str(e)) from None
   desc["listener"] = None if listener is None else (
       os.path.abspath(args.listener) if args.listener else "same as the checkpoint" if listener is model
       else "the run's listener")

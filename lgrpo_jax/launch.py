@@ -28,7 +28,7 @@ def build(cfg, mesh=None):
   """(model, listener or None, tokenizer, training pairs, held-out pairs or None) from a checked
   config; with a mesh, the models are created or loaded straight into their shards."""
   import lgrpo_jax
-  from transformers import AutoTokenizer
+  from lgrpo_jax.data.prompts import load_tokenizer
 
   from lgrpo_jax import checkpoint
   from lgrpo_jax.data import sources
@@ -48,7 +48,8 @@ def build(cfg, mesh=None):
   # set_decode_attention checks the model's head_dim against the kernel (a ConfigError naming it)
   model.set_remat(m.remat).set_attention(m.attention).set_decode_attention(m.decode_attention)
   model.set_decode_matmul(m.decode_matmul)
-  tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+  tokenizer = load_tokenizer(tok_dir, "model.tokenizer" if m.tokenizer else "model.checkpoint",
+                             "" if m.tokenizer else "; set model.tokenizer to a directory with the model's tokenizer")
   listener = None
   if m.listener is not None:
     listener = (checkpoint.load_model(m.listener, dtype=m.dtype, mesh=mesh) if checkpoint.is_checkpoint(m.listener)
@@ -66,11 +67,19 @@ def build(cfg, mesh=None):
                else sources.rapidata(path, root, report))
     return [p for p in got if sources.subsample(p.pair_id, fraction, cfg.loop.seed)]
 
+  left_out = lambda: f" (records left out so far: {dict(report.skipped)})" if report.skipped else ""
   pairs = read(d.source, d.path, d.image_root, cfg.loop.seed, d.fraction)
+  if not pairs:
+    raise sources.DataError(f"no training pairs: data.source={d.source!r}"
+                            + (f", data.path={d.path!r}" if d.path else "")
+                            + (f", data.fraction={d.fraction}" if d.fraction < 1 else "") + left_out())
   eval_source = d.eval_source or ("synthetic" if d.source == "synthetic" else None)
   eval_pairs = None
   if eval_source is not None:
     eval_pairs = read(eval_source, d.eval_path, d.eval_image_root, cfg.loop.seed + 1000)[:d.eval_pairs]
+    if not eval_pairs and cfg.loop.eval_every:
+      raise sources.DataError(f"no held-out pairs: data.eval_source={eval_source!r}"
+                              + (f", data.eval_path={d.eval_path!r}" if d.eval_path else "") + left_out())
   return model, listener, tokenizer, pairs, eval_pairs
 
 
@@ -85,6 +94,15 @@ def check(cfg) -> None:
                      ("data.eval_image_root", cfg.data.eval_image_root)):
     if path is not None and not os.path.exists(path):
       raise ConfigError(f"{name}={path!r}: not found")
+  if os.path.exists(cfg.run_dir) and not os.path.isdir(cfg.run_dir):
+    raise ConfigError(f"run_dir={cfg.run_dir!r} exists and is not a directory")
+  if cfg.loop.eval_every:
+    if not (cfg.data.eval_source or cfg.data.source == "synthetic"):
+      raise ConfigError(f"loop.eval_every={cfg.loop.eval_every} needs held-out pairs: data.source="
+                        f"{cfg.data.source!r} has none of its own; set data.eval_source and data.eval_path "
+                        "(or loop.eval_every=0)")
+    if cfg.data.eval_pairs == 0:
+      raise ConfigError(f"loop.eval_every={cfg.loop.eval_every} with data.eval_pairs=0: nothing to evaluate")
   if cfg.sft.steps:
     if cfg.sft.teacher == "synthetic" and cfg.data.source != "synthetic":
       raise ConfigError(f"sft.teacher='synthetic' scripts judgements of synthetic pairs; data.source="
@@ -167,12 +185,25 @@ def _main(argv, scope) -> int:
     except ValueError as e:
       print(f"error: {e}", file=sys.stderr)
       return 2
-  trainer = Trainer(cfg.run_dir, model, tokenizer, pairs, cfg.step, cfg.pipeline, cfg.loop,
-                    listener=listener, config_record=to_record(cfg), eval_pairs=eval_pairs, mesh=mesh,
-                    compile_counter=compiles)
+  try:
+    trainer = Trainer(cfg.run_dir, model, tokenizer, pairs, cfg.step, cfg.pipeline, cfg.loop,
+                      listener=listener, config_record=to_record(cfg), eval_pairs=eval_pairs, mesh=mesh,
+                      compile_counter=compiles)
+  except ValueError as e:  # our errors (RunError, DataError, ImageError, …) name what to change
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   if trainer.resumed_from is not None:
     print(f"resumed from step {trainer.resumed_from}", file=sys.stderr)
-  trainer.run()
+  from lgrpo_jax.data.images import ImageError
+  try:
+    trainer.run()
+  except (DataError, ImageError) as e:  # a record found bad mid-run (bad_records='error')
+    trainer.close()  # pending checkpoint writes finish
+    saved = trainer.manager.latest_step()
+    print(f"error: {e}\n(training stopped at step {int(trainer.state.step)}; "
+          + (f"a restart resumes from the checkpoint of step {saved})" if saved is not None
+             else "no checkpoint was saved yet)"), file=sys.stderr)
+    return 2
   trainer.close()
   if jax.process_index() == 0:
     print(summary(cfg.run_dir), flush=True)

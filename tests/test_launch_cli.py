@@ -60,6 +60,14 @@ def test_overrides_that_complete_each_other_work_in_any_order():
     ("model.decode_matmul=cublas", "model.decode_matmul='cublas': choose one of"),
     ("model.decode_matmul=pallas mesh.tensor=2", "model.decode_matmul='pallas' runs on data/fsdp meshes only"),
     (f"compile_cache={DEMO}", "demo.py exists and is not a directory"),
+    (f"run_dir={DEMO}", "demo.py' exists and is not a directory"),
+    ("pipeline.global_batch=0", "PipelineConfig.global_batch=0: must be ≥ 1"),  # it used to hang
+    ("pipeline.length_buckets=[]", "need at least one positive length"),
+    ("pipeline.image.max_pixels=0", "need 0 < min_pixels ≤ max_pixels"),
+    ("data.synthetic_pairs=0", "data.synthetic_pairs=0 must be ≥ 1"),
+    ("step.optim.learning_rate=nan", "learning_rate must be finite and > 0 (got nan)"),
+    (f"data.source=hpdv2 data.path={DEMO}", "loop.eval_every=25 needs held-out pairs"),
+    ("data.eval_pairs=0", "loop.eval_every=25 with data.eval_pairs=0"),
 ])
 def test_bad_input_is_one_clear_error_before_compiling(tmp_path, capsys, override, message):
   rc = launch.main(["--config", DEMO, f"run_dir={tmp_path}", *override.split()])
@@ -92,6 +100,34 @@ def test_model_listener_is_the_frozen_listener(tmp_path):
   assert equal(jax.tree.leaves(t.listener_params), params(other))
   assert equal(jax.tree.leaves(t.ref_params), params(model))
   t.close()
+
+
+def test_a_checkpoint_without_its_tokenizer_is_one_clear_error(tmp_path, capsys):
+  # transformers builds an empty tokenizer from a weights-only directory without a word; the run
+  # used to die later inside the chat template.
+  import lgrpo_jax
+  from lgrpo_jax.data.tokenizer import build_tiny_tokenizer, tiny_model_config
+  weights = tmp_path / "weights_only"
+  lgrpo_jax.save_hf(lgrpo_jax.from_config(tiny_model_config(build_tiny_tokenizer(tmp_path / "tok"))), weights)
+  assert launch.main(["--config", DEMO, f"run_dir={tmp_path / 'run'}", f"model.checkpoint={weights}",
+                      "sft.steps=0"]) == 2
+  err = capsys.readouterr().err
+  assert f"model.checkpoint='{weights}': the tokenizer there has no chat template" in err
+  assert "set model.tokenizer" in err
+  from lgrpo_jax.data.prompts import load_tokenizer
+  assert len(load_tokenizer(tmp_path / "tok", "model.tokenizer")) > 100  # the same check passes a real one
+
+
+def test_a_missing_image_found_while_training_is_one_clear_error(tmp_path, capsys):
+  records = [{"prompt": f"a cat {k}", "human_preference": [1, 0], "image_path": [f"a{k}.png", f"b{k}.png"]}
+             for k in range(4)]
+  (tmp_path / "train.json").write_text(json.dumps(records))
+  rc = launch.main(["--config", DEMO, f"run_dir={tmp_path / 'run'}", "data.source=hpdv2",
+                    f"data.path={tmp_path / 'train.json'}", f"data.image_root={tmp_path}", "sft.steps=0",
+                    "loop.eval_every=0", "loop.steps=2"])
+  err = capsys.readouterr().err
+  assert rc == 2 and "Traceback" not in err
+  assert f"({tmp_path / 'a'}" in err and "image file not found" in err
 
 
 def test_short_run_writes_config_and_metrics(tmp_path, monkeypatch):

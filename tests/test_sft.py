@@ -100,3 +100,22 @@ def test_teachers_targets_file_and_scripted_judge(tmp_path):
   assert 0.3 < np.mean([c.endswith("Image 2</answer>") for c in coins]) < 0.5
   with pytest.raises(ValueError, match="needs synthetic pairs"):
     synthetic_target("hpdv2:17", 0, 3, True)
+
+
+def test_pairs_without_a_target_are_found_before_the_first_step(tmp_path):
+  import json
+
+  from lgrpo_jax.train.sft import SFTConfig, run_sft
+  tok_dir = build_tiny_tokenizer(tmp_path / "tok")
+  pairs = list(synthetic(4, seed=0, image_size=56))
+  path = tmp_path / "targets.jsonl"
+  path.write_text("".join(json.dumps({"pair_id": p.pair_id, "target": "<answer>Image 1</answer>"}) + "\n"
+                          for p in pairs[:2]))
+  (tmp_path / "run").mkdir()
+  cfg = SFTConfig(steps=1000, teacher="targets", targets_path=str(path))
+  pipe = PipelineConfig(global_batch=2, image=ImageConfig(min_pixels=56 * 56, max_pixels=56 * 56),
+                        length_buckets=(256,))
+  with pytest.raises(ValueError, match=rf"no target for 2 of the 4 training pairs \(first: \['{pairs[2].pair_id}'"):
+    run_sft(lgrpo_jax.from_config(tiny_model_config(tok_dir)), AutoTokenizer.from_pretrained(tok_dir), pairs, cfg,
+            pipe, str(tmp_path / "run"))
+  assert not (tmp_path / "run" / "sft_metrics.jsonl").exists()  # no step was run

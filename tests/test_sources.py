@@ -49,6 +49,9 @@ DIRTY_TRAIN = [
     {"prompt": "a fox", "human_preference": [2, 0], "image_path": ["g.png", "h.png"]},   # bad label
     {"prompt": "an owl", "human_preference": [1, 0]},                                    # missing paths
     {"prompt": "a bee", "human_preference": [1, 1], "image_path": ["i.png", "j.png"]},   # bad label
+    {"prompt": "a hen", "human_preference": ["1", 0], "image_path": ["k.png", "l.png"]},  # bad label: a string
+    {"prompt": "a cow", "human_preference": [None, 1], "image_path": ["m.png", "n.png"]},  # bad label: null
+    {"prompt": "a pig", "human_preference": [True, False], "image_path": ["o.png", "p.png"]},  # bad label: bools
     "not a record",
 ]
 
@@ -59,8 +62,17 @@ def test_hpdv2_train_skip_policy_counts_every_reason(tmp_path):
   pairs = list(hpdv2_train(path, image_root="/root", report=report))
   assert [(p.prompt, p.label) for p in pairs] == [("a cat", 1), ("a dog", 0)]
   assert pairs[0].images == ("/root/a.png", "/root/b.png")
-  assert report.skipped == {"empty_prompt": 1, "bad_label": 2, "bad_schema": 2}
-  assert report.examples["bad_label"] == [f"{path} record 3", f"{path} record 5"]
+  assert report.skipped == {"empty_prompt": 1, "bad_label": 5, "bad_schema": 2}
+  assert report.examples["bad_label"] == [f"{path} record {k}" for k in (3, 5, 6, 7, 8)]
+
+
+def test_data_files_that_are_not_json_lists_name_the_file(tmp_path):
+  latin1 = tmp_path / "latin1.json"
+  latin1.write_bytes('[{"prompt": "café"}]'.encode("latin-1"))
+  with pytest.raises(DataError, match=r"latin1\.json: not UTF-8 text"):
+    list(hpdv2_train(str(latin1)))
+  with pytest.raises(DataError, match=r": a directory, not a JSON file"):
+    list(hpdv2_train(str(tmp_path)))
 
 
 def test_hpdv2_train_error_policy_names_file_and_record(tmp_path):

@@ -151,6 +151,23 @@ def test_unreadable_newest_checkpoint_falls_back_to_the_previous(tmp_path, capsy
   again.close()
 
 
+def test_a_run_resumed_with_another_state_layout_is_refused(tmp_path):
+  # Freezing the vision tower changes the optimizer state's structure: the run's checkpoints cannot
+  # be restored into it. That is an error naming the changed setting — not a silent fresh start
+  # that would train from step 0 next to the old checkpoints — and the run's config.json is kept.
+  from lgrpo_jax.runs import RunError
+  tok_dir = build_tiny_tokenizer(tmp_path / "tok")
+  run = tmp_path / "run"
+  t = make(run, tok_dir, steps=1, config_record={"step": {"optim": {"freeze": []}}})
+  t.run()
+  t.close()
+  with pytest.raises(RunError, match=r"none of the checkpoints \[1\] can be restored.*"
+                                     r"step\.optim\.freeze: \[\] → \[\"vision\"\]"):
+    make(run, tok_dir, steps=2, freeze=("vision",), config_record={"step": {"optim": {"freeze": ["vision"]}}})
+  assert json.load(open(run / "config.json")) == {"step": {"optim": {"freeze": []}}}
+  assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]
+
+
 def wait_for_step(path, step, proc, timeout=600):
   import time
   t0 = time.time()

@@ -71,6 +71,11 @@ class ImageConfig:
   def __post_init__(self):
     if self.fit not in ("stretch", "pad"):
       raise ValueError(f"ImageConfig.fit={self.fit!r}: choose 'stretch' or 'pad'")
+    if min(self.patch_size, self.merge_size, self.temporal_patch_size) < 1:
+      raise ValueError("ImageConfig.patch_size, merge_size and temporal_patch_size must be ≥ 1")
+    if not 0 < self.min_pixels <= self.max_pixels:
+      raise ValueError(f"ImageConfig: need 0 < min_pixels ≤ max_pixels, got min_pixels={self.min_pixels}, "
+                       f"max_pixels={self.max_pixels}")
     if self.grid_buckets is not None:
       buckets = tuple(tuple(int(v) for v in b) for b in self.grid_buckets)
       if not buckets or any(len(b) != 2 or min(b) <= 0 or b[0] % self.factor or b[1] % self.factor

@@ -65,6 +65,20 @@ class PipelineConfig:
   image: ImageConfig = ImageConfig()
   prompt: PromptConfig = PromptConfig()
 
+  def __post_init__(self):
+    if self.global_batch < 1:
+      raise ValueError(f"PipelineConfig.global_batch={self.global_batch}: must be ≥ 1")
+    if not self.length_buckets or min(self.length_buckets) < 1:
+      raise ValueError(f"PipelineConfig.length_buckets={self.length_buckets!r}: need at least one positive length")
+    if self.num_epochs is not None and self.num_epochs < 1:
+      raise ValueError(f"PipelineConfig.num_epochs={self.num_epochs}: must be ≥ 1 (None: repeat forever)")
+    if not 0 <= self.swap_prob <= 1:
+      raise ValueError(f"PipelineConfig.swap_prob={self.swap_prob} must be in [0, 1]")
+    if self.bad_records not in ("error", "skip"):
+      raise ValueError(f"PipelineConfig.bad_records={self.bad_records!r}: choose 'error' or 'skip'")
+    if self.worker_count < 0:
+      raise ValueError(f"PipelineConfig.worker_count={self.worker_count} must be ≥ 0")
+
 
 def _oriented(cfg: PipelineConfig, index: int, item):
   """(pair, swap, images in the order shown, label in that order); the swap is a function of
@@ -113,8 +127,9 @@ class Encoder:
 def length_bucket(length: int, buckets: Sequence[int], pair_ids) -> int:
   bucket = next((b for b in buckets if b >= length), None)
   if bucket is None:
-    raise ValueError(f"prompt of {length} tokens is longer than the largest length bucket "
-                     f"{max(buckets)} (pairs {list(pair_ids)})")
+    raise DataError(f"prompt of {length} tokens is longer than the largest length bucket "
+                    f"{max(buckets)} (pairs {list(pair_ids)}): add a larger pipeline.length_buckets "
+                    "entry or lower pipeline.image.max_pixels")
   return bucket
 
 
@@ -356,8 +371,6 @@ def make_batches(pairs, tokenizer, cfg: PipelineConfig = PipelineConfig(),
   random-access source such as `tfds_builder.tfds_pairs(...)` (read lazily, never copied)."""
   if cfg.global_batch % process_count:
     raise ValueError(f"global_batch {cfg.global_batch} is not divisible by {process_count} processes")
-  if cfg.bad_records not in ("error", "skip"):
-    raise ValueError(f"bad_records={cfg.bad_records!r}: choose 'error' or 'skip'")
   if not (hasattr(pairs, "__getitem__") and hasattr(pairs, "__len__")):
     pairs = list(pairs)  # a generator; random-access sources (lists, TfdsPairs) are used as they are
   if len(pairs) == 0:

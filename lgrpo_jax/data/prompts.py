@@ -11,6 +11,7 @@ is a config field.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 
@@ -96,3 +97,28 @@ def listener_parts(tokenizer, prompt: str, grids, cfg: PromptConfig = PromptConf
   suffix = tokenizer(cfg.listener_question + text[cut:], add_special_tokens=False)["input_ids"]
   return (np.asarray(prefix, np.int32), np.concatenate([np.asarray(suffix, np.int32), common]),
           choice_ids)
+
+
+class TokenizerError(ValueError):
+  """A tokenizer directory that cannot give the prompts (names the setting and the path)."""
+
+
+def load_tokenizer(path, setting: str, hint: str = ""):
+  """The local tokenizer at `path`, checked for what the prompts need: a chat template and the
+  `<|image_pad|>` token. transformers builds an empty tokenizer from a weights-only directory
+  without a word; here that is a `TokenizerError` naming `setting` (e.g. "model.tokenizer"), then
+  `hint` (what to do)."""
+  from transformers import AutoTokenizer
+  where = f"{setting}={os.fspath(path)!r}"
+  try:
+    tokenizer = AutoTokenizer.from_pretrained(path)
+  except (OSError, ValueError) as e:
+    raise TokenizerError(f"{where}: cannot load a tokenizer ({e}){hint}") from None
+  missing = [] if getattr(tokenizer, "chat_template", None) else ["no chat template"]
+  pad = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+  if pad is None or pad == tokenizer.unk_token_id:
+    missing.append(f"no {IMAGE_PAD} token")
+  if missing:
+    raise TokenizerError(f"{where}: the tokenizer there has {' and '.join(missing)} (a weights-only "
+                         f"directory?){hint}")
+  return tokenizer

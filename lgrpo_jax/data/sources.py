@@ -90,12 +90,14 @@ def subsample(pair_id: str, fraction: float, seed: int = 0) -> bool:
 
 def _load_json_list(path: str) -> list:
   if not os.path.isfile(path):
-    raise DataError(f"{path}: file not found")
+    raise DataError(f"{path}: " + ("a directory, not a JSON file" if os.path.isdir(path) else "file not found"))
   try:
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
       data = json.load(f)
   except json.JSONDecodeError as e:
     raise DataError(f"{path}: not valid JSON ({e})") from None
+  except UnicodeDecodeError as e:
+    raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); JSON files must be UTF-8") from None
   if not isinstance(data, list):
     raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
   return data
@@ -205,7 +207,7 @@ def hpdv2_train(path, image_root=None, report: Report | None = None, fraction: f
     if len(paths) != 2 or not all(isinstance(p, str) and p for p in paths):
       report.bad("bad_schema", where, f"'{key}' must hold exactly two paths, got {paths!r}")
       continue
-    if sorted(pref) != [0, 1] or not all(isinstance(x, int) for x in pref):
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in pref) or sorted(pref) != [0, 1]:
       report.bad("bad_label", where, f"'human_preference' must be [1, 0] or [0, 1], got {pref!r}")
       continue
     pid = f"{k}:0-1"

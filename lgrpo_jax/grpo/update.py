@@ -15,6 +15,7 @@ parameters back into the module.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import NamedTuple
 
 import jax
@@ -54,8 +55,10 @@ class OptimConfig:
     for name in ("micro_batches", "passes", "total_steps"):
       if getattr(self, name) < 1:
         raise ValueError(f"OptimConfig.{name}={getattr(self, name)} must be ≥ 1")
-    if self.learning_rate <= 0 or self.warmup_steps < 0 or self.max_grad_norm < 0:
-      raise ValueError("OptimConfig: learning_rate must be > 0, warmup_steps and max_grad_norm ≥ 0")
+    if not (0 < self.learning_rate < math.inf) or self.warmup_steps < 0 or not 0 <= self.max_grad_norm < math.inf:
+      raise ValueError(f"OptimConfig: learning_rate must be finite and > 0 (got {self.learning_rate}), "
+                       f"warmup_steps ≥ 0 (got {self.warmup_steps}), max_grad_norm finite and ≥ 0 "
+                       f"(got {self.max_grad_norm})")
 
 
 def schedule(cfg: OptimConfig) -> optax.Schedule:

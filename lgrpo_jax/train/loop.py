@@ -124,6 +124,25 @@ def checkpoint_managers(run_dir: str, keep: int) -> tuple[ocp.CheckpointManager,
   return manager, best
 
 
+def config_changes(path: str, record: dict | None, limit: int = 8) -> str:
+  """The settings in which `record` differs from the config JSON at `path` ("key: old → new", …),
+  or "" when either is missing."""
+  if record is None or not os.path.isfile(path):
+    return ""
+  try:
+    with open(path) as f:
+      old = json.load(f)
+  except (OSError, ValueError):
+    return ""
+  flat = lambda d, pre="": ({k2: v2 for k, v in d.items() for k2, v2 in flat(v, f"{pre}{k}.").items()}
+                            if isinstance(d, dict) else {pre[:-1]: d})
+  new = json.loads(json.dumps(record, default=str))  # as it would be written: tuples as lists
+  a, b = flat(old), flat(new)
+  diffs = [f"{k}: {json.dumps(a.get(k))} → {json.dumps(b.get(k))}" for k in sorted(set(a) | set(b))
+           if a.get(k) != b.get(k)]
+  return ", ".join(diffs[:limit]) + (f" and {len(diffs) - limit} more" if len(diffs) > limit else "")
+
+
 class Trainer:
   """Owns the policy/reference/listener parameters, the optimizer, the data iterator and the
   checkpoints of one run directory."""
@@ -196,11 +215,11 @@ class Trainer:
                                  self.listener_graphdef, self.spec if step_cfg.rewards.needs_listener else None,
                                  self.tables, mesh)
     self._stop = False
-    if config_record is not None and jax.process_index() == 0:
+    self.best_accuracy = self._best_accuracy()  # before _restore drops the metrics past its step
+    self.resumed_from = self._restore(config_record)
+    if config_record is not None and jax.process_index() == 0:  # after the restore: a refused one keeps it
       with open(os.path.join(self.run_dir, "config.json"), "w") as f:
         json.dump(config_record, f, indent=2, default=str)
-    self.best_accuracy = self._best_accuracy()  # before _restore drops the metrics past its step
-    self.resumed_from = self._restore()
     self.sinks = MetricSinks(self.run_dir, tensorboard=loop_cfg.tensorboard, wandb_project=loop_cfg.wandb_project,
                              config_record=config_record)
     per_device = loop_cfg.peak_tflops_per_device or measured_matmul_tflops(jnp.dtype(model.config.dtype))
@@ -221,10 +240,16 @@ class Trainer:
       self.manager.save(step, args=self._args(), force=True)
     self._last_save = time.monotonic()
 
-  def _restore(self) -> int | None:
+  def _restore(self, config_record: dict | None = None) -> int | None:
+    """The newest readable checkpoint's step (its state and data position loaded), or None when
+    there is none. Checkpoints that exist but none of which can be read are an error (`RunError`,
+    naming the settings that differ from the run's config.json), never a silent fresh start."""
+    from lgrpo_jax.runs import RunError
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                             self._tree(self.state))
-    for step in sorted(self.manager.all_steps(), reverse=True):
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    failures = []
+    for step in steps:
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
@@ -233,6 +258,7 @@ class Trainer:
                     self.run_dir, step, type(e).__name__, str(e)[:200])
         print(f"warning: checkpoint {step} is unreadable ({type(e).__name__}); trying the previous one",
               file=sys.stderr)
+        failures.append(f"{step}: {type(e).__name__}: {str(e)[:300]}")
         continue
       t = restored["state"]
       self.state = TrainState(t["params"], t["opt_state"], jnp.asarray(t["step"], jnp.int32),
@@ -245,6 +271,13 @@ class Trainer:
       self._drop_metrics_after(step)
       log.info("resumed from %s/checkpoints/%d", self.run_dir, step)
       return step
+    if steps:
+      changed = config_changes(os.path.join(self.run_dir, "config.json"), config_record)
+      raise RunError(
+          f"{self.run_dir}/checkpoints: none of the checkpoints {sorted(steps)} can be restored into this "
+          f"run's state" + (f"; the config differs from the run's config.json in {changed}" if changed else "")
+          + ". Resume with the settings the run was started with, or give a new run_dir "
+          f"(the first failure: {failures[-1]})")
     self._drop_metrics_after(-1)  # an earlier attempt that left no checkpoint: its lines are redone
     return None
 

@@ -204,6 +204,11 @@ def run_sft(model, tokenizer, pairs, cfg: SFTConfig, pipe_cfg, run_dir: str, *, 
     from lgrpo_jax.sharding import on_mesh
     opt_state = on_mesh(opt_state, mesh)
   teacher = Teacher(cfg, n_wrong, seed)
+  if teacher.targets is not None and isinstance(pairs, (list, tuple)):  # before hours of steps, not at the batch
+    missing = [p.pair_id for p in pairs if p.pair_id not in teacher.targets]
+    if missing:
+      raise ValueError(f"{cfg.targets_path}: no target for {len(missing)} of the {len(pairs)} training pairs "
+                       f"(first: {missing[:3]})")
   steps: dict = {}
   batches = make_batches(pairs, tokenizer, pipe, process_index=jax.process_index(),
                          process_count=jax.process_count())
