@@ -64,6 +64,10 @@ class SafetensorsDir:
   def shape(self, key: str) -> tuple[int, ...]:
     return tuple(self._handle(key).get_slice(key).get_shape())
 
+  def dtype(self, key: str) -> str:
+    """The tensor's safetensors dtype name ("BF16", "F32", "I32", …), from the header."""
+    return str(self._handle(key).get_slice(key).get_dtype())
+
   def get(self, key: str) -> np.ndarray:
     try:
       return self._handle(key).get_tensor(key)

@@ -61,6 +61,9 @@ def test_round_trip_through_hf_dict_and_transformers():
     (lambda d: d["vision_config"].update(fullatt_block_indexes=[9]), r"fullatt_block_indexes \[9\] outside"),
     (lambda d: d["text_config"].update(hidden_act="relu2"), "hidden_act='relu2' is not supported"),
     (lambda d: d["text_config"].update(use_sliding_window=True), "use_sliding_window"),
+    (lambda d: d["text_config"].update(num_hidden_layers=2.5), "'text_config.num_hidden_layers'=2.5 must be an integer"),
+    (lambda d: d["vision_config"].update(patch_size="14"), "'vision_config.patch_size'='14' must be an integer"),
+    (lambda d: d["vision_config"].update(depth=True), "'vision_config.depth'=True must be an integer"),
 ])
 def test_bad_configs_name_the_field(edit, match):
   d = config_dict("a")

@@ -139,6 +139,14 @@ def test_wrong_shape_names_key_and_both_shapes(hf_dir):
     lgrpo_jax.load_hf(hf_dir)
 
 
+def test_integer_weight_is_refused_not_cast(hf_dir):
+  rewrite(hf_dir, lambda t: t.__setitem__("model.layers.0.self_attn.q_proj.weight",
+                                          t["model.layers.0.self_attn.q_proj.weight"].to(torch.int32)))
+  with pytest.raises(lgrpo_jax.CheckpointError,
+                     match=r"'model.layers.0.self_attn.q_proj.weight' is I32, expected a floating-point weight"):
+    lgrpo_jax.load_hf(hf_dir)
+
+
 def test_no_safetensors_and_pickle_refused(tmp_path, hf_dir):
   os.remove(hf_dir / "model.safetensors")
   (hf_dir / "pytorch_model.bin").write_bytes(b"not read")

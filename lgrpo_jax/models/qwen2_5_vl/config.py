@@ -198,6 +198,17 @@ def _pick(d: dict, source: str, where: str, key: str, required: bool, default=No
   return default
 
 
+def _as_int(value, source: str, field: str) -> int:
+  """A size or id from config.json: an integer (an integral float such as 2.0 too), never 2.5 or true."""
+  if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+    raise ConfigError(f"{source}: '{field}'={value!r} must be an integer")
+  return int(value)
+
+
+def _pick_int(d: dict, source: str, where: str, key: str, required: bool, default=None, aliases=()) -> int:
+  return _as_int(_pick(d, source, where, key, required, default, aliases), source, where + key)
+
+
 def _rope_params(d: dict, source: str, where: str) -> dict:
   rp = d.get("rope_parameters") or d.get("rope_scaling") or {}
   if not isinstance(rp, dict):
@@ -237,14 +248,14 @@ def from_hf_dict(raw: dict[str, Any], *, source: str = "config") -> Qwen25VLConf
   mrope = tuple(int(x) for x in rp.get("mrope_section", (16, 24, 24)))
   eos = _pick(text_raw, source, tw, "eos_token_id", False, raw.get("eos_token_id"))
   text = TextConfig(
-      **{k: int(v) for k, v in tp.items()},
-      num_key_value_heads=int(_pick(text_raw, source, tw, "num_key_value_heads", False,
-                                    tp["num_attention_heads"])),
+      **{k: _as_int(v, source, tw + k) for k, v in tp.items()},
+      num_key_value_heads=_pick_int(text_raw, source, tw, "num_key_value_heads", False,
+                                    tp["num_attention_heads"]),
       rms_norm_eps=float(_pick(text_raw, source, tw, "rms_norm_eps", False, 1e-6)),
       rope_theta=float(rope_theta),
       mrope_section=mrope,  # type: ignore[arg-type]
       hidden_act=str(_pick(text_raw, source, tw, "hidden_act", False, "silu")),
-      max_position_embeddings=int(_pick(text_raw, source, tw, "max_position_embeddings", False, 32768)),
+      max_position_embeddings=_pick_int(text_raw, source, tw, "max_position_embeddings", False, 32768),
       bos_token_id=_pick(text_raw, source, tw, "bos_token_id", False, raw.get("bos_token_id")),
       eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
       pad_token_id=_pick(text_raw, source, tw, "pad_token_id", False, raw.get("pad_token_id")),
@@ -253,19 +264,19 @@ def from_hf_dict(raw: dict[str, Any], *, source: str = "config") -> Qwen25VLConf
     raise ConfigError(f"{source}: '{tw}use_sliding_window'=true is not supported (Qwen2.5-VL "
                       "checkpoints ship with it off)")
 
-  vp = {k: int(_pick(vision_raw, source, vw, k, True)) for k in _VISION_REQUIRED}
+  vp = {k: _pick_int(vision_raw, source, vw, k, True) for k in _VISION_REQUIRED}
   vrp = vision_raw.get("rope_parameters") or {}
   vision = VisionConfig(
       **vp,
-      patch_size=int(_pick(vision_raw, source, vw, "patch_size", False, 14)),
-      temporal_patch_size=int(_pick(vision_raw, source, vw, "temporal_patch_size", False, 2)),
-      spatial_merge_size=int(_pick(vision_raw, source, vw, "spatial_merge_size", False, 2)),
-      window_size=int(_pick(vision_raw, source, vw, "window_size", False, 112)),
+      patch_size=_pick_int(vision_raw, source, vw, "patch_size", False, 14),
+      temporal_patch_size=_pick_int(vision_raw, source, vw, "temporal_patch_size", False, 2),
+      spatial_merge_size=_pick_int(vision_raw, source, vw, "spatial_merge_size", False, 2),
+      window_size=_pick_int(vision_raw, source, vw, "window_size", False, 112),
       fullatt_block_indexes=tuple(int(i) for i in _pick(
           vision_raw, source, vw, "fullatt_block_indexes", False, (7, 15, 23, 31))),
-      in_channels=int(_pick(vision_raw, source, vw, "in_channels", False, 3, aliases=("in_chans",))),
+      in_channels=_pick_int(vision_raw, source, vw, "in_channels", False, 3, aliases=("in_chans",)),
       hidden_act=str(_pick(vision_raw, source, vw, "hidden_act", False, "silu")),
-      tokens_per_second=int(_pick(vision_raw, source, vw, "tokens_per_second", False, 4)),
+      tokens_per_second=_pick_int(vision_raw, source, vw, "tokens_per_second", False, 4),
       rope_theta=float(vrp.get("rope_theta", 10000.0)) if isinstance(vrp, dict) else 10000.0,
   )
   tie = bool(raw.get("tie_word_embeddings", False)) or bool(

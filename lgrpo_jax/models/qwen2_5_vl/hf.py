@@ -93,6 +93,9 @@ def _set(tree: dict, path: str, value) -> None:
   tree[last] = value
 
 
+FLOAT_DTYPES = ("F32", "BF16", "F16", "F64")  # safetensors names
+
+
 def plan_import(ckpt: SafetensorsDir, cfg: Qwen25VLConfig, shapes: dict) -> dict[str, str]:
   """Checks every expected key and shape against the headers; returns Hub key -> key in file."""
   where = ckpt.path
@@ -115,6 +118,9 @@ def plan_import(ckpt: SafetensorsDir, cfg: Qwen25VLConfig, shapes: dict) -> dict
       if tuple(got) != tuple(want):
         raise CheckpointError(f"{where}: tensor '{in_file[key]}' has shape {tuple(got)}, "
                               f"expected {tuple(want)} for this config.json")
+      if ckpt.dtype(in_file[key]) not in FLOAT_DTYPES:  # an integer or bool weight would be cast silently
+        raise CheckpointError(f"{where}: tensor '{in_file[key]}' is {ckpt.dtype(in_file[key])}, expected a "
+                              f"floating-point weight ({', '.join(FLOAT_DTYPES)})")
   ignorable = {"lm_head.weight"} if cfg.tie_word_embeddings else set()  # tied: head = embeddings
   unexpected = sorted(set(in_file) - expected - ignorable)
   if unexpected:
