@@ -67,6 +67,10 @@ def test_batch_of_images_and_default_config():
 def test_bad_images_name_their_source(tmp_path):
   with pytest.raises(ImageError, match=r"nope\.png: image file not found"):
     process_image(str(tmp_path / "nope.png"))
+  (tmp_path / "adir.png").mkdir()
+  with pytest.raises(ImageError, match=r"adir\.png: a directory, not an image file") as e:
+    process_image(str(tmp_path / "adir.png"))
+  assert e.value.kind == "bad_image"
   good = io.BytesIO()
   odd_images()["odd 223x311"].save(good, "PNG")
   (tmp_path / "cut.png").write_bytes(good.getvalue()[: len(good.getvalue()) // 2])

@@ -92,6 +92,20 @@ def test_hpdv2_test_ranks_and_ties(tmp_path):
   assert report.skipped == {"tied_in_human_ranking": 1, "bad_label": 1}
 
 
+def test_imagereward_duplicate_ids_and_single_images_are_counted(tmp_path):
+  path = write(tmp_path, "test.json", [
+      {"id": "x", "prompt": "p", "generations": ["a", "b"], "ranking": [1, 2]},
+      {"id": "x", "prompt": "q", "generations": ["c", "d"], "ranking": [2, 1]},  # the same id again
+      {"id": "y", "prompt": "r", "generations": ["e"], "ranking": [1]},  # one image: no pair
+  ])
+  report = Report("skip")
+  pairs = list(imagereward(path, report=report))
+  assert [(p.pair_id, p.images) for p in pairs] == [("x:0-1", ("a", "b"))]
+  assert report.skipped == {"duplicate_id": 1, "bad_schema": 1}
+  with pytest.raises(DataError, match=r"record 1 \(id x\): id x was already used by record 0"):
+    list(imagereward(path))
+
+
 @pytest.mark.parametrize("content,match", [
     ("{not json", "not valid JSON"), (json.dumps({"a": 1}), "expected a JSON list of records")])
 def test_bad_files(tmp_path, content, match):

@@ -143,7 +143,7 @@ def open_image(src, source: str | None = None) -> Image.Image:
       img = Image.open(io.BytesIO(bytes(src)))
     else:
       if not os.path.isfile(src):
-        raise ImageError(name, MISSING)
+        raise ImageError(name, "a directory, not an image file" if os.path.isdir(src) else MISSING)
       img = Image.open(src)
     img.load()  # decode now: truncated or corrupt data fails here, with the source named
   except ImageError:
@@ -171,7 +171,7 @@ def image_grid(src, cfg: ImageConfig = ImageConfig(), source: str | None = None)
         size = img.size
     else:
       if not os.path.isfile(src):
-        raise ImageError(name, MISSING)
+        raise ImageError(name, "a directory, not an image file" if os.path.isdir(src) else MISSING)
       with Image.open(src) as img:
         size = img.size
   except ImageError:

@@ -153,6 +153,9 @@ def _ranking_record(rec, where, path_key, rank_key, root, report):
   if not all(isinstance(p, str) and p for p in paths):
     report.bad("bad_schema", where, f"'{path_key}' must hold non-empty paths")
     return None
+  if len(paths) < 2:
+    report.bad("bad_schema", where, f"'{path_key}' has {len(paths)} image(s); a ranking needs at least 2")
+    return None
   return prompt, _resolve(root, paths), ranks
 
 
@@ -165,9 +168,14 @@ def ranked_groups(path, kind: str = "imagereward", image_root=None,
     raise ValueError(f"ranked source {kind!r}: choose one of {sorted(keys)}")
   report = report if report is not None else Report()
   path = os.fspath(path)
+  first_of: dict[str, int] = {}  # group id → its record: pair ids (and resumes, targets) key on it
   for k, rec in enumerate(_load_json_list(path)):
     rid = rec.get("id", k) if isinstance(rec, dict) and kind == "imagereward" else k
     where = f"{path} record {k}" + (f" (id {rid})" if kind == "imagereward" else "")
+    if str(rid) in first_of:
+      report.bad("duplicate_id", where, f"id {rid} was already used by record {first_of[str(rid)]}")
+      continue
+    first_of[str(rid)] = k
     got = _ranking_record(rec, where, *keys[kind], image_root, report)
     if got is not None:
       prompt, images, ranks = got
