@@ -1,5 +1,6 @@
 """HF import/export: bit-exact round trips, both key layouts, sharding, and clear errors."""
 
+import functools
 import json
 import os
 
@@ -173,3 +174,13 @@ def test_image_token_count_mismatch_is_clear(hf_dir):
     lgrpo_jax.forward(ours, ids, batch["attention_mask"], batch["pixel_values"], batch["image_grid_thw"])
   with pytest.raises(ValueError, match=r"pixel_values has shape \(59, 1176\)"):
     ours(batch["input_ids"], batch["attention_mask"], batch["pixel_values"][:59], batch["image_grid_thw"])
+  # Token ids outside the vocabulary (a gather clamps them silently) and a mask of another shape.
+  vocab = ours.config.text.vocab_size
+  for bad in (vocab, -1):
+    ids = batch["input_ids"].copy()
+    ids[0, 0] = bad
+    for call in (ours, functools.partial(lgrpo_jax.forward, ours)):
+      with pytest.raises(ValueError, match=rf"token ids in \[-?\d+, \d+\], outside the vocabulary \[0, {vocab}\)"):
+        call(ids, batch["attention_mask"])
+  with pytest.raises(ValueError, match=r"attention_mask has shape \(1, 3\), input_ids \(1, 4\)"):
+    lgrpo_jax.forward(ours, batch["input_ids"][:1, :4], batch["attention_mask"][:1, :3])

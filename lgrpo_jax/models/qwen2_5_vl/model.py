@@ -443,6 +443,7 @@ class Qwen25VL(nnx.Module):
 
   def hidden_states(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                     position_ids=None):
+    check_inputs(input_ids, attention_mask, self.config)
     input_ids = jnp.asarray(input_ids)
     grid = () if image_grid_thw is None else static_grid(image_grid_thw)
     image_embeds = None
@@ -461,6 +462,23 @@ class Qwen25VL(nnx.Module):
     """(B, T, vocab) fp32 logits. `image_grid_thw` must be concrete (numpy/tuple)."""
     return self.logits(self.hidden_states(input_ids, attention_mask, pixel_values, image_grid_thw,
                                           position_ids))
+
+
+def check_inputs(input_ids, attention_mask, cfg: Qwen25VLConfig) -> None:
+  """Shapes always; token ids against the vocabulary when they are concrete (a gather would clamp
+  an id out of range to the last row without a word)."""
+  shape = tuple(np.shape(input_ids))
+  if len(shape) != 2:
+    raise ValueError(f"input_ids has shape {shape}; expected (batch, length)")
+  if attention_mask is not None and tuple(np.shape(attention_mask)) != shape:
+    raise ValueError(f"attention_mask has shape {tuple(np.shape(attention_mask))}, input_ids {shape}: "
+                     "they must be equal")
+  if is_concrete(input_ids) and shape[1]:
+    ids = np.asarray(input_ids)
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= cfg.text.vocab_size:
+      raise ValueError(f"input_ids holds token ids in [{lo}, {hi}], outside the vocabulary [0, "
+                       f"{cfg.text.vocab_size}) of this model (another tokenizer's ids?)")
 
 
 def check_image_tokens(input_ids, grid, cfg: Qwen25VLConfig) -> None:
@@ -485,6 +503,7 @@ def _forward_jit(model, input_ids, attention_mask, pixel_values, grid):
 def forward(model: Qwen25VL, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None):
   """Compiled `model(...)`: one XLA program per distinct (shapes, image grids)."""
   grid = None if image_grid_thw is None else static_grid(image_grid_thw)
+  check_inputs(input_ids, attention_mask, model.config)
   if pixel_values is not None:
     check_image_tokens(input_ids, grid or (), model.config)
   return _forward_jit(model, jnp.asarray(input_ids),
