@@ -3,7 +3,8 @@ listener, GRPO on ~16% of HPDv2 (arXiv 2506.22832). Point model.checkpoint at a 
 copy of the checkpoint and data.path / data.image_root at a local HPDv2:
 
   python -m lgrpo_jax.launch --config configs/qwen2_5_vl_7b_hpdv2.py \
-      model.checkpoint=/ckpt/Qwen2.5-VL-7B-Instruct data.path=/data/hpdv2/train.json data.image_root=/data/hpdv2
+      model.checkpoint=/ckpt/Qwen2.5-VL-7B-Instruct data.path=/data/hpdv2/train.json data.image_root=/data/hpdv2 \
+      data.eval_path=/data/hpdv2/test.json data.eval_image_root=/data/hpdv2
 
 What the paper does not state (G, β, ε, learning rate, batch size, completion length, temperature,
 image resolution) uses the community GRPO defaults, named beside each value.
@@ -19,7 +20,11 @@ def config() -> ExperimentConfig:
       model=ModelConfig(checkpoint="/ckpt/Qwen2.5-VL-7B-Instruct",  # the listener defaults to this base checkpoint
                         dtype="bfloat16"),
       data=DataConfig(source="hpdv2", path="/data/hpdv2/train.json", image_root="/data/hpdv2",
-                      fraction=0.16),  # paper: a ~16% subset of HPDv2
+                      fraction=0.16,  # paper: a ~16% subset of HPDv2
+                      # held-out pairs for eval_every and best/: HPDv2's test split, so that the
+                      # ImageReward test set (the paper's number) never picks the checkpoint
+                      eval_source="hpdv2_test", eval_path="/data/hpdv2/test.json",
+                      eval_image_root="/data/hpdv2", eval_pairs=256),
       pipeline=PipelineConfig(
           global_batch=64,  # assumption: 64 pairs x 8 samples = 512 completions per step
           bad_records="skip",  # count and log dirty records instead of stopping a long run

@@ -29,7 +29,7 @@ from lgrpo_jax.train.loop import LoopConfig
 from lgrpo_jax.train.sft import SFTConfig
 from lgrpo_jax.train.step import StepConfig
 
-SOURCES = ("synthetic", "hpdv2", "imagereward", "rapidata")
+SOURCES = ("synthetic", "hpdv2", "hpdv2_test", "imagereward", "rapidata")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +65,7 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  source: str = "synthetic"  # synthetic | hpdv2 | imagereward | rapidata
+  source: str = "synthetic"  # synthetic | hpdv2 | hpdv2_test | imagereward | rapidata
   path: str | None = None  # the source's file (train.json, test.json, .parquet)
   image_root: str | None = None  # relative image paths are under this folder
   fraction: float = 1.0  # deterministic subsample (the paper trains on ~16% of HPDv2)

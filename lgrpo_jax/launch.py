@@ -63,8 +63,8 @@ def build(cfg, mesh=None):
                             image_size=d.synthetic_image_size))
     if source == "hpdv2":
       return list(sources.hpdv2_train(path, root, report, fraction=fraction))
-    got = list(sources.imagereward(path, root, report) if source == "imagereward"
-               else sources.rapidata(path, root, report))
+    readers = {"hpdv2_test": sources.hpdv2_test, "imagereward": sources.imagereward, "rapidata": sources.rapidata}
+    got = list(readers[source](path, root, report))
     return [p for p in got if sources.subsample(p.pair_id, fraction, cfg.loop.seed)]
 
   left_out = lambda: f" (records left out so far: {dict(report.skipped)})" if report.skipped else ""

@@ -130,6 +130,23 @@ def test_a_missing_image_found_while_training_is_one_clear_error(tmp_path, capsy
   assert f"({tmp_path / 'a'}" in err and "image file not found" in err
 
 
+def test_hpdv2_test_split_as_the_held_out_pairs(tmp_path):
+  # The 7B config picks best/ on HPDv2's test split (ImageReward's test set stays out of selection).
+  from lgrpo_jax.data.sources import hpdv2_test
+  records = [{"prompt": "p", "image_path": ["a.png", "b.png", "c.png"], "rank": [2, 1, 3]},
+             {"prompt": "q", "image_path": ["d.png", "e.png"], "rank": [1, 2]}]
+  (tmp_path / "test.json").write_text(json.dumps(records))
+  cfg = apply_overrides(load_config_file(DEMO), [f"run_dir={tmp_path / 'run'}", "data.synthetic_pairs=4",
+                                                 "data.eval_source=hpdv2_test", f"data.eval_path={tmp_path / 'test.json'}",
+                                                 f"data.eval_image_root={tmp_path}", "data.eval_pairs=3"])
+  launch.check(cfg)
+  *_, eval_pairs = launch.build(cfg)
+  assert eval_pairs == list(hpdv2_test(tmp_path / "test.json", str(tmp_path)))[:3]
+  assert [(p.images[0][-5:], p.label) for p in eval_pairs] == [("a.png", 1), ("a.png", 0), ("b.png", 0)]
+  seven_b = load_config_file(os.path.join(HERE, "..", "configs", "qwen2_5_vl_7b_hpdv2.py"))
+  assert seven_b.loop.eval_every and seven_b.data.eval_source == "hpdv2_test"
+
+
 def test_short_run_writes_config_and_metrics(tmp_path, monkeypatch):
   import jax
   monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)  # compile_cache=auto: RUN_DIR/xla_cache
