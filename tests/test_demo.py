@@ -26,4 +26,8 @@ def test_shortened_demo_learns(tmp_path):
   assert "demo finished in" in r.stdout
   assert (run / "curves.png").is_file() and (run / "sft").is_dir()
   assert any(name.startswith("events.out.tfevents") for name in os.listdir(run / "tensorboard"))
-  assert all(0 < row["mfu"] < 1 and row["tflops"] > 0 for row in train)
+  # MFU against the matmul rate measured at start-up. The demo's steps now run near that rate
+  # (0.95 typical), and on a shared machine the probe can be slowed by the other test worker
+  # (one step read 1.001 in CI): the bound catches a FLOP count or unit that is off by 2× or more,
+  # the count itself is checked in test_flops.
+  assert all(0 < row["mfu"] < 1.5 and row["tflops"] > 0 for row in train)
