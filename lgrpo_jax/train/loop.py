@@ -276,8 +276,8 @@ class Trainer:
       raise RunError(
           f"{self.run_dir}/checkpoints: none of the checkpoints {sorted(steps)} can be restored into this "
           f"run's state" + (f"; the config differs from the run's config.json in {changed}" if changed else "")
-          + ". Resume with the settings the run was started with, or give a new run_dir "
-          f"(the first failure: {failures[-1]})")
+          + ". Resume with the settings the run was started with, give a new run_dir, or remove "
+          f"{self.run_dir}/checkpoints to start over (the newest one's failure: {failures[0]})")
     self._drop_metrics_after(-1)  # an earlier attempt that left no checkpoint: its lines are redone
     return None
 
