@@ -69,7 +69,7 @@ def test_one_program_per_shape_and_frozen_reference_and_listener(tmp_path):
       np.testing.assert_array_equal(np.asarray(a), b)
 
 
-def tiny_step(tmp_path, **step_kw):
+def tiny_step(tmp_path):
   """A compiled GRPO step of the tiny model on 2-pair batches: (step, params, tx, batches, tables)."""
   tok_dir = build_tiny_tokenizer(tmp_path / "tok")
   tok = AutoTokenizer.from_pretrained(tok_dir)
@@ -79,7 +79,7 @@ def tiny_step(tmp_path, **step_kw):
   batches = make_batches(list(synthetic(8, seed=0, image_size=64)), tok, pipe)
   end = tok.convert_tokens_to_ids("<|im_end|>")
   cfg = StepConfig(sampling=SamplingConfig(max_new_tokens=10, num_samples=4, temperature=1.0, eos_ids=(end,)),
-                   loss=LossConfig(beta=0.04), optim=OptimConfig(learning_rate=1e-3), **step_kw)
+                   loss=LossConfig(beta=0.04), optim=OptimConfig(learning_rate=1e-3))
   tx = make_optimizer(cfg.optim, params)
   bt = ByteTable.from_tokenizer(tok)
   tables = Tables(jnp.asarray(bt.table), jnp.asarray(bt.lengths))

@@ -132,6 +132,11 @@ def _fit(img: Image.Image, cfg: ImageConfig, name: str) -> np.ndarray:
   return np.asarray(canvas)
 
 
+def _require_file(path, name: str) -> None:
+  if not os.path.isfile(path):
+    raise ImageError(name, "a directory, not an image file" if os.path.isdir(path) else MISSING)
+
+
 def open_image(src, source: str | None = None) -> Image.Image:
   """A decoded RGB image from a path, bytes or a PIL image; transparency composited onto white."""
   name = source or (src if isinstance(src, (str, os.PathLike)) else "<image bytes>")
@@ -142,8 +147,7 @@ def open_image(src, source: str | None = None) -> Image.Image:
     elif isinstance(src, (bytes, bytearray, memoryview)):
       img = Image.open(io.BytesIO(bytes(src)))
     else:
-      if not os.path.isfile(src):
-        raise ImageError(name, "a directory, not an image file" if os.path.isdir(src) else MISSING)
+      _require_file(src, name)
       img = Image.open(src)
     img.load()  # decode now: truncated or corrupt data fails here, with the source named
   except ImageError:
@@ -170,8 +174,7 @@ def image_grid(src, cfg: ImageConfig = ImageConfig(), source: str | None = None)
       with Image.open(io.BytesIO(bytes(src))) as img:
         size = img.size
     else:
-      if not os.path.isfile(src):
-        raise ImageError(name, "a directory, not an image file" if os.path.isdir(src) else MISSING)
+      _require_file(src, name)
       with Image.open(src) as img:
         size = img.size
   except ImageError:
