@@ -24,12 +24,15 @@ COTS = ["<think>The first image shows a red circle, the second a blue one.</thin
         "<think>Both are squares but only one is green, which the prompt asks for.</think> "]
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+@pytest.fixture(scope="module", params=[True, False], ids=["tied", "untied"])
+def setup(request, tmp_path_factory):
+  """Tied and untied heads: the paper's 7B listener has its own lm_head, which the choice-token
+  scoring reads row by row."""
   tok_dir = build_tiny_tokenizer(tmp_path_factory.mktemp("tok"))
   tok = AutoTokenizer.from_pretrained(tok_dir)
   cfg = tiny_model_config(tok_dir)
   cfg["vision_config"].update(window_size=56)  # several (partial) windows per image
+  cfg["tie_word_embeddings"] = request.param
   hf = build_hf(cfg, seed=2)
   path = tmp_path_factory.mktemp("listener")
   hf.save_pretrained(path)
