@@ -177,4 +177,9 @@ CASES = {
     "two_images_sizes": [{"text": [3, 2, 4], "images": [(84, 140), (56, 112)]}],
     "left_padded_batch": [{"text": [2, 3], "images": [(112, 56)]},
                           {"text": [4, 5], "images": [(84, 84)]}],
+    # Several rows with several images each: the vectorised rope index counts images across rows.
+    "two_rows_two_images": [{"text": [2, 3, 1], "images": [(84, 140), (56, 56)]},
+                            {"text": [5, 1, 4], "images": [(112, 56), (84, 84)]}],
+    # Positions past 300: rotary angle errors (e.g. angles in the compute dtype) grow with position.
+    "long_300": [{"text": [300, 4], "images": [(84, 140)]}, {"text": [20, 3], "images": [(56, 112)]}],
 }

@@ -9,7 +9,7 @@ from lgrpo_jax.models.qwen2_5_vl import get_rope_index
 from hf_tiny import (CASES, build_hf, config_dict, hf_logits, hf_positions, make_batch, ours_inputs,
                      rel_err)
 
-FP32_TOL = 1e-4
+FP32_TOL = 1e-5  # achieved: 0.5–2e-6; a tanh GELU in the merger is 3e-4, a swapped rotary section 2e-4
 
 
 @pytest.fixture(scope="module", params=["a", "b"])

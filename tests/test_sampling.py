@@ -15,7 +15,7 @@ from lgrpo_jax.sampling import SamplingConfig
 from hf_tiny import CASES, PAD, assert_same_samples, build_hf, config_dict, hf_generate, hf_logits, make_batch, our_generate
 
 N = 10
-GEN_CASES = ["one_image_windows", "two_images_sizes", "left_padded_batch"]
+GEN_CASES = ["one_image_windows", "two_images_sizes", "left_padded_batch", "two_rows_two_images", "long_300"]
 
 
 @pytest.fixture(scope="module", params=["a", "b"])
