@@ -92,11 +92,14 @@ def test_bf16_close_to_fp32_truth_as_transformers_bf16(tmp_path):
   hf32.save_pretrained(tmp_path / "fp32")
   hf16 = build_hf(cfg, seed=5, dtype=torch.bfloat16)
   hf16.save_pretrained(tmp_path / "bf16")
-  batch = make_batch(CASES["left_padded_batch"], seed=4)
-  truth = hf_logits(hf32, batch)
-  hf_err = rel_err(hf_logits(hf16, batch), truth, batch["attention_mask"])
   ours16 = lgrpo_jax.load_hf(tmp_path / "bf16", dtype="bfloat16")
   assert ours16.embed_tokens[...].dtype == np.dtype("bfloat16")
-  our_err = rel_err(np.asarray(lgrpo_jax.forward(ours16, **ours_inputs(batch))), truth,
-                    batch["attention_mask"])
-  assert our_err <= max(2 * hf_err, 2e-2), (our_err, hf_err)
+  # Achieved: 1.13× transformers' error on both. Past 300 positions, rotary angles computed in bf16
+  # would be 20× it; on the short case alone they hide inside a looser bound.
+  for case in ("left_padded_batch", "long_300"):
+    batch = make_batch(CASES[case], seed=4)
+    truth = hf_logits(hf32, batch)
+    hf_err = rel_err(hf_logits(hf16, batch), truth, batch["attention_mask"])
+    our_err = rel_err(np.asarray(lgrpo_jax.forward(ours16, **ours_inputs(batch))), truth,
+                      batch["attention_mask"])
+    assert our_err <= 1.5 * hf_err, (case, our_err, hf_err)

@@ -240,11 +240,16 @@ def test_unrolled_layers_equal_the_scan(setup, monkeypatch):
   assert worst <= 1e-5, worst
 
 
-def test_dense_weight_gradients_equal_autodiff(setup, monkeypatch):
+@pytest.mark.parametrize("tied", [True, False])
+def test_dense_weight_gradients_equal_autodiff(setup, monkeypatch, tied):
   """On one CPU device (`layers.WEIGHT_GRAD_BACKENDS`, `WEIGHT_GRAD_MAX_DEVICES`) every Dense takes
   its weight gradient as xᵀ·g with a custom backward; the GRPO loss's gradients for every parameter
-  (vision tower, decoder, untied head) equal JAX's own transpose of the matmuls."""
+  (vision tower, decoder, tied or untied head) equal JAX's own transpose of the matmuls."""
   from lgrpo_jax.models.qwen2_5_vl import layers
+  if not tied:
+    cfg = setup[1].config.replace(tie_word_embeddings=False)
+    setup = (setup[0], lgrpo_jax.from_config(cfg, seed=7), *setup[2:])
+    assert setup[1].lm_head is not None
   make_loss, params = grpo_loss_of_params(setup, seed=4)
   monkeypatch.setattr(layers, "WEIGHT_GRAD_MAX_DEVICES", jax.device_count())  # the tests' 8 CPU devices
   grads, customs = {}, {}
