@@ -25,7 +25,7 @@ def ref_loss(logp, old, ref, rewards, mask, loss, adv_mode, eps_low, eps_high, b
   r = rewards.astype(np.float64)
   a = r - r.mean(-1, keepdims=True)
   if adv_mode == "grpo":
-    a = a / (r.std(-1, keepdims=True) + eps)
+    a = a / (r.std(-1, ddof=1, keepdims=True) + eps)
   rho = np.exp(logp - old)
   pg = -np.minimum(rho * a[..., None], np.clip(rho, 1 - eps_low, 1 + eps_high) * a[..., None])
   d = ref - logp
@@ -72,6 +72,22 @@ def test_losses_match_float64_reference(loss, kl, adv):
   assert abs(got64 - want) <= 1e-6 * abs(want)
   got32 = float(our_loss(*(x.astype(np.float32) for x in (logp, old, ref, rewards, mask)), cfg))
   assert abs(got32 - want) <= 1e-5 * max(abs(want), 1e-3)
+
+
+@pytest.mark.parametrize("adv", ["grpo", "dr_grpo"])
+def test_a_group_of_equal_rewards_has_exactly_zero_advantage(adv):
+  # 0.7 is not a binary fraction: the fp32 mean of G copies misses it in the last bit, and dividing
+  # by the ~1e-7 std made advantages of ±0.06 (G = 8) and ±0.1 (G = 16) for identical completions.
+  for g in (2, 8, 16):
+    for value in (0.7, 1.1, 1 / 3):
+      a = advantages(jnp.full((3, g), value, jnp.float32), LossConfig(advantage=adv))
+      assert np.all(np.asarray(a) == 0), (g, value, a)
+  # A group with any spread keeps its ddof-1 standardisation, next to a flat one.
+  r = np.asarray([[0.7] * 8, [0.7] * 7 + [0.8]], np.float32)
+  a = np.asarray(advantages(jnp.asarray(r), LossConfig(advantage=adv)))
+  assert np.all(a[0] == 0)
+  c = r[1].astype(np.float64) - r[1].mean()
+  np.testing.assert_allclose(a[1], c / (c.std(ddof=1) + 1e-6) if adv == "grpo" else c, rtol=1e-4)
 
 
 def test_gradient_matches_finite_differences():

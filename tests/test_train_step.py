@@ -69,7 +69,7 @@ def test_one_program_per_shape_and_frozen_reference_and_listener(tmp_path):
       np.testing.assert_array_equal(np.asarray(a), b)
 
 
-def tiny_step(tmp_path):
+def tiny_step(tmp_path, temperature=1.0):
   """A compiled GRPO step of the tiny model on 2-pair batches: (step, params, tx, batches, tables)."""
   tok_dir = build_tiny_tokenizer(tmp_path / "tok")
   tok = AutoTokenizer.from_pretrained(tok_dir)
@@ -78,7 +78,7 @@ def tiny_step(tmp_path):
                         length_buckets=(256,))
   batches = make_batches(list(synthetic(8, seed=0, image_size=64)), tok, pipe)
   end = tok.convert_tokens_to_ids("<|im_end|>")
-  cfg = StepConfig(sampling=SamplingConfig(max_new_tokens=10, num_samples=4, temperature=1.0, eos_ids=(end,)),
+  cfg = StepConfig(sampling=SamplingConfig(max_new_tokens=10, num_samples=4, temperature=temperature, eos_ids=(end,)),
                    loss=LossConfig(beta=0.04), optim=OptimConfig(learning_rate=1e-3))
   tx = make_optimizer(cfg.optim, params)
   bt = ByteTable.from_tokenizer(tok)
@@ -109,6 +109,19 @@ def test_the_step_reads_the_reference_and_the_listener_it_is_given(tmp_path):
   assert abs(kl_own) < 1e-6  # the reference is the sampling policy itself
   assert kl_ref > 1e-4 and listener_ref == pytest.approx(listener_own, rel=1e-6, abs=1e-7)
   assert kl_lis == pytest.approx(kl_own, abs=1e-7) and abs(listener_lis - listener_own) > 1e-4
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.7])
+def test_the_policy_is_scored_at_the_sampling_temperature(tmp_path, temperature):
+  # The sampler's log-probs (the default old log-probs) are of softmax(logits / T); the update must
+  # score the same distribution, as TRL and tunix do: on the first pass the ratio is 1 and nothing is
+  # clipped. Scored at T = 1 instead, T = 0.5 clipped ~30% of the tokens before any update.
+  step, params, tx, batches, tables = tiny_step(tmp_path, temperature)
+  state = init_state(params, tx, seed=0)
+  _, m = step(jax.tree.map(jnp.copy, state), params, params, device_batch(next(batches)), tables)  # donated
+  assert float(m["logprob_drift"]) < 1e-5 and float(m["ratio_max"]) == pytest.approx(1.0, abs=1e-4)
+  assert float(m["clip_fraction_low"]) == 0 == float(m["clip_fraction_high"])
+  assert abs(float(m["kl"])) < 1e-6  # the reference is the policy
 
 
 def test_an_invalid_row_changes_nothing(tmp_path):

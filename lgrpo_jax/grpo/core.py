@@ -52,18 +52,28 @@ def lookup(table: dict, name: str, field: str):
 
 
 # ---- advantages ---------------------------------------------------------------------------------
+def centered(rewards_bg):
+  """r − mean_g r, and exactly 0 in a group whose G rewards are all equal: in fp32 the mean of G
+  equal values can miss them in the last bit (8 × 0.7), and a division by that group's ~1e-7 std
+  would turn the rounding into advantages of ±0.1 — a push on a collapsed policy's own samples."""
+  flat = jnp.all(rewards_bg == rewards_bg[..., :1], axis=-1, keepdims=True)
+  return jnp.where(flat, 0.0, rewards_bg - rewards_bg.mean(axis=-1, keepdims=True))
+
+
 @register_advantage("grpo")
 def grpo_advantages(rewards_bg, eps: float = 1e-6):
-  """A = (r − mean_g r) / (std_g r + ε), std with ddof 0 over the G completions of a pair."""
-  mean = rewards_bg.mean(axis=-1, keepdims=True)
-  return (rewards_bg - mean) / (rewards_bg.std(axis=-1, keepdims=True) + eps)
+  """A = (r − mean_g r) / (std_g r + ε), std with ddof 1 over the G completions of a pair (as TRL
+  and tunix); 0 where the group's rewards are all equal."""
+  c = centered(rewards_bg)
+  std = jnp.sqrt(jnp.sum(c * c, axis=-1, keepdims=True) / (rewards_bg.shape[-1] - 1))
+  return c / (std + eps)
 
 
 @register_advantage("dr_grpo")
 def dr_grpo_advantages(rewards_bg, eps: float = 1e-6):
-  """A = r − mean_g r (Dr. GRPO: no division by the group's std)."""
+  """A = r − mean_g r (Dr. GRPO: no division by the group's std; TRL's scale_rewards="none")."""
   del eps
-  return rewards_bg - rewards_bg.mean(axis=-1, keepdims=True)
+  return centered(rewards_bg)
 
 
 def zero_variance_groups(rewards_bg, valid_b=None):

@@ -111,14 +111,16 @@ class PolicyBatch(NamedTuple):
 
 
 def policy_logprobs(model, input_ids, attention_mask, pixel_values, pair_grid, tokens, mask, chunk=8192,
-                    with_entropy=False, prefix_sharing: bool = True, image_embeds=None):
+                    with_entropy=False, prefix_sharing: bool = True, image_embeds=None, temperature: float = 1.0):
   """Completion log-probs with the prompt (and its images) computed once per pair (also the
   reference pass, and "recomputed" old log-probs: call it under `jax.lax.stop_gradient`).
 
   `prefix_sharing=False`: the same values the plain way — the prompt and its images G times, each
   copy with one completion (`completion_logprobs_copies`). `image_embeds`: the pairs' image
   features (`model.image_features` of `pixel_values`) when the caller already has them — the
-  reference pass, when the listener is the same frozen model — instead of running the tower."""
+  reference pass, when the listener is the same frozen model — instead of running the tower.
+  `temperature`: the log-probs (and entropy) of the tempered distribution softmax(logits / T), the
+  one the rollout was sampled from (`SamplingConfig.logprob_temperature`)."""
   b, g = tokens.shape[:2]
   if image_embeds is not None and not prefix_sharing:
     image_embeds = model.repeat_image_features(image_embeds, tuple(pair_grid) * b, b, g)
@@ -134,19 +136,20 @@ def policy_logprobs(model, input_ids, attention_mask, pixel_values, pair_grid, t
   pos, _ = get_rope_index(input_ids, attention_mask, grid, model.config)
   x = model.embed(input_ids, feats)
   if not prefix_sharing:
-    return completion_logprobs_copies(model, x, pos, attention_mask, tokens, mask, chunk,
+    return completion_logprobs_copies(model, x, pos, attention_mask, tokens, mask, chunk, temperature,
                                       with_entropy=with_entropy)
-  return completion_logprobs(model, x, pos, attention_mask, tokens, mask, chunk, with_entropy=with_entropy)
+  return completion_logprobs(model, x, pos, attention_mask, tokens, mask, chunk, temperature,
+                             with_entropy=with_entropy)
 
 
 def loss_fn(params, graphdef, batch: PolicyBatch, pair_grid, cfg: LossConfig, chunk: int,
-            prefix_sharing: bool = True):
+            prefix_sharing: bool = True, temperature: float = 1.0):
   model = nnx.merge(graphdef, params)
   feats = batch.image_embeds  # given: a frozen tower, so a constant here (no backward through it)
   feats = None if feats is None else jax.lax.stop_gradient(feats.reshape(-1, feats.shape[-1]))
   logp, entropy = policy_logprobs(model, batch.input_ids, batch.attention_mask, batch.pixel_values,
                                   pair_grid, batch.tokens, batch.mask, chunk, with_entropy=True,
-                                  prefix_sharing=prefix_sharing, image_embeds=feats)
+                                  prefix_sharing=prefix_sharing, image_embeds=feats, temperature=temperature)
   return grpo_loss(logp, batch.logp_old, batch.advantages, batch.weights, cfg, batch.logp_ref, entropy)
 
 
@@ -157,20 +160,21 @@ def _split(batch: PolicyBatch, k: int) -> PolicyBatch:
 
 
 def accumulate_grads(params, graphdef, batch: PolicyBatch, pair_grid, loss_cfg: LossConfig,
-                     micro_batches: int, chunk: int = 8192, prefix_sharing: bool = True):
+                     micro_batches: int, chunk: int = 8192, prefix_sharing: bool = True,
+                     temperature: float = 1.0):
   """(Σ loss, Σ grads, metrics) over `micro_batches` equal slices of the pairs, one `lax.scan`."""
   b = batch.tokens.shape[0]
   if b % micro_batches:
     raise ValueError(f"{b} pairs do not split into {micro_batches} micro-batches")
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   if micro_batches == 1:  # no accumulator: one gradient tree alive instead of two
-    (loss, metrics), grads = grad_fn(params, graphdef, batch, pair_grid, loss_cfg, chunk, prefix_sharing)
+    (loss, metrics), grads = grad_fn(params, graphdef, batch, pair_grid, loss_cfg, chunk, prefix_sharing, temperature)
     return loss, grads, metrics
   micro = _split(batch, micro_batches)
 
   def body(carry, mb):
     loss_sum, grads_sum = carry
-    (loss, metrics), grads = grad_fn(params, graphdef, mb, pair_grid, loss_cfg, chunk, prefix_sharing)
+    (loss, metrics), grads = grad_fn(params, graphdef, mb, pair_grid, loss_cfg, chunk, prefix_sharing, temperature)
     return (loss_sum + loss, jax.tree.map(jnp.add, grads_sum, grads)), metrics
 
   zeros = jax.tree.map(jnp.zeros_like, params)
@@ -184,14 +188,17 @@ def all_finite(tree) -> jax.Array:
 
 
 def update(params, opt_state, graphdef, tx: optax.GradientTransformation, batch: PolicyBatch, pair_grid,
-           loss_cfg: LossConfig, optim_cfg: OptimConfig, chunk: int = 8192, prefix_sharing: bool = True):
+           loss_cfg: LossConfig, optim_cfg: OptimConfig, chunk: int = 8192, prefix_sharing: bool = True,
+           temperature: float = 1.0):
   """μ optimiser steps on the same rollouts → (params, opt_state, metrics). A pass whose loss or
   gradients are not finite changes nothing (bit for bit) and is counted in `skipped_updates`.
 
   A frozen vision tower (`optim_cfg.freeze` has "vision") is run once, before the passes, unless
   `batch.image_embeds` already holds its features: the loss then reads them as constants, so no
   pass runs the tower again or differentiates through it (its gradient would be thrown away). The
-  same parameters, the same values; the reported `grad_norm` no longer counts the frozen tower."""
+  same parameters, the same values; the reported `grad_norm` no longer counts the frozen tower.
+
+  `temperature`: the policy is scored at the rollout's sampling temperature (see `policy_logprobs`)."""
   if "vision" in optim_cfg.freeze and batch.image_embeds is None and batch.pixel_values is not None:
     model = nnx.merge(graphdef, params)
     b = batch.pixel_values.shape[0]
@@ -201,7 +208,7 @@ def update(params, opt_state, graphdef, tx: optax.GradientTransformation, batch:
   def one_pass(carry, _):
     params, opt_state, skipped = carry
     loss, grads, metrics = accumulate_grads(params, graphdef, batch, pair_grid, loss_cfg,
-                                            optim_cfg.micro_batches, chunk, prefix_sharing)
+                                            optim_cfg.micro_batches, chunk, prefix_sharing, temperature)
     ok = jnp.isfinite(loss) & all_finite(grads)
 
     def apply(args):

@@ -53,6 +53,13 @@ class SamplingConfig:
     object.__setattr__(self, "eos_ids", tuple(int(e) for e in self.eos_ids))
     object.__setattr__(self, "stop_sequences", tuple(tuple(int(t) for t in s) for s in self.stop_sequences))
 
+  @property
+  def logprob_temperature(self) -> float:
+    """The temperature of the distribution the rollout's log-probs are of: T, or 1 when greedy. The
+    GRPO step scores the policy, the old policy and the reference at it (as TRL and tunix do), so
+    the importance ratio is 1 on the first pass."""
+    return self.temperature if self.temperature > 0 else 1.0
+
 
 class Rollout(NamedTuple):
   tokens: jax.Array  # (B, G, N) int32, pad_id after a row stopped

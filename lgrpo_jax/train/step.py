@@ -115,7 +115,7 @@ def train_step(state: TrainState, ref_params, listener_params, batch: Batch, tab
   logp_of = lambda params, gd, image_embeds=None: jax.lax.stop_gradient(policy_logprobs(
       nnx.merge(gd, params), batch.input_ids, batch.attention_mask, batch.pixel_values, pair_grid,
       rollout.tokens, rollout.mask, cfg.logprob_chunk, prefix_sharing=cfg.prefix_sharing,
-      image_embeds=image_embeds))
+      image_embeds=image_embeds, temperature=cfg.sampling.logprob_temperature))
   # Recomputed old log-probs: the sampling policy's own pass, so the rollout's image features.
   logp_old = rollout.logprobs if cfg.old_logprobs == "sampler" else logp_of(state.params, graphdef, feats)
   logp_ref = logp_of(ref_params, graphdef, frozen_feats) if cfg.loss.beta > 0 else None
@@ -125,7 +125,8 @@ def train_step(state: TrainState, ref_params, listener_params, batch: Batch, tab
                    logp_old, adv, token_weights(rollout.mask, cfg.loss, batch.valid), logp_ref,
                    jax.lax.stop_gradient(feats).reshape(b, -1, feats.shape[-1]) if frozen_vision else None)
   params, opt_state, update_metrics = update(state.params, state.opt_state, graphdef, tx, pb, pair_grid,
-                                             cfg.loss, cfg.optim, cfg.logprob_chunk, cfg.prefix_sharing)
+                                             cfg.loss, cfg.optim, cfg.logprob_chunk, cfg.prefix_sharing,
+                                             cfg.sampling.logprob_temperature)
 
   valid = batch.valid.astype(jnp.float32)
   metrics = {**reward_metrics(inputs, total, parts, batch.valid), **advantage_metrics(total, adv, batch.valid),
