@@ -196,6 +196,26 @@ def test_micro_batches_equal_one_batch(rollout):
   assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g1)) > 0
 
 
+@pytest.mark.parametrize("valid", [(1, 1), (1, 0)])
+def test_micro_batch_metrics_are_the_batch_metrics(rollout, valid):
+  # Token means weigh each micro-batch by its tokens: completions of different lengths, and a
+  # micro-batch holding only a padding row (valid = 0), which once halved the KL and the ratio mean.
+  model, batch, pair_grid, out = rollout
+  cfg = LossConfig(loss="dapo", beta=0.04)
+  rng = np.random.default_rng(1)
+  mask = jnp.asarray(np.arange(6) < np.asarray([[6, 3, 4], [2, 6, 5]])[..., None], jnp.int32)
+  noise = lambda: jnp.asarray(rng.normal(0, 0.2, out.logprobs.shape), jnp.float32) * mask
+  pb = policy_batch(batch, out, rng.normal(size=(2, 3)), cfg, logp_ref=out.logprobs + noise())
+  pb = pb._replace(mask=mask, logp_old=out.logprobs + noise(),
+                   weights=token_weights(mask, cfg, jnp.asarray(valid, jnp.int32)))
+  graphdef, params = nnx.split(model, nnx.Param)
+  _, _, m1 = accumulate_grads(params, graphdef, pb, pair_grid, cfg, 1)
+  _, _, m2 = accumulate_grads(params, graphdef, pb, pair_grid, cfg, 2)
+  assert set(m1) == set(m2) and float(m1["ratio_mean"]) != pytest.approx(1.0, abs=1e-3)
+  for k in m1:
+    assert float(m2[k]) == pytest.approx(float(m1[k]), rel=1e-5, abs=1e-6), k
+
+
 def run_update(model, pb, pair_grid, loss_cfg, optim_cfg, state=None):
   graphdef, params = nnx.split(model, nnx.Param)
   tx = make_optimizer(optim_cfg, params)

@@ -186,7 +186,8 @@ def grpo_loss(logp, logp_old, advantages_bg, weights, cfg: LossConfig, logp_ref=
 
   Metrics (over the tokens with weight > 0): KL, clip fractions (low: A < 0 and ρ < 1 − ε_low;
   high: A > 0 and ρ > 1 + ε_high), ratio mean/max, entropy (if given), and the log-prob drift
-  mean |logp − logp_old| (on the first pass: trainer vs sampler numerics)."""
+  mean |logp − logp_old| (on the first pass: trainer vs sampler numerics); `loss_tokens`, their
+  number, by which micro-batches' means are weighted."""
   logp_old = jax.lax.stop_gradient(logp_old)
   adv = jax.lax.stop_gradient(advantages_bg)
   terms = token_terms(logp, logp_old, adv, cfg, None if logp_ref is None else jax.lax.stop_gradient(logp_ref))
@@ -202,6 +203,7 @@ def grpo_loss(logp, logp_old, advantages_bg, weights, cfg: LossConfig, logp_ref=
       "ratio_mean": mean(terms.ratio),
       "ratio_max": jnp.max(jnp.where(on > 0, terms.ratio, -jnp.inf)),
       "logprob_drift": mean(jnp.abs(jax.lax.stop_gradient(logp) - logp_old)),
+      "loss_tokens": on.sum(),
   }
   if entropy is not None:
     metrics["entropy"] = mean(entropy)

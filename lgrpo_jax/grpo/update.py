@@ -179,8 +179,18 @@ def accumulate_grads(params, graphdef, batch: PolicyBatch, pair_grid, loss_cfg: 
 
   zeros = jax.tree.map(jnp.zeros_like, params)
   (loss, grads), metrics = jax.lax.scan(body, (jnp.float32(0), zeros), micro)
-  reduce = {"ratio_max": jnp.max}
-  return loss, grads, {k: reduce.get(k, jnp.mean)(v) for k, v in metrics.items()}
+  return loss, grads, combine_micro_metrics(metrics)
+
+
+def combine_micro_metrics(metrics: dict) -> dict:
+  """The whole batch's metrics from (k,)-stacked micro-batch ones: token means weighted by each
+  micro-batch's `loss_tokens` (a micro-batch of padding rows counts for nothing), maxima as max."""
+  n = metrics["loss_tokens"]
+  out = {"loss_tokens": n.sum(), "ratio_max": jnp.max(metrics["ratio_max"])}
+  for k, v in metrics.items():
+    if k not in out:
+      out[k] = jnp.sum(v * n) / jnp.maximum(n.sum(), 1)
+  return out
 
 
 def all_finite(tree) -> jax.Array:
