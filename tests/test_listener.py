@@ -164,6 +164,53 @@ def test_reasoning_reads_as_written_when_the_tag_merges_with_it(setup):
     assert tok.decode(np.asarray(seen)[0][np.asarray(keep)[0]]) == cot
 
 
+def test_no_spelling_of_the_answer_tag_shows_the_listener_the_answer(setup):
+  # The sampler may write "<answer>" a character at a time: the parser (on bytes) reads it as the
+  # answer, so the listener must not see it — a reward-hacking channel otherwise (an answer the
+  # listener can read raises its confidence). `Parsed.answer_token` marks where the text's tag starts.
+  from lgrpo_jax.rewards import ByteTable, parse
+  tok, _, model, spec = setup
+  enc = lambda t: tok(t, add_special_tokens=False)["input_ids"]
+  by_char = lambda t: [i for c in t for i in enc(c)]
+  end = tok.convert_tokens_to_ids("<|im_end|>")
+  cot = "<think>the first image is better</think>"
+
+  def rows_of(k):
+    return {"canonical": enc(cot + f"<answer>Image {k}</answer>") + [end],
+            "merged": enc(cot + f"\n<answer>Image {k}</answer>") + [end],
+            "by character": enc(cot) + by_char("<answer>") + enc(f"Image {k}</answer>") + [end],
+            "by character, after text": enc(cot + " ok") + by_char(f"<answer>Image {k}") + enc("</answer>")}
+
+  rows, rows2 = rows_of(1), rows_of(2)
+  n = max(map(len, rows.values())) + 2
+
+  def pack(rows):
+    out = np.zeros((1, len(rows), n), np.int32)
+    for g, ids in enumerate(rows.values()):
+      out[0, g, :len(ids)] = ids
+    return out
+
+  toks, two = pack(rows), pack(rows2)
+  lens = np.asarray([[len(x) for x in rows.values()]], np.int32)
+  mask = (np.arange(n) < lens[..., None]).astype(np.int32)
+  bt = ByteTable.from_tokenizer(tok)
+  parsed = parse(jnp.asarray(toks), jnp.asarray(mask), jnp.asarray(bt.table), jnp.asarray(bt.lengths))
+  assert np.asarray(parsed.answer).tolist() == [[1, 1, 1, 1]]
+  view = lambda at: [tok.decode(np.asarray(s)[m]) for s, m in zip(*(np.asarray(x)[0] for x in reasoning_view(
+      jnp.asarray(toks), jnp.asarray(lens), spec, at)))]
+  cut, blind = view(parsed.answer_token), view(None)
+  assert cut == [cot, cot + "\n", cot, cot + " ok"], cut
+  assert blind[:2] == cut[:2] and all("<answer" in v for v in blind[2:])  # the variants alone leak
+  # Through the listener: with the tag spelled by character, answers 1 and 2 score the same.
+  _, ids, pmask, pixels, grid = pair_inputs(tok, [[(56, 56), (56, 84)]])
+  assert [len(x) for x in rows.values()] == [len(x) for x in rows2.values()]
+  run = lambda t, at: np.asarray(listener_probs(model, jnp.asarray(ids), jnp.asarray(pmask), jnp.asarray(pixels),
+                                                grid, jnp.asarray(t), jnp.asarray(lens), spec, answer_token=at))
+  at = parsed.answer_token
+  np.testing.assert_array_equal(run(toks, at), run(two, at))
+  assert np.abs(run(toks, None) - run(two, None)).max() > 1e-4
+
+
 def test_answer_slot_probability_is_the_reasoners_own_at_the_choice_token(setup):
   """The evaluation's soft score: the reasoner re-reads [its prompt | its reasoning | "<answer>Image "];
   equal to transformers' next-token softmax at the choice slot of the completion as written."""

@@ -70,5 +70,5 @@ def judge(params, listener_params, batch, tables, key, *, graphdef, listener_gra
   if spec is not None:
     listener = nnx.merge(listener_graphdef, listener_params)
     p_listener = listener_probs(listener, batch.listener_input_ids, batch.listener_attention_mask, pixels, grid,
-                                out.tokens, out.lengths, spec)
+                                out.tokens, out.lengths, spec, answer_token=parsed.answer_token)
   return Judged(out.tokens, out.lengths, parsed.answer, parsed.format_ok, p_self, p_listener)

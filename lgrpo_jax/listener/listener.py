@@ -49,16 +49,25 @@ class ListenerSpec:
                tuple(int(vocab[t]) for t in drop_tokens if t in vocab))
 
 
-def reasoning_view(tokens_bgn, lengths_bg, spec: ListenerSpec):
+def reasoning_view(tokens_bgn, lengths_bg, spec: ListenerSpec, answer_token=None):
   """(tokens, keep) of shape (B, G, N): what the listener may see of each completion — the tokens
   before the first answer tag (the answer, and anything after it, is removed), without end-of-turn
   tokens. Where the tag's first token had swallowed the end of the reasoning (">" in "><"), that
-  slot is kept and holds the swallowed text alone, so the reasoning reads as written."""
+  slot is kept and holds the swallowed text alone, so the reasoning reads as written.
+
+  The tag is found among its usual tokenisations (`spec.answer_variants`); `answer_token` (B, G),
+  from `parse` (`Parsed.answer_token`), is where the text's first "<answer>" starts however it was
+  spelled — a sampler may emit it a character at a time — and the view never reaches past it."""
   n = tokens_bgn.shape[-1]
   answer_at, remainder = find_first(tokens_bgn, lengths_bg, spec.answer_variants)
   idx = jnp.arange(n)
-  cut = jnp.minimum(answer_at, lengths_bg)[..., None]
-  at_tag = (idx == answer_at[..., None]) & (remainder[..., None] >= 0) & (idx < lengths_bg[..., None])
+  cut = jnp.minimum(answer_at, lengths_bg)
+  swallowed = remainder >= 0
+  if answer_token is not None:
+    swallowed &= answer_at <= answer_token  # the variant found is the text's first tag
+    cut = jnp.minimum(cut, answer_token)
+  cut = cut[..., None]
+  at_tag = (idx == answer_at[..., None]) & swallowed[..., None] & (idx < lengths_bg[..., None])
   tokens = jnp.where(at_tag, remainder[..., None], tokens_bgn)
   keep = (idx < cut) | at_tag
   for t in spec.drop_ids:
@@ -67,7 +76,7 @@ def reasoning_view(tokens_bgn, lengths_bg, spec: ListenerSpec):
 
 
 def listener_logits(model: Qwen25VL, prefix_ids, prefix_mask, pixel_values, grid, tokens_bgn, lengths_bg,
-                    spec: ListenerSpec, prefix_sharing: bool = True, image_embeds=None):
+                    spec: ListenerSpec, prefix_sharing: bool = True, image_embeds=None, answer_token=None):
   """(B, G, 2) fp32 logits of (Image 1, Image 2) for every completion (traced; differentiable, for
   training a listener — `listener_probs` is what rewards use).
 
@@ -76,17 +85,19 @@ def listener_logits(model: Qwen25VL, prefix_ids, prefix_mask, pixel_values, grid
   lengths (B, G): the G completions of each pair (e.g. a `Rollout`). `prefix_sharing=False`: the
   same values the plain way (`_listener_logits_copies`). `image_embeds`: `model.image_features(
   pixel_values, grid)` when the caller already has them (the training step, when the listener is
-  the reference model: one vision pass for both)."""
+  the reference model: one vision pass for both). `answer_token`: `Parsed.answer_token` of the
+  completions, so that no spelling of the answer tag shows the listener the answer
+  (`reasoning_view`)."""
   if not prefix_sharing:
     return _listener_logits_copies(model, prefix_ids, prefix_mask, pixel_values, grid, tokens_bgn, lengths_bg,
-                                   spec, image_embeds)
+                                   spec, image_embeds, answer_token)
   b, g, n = tokens_bgn.shape
   if image_embeds is None and grid:
     image_embeds = model.image_features(pixel_values, grid)
   pos, _ = get_rope_index(prefix_ids, prefix_mask, grid, model.config)
   _, pk, pv = model.prefill(model.embed(prefix_ids, image_embeds), pos, prefix_mask)
   suffix = jnp.broadcast_to(jnp.asarray(spec.suffix_ids, jnp.int32), (b, g, len(spec.suffix_ids)))
-  seen, keep = reasoning_view(tokens_bgn.astype(jnp.int32), lengths_bg, spec)
+  seen, keep = reasoning_view(tokens_bgn.astype(jnp.int32), lengths_bg, spec, answer_token)
   chunk = jnp.concatenate([seen, suffix], axis=-1)
   valid = jnp.concatenate([keep, jnp.ones(suffix.shape, bool)], -1)
   start = jnp.max(pos, axis=(0, 2)) + 1  # the position after the prefix, per pair
@@ -99,7 +110,7 @@ def listener_logits(model: Qwen25VL, prefix_ids, prefix_mask, pixel_values, grid
 
 
 def _listener_logits_copies(model: Qwen25VL, prefix_ids, prefix_mask, pixel_values, grid, tokens_bgn, lengths_bg,
-                            spec: ListenerSpec, pair_embeds=None):
+                            spec: ListenerSpec, pair_embeds=None, answer_token=None):
   """`listener_logits` computed the plain way: the prefix and its images once per completion, each
   copy followed by that completion's slots and the question, one causal forward over B·G sequences
   (holes masked, positions counting the kept tokens as in the shared layout). The comparison path
@@ -120,7 +131,7 @@ def _listener_logits_copies(model: Qwen25VL, prefix_ids, prefix_mask, pixel_valu
     grid_r = grid
   pos, _ = get_rope_index(ids, mask, grid_r, model.config)
   suffix = jnp.broadcast_to(jnp.asarray(spec.suffix_ids, jnp.int32), (b, g, len(spec.suffix_ids)))
-  seen, keep = reasoning_view(tokens_bgn.astype(jnp.int32), lengths_bg, spec)
+  seen, keep = reasoning_view(tokens_bgn.astype(jnp.int32), lengths_bg, spec, answer_token)
   chunk = jnp.concatenate([seen, suffix], axis=-1).reshape(r, -1)
   valid = jnp.concatenate([keep, jnp.ones(suffix.shape, bool)], -1).reshape(r, -1)
   start = jnp.max(pos, axis=(0, 2)) + 1
@@ -135,11 +146,11 @@ def _listener_logits_copies(model: Qwen25VL, prefix_ids, prefix_mask, pixel_valu
 
 
 def listener_probs(model: Qwen25VL, prefix_ids, prefix_mask, pixel_values, grid, tokens_bgn, lengths_bg,
-                   spec: ListenerSpec, prefix_sharing: bool = True, image_embeds=None):
+                   spec: ListenerSpec, prefix_sharing: bool = True, image_embeds=None, answer_token=None):
   """(B, G, 2) fp32 probabilities of (Image 1, Image 2) for every completion (traced; call in jit).
   Arguments as for `listener_logits`; no gradient flows through them."""
   logits = listener_logits(model, prefix_ids, prefix_mask, pixel_values, grid, tokens_bgn, lengths_bg, spec,
-                           prefix_sharing, image_embeds)
+                           prefix_sharing, image_embeds, answer_token)
   return jax.lax.stop_gradient(jax.nn.softmax(logits, axis=-1))
 
 

@@ -98,6 +98,9 @@ def occurrences(bytes_m, n_bytes, pattern: bytes):
 class Parsed(NamedTuple):
   format_ok: jax.Array  # (B, G) bool
   answer: jax.Array  # (B, G) int32: 1, 2, or 0 (none)
+  # (B, G) int32: the token holding the first byte of the first "<answer>", N when there is none —
+  # where the listener's view ends, however the sampler spelled the tag.
+  answer_token: jax.Array | None = None
 
 
 def parse(tokens_bgn, mask_bgn, table_vl, lengths_v, choices=(b"Image 1", b"Image 2")) -> Parsed:
@@ -140,4 +143,7 @@ def parse(tokens_bgn, mask_bgn, table_vl, lengths_v, choices=(b"Image 1", b"Imag
         & (t0 + 7 <= t1) & (t1 + 8 <= a0) & (a0 + 8 <= a1)
         & blank(jnp.zeros_like(t0), t0) & ~blank(t0 + 7, t1) & blank(t1 + 8, a0) & blank(a1 + 9, n)
         & (answer > 0))
-  return Parsed(ok, answer)
+  # Token k holds bytes [end_k − len_k, end_k): the tag starts in the first token with end_k > a0.
+  lens = jnp.where(mask_bgn > 0, lengths_v[tokens_bgn], 0)
+  answer_token = jnp.sum(jnp.cumsum(lens, axis=-1) <= a0[..., None], axis=-1).astype(jnp.int32)
+  return Parsed(ok, answer, answer_token)

@@ -106,7 +106,8 @@ def train_step(state: TrainState, ref_params, listener_params, batch: Batch, tab
   if cfg.rewards.needs_listener:
     listener = nnx.merge(listener_graphdef, ref_params if listener_is_reference else listener_params)
     probs = listener_probs(listener, batch.listener_input_ids, batch.listener_attention_mask, pixels, grid,
-                           rollout.tokens, rollout.lengths, spec, cfg.prefix_sharing, frozen_feats)
+                           rollout.tokens, rollout.lengths, spec, cfg.prefix_sharing, frozen_feats,
+                           parsed.answer_token)
   inputs = RewardInputs(rollout.tokens, rollout.mask, rollout.lengths, batch.labels, parsed, probs)
   total, parts = compute_rewards(inputs, cfg.rewards)
   adv = advantages(total, cfg.loss)
