@@ -34,7 +34,8 @@ def config() -> ExperimentConfig:
           sampling=SamplingConfig(max_new_tokens=512,  # assumption: room for a few paragraphs of reasoning
                                   num_samples=8,  # G = 8: DeepSeekMath / TRL default
                                   temperature=1.0),  # TRL default
-          loss=LossConfig(loss="grpo", beta=0.04, kl="k3",  # TRL/DeepSeekMath defaults
+          # DeepSeekMath's GRPO (sequence-mean, k3 KL at β = 0.04); TRL 1.16 defaults to beta=0.0, loss_type="dapo"
+          loss=LossConfig(loss="grpo", beta=0.04, kl="k3",
                           eps_low=0.2, eps_high=0.2),  # PPO/GRPO default clip range
           optim=OptimConfig(learning_rate=1e-6,  # TRL GRPO default
                             schedule="cosine", warmup_steps=10, total_steps=1000,
