@@ -222,3 +222,27 @@ def test_sigkill_then_resume_is_bit_identical_and_sigterm_saves(tmp_path):
   last = [json.loads(x)["step"] for x in open(tmp_path / "c" / "metrics.jsonl")][-1]
   saved = max(int(p.name) for p in (tmp_path / "c" / "checkpoints").iterdir() if p.name.isdigit())
   assert saved == last < 50
+
+
+def test_completions_end_at_the_tokenizers_end_ids_by_default(tmp_path):
+  # A Trainer built in a notebook with the default SamplingConfig (no eos_ids) stops completions at
+  # the tokenizer's EOS and <|im_end|>, as transformers' generate would; given ids are kept.
+  import dataclasses
+  from transformers import AutoTokenizer
+  import lgrpo_jax
+  from lgrpo_jax.data.synthetic import synthetic
+  from lgrpo_jax.data.tokenizer import tiny_model_config
+  from lgrpo_jax.sampling import SamplingConfig
+  from lgrpo_jax.train import StepConfig, Trainer
+  tok_dir = build_tiny_tokenizer(tmp_path / "tok")
+  tok = AutoTokenizer.from_pretrained(tok_dir)
+  model = lgrpo_jax.from_config(tiny_model_config(tok_dir))
+  pairs = list(synthetic(2, seed=1, image_size=56))
+  default = Trainer(tmp_path / "a", model, tok, pairs, StepConfig(sampling=SamplingConfig(num_samples=2)))
+  end = tok.convert_tokens_to_ids("<|im_end|>")
+  assert end in default.step_cfg.sampling.eos_ids and tok.eos_token_id in default.step_cfg.sampling.eos_ids
+  given = Trainer(tmp_path / "b", model, tok, pairs, StepConfig(sampling=SamplingConfig(num_samples=2, eos_ids=(5,))))
+  assert given.step_cfg.sampling.eos_ids == (5,)
+  for t in (default, given):
+    t.close()
+  assert dataclasses.replace(default.step_cfg.sampling, eos_ids=()) == SamplingConfig(num_samples=2)

@@ -39,7 +39,7 @@ class SamplingConfig:
   temperature: float = 1.0  # 0: greedy
   top_k: int = 0  # 0: off
   top_p: float = 1.0  # 1: off
-  eos_ids: tuple[int, ...] = ()  # tokens that end a completion (the launcher: the tokenizer's end tokens)
+  eos_ids: tuple[int, ...] = ()  # tokens that end a completion (empty: the Trainer and launcher take the tokenizer's EOS and <|im_end|>)
   stop_sequences: tuple[tuple[int, ...], ...] = ()  # token sequences that end a row (kept in it)
   pad_id: int = 0  # written after a completion ended
 

@@ -39,6 +39,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from lgrpo_jax.data.pipeline import PipelineConfig, make_batches
+from lgrpo_jax.data.prompts import end_of_turn_ids
 from lgrpo_jax.grpo.update import make_optimizer
 from lgrpo_jax.listener import ListenerSpec
 from lgrpo_jax.rewards import ByteTable
@@ -154,7 +155,8 @@ class Trainer:
     """With `mesh` (sharding.make_mesh), every parameter and optimizer-state array is laid out by
     the rules table (FSDP / tensor / data axes) and batch rows are split over the data axes;
     without, everything lives on the default device. With several processes (multi-host) a mesh
-    is required: each process feeds its own rows of every global batch."""
+    is required: each process feeds its own rows of every global batch. Completions end at
+    `step_cfg.sampling.eos_ids`, by default (none given) the tokenizer's EOS and `<|im_end|>`."""
     if jax.process_count() > 1 and mesh is None:
       raise ValueError("several processes: the Trainer needs a mesh over all their devices (sharding.make_mesh)")
     # This run's XLA compilations: from the launcher's start when it hands its counter over (the
@@ -163,6 +165,9 @@ class Trainer:
     self.mesh = mesh
     self.run_dir = os.path.abspath(os.fspath(run_dir))
     os.makedirs(self.run_dir, exist_ok=True)
+    if not step_cfg.sampling.eos_ids:  # as transformers' generate stops at the model's end ids
+      step_cfg = dataclasses.replace(step_cfg, sampling=dataclasses.replace(
+          step_cfg.sampling, eos_ids=end_of_turn_ids(tokenizer)))
     self.step_cfg, self.pipe_cfg, self.loop_cfg = step_cfg, pipe_cfg, loop_cfg
     self.model_config = model.config
     self.graphdef, params = nnx.split(model, nnx.Param)
