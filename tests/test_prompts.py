@@ -71,3 +71,34 @@ def test_prompt_runs_through_the_model_with_real_image_processing(tok, tmp_path)
   model = lgrpo_jax.from_config(tiny_model_config(build_tiny_tokenizer(tmp_path)))
   logits = lgrpo_jax.forward(model, ids[None], np.ones((1, len(ids)), np.int32), pv, grid)
   assert logits.shape == (1, len(ids), len(tok)) and np.isfinite(np.asarray(logits)).all()
+
+
+@pytest.mark.parametrize("system", [None, "You judge generated images."])
+def test_reasoner_inputs_equal_transformers_processor(tok, system):
+  # What a transformers user would feed the model: Qwen2_5_VLProcessor on the same chat messages
+  # (its PIL image processor; the video processor needs torchvision, which is not installed, and is
+  # not used). Our token ids, pixel values and grids are equal to its, exactly.
+  from PIL import Image
+  from transformers import Qwen2_5_VLProcessor
+  from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+  from lgrpo_jax.data import process_images
+  from lgrpo_jax.data.prompts import user_content
+
+  class Processor(Qwen2_5_VLProcessor):
+    def check_argument_for_proper_class(self, name, arg):  # video_processor=None is fine here
+      return None
+
+  proc = Processor(image_processor=Qwen2VLImageProcessorPil(), tokenizer=tok, video_processor=None,
+                   chat_template=tok.chat_template)
+  rng = np.random.default_rng(0)
+  images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in [(100, 160), (223, 90)]]
+  pixels, grids = process_images(images)
+  cfg = PromptConfig(system=system)
+  ours = reasoner_ids(tok, "a red circle", [tuple(g) for g in grids], cfg)
+  messages = ([{"role": "system", "content": system}] if system else []) + \
+      [{"role": "user", "content": user_content(cfg.reasoner_instruction.format(prompt="a red circle"), cfg)}]
+  text = proc.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+  ref = proc(text=[text], images=images, return_tensors="np")
+  np.testing.assert_array_equal(ref["input_ids"][0], ours)
+  np.testing.assert_array_equal(ref["pixel_values"], pixels)
+  np.testing.assert_array_equal(ref["image_grid_thw"], grids)
