@@ -52,6 +52,7 @@ def test_eos_and_stop_sequences_end_rows_independently(pair):
     hits = np.flatnonzero(free[r] == eos)
     length = hits[0] + 1 if len(hits) else N
     assert int(out.lengths[r]) == length
+    assert bool(out.ended[r]) == bool(len(hits))  # else truncated at N
     np.testing.assert_array_equal(np.asarray(out.mask[r]), np.arange(N) < length)
   # A two-token stop sequence taken from row 1 stops row 1 there and leaves row 0 alone.
   seq = (int(free[1, 4]), int(free[1, 5]))
@@ -59,12 +60,12 @@ def test_eos_and_stop_sequences_end_rows_independently(pair):
   for r in range(2):
     ends = [j for j in range(1, N) if (free[r, j - 1], free[r, j]) == seq]
     length = ends[0] + 1 if ends else N
-    assert int(out.lengths[r]) == length
+    assert int(out.lengths[r]) == length and bool(out.ended[r]) == bool(ends)
     np.testing.assert_array_equal(np.asarray(out.tokens[r, :length]), free[r, :length])
     assert (np.asarray(out.tokens[r, length:]) == PAD).all()
   # Early exit: once every row has stopped the loop ends.
   out = our_generate(ours, batch, max_new_tokens=N, eos_token_id=[int(free[0, 2]), int(free[1, 2])])
-  assert int(out.steps) <= 3 and np.asarray(out.lengths).max() <= 3
+  assert int(out.steps) <= 3 and np.asarray(out.lengths).max() <= 3 and np.asarray(out.ended).all()
 
 
 def test_sampler_logprobs_equal_teacher_forced_recomputation(pair):

@@ -69,7 +69,7 @@ def test_one_program_per_shape_and_frozen_reference_and_listener(tmp_path):
       np.testing.assert_array_equal(np.asarray(a), b)
 
 
-def tiny_step(tmp_path, temperature=1.0):
+def tiny_step(tmp_path, temperature=1.0, eos_ids=None, loss=LossConfig(beta=0.04)):
   """A compiled GRPO step of the tiny model on 2-pair batches: (step, params, tx, batches, tables)."""
   tok_dir = build_tiny_tokenizer(tmp_path / "tok")
   tok = AutoTokenizer.from_pretrained(tok_dir)
@@ -78,8 +78,9 @@ def tiny_step(tmp_path, temperature=1.0):
                         length_buckets=(256,))
   batches = make_batches(list(synthetic(8, seed=0, image_size=64)), tok, pipe)
   end = tok.convert_tokens_to_ids("<|im_end|>")
-  cfg = StepConfig(sampling=SamplingConfig(max_new_tokens=10, num_samples=4, temperature=temperature, eos_ids=(end,)),
-                   loss=LossConfig(beta=0.04), optim=OptimConfig(learning_rate=1e-3))
+  cfg = StepConfig(sampling=SamplingConfig(max_new_tokens=10, num_samples=4, temperature=temperature,
+                                           eos_ids=eos_ids or (end,)),
+                   loss=loss, optim=OptimConfig(learning_rate=1e-3))
   tx = make_optimizer(cfg.optim, params)
   bt = ByteTable.from_tokenizer(tok)
   tables = Tables(jnp.asarray(bt.table), jnp.asarray(bt.lengths))
@@ -122,6 +123,27 @@ def test_the_policy_is_scored_at_the_sampling_temperature(tmp_path, temperature)
   assert float(m["logprob_drift"]) < 1e-5 and float(m["ratio_max"]) == pytest.approx(1.0, abs=1e-4)
   assert float(m["clip_fraction_low"]) == 0 == float(m["clip_fraction_high"])
   assert abs(float(m["kl"])) < 1e-6  # the reference is the policy
+
+
+def test_truncated_completions_are_masked_from_the_loss_when_asked(tmp_path):
+  # TRL's mask_truncated_completions: completions cut at max_new_tokens without an end id are
+  # sampled and rewarded but carry no loss. Twenty end ids make some of the tiny model's rows end.
+  eos = tuple(range(100, 120))
+  runs = {}
+  for masked in (False, True):
+    step, params, tx, batches, tables = tiny_step(
+        tmp_path / str(masked), eos_ids=eos, loss=LossConfig(beta=0.04, mask_truncated_completions=masked))
+    state = init_state(params, tx, seed=0)
+    runs[masked] = step(jax.tree.map(jnp.copy, state), params, params, device_batch(next(batches)), tables)[1]
+  a, b = ({k: float(v) for k, v in m.items()} for m in (runs[False], runs[True]))
+  assert 0 < a["truncated_rate"] < 1 and a["truncated_rate"] == b["truncated_rate"]
+  assert a["reward/total"] == b["reward/total"] and a["generated_tokens"] == b["generated_tokens"]
+  # Unmasked, the loss counts every generated token; masked, only those of completions that ended.
+  assert a["loss_tokens"] == a["generated_tokens"]
+  n, g = 10, 2 * 4
+  truncated_tokens = a["truncated_rate"] * g * n  # every truncated completion has all N tokens
+  assert b["loss_tokens"] == pytest.approx(a["generated_tokens"] - truncated_tokens)
+  assert b["loss"] != pytest.approx(a["loss"])
 
 
 def test_an_invalid_row_changes_nothing(tmp_path):

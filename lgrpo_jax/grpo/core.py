@@ -112,6 +112,9 @@ class LossConfig:
   beta: float = 0.04  # KL coefficient; 0 skips the reference model entirely
   kl: str = "k3"  # KL estimator: k1 | k2 | k3
   adv_eps: float = 1e-6  # added to the group std
+  # TRL's option: completions cut at max_new_tokens (no EOS) get no loss (their rewards still count
+  # in their group's advantages)
+  mask_truncated_completions: bool = False
 
   def __post_init__(self):
     lookup(LOSSES, self.loss, "LossConfig.loss")

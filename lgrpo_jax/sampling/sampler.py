@@ -67,6 +67,7 @@ class Rollout(NamedTuple):
   lengths: jax.Array  # (B, G) int32
   logprobs: jax.Array  # (B, G, N) fp32, 0 where mask is 0
   steps: jax.Array  # () int32, tokens generated before every row had stopped (≤ N)
+  ended: jax.Array | None = None  # (B, G) bool: stopped by an EOS id or a stop sequence (else truncated at N)
 
 
 def filter_logits(logits, top_k: int, top_p: float):
@@ -167,10 +168,10 @@ def sample_from_embeddings(model: Qwen25VL, x_btd, position_ids, attention_mask,
     tok, tokens, logprobs, done, lengths = emit(step, model.logits(h), tokens, logprobs, done, lengths)
     return step + 1, tok, tokens, logprobs, done, lengths, cache
 
-  steps, _, tokens, logprobs, _, lengths, _ = jax.lax.while_loop(
+  steps, _, tokens, logprobs, done, lengths, _ = jax.lax.while_loop(
       cond, body, (jnp.int32(1), tok, tokens, logprobs, done, lengths, cache))
   mask = (jnp.arange(n) < lengths[..., None]).astype(jnp.int32)
-  return Rollout(tokens, mask, lengths, logprobs, steps)
+  return Rollout(tokens, mask, lengths, logprobs, steps, done)
 
 
 def sample(model: Qwen25VL, input_ids, attention_mask, pixel_values, grid, cfg: SamplingConfig, key):
@@ -215,4 +216,5 @@ def generate(model: Qwen25VL, input_ids, attention_mask=None, pixel_values=None,
                     None if pixel_values is None else jnp.asarray(pixel_values),
                     jax.random.key(seed), grid, cfg)
   flat = lambda x: x.reshape(-1, *x.shape[2:])
-  return Rollout(flat(out.tokens), flat(out.mask), flat(out.lengths), flat(out.logprobs), out.steps)
+  return Rollout(flat(out.tokens), flat(out.mask), flat(out.lengths), flat(out.logprobs), out.steps,
+                 out.ended.reshape(-1))

@@ -122,8 +122,11 @@ def train_step(state: TrainState, ref_params, listener_params, batch: Batch, tab
   logp_ref = logp_of(ref_params, graphdef, frozen_feats) if cfg.loss.beta > 0 else None
   # A frozen vision tower gives the update the rollout's image features (the same parameters).
   frozen_vision = "vision" in cfg.optim.freeze
+  loss_mask = rollout.mask
+  if cfg.loss.mask_truncated_completions:  # cut at N without an EOS: sampled, rewarded, not trained on
+    loss_mask = rollout.mask * rollout.ended[..., None].astype(rollout.mask.dtype)
   pb = PolicyBatch(batch.input_ids, batch.attention_mask, batch.pixel_values, rollout.tokens, rollout.mask,
-                   logp_old, adv, token_weights(rollout.mask, cfg.loss, batch.valid), logp_ref,
+                   logp_old, adv, token_weights(loss_mask, cfg.loss, batch.valid), logp_ref,
                    jax.lax.stop_gradient(feats).reshape(b, -1, feats.shape[-1]) if frozen_vision else None)
   params, opt_state, update_metrics = update(state.params, state.opt_state, graphdef, tx, pb, pair_grid,
                                              cfg.loss, cfg.optim, cfg.logprob_chunk, cfg.prefix_sharing,
@@ -135,6 +138,9 @@ def train_step(state: TrainState, ref_params, listener_params, batch: Batch, tab
              "completion_length": jnp.sum(rollout.lengths * valid[:, None]) / jnp.maximum(
                  valid.sum() * rollout.lengths.shape[1], 1),
              "generated_tokens": jnp.sum(rollout.lengths * valid[:, None]),
+             # TRL's completions/clipped_ratio: the fraction cut at max_new_tokens without an EOS
+             "truncated_rate": jnp.sum(~rollout.ended * valid[:, None]) / jnp.maximum(
+                 valid.sum() * rollout.lengths.shape[1], 1),
              "decode_steps": rollout.steps}
   return TrainState(params, opt_state, state.step + 1, key), metrics
 
