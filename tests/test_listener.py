@@ -39,6 +39,12 @@ def setup(request, tmp_path_factory):
   return tok, hf, lgrpo_jax.load_hf(path, dtype="float32"), ListenerSpec.from_tokenizer(tok)
 
 
+def untied_skip(setup):
+  """Tests that do not read the output head run once, with the tied one (CI time)."""
+  if setup[2].lm_head is not None:
+    pytest.skip("does not depend on the head")
+
+
 def images(sizes, seed):
   rng = np.random.default_rng(seed)
   from PIL import Image
@@ -117,6 +123,7 @@ def test_the_answer_is_removed(setup):
 
 
 def test_score_from_python_on_real_images(setup):
+  untied_skip(setup)
   tok, _, model, spec = setup
   root = os.path.join(shared_dir(), "data", "imagereward", "images")
   a, b = (os.path.join(root, f) for f in sorted(os.listdir(root))[:2])
@@ -133,6 +140,7 @@ def test_score_from_python_on_real_images(setup):
 
 
 def test_find_first_and_tag_variants(setup):
+  untied_skip(setup)
   tok = setup[0]
   variants = token_variants(tok, "<answer>")
   assert variants and all(tok.decode(v.ids).endswith("<answer>") for v in variants)
@@ -156,6 +164,7 @@ def test_find_first_and_tag_variants(setup):
 
 
 def test_reasoning_reads_as_written_when_the_tag_merges_with_it(setup):
+  untied_skip(setup)
   tok, _, _, spec = setup
   for cot in ("<think>ok</think>", "<think>a b.</think>\n", "<think>x</think> "):
     joint = tok(cot + "<answer>Image 2</answer><|im_end|>", add_special_tokens=False)["input_ids"]
@@ -165,6 +174,7 @@ def test_reasoning_reads_as_written_when_the_tag_merges_with_it(setup):
 
 
 def test_no_spelling_of_the_answer_tag_shows_the_listener_the_answer(setup):
+  untied_skip(setup)
   # The sampler may write "<answer>" a character at a time: the parser (on bytes) reads it as the
   # answer, so the listener must not see it — a reward-hacking channel otherwise (an answer the
   # listener can read raises its confidence). `Parsed.answer_token` marks where the text's tag starts.

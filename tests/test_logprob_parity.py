@@ -9,12 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 import lgrpo_jax
 from lgrpo_jax.grpo.update import policy_logprobs
 from hf_tiny import IMG, PAD, VID, build_hf, config_dict, hf_logits, make_batch, ours_inputs
 
-G, N = 3, 7
+G, N = 2, 7
 # Two pairs, two images each (a pair's images share one grid across rows, as in training batches).
 ROWS = [{"text": [2, 3, 1], "images": [(84, 140), (56, 56)]},
         {"text": [6, 1, 4], "images": [(84, 140), (56, 56)]}]
@@ -58,9 +59,9 @@ def ours_policy(model, batch, toks, mask, prefix_sharing=True):
   n_img = len(batch["image_grid_thw"]) // b
   pair_grid = tuple(map(tuple, batch["image_grid_thw"][:n_img].tolist()))
   pixels = jnp.asarray(batch["pixel_values"]).reshape(b, -1, batch["pixel_values"].shape[-1])
-  return np.asarray(policy_logprobs(model, jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"]),
-                                    pixels, pair_grid, jnp.asarray(toks), jnp.asarray(mask), chunk=50,
-                                    prefix_sharing=prefix_sharing))
+  fn = nnx.jit(lambda m, *a: policy_logprobs(m, *a[:3], pair_grid, *a[3:], chunk=50, prefix_sharing=prefix_sharing))
+  return np.asarray(fn(model, jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"]), pixels,
+                       jnp.asarray(toks), jnp.asarray(mask)))
 
 
 @pytest.mark.parametrize("variant", ["a", "b"])  # untied / tied head
