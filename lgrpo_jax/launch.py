@@ -114,6 +114,13 @@ def check(cfg) -> None:
   if cfg.pipeline.global_batch % jax.process_count():
     raise ConfigError(f"pipeline.global_batch={cfg.pipeline.global_batch} is not divisible by "
                       f"{jax.process_count()} processes")
+  if jax.process_count() > 1:  # each process feeds its rows to its own devices: no replicated batch
+    for name, batch in (("pipeline.global_batch", cfg.pipeline.global_batch),
+                        ("sft.global_batch", cfg.sft.global_batch if cfg.sft.steps else 0)):
+      if batch % data_shards:
+        raise ConfigError(f"{name}={batch} does not split over the {data_shards} data shards (mesh.data × "
+                          f"mesh.fsdp) of a {jax.process_count()}-process run, where each process feeds "
+                          f"its own rows to its own devices; use a multiple of {data_shards}")
   if cfg.pipeline.global_batch * cfg.step.sampling.num_samples % data_shards:
     raise ConfigError(f"pipeline.global_batch × step.sampling.num_samples = "
                       f"{cfg.pipeline.global_batch * cfg.step.sampling.num_samples} completions do not "
@@ -176,15 +183,19 @@ def _main(argv, scope) -> int:
     cfg = dataclasses.replace(cfg, step=dataclasses.replace(
         cfg.step, sampling=dataclasses.replace(cfg.step.sampling, eos_ids=end_of_turn_ids(tokenizer))))
   os.makedirs(cfg.run_dir, exist_ok=True)
+  from lgrpo_jax.train import stopping
   if cfg.sft.steps:  # the warm start; the listener and reference default to its result
     from lgrpo_jax.train.sft import run_sft
     try:
       run_sft(model, tokenizer, pairs, cfg.sft, cfg.pipeline, cfg.run_dir, seed=cfg.loop.seed,
               n_wrong=cfg.data.synthetic_n_wrong, say=lambda m: print(m, file=sys.stderr, flush=True),
               mesh=mesh)
-    except ValueError as e:
+    except stopping.Stopped as e:  # pre-empted during the warm start: it resumes from its checkpoint
+      print(f"\n{e}", file=sys.stderr)
+      return _leave(128 + e.signum, "lgrpo_jax.launch: warm start stopped by a signal")
+    except ValueError as e:  # a bad record or target, on any process: every process stops here
       print(f"error: {e}", file=sys.stderr)
-      return 2
+      return _leave(2, "lgrpo_jax.launch: warm start stopped on an error")
   try:
     trainer = Trainer(cfg.run_dir, model, tokenizer, pairs, cfg.step, cfg.pipeline, cfg.loop,
                       listener=listener, config_record=to_record(cfg), eval_pairs=eval_pairs, mesh=mesh,
@@ -197,18 +208,33 @@ def _main(argv, scope) -> int:
   from lgrpo_jax.data.images import ImageError
   try:
     trainer.run()
-  except (DataError, ImageError) as e:  # a record found bad mid-run (bad_records='error')
+  except (DataError, ImageError) as e:  # a record found bad mid-run (bad_records='error'), on any process
     trainer.close()  # pending checkpoint writes finish
     saved = trainer.manager.latest_step()
     print(f"error: {e}\n(training stopped at step {int(trainer.state.step)}; "
           + (f"a restart resumes from the checkpoint of step {saved})" if saved is not None
              else "no checkpoint was saved yet)"), file=sys.stderr)
-    return 2
+    return _leave(2, "lgrpo_jax.launch: stopped on a data error")
   trainer.close()
+  if trainer.stopped_by is not None:  # pre-empted: not done, so that a scheduler restarts the run
+    return _leave(128 + trainer.stopped_by, "lgrpo_jax.launch: stopped by a signal")
   if jax.process_index() == 0:
     print(summary(cfg.run_dir), flush=True)
-  distributed.finish("lgrpo_jax.launch: done")  # leave together: process 0 reported while the others waited
-  return 0
+  return _leave(0, "lgrpo_jax.launch: done")
+
+
+def _leave(code: int, tag: str) -> int:
+  """The exit code, after every process has got here (process 0 may have reported while the others
+  waited). A batch read still hung in its thread (a stalled file system) would keep the interpreter
+  from exiting (Python joins the pipeline's decode threads at exit): then leave without waiting."""
+  from lgrpo_jax import distributed
+  from lgrpo_jax.train import stopping
+  distributed.finish(tag)
+  if stopping.read_in_flight():
+    print("a data read is still hung; exiting without waiting for it", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(code)
+  return code
 
 
 def summary(run_dir: str) -> str:

@@ -8,7 +8,6 @@ Training curves are drawn per step (thin) with a moving average (thick); held-ou
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -24,7 +23,8 @@ def read_metrics(run_dir: str) -> list[dict]:
   path = os.path.join(run_dir, "metrics.jsonl")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path}: no metrics (is {run_dir} a run directory?)")
-  return [json.loads(line) for line in open(path) if line.strip()]
+  from lgrpo_jax.runs import read_jsonl
+  return read_jsonl(path)
 
 
 def _smooth(y: np.ndarray, k: int) -> np.ndarray:

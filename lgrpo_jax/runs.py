@@ -21,6 +21,37 @@ class RunError(ValueError):
   """A run directory (or checkpoint) that cannot give what was asked, with what to do."""
 
 
+def read_jsonl(path) -> list[dict]:
+  """The records of a JSON-lines file written by appending (metrics.jsonl): a line that does not
+  parse (torn by a kill, a crash or a full disk while it was written) is left out with a warning,
+  so a damaged tail never stops a resume or a report."""
+  import logging
+  out, torn = [], 0
+  with open(path) as f:
+    for line in f:
+      if not line.strip():
+        continue
+      try:
+        out.append(json.loads(line))
+      except json.JSONDecodeError:
+        torn += 1
+  if torn:
+    logging.getLogger(__name__).warning("%s: %d unreadable line(s) left out (torn by an interrupted write)",
+                                        path, torn)
+  return out
+
+
+def replace_file(path, text: str) -> None:
+  """Replace `path` with `text` atomically: a kill leaves the old file or the new one, never a torn
+  or empty one."""
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
 def is_run_dir(path) -> bool:
   path = os.fspath(path)
   return os.path.isfile(os.path.join(path, "config.json")) and any(

@@ -223,3 +223,22 @@ def test_training_two_processes_equal_one(tmp_path):
     assert r1["samples"][0]["text"] == r2["samples"][0]["text"]
     np.testing.assert_allclose(r1["samples"][0]["p"] + r1["samples"][0]["listener"],
                                r2["samples"][0]["p"] + r2["samples"][0]["listener"], atol=1e-5)
+
+
+def test_a_stop_or_a_bad_record_on_one_process_stops_every_process(tmp_path):
+  """A bad record read by one process of two, then SIGTERM reaching one process of two (a pre-empted
+  host): every process saves the same step and leaves the loop together. Each process used to
+  decide alone: the other waited in the next step's collective (a hang, then an abort after the
+  barrier timeout) while the stopping one waited in the checkpoint's barrier."""
+  from lgrpo_jax.data.tokenizer import build_tiny_tokenizer
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+         "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
+  worker = os.path.join(os.path.dirname(__file__), "stop_worker.py")
+  outs = spawn([sys.executable, worker, str(tmp_path / "run"), build_tiny_tokenizer(tmp_path / "tok")], 2, env,
+               timeout=240)
+  lines = [[ln for ln in out.splitlines() if ln.startswith(("stopped", "failed"))] for out in outs]
+  assert lines[0][0] == ("failed: DataError: process 1 of 2 stopped on a bad record (its log names the record); "
+                         "every process saved step 0 and stops; step 0, saved [0]"), lines[0]
+  assert lines[1][0] == "failed: ImageError: /data/b7.png: truncated file; step 0, saved [0]", lines[1]
+  for got in lines:
+    assert got[1] == "stopped: steps [], by 15, saved [0]", got

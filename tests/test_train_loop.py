@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import threading
 
 import jax
 import numpy as np
@@ -126,9 +127,19 @@ def test_best_checkpoint_keeps_its_accuracy_across_restarts(tmp_path):
   assert train(5, [0.75, 0.5]).resumed_from == 3
   assert best_steps() == [4]
   # A later restart: an evaluation below best/'s 0.75 does not replace it, a better one does.
+  shutil.copytree(run / "best", tmp_path / "best_4")
   assert train(7, [0.7, 0.8]).resumed_from == 5
   assert best_steps() == [7]
   assert metric_steps() == [0, 1, 2, 3, 4, 5, 6, 7]
+  # Killed after checkpoints/7 was committed but before best/7 was (best/ still holds step 4), and
+  # with a torn metrics line: the restart at step 7 saves best/7 from the restored state, and drops
+  # the torn line (which used to stop every later launch with a JSON error).
+  shutil.rmtree(run / "best")
+  shutil.copytree(tmp_path / "best_4", run / "best")
+  with open(run / "metrics.jsonl", "a") as f:
+    f.write('{"step": 8, "reward/tot')
+  assert train(7, []).resumed_from == 7
+  assert best_steps() == [7] and metric_steps() == [0, 1, 2, 3, 4, 5, 6, 7]
   # No checkpoint left (an attempt that died before its first save): the run starts over and its
   # metrics are written once, not after the earlier attempt's lines.
   shutil.rmtree(run / "checkpoints")
@@ -246,3 +257,52 @@ def test_completions_end_at_the_tokenizers_end_ids_by_default(tmp_path):
   for t in (default, given):
     t.close()
   assert dataclasses.replace(default.step_cfg.sampling, eos_ids=()) == SamplingConfig(num_samples=2)
+
+
+class StallingPairs:
+  """A random-access source whose reads block until released (a hung file system)."""
+
+  def __init__(self, pairs):
+    self.pairs, self.release = pairs, threading.Event()
+
+  def __len__(self):
+    return len(self.pairs)
+
+  def __getitem__(self, i):
+    self.release.wait()
+    return self.pairs[i]
+
+
+def test_a_signal_during_a_data_stall_saves_and_stops(tmp_path):
+  """The loop used to wait for data in `next()` on the main thread: a stop signal during a stall was
+  never acted on. Now the read runs in a thread and SIGINT (here; SIGTERM alike) is seen within
+  0.1 s: the run saves (the data position before the unread batch) and returns, and the signal's
+  handler is the process's own again."""
+  import os
+  import signal
+  import threading
+  import time
+  from lgrpo_jax.data.synthetic import synthetic
+  tok_dir = build_tiny_tokenizer(tmp_path / "tok")
+  pairs = StallingPairs(list(synthetic(4, seed=1, image_size=56)))
+  t = make(tmp_path / "run", tok_dir, steps=3, pairs=pairs)
+  position = json.dumps(t.batches.get_state(), sort_keys=True)
+  previous = signal.getsignal(signal.SIGINT)
+  main = threading.current_thread() is threading.main_thread()
+
+  def interrupt():  # once the loop handles the signal (and is waiting for the stalled read)
+    deadline = time.monotonic() + 60
+    while main and signal.getsignal(signal.SIGINT) is previous and time.monotonic() < deadline:
+      time.sleep(0.05)
+    time.sleep(0.5)
+    os.kill(os.getpid(), signal.SIGINT) if main else t.request_stop(signal.SIGINT)
+
+  threading.Thread(target=interrupt, daemon=True).start()
+  t0 = time.monotonic()
+  assert t.run() == [] and t.stopped_by == signal.SIGINT
+  assert time.monotonic() - t0 < 30 and signal.getsignal(signal.SIGINT) is previous
+  pairs.release.set()
+  t.close()
+  again = make(tmp_path / "run", tok_dir, steps=3, pairs=pairs)
+  assert again.resumed_from == 0 and json.dumps(again.batches.get_state(), sort_keys=True) == position
+  again.close()

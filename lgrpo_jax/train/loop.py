@@ -46,6 +46,7 @@ from lgrpo_jax.rewards import ByteTable
 from lgrpo_jax.sharding import on_mesh, put, state_shardings
 from lgrpo_jax.models.qwen2_5_vl.flops import grpo_step_flops
 from lgrpo_jax.train.metrics import CompileCounter, MetricSinks, measured_matmul_tflops
+from lgrpo_jax.train import stopping
 from lgrpo_jax.train.step import Batch, StepConfig, Tables, TrainState, init_state, make_train_step
 
 log = logging.getLogger("lgrpo_jax.train")
@@ -219,7 +220,8 @@ class Trainer:
       self.evaluator = Evaluator(eval_pairs, tokenizer, pipe_cfg, step_cfg.sampling, self.graphdef,
                                  self.listener_graphdef, self.spec if step_cfg.rewards.needs_listener else None,
                                  self.tables, mesh)
-    self._stop = False
+    self._signals, self.stopped_by = stopping.StopSignals(), None
+    self._pending: stopping.Read | None = None  # a batch read but not trained on yet
     self.best_accuracy = self._best_accuracy()  # before _restore drops the metrics past its step
     self.resumed_from = self._restore(config_record)
     if config_record is not None and jax.process_index() == 0:  # after the restore: a refused one keeps it
@@ -235,9 +237,14 @@ class Trainer:
     return {"params": state.params, "opt_state": state.opt_state, "step": state.step,
             "key": jax.random.key_data(state.key)}
 
+  def _data_state(self) -> dict:
+    """The data position of the state: before any batch read but not trained on yet (a stop or an
+    error between reading and training), so a restart reads that batch again."""
+    return self._pending.before if self._pending is not None else self.batches.get_state()
+
   def _args(self):
     return ocp.args.Composite(state=ocp.args.StandardSave(self._tree(self.state)),
-                              data=ocp.args.JsonSave(self.batches.get_state()))
+                              data=ocp.args.JsonSave(self._data_state()))
 
   def save(self) -> None:
     step = int(self.state.step)
@@ -274,6 +281,7 @@ class Trainer:
         self.state = jax.device_put(self.state, jax.devices()[0])
       self.batches.set_state(restored["data"])
       self._drop_metrics_after(step)
+      self._save_best_if_missed(step)
       log.info("resumed from %s/checkpoints/%d", self.run_dir, step)
       return step
     if steps:
@@ -290,27 +298,50 @@ class Trainer:
     """The held-out accuracy of the checkpoint in best/ (from its step's metrics line), or -1 when
     there is none. Read on process 0 and broadcast, so every process decides the same saves."""
     steps = self.best.all_steps()
-    path = os.path.join(self.run_dir, "metrics.jsonl")
-    acc = -1.0
-    if steps and jax.process_index() == 0 and os.path.isfile(path):
-      for line in open(path):
-        record = json.loads(line) if line.strip() else {}
-        if record.get("step") == max(steps) and "eval/accuracy" in record:
-          acc = float(record["eval/accuracy"])
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-      acc = float(multihost_utils.broadcast_one_to_all(np.float32(acc)))
+    acc = self._eval_accuracy_at(max(steps)) if steps else -1.0
     if steps and acc < 0:
       log.warning("%s/best/%d has no held-out accuracy in metrics.jsonl: the next evaluation replaces it",
                   self.run_dir, max(steps))
     return acc
 
+  def _eval_accuracy_at(self, step: int) -> float:
+    """eval/accuracy of `step`'s line in metrics.jsonl, or -1 when there is none. Read on process 0
+    and broadcast, so every process decides the same saves."""
+    from lgrpo_jax.runs import read_jsonl
+    path = os.path.join(self.run_dir, "metrics.jsonl")
+    acc = -1.0
+    if jax.process_index() == 0 and os.path.isfile(path):
+      for record in read_jsonl(path):
+        if record.get("step") == step and "eval/accuracy" in record:
+          acc = float(record["eval/accuracy"])
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      acc = float(multihost_utils.broadcast_one_to_all(np.float32(acc)))
+    return acc
+
   def _drop_metrics_after(self, step: int) -> None:
+    """metrics.jsonl without the lines past `step` (and without a line torn by a kill), replaced
+    atomically: a kill during the rewrite leaves the old file, never an empty or torn one."""
+    from lgrpo_jax.runs import replace_file
     path = os.path.join(self.run_dir, "metrics.jsonl")
     if os.path.isfile(path) and jax.process_index() == 0:
-      keep = [line for line in open(path) if line.strip() and json.loads(line).get("step", 0) <= step]
-      with open(path, "w") as f:
-        f.writelines(keep)
+      keep = []
+      for line in open(path):
+        try:
+          if line.strip() and json.loads(line).get("step", 0) <= step:
+            keep.append(line if line.endswith("\n") else line + "\n")
+        except json.JSONDecodeError:  # torn by a kill mid-write: that step is redone
+          log.warning("%s: dropped an unreadable (torn) line", path)
+      replace_file(path, "".join(keep))
+
+  def _save_best_if_missed(self, step: int) -> None:
+    """A kill after checkpoints/`step` was committed but before best/`step` was can leave best/
+    without the best evaluation so far; the restored state is that step's, so save it there now."""
+    acc = self._eval_accuracy_at(step)
+    if acc >= 0 and np.float32(acc) > np.float32(self.best_accuracy) and step not in self.best.all_steps():
+      self.best.save(step, args=self._args(), force=True)
+      self.best_accuracy = acc
+      log.info("best/%d saved from the restored checkpoint (held-out accuracy %.4f)", step, acc)
 
   # ---- the loop ------------------------------------------------------------------------------
   def _step_fn(self, pair_grid):
@@ -329,37 +360,62 @@ class Trainer:
     with self._mesh_ctx():
       return self.evaluator(self.state.params, self.listener_params)
 
+  def request_stop(self, signum: int = signal.SIGTERM) -> None:
+    """Ask `run` to stop as SIGTERM does (callable from any thread: a watchdog, a callback)."""
+    self._signals.request(signum)
+
   def run(self, on_metrics=None) -> list[dict]:
-    """Train until `loop_cfg.steps` (or SIGTERM: save, then return); returns the metrics of the
-    steps run in this call."""
+    """Train until `loop_cfg.steps`; returns the metrics of the steps run in this call.
+
+    Stopping early: SIGTERM or SIGINT (Ctrl-C) reaching *any* process, or `request_stop()`, makes
+    every process save the step it reached and return, with `stopped_by` set to the signal number
+    (the launcher then exits with 128 + it, so that a scheduler restarts the run); a second signal
+    acts as it would without the loop. A data error on any process (`bad_records='error'`) saves
+    the step reached on every process, then raises on every process. In both cases the saved data
+    position is the one before the batch not trained on, so a restart reads it again. The data
+    running out (a finite `pipeline.num_epochs`) ends the run as reaching `loop.steps` does."""
     out = []
     tty = sys.stderr.isatty()
-    if (self.evaluator is not None and self.loop_cfg.eval_at_start and self.resumed_from is None
-        and int(self.state.step) == 0):
-      first = {"step": 0, **self.evaluate()}
-      self.sinks.write(first)
-      out.append(first)
-      if on_metrics is not None:
-        on_metrics(first)
-    self._last_save = time.monotonic()
-    previous = signal.getsignal(signal.SIGTERM)
-    try:
-      signal.signal(signal.SIGTERM, lambda *_: setattr(self, "_stop", True))
-    except ValueError:  # not the main thread: no preemption handling
-      previous = None
-    try:
+    self._signals, self.stopped_by = stopping.StopSignals(), None
+    with self._signals:
+      if (self.evaluator is not None and self.loop_cfg.eval_at_start and self.resumed_from is None
+          and int(self.state.step) == 0):
+        first = {"step": 0, **self.evaluate()}
+        self.sinks.write(first)
+        out.append(first)
+        if on_metrics is not None:
+          on_metrics(first)
+      self._last_save = time.monotonic()
       self._loop(out, tty, on_metrics)
-    finally:
-      if previous is not None:
-        signal.signal(signal.SIGTERM, previous)
-    if self._stop:
+    if self.stopped_by is not None:
       self.save()
-      print(f"\nSIGTERM: saved step {int(self.state.step)}, stopping", file=sys.stderr)
+      print(f"\n{stopping.signal_name(self.stopped_by)}: saved step {int(self.state.step)}, stopping",
+            file=sys.stderr)
     self.manager.wait_until_finished()
     if out and jax.process_index() == 0:
       from lgrpo_jax.plot import plot
       plot(self.run_dir)  # RUN_DIR/curves.png: reward, accuracy, contradiction rate
     return out
+
+  def _fetch(self) -> tuple[dict | None, BaseException | None]:
+    """(the next host batch, or None when a stop came first; the error its read raised). A batch
+    read but not trained on stays pending and is the next call's."""
+    if self._pending is None:
+      if self._signals.signum:
+        return None, None
+      self._pending = stopping.Read(self.batches)
+    if not self._pending.wait(self._signals):
+      return None, None
+    return self._pending.batch, self._pending.error
+
+  def _stop_on_failure(self, error: BaseException | None, failed: list[int]):
+    """Save the step reached (with the data position before the failed read), then raise: this
+    process's own error, or one naming the processes that failed."""
+    self.save()
+    self.manager.wait_until_finished()
+    self.batches.set_state(self._pending.before)  # an in-process retry reads that batch again
+    self._pending = None
+    raise error if error is not None else stopping.failure_error(failed, int(self.state.step))
 
   def step_flops(self, host: dict, decode_steps: int) -> int:
     """Counted FLOPs of the step just run on `host` (see flops.grpo_step_flops)."""
@@ -374,9 +430,21 @@ class Trainer:
         shared_frozen_vision=self.listener_is_reference)
 
   def _loop(self, out, tty, on_metrics):
-    while int(self.state.step) < self.loop_cfg.steps and not self._stop:
+    while int(self.state.step) < self.loop_cfg.steps:
       t0 = time.perf_counter()
-      host = next(self.batches)
+      host, error = self._fetch()
+      stop, failed, ended = stopping.agree(self._signals.signum, error)
+      if failed:
+        self._stop_on_failure(error, failed)
+      if stop:
+        self.stopped_by = stop
+        break
+      if ended:
+        print(f"\nthe data ran out (pipeline.num_epochs={self.pipe_cfg.num_epochs}) at step "
+              f"{int(self.state.step)}", file=sys.stderr)
+        self.save()
+        break
+      self._pending = None
       step_fn = self._step_fn(pair_grid_of(host))
       with self._mesh_ctx():
         self.state, metrics = step_fn(self.state, self.ref_params, self.listener_params,

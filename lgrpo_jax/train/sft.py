@@ -101,10 +101,15 @@ class SFTConfig:
   teacher_accuracy: float = 1.0  # teacher="synthetic": how often its answer is right
   listener_weight: float = 0.0  # > 0: also teach the listener role on the same targets (see sft_loss)
   log_every: int = 25  # steps between lines of RUN_DIR/sft_metrics.jsonl
+  # Steps between RUN_DIR/sft_checkpoints saves (params, optimizer, data position), from which an
+  # interrupted warm start resumes; 0: only when stopped by a signal. Removed once RUN_DIR/sft is saved.
+  save_every: int = 100
 
   def __post_init__(self):
-    if self.steps < 0 or self.global_batch < 0 or self.max_target_tokens < 2 or self.log_every < 1:
-      raise ValueError("SFTConfig: steps and global_batch must be ≥ 0, max_target_tokens ≥ 2, log_every ≥ 1")
+    if (self.steps < 0 or self.global_batch < 0 or self.max_target_tokens < 2 or self.log_every < 1
+        or self.save_every < 0):
+      raise ValueError("SFTConfig: steps, global_batch and save_every must be ≥ 0, max_target_tokens ≥ 2, "
+                       "log_every ≥ 1")
     if self.teacher not in TEACHERS:
       raise ValueError(f"sft.teacher={self.teacher!r}: choose one of {TEACHERS}")
     if self.steps and self.teacher == "targets" and not self.targets_path:
@@ -180,19 +185,26 @@ def run_sft(model, tokenizer, pairs, cfg: SFTConfig, pipe_cfg, run_dir: str, *, 
             n_wrong: int = 1, end_token: str = "<|im_end|>", say=print, mesh=None):
   """The warm-start stage: `cfg.steps` steps on the teacher's targets, then the parameters are saved
   to RUN_DIR/sft (Orbax) with RUN_DIR/sft_metrics.jsonl. A run directory that already has RUN_DIR/sft
-  loads it instead (so a resumed run does not repeat the stage). Updates `model` in place."""
+  loads it instead (so a resumed run does not repeat the stage). Updates `model` in place.
+
+  Interruptions: every `cfg.save_every` steps the stage state (parameters, optimizer state, data
+  position) goes to RUN_DIR/sft_checkpoints, and an interrupted stage resumes from there exactly.
+  SIGTERM or SIGINT on any process saves there on every process and raises `stopping.Stopped`; a
+  data error on any process saves, then raises on every process (as the GRPO loop does)."""
   import orbax.checkpoint as ocp
 
   from lgrpo_jax.data.pipeline import make_batches
+  from lgrpo_jax.runs import read_jsonl, replace_file
   from lgrpo_jax.sharding import global_batch_array
+  from lgrpo_jax.train import stopping
   from lgrpo_jax.train.loop import host_scalar, pair_grid_of, to_device
 
-  path = os.path.join(os.path.abspath(run_dir), "sft")
+  run_dir = os.path.abspath(run_dir)
+  path = os.path.join(run_dir, "sft")
   graphdef, params = nnx.split(model, nnx.Param)
-  ckpt = ocp.StandardCheckpointer()
+  abstract = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
   if os.path.isdir(path):
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params)
-    nnx.update(model, ckpt.restore(path, abstract))
+    nnx.update(model, ocp.StandardCheckpointer().restore(path, abstract(params)))
     say(f"warm start: loaded {path}")
     return model
   pipe = dataclasses.replace(pipe_cfg, seed=seed, global_batch=cfg.global_batch or pipe_cfg.global_batch,
@@ -212,16 +224,62 @@ def run_sft(model, tokenizer, pairs, cfg: SFTConfig, pipe_cfg, run_dir: str, *, 
   steps: dict = {}
   batches = make_batches(pairs, tokenizer, pipe, process_index=jax.process_index(),
                          process_count=jax.process_count())
-  put = (lambda a: jnp.asarray(a)) if mesh is None else (lambda a: global_batch_array(np.asarray(a), mesh))
-  t0 = time.perf_counter()
+  manager = ocp.CheckpointManager(os.path.join(run_dir, "sft_checkpoints"), options=ocp.CheckpointManagerOptions(
+      max_to_keep=1, enable_async_checkpointing=True,
+      multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix="sft")))
   primary = jax.process_index() == 0
-  with open(os.path.join(run_dir, "sft_metrics.jsonl") if primary else os.devnull, "w") as log_file:
-    for s in range(1, cfg.steps + 1):
-      host = next(batches)
+  metrics_path = os.path.join(run_dir, "sft_metrics.jsonl")
+  done = 0
+  if manager.latest_step() is not None:  # an interrupted warm start: go on from where it stopped
+    done = manager.latest_step()
+    restored = manager.restore(done, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract({"params": params, "opt_state": opt_state})),
+        data=ocp.args.JsonRestore()))
+    params, opt_state = restored["state"]["params"], restored["state"]["opt_state"]
+    batches.set_state(restored["data"])
+    say(f"warm start: resumed from {manager.directory}/{done}")
+  if primary:  # the lines of the steps done, each once (a kill can leave a torn last line)
+    kept = [r for r in read_jsonl(metrics_path) if r["step"] <= done] if done and os.path.isfile(metrics_path) else []
+    replace_file(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+  put = (lambda a: jnp.asarray(a)) if mesh is None else (lambda a: global_batch_array(np.asarray(a), mesh))
+  pending = None  # the batch being read (or read and not trained on yet)
+
+  def save(step: int):
+    data = pending.before if pending is not None else batches.get_state()
+    if step not in manager.all_steps():
+      manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave({"params": params, "opt_state": opt_state}), data=ocp.args.JsonSave(data)),
+          force=True)
+    manager.wait_until_finished()
+
+  t0 = time.perf_counter()
+  with open(metrics_path if primary else os.devnull, "a") as log_file, stopping.StopSignals() as stop:
+    for s in range(done + 1, cfg.steps + 1):
+      if pending is None and not stop.signum:
+        pending = stopping.Read(batches)
+      finished = pending is not None and pending.wait(stop)
+      if finished and pending.error is None:
+        try:  # a missing target fails like a bad record: on every process at once
+          texts = [t + end_token for t in teacher(pending.batch, s)]
+        except ValueError as e:
+          pending.error = e
+      signum, failed, ended = stopping.agree(stop.signum, pending.error if finished else None)
+      if failed or ended:
+        save(s - 1)
+        mine = pending.error if finished else None
+        if failed:
+          raise mine if mine is not None and not isinstance(mine, StopIteration) else \
+              stopping.failure_error(failed, s - 1)
+        raise ValueError(f"the warm start's data ran out after step {s - 1} of sft.steps={cfg.steps} "
+                         f"(pipeline.num_epochs={pipe.num_epochs})")
+      if signum:
+        save(s - 1)
+        manager.close()
+        raise stopping.Stopped(signum, f"warm start step {s - 1}", manager.directory)
+      host, pending = pending.batch, None
       grid = pair_grid_of(host)
       if grid not in steps:
         steps[grid] = make_sft_step(graphdef, tx, grid, listener_spec=spec, listener_weight=cfg.listener_weight)
-      texts = [t + end_token for t in teacher(host, s)]
       tokens, mask = target_tokens(tokenizer, texts, cfg.max_target_tokens)
       with (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
         params, opt_state, loss, parts = steps[grid](params, opt_state, to_device(host, mesh), put(tokens),
@@ -233,7 +291,14 @@ def run_sft(model, tokenizer, pairs, cfg: SFTConfig, pipe_cfg, run_dir: str, *, 
         log_file.flush()
         if primary:
           say(f"warm start {s}/{cfg.steps}  loss {row['loss']:.4f}  ({row['time']:.0f} s)")
+      if cfg.save_every and s % cfg.save_every == 0 and s < cfg.steps:
+        save(s)
+  ckpt = ocp.StandardCheckpointer()
   ckpt.save(path, params)
   ckpt.wait_until_finished()
+  manager.close()
+  if primary:  # the stage's result is in RUN_DIR/sft: its optimizer state is no longer needed
+    import shutil
+    shutil.rmtree(manager.directory, ignore_errors=True)
   nnx.update(model, params)
   return model

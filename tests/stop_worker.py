@@ -1,0 +1,69 @@
+"""One of two processes of a training run for tests/test_multiprocess.py: stopping and failing
+reach every process.
+
+  python tests/stop_worker.py RUN_DIR TOKENIZER_DIR --coordinator H:P --num-processes 2 --process-id I
+
+1. Process 1 alone reads a bad record: both save step 0 and raise (process 0 an error naming
+   process 1).
+2. The run goes on in the same processes, and process 1 alone gets SIGTERM while it reads its
+   batch: both return, saved at step 0. (The decisions come before a step: none is compiled.)
+Each process prints one line per part."""
+
+import argparse
+import os
+import signal
+
+from lgrpo_jax import distributed
+
+ap = argparse.ArgumentParser()
+ap.add_argument("run_dir")
+ap.add_argument("tok_dir")
+distributed.add_args(ap)
+args = ap.parse_args()
+distributed.initialize_from_args(args)
+
+import jax  # noqa: E402
+
+from lgrpo_jax.data.images import ImageError  # noqa: E402
+from lgrpo_jax.data.sources import DataError  # noqa: E402
+from lgrpo_jax.sharding import MeshConfig, make_mesh  # noqa: E402
+from train_worker import make  # noqa: E402
+
+me = jax.process_index()
+t = make(args.run_dir, args.tok_dir, steps=4, save_every=10, batch=2, samples=2,
+         mesh=make_mesh(MeshConfig(fsdp=2)))
+
+
+class Process1:
+  """Process 1's batches: its next read fails as a truncated image would, or brings a SIGTERM (a
+  pre-empted host)."""
+
+  def __init__(self, batches):
+    self.batches, self.then = batches, "bad record"
+
+  def __next__(self):
+    if self.then == "sigterm":
+      os.kill(os.getpid(), signal.SIGTERM)
+      return next(self.batches)
+    raise ImageError("/data/b7.png", "truncated file")
+
+  def get_state(self):
+    return self.batches.get_state()
+
+  def set_state(self, state):
+    self.batches.set_state(state)
+
+
+if me == 1:
+  t.batches = Process1(t.batches)
+try:
+  t.run()
+  print("failed: nothing raised", flush=True)
+except (DataError, ImageError) as e:
+  print(f"failed: {type(e).__name__}: {e}; step {int(t.state.step)}, saved {t.manager.all_steps()}", flush=True)
+if me == 1:
+  t.batches.then = "sigterm"
+out = t.run()  # the same trainer goes on (as in a notebook), and is stopped
+print(f"stopped: steps {[m['step'] for m in out]}, by {t.stopped_by}, saved {t.manager.all_steps()}", flush=True)
+t.close()
+distributed.finish("stop_worker: done")
