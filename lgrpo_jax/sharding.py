@@ -129,18 +129,27 @@ def create(make, mesh: Mesh | None = None, rules: dict | None = None):
   """Builds the module returned by `make()` in one jitted program; with a mesh, every parameter is
   created directly in its shard (no device ever holds a full replicated copy). Compiled either
   way, so the values are the same with and without a mesh."""
+  return creator(lambda key: make(), mesh, rules)(jax.random.key(0))
+
+
+def creator(make, mesh: Mesh | None = None, rules: dict | None = None):
+  """`create` as a reusable function of an RNG key, `make(key)`: compiled once, then each call only
+  runs the program (the random init of even the tiny test model takes seconds to compile)."""
   if mesh is None:
-    return nnx.jit(make)()
-  shardings = state_shardings(nnx.state(nnx.eval_shape(make)), mesh, rules)
+    return nnx.jit(make)
+  shardings = state_shardings(nnx.state(nnx.eval_shape(lambda: make(jax.random.key(0)))), mesh, rules)
 
   @nnx.jit
-  def create_sharded():
-    module = make()
+  def create_sharded(key):
+    module = make(key)
     nnx.update(module, shard_like(nnx.state(module), shardings))
     return module
 
-  with jax.set_mesh(mesh):
-    return create_sharded()
+  def run(key):
+    with jax.set_mesh(mesh):
+      return create_sharded(key)
+
+  return run
 
 
 # ---- activations -------------------------------------------------------------------------------

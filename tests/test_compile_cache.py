@@ -85,3 +85,39 @@ def test_compile_counter_counts_a_runs_own(tmp_path, every_program_cached):
     assert counter.stats()[0] == n + 1 and counter.cache_hits() == 1
   later = CompileCounter()
   assert later.stats() == (0, 0.0) and later.cache_hits() == 0 and counter.cache_hits() == 1
+
+
+def test_a_torn_entry_is_removed_and_written_again(tmp_path, every_program_cached):
+  """JAX writes an entry in place and never rewrites one that exists: a process killed mid-write
+  left a torn entry that every restart failed to read (a warning) and compiled again. `enable`
+  (process 0, before anything compiles) removes it, so the next compilation writes it anew."""
+  cache = tmp_path / "xla"
+  with compile_cache.use(str(cache)):
+    run_new_program(13.75)
+  entries = [p for p in cache.iterdir() if p.name.endswith("-cache")]
+  assert len(entries) == 1 and compile_cache.repair(str(cache)) == 0
+  whole = entries[0].read_bytes()
+  entries[0].write_bytes(whole[:len(whole) // 2])  # as a kill during the write leaves it
+  jax.clear_caches()
+  with compile_cache.use(str(cache)):
+    assert not entries[0].exists()
+    counter = CompileCounter()
+    run_new_program(13.75)
+    assert counter.cache_hits() == 0 and entries[0].exists()  # written anew (it holds its compile time)
+    jax.clear_caches()
+    run_new_program(13.75)
+    assert counter.cache_hits() == 1
+
+def test_a_moved_cache_still_hits(tmp_path, every_program_cached):
+  """The keys do not depend on where the cache is (off GPU), so a run directory that was moved or
+  copied loads its programs. JAX put its GPU autotuning cache path, inside the cache directory, into
+  every program's compile options: a copy got no hits."""
+  import shutil
+  with compile_cache.use(str(tmp_path / "a")):
+    run_new_program(15.25)
+  shutil.copytree(tmp_path / "a", tmp_path / "b")
+  jax.clear_caches()
+  counter = CompileCounter()
+  with compile_cache.use(str(tmp_path / "b")):
+    run_new_program(15.25)
+  assert counter.cache_hits() == 1

@@ -130,6 +130,60 @@ def test_a_missing_image_found_while_training_is_one_clear_error(tmp_path, capsy
   assert f"({tmp_path / 'a'}" in err and "image file not found" in err
 
 
+def test_a_multi_process_batch_must_split_over_the_data_shards(monkeypatch):
+  # Each process feeds its own rows to its own devices: 2 pairs over 8 data shards cannot be laid
+  # out (one process fine: replicated). It used to pass the checks and fail at step 1 deep in JAX.
+  import jax
+  cfg = apply_overrides(load_config_file(DEMO), ["pipeline.global_batch=2", "step.sampling.num_samples=4"])
+  launch.check(cfg)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  with pytest.raises(ConfigError, match=r"pipeline.global_batch=2 does not split over the 8 data shards .* "
+                                        r"2-process run.*use a multiple of 8"):
+    launch.check(cfg)
+  launch.check(apply_overrides(load_config_file(DEMO), ["pipeline.global_batch=8", "sft.global_batch=16"]))
+  with pytest.raises(ConfigError, match=r"sft.global_batch=4 does not split over the 8 data shards"):
+    launch.check(apply_overrides(load_config_file(DEMO), ["pipeline.global_batch=8", "sft.global_batch=4"]))
+
+
+class SignalOnRead:
+  """A pipeline whose next read brings SIGINT to this process (a Ctrl-C, or SIGTERM alike, while
+  the run waits for data)."""
+
+  def __init__(self, batches):
+    self.batches = batches
+
+  def __next__(self):
+    import signal
+    os.kill(os.getpid(), signal.SIGINT)
+    return next(self.batches)
+
+  def get_state(self):
+    return self.batches.get_state()
+
+  def set_state(self, state):
+    self.batches.set_state(state)
+
+
+@pytest.mark.parametrize("stage", ["warm start", "grpo"])
+def test_a_run_stopped_by_a_signal_saves_and_exits_128_plus_it(tmp_path, monkeypatch, capsys, stage):
+  # A pre-empted run is not finished: exit 128 + signal (130 for SIGINT, 143 for SIGTERM), so that a
+  # scheduler (Kubernetes, JobSet) restarts it; it used to exit 0, as a finished run does.
+  from lgrpo_jax.data import pipeline
+  from lgrpo_jax.train import loop
+  module = pipeline if stage == "warm start" else loop  # where each stage's pipeline is made
+  make_batches = module.make_batches
+  monkeypatch.setattr(module, "make_batches", lambda *a, **k: SignalOnRead(make_batches(*a, **k)))
+  rc = launch.main(["--config", DEMO, f"run_dir={tmp_path}", "loop.eval_every=0", "data.synthetic_pairs=8",
+                    f"sft.steps={2 if stage == 'warm start' else 0}"])
+  err = capsys.readouterr().err
+  assert rc == 130 and "Traceback" not in err
+  if stage == "warm start":
+    assert f"SIGINT: saved warm start step 0 to {tmp_path}/sft_checkpoints, stopping" in err
+    assert os.listdir(tmp_path / "sft_checkpoints") == ["0"]
+  else:
+    assert "SIGINT: saved step 0, stopping" in err and "0" in os.listdir(tmp_path / "checkpoints")
+
+
 def test_hpdv2_test_split_as_the_held_out_pairs(tmp_path):
   # The 7B config picks best/ on HPDv2's test split (ImageReward's test set stays out of selection).
   from lgrpo_jax.data.sources import hpdv2_test

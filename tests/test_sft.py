@@ -1,6 +1,7 @@
 """Supervised warm start: the NLL of formatted targets falls; the synthetic teacher's attributes
 describe the drawn pairs."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -119,3 +120,63 @@ def test_pairs_without_a_target_are_found_before_the_first_step(tmp_path):
     run_sft(lgrpo_jax.from_config(tiny_model_config(tok_dir)), AutoTokenizer.from_pretrained(tok_dir), pairs, cfg,
             pipe, str(tmp_path / "run"))
   assert not (tmp_path / "run" / "sft_metrics.jsonl").exists()  # no step was run
+
+
+def test_an_interrupted_warm_start_resumes_exactly(tmp_path, monkeypatch):
+  """SIGINT (SIGTERM alike) during the warm start's third batch read: the stage saves its state
+  (parameters, optimizer state, data position before the unread batch) to RUN_DIR/sft_checkpoints
+  and raises `Stopped`. It used to exit at once and redo the stage from step 0. The next call
+  resumes there and ends with the parameters of an uninterrupted stage, bit for bit; its metrics
+  have each step once, and its checkpoints go once RUN_DIR/sft is saved."""
+  import json
+  import os
+  import signal
+
+  from conftest import no_min_compile_time
+  from lgrpo_jax.data import pipeline
+  from lgrpo_jax.train import compile_cache, stopping
+  from lgrpo_jax.train.sft import SFTConfig, run_sft
+  tok_dir = build_tiny_tokenizer(tmp_path / "tok")
+  tok = AutoTokenizer.from_pretrained(tok_dir)
+  pairs = list(synthetic(8, seed=0, image_size=56))
+  pipe = PipelineConfig(global_batch=2, image=ImageConfig(min_pixels=56 * 56, max_pixels=56 * 56),
+                        length_buckets=(256,))
+  cfg = SFTConfig(steps=4, log_every=1, save_every=3, max_target_tokens=24)
+
+  def stage(run, said=None):  # the three stages compile one program: loaded from a cache after the first
+    with no_min_compile_time(), compile_cache.use(str(tmp_path / "xla")):
+      return run_sft(lgrpo_jax.from_config(tiny_model_config(tok_dir)), tok, pairs, cfg, pipe, str(tmp_path / run),
+                     say=([] if said is None else said).append)
+
+  params = lambda m: [np.asarray(x) for x in jax.tree.leaves(nnx.state(m, nnx.Param))]
+  straight = params(stage("a"))
+
+  class SignalOnThirdRead:  # the signal arrives while the stage waits for its data
+    def __init__(self, batches):
+      self.batches, self.reads = batches, 0
+
+    def __next__(self):
+      self.reads += 1
+      if self.reads == 3:
+        os.kill(os.getpid(), signal.SIGINT)
+      return next(self.batches)
+
+    def get_state(self):
+      return self.batches.get_state()
+
+    def set_state(self, state):
+      self.batches.set_state(state)
+
+  make_batches = pipeline.make_batches
+  monkeypatch.setattr(pipeline, "make_batches", lambda *a, **k: SignalOnThirdRead(make_batches(*a, **k)))
+  with pytest.raises(stopping.Stopped, match="SIGINT: saved warm start step 2 to .*sft_checkpoints"):
+    stage("b")
+  assert sorted(os.listdir(tmp_path / "b" / "sft_checkpoints")) == ["2"] and not (tmp_path / "b" / "sft").exists()
+  monkeypatch.setattr(pipeline, "make_batches", make_batches)
+  said = []
+  resumed = params(stage("b", said))
+  assert said[0] == f"warm start: resumed from {tmp_path / 'b' / 'sft_checkpoints'}/2"
+  for a, b in zip(straight, resumed):
+    np.testing.assert_array_equal(a, b)
+  assert [json.loads(x)["step"] for x in open(tmp_path / "b" / "sft_metrics.jsonl")] == [1, 2, 3, 4]
+  assert (tmp_path / "b" / "sft").is_dir() and not (tmp_path / "b" / "sft_checkpoints").exists()

@@ -71,7 +71,15 @@ def from_config(config, *, dtype=None, param_dtype=None, seed: int = 0, mesh=Non
   With a `mesh`, every parameter is created directly in its shard (the values do not depend on
   the mesh: JAX's partitionable threefry RNG)."""
   cfg = resolve_config(config, dtype=dtype, param_dtype=param_dtype)
-  return sharding.create(lambda: Qwen25VL(cfg, rngs=nnx.Rngs(seed)), mesh, rules)
+  rules_key = None if rules is None else repr(sorted(rules.items()))
+  init = _INITIALIZERS.get((cfg, mesh, rules_key))
+  if init is None:  # one compiled init per config and layout in a process (seeds are its input)
+    init = _INITIALIZERS[cfg, mesh, rules_key] = sharding.creator(
+        lambda key: Qwen25VL(cfg, rngs=nnx.Rngs(key)), mesh, rules)
+  return init(jax.random.key(seed))
+
+
+_INITIALIZERS: dict = {}
 
 
 def abstract_model(cfg: Qwen25VLConfig):
