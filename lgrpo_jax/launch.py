@@ -15,6 +15,10 @@ compile_cache.
 
 Prints the held-out accuracy (both orders) and contradiction rate before and after GRPO when
 held-out pairs are configured, and writes RUN_DIR/curves.png.
+
+Exit status: 0 when the run reached loop.steps (or its data ran out); 2 for a bad input (config,
+checkpoint, data: one line naming it); 128 + the signal (143 SIGTERM, 130 SIGINT) when stopped by
+a signal on any process after saving, so that a scheduler restarts it (docs/training.md, "Stopping").
 """
 
 from __future__ import annotations
