@@ -167,8 +167,12 @@ def test_training_step_with_and_without_prefix_sharing(setup):
     out[sharing] = (jax.tree.map(np.asarray, state.params), {k: float(v) for k, v in metrics.items()})
   (p1, m1), (p2, m2) = out[True], out[False]
   assert m1["generated_tokens"] == m2["generated_tokens"] and m1["accuracy"] == m2["accuracy"]
-  for k in ("reward/total", "reward/listener", "loss", "grad_norm", "kl", "ratio_mean"):
+  for k in ("reward/total", "reward/listener", "grad_norm", "kl", "ratio_mean"):
     assert m1[k] == pytest.approx(m2[k], rel=1e-4, abs=1e-6), k
+  # On-policy the loss is −mean(A·ratio) with ratio = 1 and each group's advantages summing to 0: its
+  # value is fp32 cancellation noise (~1e-6, CPU-dependent: 1.5e-6 against 1.5e-7 on one Xeon), so
+  # it is checked at the scale of its terms; the gradient norm above carries the signal.
+  assert abs(m1["loss"] - m2["loss"]) < 1e-5, (m1["loss"], m2["loss"])
   diffs = np.concatenate([np.abs(a - b).ravel() for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2))])
   assert diffs.max() <= 2e-3 and np.mean(diffs < 1e-6) > 0.99  # Adam: last-bit gradient noise can flip ~lr
 

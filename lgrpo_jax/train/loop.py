@@ -9,7 +9,8 @@ log lines), Orbax checkpoints with exact resume.
       tensorboard/         the same scalars as TensorBoard event files (`loop.tensorboard`)
       checkpoints/<step>/  Orbax: state (policy params, optimizer state, step, RNG key) + data
                            (the pipeline's iterator state), every `save_every` steps and/or
-                           `save_every_minutes`, at the end, and on SIGTERM; the last `keep` are kept
+                           `save_every_minutes`, at the end, and on SIGTERM/SIGINT or a data error
+                           on any process (see `run`); the last `keep` are kept
       best/<step>/         the checkpoint with the best held-out accuracy so far
 
 A run directory that already holds checkpoints resumes from the latest readable one (an unreadable
@@ -413,8 +414,9 @@ class Trainer:
     process's own error, or one naming the processes that failed."""
     self.save()
     self.manager.wait_until_finished()
-    self.batches.set_state(self._pending.before)  # an in-process retry reads that batch again
-    self._pending = None
+    if self._pending is not None and self._pending.done.is_set():  # (a hung read keeps its thread)
+      self.batches.set_state(self._pending.before)  # an in-process retry reads that batch again
+      self._pending = None
     raise error if error is not None else stopping.failure_error(failed, int(self.state.step))
 
   def step_flops(self, host: dict, decode_steps: int) -> int:
