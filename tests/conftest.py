@@ -51,3 +51,24 @@ def xla_compile_cache(tmp_path_factory):
   path = str(tmp_path_factory.getbasetemp() / "xla_cache")
   with no_min_compile_time(), compile_cache.use(path):
     yield path
+
+
+class SignalOnRead:
+  """Batches whose `read`-th read brings SIGINT to this process (a Ctrl-C, or SIGTERM alike,
+  arriving while the run waits for its data)."""
+
+  def __init__(self, batches, read: int = 1):
+    self.batches, self.read, self.reads = batches, read, 0
+
+  def __next__(self):
+    import signal
+    self.reads += 1
+    if self.reads == self.read:
+      os.kill(os.getpid(), signal.SIGINT)
+    return next(self.batches)
+
+  def get_state(self):
+    return self.batches.get_state()
+
+  def set_state(self, state):
+    self.batches.set_state(state)

@@ -145,29 +145,11 @@ def test_a_multi_process_batch_must_split_over_the_data_shards(monkeypatch):
     launch.check(apply_overrides(load_config_file(DEMO), ["pipeline.global_batch=8", "sft.global_batch=4"]))
 
 
-class SignalOnRead:
-  """A pipeline whose next read brings SIGINT to this process (a Ctrl-C, or SIGTERM alike, while
-  the run waits for data)."""
-
-  def __init__(self, batches):
-    self.batches = batches
-
-  def __next__(self):
-    import signal
-    os.kill(os.getpid(), signal.SIGINT)
-    return next(self.batches)
-
-  def get_state(self):
-    return self.batches.get_state()
-
-  def set_state(self, state):
-    self.batches.set_state(state)
-
-
 @pytest.mark.parametrize("stage", ["warm start", "grpo"])
 def test_a_run_stopped_by_a_signal_saves_and_exits_128_plus_it(tmp_path, monkeypatch, capsys, stage):
   # A pre-empted run is not finished: exit 128 + signal (130 for SIGINT, 143 for SIGTERM), so that a
   # scheduler (Kubernetes, JobSet) restarts it; it used to exit 0, as a finished run does.
+  from conftest import SignalOnRead
   from lgrpo_jax.data import pipeline
   from lgrpo_jax.train import loop
   module = pipeline if stage == "warm start" else loop  # where each stage's pipeline is made

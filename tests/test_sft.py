@@ -130,9 +130,8 @@ def test_an_interrupted_warm_start_resumes_exactly(tmp_path, monkeypatch):
   have each step once, and its checkpoints go once RUN_DIR/sft is saved."""
   import json
   import os
-  import signal
 
-  from conftest import no_min_compile_time
+  from conftest import SignalOnRead, no_min_compile_time
   from lgrpo_jax.data import pipeline
   from lgrpo_jax.train import compile_cache, stopping
   from lgrpo_jax.train.sft import SFTConfig, run_sft
@@ -151,24 +150,8 @@ def test_an_interrupted_warm_start_resumes_exactly(tmp_path, monkeypatch):
   params = lambda m: [np.asarray(x) for x in jax.tree.leaves(nnx.state(m, nnx.Param))]
   straight = params(stage("a"))
 
-  class SignalOnThirdRead:  # the signal arrives while the stage waits for its data
-    def __init__(self, batches):
-      self.batches, self.reads = batches, 0
-
-    def __next__(self):
-      self.reads += 1
-      if self.reads == 3:
-        os.kill(os.getpid(), signal.SIGINT)
-      return next(self.batches)
-
-    def get_state(self):
-      return self.batches.get_state()
-
-    def set_state(self, state):
-      self.batches.set_state(state)
-
   make_batches = pipeline.make_batches
-  monkeypatch.setattr(pipeline, "make_batches", lambda *a, **k: SignalOnThirdRead(make_batches(*a, **k)))
+  monkeypatch.setattr(pipeline, "make_batches", lambda *a, **k: SignalOnRead(make_batches(*a, **k), read=3))
   with pytest.raises(stopping.Stopped, match="SIGINT: saved warm start step 2 to .*sft_checkpoints"):
     stage("b")
   assert sorted(os.listdir(tmp_path / "b" / "sft_checkpoints")) == ["2"] and not (tmp_path / "b" / "sft").exists()
