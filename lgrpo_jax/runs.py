@@ -52,6 +52,13 @@ def replace_file(path, text: str) -> None:
   os.replace(tmp, path)
 
 
+def keep_jsonl_through(path, step: int) -> None:
+  """Rewrite the JSON-lines file at `path` (if any) with only its records of steps ≤ `step` (torn
+  lines dropped), atomically: what a resumed run keeps of an earlier attempt's metrics."""
+  if os.path.isfile(path):
+    replace_file(path, "".join(json.dumps(r) + "\n" for r in read_jsonl(path) if r.get("step", 0) <= step))
+
+
 def is_run_dir(path) -> bool:
   path = os.fspath(path)
   return os.path.isfile(os.path.join(path, "config.json")) and any(

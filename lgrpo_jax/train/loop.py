@@ -222,7 +222,6 @@ class Trainer:
                                  self.listener_graphdef, self.spec if step_cfg.rewards.needs_listener else None,
                                  self.tables, mesh)
     self._signals, self.stopped_by = stopping.StopSignals(), None
-    self._pending: stopping.Read | None = None  # a batch read but not trained on yet
     self.best_accuracy = self._best_accuracy()  # before _restore drops the metrics past its step
     self.resumed_from = self._restore(config_record)
     if config_record is not None and jax.process_index() == 0:  # after the restore: a refused one keeps it
@@ -233,19 +232,23 @@ class Trainer:
     per_device = loop_cfg.peak_tflops_per_device or measured_matmul_tflops(jnp.dtype(model.config.dtype))
     self.peak_tflops = per_device * jax.device_count()
 
+  @property
+  def batches(self):
+    """This process's batches (`data.pipeline.Batches`); assigning one replaces the feed."""
+    return self.feed.batches
+
+  @batches.setter
+  def batches(self, batches) -> None:
+    self.feed = stopping.Feed(batches)
+
   # ---- checkpoints ---------------------------------------------------------------------------
   def _tree(self, state: TrainState) -> dict:
     return {"params": state.params, "opt_state": state.opt_state, "step": state.step,
             "key": jax.random.key_data(state.key)}
 
-  def _data_state(self) -> dict:
-    """The data position of the state: before any batch read but not trained on yet (a stop or an
-    error between reading and training), so a restart reads that batch again."""
-    return self._pending.before if self._pending is not None else self.batches.get_state()
-
   def _args(self):
     return ocp.args.Composite(state=ocp.args.StandardSave(self._tree(self.state)),
-                              data=ocp.args.JsonSave(self._data_state()))
+                              data=ocp.args.JsonSave(self.feed.position()))
 
   def save(self) -> None:
     step = int(self.state.step)
@@ -321,19 +324,10 @@ class Trainer:
     return acc
 
   def _drop_metrics_after(self, step: int) -> None:
-    """metrics.jsonl without the lines past `step` (and without a line torn by a kill), replaced
-    atomically: a kill during the rewrite leaves the old file, never an empty or torn one."""
-    from lgrpo_jax.runs import replace_file
-    path = os.path.join(self.run_dir, "metrics.jsonl")
-    if os.path.isfile(path) and jax.process_index() == 0:
-      keep = []
-      for line in open(path):
-        try:
-          if line.strip() and json.loads(line).get("step", 0) <= step:
-            keep.append(line if line.endswith("\n") else line + "\n")
-        except json.JSONDecodeError:  # torn by a kill mid-write: that step is redone
-          log.warning("%s: dropped an unreadable (torn) line", path)
-      replace_file(path, "".join(keep))
+    """metrics.jsonl without the lines past `step` (nor a line torn by a kill), replaced atomically."""
+    from lgrpo_jax.runs import keep_jsonl_through
+    if jax.process_index() == 0:
+      keep_jsonl_through(os.path.join(self.run_dir, "metrics.jsonl"), step)
 
   def _save_best_if_missed(self, step: int) -> None:
     """A kill after checkpoints/`step` was committed but before best/`step` was can leave best/
@@ -398,27 +392,6 @@ class Trainer:
       plot(self.run_dir)  # RUN_DIR/curves.png: reward, accuracy, contradiction rate
     return out
 
-  def _fetch(self) -> tuple[dict | None, BaseException | None]:
-    """(the next host batch, or None when a stop came first; the error its read raised). A batch
-    read but not trained on stays pending and is the next call's."""
-    if self._pending is None:
-      if self._signals.signum:
-        return None, None
-      self._pending = stopping.Read(self.batches)
-    if not self._pending.wait(self._signals):
-      return None, None
-    return self._pending.batch, self._pending.error
-
-  def _stop_on_failure(self, error: BaseException | None, failed: list[int]):
-    """Save the step reached (with the data position before the failed read), then raise: this
-    process's own error, or one naming the processes that failed."""
-    self.save()
-    self.manager.wait_until_finished()
-    if self._pending is not None and self._pending.done.is_set():  # (a hung read keeps its thread)
-      self.batches.set_state(self._pending.before)  # an in-process retry reads that batch again
-      self._pending = None
-    raise error if error is not None else stopping.failure_error(failed, int(self.state.step))
-
   def step_flops(self, host: dict, decode_steps: int) -> int:
     """Counted FLOPs of the step just run on `host` (see flops.grpo_step_flops)."""
     b, p = host["input_ids"].shape
@@ -434,10 +407,11 @@ class Trainer:
   def _loop(self, out, tty, on_metrics):
     while int(self.state.step) < self.loop_cfg.steps:
       t0 = time.perf_counter()
-      host, error = self._fetch()
-      stop, failed, ended = stopping.agree(self._signals.signum, error)
+      stop, failed, ended = self.feed.next(self._signals)
       if failed:
-        self._stop_on_failure(error, failed)
+        self.save()
+        self.manager.wait_until_finished()
+        raise self.feed.error(failed, int(self.state.step))
       if stop:
         self.stopped_by = stop
         break
@@ -446,7 +420,7 @@ class Trainer:
               f"{int(self.state.step)}", file=sys.stderr)
         self.save()
         break
-      self._pending = None
+      host = self.feed.take()
       step_fn = self._step_fn(pair_grid_of(host))
       with self._mesh_ctx():
         self.state, metrics = step_fn(self.state, self.ref_params, self.listener_params,

@@ -194,7 +194,7 @@ def run_sft(model, tokenizer, pairs, cfg: SFTConfig, pipe_cfg, run_dir: str, *, 
   import orbax.checkpoint as ocp
 
   from lgrpo_jax.data.pipeline import make_batches
-  from lgrpo_jax.runs import read_jsonl, replace_file
+  from lgrpo_jax.runs import keep_jsonl_through
   from lgrpo_jax.sharding import global_batch_array
   from lgrpo_jax.train import stopping
   from lgrpo_jax.train.loop import host_scalar, pair_grid_of, to_device
@@ -238,45 +238,37 @@ def run_sft(model, tokenizer, pairs, cfg: SFTConfig, pipe_cfg, run_dir: str, *, 
     params, opt_state = restored["state"]["params"], restored["state"]["opt_state"]
     batches.set_state(restored["data"])
     say(f"warm start: resumed from {manager.directory}/{done}")
-  if primary:  # the lines of the steps done, each once (a kill can leave a torn last line)
-    kept = [r for r in read_jsonl(metrics_path) if r["step"] <= done] if done and os.path.isfile(metrics_path) else []
-    replace_file(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+  if primary:  # the lines of the steps done, each once
+    keep_jsonl_through(metrics_path, done)
   put = (lambda a: jnp.asarray(a)) if mesh is None else (lambda a: global_batch_array(np.asarray(a), mesh))
-  pending = None  # the batch being read (or read and not trained on yet)
+  feed = stopping.Feed(batches)
+  texts = []  # the teacher's targets of the batch read
 
   def save(step: int):
-    data = pending.before if pending is not None else batches.get_state()
     if step not in manager.all_steps():
       manager.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave({"params": params, "opt_state": opt_state}), data=ocp.args.JsonSave(data)),
-          force=True)
+          state=ocp.args.StandardSave({"params": params, "opt_state": opt_state}),
+          data=ocp.args.JsonSave(feed.position())), force=True)
     manager.wait_until_finished()
+
+  def targets(host):  # a missing target fails like a bad record: on every process at once
+    texts[:] = [t + end_token for t in teacher(host, s)]
 
   t0 = time.perf_counter()
   with open(metrics_path if primary else os.devnull, "a") as log_file, stopping.StopSignals() as stop:
     for s in range(done + 1, cfg.steps + 1):
-      if pending is None and not stop.signum:
-        pending = stopping.Read(batches)
-      finished = pending is not None and pending.wait(stop)
-      if finished and pending.error is None:
-        try:  # a missing target fails like a bad record: on every process at once
-          texts = [t + end_token for t in teacher(pending.batch, s)]
-        except ValueError as e:
-          pending.error = e
-      signum, failed, ended = stopping.agree(stop.signum, pending.error if finished else None)
+      signum, failed, ended = feed.next(stop, check=targets)
       if failed or ended:
         save(s - 1)
-        mine = pending.error if finished else None
         if failed:
-          raise mine if mine is not None and not isinstance(mine, StopIteration) else \
-              stopping.failure_error(failed, s - 1)
+          raise feed.error(failed, s - 1)
         raise ValueError(f"the warm start's data ran out after step {s - 1} of sft.steps={cfg.steps} "
                          f"(pipeline.num_epochs={pipe.num_epochs})")
       if signum:
         save(s - 1)
         manager.close()
         raise stopping.Stopped(signum, f"warm start step {s - 1}", manager.directory)
-      host, pending = pending.batch, None
+      host = feed.take()
       grid = pair_grid_of(host)
       if grid not in steps:
         steps[grid] = make_sft_step(graphdef, tx, grid, listener_spec=spec, listener_weight=cfg.listener_weight)

@@ -102,6 +102,49 @@ def read_in_flight() -> bool:
   return bool(Read._unfinished)
 
 
+class Feed:
+  """A training loop's batches, each step decided with every process:
+
+      stop, failed, ended = feed.next(signals)   # then feed.take() when none of them is set
+
+  A batch read but not trained on (a stop or a failure came first) stays pending and is the next
+  `next`'s; `position()` is the data position to checkpoint: before that batch, so that a restart
+  reads it again."""
+
+  def __init__(self, batches):
+    self.batches = batches
+    self.pending: Read | None = None
+
+  def position(self) -> dict:
+    return self.pending.before if self.pending is not None else self.batches.get_state()
+
+  def next(self, signals: StopSignals, check=None) -> tuple[int, list[int], bool]:
+    """Read (unless a stop came first), then `agree`. `check(batch)` raising ValueError (e.g. a
+    missing target) counts as a failed read."""
+    if self.pending is None and not signals.signum:
+      self.pending = Read(self.batches)
+    finished = self.pending is not None and self.pending.wait(signals)
+    if finished and self.pending.error is None and check is not None:
+      try:
+        check(self.pending.batch)
+      except ValueError as e:
+        self.pending.error = e
+    return agree(signals.signum, self.pending.error if finished else None)
+
+  def take(self) -> dict:
+    batch, self.pending = self.pending.batch, None
+    return batch
+
+  def error(self, failed: list[int], step: int) -> BaseException:
+    """After a failure was agreed (and the step saved): this process's own error, or one naming the
+    processes that failed. The batch's read is undone, so an in-process retry reads it again."""
+    mine = self.pending.error if self.pending is not None and self.pending.done.is_set() else None
+    if mine is not None:  # (a hung read keeps its thread: nothing to undo)
+      self.batches.set_state(self.pending.before)
+      self.pending = None
+    return mine if mine is not None and not isinstance(mine, StopIteration) else failure_error(failed, step)
+
+
 def agree(stop: int, error: BaseException | None) -> tuple[int, list[int], bool]:
   """(the stop signal or 0, the processes whose read failed, whether the data ran out), the same on
   every process: one all-gather of three int32 per process when there are several."""
