@@ -1,7 +1,20 @@
 import os
 
+# Tests check what the programs compute, not how fast XLA:CPU made them run: LLVM at -O0 and
+# without the CPU fusion emitters compiles 4× faster (the tiny sampler: 5.5 → 1.3 s), and the suite
+# is mostly compiling (docs/PERFORMANCE.md, "Test suite time"). LGRPO_TEST_XLA_OPT=default: XLA's
+# own settings, as users run.
+FAST_COMPILE = ("" if os.environ.get("LGRPO_TEST_XLA_OPT") == "default"
+                else "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false")
+
+
+def xla_flags(devices: int = 1) -> str:
+  """XLA_FLAGS for a test's subprocess: `devices` simulated CPU devices, compiled as the tests are."""
+  return f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}".strip()
+
+
 # Multi-device logic is tested on CPU with 8 simulated devices: must be set before jax is imported.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("XLA_FLAGS", xla_flags(8))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -72,3 +85,15 @@ class SignalOnRead:
 
   def set_state(self, state):
     self.batches.set_state(state)
+
+
+# The files that run longest (subprocess runs, training), first: pytest-xdist's loadfile hands files
+# out in collection order, and a long file drawn last kept one worker busy ~150 s after the other had
+# finished. Order within a file is kept.
+LONGEST_FIRST = ("test_multiprocess.py", "test_demo.py", "test_train_loop.py", "test_notebooks.py",
+                 "test_prefix_sharing.py", "test_grpo.py", "test_shared_frozen_vision.py", "test_sampling.py")
+
+
+def pytest_collection_modifyitems(config, items):
+  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(os.path.basename(str(item.path)), len(rank)))

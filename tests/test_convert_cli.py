@@ -12,8 +12,9 @@ import lgrpo_jax
 from lgrpo_jax import checkpoint
 from hf_tiny import CASES, build_hf, config_dict, make_batch, ours_inputs
 from test_hf_io import read_all
+from conftest import xla_flags
 
-ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags()}
 
 
 def run(*args):

@@ -188,8 +188,10 @@ def test_micro_batches_equal_one_batch(rollout):
   cfg = LossConfig(loss="grpo", beta=0.0)
   pb = policy_batch(batch, out, np.random.default_rng(0).normal(size=(2, 3)), cfg)
   graphdef, params = nnx.split(model, nnx.Param)
-  l1, g1, _ = accumulate_grads(params, graphdef, pb, pair_grid, cfg, 1)
-  l2, g2, _ = accumulate_grads(params, graphdef, pb, pair_grid, cfg, 2)
+  # jitted as the step runs it (op by op it compiled ~640 small programs: 45 s of a 47 s test)
+  acc = jax.jit(lambda p, b, k: accumulate_grads(p, graphdef, b, pair_grid, cfg, k), static_argnums=2)
+  l1, g1, _ = acc(params, pb, 1)
+  l2, g2, _ = acc(params, pb, 2)
   assert abs(float(l1) - float(l2)) <= 1e-6
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
@@ -209,8 +211,9 @@ def test_micro_batch_metrics_are_the_batch_metrics(rollout, valid):
   pb = pb._replace(mask=mask, logp_old=out.logprobs + noise(),
                    weights=token_weights(mask, cfg, jnp.asarray(valid, jnp.int32)))
   graphdef, params = nnx.split(model, nnx.Param)
-  _, _, m1 = accumulate_grads(params, graphdef, pb, pair_grid, cfg, 1)
-  _, _, m2 = accumulate_grads(params, graphdef, pb, pair_grid, cfg, 2)
+  acc = jax.jit(lambda p, b, k: accumulate_grads(p, graphdef, b, pair_grid, cfg, k), static_argnums=2)
+  _, _, m1 = acc(params, pb, 1)
+  _, _, m2 = acc(params, pb, 2)
   assert set(m1) == set(m2) and float(m1["ratio_mean"]) != pytest.approx(1.0, abs=1e-3)
   for k in m1:
     assert float(m2[k]) == pytest.approx(float(m1[k]), rel=1e-5, abs=1e-6), k
@@ -233,8 +236,12 @@ def test_passes_nan_skip_and_frozen_vision(rollout):
   p2, s2, m2 = run_update(model, pb, pair_grid, loss_cfg, dataclasses.replace(opt, passes=2))
   p1, s1, _ = run_update(model, pb, pair_grid, loss_cfg, opt)
   p11, _, m11 = run_update(model, pb, pair_grid, loss_cfg, opt, state=(p1, s1))
+  # Adam's m/√v turns fp32 rounding in a near-zero gradient (one scan of two passes against two
+  # programs) into a visible step: at the tests' -O0 two of 16,384 embedding entries differ by
+  # ~8e-5. A pass skipped or run twice moves every parameter by ~lr = 1e-2.
   for a, b in zip(jax.tree.leaves(p2), jax.tree.leaves(p11)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    diff = np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))
+    assert diff.max() < 1e-3 and diff.mean() < 1e-6, (diff.max(), diff.mean())
   assert float(m2["loss_last_pass"]) != float(m2["loss"])
   assert float(m2["logprob_drift"]) < 1e-4 and float(m2["entropy"]) > 0  # first pass: trainer = sampler
   # A NaN in the advantages: the update is skipped, parameters bit-identical.

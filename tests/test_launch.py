@@ -6,6 +6,7 @@ import random
 import stat
 import subprocess
 import sys
+from conftest import xla_flags
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -13,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def base_env(devices: int):
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHON": sys.executable,
-         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+         "XLA_FLAGS": xla_flags(devices)}
   for k in list(env):
     if k.startswith(("SLURM_", "LGRPO_", "TPU_WORKER", "MEGASCALE")):
       env.pop(k)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from lgrpo_jax import distributed
+from conftest import xla_flags
 
 
 def free_port() -> int:
@@ -20,7 +21,7 @@ def free_port() -> int:
 
 def run_check(n_proc: int, out, extra=()):
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": f"--xla_force_host_platform_device_count={8 // n_proc}"}
+         "XLA_FLAGS": xla_flags(8 // n_proc)}
   for k in (distributed.ENV_COORDINATOR, distributed.ENV_NUM_PROCESSES, distributed.ENV_PROCESS_ID):
     env.pop(k, None)
   base = [sys.executable, "-m", "lgrpo_jax.check", "--mesh.fsdp", "4", "--mesh.tensor", "2",
@@ -86,7 +87,7 @@ def test_two_processes_equal_one(tmp_path, source):
 
 def run_barrier_worker(*args) -> list[str]:
   """tests/barrier_worker.py as two processes on loopback; each one's result line."""
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(1)}
   worker = os.path.join(os.path.dirname(__file__), "barrier_worker.py")
   outs = spawn([sys.executable, worker, *args], 2, env, timeout=120)
   return [next(ln for ln in out.splitlines() if ln.startswith(("gathered", "saved"))) for out in outs]
@@ -162,7 +163,7 @@ def test_orbax_barrier_flag_set_or_warned(monkeypatch):
 
 
 def test_check_reports_bad_mesh_in_one_line(tmp_path):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(8)}
   r = subprocess.run([sys.executable, "-m", "lgrpo_jax.check", "--mesh.data", "3"], capture_output=True,
                      text=True, env=env, timeout=300)
   assert r.returncode == 2 and "Traceback" not in r.stderr
@@ -172,7 +173,7 @@ def test_check_reports_bad_mesh_in_one_line(tmp_path):
 def run_launch(n_proc: int, run_dir, tok_overrides=()):
   """The launcher (warm start + GRPO + evaluation) on 4 devices: one process, or two with 2 each."""
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": f"--xla_force_host_platform_device_count={4 // n_proc}"}
+         "XLA_FLAGS": xla_flags(4 // n_proc)}
   for k in (distributed.ENV_COORDINATOR, distributed.ENV_NUM_PROCESSES, distributed.ENV_PROCESS_ID):
     env.pop(k, None)
   base = [sys.executable, "-m", "lgrpo_jax.launch", "--config", "configs/demo.py", f"run_dir={run_dir}",
@@ -206,14 +207,14 @@ def test_training_two_processes_equal_one(tmp_path):
   assert (tmp_path / "two" / "checkpoints" / "2").is_dir() and (tmp_path / "two" / "sft").is_dir()
 
   # Multi-host evaluation of that run: two processes judge like one (padding rows in the last batch).
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(2)}
   for k in (distributed.ENV_COORDINATOR, distributed.ENV_NUM_PROCESSES, distributed.ENV_PROCESS_ID):
     env.pop(k, None)
   base = [sys.executable, "-m", "lgrpo_jax.evaluate", "--checkpoint", str(tmp_path / "two"), "--data", "synthetic:3",
           "--batch", "4", "--max-new-tokens", "8"]
   outs = spawn(base + ["--out", str(tmp_path / "eval2")], 2, env, timeout=300)
   assert "accuracy" in outs[0] and "accuracy" not in outs[1]  # process 0 reports and writes
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+  env["XLA_FLAGS"] = xla_flags(4)
   spawn(base + ["--out", str(tmp_path / "eval1")], 1, env, timeout=300)
   preds = {d: sorted((json.loads(x) for x in open(tmp_path / d / "predictions.jsonl")),
                      key=lambda r: (r["pair_id"], r["order"])) for d in ("eval1", "eval2")}
@@ -231,7 +232,7 @@ def test_a_stop_or_a_bad_record_on_one_process_stops_every_process(tmp_path):
   decide alone: the other waited in the next step's collective (a hang, then an abort after the
   barrier timeout) while the stopping one waited in the checkpoint's barrier."""
   from lgrpo_jax.data.tokenizer import build_tiny_tokenizer
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(1),
          "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
   worker = os.path.join(os.path.dirname(__file__), "stop_worker.py")
   outs = spawn([sys.executable, worker, str(tmp_path / "run"), build_tiny_tokenizer(tmp_path / "tok")], 2, env,

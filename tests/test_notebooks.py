@@ -4,6 +4,7 @@ their environment knobs) and are stored without outputs."""
 import os
 
 import pytest
+from conftest import xla_flags
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -15,7 +16,7 @@ NOTEBOOKS = os.path.join(HERE, "..", "notebooks")
 def execute(name: str, env: dict, monkeypatch):
   for k, v in env.items():
     monkeypatch.setenv(k, v)
-  monkeypatch.setenv("XLA_FLAGS", "")  # one CPU device in the kernel, as on a laptop
+  monkeypatch.setenv("XLA_FLAGS", xla_flags())  # one CPU device in the kernel, as on a laptop
   nb = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
   for cell in nb.cells:  # stored stripped: no outputs in git
     if cell.cell_type == "code":

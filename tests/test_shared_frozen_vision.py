@@ -133,8 +133,14 @@ def test_frozen_tower_update_equals_differentiating_and_dropping_its_gradient(ro
 
   (p_new, m_new), (p_old, m_old) = run(frozen), run(dataclasses.replace(frozen, freeze=()))
   for (k, a), (_, b), (_, c) in zip(p_new, p_old, jax.tree_util.tree_leaves_with_path(params)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    # Adam's m/√v turns fp32 rounding in a near-zero gradient (the two programs fuse differently)
+    # into a visible step: at the tests' -O0 one of 4,096 entries moved 1.3e-5 more. A wrong update
+    # moves every parameter by ~lr = 1e-2.
+    diff = np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))
+    assert diff.max() < 1e-3 and diff.mean() < 1e-6, (jax.tree_util.keystr(k), diff.max(), diff.mean())
     if "visual" in jax.tree_util.keystr(k):
       np.testing.assert_array_equal(a, np.asarray(c))
-  assert m_new["loss"] == pytest.approx(m_old["loss"], rel=1e-6)
+  # On-policy, the first pass's loss is −mean(A·1) ≈ 0: fp32 cancellation noise (~1e-7) at the
+  # scale of its O(1) terms, so compared absolutely.
+  assert m_new["loss"] == pytest.approx(m_old["loss"], rel=1e-6, abs=1e-6)
   assert m_new["grad_norm"] < m_old["grad_norm"]  # the tower's gradient: computed only the plain way

@@ -10,6 +10,7 @@ import pytest
 
 from lgrpo_jax.data.tokenizer import build_tiny_tokenizer
 from train_worker import make
+from conftest import xla_flags
 
 
 def test_resume_is_bit_identical_and_metrics_are_written(tmp_path):
@@ -200,7 +201,7 @@ def test_sigkill_then_resume_is_bit_identical_and_sigterm_saves(tmp_path):
   # One persistent compilation cache for every process (`compile_cache=PATH`), every program in it
   # (no minimum compile time): the first run compiles and writes, the others load. So the resumed
   # run's parameters are those of programs loaded from disk, compared with freshly compiled ones.
-  env = dict(os.environ, XLA_FLAGS="", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   env.pop("JAX_COMPILATION_CACHE_DIR", None)
   cache = tmp_path / "xla_cache"
   run = lambda d, steps, out: subprocess.Popen([sys.executable, worker, str(d), str(tok_dir), str(steps),
