@@ -25,7 +25,7 @@ demo: $(VENV)/.installed
 	$(BIN)/python -m lgrpo_jax.demo
 
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest tests -n 2 --dist loadfile --durations=15
+	$(BIN)/python -m pytest tests -n 2 --dist loadfile --no-loadscope-reorder --durations=15
 
 clean:
 	rm -rf $(VENV)

@@ -87,11 +87,16 @@ class SignalOnRead:
     self.batches.set_state(state)
 
 
-# The files that run longest (subprocess runs, training), first: pytest-xdist's loadfile hands files
-# out in collection order, and a long file drawn last kept one worker busy ~150 s after the other had
-# finished. Order within a file is kept.
-LONGEST_FIRST = ("test_multiprocess.py", "test_demo.py", "test_train_loop.py", "test_notebooks.py",
-                 "test_prefix_sharing.py", "test_grpo.py", "test_shared_frozen_vision.py", "test_sampling.py")
+# The files that run longest (subprocess runs, training), first, by their measured time (2026-11-28:
+# multiprocess 375 s, train_loop 285, demo 235, … evaluate 62): `make test` passes
+# --no-loadscope-reorder, so pytest-xdist's loadfile hands files out in this order. Its default
+# orders files by their number of tests, which put the one-test demo (235 s) last: one worker ran it
+# alone for minutes after the other had finished. Order within a file is kept.
+LONGEST_FIRST = ("test_multiprocess.py", "test_train_loop.py", "test_demo.py", "test_prefix_sharing.py",
+                 "test_sampling.py", "test_grpo.py", "test_notebooks.py", "test_shared_frozen_vision.py",
+                 "test_launch_cli.py", "test_train_step.py", "test_attention.py", "test_sharding.py",
+                 "test_sft.py", "test_decode_matmul.py", "test_decode_kernel.py", "test_evaluate.py",
+                 "test_listener.py", "test_model_parity.py", "test_train_sharded.py", "test_pipeline.py")
 
 
 def pytest_collection_modifyitems(config, items):

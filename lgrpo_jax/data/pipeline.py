@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import os
 from typing import Sequence
 
@@ -78,6 +79,49 @@ class PipelineConfig:
       raise ValueError(f"PipelineConfig.bad_records={self.bad_records!r}: choose 'error' or 'skip'")
     if self.worker_count < 0:
       raise ValueError(f"PipelineConfig.worker_count={self.worker_count} must be ≥ 0")
+    if not 0 <= self.seed < 2**32:
+      raise ValueError(f"PipelineConfig.seed={self.seed}: must be in [0, 2**32)")
+
+
+# Grain's `shuffle` (a cipher on indices, O(1) memory) walks cycles of a 2**16-element domain when the
+# dataset is smaller: ~2**16 / n encryptions per element, 6.6 ms per element at n = 8, 0.9 ms at 64,
+# 8 µs at 30,000 (this 2-core machine). Its prefetch plans 500 elements ahead, so a small dataset's
+# pipeline spent seconds of CPU shuffling. Below this size a stored permutation per epoch is used.
+SMALL_SHUFFLE = 1 << 16
+
+
+@functools.lru_cache(maxsize=8)  # thread-safe; the prefetch window spans one or two epochs
+def _epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+  return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+class _SmallShuffle(grain.MapDataset):
+  """Grain's ShuffleMapDataset contract for a small parent of length n: a different order every
+  epoch, a function of (seed, epoch) only, so repeat() reshuffles and a restored iterator sees the
+  same order. Index e·n + i reads the parent at e·n + perm(seed, e)[i]."""
+
+  def __init__(self, parent: grain.MapDataset, seed: int):
+    super().__init__(parent)
+    self._seed = seed
+
+  def __len__(self) -> int:
+    return len(self._parent)
+
+  def __str__(self) -> str:
+    return "SmallShuffle"
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    n = len(self._parent)
+    epoch, i = divmod(index, n)
+    return self._parent[epoch * n + int(_epoch_permutation(self._seed, epoch, n)[i])]
+
+
+def shuffled(ds: grain.MapDataset, seed: int) -> grain.MapDataset:
+  """`ds` reshuffled every epoch (with `repeat`): grain's shuffle, or a stored permutation below
+  SMALL_SHUFFLE elements where grain's costs milliseconds per element."""
+  return _SmallShuffle(ds, seed) if len(ds) < SMALL_SHUFFLE else ds.shuffle(seed=seed)
 
 
 def _oriented(cfg: PipelineConfig, index: int, item):
@@ -382,7 +426,7 @@ def make_batches(pairs, tokenizer, cfg: PipelineConfig = PipelineConfig(),
     ds = grain.MapDataset.range(2 * len(pairs)).map(_BothOrders(pairs))
   else:
     ds = grain.MapDataset.source(pairs)
-    ds = ds.shuffle(seed=cfg.seed) if cfg.shuffle else ds
+    ds = shuffled(ds, cfg.seed) if cfg.shuffle else ds
   ds = ds.repeat(cfg.num_epochs)
   report = report if report is not None else Report(cfg.bad_records)
   if cfg.group_by_grid:
