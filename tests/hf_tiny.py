@@ -141,6 +141,18 @@ def ours_inputs(batch: dict) -> dict:
           if k in batch}
 
 
+def traced_forward(model, batch: dict):
+  """`model(**ours_inputs(batch))` as one newly traced jitted program. Unlike `lgrpo_jax.forward`
+  (cached per shapes), module settings a test changed (attention blocks, sharding rules) are read
+  afresh; unlike the eager call it compiles one program, not hundreds of small ones."""
+  from flax import nnx
+  from lgrpo_jax.models.qwen2_5_vl.layers import static_grid
+  x = ours_inputs(batch)
+  grid = static_grid(x["image_grid_thw"]) if "image_grid_thw" in x else None
+  return nnx.jit(lambda m, i, a, p: m(i, a, p, grid))(model, x["input_ids"], x.get("attention_mask"),
+                                                          x.get("pixel_values"))
+
+
 def hf_generate(hf, batch: dict, n: int, eos=None) -> np.ndarray:
   """transformers' greedy continuation of a `make_batch` batch: the n new tokens (B, n)."""
   kw = {k: torch.from_numpy(v) for k, v in batch.items()}

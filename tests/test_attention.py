@@ -3,11 +3,12 @@ whole model with the blocked path forced, against transformers."""
 
 import numpy as np
 import pytest
+from flax import nnx
 
 import jax.numpy as jnp
 import lgrpo_jax
 from lgrpo_jax.models.qwen2_5_vl import layers
-from hf_tiny import CASES, build_hf, config_dict, hf_logits, make_batch, ours_inputs, rel_err
+from hf_tiny import CASES, build_hf, config_dict, hf_logits, make_batch, rel_err, traced_forward
 
 
 def reference(q, k, v, mask, scale):
@@ -69,7 +70,7 @@ def test_model_with_blocked_attention_matches_transformers(monkeypatch, tmp_path
   monkeypatch.setattr(layers, "BLOCK_ROWS", 24)
   for case in ("left_padded_batch", "two_images_sizes", "long_300"):
     batch = make_batch(CASES[case], seed=3)
-    got = np.asarray(ours(**ours_inputs(batch)))
+    got = np.asarray(traced_forward(ours, batch))  # traced afresh: the patched block sizes are read
     assert rel_err(got, hf_logits(hf, batch), batch["attention_mask"]) <= 1e-5, case
 
 
@@ -149,6 +150,7 @@ def test_extend_attention_equals_attention_over_the_concatenation():
                             "xla")
 
   split = lambda q, k, v, pk, pv: layers.attention_extend(q, k, v, pk, pv, prefix_mask, own_mask, 0.3)
+  split, plain = jax.jit(split), jax.jit(plain)  # one program each (op by op: ~200 small ones)
   args = (q, k, v, pk, pv)
   np.testing.assert_allclose(np.asarray(split(*args)), np.asarray(plain(*args)), rtol=1e-5, atol=1e-5)
   rep = lambda a: np.repeat(np.asarray(a), g, axis=0)
@@ -156,7 +158,7 @@ def test_extend_attention_equals_attention_over_the_concatenation():
   ref = reference(q, np.concatenate([rep(pk), k], 1), np.concatenate([rep(pv), v], 1), ref_mask, 0.3)
   np.testing.assert_allclose(np.asarray(split(*args)), ref, rtol=1e-5, atol=1e-5)
   w = jnp.asarray(rng.standard_normal((r, t, kh, h, d)), jnp.float32)
-  grads = lambda f: jax.grad(lambda *a: jnp.sum(f(*a) * w), argnums=(0, 1, 2, 3, 4))(*args)
+  grads = lambda f: jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) * w), argnums=(0, 1, 2, 3, 4)))(*args)
   for got, want in zip(grads(split), grads(plain)):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
 
@@ -169,9 +171,11 @@ def test_extend_uses_the_split_path_except_with_cudnn(monkeypatch):
   cfg = m.config
   b, g, t, p = 1, 2, 3, 4
   e = cfg.text.hidden_size
-  _, pk, pv = m.prefill(jnp.ones((b, p, e)), jnp.broadcast_to(jnp.arange(p), (3, b, p)), jnp.ones((b, p), bool))
-  run = lambda: m.extend(jnp.ones((b, g, t, e)), jnp.broadcast_to(p + jnp.arange(t), (b, g, t)),
-                         jnp.ones((b, g, t), bool), pk, pv, jnp.ones((b, p), bool))
+  _, pk, pv = nnx.jit(lambda m: m.prefill(jnp.ones((b, p, e)), jnp.broadcast_to(jnp.arange(p), (3, b, p)),
+                                           jnp.ones((b, p), bool)))(m)
+  # A new jit each call: traced afresh, so the patched functions below are what it calls.
+  run = lambda: nnx.jit(lambda m: m.extend(jnp.ones((b, g, t, e)), jnp.broadcast_to(p + jnp.arange(t), (b, g, t)),
+                                           jnp.ones((b, g, t), bool), pk, pv, jnp.ones((b, p), bool)))(m)
   calls = []
   real_split, real_attention = model_mod.attention_extend, model_mod.attention
   monkeypatch.setattr(model_mod, "attention_extend", lambda *a: calls.append("split") or real_split(*a))

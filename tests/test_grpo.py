@@ -176,9 +176,9 @@ def test_prefix_shared_logprobs_equal_the_samplers(rollout):
   model, batch, pair_grid, out = rollout
   from lgrpo_jax.grpo.update import policy_logprobs
   b = batch["input_ids"].shape[0]
-  logp = policy_logprobs(model, jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"]),
-                         jnp.asarray(batch["pixel_values"]).reshape(b, -1, batch["pixel_values"].shape[-1]),
-                         pair_grid, out.tokens, out.mask, chunk=50)
+  logp = nnx.jit(lambda m, *a: policy_logprobs(m, *a[:3], pair_grid, *a[3:], chunk=50))(  # as the step runs it
+      model, jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"]),
+      jnp.asarray(batch["pixel_values"]).reshape(b, -1, batch["pixel_values"].shape[-1]), out.tokens, out.mask)
   m = np.asarray(out.mask, bool)
   np.testing.assert_allclose(np.asarray(logp)[m], np.asarray(out.logprobs)[m], atol=1e-5)
 

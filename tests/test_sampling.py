@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import lgrpo_jax
 from lgrpo_jax import sharding
@@ -84,13 +85,18 @@ def test_sampler_logprobs_equal_teacher_forced_recomputation(pair):
   order = [b * rows_per_prompt + i for b in range(len(batch["input_ids"])) for _ in range(g)
            for i in range(rows_per_prompt)]
   grid_rep = tuple(tuple(int(v) for v in grids[i]) for i in order)
-  feats = ours.image_features(jnp.concatenate([per_img[i] for i in order]), grid_rep)
-  pos, _ = get_rope_index(ids, mask, grid_rep, ours.config)
-  comp_pos = jnp.max(pos, axis=(0, 2))[:, None] + 1 + jnp.arange(tokens.shape[1])
-  x = jnp.concatenate([ours.embed(jnp.asarray(ids), feats), ours.embed(jnp.asarray(tokens))], 1)
-  positions = jnp.concatenate([pos, jnp.broadcast_to(comp_pos, (3, *comp_pos.shape))], 2)
-  full_mask = jnp.concatenate([jnp.asarray(mask), jnp.ones_like(tokens)], 1)
-  logits = np.asarray(ours.logits(ours.decode(x, positions, full_mask)), np.float64)
+
+  @nnx.jit  # one program (op by op it compiled ~300)
+  def teacher_forced(m, ids, mask, pixels, tokens):
+    feats = m.image_features(pixels, grid_rep)
+    pos, _ = get_rope_index(ids, mask, grid_rep, m.config)
+    comp_pos = jnp.max(pos, axis=(0, 2))[:, None] + 1 + jnp.arange(tokens.shape[1])
+    x = jnp.concatenate([m.embed(ids, feats), m.embed(tokens)], 1)
+    positions = jnp.concatenate([pos, jnp.broadcast_to(comp_pos, (3, *comp_pos.shape))], 2)
+    return m.logits(m.decode(x, positions, jnp.concatenate([mask, jnp.ones_like(tokens)], 1)))
+
+  logits = np.asarray(teacher_forced(ours, jnp.asarray(ids), jnp.asarray(mask),
+                                     jnp.concatenate([per_img[i] for i in order]), jnp.asarray(tokens)), np.float64)
   p = batch["input_ids"].shape[1]
   scaled = logits[:, p - 1:-1] / t
   ref = scaled - np.log(np.exp(scaled - scaled.max(-1, keepdims=True)).sum(-1, keepdims=True)) \

@@ -61,9 +61,9 @@ def test_sft_listener_term_is_the_listener_reward_cross_entropy_and_falls(tmp_pa
   spec = ListenerSpec.from_tokenizer(tok)
   batch = to_device(host)
   grid = pair_grid_of(host)
-  probs = listener_probs(model, batch.listener_input_ids, batch.listener_attention_mask,
-                         batch.pixel_values.reshape(-1, batch.pixel_values.shape[-1]), grid * 4, tokens,
-                         mask.sum(-1), spec)[:, 0]
+  probs = jax.jit(lambda *a: listener_probs(model, *a[:3], grid * 4, *a[3:], spec))(  # one program, not ~300
+      batch.listener_input_ids, batch.listener_attention_mask,
+      batch.pixel_values.reshape(-1, batch.pixel_values.shape[-1]), tokens, mask.sum(-1))[:, 0]
   expected = -np.mean(np.log(np.asarray(probs)[np.arange(4), host["labels"]]))
   tx = optax.adamw(3e-3)
   step = make_sft_step(graphdef, tx, grid, listener_spec=spec, listener_weight=1.0)
@@ -71,7 +71,7 @@ def test_sft_listener_term_is_the_listener_reward_cross_entropy_and_falls(tmp_pa
   params, opt_state, loss, parts = step(params, opt_state, batch, tokens, mask)
   np.testing.assert_allclose(float(parts["sft/listener_ce"]), expected, rtol=1e-5)
   np.testing.assert_allclose(float(loss), float(parts["sft/nll"] + parts["sft/listener_ce"]), rtol=1e-6)
-  for _ in range(30):
+  for _ in range(20):  # it falls below half at ~15 steps and to ~5% by 20 (seed 0)
     params, opt_state, loss, parts = step(params, opt_state, batch, tokens, mask)
   assert float(parts["sft/listener_ce"]) < 0.5 * expected, (float(parts["sft/listener_ce"]), expected)
 

@@ -11,7 +11,7 @@ from jax.sharding import PartitionSpec as P
 
 import lgrpo_jax
 from lgrpo_jax import checkpoint, sharding
-from hf_tiny import build_hf, config_dict, make_batch, ours_inputs, rel_err
+from hf_tiny import build_hf, config_dict, make_batch, ours_inputs, rel_err, traced_forward
 
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 4, 2)]
 # 8 rows (so every data-parallel layout splits the batch), left padding, images of several sizes.
@@ -170,10 +170,10 @@ def test_use_rules_changes_activation_shardings(hf_dir):
   mesh = mesh_of((8, 1, 1))
   model = lgrpo_jax.load_hf(hf_dir, mesh=mesh)
   batch = ours_inputs(make_batch(ROWS, seed=5))
-  with jax.set_mesh(mesh):
-    split = model(**batch)
+  with jax.set_mesh(mesh):  # traced afresh each time: the rules are read at trace time
+    split = traced_forward(model, batch)
     with sharding.use_rules({**sharding.RULES, "batch": None}):
-      whole = model(**batch)
+      whole = traced_forward(model, batch)
   assert spec_of(split)[0] == ("data", "fsdp") or spec_of(split)[0] == "data"
   assert spec_of(whole)[0] is None
   assert rel_err(np.asarray(whole), np.asarray(split), batch["attention_mask"]) <= 1e-5
