@@ -146,6 +146,19 @@ def test_sharded_load_host_memory_well_under_a_full_copy(tmp_path):
   assert spec_of(params(loaded)["layers.q_proj.kernel"]) == (None, "fsdp", None, None)
 
 
+def test_a_layer_axis_split_over_devices_loads_the_same_values(hf_dir, single):
+  """Loading builds stacked parameters one layer at a time, in one program for all devices when the
+  layer axis is whole on each (the default rules), else per device with its own layers: a rules
+  table that shards the layers takes the second way and loads the same values."""
+  mesh = mesh_of((4, 2, 1))
+  got = params(lgrpo_jax.load_hf(hf_dir, mesh=mesh, rules={**sharding.RULES, "layers": ("fsdp",)}))
+  assert spec_of(got["layers.q_proj.kernel"])[0] == "fsdp"  # 2 text layers: one per fsdp device
+  assert spec_of(got["visual.blocks.qkv.kernel"])[0] == "fsdp"  # 4 vision blocks: two per device
+  want = params(single)
+  for name in want:
+    np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(want[name]), err_msg=name)
+
+
 def test_orbax_restore_onto_another_mesh(hf_dir, single, tmp_path):
   a = lgrpo_jax.load_hf(hf_dir, mesh=mesh_of((1, 8, 1)))
   checkpoint.save_model(a, tmp_path / "ckpt")

@@ -181,23 +181,39 @@ def _place(shape, np_dtype, sharding, read_layers, stacked: bool):
   """
   index_of = sharding.addressable_devices_indices_map(shape)
   ranges = {dev: tuple(sl.indices(d)[:2] for sl, d in zip(idx, shape)) for dev, idx in index_of.items()}
+  send = lambda whole, dev, r: jax.device_put(np.ascontiguousarray(whole[_slices(r)], dtype=np_dtype), dev)
   if not stacked:
     whole = read_layers[0]()
-    arrays = [jax.device_put(np.ascontiguousarray(whole[_slices(r)], dtype=np_dtype), dev)
-              for dev, r in ranges.items()]
-  else:
-    arrays = {dev: jax.device_put(np.zeros([b - a for a, b in r], np_dtype), dev)
-              for dev, r in ranges.items()}
+    return jax.make_array_from_single_device_arrays(shape, sharding, [send(whole, dev, r) for dev, r in ranges.items()])
+  zeros = {dev: jax.device_put(np.zeros([b - a for a, b in r], np_dtype), dev) for dev, r in ranges.items()}
+  if all(r[0] == (0, shape[0]) for r in ranges.values()):
+    # The layer axis is whole on every device (as the rules shard it): layer i goes into the global
+    # stack with one program for all devices. Per device, jit compiled one program per device and
+    # shape (116 programs for the tiny model on 8 devices, against 15).
+    stack = jax.make_array_from_single_device_arrays(shape, sharding, list(zeros.values()))
+    layer_sharding = _without_leading_axis(sharding)
     for i, read in enumerate(read_layers):
-      whole = None
-      for dev, r in ranges.items():
-        (l0, l1), rest = r[0], r[1:]
-        if l0 <= i < l1:
-          whole = read() if whole is None else whole
-          part = jax.device_put(np.ascontiguousarray(whole[_slices(rest)], dtype=np_dtype), dev)
-          arrays[dev] = _set_layer(arrays[dev], part, i - l0)
-    arrays = [arrays[dev] for dev in ranges]
-  return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+      whole = read()
+      layer = jax.make_array_from_single_device_arrays(
+          shape[1:], layer_sharding, [send(whole, dev, r[1:]) for dev, r in ranges.items()])
+      stack = _set_layer(stack, layer, i)
+    return stack
+  arrays = zeros  # layers split over devices: each device's stack is filled with its own layers
+  for i, read in enumerate(read_layers):
+    whole = None
+    for dev, r in ranges.items():
+      (l0, l1), rest = r[0], r[1:]
+      if l0 <= i < l1:
+        whole = read() if whole is None else whole
+        arrays[dev] = _set_layer(arrays[dev], send(whole, dev, rest), i - l0)
+  return jax.make_array_from_single_device_arrays(shape, sharding, [arrays[dev] for dev in ranges])
+
+
+def _without_leading_axis(sharding):
+  """The sharding of one layer of a stack laid out as `sharding` (layer axis not partitioned)."""
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*sharding.spec[1:]))
+  return sharding  # one device
 
 
 def _slices(ranges):
