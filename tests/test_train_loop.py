@@ -148,6 +148,34 @@ def test_best_checkpoint_keeps_its_accuracy_across_restarts(tmp_path):
   assert metric_steps() == [0, 1] and best_steps() == [7]
 
 
+def test_the_data_running_out_ends_the_run_as_its_last_step_would(tmp_path, capsys):
+  # 4 pairs, 2 per batch, one epoch: 2 steps where 9 were asked.
+  # As at `loop.steps`, the step reached is evaluated (eval_every does not divide it), saved, and
+  # kept as best/ when it is the best; a restart of the finished run trains nothing more.
+  from lgrpo_jax.data.synthetic import synthetic
+  tok_dir = build_tiny_tokenizer(tmp_path / "tok")
+  run = tmp_path / "run"
+  t = make(run, tok_dir, steps=9, save_every=5, eval_every=5, pairs=list(synthetic(4, seed=1, image_size=56)),
+           num_epochs=1)
+  t.evaluator = ScriptedEvaluator([0.25, 0.5])
+  out = t.run()
+  t.close()
+  assert not t.evaluator.accuracies and int(t.state.step) == 2
+  assert "the data ran out (pipeline.num_epochs=1) at step 2" in capsys.readouterr().err
+  lines = [json.loads(x) for x in open(run / "metrics.jsonl")]
+  assert lines == out
+  assert [(m["step"], m.get("eval/accuracy")) for m in lines] == [(0, 0.25), (1, None), (2, None), (2, 0.5)]
+  assert set(lines[-1]) == {"step", "eval/accuracy"}
+  assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [2]
+  assert sorted(int(p.name) for p in (run / "best").iterdir() if p.name.isdigit()) == [2]
+  again = make(run, tok_dir, steps=9, save_every=5, eval_every=5, pairs=list(synthetic(4, seed=1, image_size=56)),
+               num_epochs=1)
+  again.evaluator = ScriptedEvaluator([])
+  assert again.resumed_from == 2 and again.run() == []
+  again.close()
+  assert int(again.state.step) == 2 and len(open(run / "metrics.jsonl").readlines()) == 4
+
+
 def test_unreadable_newest_checkpoint_falls_back_to_the_previous(tmp_path, capsys):
   tok_dir = build_tiny_tokenizer(tmp_path / "tok")
   t = make(tmp_path / "run", tok_dir, steps=4, save_every=2)

@@ -416,9 +416,19 @@ class Trainer:
         self.stopped_by = stop
         break
       if ended:
-        print(f"\nthe data ran out (pipeline.num_epochs={self.pipe_cfg.num_epochs}) at step "
-              f"{int(self.state.step)}", file=sys.stderr)
+        step = int(self.state.step)
+        print(f"\nthe data ran out (pipeline.num_epochs={self.pipe_cfg.num_epochs}) at step {step}",
+              file=sys.stderr)
+        # As at `loop.steps`: the last step trained is evaluated (a line of eval/* only, as at step 0).
+        final = self.evaluator is not None and out and "eval/accuracy" not in out[-1]
+        if final:
+          out.append({"step": step, **self.evaluate()})
+          self.sinks.write(out[-1])
+          if on_metrics is not None:
+            on_metrics(out[-1])
         self.save()
+        if final:
+          self._keep_if_best(step, out[-1])
         break
       host = self.feed.take()
       step_fn = self._step_fn(pair_grid_of(host))
@@ -451,13 +461,18 @@ class Trainer:
       if (step % self.loop_cfg.save_every == 0 or step == self.loop_cfg.steps
           or 0 < self.loop_cfg.save_every_minutes <= minutes):
         self.save()
-      # compared in float32: the restored best accuracy was broadcast to every process as one
-      if is_eval and np.float32(metrics["eval/accuracy"]) > np.float32(self.best_accuracy):
-        self.best_accuracy = metrics["eval/accuracy"]
-        if step not in self.best.all_steps():  # else an earlier attempt saved this very step
-          self.best.save(step, args=self._args(), force=True)
+      if is_eval:
+        self._keep_if_best(step, metrics)
     if tty and out:
       print(file=sys.stderr)
+
+  def _keep_if_best(self, step: int, metrics: dict) -> None:
+    """Saves the state into `RUN_DIR/best` when `metrics`' held-out accuracy beats the best so far."""
+    # compared in float32: the restored best accuracy was broadcast to every process as one
+    if np.float32(metrics["eval/accuracy"]) > np.float32(self.best_accuracy):
+      self.best_accuracy = metrics["eval/accuracy"]
+      if step not in self.best.all_steps():  # else an earlier attempt saved this very step
+        self.best.save(step, args=self._args(), force=True)
 
   def close(self) -> None:
     self.sinks.close()
