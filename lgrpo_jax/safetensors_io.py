@@ -68,13 +68,21 @@ class SafetensorsDir:
     """The tensor's safetensors dtype name ("BF16", "F32", "I32", …), from the header."""
     return str(self._handle(key).get_slice(key).get_dtype())
 
-  def get(self, key: str) -> np.ndarray:
+  def get(self, key: str, *, finite: bool = False) -> np.ndarray:
+    """The tensor `key`; with `finite`, a NaN or ±inf in it is a `CheckpointError` naming it."""
     try:
-      return self._handle(key).get_tensor(key)
+      array = self._handle(key).get_tensor(key)
     except CheckpointError:
       raise
     except Exception as e:
       raise CheckpointError(f"{self.file_of[key]}: cannot read tensor '{key}' ({e})") from None
+    if finite and not all_finite(array):
+      bad = ~np.isfinite(array.astype(np.float32))
+      first = tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), array.shape))
+      raise CheckpointError(
+          f"{self.file_of[key]}: tensor '{key}' holds {int(bad.sum()):,} non-finite values (NaN or ±inf; "
+          f"the first at index {first}) — a diverged or corrupted checkpoint")
+    return array
 
   def _handle(self, key: str):
     file = self.file_of[key]
@@ -86,6 +94,26 @@ class SafetensorsDir:
       except Exception as e:
         raise CheckpointError(f"{file}: cannot open ({e})") from None
     return self._handles[file]
+
+
+# A float is NaN or ±inf exactly when its exponent bits are all ones: with the sign bit masked off,
+# when its bits (read as an unsigned integer) are at least this.
+_NON_FINITE_FROM = {np.dtype(np.float16): 0x7C00, np.dtype(ml_dtypes.bfloat16): 0x7F80,
+                    np.dtype(np.float32): 0x7F800000, np.dtype(np.float64): 0x7FF0000000000000}
+
+
+def all_finite(array: np.ndarray, chunk: int = 1 << 20) -> bool:
+  """No NaN or ±inf in `array` (True for non-float dtypes). Reads the bits a cache-sized chunk at a
+  time: ~5 GB/s on one core here, where `np.isfinite` on bfloat16 converts every element."""
+  limit = _NON_FINITE_FROM.get(array.dtype)
+  if limit is None:
+    return True
+  bits = np.ascontiguousarray(array).reshape(-1).view(f"u{array.dtype.itemsize}")
+  sign_off = np.array(np.iinfo(bits.dtype).max >> 1, bits.dtype)
+  for i in range(0, bits.size, chunk):
+    if (bits[i:i + chunk] & sign_off).max(initial=0) >= limit:
+      return False
+  return True
 
 
 def write_sharded(out_dir: str, tensors: Iterable[tuple[str, np.ndarray]], *,

@@ -148,6 +148,39 @@ def test_integer_weight_is_refused_not_cast(hf_dir):
     lgrpo_jax.load_hf(hf_dir)
 
 
+@pytest.mark.parametrize("key,dtype,value", [("model.layers.1.mlp.down_proj.weight", torch.bfloat16, float("nan")),
+                                               ("model.embed_tokens.weight", torch.float32, float("-inf"))])
+def test_non_finite_weight_is_named(hf_dir, key, dtype, value):
+  # A diverged or corrupted checkpoint: refused with the tensor named, not trained on silently
+  # (every update would be skipped as non-finite). One value in a stacked layer, two in the embedding.
+  def poison(t):
+    t[key] = t[key].to(dtype)
+    t[key][3, 5] = value
+    if dtype == torch.float32:
+      t[key][-1, -1] = value
+  rewrite(hf_dir, poison)
+  count = 1 if dtype == torch.bfloat16 else 2
+  with pytest.raises(lgrpo_jax.CheckpointError,
+                     match=rf"model.safetensors: tensor '{key}' holds {count} non-finite values .*first at index \(3, 5\)"):
+    lgrpo_jax.load_hf(hf_dir)
+
+
+def test_all_finite_reads_every_float_format_by_its_bits():
+  import ml_dtypes
+  from lgrpo_jax.safetensors_io import all_finite
+  for dtype in (np.float16, ml_dtypes.bfloat16, np.float32, np.float64):
+    x = np.random.default_rng(0).standard_normal((3, 50, 7)).astype(dtype)
+    x[0, 0, :2] = [ml_dtypes.finfo(dtype).max, -ml_dtypes.finfo(dtype).max]  # the largest finite values
+    x[1, 0, 0] = -0.0
+    assert all_finite(x) and all_finite(x, chunk=4)
+    for where in ((0, 0, 0), (2, 49, 6), (1, 20, 3)):  # first, last, inside a chunk of 4
+      for bad in (np.nan, np.inf, -np.inf):
+        y = x.copy()
+        y[where] = bad
+        assert not all_finite(y) and not all_finite(y, chunk=4), (dtype, where, bad)
+  assert all_finite(np.zeros((0, 4), np.float32)) and all_finite(np.arange(6))
+
+
 def test_no_safetensors_and_pickle_refused(tmp_path, hf_dir):
   os.remove(hf_dir / "model.safetensors")
   (hf_dir / "pytorch_model.bin").write_bytes(b"not read")

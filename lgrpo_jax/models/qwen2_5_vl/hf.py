@@ -163,9 +163,9 @@ def load_hf(path, *, dtype="float32", param_dtype=None, mesh=None, rules=None) -
     full = tuple(_get(pure, rule.ours).shape)
     n = P.num_layers(rule, cfg)
     if n is None:
-      layers = [lambda: P.to_ours(rule, ckpt.get(in_file[rule.hf]), full)]
+      layers = [lambda: P.to_ours(rule, ckpt.get(in_file[rule.hf], finite=True), full)]
     else:
-      layers = [lambda k=key: P.to_ours(rule, ckpt.get(in_file[k]), full[1:])
+      layers = [lambda k=key: P.to_ours(rule, ckpt.get(in_file[k], finite=True), full[1:])
                 for key in P.hf_keys(rule, cfg)]
     _set(pure, rule.ours, _place(full, np_dtype, _get(shardings, rule.ours), layers, stacked=n is not None))
   nnx.replace_by_pure_dict(state, pure)
