@@ -197,9 +197,9 @@ def _main(argv, scope) -> int:
     except stopping.Stopped as e:  # pre-empted during the warm start: it resumes from its checkpoint
       print(f"\n{e}", file=sys.stderr)
       return _leave(128 + e.signum, "lgrpo_jax.launch: warm start stopped by a signal")
-    except ValueError as e:  # a bad record or target, on any process: every process stops here
+    except ValueError as e:  # a bad record or target, or a hung read, on any process: every process stops here
       print(f"error: {e}", file=sys.stderr)
-      return _leave(2, "lgrpo_jax.launch: warm start stopped on an error")
+      return _leave(_error_code(e), "lgrpo_jax.launch: warm start stopped on an error")
   try:
     trainer = Trainer(cfg.run_dir, model, tokenizer, pairs, cfg.step, cfg.pipeline, cfg.loop,
                       listener=listener, config_record=to_record(cfg), eval_pairs=eval_pairs, mesh=mesh,
@@ -212,19 +212,28 @@ def _main(argv, scope) -> int:
   from lgrpo_jax.data.images import ImageError
   try:
     trainer.run()
-  except (DataError, ImageError) as e:  # a record found bad mid-run (bad_records='error'), on any process
+  except (DataError, ImageError) as e:  # a bad record (bad_records='error') or a hung read, on any process
     trainer.close()  # pending checkpoint writes finish
     saved = trainer.manager.latest_step()
     print(f"error: {e}\n(training stopped at step {int(trainer.state.step)}; "
           + (f"a restart resumes from the checkpoint of step {saved})" if saved is not None
              else "no checkpoint was saved yet)"), file=sys.stderr)
-    return _leave(2, "lgrpo_jax.launch: stopped on a data error")
+    return _leave(_error_code(e), "lgrpo_jax.launch: stopped on a data error")
   trainer.close()
   if trainer.stopped_by is not None:  # pre-empted: not done, so that a scheduler restarts the run
     return _leave(128 + trainer.stopped_by, "lgrpo_jax.launch: stopped by a signal")
   if jax.process_index() == 0:
     print(summary(cfg.run_dir), flush=True)
   return _leave(0, "lgrpo_jax.launch: done")
+
+
+TEMPFAIL = 75  # sysexits' EX_TEMPFAIL: a hung data source, which a restart may not meet again
+
+
+def _error_code(e: BaseException) -> int:
+  """2 for a bad input to fix; `TEMPFAIL` for a data read that hung (`pipeline.stall_timeout_s`)."""
+  from lgrpo_jax.data.sources import DataStall
+  return TEMPFAIL if isinstance(e, DataStall) else 2
 
 
 def _leave(code: int, tag: str) -> int:

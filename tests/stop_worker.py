@@ -7,11 +7,14 @@ reach every process.
    process 1).
 2. The run goes on in the same processes, and process 1 alone gets SIGTERM while it reads its
    batch: both return, saved at step 0. (The decisions come before a step: none is compiled.)
+3. Process 1's next read hangs past its `stall_timeout_s`: both save step 0 and raise `DataStall`
+   (process 0 one naming process 1).
 Each process prints one line per part."""
 
 import argparse
 import os
 import signal
+import threading
 
 from lgrpo_jax import distributed
 
@@ -42,6 +45,8 @@ class Process1:
     self.batches, self.then = batches, "bad record"
 
   def __next__(self):
+    if self.then == "hang":
+      threading.Event().wait()  # a read that never returns (its thread is a daemon)
     if self.then == "sigterm":
       os.kill(os.getpid(), signal.SIGTERM)
       return next(self.batches)
@@ -65,5 +70,14 @@ if me == 1:
   t.batches.then = "sigterm"
 out = t.run()  # the same trainer goes on (as in a notebook), and is stopped
 print(f"stopped: steps {[m['step'] for m in out]}, by {t.stopped_by}, saved {t.manager.all_steps()}", flush=True)
+if me == 1:
+  t.batches = Process1(t.batches.batches)  # a new feed: the batch read in part 2 is dropped
+  t.batches.then = "hang"
+  t.feed.stall_timeout_s = 2.0
+try:
+  t.run()
+  print("hung: nothing raised", flush=True)
+except DataError as e:
+  print(f"hung: {type(e).__name__}: {e}; step {int(t.state.step)}, saved {t.manager.all_steps()}", flush=True)
 t.close()
 distributed.finish("stop_worker: done")

@@ -63,6 +63,7 @@ def test_overrides_that_complete_each_other_work_in_any_order():
     (f"run_dir={DEMO}", "demo.py' exists and is not a directory"),
     ("pipeline.global_batch=0", "PipelineConfig.global_batch=0: must be ≥ 1"),  # it used to hang
     ("pipeline.length_buckets=[]", "need at least one positive length"),
+    ("pipeline.stall_timeout_s=-1", "PipelineConfig.stall_timeout_s=-1.0: must be ≥ 0 (0: wait forever)"),
     ("pipeline.image.max_pixels=0", "need 0 < min_pixels ≤ max_pixels"),
     ("data.synthetic_pairs=0", "data.synthetic_pairs=0 must be ≥ 1"),
     ("step.optim.learning_rate=nan", "learning_rate must be finite and > 0 (got nan)"),
@@ -73,6 +74,18 @@ def test_bad_input_is_one_clear_error_before_compiling(tmp_path, capsys, overrid
   rc = launch.main(["--config", DEMO, f"run_dir={tmp_path}", *override.split()])
   assert rc == 2
   assert message in capsys.readouterr().err
+
+
+def test_a_hung_read_exits_75_a_bad_record_2():
+  # A scheduler retries a temporary failure (sysexits' EX_TEMPFAIL); a bad record needs fixing first.
+  from lgrpo_jax.data.images import ImageError
+  from lgrpo_jax.data.sources import DataError, DataStall
+  from lgrpo_jax.train.stopping import failure_error
+  assert launch._error_code(DataStall("process 0: no batch")) == launch.TEMPFAIL == 75
+  assert launch._error_code(failure_error([1], 3, stalled=[1])) == 75
+  for e in (DataError("bad"), ImageError("/x.png", "truncated"), failure_error([1, 2], 3, stalled=[1])):
+    assert launch._error_code(e) == 2, e
+  assert "process 2 of" in str(failure_error([1, 2], 3, stalled=[1]))  # the one with a record to fix
 
 
 def test_model_listener_is_the_frozen_listener(tmp_path):

@@ -2,6 +2,7 @@
 forward as one process, each feeding its own slice of the batch; start-up detection."""
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -237,9 +238,16 @@ def test_a_stop_or_a_bad_record_on_one_process_stops_every_process(tmp_path):
   worker = os.path.join(os.path.dirname(__file__), "stop_worker.py")
   outs = spawn([sys.executable, worker, str(tmp_path / "run"), build_tiny_tokenizer(tmp_path / "tok")], 2, env,
                timeout=240)
-  lines = [[ln for ln in out.splitlines() if ln.startswith(("stopped", "failed"))] for out in outs]
+  lines = [[ln for ln in out.splitlines() if ln.startswith(("stopped", "failed", "hung"))] for out in outs]
   assert lines[0][0] == ("failed: DataError: process 1 of 2 stopped on a bad record (its log names the record); "
                          "every process saved step 0 and stops; step 0, saved [0]"), lines[0]
   assert lines[1][0] == "failed: ImageError: /data/b7.png: truncated file; step 0, saved [0]", lines[1]
   for got in lines:
     assert got[1] == "stopped: steps [], by 15, saved [0]", got
+  # Process 1's read hangs: it stops with its own DataStall, process 0 with one naming it.
+  assert lines[0][2] == ("hung: DataStall: process 1 of 2 got no batch within pipeline.stall_timeout_s (its "
+                         "data source hangs); every process saved step 0 and stops; a restart resumes there; "
+                         "step 0, saved [0]"), lines[0]
+  assert re.fullmatch(r"hung: DataStall: process 1: no batch after \d+ s \(pipeline.stall_timeout_s=2\): the "
+                      r"data source hangs \(a stalled file system\?\); a restart resumes from the step saved; "
+                      r"step 0, saved \[0\]", lines[1][2]), lines[1]

@@ -335,3 +335,26 @@ def test_a_signal_during_a_data_stall_saves_and_stops(tmp_path):
   again = make(tmp_path / "run", tok_dir, steps=3, pairs=pairs)
   assert again.resumed_from == 0 and json.dumps(again.batches.get_state(), sort_keys=True) == position
   again.close()
+
+
+def test_a_read_stalled_past_the_timeout_saves_and_stops_the_run(tmp_path):
+  """A hung read used to be waited on forever (with several processes, the others waited in the
+  agreement's all-gather). Past `pipeline.stall_timeout_s` it is a failed read: the run saves the
+  data position before the unread batch and raises `DataStall` (the launcher exits 75 for it)."""
+  import time
+  from lgrpo_jax.data.sources import DataStall
+  from lgrpo_jax.data.synthetic import synthetic
+  tok_dir = build_tiny_tokenizer(tmp_path / "tok")
+  pairs = StallingPairs(list(synthetic(4, seed=1, image_size=56)))
+  t = make(tmp_path / "run", tok_dir, steps=3, pairs=pairs, stall_timeout_s=1.5)
+  position = json.dumps(t.batches.get_state(), sort_keys=True)
+  t0 = time.monotonic()
+  with pytest.raises(DataStall, match=r"process 0: no batch after \d+ s \(pipeline.stall_timeout_s=1.5\): "
+                                      r"the data source hangs"):
+    t.run()
+  assert 1.5 <= time.monotonic() - t0 < 30 and t.manager.all_steps() == [0]
+  pairs.release.set()
+  t.close()
+  again = make(tmp_path / "run", tok_dir, steps=3, pairs=pairs)
+  assert again.resumed_from == 0 and json.dumps(again.batches.get_state(), sort_keys=True) == position
+  again.close()

@@ -57,6 +57,9 @@ class PipelineConfig:
   num_epochs: int | None = None  # None: repeat forever
   length_buckets: tuple[int, ...] = (256, 512, 1024, 2048, 4096)  # prompts are left-padded to one of these
   bad_records: str = "error"  # or "skip"
+  # A training batch not read after this many seconds (a hung network file system) stops the run on
+  # every process, saved, with exit code 75 so that a scheduler retries it. 0: wait forever.
+  stall_timeout_s: float = 1800.0
   pad_id: int = 0  # token id of prompt padding (masked out)
   # Grouped: decode/tokenise threads (0: one per core). Plain: 0 decodes in Grain's prefetch
   # threads, >0 in that many worker processes.
@@ -77,6 +80,8 @@ class PipelineConfig:
       raise ValueError(f"PipelineConfig.swap_prob={self.swap_prob} must be in [0, 1]")
     if self.bad_records not in ("error", "skip"):
       raise ValueError(f"PipelineConfig.bad_records={self.bad_records!r}: choose 'error' or 'skip'")
+    if not 0 <= self.stall_timeout_s < float("inf"):
+      raise ValueError(f"PipelineConfig.stall_timeout_s={self.stall_timeout_s}: must be ≥ 0 (0: wait forever)")
     if self.worker_count < 0:
       raise ValueError(f"PipelineConfig.worker_count={self.worker_count} must be ≥ 0")
     if not 0 <= self.seed < 2**32:

@@ -33,6 +33,10 @@ class DataError(ValueError):
   """A record that cannot be used, naming the file and record."""
 
 
+class DataStall(DataError):
+  """No batch within `pipeline.stall_timeout_s`: the data source hangs (not a bad record)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class PreferencePair:
   pair_id: str  # stable id: "<record id>:<i>-<j>"

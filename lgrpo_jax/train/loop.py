@@ -239,7 +239,7 @@ class Trainer:
 
   @batches.setter
   def batches(self, batches) -> None:
-    self.feed = stopping.Feed(batches)
+    self.feed = stopping.Feed(batches, self.pipe_cfg.stall_timeout_s)
 
   # ---- checkpoints ---------------------------------------------------------------------------
   def _tree(self, state: TrainState) -> dict:

@@ -241,7 +241,7 @@ def run_sft(model, tokenizer, pairs, cfg: SFTConfig, pipe_cfg, run_dir: str, *, 
   if primary:  # the lines of the steps done, each once
     keep_jsonl_through(metrics_path, done)
   put = (lambda a: jnp.asarray(a)) if mesh is None else (lambda a: global_batch_array(np.asarray(a), mesh))
-  feed = stopping.Feed(batches)
+  feed = stopping.Feed(batches, pipe.stall_timeout_s)
   texts = []  # the teacher's targets of the batch read
 
   def save(step: int):

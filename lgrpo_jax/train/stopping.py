@@ -6,7 +6,9 @@ Used by the GRPO loop (`Trainer.run`) and the warm start (`run_sft`):
   which the loop honours between steps by saving; a second signal acts as it would without the
   stage (SIGTERM ends the process, SIGINT raises KeyboardInterrupt), a way out of a hung save.
 * `Read`: the next batch is read in a thread, and the loop waits for it in slices, so a stop asked
-  for while the data stalls (a hung file system) is seen.
+  for while the data stalls (a hung file system) is seen, and a stall longer than
+  `pipeline.stall_timeout_s` counts as a failed read (`DataStall`): every process saves and stops
+  instead of the others waiting forever in the next collective.
 * `agree`: with several processes, each step starts with one small all-gather of (stop, failed,
   ended), so that all processes stop, fail or end at the same step; without it, a process stopping
   or failing alone left the others waiting in the next step's collectives until a timeout.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 
 import jax
 import numpy as np
@@ -76,6 +79,7 @@ class Read:
   def __init__(self, batches):
     self.before = batches.get_state()
     self.batch = self.error = None
+    self.started = time.monotonic()
     self.done = threading.Event()
     Read._unfinished.add(self)
     threading.Thread(target=self._read, args=(batches,), daemon=True, name="lgrpo_jax-read").start()
@@ -89,11 +93,14 @@ class Read:
       self.done.set()
       Read._unfinished.discard(self)
 
-  def wait(self, stop: StopSignals, slice_s: float = 0.1) -> bool:
-    """True when the read finished; False as soon as a stop is asked for."""
+  def wait(self, stop: StopSignals, timeout_s: float = 0.0, slice_s: float = 0.1) -> bool | None:
+    """True when the read finished; False as soon as a stop is asked for; None when it has been
+    running for over `timeout_s` seconds since it started (0: no limit)."""
     while not self.done.wait(slice_s):
       if stop.signum:
         return False
+      if timeout_s and time.monotonic() - self.started > timeout_s:
+        return None
     return True
 
 
@@ -111,25 +118,39 @@ class Feed:
   `next`'s; `position()` is the data position to checkpoint: before that batch, so that a restart
   reads it again."""
 
-  def __init__(self, batches):
+  def __init__(self, batches, stall_timeout_s: float = 0.0):
     self.batches = batches
+    self.stall_timeout_s = stall_timeout_s
     self.pending: Read | None = None
+    self.stalled: BaseException | None = None  # this process's hung read, as an error
+    self._stalled_processes: list[int] = []  # the processes whose read hung, as last agreed
 
   def position(self) -> dict:
     return self.pending.before if self.pending is not None else self.batches.get_state()
 
   def next(self, signals: StopSignals, check=None) -> tuple[int, list[int], bool]:
     """Read (unless a stop came first), then `agree`. `check(batch)` raising ValueError (e.g. a
-    missing target) counts as a failed read."""
+    missing target) counts as a failed read, and so does a read hanging for over the timeout."""
     if self.pending is None and not signals.signum:
       self.pending = Read(self.batches)
-    finished = self.pending is not None and self.pending.wait(signals)
-    if finished and self.pending.error is None and check is not None:
-      try:
-        check(self.pending.batch)
-      except ValueError as e:
-        self.pending.error = e
-    return agree(signals.signum, self.pending.error if finished else None)
+    finished = self.pending is not None and self.pending.wait(signals, self.stall_timeout_s)
+    self.stalled = None
+    if finished is None:  # the read hangs: a failure on this process (the read keeps its thread)
+      from lgrpo_jax.data.sources import DataStall
+      self.stalled = DataStall(
+          f"process {jax.process_index()}: no batch after {time.monotonic() - self.pending.started:.0f} s "
+          f"(pipeline.stall_timeout_s={self.stall_timeout_s:g}): the data source hangs (a stalled file "
+          f"system?); a restart resumes from the step saved")
+      error = self.stalled
+    else:
+      if finished and self.pending.error is None and check is not None:
+        try:
+          check(self.pending.batch)
+        except ValueError as e:
+          self.pending.error = e
+      error = self.pending.error if finished else None
+    stop, failed, ended, self._stalled_processes = agree(signals.signum, error)
+    return stop, failed, ended
 
   def take(self) -> dict:
     batch, self.pending = self.pending.batch, None
@@ -138,28 +159,46 @@ class Feed:
   def error(self, failed: list[int], step: int) -> BaseException:
     """After a failure was agreed (and the step saved): this process's own error, or one naming the
     processes that failed. The batch's read is undone, so an in-process retry reads it again."""
+    if self.stalled is not None:  # the read goes on in its thread; a retry in this process waits on it
+      return self.stalled
     mine = self.pending.error if self.pending is not None and self.pending.done.is_set() else None
     if mine is not None:  # (a hung read keeps its thread: nothing to undo)
       self.batches.set_state(self.pending.before)
       self.pending = None
-    return mine if mine is not None and not isinstance(mine, StopIteration) else failure_error(failed, step)
+    if mine is not None and not isinstance(mine, StopIteration):
+      return mine
+    return failure_error(failed, step, self._stalled_processes)
 
 
-def agree(stop: int, error: BaseException | None) -> tuple[int, list[int], bool]:
-  """(the stop signal or 0, the processes whose read failed, whether the data ran out), the same on
-  every process: one all-gather of three int32 per process when there are several."""
+BAD_RECORD, STALLED = 1, 2  # what a process's failed read was, in the agreement's all-gather
+
+
+def agree(stop: int, error: BaseException | None) -> tuple[int, list[int], bool, list[int]]:
+  """(the stop signal or 0, the processes whose read failed, whether the data ran out, the processes
+  among the failed whose read hangs), the same on every process: one all-gather of three int32 per
+  process when there are several."""
+  from lgrpo_jax.data.sources import DataStall
   ended = isinstance(error, StopIteration)
-  mine = np.array([stop, error is not None and not ended, ended], np.int32)
+  failure = 0 if error is None or ended else STALLED if isinstance(error, DataStall) else BAD_RECORD
+  mine = np.array([stop, failure, ended], np.int32)
   if jax.process_count() == 1:
     rows = mine[None]
   else:
     from jax.experimental import multihost_utils
     rows = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, 3)
-  return int(rows[:, 0].max()), [int(i) for i in np.flatnonzero(rows[:, 1])], bool(rows[:, 2].any())
+  return (int(rows[:, 0].max()), [int(i) for i in np.flatnonzero(rows[:, 1])], bool(rows[:, 2].any()),
+          [int(i) for i in np.flatnonzero(rows[:, 1] == STALLED)])
 
 
-def failure_error(failed: list[int], step: int):
-  """The error raised on the processes whose own read went well when others' failed."""
-  from lgrpo_jax.data.sources import DataError
-  return DataError(f"process {', '.join(map(str, failed))} of {jax.process_count()} stopped on a bad "
-                   f"record (its log names the record); every process saved step {step} and stops")
+def failure_error(failed: list[int], step: int, stalled: list[int] = ()):
+  """The error raised on the processes whose own read went well when others' failed: a `DataStall`
+  when every failed process hangs (a restart may succeed), else a `DataError` (a record to fix)."""
+  from lgrpo_jax.data.sources import DataError, DataStall
+  names = lambda ps: f"process {', '.join(map(str, ps))} of {jax.process_count()}"
+  if set(failed) <= set(stalled):
+    return DataStall(f"{names(failed)} got no batch within pipeline.stall_timeout_s (its data source "
+                     f"hangs); every process saved step {step} and stops; a restart resumes there")
+  bad = [p for p in failed if p not in stalled]
+  return DataError(f"{names(bad)} stopped on a bad record (its log names the record); every process "
+                   f"saved step {step} and stops")
+
