@@ -190,3 +190,36 @@ def test_use_rules_changes_activation_shardings(hf_dir):
   assert spec_of(split)[0] == ("data", "fsdp") or spec_of(split)[0] == "data"
   assert spec_of(whole)[0] is None
   assert rel_err(np.asarray(whole), np.asarray(split), batch["attention_mask"]) <= 1e-5
+
+
+@pytest.mark.parametrize("freeze", [(), ("vision",)])
+def test_the_trainers_initial_state_is_one_program_laid_out_as_eagerly(hf_dir, freeze):
+  import jax.numpy as jnp
+  # The Trainer builds its optimizer state and frozen copies in one program each (eagerly, every
+  # zeros_like and copy compiled its own: 43 of the tiny model's 51 programs). The layout must be
+  # the eager one: each Adam moment as its parameter, the scalars replicated; the copies as the
+  # parameters, in buffers of their own (the step donates the policy's).
+  from lgrpo_jax.grpo.update import OptimConfig, make_optimizer
+  from lgrpo_jax.train.loop import place
+  from lgrpo_jax.train.step import TrainState, init_state
+  mesh = mesh_of((2, 2, 2))
+  p = place(nnx.split(lgrpo_jax.load_hf(hf_dir), nnx.Param)[1], mesh)
+  tx = make_optimizer(OptimConfig(freeze=freeze), p)
+  eager = sharding.on_mesh(TrainState(p, tx.init(p), jnp.int32(0), jax.random.key(3)), mesh)
+  ours = init_state(p, tx, 3, mesh)
+  assert all(a is b for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(ours.params)))  # not copied
+  eager_leaves, ours_leaves = (jax.tree_util.tree_leaves_with_path(t) for t in (eager, ours))
+  assert [path for path, _ in eager_leaves] == [path for path, _ in ours_leaves]
+  split = 0
+  for (path, a), (_, b) in zip(eager_leaves, ours_leaves):
+    assert a.sharding.is_equivalent_to(b.sharding, a.ndim), (jax.tree_util.keystr(path), a.sharding, b.sharding)
+    if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+      a, b = jax.random.key_data(a), jax.random.key_data(b)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    split += a.ndim > 0 and a.addressable_shards[0].data.size < a.size
+  assert split > 20  # moments really sharded (not everything replicated)
+  copies = sharding.copy_tree(p)
+  for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(copies)):
+    assert a.sharding.is_equivalent_to(b.sharding, a.ndim)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert a.addressable_shards[0].data.unsafe_buffer_pointer() != b.addressable_shards[0].data.unsafe_buffer_pointer()

@@ -44,7 +44,7 @@ from lgrpo_jax.data.prompts import end_of_turn_ids
 from lgrpo_jax.grpo.update import make_optimizer
 from lgrpo_jax.listener import ListenerSpec
 from lgrpo_jax.rewards import ByteTable
-from lgrpo_jax.sharding import on_mesh, put, state_shardings
+from lgrpo_jax.sharding import copy_tree, on_mesh, put, state_shardings
 from lgrpo_jax.models.qwen2_5_vl.flops import grpo_step_flops
 from lgrpo_jax.train.metrics import CompileCounter, MetricSinks, measured_matmul_tflops
 from lgrpo_jax.train import stopping
@@ -175,26 +175,27 @@ class Trainer:
     self.graphdef, params = nnx.split(model, nnx.Param)
     if mesh is not None:
       params = place(params, mesh)
-    copy = lambda m: jax.tree.map(jnp.copy, nnx.split(m, nnx.Param)[1])
+    copy = lambda m: copy_tree(nnx.split(m, nnx.Param)[1])
     # Frozen copies: the reference (for β > 0) and the listener default to the initial policy. When
     # both do, they are one copy (one model's memory, not two) and the step runs its vision tower
     # once for the listener and reference passes (`make_train_step(listener_is_reference=True)`).
-    self.ref_params = copy(reference) if reference is not None else jax.tree.map(jnp.copy, params)
+    self.ref_params = copy(reference) if reference is not None else copy_tree(params)
     listener = listener if listener is not None else model
     self.listener_graphdef = nnx.split(listener, nnx.Param)[0]
     self.listener_is_reference = listener is model and reference is None
     if self.listener_is_reference:
       self.listener_params = self.ref_params
     else:
-      self.listener_params = copy(listener) if listener is not model else jax.tree.map(jnp.copy, params)
+      self.listener_params = copy(listener) if listener is not model else copy_tree(params)
     if mesh is not None:
       self.ref_params = place(self.ref_params, mesh)
       self.listener_params = self.ref_params if self.listener_is_reference else place(self.listener_params, mesh)
     self.tx = make_optimizer(step_cfg.optim, params)
-    self.state = init_state(params, self.tx, loop_cfg.seed)
+    # One program; on a mesh the moments are laid out as their parameters and the scalars (step,
+    # key, optimizer counts) replicated, like the step's outputs.
+    self.state = init_state(params, self.tx, loop_cfg.seed, mesh)
     self.state_shardings = None
-    if mesh is not None:  # scalars (step, key, optimizer counts) replicated on the mesh like the outputs
-      self.state = on_mesh(self.state, mesh)
+    if mesh is not None:
       self.state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
     else:  # one device: commit the arrays to it as a restored checkpoint's are, so that a fresh and a
       # resumed run lower the step alike (else the restart misses the persistent compilation cache)

@@ -211,10 +211,8 @@ def run_sft(model, tokenizer, pairs, cfg: SFTConfig, pipe_cfg, run_dir: str, *, 
                              listener=pipe_cfg.listener or cfg.listener_weight > 0)
   spec = ListenerSpec.from_tokenizer(tokenizer, pipe.prompt) if cfg.listener_weight > 0 else None
   tx = optax.adamw(cfg.learning_rate)
-  opt_state = tx.init(params)
-  if mesh is not None:
-    from lgrpo_jax.sharding import on_mesh
-    opt_state = on_mesh(opt_state, mesh)
+  from lgrpo_jax.sharding import init_like
+  opt_state = init_like(tx.init, params, mesh)  # one program; moments laid out as their parameters
   teacher = Teacher(cfg, n_wrong, seed)
   if teacher.targets is not None and isinstance(pairs, (list, tuple)):  # before hours of steps, not at the batch
     missing = [p.pair_id for p in pairs if p.pair_id not in teacher.targets]

@@ -164,5 +164,10 @@ def make_train_step(graphdef, listener_graphdef, tx, cfg: StepConfig, spec: List
   return jax.jit(fn, donate_argnums=(0,), out_shardings=(state_shardings, replicated))
 
 
-def init_state(params, tx, seed: int) -> TrainState:
-  return TrainState(params, tx.init(params), jnp.int32(0), jax.random.key(seed))
+def init_state(params, tx, seed: int, mesh=None) -> TrainState:
+  """Step 0: `params` as given (not copied), the optimizer state, step and RNG key built in one
+  program (eagerly, one per parameter shape). With `mesh`: each Adam moment laid out as its
+  parameter, the scalars replicated (`sharding.init_like`)."""
+  from lgrpo_jax.sharding import init_like
+  opt_state, step, key = init_like(lambda p: (tx.init(p), jnp.int32(0), jax.random.key(seed)), params, mesh)
+  return TrainState(params, opt_state, step, key)
