@@ -271,6 +271,10 @@ def summary(run_dir: str) -> str:
     if last is not first:
       lines.append(f"held-out accuracy at step {last['step']}: {fmt(last)}")
       lines.append(f"change: {100 * (last['eval/accuracy'] - first['eval/accuracy']):+.1f} points")
+  skipped = [r["step"] for r in train if r.get("skipped_updates")]
+  if skipped:
+    lines.append(f"steps whose optimiser updates were skipped (non-finite loss or gradients): {len(skipped)} "
+                 f"of {len(train)} (first: step {skipped[0]}) — metrics.jsonl's skipped_updates")
   if train and "compiles" in train[-1]:
     last = train[-1]
     hits = last.get("compile_cache_hits", 0)

@@ -358,3 +358,30 @@ def test_a_read_stalled_past_the_timeout_saves_and_stops_the_run(tmp_path):
   again = make(tmp_path / "run", tok_dir, steps=3, pairs=pairs)
   assert again.resumed_from == 0 and json.dumps(again.batches.get_state(), sort_keys=True) == position
   again.close()
+
+
+def test_a_step_whose_update_is_skipped_says_so(tmp_path, capsys):
+  # A reward that is always NaN: every step's update is skipped (non-finite
+  # loss), the parameters stay bit for bit, and the loop says so on stderr, not only in metrics.jsonl.
+  import jax.numpy as jnp
+  from lgrpo_jax.rewards import RewardConfig
+  from lgrpo_jax.rewards.core import REWARDS, register_reward
+  register_reward("nan_for_test", lambda inputs: jnp.full(inputs.lengths.shape, jnp.nan), replace=True)
+  try:
+    tok_dir = build_tiny_tokenizer(tmp_path / "tok")
+    t = make(tmp_path / "run", tok_dir, steps=2, save_every=5,
+             rewards=RewardConfig(weights=(("format", 1.0), ("nan_for_test", 1.0))))
+    before = [np.asarray(x) for x in jax.tree.leaves(t.state.params)]
+    out = t.run()
+    t.close()
+  finally:
+    REWARDS.pop("nan_for_test")
+  assert [m["skipped_updates"] for m in out] == [1, 1]
+  for a, b in zip(before, jax.tree.leaves(t.state.params)):
+    np.testing.assert_array_equal(a, np.asarray(b))
+  err = capsys.readouterr().err
+  assert "step 1: 1 of 1 optimiser update(s) skipped: the loss or the gradients were not finite" in err
+  assert "step 2: 1 of 1 optimiser update(s) skipped" in err and "2 step(s) with skipped updates in this run so far" in err
+  from lgrpo_jax.launch import summary
+  assert ("steps whose optimiser updates were skipped (non-finite loss or gradients): 2 of 2 (first: step 1)"
+          in summary(str(tmp_path / "run")))

@@ -373,6 +373,7 @@ class Trainer:
     out = []
     tty = sys.stderr.isatty()
     self._signals, self.stopped_by = stopping.StopSignals(), None
+    self.skipped_steps = 0
     with self._signals:
       if (self.evaluator is not None and self.loop_cfg.eval_at_start and self.resumed_from is None
           and int(self.state.step) == 0):
@@ -453,6 +454,12 @@ class Trainer:
       out.append(metrics)
       if on_metrics is not None:
         on_metrics(metrics)
+      if metrics["skipped_updates"]:  # every update is also counted in metrics.jsonl; this one is loud
+        self.skipped_steps += 1
+        print(f"\nstep {step}: {int(metrics['skipped_updates'])} of {self.step_cfg.optim.passes} optimiser "
+              f"update(s) skipped: the loss or the gradients were not finite (NaN/inf), the parameters not "
+              f"changed by them; {self.skipped_steps} step(s) with skipped updates in this run so far",
+              file=sys.stderr, flush=True)
       if step % self.loop_cfg.log_every == 0 or step == self.loop_cfg.steps:
         line = (f"step {step}/{self.loop_cfg.steps}  reward {metrics['reward/total']:.3f}  "
                 f"accuracy {metrics['accuracy']:.3f}  format {metrics['format_rate']:.2f}  "
