@@ -233,14 +233,31 @@ def copy_tree(tree):
   return jax.tree.map(jnp.copy, tree)
 
 
-def init_like(fn, tree, mesh: Mesh | None = None):
+_INIT_PROGRAMS: dict = {}
+
+
+def init_like(fn, tree, mesh: Mesh | None = None, *, key=None):
   """`fn(tree)` — e.g. an optimizer's `init(params)` — as one compiled program. Run eagerly, every
   `zeros_like` compiled a program of its own per shape (22 of the tiny model's). With `mesh`, each
   array of the result whose key path ends with an array of `tree` of the same shape (Adam's moments
   of a parameter) is laid out as that array, as eager `zeros_like` would; the rest (counts, keys)
-  is replicated, as `on_mesh` would."""
+  is replicated, as `on_mesh` would. `key` (hashable) names what `fn` computes: the program is
+  then kept for the next call with the same key, mesh and input layout (else each call compiles)."""
+  signature = (key, mesh, jax.tree.structure(tree),
+               tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in jax.tree.leaves(tree)))
+  program = _INIT_PROGRAMS.get(signature) if key is not None else None
+  if program is None:
+    program = _init_program(fn, tree, mesh)
+    if key is not None:
+      if len(_INIT_PROGRAMS) >= 16:  # a notebook making many runs: keep the newest
+        _INIT_PROGRAMS.pop(next(iter(_INIT_PROGRAMS)))
+      _INIT_PROGRAMS[signature] = program
+  return program(tree)
+
+
+def _init_program(fn, tree, mesh):
   if mesh is None:
-    return jax.jit(fn)(tree)
+    return jax.jit(fn)
   replicated = NamedSharding(mesh, P())
   given = {tuple(path): x for path, x in jax.tree_util.tree_leaves_with_path(tree)}
   lengths = sorted({len(path) for path in given}, reverse=True)
@@ -253,5 +270,5 @@ def init_like(fn, tree, mesh: Mesh | None = None):
     return replicated
 
   out = jax.tree_util.tree_map_with_path(layout, jax.eval_shape(fn, tree))
-  return jax.jit(fn, out_shardings=out)(tree)
+  return jax.jit(fn, out_shardings=out)
 

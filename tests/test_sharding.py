@@ -223,3 +223,24 @@ def test_the_trainers_initial_state_is_one_program_laid_out_as_eagerly(hf_dir, f
     assert a.sharding.is_equivalent_to(b.sharding, a.ndim)
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert a.addressable_shards[0].data.unsafe_buffer_pointer() != b.addressable_shards[0].data.unsafe_buffer_pointer()
+
+
+def test_a_second_trainer_state_reuses_the_compiled_init():
+  # The same optimizer config gives the same transformation, so a second run in the process (a
+  # notebook, the test suite) reuses the initial state's program instead of compiling it again.
+  import jax.numpy as jnp
+  from lgrpo_jax.grpo.update import OptimConfig, make_optimizer
+  from lgrpo_jax.train.metrics import CompileCounter
+  from lgrpo_jax.train.step import init_state
+  p = {"w": jnp.ones((3, 4)), "b": jnp.zeros(4)}
+  assert make_optimizer(OptimConfig(freeze=[]), p) is make_optimizer(OptimConfig(), p)
+  assert make_optimizer(OptimConfig(learning_rate=1e-3), p) is not make_optimizer(OptimConfig(), p)
+  init_state(p, make_optimizer(OptimConfig(), p), 7)
+  q = {k: v + 1 for k, v in p.items()}
+  counter = CompileCounter()
+  second = init_state(q, make_optimizer(OptimConfig(), p), 7)
+  assert counter.stats()[0] == 0
+  other = init_state(p, make_optimizer(OptimConfig(), p), 8)  # another seed: its own key, compiled
+  assert counter.stats()[0] > 0
+  assert not np.array_equal(jax.random.key_data(second.key), jax.random.key_data(other.key))
+  np.testing.assert_array_equal(np.asarray(second.params["w"]), 2.0)

@@ -15,6 +15,7 @@ parameters back into the module.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import NamedTuple
 
@@ -83,12 +84,23 @@ def param_labels(params, cfg: OptimConfig):
 
 
 def make_optimizer(cfg: OptimConfig, params) -> optax.GradientTransformation:
-  """clip_by_global_norm → AdamW(schedule); frozen parts get `set_to_zero` (and no Adam moments)."""
+  """clip_by_global_norm → AdamW(schedule); frozen parts get `set_to_zero` (and no Adam moments).
+
+  The same config and parameter labels give the same (stateless) transformation object, so that
+  programs keyed on it — the initial state's (`train.step.init_state`) — compile once per process."""
+  labels = param_labels(params, cfg) if cfg.freeze else None
+  if labels is None:
+    return _optimizer(cfg, None)
+  return _optimizer(cfg, (jax.tree.structure(labels), tuple(jax.tree.leaves(labels))))
+
+
+@functools.lru_cache(maxsize=32)
+def _optimizer(cfg: OptimConfig, labels) -> optax.GradientTransformation:
   tx = optax.adamw(schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
   if cfg.max_grad_norm > 0:
     tx = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), tx)
-  if cfg.freeze:
-    tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, param_labels(params, cfg))
+  if labels is not None:
+    tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, jax.tree.unflatten(*labels))
   return tx
 
 

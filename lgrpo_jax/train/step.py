@@ -166,8 +166,10 @@ def make_train_step(graphdef, listener_graphdef, tx, cfg: StepConfig, spec: List
 
 def init_state(params, tx, seed: int, mesh=None) -> TrainState:
   """Step 0: `params` as given (not copied), the optimizer state, step and RNG key built in one
-  program (eagerly, one per parameter shape). With `mesh`: each Adam moment laid out as its
-  parameter, the scalars replicated (`sharding.init_like`)."""
+  program (eagerly, one per parameter shape), kept for the next state of the same optimizer and
+  seed. With `mesh`: each Adam moment laid out as its parameter, the scalars replicated
+  (`sharding.init_like`)."""
   from lgrpo_jax.sharding import init_like
-  opt_state, step, key = init_like(lambda p: (tx.init(p), jnp.int32(0), jax.random.key(seed)), params, mesh)
+  opt_state, step, key = init_like(lambda p: (tx.init(p), jnp.int32(0), jax.random.key(seed)), params, mesh,
+                                   key=("init_state", tx, seed))
   return TrainState(params, opt_state, step, key)
