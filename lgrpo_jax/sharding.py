@@ -271,4 +271,3 @@ def _init_program(fn, tree, mesh):
 
   out = jax.tree_util.tree_map_with_path(layout, jax.eval_shape(fn, tree))
   return jax.jit(fn, out_shardings=out)
-
