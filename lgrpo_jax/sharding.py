@@ -243,16 +243,15 @@ def init_like(fn, tree, mesh: Mesh | None = None, *, key=None):
   of a parameter) is laid out as that array, as eager `zeros_like` would; the rest (counts, keys)
   is replicated, as `on_mesh` would. `key` (hashable) names what `fn` computes: the program is
   then kept for the next call with the same key, mesh and input layout (else each call compiles)."""
+  if key is None:
+    return _init_program(fn, tree, mesh)(tree)
   signature = (key, mesh, jax.tree.structure(tree),
                tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in jax.tree.leaves(tree)))
-  program = _INIT_PROGRAMS.get(signature) if key is not None else None
-  if program is None:
-    program = _init_program(fn, tree, mesh)
-    if key is not None:
-      if len(_INIT_PROGRAMS) >= 16:  # a notebook making many runs: keep the newest
-        _INIT_PROGRAMS.pop(next(iter(_INIT_PROGRAMS)))
-      _INIT_PROGRAMS[signature] = program
-  return program(tree)
+  if signature not in _INIT_PROGRAMS:
+    if len(_INIT_PROGRAMS) >= 16:  # a notebook making many runs: keep the newest
+      _INIT_PROGRAMS.pop(next(iter(_INIT_PROGRAMS)))
+    _INIT_PROGRAMS[signature] = _init_program(fn, tree, mesh)
+  return _INIT_PROGRAMS[signature](tree)
 
 
 def _init_program(fn, tree, mesh):

@@ -89,9 +89,7 @@ def make_optimizer(cfg: OptimConfig, params) -> optax.GradientTransformation:
   The same config and parameter labels give the same (stateless) transformation object, so that
   programs keyed on it — the initial state's (`train.step.init_state`) — compile once per process."""
   labels = param_labels(params, cfg) if cfg.freeze else None
-  if labels is None:
-    return _optimizer(cfg, None)
-  return _optimizer(cfg, (jax.tree.structure(labels), tuple(jax.tree.leaves(labels))))
+  return _optimizer(cfg, None if labels is None else (jax.tree.structure(labels), tuple(jax.tree.leaves(labels))))
 
 
 @functools.lru_cache(maxsize=32)
