@@ -21,23 +21,50 @@ from hf_tiny import assert_same_adam_step, config_dict, make_batch
 
 
 # ---- independent float64 reference ---------------------------------------------------------------
-def ref_loss(logp, old, ref, rewards, mask, loss, adv_mode, eps_low, eps_high, beta, kl, eps=1e-6):
+def ref_loss(logp, old, ref, rewards, mask, loss="grpo", adv_mode="grpo", eps_low=0.2, eps_high=0.2, beta=0.04,
+             kl="k3", eps=1e-6, objective="clip", level="token", delta=None, tau=(1.0, 1.05), bias_kl=False,
+             opsm=None, top_q=1.0, entropy=None, valid=None):
   r = rewards.astype(np.float64)
+  valid = np.ones(len(r)) if valid is None else np.asarray(valid, np.float64)
   a = r - r.mean(-1, keepdims=True)
+  a[np.all(r == r[:, :1], -1)] = 0
   if adv_mode == "grpo":
     a = a / (r.std(-1, ddof=1, keepdims=True) + eps)
-  rho = np.exp(logp - old)
-  pg = -np.minimum(rho * a[..., None], np.clip(rho, 1 - eps_low, 1 + eps_high) * a[..., None])
+  elif adv_mode == "batch":
+    a = a / (r[valid > 0].std(ddof=1) + eps)
+  m = mask.astype(np.float64) * valid[:, None, None]
+  A = a[..., None]
+  log_ratio = logp - old
+  if level == "sequence":
+    log_ratio = np.broadcast_to(((log_ratio * m).sum(-1) / np.maximum(m.sum(-1), 1))[..., None], logp.shape)
+  rho = np.exp(log_ratio)
+  if objective == "clip":
+    rho1 = rho if delta is None else np.minimum(rho, delta)
+    pg = -np.minimum(rho1 * A, np.clip(rho, 1 - eps_low, 1 + eps_high) * A)
+  elif objective == "cispo":
+    pg = -np.minimum(rho, 1 + eps_high) * A * logp
+  else:
+    t = np.where(A > 0, tau[0], tau[1])
+    pg = -4 / t / (1 + np.exp(-t * (rho - 1))) * A
+  keep = np.ones(logp.shape, bool)
+  if opsm is not None:
+    drift = ((old - logp) * m).sum(-1) / np.maximum(m.sum(-1), 1)
+    keep &= (A >= 0) | (drift[..., None] <= opsm)
+  if top_q < 1:
+    keep &= entropy >= np.quantile(entropy[m > 0], 1 - top_q)
   d = ref - logp
   k = {"k1": -d, "k2": d * d / 2, "k3": np.exp(d) - d - 1}[kl]
-  tok = pg + beta * k
-  m = mask.astype(np.float64)
+  if bias_kl:
+    k = k * rho
+  tok = pg * keep + beta * k
   if loss == "grpo":
     n = m.sum(-1)
     seq = (tok * m).sum(-1) / np.maximum(n, 1)
     return seq[n > 0].mean()
   if loss == "dapo":
     return (tok * m).sum() / m.sum()
+  if loss == "luspo":
+    return (tok * m).sum() / (m.sum(-1) > 0).sum()
   return (tok * m).sum() / ((m.sum(-1) > 0).sum() * m.shape[-1])
 
 
@@ -54,24 +81,76 @@ def random_problem(seed=0, b=3, g=4, n=6):
   return logp, old, ref, rewards, mask
 
 
-def our_loss(logp, old, ref, rewards, mask, cfg):
-  adv = advantages(jnp.asarray(rewards), cfg)
-  w = token_weights(jnp.asarray(mask), cfg)
-  return grpo_loss(jnp.asarray(logp), jnp.asarray(old), adv, w, cfg, jnp.asarray(ref))[0]
+def our_loss(logp, old, ref, rewards, mask, cfg, entropy=None, valid=None):
+  valid = None if valid is None else jnp.asarray(valid, jnp.float32)
+  adv = advantages(jnp.asarray(rewards), cfg, valid)
+  w = token_weights(jnp.asarray(mask), cfg, valid)
+  return grpo_loss(jnp.asarray(logp), jnp.asarray(old), adv, w, cfg, jnp.asarray(ref),
+                   None if entropy is None else jnp.asarray(entropy))[0]
 
 
-@pytest.mark.parametrize("loss", ["grpo", "dapo", "dr_grpo"])
-@pytest.mark.parametrize("kl", ["k1", "k2", "k3"])
-@pytest.mark.parametrize("adv", ["grpo", "dr_grpo"])
-def test_losses_match_float64_reference(loss, kl, adv):
-  logp, old, ref, rewards, mask = random_problem()
-  cfg = LossConfig(loss=loss, advantage=adv, kl=kl, eps_low=0.2, eps_high=0.28, beta=0.04)
-  want = ref_loss(logp, old, ref, rewards, mask, loss, adv, 0.2, 0.28, 0.04, kl)
+def assert_matches_reference(cfg, problem, want, entropy=None, valid=None):
   with jax.enable_x64(True):
-    got64 = float(our_loss(logp, old, ref, rewards, mask, cfg))
-  assert abs(got64 - want) <= 1e-6 * abs(want)
-  got32 = float(our_loss(*(x.astype(np.float32) for x in (logp, old, ref, rewards, mask)), cfg))
-  assert abs(got32 - want) <= 1e-5 * max(abs(want), 1e-3)
+    got64 = float(our_loss(*problem, cfg, entropy, valid))
+  assert abs(got64 - want) <= 1e-6 * abs(want), (got64, want)
+  f32 = lambda x: None if x is None else np.asarray(x, np.float32)
+  got32 = float(our_loss(*(f32(x) for x in problem), cfg, f32(entropy), valid))
+  assert abs(got32 - want) <= 1e-5 * max(abs(want), 1e-3), (got32, want)
+
+
+@pytest.mark.parametrize("loss", ["grpo", "dapo", "dr_grpo", "luspo"])
+@pytest.mark.parametrize("kl", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("adv", ["grpo", "dr_grpo", "batch"])
+def test_losses_match_float64_reference(loss, kl, adv):
+  problem = random_problem()
+  cfg = LossConfig(loss=loss, advantage=adv, kl=kl, eps_low=0.2, eps_high=0.28, beta=0.04)
+  assert_matches_reference(cfg, problem, ref_loss(*problem, loss, adv, 0.2, 0.28, 0.04, kl))
+
+
+# The surrogates and the TRL options, each against the reference; every case changes the loss (checked
+# below against the plain clip objective), so a field that did nothing would fail.
+OPTION_CASES = {
+    "cispo": dict(objective="cispo", eps_high=0.1),
+    "sapo": dict(objective="sapo", sapo_temperature_pos=0.9, sapo_temperature_neg=1.3),
+    "gspo": dict(importance_sampling_level="sequence", eps_low=0.05, eps_high=0.05),
+    "gspo_luspo": dict(importance_sampling_level="sequence", loss="luspo", eps_low=0.05, eps_high=0.05),
+    "gspo_cispo": dict(importance_sampling_level="sequence", objective="cispo", eps_high=0.05),
+    "delta": dict(delta=1.1, eps_high=0.28),
+    "bias_corrected_kl": dict(use_bias_correction_kl=True, beta=0.3),
+    "bias_corrected_kl_gspo": dict(use_bias_correction_kl=True, beta=0.3, importance_sampling_level="sequence"),
+    "off_policy_mask": dict(off_policy_mask_threshold=0.05),
+    "top_entropy": dict(top_entropy_quantile=0.3),
+    "top_entropy_dapo_sapo": dict(top_entropy_quantile=0.5, loss="dapo", objective="sapo"),
+    "batch_advantage_with_padding": dict(advantage="batch", valid=(1, 1, 0)),
+    "all_masks_dr_grpo": dict(loss="dr_grpo", off_policy_mask_threshold=0.0, top_entropy_quantile=0.6,
+                              use_bias_correction_kl=True),
+}
+TO_REF = {"loss": "loss", "advantage": "adv_mode", "objective": "objective", "importance_sampling_level": "level",
+          "eps_low": "eps_low", "eps_high": "eps_high", "delta": "delta", "beta": "beta",
+          "use_bias_correction_kl": "bias_kl", "off_policy_mask_threshold": "opsm", "top_entropy_quantile": "top_q"}
+
+
+@pytest.mark.parametrize("case", sorted(OPTION_CASES))
+def test_objectives_and_trl_options_match_float64_reference(case):
+  fields = dict(OPTION_CASES[case])
+  valid = fields.pop("valid", None)
+  cfg = LossConfig(**fields)
+  problem = random_problem(seed=2)
+  logp, old, ref, rewards, mask = problem
+  if valid is not None:  # the padding row's rewards are far off: counted, they would move the batch std
+    rewards = rewards.copy()
+    rewards[2] *= 100
+    problem = (logp, old, ref, rewards, mask)
+  entropy = np.random.default_rng(3).uniform(0, 4, logp.shape)
+  ref_kw = {TO_REF[k]: v for k, v in fields.items() if k in TO_REF}
+  ref_kw.setdefault("beta", cfg.beta)
+  if cfg.objective == "sapo":
+    ref_kw["tau"] = (cfg.sapo_temperature_pos, cfg.sapo_temperature_neg)
+  want = ref_loss(*problem, entropy=entropy, valid=valid, **ref_kw)
+  assert_matches_reference(cfg, problem, want, entropy, valid)
+  plain = ref_loss(*problem, beta=cfg.beta, loss=cfg.loss, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
+                   valid=valid, adv_mode="grpo")
+  assert abs(want - plain) > 1e-4 * abs(plain), "the option does not change this problem's loss"
 
 
 @pytest.mark.parametrize("adv", ["grpo", "dr_grpo"])
@@ -90,9 +169,13 @@ def test_a_group_of_equal_rewards_has_exactly_zero_advantage(adv):
   np.testing.assert_allclose(a[1], c / (c.std(ddof=1) + 1e-6) if adv == "grpo" else c, rtol=1e-4)
 
 
-def test_gradient_matches_finite_differences():
+@pytest.mark.parametrize("fields", [dict(), dict(importance_sampling_level="sequence", loss="luspo"),
+                                    dict(objective="sapo"), dict(delta=1.05, use_bias_correction_kl=True),
+                                    dict(importance_sampling_level="sequence", use_bias_correction_kl=True)],
+                         ids=["clip", "gspo_luspo", "sapo", "delta_bias_kl", "gspo_bias_kl"])
+def test_gradient_matches_finite_differences(fields):
   logp, old, ref, rewards, mask = random_problem(seed=1, b=2, g=3, n=4)
-  cfg = LossConfig(loss="grpo", kl="k3", beta=0.1)
+  cfg = LossConfig(**{"loss": "grpo", "kl": "k3", "beta": 0.1, **fields})
   with jax.enable_x64(True):
     f = lambda lp: our_loss(lp, old, ref, rewards, mask, cfg)
     g = np.asarray(jax.grad(f)(jnp.asarray(logp)))
@@ -103,6 +186,22 @@ def test_gradient_matches_finite_differences():
       fd = (float(f(logp + e)) - float(f(logp - e))) / (2 * h)
       assert abs(fd - g[idx]) <= 1e-6 + 1e-5 * abs(fd), (idx, fd, g[idx])
     assert np.all(g[mask == 0] == 0)  # padding gets no gradient
+    assert np.any(g[mask > 0] != 0)
+
+
+def test_cispo_keeps_every_tokens_gradient_with_a_capped_constant_weight():
+  # CISPO's weight is a constant (stop-gradient), so finite differences do not apply: its gradient is
+  # −min(ρ, 1 + ε_high)·A·w per token, even where PPO's clip would give none.
+  logp, old, ref, rewards, mask = random_problem(seed=4)
+  cfg = LossConfig(objective="cispo", loss="dapo", eps_high=0.1, beta=0.0)
+  with jax.enable_x64(True):
+    g = np.asarray(jax.grad(lambda lp: our_loss(lp, old, ref, rewards, mask, cfg))(jnp.asarray(logp)))
+    a = np.asarray(advantages(jnp.asarray(rewards), cfg))[..., None]
+    w = np.asarray(token_weights(jnp.asarray(mask), cfg))
+  want = -np.minimum(np.exp(logp - old), 1.1) * a * w
+  np.testing.assert_allclose(g, want, rtol=1e-12, atol=1e-15)
+  ppo_zero = (np.exp(logp - old) > 1.2) & (a > 0) & (mask > 0)  # tokens the clip objective would drop
+  assert ppo_zero.any() and np.all(g[ppo_zero] != 0)
 
 
 def test_clipped_tokens_get_no_gradient():

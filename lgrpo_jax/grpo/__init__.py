@@ -1,13 +1,13 @@
-"""The GRPO objective (advantages, KL estimators, clipped loss, aggregation modes: registries),
+"""The GRPO objective (advantages, KL estimators, surrogate objectives, aggregation modes: registries),
 chunked-vocabulary log-probs with the prompt computed once per pair, and the optax update."""
 
-from lgrpo_jax.grpo.core import (ADVANTAGES, KL_ESTIMATORS, LOSSES, LossConfig, advantage_metrics, advantages,
+from lgrpo_jax.grpo.core import (ADVANTAGES, KL_ESTIMATORS, LOSSES, OBJECTIVES, LossConfig, advantage_metrics, advantages,
                                  grpo_loss,
-                                 register_advantage, register_kl, register_loss, token_terms,
+                                 register_advantage, register_kl, register_loss, register_objective, token_terms,
                                  token_weights, zero_variance_groups)
 from lgrpo_jax.grpo.logprobs import completion_logprobs, token_logprobs
 
-__all__ = ["advantage_metrics", "ADVANTAGES", "KL_ESTIMATORS", "LOSSES", "LossConfig", "advantages", "completion_logprobs",
+__all__ = ["advantage_metrics", "ADVANTAGES", "KL_ESTIMATORS", "LOSSES", "OBJECTIVES", "LossConfig", "advantages", "completion_logprobs",
            "grpo_loss", "token_weights",
-           "register_advantage", "register_kl", "register_loss", "token_logprobs", "token_terms",
+           "register_advantage", "register_kl", "register_loss", "register_objective", "token_logprobs", "token_terms",
            "zero_variance_groups"]

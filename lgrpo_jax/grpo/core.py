@@ -5,20 +5,30 @@ generated tokens (up to and including the stop token); every sum below is over m
 
     advantages      A_bg = (r_bg − mean_g r) / (std_g r + ε)         ("grpo")
                     A_bg =  r_bg − mean_g r                           ("dr_grpo": no std)
-    ratio           ρ = exp(logp − logp_old)
-    token loss      ℓ = −min(ρ·A, clip(ρ, 1 − ε_low, 1 + ε_high)·A) + β·KL(logp, logp_ref)
+                    A_bg = (r_bg − mean_g r) / (std_batch r + ε)     ("batch": the batch's spread)
+    ratio           ρ = exp(logp − logp_old)                          (importance_sampling_level "token")
+                    ρ = exp(mean_t (logp − logp_old)) per sequence    ("sequence": GSPO)
+    objective       o = −min(ρ'·A, clip(ρ, 1 − ε_low, 1 + ε_high)·A), ρ' = min(ρ, δ)   ("clip")
+                    o = −sg(min(ρ, 1 + ε_high))·A·logp                                ("cispo")
+                    o = −(4/τ)·σ(τ·(ρ − 1))·A, τ = τ_pos if A > 0 else τ_neg           ("sapo")
+    token loss      ℓ = keep·o + β·KL(logp, logp_ref)·(ρ if use_bias_correction_kl else 1)
+                    keep: 0 on the tokens below the top_entropy_quantile of the entropy, and on the
+                    sequences with A < 0 whose mean (logp_old − logp) > off_policy_mask_threshold
     aggregation     loss = Σ w·ℓ with per-token weights w from the whole batch's mask m:
                     "grpo":    w = m / Σ_t m / num_seqs                (sequence-mean of token-means)
                     "dapo":    w = m / Σ m                             (token-mean over the batch)
                     "dr_grpo": w = m / (num_seqs · max_len)            (token-sum / max length)
+                    "luspo":   w = m / num_seqs                        (token-sum, mean over sequences)
 
-A researcher registers a new loss or KL estimator with `@register_loss("name")` /
-`@register_kl("name")` and picks it by name in the config.
+A researcher registers a new surrogate, aggregation, KL estimator or advantage with
+`@register_objective` / `@register_loss` / `@register_kl` / `@register_advantage` and picks it by
+name in the config.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable, NamedTuple
 
 import jax
@@ -27,6 +37,8 @@ import jax.numpy as jnp
 KL_ESTIMATORS: dict[str, Callable] = {}
 LOSSES: dict[str, Callable] = {}
 ADVANTAGES: dict[str, Callable] = {}
+OBJECTIVES: dict[str, Callable] = {}
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 
 
 def _register(table: dict, kind: str):
@@ -43,6 +55,7 @@ def _register(table: dict, kind: str):
 register_kl = _register(KL_ESTIMATORS, "KL estimator")
 register_loss = _register(LOSSES, "loss")
 register_advantage = _register(ADVANTAGES, "advantage")
+register_objective = _register(OBJECTIVES, "objective")
 
 
 def lookup(table: dict, name: str, field: str):
@@ -60,20 +73,35 @@ def centered(rewards_bg):
   return jnp.where(flat, 0.0, rewards_bg - rewards_bg.mean(axis=-1, keepdims=True))
 
 
+# An advantage function: (rewards (B, G), ε, valid (B,): 1 for a real pair, 0 for a padding row) → (B, G).
 @register_advantage("grpo")
-def grpo_advantages(rewards_bg, eps: float = 1e-6):
+def grpo_advantages(rewards_bg, eps: float = 1e-6, valid_b=None):
   """A = (r − mean_g r) / (std_g r + ε), std with ddof 1 over the G completions of a pair (as TRL
   and tunix); 0 where the group's rewards are all equal."""
+  del valid_b  # each group on its own
   c = centered(rewards_bg)
   std = jnp.sqrt(jnp.sum(c * c, axis=-1, keepdims=True) / (rewards_bg.shape[-1] - 1))
   return c / (std + eps)
 
 
 @register_advantage("dr_grpo")
-def dr_grpo_advantages(rewards_bg, eps: float = 1e-6):
+def dr_grpo_advantages(rewards_bg, eps: float = 1e-6, valid_b=None):
   """A = r − mean_g r (Dr. GRPO: no division by the group's std; TRL's scale_rewards="none")."""
-  del eps
+  del eps, valid_b
   return centered(rewards_bg)
+
+
+@register_advantage("batch")
+def batch_advantages(rewards_bg, eps: float = 1e-6, valid_b=None):
+  """A = (r − mean_g r) / (std r + ε): the group's baseline, the spread of the whole batch's rewards
+  (std with ddof 1 over the B·G rewards of the valid pairs; TRL's scale_rewards="batch", after PPO
+  Lite). 0 where the group's rewards are all equal."""
+  w = jnp.ones(rewards_bg.shape, jnp.float32) if valid_b is None else \
+      jnp.broadcast_to(valid_b[:, None], rewards_bg.shape).astype(jnp.float32)
+  n = w.sum()
+  mean = jnp.sum(rewards_bg * w) / jnp.maximum(n, 1)
+  std = jnp.sqrt(jnp.sum(w * (rewards_bg - mean) ** 2) / jnp.maximum(n - 1, 1))
+  return centered(rewards_bg) / (std + eps)
 
 
 def zero_variance_groups(rewards_bg, valid_b=None):
@@ -105,47 +133,137 @@ def kl_k3(logp, logp_ref):
 # ---- per-token objective and aggregation --------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-  loss: str = "grpo"  # aggregation: grpo | dapo | dr_grpo (or a registered name)
-  advantage: str = "grpo"  # grpo | dr_grpo
+  loss: str = "grpo"  # aggregation: grpo | dapo | dr_grpo | luspo (or a registered name)
+  advantage: str = "grpo"  # grpo | dr_grpo | batch (TRL's scale_rewards group | none | batch)
+  objective: str = "clip"  # surrogate: clip (PPO) | cispo | sapo (or a registered name)
+  # token: one ratio per token; sequence: GSPO's, exp of the sequence's mean log-ratio on every token
+  importance_sampling_level: str = "token"
   eps_low: float = 0.2  # clip ratio below: 1 − eps_low
-  eps_high: float = 0.2  # DAPO's clip-higher uses e.g. 0.28
+  eps_high: float = 0.2  # above: 1 + eps_high (DAPO's clip-higher: 0.28; cispo's cap, e.g. 4 = TRL's 5.0)
+  delta: float | None = None  # clip: also cap the unclipped ratio at δ > 1 (INTELLECT-2's two-sided clip)
+  sapo_temperature_pos: float = 1.0  # sapo: gate temperature where A > 0
+  sapo_temperature_neg: float = 1.05  # sapo: gate temperature where A ≤ 0
   beta: float = 0.04  # KL coefficient; 0 skips the reference model entirely
   kl: str = "k3"  # KL estimator: k1 | k2 | k3
+  use_bias_correction_kl: bool = False  # KL term × the importance ratio ρ (DeepSeek-V3.2; TRL's default)
   adv_eps: float = 1e-6  # added to the group std
   # TRL's option: completions cut at max_new_tokens (no EOS) get no loss (their rewards still count
   # in their group's advantages)
   mask_truncated_completions: bool = False
+  # Policy term only on the tokens whose entropy is in this top fraction (1: all tokens; "Beyond the
+  # 80/20 rule" uses 0.2); the quantile is over each micro-batch's loss tokens, as TRL's
+  top_entropy_quantile: float = 1.0
+  # Drop the policy term of sequences with A < 0 whose mean (logp_old − logp) exceeds this
+  # (DeepSeek-V3.2's off-policy sequence mask); None: off
+  off_policy_mask_threshold: float | None = None
 
   def __post_init__(self):
     lookup(LOSSES, self.loss, "LossConfig.loss")
     lookup(ADVANTAGES, self.advantage, "LossConfig.advantage")
     lookup(KL_ESTIMATORS, self.kl, "LossConfig.kl")
+    lookup(OBJECTIVES, self.objective, "LossConfig.objective")
+    if self.importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+      raise ValueError(f"LossConfig.importance_sampling_level={self.importance_sampling_level!r}: choose one of "
+                       f"{IMPORTANCE_SAMPLING_LEVELS}")
     for name in ("eps_low", "eps_high", "beta", "adv_eps"):
-      if getattr(self, name) < 0:
-        raise ValueError(f"LossConfig.{name}={getattr(self, name)} must be ≥ 0")
+      if not 0 <= getattr(self, name) < math.inf:
+        raise ValueError(f"LossConfig.{name}={getattr(self, name)} must be finite and ≥ 0")
+    for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
+      if not 0 < getattr(self, name) < math.inf:
+        raise ValueError(f"LossConfig.{name}={getattr(self, name)} must be finite and > 0")
+    if self.delta is not None:
+      if not 1 < self.delta < math.inf:
+        raise ValueError(f"LossConfig.delta={self.delta} must be > 1 (it caps the ratio ρ, which is 1 on policy)")
+      if self.objective != "clip":
+        raise ValueError(f"LossConfig.delta caps the clip objective's ratio; objective={self.objective!r} "
+                         "does not use it (set delta=None)")
+    if not 0 <= self.top_entropy_quantile <= 1:
+      raise ValueError(f"LossConfig.top_entropy_quantile={self.top_entropy_quantile} must be in [0, 1]")
+    if self.off_policy_mask_threshold is not None and not 0 <= self.off_policy_mask_threshold < math.inf:
+      raise ValueError(f"LossConfig.off_policy_mask_threshold={self.off_policy_mask_threshold} must be finite "
+                       "and ≥ 0 (or None: off)")
 
 
 class TokenTerms(NamedTuple):
-  loss: jax.Array  # (B, G, N) per-token loss (before masking)
-  clipped: jax.Array  # (B, G, N) bool: the clipped branch was taken (no gradient flows)
+  loss: jax.Array  # (B, G, N) per-token loss (before the aggregation weights)
+  keep: jax.Array  # (B, G, N) bool: the policy term counts (the entropy and off-policy masks)
   kl: jax.Array  # (B, G, N) per-token KL estimate (0 when β = 0)
-  ratio: jax.Array  # (B, G, N)
+  ratio: jax.Array  # (B, G, N) the importance ratio ρ (per sequence, broadcast: "sequence")
 
 
-def token_terms(logp, logp_old, advantages_bg, cfg: LossConfig, logp_ref=None) -> TokenTerms:
-  """ℓ = −min(ρ·A, clip(ρ, 1 − ε_low, 1 + ε_high)·A) + β·KL, per token."""
-  ratio = jnp.exp(logp - logp_old)
+# An objective: (logp, ρ, A (B, G, 1), cfg) → the per-token policy loss o (B, G, N), whose gradient
+# with respect to logp is the policy gradient. ρ is already at the configured level (token/sequence).
+@register_objective("clip")
+def clip_objective(logp, ratio, adv, cfg: LossConfig):
+  """o = −min(ρ'·A, clip(ρ, 1 − ε_low, 1 + ε_high)·A), ρ' = min(ρ, δ) when `delta` is set (a
+  negative advantage cannot push a token with a huge ratio without bound), else ρ."""
+  del logp
+  unclipped = (ratio if cfg.delta is None else jnp.minimum(ratio, cfg.delta)) * adv
+  return -jnp.minimum(unclipped, jnp.clip(ratio, 1 - cfg.eps_low, 1 + cfg.eps_high) * adv)
+
+
+@register_objective("cispo")
+def cispo_objective(logp, ratio, adv, cfg: LossConfig):
+  """o = −sg(min(ρ, 1 + ε_high))·A·logp (CISPO, MiniMax-M1): the importance weight is capped and
+  held constant, so every token keeps its gradient A·∇logp, scaled by at most 1 + ε_high."""
+  return -jax.lax.stop_gradient(jnp.minimum(ratio, 1 + cfg.eps_high)) * adv * logp
+
+
+@register_objective("sapo")
+def sapo_objective(logp, ratio, adv, cfg: LossConfig):
+  """o = −(4/τ)·σ(τ·(ρ − 1))·A with τ = τ_pos where A > 0, else τ_neg (SAPO): a smooth gate in
+  place of the hard clip; its slope in ρ is 1 on policy and decays away from ρ = 1."""
+  del logp
+  tau = jnp.where(adv > 0, cfg.sapo_temperature_pos, cfg.sapo_temperature_neg)
+  return -jax.nn.sigmoid(tau * (ratio - 1)) * (4 / tau) * adv
+
+
+def sequence_mean(x_bgn, on_bgn):
+  """Each sequence's mean of x over its tokens `on`, broadcast back over them (0 for an empty one)."""
+  n = on_bgn.sum(-1, keepdims=True)
+  return jnp.broadcast_to(jnp.sum(x_bgn * on_bgn, -1, keepdims=True) / jnp.maximum(n, 1), x_bgn.shape)
+
+
+def high_entropy_mask(entropy, on, quantile: float):
+  """`on` tokens whose entropy is ≥ the `quantile` quantile of the `on` tokens' entropies (linear
+  interpolation between order statistics, as np.quantile and torch.quantile)."""
+  n = on.sum().astype(jnp.int32)
+  ordered = jnp.sort(jnp.where(on, entropy, jnp.inf).reshape(-1))
+  pos = quantile * jnp.maximum(n - 1, 0).astype(jnp.float32)
+  lo = jnp.floor(pos).astype(jnp.int32)
+  hi = jnp.minimum(lo + 1, jnp.maximum(n - 1, 0))
+  threshold = ordered[lo] + (pos - lo) * (ordered[hi] - ordered[lo])
+  return on & (entropy >= threshold) & (n > 0)
+
+
+def token_terms(logp, logp_old, advantages_bg, cfg: LossConfig, logp_ref=None, on=None, entropy=None) -> TokenTerms:
+  """ℓ = keep·o(ρ, A) + β·KL·(ρ if use_bias_correction_kl else 1), per token. `on` (B, G, N): the
+  tokens the loss counts, over which the sequence-level ratio, the off-policy mask's mean and the
+  entropy quantile are taken (default: every token); `entropy`: needed for top_entropy_quantile < 1."""
+  on = jnp.ones(logp.shape, bool) if on is None else on
+  log_ratio = logp - logp_old
+  if cfg.importance_sampling_level == "sequence":
+    log_ratio = sequence_mean(log_ratio, on)
+  ratio = jnp.exp(log_ratio)
   adv = advantages_bg[..., None]
-  unclipped = ratio * adv
-  clipped = jnp.clip(ratio, 1 - cfg.eps_low, 1 + cfg.eps_high) * adv
-  pg = -jnp.minimum(unclipped, clipped)
+  policy = lookup(OBJECTIVES, cfg.objective, "LossConfig.objective")(logp, ratio, adv, cfg)
+  keep = jnp.ones(logp.shape, bool)
+  if cfg.off_policy_mask_threshold is not None:
+    drift = sequence_mean(logp_old - jax.lax.stop_gradient(logp), on)
+    keep = keep & ((adv >= 0) | (drift <= cfg.off_policy_mask_threshold))
+  if cfg.top_entropy_quantile < 1:
+    if entropy is None:
+      raise ValueError("LossConfig.top_entropy_quantile < 1 needs the tokens' entropies")
+    keep = keep & high_entropy_mask(jax.lax.stop_gradient(entropy), on, 1 - cfg.top_entropy_quantile)
   if cfg.beta > 0:
     if logp_ref is None:
       raise ValueError("LossConfig.beta > 0 needs reference log-probs")
     kl = lookup(KL_ESTIMATORS, cfg.kl, "LossConfig.kl")(logp, logp_ref)
+    if cfg.use_bias_correction_kl:
+      kl = kl * ratio
   else:
     kl = jnp.zeros_like(logp)
-  return TokenTerms(pg + cfg.beta * kl, clipped < unclipped, kl, ratio)
+  return TokenTerms(jnp.where(keep, policy, 0.0) + cfg.beta * kl, keep, kl, ratio)
 
 
 # A loss mode is the per-token weight w (B, G, N) with loss = Σ w·ℓ, computed from the masks of the
@@ -171,16 +289,28 @@ def weights_dr_grpo(mask):
   return mask / (n_seq * mask.shape[-1])
 
 
+@register_loss("luspo")
+def weights_luspo(mask):
+  """Token-sum of each sequence, mean over the non-empty sequences: w = m / num_seqs (LUSPO: with
+  importance_sampling_level="sequence", GSPO's sequence loss scaled by the sequence's length)."""
+  return mask / jnp.maximum(jnp.sum(mask.sum(-1) > 0), 1)
+
+
 def token_weights(mask, cfg: LossConfig, valid_b=None):
   """Per-token loss weights of the batch; padding pairs (pipeline `valid` = 0) weigh nothing."""
-  mask = mask.astype(jnp.float32)
+  f = jnp.result_type(float)  # float32, or float64 under jax.enable_x64 (the reference tests)
+  mask = mask.astype(f)
   if valid_b is not None:
-    mask = mask * valid_b[:, None, None].astype(jnp.float32)
+    mask = mask * valid_b[:, None, None].astype(f)
   return lookup(LOSSES, cfg.loss, "LossConfig.loss")(mask)
 
 
-def advantages(rewards_bg, cfg: LossConfig):
-  return jax.lax.stop_gradient(lookup(ADVANTAGES, cfg.advantage, "LossConfig.advantage")(rewards_bg, cfg.adv_eps))
+def advantages(rewards_bg, cfg: LossConfig, valid_b=None):
+  """The (B, G) advantages of the configured mode; `valid_b` (B,): 1 for a real pair, 0 for a
+  padding row (which then takes no part in a batch-wide statistic)."""
+  valid_b = jnp.ones(rewards_bg.shape[:1], jnp.float32) if valid_b is None else valid_b.astype(jnp.float32)
+  fn = lookup(ADVANTAGES, cfg.advantage, "LossConfig.advantage")
+  return jax.lax.stop_gradient(fn(rewards_bg, cfg.adv_eps, valid_b))
 
 
 def grpo_loss(logp, logp_old, advantages_bg, weights, cfg: LossConfig, logp_ref=None, entropy=None):
@@ -188,14 +318,17 @@ def grpo_loss(logp, logp_old, advantages_bg, weights, cfg: LossConfig, logp_ref=
   sampler's (`logp_old`) and the reference's; `weights` from `token_weights` (whole batch).
 
   Metrics (over the tokens with weight > 0): KL, clip fractions (low: A < 0 and ρ < 1 − ε_low;
-  high: A > 0 and ρ > 1 + ε_high), ratio mean/max, entropy (if given), and the log-prob drift
-  mean |logp − logp_old| (on the first pass: trainer vs sampler numerics); `loss_tokens`, their
-  number, by which micro-batches' means are weighted."""
+  high: A > 0 and ρ > 1 + ε_high — for cispo, the capped tokens), ratio mean/max, entropy (if
+  given), the log-prob drift mean |logp − logp_old| (on the first pass: trainer vs sampler
+  numerics), the fraction of tokens whose policy term the entropy / off-policy masks keep (when
+  either is on), and `loss_tokens`, their number, by which micro-batches' means are weighted."""
   logp_old = jax.lax.stop_gradient(logp_old)
   adv = jax.lax.stop_gradient(advantages_bg)
-  terms = token_terms(logp, logp_old, adv, cfg, None if logp_ref is None else jax.lax.stop_gradient(logp_ref))
+  on = weights > 0
+  terms = token_terms(logp, logp_old, adv, cfg, None if logp_ref is None else jax.lax.stop_gradient(logp_ref),
+                      on, entropy)
   loss = jnp.sum(terms.loss * weights)
-  on = (weights > 0).astype(jnp.float32)
+  on = on.astype(jnp.float32)
   n_tok = jnp.maximum(on.sum(), 1)
   mean = lambda x: (x * on).sum() / n_tok
   a = adv[..., None]
@@ -208,6 +341,8 @@ def grpo_loss(logp, logp_old, advantages_bg, weights, cfg: LossConfig, logp_ref=
       "logprob_drift": mean(jnp.abs(jax.lax.stop_gradient(logp) - logp_old)),
       "loss_tokens": on.sum(),
   }
+  if cfg.top_entropy_quantile < 1 or cfg.off_policy_mask_threshold is not None:
+    metrics["policy_kept_fraction"] = mean(terms.keep.astype(jnp.float32))
   if entropy is not None:
     metrics["entropy"] = mean(entropy)
   return loss, metrics

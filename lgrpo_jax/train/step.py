@@ -110,7 +110,7 @@ def train_step(state: TrainState, ref_params, listener_params, batch: Batch, tab
                            parsed.answer_token)
   inputs = RewardInputs(rollout.tokens, rollout.mask, rollout.lengths, batch.labels, parsed, probs)
   total, parts = compute_rewards(inputs, cfg.rewards)
-  adv = advantages(total, cfg.loss)
+  adv = advantages(total, cfg.loss, batch.valid)
 
   # 3. Old and reference log-probs (prompt once per pair), then the update.
   logp_of = lambda params, gd, image_embeds=None: jax.lax.stop_gradient(policy_logprobs(
