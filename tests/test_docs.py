@@ -78,14 +78,14 @@ def test_every_entry_point_has_help(module, capsys):
 
 
 def test_the_extension_guide_runs(tmp_path):
-  """docs/extending.md: the reward, text reward, KL and loss registered there work in configs and
-  give the documented values."""
+  """docs/extending.md: the reward, text reward, surrogate, KL, loss and advantage registered there
+  work in configs and give the documented values."""
   import jax.numpy as jnp
   import numpy as np
   from transformers import AutoTokenizer
 
   from lgrpo_jax.data.tokenizer import build_tiny_tokenizer
-  from lgrpo_jax.grpo import KL_ESTIMATORS, LOSSES
+  from lgrpo_jax.grpo import ADVANTAGES, KL_ESTIMATORS, LOSSES, OBJECTIVES, advantages
   from lgrpo_jax.grpo.core import LossConfig
   from lgrpo_jax.rewards import REWARDS, RewardConfig
   tokenizer = AutoTokenizer.from_pretrained(build_tiny_tokenizer(tmp_path / "tok"))
@@ -99,6 +99,12 @@ def test_the_extension_guide_runs(tmp_path):
                              [0.125, 2.0, 2.0])
   mask = jnp.asarray([[[1, 1, 0], [1, 0, 0]]], jnp.float32)
   np.testing.assert_allclose(LOSSES["seq_sum"](mask), mask / 2)
+  cfg = LossConfig(objective="clip_low_only", advantage="rank")
+  assert "clip_low_only" in OBJECTIVES and "rank" in ADVANTAGES
+  ratio = jnp.asarray([0.5, 1.0, 1.5])
+  np.testing.assert_allclose(OBJECTIVES["clip_low_only"](None, ratio, 1.0, cfg), [-0.5, -1.0, -1.5])  # no cap
+  np.testing.assert_allclose(OBJECTIVES["clip_low_only"](None, ratio, -1.0, cfg), [0.8, 1.0, 1.5])
+  np.testing.assert_allclose(advantages(jnp.asarray([[0.1, 0.5, 0.3]]), cfg), [[-0.5, 0.5, 0.0]])
 
 
 def test_the_evaluation_guide_example():

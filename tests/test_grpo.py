@@ -288,20 +288,6 @@ def jitted_accumulate(graphdef, pair_grid, cfg):
   return jax.jit(lambda p, b, k: accumulate_grads(p, graphdef, b, pair_grid, cfg, k), static_argnums=2)
 
 
-def test_micro_batches_equal_one_batch(rollout):
-  model, batch, pair_grid, out = rollout
-  cfg = LossConfig(loss="grpo", beta=0.0)
-  pb = policy_batch(batch, out, np.random.default_rng(0).normal(size=(2, 3)), cfg)
-  graphdef, params = nnx.split(model, nnx.Param)
-  acc = jitted_accumulate(graphdef, pair_grid, cfg)
-  l1, g1, _ = acc(params, pb, 1)
-  l2, g2, _ = acc(params, pb, 2)
-  assert abs(float(l1) - float(l2)) <= 1e-6
-  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
-  assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g1)) > 0
-
-
 @pytest.mark.parametrize("valid", [(1, 1), (1, 0)])
 def test_micro_batch_metrics_are_the_batch_metrics(rollout, valid):
   # Token means weigh each micro-batch by its tokens: completions of different lengths, and a
@@ -321,6 +307,35 @@ def test_micro_batch_metrics_are_the_batch_metrics(rollout, valid):
   assert set(m1) == set(m2) and float(m1["ratio_mean"]) != pytest.approx(1.0, abs=1e-3)
   for k in m1:
     assert float(m2[k]) == pytest.approx(float(m1[k]), rel=1e-5, abs=1e-6), k
+
+
+def test_micro_batches_equal_one_batch(rollout):
+  # The sum over micro-batches is the batch's loss and gradient, also with GSPO's ratio, the
+  # off-policy mask and the batch-scaled advantages (per sequence, or computed before the split).
+  # The entropy quantile is taken over each micro-batch's tokens (as TRL's): checked on one, through
+  # the real log-prob pass.
+  model, batch, pair_grid, out = rollout
+  rng = np.random.default_rng(5)
+  noise = lambda: jnp.asarray(rng.normal(0, 0.2, out.logprobs.shape), jnp.float32) * out.mask
+  rewards = rng.normal(size=(2, 3))
+  graphdef, params = nnx.split(model, nnx.Param)
+  cfg = LossConfig(importance_sampling_level="sequence", objective="sapo", loss="luspo", advantage="batch",
+                   off_policy_mask_threshold=0.02, use_bias_correction_kl=True, beta=0.04)
+  pb = policy_batch(batch, out, rewards, cfg, logp_ref=out.logprobs + noise())._replace(
+      logp_old=out.logprobs + noise())
+  acc = jitted_accumulate(graphdef, pair_grid, cfg)
+  (l1, g1, m1), (l2, g2, m2) = acc(params, pb, 1), acc(params, pb, 2)
+  assert float(l2) == pytest.approx(float(l1), rel=1e-5, abs=1e-7)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+  assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g1)) > 0
+  assert 0 < float(m1["policy_kept_fraction"]) < 1  # the off-policy mask dropped some sequences, not all
+  assert float(m2["policy_kept_fraction"]) == pytest.approx(float(m1["policy_kept_fraction"]))
+
+  top = dataclasses.replace(cfg, top_entropy_quantile=0.5, off_policy_mask_threshold=None)
+  _, _, mt = jitted_accumulate(graphdef, pair_grid, top)(params, pb, 1)
+  n = float(mt["loss_tokens"])
+  assert float(mt["policy_kept_fraction"]) * n == pytest.approx(np.ceil(n / 2), abs=1)  # ≥ the median
 
 
 def run_update(model, pb, pair_grid, loss_cfg, optim_cfg, state=None):

@@ -67,6 +67,10 @@ def test_overrides_that_complete_each_other_work_in_any_order():
     ("pipeline.image.max_pixels=0", "need 0 < min_pixels ≤ max_pixels"),
     ("data.synthetic_pairs=0", "data.synthetic_pairs=0 must be ≥ 1"),
     ("step.optim.learning_rate=nan", "learning_rate must be finite and > 0 (got nan)"),
+    ("step.loss.objective=cispo step.loss.delta=1.5", "LossConfig.delta caps the clip objective's ratio; "
+                                                      "objective='cispo' does not use it"),
+    ("step.loss.importance_sampling_level=seq", "LossConfig.importance_sampling_level='seq': choose one of"),
+    ("step.loss.top_entropy_quantile=1.5", "LossConfig.top_entropy_quantile=1.5 must be in [0, 1]"),
     (f"data.source=hpdv2 data.path={DEMO}", "loop.eval_every=25 needs held-out pairs"),
     ("data.eval_pairs=0", "loop.eval_every=25 with data.eval_pairs=0"),
 ])
