@@ -23,7 +23,7 @@ from hf_tiny import assert_same_adam_step, config_dict, make_batch
 # ---- independent float64 reference ---------------------------------------------------------------
 def ref_loss(logp, old, ref, rewards, mask, loss="grpo", adv_mode="grpo", eps_low=0.2, eps_high=0.2, beta=0.04,
              kl="k3", eps=1e-6, objective="clip", level="token", delta=None, tau=(1.0, 1.05), bias_kl=False,
-             opsm=None, top_q=1.0, entropy=None, valid=None):
+             opsm=None, top_q=1.0, entropy=None, valid=None, ent_coef=0.0):
   r = rewards.astype(np.float64)
   valid = np.ones(len(r)) if valid is None else np.asarray(valid, np.float64)
   a = r - r.mean(-1, keepdims=True)
@@ -57,15 +57,16 @@ def ref_loss(logp, old, ref, rewards, mask, loss="grpo", adv_mode="grpo", eps_lo
   if bias_kl:
     k = k * rho
   tok = pg * keep + beta * k
+  bonus = 0.0 if ent_coef == 0 else ent_coef * (entropy * m).sum() / m.sum()
   if loss == "grpo":
     n = m.sum(-1)
     seq = (tok * m).sum(-1) / np.maximum(n, 1)
-    return seq[n > 0].mean()
+    return seq[n > 0].mean() - bonus
   if loss == "dapo":
-    return (tok * m).sum() / m.sum()
+    return (tok * m).sum() / m.sum() - bonus
   if loss == "luspo":
-    return (tok * m).sum() / (m.sum(-1) > 0).sum()
-  return (tok * m).sum() / ((m.sum(-1) > 0).sum() * m.shape[-1])
+    return (tok * m).sum() / (m.sum(-1) > 0).sum() - bonus
+  return (tok * m).sum() / ((m.sum(-1) > 0).sum() * m.shape[-1]) - bonus
 
 
 def random_problem(seed=0, b=3, g=4, n=6):
@@ -122,12 +123,14 @@ OPTION_CASES = {
     "top_entropy": dict(top_entropy_quantile=0.3),
     "top_entropy_dapo_sapo": dict(top_entropy_quantile=0.5, loss="dapo", objective="sapo"),
     "batch_advantage_with_padding": dict(advantage="batch", valid=(1, 1, 0)),
+    "entropy_bonus": dict(entropy_coef=0.1, valid=(1, 0, 1)),
     "all_masks_dr_grpo": dict(loss="dr_grpo", off_policy_mask_threshold=0.0, top_entropy_quantile=0.6,
                               use_bias_correction_kl=True),
 }
 TO_REF = {"loss": "loss", "advantage": "adv_mode", "objective": "objective", "importance_sampling_level": "level",
           "eps_low": "eps_low", "eps_high": "eps_high", "delta": "delta", "beta": "beta",
-          "use_bias_correction_kl": "bias_kl", "off_policy_mask_threshold": "opsm", "top_entropy_quantile": "top_q"}
+          "use_bias_correction_kl": "bias_kl", "off_policy_mask_threshold": "opsm", "top_entropy_quantile": "top_q",
+          "entropy_coef": "ent_coef"}
 
 
 @pytest.mark.parametrize("case", sorted(OPTION_CASES))
@@ -245,6 +248,18 @@ def test_chunked_logprobs_equal_full_logsoftmax_and_gradients(backends, monkeypa
   gb = jax.grad(lambda h, w: (full(h, w) * weights).sum(), argnums=(0, 1))(h, w)
   for a, b in zip(ga, gb):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  # With `entropy_grad` the entropy is differentiated too (an entropy bonus), in the same pass.
+  ent_w = jnp.asarray(rng.normal(size=t.shape), jnp.float32)
+  def both(h, w):
+    logp, ent = token_logprobs(h, w, t, chunk=64, entropy_grad=True)
+    return (logp * weights).sum() + (ent * ent_w).sum()
+  def both_full(h, w):
+    logp_all = jax.nn.log_softmax(jnp.einsum("...e,ve->...v", h, w, precision="highest"), -1)
+    return (full(h, w) * weights).sum() + (-(jnp.exp(logp_all) * logp_all).sum(-1) * ent_w).sum()
+  ga, gb = (jax.grad(f, argnums=(0, 1))(h, w) for f in (both, both_full))
+  for a, b, plain in zip(ga, gb, jax.grad(lambda h, w: (chunked(h, w) * weights).sum(), argnums=(0, 1))(h, w)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert float(jnp.abs(a - plain).max()) > 1e-2  # the entropy's part is there
 
 
 # ---- on the tiny model -----------------------------------------------------------------------------
@@ -311,7 +326,8 @@ def test_micro_batch_metrics_are_the_batch_metrics(rollout, valid):
 
 def test_micro_batches_equal_one_batch(rollout):
   # The sum over micro-batches is the batch's loss and gradient, also with GSPO's ratio, the
-  # off-policy mask and the batch-scaled advantages (per sequence, or computed before the split).
+  # off-policy mask, the batch-scaled advantages (per sequence, or computed before the split) and the
+  # entropy bonus (a mean over the whole batch's tokens, differentiated through the chunked head).
   # The entropy quantile is taken over each micro-batch's tokens (as TRL's): checked on one, through
   # the real log-prob pass.
   model, batch, pair_grid, out = rollout
@@ -320,7 +336,7 @@ def test_micro_batches_equal_one_batch(rollout):
   rewards = rng.normal(size=(2, 3))
   graphdef, params = nnx.split(model, nnx.Param)
   cfg = LossConfig(importance_sampling_level="sequence", objective="sapo", loss="luspo", advantage="batch",
-                   off_policy_mask_threshold=0.02, use_bias_correction_kl=True, beta=0.04)
+                   off_policy_mask_threshold=0.02, use_bias_correction_kl=True, beta=0.04, entropy_coef=0.01)
   pb = policy_batch(batch, out, rewards, cfg, logp_ref=out.logprobs + noise())._replace(
       logp_old=out.logprobs + noise())
   acc = jitted_accumulate(graphdef, pair_grid, cfg)
@@ -332,7 +348,7 @@ def test_micro_batches_equal_one_batch(rollout):
   assert 0 < float(m1["policy_kept_fraction"]) < 1  # the off-policy mask dropped some sequences, not all
   assert float(m2["policy_kept_fraction"]) == pytest.approx(float(m1["policy_kept_fraction"]))
 
-  top = dataclasses.replace(cfg, top_entropy_quantile=0.5, off_policy_mask_threshold=None)
+  top = dataclasses.replace(cfg, top_entropy_quantile=0.5, off_policy_mask_threshold=None, entropy_coef=0.0)
   _, _, mt = jitted_accumulate(graphdef, pair_grid, top)(params, pb, 1)
   n = float(mt["loss_tokens"])
   assert float(mt["policy_kept_fraction"]) * n == pytest.approx(np.ceil(n / 2), abs=1)  # ≥ the median

@@ -71,6 +71,8 @@ def test_overrides_that_complete_each_other_work_in_any_order():
                                                       "objective='cispo' does not use it"),
     ("step.loss.importance_sampling_level=seq", "LossConfig.importance_sampling_level='seq': choose one of"),
     ("step.loss.top_entropy_quantile=1.5", "LossConfig.top_entropy_quantile=1.5 must be in [0, 1]"),
+    ("step.loss.entropy_coef=0.01 step.loss.top_entropy_quantile=0.2", "entropy_coef=0.01 with top_entropy_quantile"
+                                                                        "=0.2: not supported"),
     (f"data.source=hpdv2 data.path={DEMO}", "loop.eval_every=25 needs held-out pairs"),
     ("data.eval_pairs=0", "loop.eval_every=25 with data.eval_pairs=0"),
 ])

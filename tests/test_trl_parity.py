@@ -1,5 +1,6 @@
 """Our GRPO objective against TRL's own `GRPOTrainer._compute_loss` (TRL 1.16, the `bench` extra),
-loss and gradient, for every surrogate and TRL option we mirror. TRL's method runs on a stand-in
+loss and gradient (in the log-probs and in the entropies), for every surrogate and TRL option we
+mirror. TRL's method runs on a stand-in
 trainer object holding exactly the attributes it reads; its per-token log-probs and entropies are
 handed in as leaf tensors, so the comparison is of the objective alone.
 
@@ -22,6 +23,7 @@ torch = pytest.importorskip("torch")
 
 class _Accelerator:
   num_processes = 1
+  sync_gradients = True
 
   def gather(self, x):
     return x
@@ -36,8 +38,10 @@ class _Accelerator:
 
 
 def trl_loss_and_grad(logp, old, ref, adv, mask, entropy, trl_args: dict):
-  """TRL's loss and d loss / d logp for rows of completions (R, N), advantages (R,)."""
+  """TRL's loss and d loss / d (logp, entropy) for rows of completions (R, N), advantages (R,)."""
   logp_t = torch.tensor(logp, dtype=torch.float64, requires_grad=True)
+  ent_t = torch.tensor(entropy, dtype=torch.float64, requires_grad=True)
+  coef = trl_args.get("entropy_coef", 0.0)
   args = types.SimpleNamespace(delta=trl_args.get("delta"),
                                use_bias_correction_kl=trl_args.get("use_bias_correction_kl", False),
                                sapo_temperature_pos=trl_args.get("sapo_temperature_pos", 1.0),
@@ -49,11 +53,12 @@ def trl_loss_and_grad(logp, old, ref, adv, mask, entropy, trl_args: dict):
       importance_sampling_level=trl_args.get("importance_sampling_level", "token"),
       top_entropy_quantile=trl_args.get("top_entropy_quantile", 1.0),
       off_policy_mask_threshold=trl_args.get("off_policy_mask_threshold"),
-      use_vllm=False, aux_loss_enabled=False, _entropy_bonus_enabled=False,
+      use_vllm=False, aux_loss_enabled=False, _entropy_bonus_enabled=coef != 0, entropy_coef=coef,
+      use_adaptive_entropy=False,
       current_gradient_accumulation_steps=1, accelerator=_Accelerator(),
       model=types.SimpleNamespace(training=True),
       _metrics=collections.defaultdict(lambda: collections.defaultdict(list)))
-  trainer._get_per_token_logps_and_entropies = lambda *a, **k: (logp_t, torch.tensor(entropy), None)
+  trainer._get_per_token_logps_and_entropies = lambda *a, **k: (logp_t, ent_t, None)
   trainer.get_high_entropy_mask = types.MethodType(trl_grpo.GRPOTrainer.get_high_entropy_mask, trainer)
   trainer.get_off_policy_mask = trl_grpo.GRPOTrainer.get_off_policy_mask
   r, n = logp.shape
@@ -65,7 +70,8 @@ def trl_loss_and_grad(logp, old, ref, adv, mask, entropy, trl_args: dict):
   trainer.max_completion_length = n
   loss = trl_grpo.GRPOTrainer._compute_loss(trainer, None, inputs)
   loss.backward()
-  return float(loss.detach()), logp_t.grad.numpy()
+  return float(loss.detach()), logp_t.grad.numpy(), (np.zeros_like(entropy) if ent_t.grad is None
+                                                     else ent_t.grad.numpy())
 
 
 # (our LossConfig fields, TRL's GRPOConfig fields). TRL's cispo caps the ratio at `epsilon_high`,
@@ -91,6 +97,8 @@ CASES = {
                         use_bias_correction_kl=True, delta=1.2, eps_high=0.28, beta=0.1),
                    dict(loss_type="dr_grpo", top_entropy_quantile=0.5, off_policy_mask_threshold=0.0,
                         use_bias_correction_kl=True, delta=1.2, epsilon_high=0.28, beta=0.1)),
+    "entropy_bonus": (dict(loss="dapo", entropy_coef=0.05, importance_sampling_level="sequence"),
+                      dict(loss_type="dapo", entropy_coef=0.05, importance_sampling_level="sequence")),
 }
 
 
@@ -112,13 +120,15 @@ def test_loss_and_gradient_equal_trls(case):
   with jax.enable_x64(True):
     adv = advantages(jnp.asarray(rewards), cfg)
     w = token_weights(jnp.asarray(mask), cfg)
-    f = lambda lp: grpo_loss(lp, jnp.asarray(old), adv, w, cfg, jnp.asarray(ref), jnp.asarray(entropy))[0]
-    loss, grad = jax.value_and_grad(f)(jnp.asarray(logp))
+    f = lambda lp, ent: grpo_loss(lp, jnp.asarray(old), adv, w, cfg, jnp.asarray(ref), ent)[0]
+    loss, (grad, grad_ent) = jax.value_and_grad(f, argnums=(0, 1))(jnp.asarray(logp), jnp.asarray(entropy))
     adv = np.asarray(adv)
   flat = lambda x: x.reshape(b * g, *x.shape[2:])
-  want_loss, want_grad = trl_loss_and_grad(flat(logp), flat(old), flat(ref), flat(adv), flat(mask), flat(entropy),
+  want_loss, want_grad, want_grad_ent = trl_loss_and_grad(flat(logp), flat(old), flat(ref), flat(adv), flat(mask), flat(entropy),
                                            theirs)
   rtol = 1e-7 if cfg.objective == "sapo" else 1e-12  # TRL's sapo temperatures are float32 tensors
   assert float(loss) == pytest.approx(want_loss, rel=rtol, abs=1e-14)
   np.testing.assert_allclose(flat(np.asarray(grad)), want_grad, rtol=100 * rtol, atol=1e-15)
+  np.testing.assert_allclose(flat(np.asarray(grad_ent)), want_grad_ent, rtol=1e-12, atol=1e-15)
+  assert (np.abs(want_grad_ent).max() > 0) == (cfg.entropy_coef != 0)
   assert np.abs(want_grad).max() > 0

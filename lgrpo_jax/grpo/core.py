@@ -19,6 +19,7 @@ generated tokens (up to and including the stop token); every sum below is over m
                     "dapo":    w = m / Σ m                             (token-mean over the batch)
                     "dr_grpo": w = m / (num_seqs · max_len)            (token-sum / max length)
                     "luspo":   w = m / num_seqs                        (token-sum, mean over sequences)
+    entropy bonus   loss −= entropy_coef · Σ m·H / Σ m                 (H differentiated; off at 0)
 
 A researcher registers a new surrogate, aggregation, KL estimator or advantage with
 `@register_objective` / `@register_loss` / `@register_kl` / `@register_advantage` and picks it by
@@ -156,6 +157,8 @@ class LossConfig:
   # Drop the policy term of sequences with A < 0 whose mean (logp_old − logp) exceeds this
   # (DeepSeek-V3.2's off-policy sequence mask); None: off
   off_policy_mask_threshold: float | None = None
+  # Entropy bonus: loss − coef · (mean entropy over the batch's loss tokens); 0: off
+  entropy_coef: float = 0.0
 
   def __post_init__(self):
     lookup(LOSSES, self.loss, "LossConfig.loss")
@@ -179,6 +182,12 @@ class LossConfig:
                          "does not use it (set delta=None)")
     if not 0 <= self.top_entropy_quantile <= 1:
       raise ValueError(f"LossConfig.top_entropy_quantile={self.top_entropy_quantile} must be in [0, 1]")
+    if not math.isfinite(self.entropy_coef):
+      raise ValueError(f"LossConfig.entropy_coef={self.entropy_coef} must be finite")
+    if self.entropy_coef != 0 and self.top_entropy_quantile < 1:
+      raise ValueError(f"LossConfig.entropy_coef={self.entropy_coef} with top_entropy_quantile="
+                       f"{self.top_entropy_quantile}: not supported (TRL then takes the bonus over the kept tokens "
+                       "only, a per-micro-batch set); use one of them")
     if self.off_policy_mask_threshold is not None and not 0 <= self.off_policy_mask_threshold < math.inf:
       raise ValueError(f"LossConfig.off_policy_mask_threshold={self.off_policy_mask_threshold} must be finite "
                        "and ≥ 0 (or None: off)")
@@ -313,9 +322,13 @@ def advantages(rewards_bg, cfg: LossConfig, valid_b=None):
   return jax.lax.stop_gradient(fn(rewards_bg, cfg.adv_eps, valid_b))
 
 
-def grpo_loss(logp, logp_old, advantages_bg, weights, cfg: LossConfig, logp_ref=None, entropy=None):
-  """(Σ w·ℓ, metrics) for per-token log-probs (B, G, N) of the policy being optimised, the
-  sampler's (`logp_old`) and the reference's; `weights` from `token_weights` (whole batch).
+def grpo_loss(logp, logp_old, advantages_bg, weights, cfg: LossConfig, logp_ref=None, entropy=None,
+              batch_tokens=None):
+  """(Σ w·ℓ − c·Σ_on H / batch_tokens, metrics) for per-token log-probs (B, G, N) of the policy
+  being optimised, the sampler's (`logp_old`) and the reference's; `weights` from `token_weights`
+  (whole batch). The entropy bonus (c = `entropy_coef`) needs `entropy`, differentiable; it is
+  the mean over the whole batch's loss tokens (`batch_tokens`, default: these), so micro-batches
+  add up to the batch's, as the rest of the loss does.
 
   Metrics (over the tokens with weight > 0): KL, clip fractions (low: A < 0 and ρ < 1 − ε_low;
   high: A > 0 and ρ > 1 + ε_high — for cispo, the capped tokens), ratio mean/max, entropy (if
@@ -328,6 +341,11 @@ def grpo_loss(logp, logp_old, advantages_bg, weights, cfg: LossConfig, logp_ref=
   terms = token_terms(logp, logp_old, adv, cfg, None if logp_ref is None else jax.lax.stop_gradient(logp_ref),
                       on, entropy)
   loss = jnp.sum(terms.loss * weights)
+  if cfg.entropy_coef != 0:
+    if entropy is None:
+      raise ValueError("LossConfig.entropy_coef needs the tokens' entropies")
+    n = jnp.sum(on) if batch_tokens is None else batch_tokens
+    loss = loss - cfg.entropy_coef * jnp.sum(jnp.where(on, entropy, 0.0)) / jnp.maximum(n, 1)
   on = on.astype(jnp.float32)
   n_tok = jnp.maximum(on.sum(), 1)
   mean = lambda x: (x * on).sum() / n_tok

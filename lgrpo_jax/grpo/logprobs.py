@@ -37,17 +37,20 @@ from lgrpo_jax.models.qwen2_5_vl.layers import precision_for
 F32 = jnp.float32
 
 
-def token_logprobs(h_re, head_ve, targets_r, chunk: int = 8192, dtype=jnp.float32, with_entropy=False):
+def token_logprobs(h_re, head_ve, targets_r, chunk: int = 8192, dtype=jnp.float32, with_entropy=False,
+                   entropy_grad=False):
   """log softmax(h·Wᵀ)[target] in fp32 for hidden states h (…, E), head W (V, E), targets (…),
   with h and W in `dtype` and fp32 accumulation. With `with_entropy`, also the entropy of each
-  position's distribution (same pass, no gradient): H = lse − t/s, where t = Σ exp(l − m)·l is
-  carried alongside s = Σ exp(l − m)."""
+  position's distribution (same pass): H = lse − t/s, where t = Σ exp(l − m)·l is carried
+  alongside s = Σ exp(l − m). The entropy is differentiated only with `entropy_grad` (an entropy
+  bonus); otherwise its cotangent is dropped and the backward pass does no work for it."""
   lead = h_re.shape[:-1]
   h = h_re.astype(dtype).reshape(-1, h_re.shape[-1])
   t = targets_r.reshape(-1).astype(jnp.int32)
-  logp, ent = _logprobs(min(chunk, head_ve.shape[0]), with_entropy, h, head_ve.astype(dtype), t)
+  logp, ent = _logprobs(min(chunk, head_ve.shape[0]), bool(with_entropy or entropy_grad), bool(entropy_grad),
+                        h, head_ve.astype(dtype), t)
   logp = logp.reshape(lead)
-  return (logp, ent.reshape(lead)) if with_entropy else logp
+  return (logp, ent.reshape(lead)) if with_entropy or entropy_grad else logp
 
 
 def _chunk_slices(v: int, c: int) -> list[tuple[int, int]]:
@@ -100,8 +103,8 @@ def _forward(c, with_entropy, h_re, w_ve, t_r, unrolled: bool):
   return _target_logits(h_re, w_ve, t_r) - lse, ent, lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _logprobs(c, with_entropy, h_re, w_ve, t_r):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _logprobs(c, with_entropy, entropy_grad, h_re, w_ve, t_r):
   """Without a gradient (e.g. the reference pass): the scan on every backend. On CPU the Python loop
   kept every chunk's logits alive at once there (measured, the 74M benchmark model's reference pass
   over 4 pairs: +140k page faults, ~+8% time); under a gradient the loop is the faster one."""
@@ -109,19 +112,28 @@ def _logprobs(c, with_entropy, h_re, w_ve, t_r):
   return logp, ent
 
 
-def _logprobs_fwd(c, with_entropy, h_re, w_ve, t_r):
+def _logprobs_fwd(c, with_entropy, entropy_grad, h_re, w_ve, t_r):
   logp, ent, lse = _forward(c, with_entropy, h_re, w_ve, t_r, unrolled=layers._unrolled())
-  return (logp, ent), (h_re, w_ve, t_r, lse)
+  return (logp, ent), (h_re, w_ve, t_r, lse, ent if entropy_grad else None)
 
 
-def _logprobs_bwd(c, with_entropy, res, cotangents):
-  """The entropy's cotangent is dropped: it is reported, not trained on."""
-  h_re, w_ve, t_r, lse = res
+def _logprobs_bwd(c, with_entropy, entropy_grad, res, cotangents):
+  """Without `entropy_grad` the entropy's cotangent is dropped: it is reported, not trained on.
+  With it, dH/dz = −p·(z − lse + H) joins the log-prob's −g·p in the same pass over the chunks."""
+  h_re, w_ve, t_r, lse, ent = res
   g = cotangents[0].astype(F32)
   v, e = w_ve.shape
   dt, prec = w_ve.dtype, precision_for(w_ve.dtype)
-  # The softmax part of each chunk's logit gradient, −g·p (R, C), in the matmul dtype.
-  neg_gp = lambda logits_rc: (-g[:, None] * jnp.exp(logits_rc - lse[:, None])).astype(dt)
+  if entropy_grad:
+    g_ent = cotangents[1].astype(F32)
+
+    def neg_gp(logits_rc):  # −p·(g + g_H·(z − lse + H)); 0 where p = 0 (the padded head's −inf)
+      z = logits_rc - lse[:, None]
+      p = jnp.exp(z)
+      return jnp.where(p > 0, -p * (g[:, None] + g_ent[:, None] * (z + ent[:, None])), 0.0).astype(dt)
+  else:
+    # The softmax part of each chunk's logit gradient, −g·p (R, C), in the matmul dtype.
+    neg_gp = lambda logits_rc: (-g[:, None] * jnp.exp(logits_rc - lse[:, None])).astype(dt)
   mm = lambda x, y, spec: jnp.einsum(spec, x, y, precision=prec, preferred_element_type=F32)
   dh = g[:, None] * w_ve[t_r].astype(F32)  # the one-hot part
   if layers._unrolled():
@@ -147,7 +159,8 @@ _logprobs.defvjp(_logprobs_fwd, _logprobs_bwd)
 
 
 def completion_logprobs(model, x_prompt_btd, position_ids, prompt_mask, tokens_bgn, mask_bgn,
-                        chunk: int = 8192, temperature: float = 1.0, with_entropy: bool = False):
+                        chunk: int = 8192, temperature: float = 1.0, with_entropy: bool = False,
+                        entropy_grad: bool = False):
   """(B, G, N) fp32 log-probs of each completion token given its prompt (embedded, with its M-RoPE
   positions (3, B, P) and mask) and the completion tokens before it. Completion tokens are text,
   whatever their ids. With `temperature`, the log-probs of the tempered distribution (what the
@@ -163,11 +176,13 @@ def completion_logprobs(model, x_prompt_btd, position_ids, prompt_mask, tokens_b
   head = model.head_matrix()
   if temperature != 1.0:
     head = head / temperature
-  return token_logprobs(h_pred, head, tokens_bgn, chunk, dtype=model.dtype, with_entropy=with_entropy)
+  return token_logprobs(h_pred, head, tokens_bgn, chunk, dtype=model.dtype, with_entropy=with_entropy,
+                        entropy_grad=entropy_grad)
 
 
 def completion_logprobs_copies(model, x_prompt_rtd, position_ids, prompt_mask, tokens_bgn, mask_bgn,
-                               chunk: int = 8192, temperature: float = 1.0, with_entropy: bool = False):
+                               chunk: int = 8192, temperature: float = 1.0, with_entropy: bool = False,
+                        entropy_grad: bool = False):
   """`completion_logprobs` computed the plain way, as every PyTorch peer does: each completion is
   appended to its own copy of the prompt and the B·G sequences of P + N tokens run as one causal
   forward. The prompt inputs are already per copy — row b·G + g holds pair b's prompt (embedded,
@@ -185,4 +200,5 @@ def completion_logprobs_copies(model, x_prompt_rtd, position_ids, prompt_mask, t
   head = model.head_matrix()
   if temperature != 1.0:
     head = head / temperature
-  return token_logprobs(h_pred, head, tokens_bgn, chunk, dtype=model.dtype, with_entropy=with_entropy)
+  return token_logprobs(h_pred, head, tokens_bgn, chunk, dtype=model.dtype, with_entropy=with_entropy,
+                        entropy_grad=entropy_grad)

@@ -121,7 +121,8 @@ class PolicyBatch(NamedTuple):
 
 
 def policy_logprobs(model, input_ids, attention_mask, pixel_values, pair_grid, tokens, mask, chunk=8192,
-                    with_entropy=False, prefix_sharing: bool = True, image_embeds=None, temperature: float = 1.0):
+                    with_entropy=False, prefix_sharing: bool = True, image_embeds=None, temperature: float = 1.0,
+                    entropy_grad: bool = False):
   """Completion log-probs with the prompt (and its images) computed once per pair (also the
   reference pass, and "recomputed" old log-probs: call it under `jax.lax.stop_gradient`).
 
@@ -147,20 +148,24 @@ def policy_logprobs(model, input_ids, attention_mask, pixel_values, pair_grid, t
   x = model.embed(input_ids, feats)
   if not prefix_sharing:
     return completion_logprobs_copies(model, x, pos, attention_mask, tokens, mask, chunk, temperature,
-                                      with_entropy=with_entropy)
+                                      with_entropy=with_entropy, entropy_grad=entropy_grad)
   return completion_logprobs(model, x, pos, attention_mask, tokens, mask, chunk, temperature,
-                             with_entropy=with_entropy)
+                             with_entropy=with_entropy, entropy_grad=entropy_grad)
 
 
 def loss_fn(params, graphdef, batch: PolicyBatch, pair_grid, cfg: LossConfig, chunk: int,
-            prefix_sharing: bool = True, temperature: float = 1.0):
+            prefix_sharing: bool = True, temperature: float = 1.0, batch_tokens=None):
+  """The loss of (a micro-batch of) `batch`; `batch_tokens`: the whole batch's loss tokens, over
+  which an entropy bonus is averaged (so micro-batches add up to the batch's)."""
   model = nnx.merge(graphdef, params)
   feats = batch.image_embeds  # given: a frozen tower, so a constant here (no backward through it)
   feats = None if feats is None else jax.lax.stop_gradient(feats.reshape(-1, feats.shape[-1]))
   logp, entropy = policy_logprobs(model, batch.input_ids, batch.attention_mask, batch.pixel_values,
                                   pair_grid, batch.tokens, batch.mask, chunk, with_entropy=True,
-                                  prefix_sharing=prefix_sharing, image_embeds=feats, temperature=temperature)
-  return grpo_loss(logp, batch.logp_old, batch.advantages, batch.weights, cfg, batch.logp_ref, entropy)
+                                  prefix_sharing=prefix_sharing, image_embeds=feats, temperature=temperature,
+                                  entropy_grad=cfg.entropy_coef != 0)
+  return grpo_loss(logp, batch.logp_old, batch.advantages, batch.weights, cfg, batch.logp_ref, entropy,
+                   batch_tokens)
 
 
 def _split(batch: PolicyBatch, k: int) -> PolicyBatch:
@@ -177,14 +182,17 @@ def accumulate_grads(params, graphdef, batch: PolicyBatch, pair_grid, loss_cfg: 
   if b % micro_batches:
     raise ValueError(f"{b} pairs do not split into {micro_batches} micro-batches")
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  n_tokens = jnp.sum(batch.weights > 0)  # the whole batch's, for an entropy bonus's mean
   if micro_batches == 1:  # no accumulator: one gradient tree alive instead of two
-    (loss, metrics), grads = grad_fn(params, graphdef, batch, pair_grid, loss_cfg, chunk, prefix_sharing, temperature)
+    (loss, metrics), grads = grad_fn(params, graphdef, batch, pair_grid, loss_cfg, chunk, prefix_sharing, temperature,
+                                     n_tokens)
     return loss, grads, metrics
   micro = _split(batch, micro_batches)
 
   def body(carry, mb):
     loss_sum, grads_sum = carry
-    (loss, metrics), grads = grad_fn(params, graphdef, mb, pair_grid, loss_cfg, chunk, prefix_sharing, temperature)
+    (loss, metrics), grads = grad_fn(params, graphdef, mb, pair_grid, loss_cfg, chunk, prefix_sharing, temperature,
+                                     n_tokens)
     return (loss_sum + loss, jax.tree.map(jnp.add, grads_sum, grads)), metrics
 
   zeros = jax.tree.map(jnp.zeros_like, params)
