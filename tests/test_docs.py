@@ -102,8 +102,8 @@ def test_the_extension_guide_runs(tmp_path):
   cfg = LossConfig(objective="clip_low_only", advantage="rank")
   assert "clip_low_only" in OBJECTIVES and "rank" in ADVANTAGES
   ratio = jnp.asarray([0.5, 1.0, 1.5])
-  np.testing.assert_allclose(OBJECTIVES["clip_low_only"](None, ratio, 1.0, cfg), [-0.5, -1.0, -1.5])  # no cap
-  np.testing.assert_allclose(OBJECTIVES["clip_low_only"](None, ratio, -1.0, cfg), [0.8, 1.0, 1.5])
+  np.testing.assert_allclose(OBJECTIVES["clip_low_only"](None, ratio, 1.0, None, cfg), [-0.5, -1.0, -1.5])  # no cap
+  np.testing.assert_allclose(OBJECTIVES["clip_low_only"](None, ratio, -1.0, None, cfg), [0.8, 1.0, 1.5])
   np.testing.assert_allclose(advantages(jnp.asarray([[0.1, 0.5, 0.3]]), cfg), [[-0.5, 0.5, 0.0]])
 
 

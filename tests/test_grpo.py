@@ -23,7 +23,7 @@ from hf_tiny import assert_same_adam_step, config_dict, make_batch
 # ---- independent float64 reference ---------------------------------------------------------------
 def ref_loss(logp, old, ref, rewards, mask, loss="grpo", adv_mode="grpo", eps_low=0.2, eps_high=0.2, beta=0.04,
              kl="k3", eps=1e-6, objective="clip", level="token", delta=None, tau=(1.0, 1.05), bias_kl=False,
-             opsm=None, top_q=1.0, entropy=None, valid=None, ent_coef=0.0):
+             opsm=None, top_q=1.0, entropy=None, valid=None, ent_coef=0.0, vespo=(2.0, 3.0, 3.0, 2.0)):
   r = rewards.astype(np.float64)
   valid = np.ones(len(r)) if valid is None else np.asarray(valid, np.float64)
   a = r - r.mean(-1, keepdims=True)
@@ -43,6 +43,10 @@ def ref_loss(logp, old, ref, rewards, mask, loss="grpo", adv_mode="grpo", eps_lo
     pg = -np.minimum(rho1 * A, np.clip(rho, 1 - eps_low, 1 + eps_high) * A)
   elif objective == "cispo":
     pg = -np.minimum(rho, 1 + eps_high) * A * logp
+  elif objective == "vespo":
+    log_w = np.clip((np.clip(log_ratio, -20, 20) * m).sum(-1, keepdims=True), np.log(1e-8), 20)
+    k, lam = np.where(A >= 0, vespo[0], vespo[2]), np.where(A >= 0, vespo[1], vespo[3])
+    pg = -np.exp(lam + k * log_w - lam * np.exp(log_w)) * A * logp
   else:
     t = np.where(A > 0, tau[0], tau[1])
     pg = -4 / t / (1 + np.exp(-t * (rho - 1))) * A
@@ -116,6 +120,7 @@ OPTION_CASES = {
     "gspo": dict(importance_sampling_level="sequence", eps_low=0.05, eps_high=0.05),
     "gspo_luspo": dict(importance_sampling_level="sequence", loss="luspo", eps_low=0.05, eps_high=0.05),
     "gspo_cispo": dict(importance_sampling_level="sequence", objective="cispo", eps_high=0.05),
+    "vespo": dict(objective="vespo", loss="dapo", vespo_k_pos=1.5, vespo_lambda_neg=2.5),
     "delta": dict(delta=1.1, eps_high=0.28),
     "bias_corrected_kl": dict(use_bias_correction_kl=True, beta=0.3),
     "bias_corrected_kl_gspo": dict(use_bias_correction_kl=True, beta=0.3, importance_sampling_level="sequence"),
@@ -149,6 +154,7 @@ def test_objectives_and_trl_options_match_float64_reference(case):
   ref_kw.setdefault("beta", cfg.beta)
   if cfg.objective == "sapo":
     ref_kw["tau"] = (cfg.sapo_temperature_pos, cfg.sapo_temperature_neg)
+  ref_kw["vespo"] = (cfg.vespo_k_pos, cfg.vespo_lambda_pos, cfg.vespo_k_neg, cfg.vespo_lambda_neg)
   want = ref_loss(*problem, entropy=entropy, valid=valid, **ref_kw)
   assert_matches_reference(cfg, problem, want, entropy, valid)
   plain = ref_loss(*problem, beta=cfg.beta, loss=cfg.loss, eps_low=cfg.eps_low, eps_high=cfg.eps_high,

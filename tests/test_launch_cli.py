@@ -70,6 +70,8 @@ def test_overrides_that_complete_each_other_work_in_any_order():
     ("step.loss.objective=cispo step.loss.delta=1.5", "LossConfig.delta caps the clip objective's ratio; "
                                                       "objective='cispo' does not use it"),
     ("step.loss.importance_sampling_level=seq", "LossConfig.importance_sampling_level='seq': choose one of"),
+    ("step.loss.objective=vespo step.loss.importance_sampling_level=sequence",
+     "objective='vespo' forms its own sequence weight"),
     ("step.loss.top_entropy_quantile=1.5", "LossConfig.top_entropy_quantile=1.5 must be in [0, 1]"),
     ("step.loss.entropy_coef=0.01 step.loss.top_entropy_quantile=0.2", "entropy_coef=0.01 with top_entropy_quantile"
                                                                         "=0.2: not supported"),

@@ -46,6 +46,8 @@ def trl_loss_and_grad(logp, old, ref, adv, mask, entropy, trl_args: dict):
                                use_bias_correction_kl=trl_args.get("use_bias_correction_kl", False),
                                sapo_temperature_pos=trl_args.get("sapo_temperature_pos", 1.0),
                                sapo_temperature_neg=trl_args.get("sapo_temperature_neg", 1.05),
+                               **{k: trl_args.get(k, d) for k, d in (("vespo_k_pos", 2.0), ("vespo_lambda_pos", 3.0),
+                                                                     ("vespo_k_neg", 3.0), ("vespo_lambda_neg", 2.0))},
                                steps_per_generation=1)
   trainer = types.SimpleNamespace(
       args=args, loss_type=trl_args["loss_type"], beta=trl_args["beta"],
@@ -61,6 +63,7 @@ def trl_loss_and_grad(logp, old, ref, adv, mask, entropy, trl_args: dict):
   trainer._get_per_token_logps_and_entropies = lambda *a, **k: (logp_t, ent_t, None)
   trainer.get_high_entropy_mask = types.MethodType(trl_grpo.GRPOTrainer.get_high_entropy_mask, trainer)
   trainer.get_off_policy_mask = trl_grpo.GRPOTrainer.get_off_policy_mask
+  trainer.get_gamma_weights = trl_grpo.GRPOTrainer.get_gamma_weights
   r, n = logp.shape
   m = torch.tensor(mask, dtype=torch.int64)
   inputs = {"prompt_ids": torch.zeros((r, 1), dtype=torch.int64), "prompt_mask": torch.ones((r, 1), dtype=torch.int64),
@@ -88,6 +91,8 @@ CASES = {
     "cispo": (dict(objective="cispo", loss="dapo", eps_high=0.1), dict(loss_type="cispo", epsilon_high=1.1)),
     "sapo": (dict(objective="sapo", sapo_temperature_pos=0.9, sapo_temperature_neg=1.3),
              dict(loss_type="sapo", sapo_temperature_pos=0.9, sapo_temperature_neg=1.3)),
+    "vespo": (dict(objective="vespo", loss="dapo", vespo_k_pos=1.5, vespo_lambda_neg=2.5),
+              dict(loss_type="vespo", vespo_k_pos=1.5, vespo_lambda_neg=2.5)),
     "delta": (dict(loss="dapo", delta=1.1), dict(loss_type="dapo", delta=1.1)),
     "bias_corrected_kl": (dict(use_bias_correction_kl=True, beta=0.3),
                           dict(loss_type="grpo", use_bias_correction_kl=True, beta=0.3)),

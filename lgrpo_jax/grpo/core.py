@@ -11,6 +11,7 @@ generated tokens (up to and including the stop token); every sum below is over m
     objective       o = −min(ρ'·A, clip(ρ, 1 − ε_low, 1 + ε_high)·A), ρ' = min(ρ, δ)   ("clip")
                     o = −sg(min(ρ, 1 + ε_high))·A·logp                                ("cispo")
                     o = −(4/τ)·σ(τ·(ρ − 1))·A, τ = τ_pos if A > 0 else τ_neg           ("sapo")
+                    o = −sg(φ(w))·A·logp, φ(w) = e^λ·w^k·e^(−λw), w = Π_t ρ_t           ("vespo")
     token loss      ℓ = keep·o + β·KL(logp, logp_ref)·(ρ if use_bias_correction_kl else 1)
                     keep: 0 on the tokens below the top_entropy_quantile of the entropy, and on the
                     sequences with A < 0 whose mean (logp_old − logp) > off_policy_mask_threshold
@@ -136,7 +137,7 @@ def kl_k3(logp, logp_ref):
 class LossConfig:
   loss: str = "grpo"  # aggregation: grpo | dapo | dr_grpo | luspo (or a registered name)
   advantage: str = "grpo"  # grpo | dr_grpo | batch (TRL's scale_rewards group | none | batch)
-  objective: str = "clip"  # surrogate: clip (PPO) | cispo | sapo (or a registered name)
+  objective: str = "clip"  # surrogate: clip (PPO) | cispo | sapo | vespo (or a registered name)
   # token: one ratio per token; sequence: GSPO's, exp of the sequence's mean log-ratio on every token
   importance_sampling_level: str = "token"
   eps_low: float = 0.2  # clip ratio below: 1 − eps_low
@@ -144,6 +145,10 @@ class LossConfig:
   delta: float | None = None  # clip: also cap the unclipped ratio at δ > 1 (INTELLECT-2's two-sided clip)
   sapo_temperature_pos: float = 1.0  # sapo: gate temperature where A > 0
   sapo_temperature_neg: float = 1.05  # sapo: gate temperature where A ≤ 0
+  vespo_k_pos: float = 2.0  # vespo: φ(w) = e^λ·w^k·e^(−λw); the power k where A ≥ 0
+  vespo_lambda_pos: float = 3.0  # vespo: the decay λ where A ≥ 0
+  vespo_k_neg: float = 3.0  # vespo: the power k where A < 0
+  vespo_lambda_neg: float = 2.0  # vespo: the decay λ where A < 0
   beta: float = 0.04  # KL coefficient; 0 skips the reference model entirely
   kl: str = "k3"  # KL estimator: k1 | k2 | k3
   use_bias_correction_kl: bool = False  # KL term × the importance ratio ρ (DeepSeek-V3.2; TRL's default)
@@ -174,6 +179,12 @@ class LossConfig:
     for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
       if not 0 < getattr(self, name) < math.inf:
         raise ValueError(f"LossConfig.{name}={getattr(self, name)} must be finite and > 0")
+    for name in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"):
+      if not 0 <= getattr(self, name) < math.inf:
+        raise ValueError(f"LossConfig.{name}={getattr(self, name)} must be finite and ≥ 0")
+    if self.objective == "vespo" and self.importance_sampling_level != "token":
+      raise ValueError("LossConfig.objective='vespo' forms its own sequence weight from the per-token ratios: "
+                       "keep importance_sampling_level='token'")
     if self.delta is not None:
       if not 1 < self.delta < math.inf:
         raise ValueError(f"LossConfig.delta={self.delta} must be > 1 (it caps the ratio ρ, which is 1 on policy)")
@@ -200,31 +211,48 @@ class TokenTerms(NamedTuple):
   ratio: jax.Array  # (B, G, N) the importance ratio ρ (per sequence, broadcast: "sequence")
 
 
-# An objective: (logp, ρ, A (B, G, 1), cfg) → the per-token policy loss o (B, G, N), whose gradient
-# with respect to logp is the policy gradient. ρ is already at the configured level (token/sequence).
+# An objective: (logp, ρ, A (B, G, 1), on (B, G, N): the loss tokens, cfg) → the per-token policy
+# loss o (B, G, N), whose gradient with respect to logp is the policy gradient. ρ is already at the
+# configured level (token/sequence).
 @register_objective("clip")
-def clip_objective(logp, ratio, adv, cfg: LossConfig):
+def clip_objective(logp, ratio, adv, on, cfg: LossConfig):
   """o = −min(ρ'·A, clip(ρ, 1 − ε_low, 1 + ε_high)·A), ρ' = min(ρ, δ) when `delta` is set (a
   negative advantage cannot push a token with a huge ratio without bound), else ρ."""
-  del logp
+  del logp, on
   unclipped = (ratio if cfg.delta is None else jnp.minimum(ratio, cfg.delta)) * adv
   return -jnp.minimum(unclipped, jnp.clip(ratio, 1 - cfg.eps_low, 1 + cfg.eps_high) * adv)
 
 
 @register_objective("cispo")
-def cispo_objective(logp, ratio, adv, cfg: LossConfig):
+def cispo_objective(logp, ratio, adv, on, cfg: LossConfig):
   """o = −sg(min(ρ, 1 + ε_high))·A·logp (CISPO, MiniMax-M1): the importance weight is capped and
   held constant, so every token keeps its gradient A·∇logp, scaled by at most 1 + ε_high."""
+  del on
   return -jax.lax.stop_gradient(jnp.minimum(ratio, 1 + cfg.eps_high)) * adv * logp
 
 
 @register_objective("sapo")
-def sapo_objective(logp, ratio, adv, cfg: LossConfig):
+def sapo_objective(logp, ratio, adv, on, cfg: LossConfig):
   """o = −(4/τ)·σ(τ·(ρ − 1))·A with τ = τ_pos where A > 0, else τ_neg (SAPO): a smooth gate in
   place of the hard clip; its slope in ρ is 1 on policy and decays away from ρ = 1."""
-  del logp
+  del logp, on
   tau = jnp.where(adv > 0, cfg.sapo_temperature_pos, cfg.sapo_temperature_neg)
   return -jax.nn.sigmoid(tau * (ratio - 1)) * (4 / tau) * adv
+
+
+@register_objective("vespo")
+def vespo_objective(logp, ratio, adv, on, cfg: LossConfig):
+  """o = −sg(φ(w))·A·logp (VESPO): w = Π_t ρ_t over the sequence's tokens (log ρ_t clipped to ±20,
+  log w to [log 1e-8, 20]), φ(w) = e^λ·w^k·e^(−λw) — 1 on policy, a smooth Gamma-shaped weight that
+  vanishes for w → 0 and w → ∞; (k, λ) by the sign of A (A ≥ 0: the _pos pair)."""
+  log_w = jnp.sum(jnp.clip(jnp.log(ratio), -20.0, 20.0) * on, -1, keepdims=True)
+  log_w = jnp.clip(log_w, math.log(1e-8), 20.0)
+  pos = adv >= 0
+  k = jnp.where(pos, cfg.vespo_k_pos, cfg.vespo_k_neg)
+  lam = jnp.maximum(jnp.where(pos, cfg.vespo_lambda_pos, cfg.vespo_lambda_neg), 1e-4)
+  phi = jnp.exp(lam + k * log_w - lam * jnp.exp(log_w))
+  phi = jnp.where(jnp.isfinite(phi), phi, 0.0)
+  return -jax.lax.stop_gradient(phi) * adv * logp
 
 
 def sequence_mean(x_bgn, on_bgn):
@@ -255,7 +283,7 @@ def token_terms(logp, logp_old, advantages_bg, cfg: LossConfig, logp_ref=None, o
     log_ratio = sequence_mean(log_ratio, on)
   ratio = jnp.exp(log_ratio)
   adv = advantages_bg[..., None]
-  policy = lookup(OBJECTIVES, cfg.objective, "LossConfig.objective")(logp, ratio, adv, cfg)
+  policy = lookup(OBJECTIVES, cfg.objective, "LossConfig.objective")(logp, ratio, adv, on, cfg)
   keep = jnp.ones(logp.shape, bool)
   if cfg.off_policy_mask_threshold is not None:
     drift = sequence_mean(logp_old - jax.lax.stop_gradient(logp), on)
