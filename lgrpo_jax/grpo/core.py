@@ -75,6 +75,13 @@ def centered(rewards_bg):
   return jnp.where(flat, 0.0, rewards_bg - rewards_bg.mean(axis=-1, keepdims=True))
 
 
+def pair_weights(valid_b, shape):
+  """(B, G) float 1 for the completions of real pairs, 0 for padding rows (all 1 without `valid_b`)."""
+  if valid_b is None:
+    return jnp.ones(shape, jnp.float32)
+  return jnp.broadcast_to(valid_b[:, None], shape).astype(jnp.float32)
+
+
 # An advantage function: (rewards (B, G), ε, valid (B,): 1 for a real pair, 0 for a padding row) → (B, G).
 @register_advantage("grpo")
 def grpo_advantages(rewards_bg, eps: float = 1e-6, valid_b=None):
@@ -98,8 +105,7 @@ def batch_advantages(rewards_bg, eps: float = 1e-6, valid_b=None):
   """A = (r − mean_g r) / (std r + ε): the group's baseline, the spread of the whole batch's rewards
   (std with ddof 1 over the B·G rewards of the valid pairs; TRL's scale_rewards="batch", after PPO
   Lite). 0 where the group's rewards are all equal."""
-  w = jnp.ones(rewards_bg.shape, jnp.float32) if valid_b is None else \
-      jnp.broadcast_to(valid_b[:, None], rewards_bg.shape).astype(jnp.float32)
+  w = pair_weights(valid_b, rewards_bg.shape)
   n = w.sum()
   mean = jnp.sum(rewards_bg * w) / jnp.maximum(n, 1)
   std = jnp.sqrt(jnp.sum(w * (rewards_bg - mean) ** 2) / jnp.maximum(n - 1, 1))
@@ -397,8 +403,7 @@ def grpo_loss(logp, logp_old, advantages_bg, weights, cfg: LossConfig, logp_ref=
 def advantage_metrics(rewards_bg, advantages_bg, valid_b=None) -> dict:
   """Advantage statistics over the valid groups (`valid_b`: 1 for a real pair, 0 for a padding
   row) and the number of groups with zero reward variance (no signal)."""
-  w = jnp.ones(advantages_bg.shape, jnp.float32) if valid_b is None else \
-      jnp.broadcast_to(valid_b[:, None], advantages_bg.shape).astype(jnp.float32)
+  w = pair_weights(valid_b, advantages_bg.shape)
   n = jnp.maximum(w.sum(), 1)
   mean = jnp.sum(advantages_bg * w) / n
   return {"advantage_mean": mean, "advantage_std": jnp.sqrt(jnp.sum(w * (advantages_bg - mean) ** 2) / n),
