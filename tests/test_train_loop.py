@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 
 from lgrpo_jax.data.tokenizer import build_tiny_tokenizer
+from lgrpo_jax.train.step import clear_compiled_steps
 from train_worker import make
 from conftest import xla_flags
 
 
 def test_resume_is_bit_identical_and_metrics_are_written(tmp_path):
+  clear_compiled_steps()  # its program count and compile times are this test's own
   tok_dir = build_tiny_tokenizer(tmp_path / "tok")
   straight = make(tmp_path / "a", tok_dir, steps=5, save_every=2)
   # The listener and the reference default to the initial policy: one frozen copy, not two.

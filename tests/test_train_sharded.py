@@ -9,10 +9,12 @@ import numpy as np
 
 from lgrpo_jax.data.tokenizer import build_tiny_tokenizer
 from lgrpo_jax.sharding import MeshConfig, make_mesh
+from lgrpo_jax.train.step import clear_compiled_steps
 from train_worker import make
 
 
 def test_sharded_loop_matches_one_device(tmp_path):
+  clear_compiled_steps()  # its program count is this test's own
   tok_dir = build_tiny_tokenizer(tmp_path / "tok")
   mesh = make_mesh(MeshConfig(data=2, fsdp=4))
   one = make(tmp_path / "one", tok_dir, steps=2, save_every=2, batch=4, samples=2)

@@ -19,6 +19,7 @@ from lgrpo_jax.listener import ListenerSpec
 from lgrpo_jax.rewards import ByteTable
 from lgrpo_jax.sampling import SamplingConfig
 from lgrpo_jax.train import Batch, StepConfig, Tables, init_state, make_train_step
+from lgrpo_jax.train.step import clear_compiled_steps
 
 
 def device_batch(b):
@@ -30,6 +31,7 @@ def device_batch(b):
 
 
 def test_one_program_per_shape_and_frozen_reference_and_listener(tmp_path):
+  clear_compiled_steps()  # its program count is this test's own
   tok_dir = build_tiny_tokenizer(tmp_path / "tok")
   tok = AutoTokenizer.from_pretrained(tok_dir)
   model = lgrpo_jax.from_config(tiny_model_config(tok_dir))
@@ -169,3 +171,44 @@ def test_an_invalid_row_changes_nothing(tmp_path):
 def test_step_config_rejects_single_sample():
   with pytest.raises(ValueError, match="G ≥ 2"):
     StepConfig(sampling=SamplingConfig(num_samples=1))
+
+
+def test_the_step_function_is_kept_for_the_same_arguments_and_rebuilt_when_a_registry_changes(tmp_path):
+  """A Trainer built again in the same process (a notebook cell run twice, an in-process resume)
+  gets the same jitted step, so nothing is traced or compiled again; a reward, KL or loss replaced
+  under the same name, or other sharding rules, give a new one (the old program would run the old
+  code)."""
+  from lgrpo_jax import sharding
+  from lgrpo_jax.grpo import register_kl
+  from lgrpo_jax.grpo.core import KL_ESTIMATORS
+  from lgrpo_jax.rewards import RewardConfig, register_reward
+  from lgrpo_jax.rewards.core import REWARDS
+  tok_dir = build_tiny_tokenizer(tmp_path / "tok")
+  graphdef, params = nnx.split(lgrpo_jax.from_config(tiny_model_config(tok_dir)), nnx.Param)
+  grid = ((1, 4, 4), (1, 4, 4))
+  try:
+    register_reward("test_kept", lambda inputs: inputs.lengths * 0.0, replace=True)
+    cfg = StepConfig(rewards=RewardConfig(weights=(("format", 1.0), ("test_kept", 1.0))))
+    tx = make_optimizer(cfg.optim, params)
+    build = lambda c=cfg, g=grid: make_train_step(graphdef, graphdef, tx, c, None, g)
+    step = build()
+    assert build() is step and make_train_step(graphdef, graphdef, make_optimizer(cfg.optim, params), cfg, None,
+                                               [list(g) for g in grid]) is step
+    assert build(g=((1, 4, 8), (1, 4, 4))) is not step  # another image grid: another program
+    assert build(StepConfig()) is not step
+    register_reward("test_kept", lambda inputs: inputs.lengths * 1.0, replace=True)
+    replaced = build()
+    assert replaced is not step and build() is replaced
+    before = KL_ESTIMATORS["k3"]
+    try:
+      register_kl("k3", replace=True)(lambda logp, logp_ref: logp - logp_ref)
+      assert build() is not replaced
+    finally:
+      KL_ESTIMATORS["k3"] = before
+    assert build() is replaced
+    with sharding.use_rules({**sharding.RULES, "embed": None}):
+      assert build() is not replaced
+    clear_compiled_steps()
+    assert build() is not replaced
+  finally:
+    REWARDS.pop("test_kept", None)

@@ -153,15 +153,49 @@ def make_train_step(graphdef, listener_graphdef, tx, cfg: StepConfig, spec: List
   `ref_params`; `listener_params` is ignored): one vision pass for both, one copy of the weights.
 
   `state_shardings` (on a mesh): the new state is laid out exactly like the old one (metrics
-  replicated), so the next step finds the same input layout and does not recompile."""
-  fn = functools.partial(train_step, graphdef=graphdef, listener_graphdef=listener_graphdef, tx=tx, cfg=cfg,
-                         spec=spec, pair_grid=tuple(map(tuple, pair_grid)),
-                         listener_is_reference=listener_is_reference)
-  if state_shardings is None:
-    return jax.jit(fn, donate_argnums=(0,))
-  mesh = jax.tree.leaves(state_shardings)[0].mesh
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  return jax.jit(fn, donate_argnums=(0,), out_shardings=(state_shardings, replicated))
+  replicated), so the next step finds the same input layout and does not recompile.
+
+  The same arguments give the same jitted function, within a process: a Trainer built again with
+  the same model, optimizer and config (a notebook cell run twice, a run resumed in-process) reuses
+  the compiled step instead of tracing and compiling it again. What the step reads at trace time
+  besides its arguments is part of that key too (`_trace_globals`)."""
+  pair_grid = tuple(map(tuple, pair_grid))
+  layout = None if state_shardings is None else (lambda leaves, treedef: (tuple(leaves), treedef))(
+      *jax.tree.flatten(state_shardings))
+  key = (graphdef, listener_graphdef, tx, cfg, spec, pair_grid, layout, listener_is_reference, _trace_globals())
+  if key not in _TRAIN_STEPS:
+    if len(_TRAIN_STEPS) >= _KEEP_STEPS:  # the oldest goes (its compiled program with it)
+      del _TRAIN_STEPS[next(iter(_TRAIN_STEPS))]
+    fn = functools.partial(train_step, graphdef=graphdef, listener_graphdef=listener_graphdef, tx=tx, cfg=cfg,
+                           spec=spec, pair_grid=pair_grid, listener_is_reference=listener_is_reference)
+    if state_shardings is None:
+      _TRAIN_STEPS[key] = jax.jit(fn, donate_argnums=(0,))
+    else:
+      mesh = jax.tree.leaves(state_shardings)[0].mesh
+      replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+      _TRAIN_STEPS[key] = jax.jit(fn, donate_argnums=(0,), out_shardings=(state_shardings, replicated))
+  return _TRAIN_STEPS[key]
+
+
+_TRAIN_STEPS: dict = {}
+_KEEP_STEPS = 8
+
+
+def clear_compiled_steps() -> None:
+  """Forget the kept step functions (and their compiled programs): the next Trainer compiles afresh."""
+  _TRAIN_STEPS.clear()
+
+
+def _trace_globals() -> tuple:
+  """What tracing the step reads besides its arguments: the registered rewards, KL estimators,
+  losses, advantages and objectives (a notebook may replace one under the same name), and the
+  activation-sharding rules in use (`sharding.use_rules`)."""
+  from lgrpo_jax import sharding
+  from lgrpo_jax.grpo import core as grpo_core
+  from lgrpo_jax.rewards import core as reward_core
+  tables = (reward_core.REWARDS, grpo_core.KL_ESTIMATORS, grpo_core.LOSSES, grpo_core.ADVANTAGES,
+            grpo_core.OBJECTIVES)
+  return tuple(tuple(t.items()) for t in tables), repr(sorted(sharding._ACTIVE_RULES[-1].items()))
 
 
 def init_state(params, tx, seed: int, mesh=None) -> TrainState:
