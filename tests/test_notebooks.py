@@ -43,7 +43,7 @@ def test_inspect_listener(monkeypatch):
 
 
 def test_custom_loss(tmp_path, monkeypatch):
-  nb = execute("custom_loss.ipynb", {"LGRPO_NB_SFT_STEPS": "0", "LGRPO_NB_GRPO_STEPS": "2",
+  nb = execute("custom_loss.ipynb", {"LGRPO_NB_SFT_STEPS": "0", "LGRPO_NB_GRPO_STEPS": "1",
                                      "LGRPO_NB_EVAL_PAIRS": "2", "LGRPO_NB_OUT": str(tmp_path)}, monkeypatch)
   text = text_of(nb)
   assert "default" in text and "ours" in text and "held-out accuracy" in text
