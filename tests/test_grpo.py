@@ -362,7 +362,7 @@ def test_micro_batches_equal_one_batch(rollout):
 
 def run_update(model, pb, pair_grid, loss_cfg, optim_cfg, state=None, _programs={}):
   graphdef, params = nnx.split(model, nnx.Param)
-  key = (id(model), pair_grid, loss_cfg, optim_cfg)
+  key = (graphdef, pair_grid, loss_cfg, optim_cfg)
   if key not in _programs:  # one jitted update per config: the same config's calls reuse its program
     tx = make_optimizer(optim_cfg, params)
     _programs[key] = tx, jax.jit(lambda p, s, b: update(p, s, graphdef, tx, b, pair_grid, loss_cfg, optim_cfg))
