@@ -160,8 +160,10 @@ def make_train_step(graphdef, listener_graphdef, tx, cfg: StepConfig, spec: List
   the compiled step instead of tracing and compiling it again. What the step reads at trace time
   besides its arguments is part of that key too (`_trace_globals`)."""
   pair_grid = tuple(map(tuple, pair_grid))
-  layout = None if state_shardings is None else (lambda leaves, treedef: (tuple(leaves), treedef))(
-      *jax.tree.flatten(state_shardings))
+  layout = None
+  if state_shardings is not None:  # shardings are hashable, the pytree of them is not
+    leaves, treedef = jax.tree.flatten(state_shardings)
+    layout = (tuple(leaves), treedef)
   key = (graphdef, listener_graphdef, tx, cfg, spec, pair_grid, layout, listener_is_reference, _trace_globals())
   if key not in _TRAIN_STEPS:
     if len(_TRAIN_STEPS) >= _KEEP_STEPS:  # the oldest goes (its compiled program with it)
