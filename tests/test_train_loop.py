@@ -104,7 +104,7 @@ class ScriptedEvaluator:
   def __init__(self, accuracies):
     self.accuracies = list(accuracies)
 
-  def __call__(self, params, listener_params):
+  def __call__(self, params, listener_params, **kw):
     return {"eval/accuracy": self.accuracies.pop(0)}
 
 
@@ -360,6 +360,65 @@ def test_a_read_stalled_past_the_timeout_saves_and_stops_the_run(tmp_path):
   again = make(tmp_path / "run", tok_dir, steps=3, pairs=pairs)
   assert again.resumed_from == 0 and json.dumps(again.batches.get_state(), sort_keys=True) == position
   again.close()
+
+
+def test_a_held_out_read_that_hangs_saves_the_step_and_a_stop_during_the_evaluation_is_honoured(tmp_path,
+                                                                                              monkeypatch):
+  """The held-out evaluation used to read its batches on the main thread with no timeout: a hung read
+  hung the run (with several processes, the others waited in the next all-gather), and a stop signal
+  was not acted on until the evaluation ended. Now (1) a hang past `pipeline.stall_timeout_s` writes
+  the step's metrics line, saves the step and raises `DataStall`; (2) a stop asked for while the
+  held-out data is read ends the evaluation at once, and the run saves and returns."""
+  import signal
+  import time
+
+  import jax.numpy as jnp
+  from lgrpo_jax.data.sources import DataStall
+  from lgrpo_jax.data.synthetic import synthetic
+  from lgrpo_jax.train import evaluation
+
+  def judge(params, listener_params, batch, tables, **kw):  # no model run: the reads are under test
+    n = batch.labels.shape[0]
+    return jnp.ones(n, jnp.int32), jnp.ones(n, bool), jnp.ones(n, jnp.int32)
+
+  monkeypatch.setattr(evaluation, "judge_greedy", judge)
+  tok_dir = build_tiny_tokenizer(tmp_path / "tok")
+  held_out = StallingPairs(list(synthetic(3, seed=9, image_size=56)))
+  held_out.release.set()
+  t = make(tmp_path / "run", tok_dir, steps=3, save_every=5, eval_every=2, eval_pairs=held_out,
+           stall_timeout_s=1.5)
+  seen = []
+
+  def on_metrics(m):
+    seen.append(m)
+    if m["step"] == 1:  # step 2's evaluation will hang
+      held_out.release.clear()
+
+  t0 = time.monotonic()
+  with pytest.raises(DataStall, match=r"process 0: no batch after \d+ s \(pipeline.stall_timeout_s=1.5\)"):
+    t.run(on_metrics)
+  assert 1.5 <= time.monotonic() - t0 < 60
+  assert [m["step"] for m in seen] == [0, 1, 2] and "eval/accuracy" in seen[0]
+  assert "reward/total" in seen[2] and "eval/accuracy" not in seen[2]
+  assert t.manager.all_steps() == [2]  # the step trained was saved before raising
+  lines = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
+  assert [m["step"] for m in lines] == [0, 1, 2]
+  held_out.release.set()
+
+  # A stop asked for while the evaluation reads (the read itself asks, then hangs): the evaluation
+  # ends within the agreement's 0.1 s slices, well before the 1.5 s stall timeout.
+  class AskingPairs(StallingPairs):
+    def __getitem__(self, i):
+      if not self.release.is_set():
+        t.request_stop(signal.SIGTERM)
+      return super().__getitem__(i)
+
+  t.evaluator.pairs = asking = AskingPairs(held_out.pairs)  # release not set: the first read asks
+  out = t.run()
+  assert t.stopped_by == signal.SIGTERM and [m["step"] for m in out] == [3]
+  assert "eval/accuracy" not in out[0] and t.manager.all_steps() == [2, 3]
+  asking.release.set()
+  t.close()
 
 
 def test_a_step_whose_update_is_skipped_says_so(tmp_path, capsys):

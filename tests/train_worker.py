@@ -21,7 +21,7 @@ from lgrpo_jax.train import LoopConfig, StepConfig, Trainer
 
 
 def make(run_dir, tok_dir, steps, save_every=1, eval_every=0, mesh=None, batch=2, samples=3, freeze=(),
-         config_record=None, pairs=None, rewards=None, **pipeline):
+         config_record=None, pairs=None, rewards=None, eval_pairs=None, **pipeline):
   tok = AutoTokenizer.from_pretrained(tok_dir)
   end = tok.convert_tokens_to_ids("<|im_end|>")
   step_cfg = StepConfig(sampling=SamplingConfig(max_new_tokens=8, num_samples=samples, temperature=1.0, eos_ids=(end,)),
@@ -33,7 +33,8 @@ def make(run_dir, tok_dir, steps, save_every=1, eval_every=0, mesh=None, batch=2
   pairs = list(synthetic(6, seed=1, image_size=56)) if pairs is None else pairs
   return Trainer(run_dir, model, tok, pairs, step_cfg, pipe,
                  LoopConfig(steps=steps, save_every=save_every, keep=2, seed=3, eval_every=eval_every),
-                 eval_pairs=list(synthetic(3, seed=9, image_size=56)) if eval_every else None, mesh=mesh,
+                 eval_pairs=(eval_pairs if eval_pairs is not None else list(synthetic(3, seed=9, image_size=56)))
+                 if eval_every else None, mesh=mesh,
                  config_record=config_record)
 
 

@@ -57,8 +57,8 @@ class PipelineConfig:
   num_epochs: int | None = None  # None: repeat forever
   length_buckets: tuple[int, ...] = (256, 512, 1024, 2048, 4096)  # prompts are left-padded to one of these
   bad_records: str = "error"  # or "skip"
-  # A training batch not read after this many seconds (a hung network file system) stops the run on
-  # every process, saved, with exit code 75 so that a scheduler retries it. 0: wait forever.
+  # A batch (training or held-out) not read after this many seconds (a hung network file system)
+  # stops the run on every process, saved, with exit code 75 so that a scheduler retries it. 0: wait forever.
   stall_timeout_s: float = 1800.0
   pad_id: int = 0  # token id of prompt padding (masked out)
   # Grouped: decode/tokenise threads (0: one per core). Plain: 0 decodes in Grain's prefetch

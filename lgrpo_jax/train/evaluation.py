@@ -6,6 +6,11 @@ position-bias gap, the format rate and — with a listener — the contradiction
 completions. The judge is `lgrpo_jax.evaluation.judge` (greedy, one sample, no answer-slot read);
 the full evaluation command, with probability scoring, sampling and ranking, is
 `python -m lgrpo_jax.evaluate` (docs/evaluation.md).
+
+Its batches are read as the training loop's are (`stopping.Feed`): a read hanging for over
+`pipeline.stall_timeout_s` raises `DataStall` on every process instead of leaving the others waiting
+in the next collective, and a stop asked for (SIGTERM, Ctrl-C, `Trainer.request_stop`) ends the
+evaluation at the next batch (`stopping.EvaluationStopped`), so that the loop saves at once.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from lgrpo_jax.data.pipeline import PipelineConfig, make_batches
 from lgrpo_jax.evaluation.judge import judge
 from lgrpo_jax.listener import ListenerSpec
 from lgrpo_jax.sampling import SamplingConfig
+from lgrpo_jax.train import stopping
 
 
 def judge_greedy(params, listener_params, batch, tables, *, spec: ListenerSpec | None, **kw):
@@ -40,11 +46,14 @@ def gather_rows(x) -> np.ndarray:
 
 
 class Evaluator:
-  """Greedy both-orders evaluation of a fixed list of held-out pairs (compiled once per shape)."""
+  """Greedy both-orders evaluation of a fixed set of held-out pairs (compiled once per shape): a list,
+  or a random-access source (`len` and `[i]`, e.g. `data.tfds_builder.tfds_pairs`) read lazily."""
 
   def __init__(self, pairs, tokenizer, pipe_cfg: PipelineConfig, sampling: SamplingConfig, graphdef,
                listener_graphdef, spec: ListenerSpec | None, tables, mesh=None):
-    self.pairs, self.tokenizer, self.tables, self.mesh = list(pairs), tokenizer, tables, mesh
+    random_access = hasattr(pairs, "__len__") and hasattr(pairs, "__getitem__")
+    self.pairs = pairs if random_access else list(pairs)
+    self.tokenizer, self.tables, self.mesh = tokenizer, tables, mesh
     self.pipe_cfg = dataclasses.replace(pipe_cfg, both_orders=True, num_epochs=1, bad_records="skip")
     self.sampling = dataclasses.replace(sampling, temperature=0.0, num_samples=1)
     self.graphdef, self.listener_graphdef, self.spec = graphdef, listener_graphdef, spec
@@ -57,12 +66,26 @@ class Evaluator:
           spec=self.spec, pair_grid=pair_grid))
     return self._fns[pair_grid]
 
-  def __call__(self, params, listener_params) -> dict:
+  def __call__(self, params, listener_params, signals: stopping.StopSignals | None = None,
+               step: int | None = None) -> dict:
+    """The held-out metrics. Raises `stopping.EvaluationStopped` when `signals` asks for a stop on any
+    process, and the read's error (`DataStall` for a hang) when a read fails on any process — on every
+    process alike; `step` is the step the caller saves before raising it (named in the error)."""
     from lgrpo_jax.train.loop import pair_grid_of, to_device
     correct = {False: [], True: []}
     formed, contra = [], []
-    for host in make_batches(self.pairs, self.tokenizer, self.pipe_cfg, process_index=jax.process_index(),
-                             process_count=jax.process_count()):
+    signals = signals if signals is not None else stopping.StopSignals()
+    feed = stopping.Feed(make_batches(self.pairs, self.tokenizer, self.pipe_cfg, process_index=jax.process_index(),
+                                      process_count=jax.process_count()), self.pipe_cfg.stall_timeout_s)
+    while True:
+      stop, failed, ended = feed.next(signals)
+      if failed:
+        raise feed.error(failed, step)
+      if stop:
+        raise stopping.EvaluationStopped(stop)
+      if ended:
+        break
+      host = feed.take()
       answer, ok, choice = (gather_rows(a) for a in self._fn(pair_grid_of(host))(
           params, listener_params, to_device(host, self.mesh), self.tables))
       # Every process scores every row of the global batch (its rows follow the process order).

@@ -40,6 +40,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from lgrpo_jax.data.pipeline import PipelineConfig, make_batches
+from lgrpo_jax.data.sources import DataError
 from lgrpo_jax.data.prompts import end_of_turn_ids
 from lgrpo_jax.grpo.update import make_optimizer
 from lgrpo_jax.listener import ListenerSpec
@@ -222,7 +223,7 @@ class Trainer:
       self.evaluator = Evaluator(eval_pairs, tokenizer, pipe_cfg, step_cfg.sampling, self.graphdef,
                                  self.listener_graphdef, self.spec if step_cfg.rewards.needs_listener else None,
                                  self.tables, mesh)
-    self._signals, self.stopped_by = stopping.StopSignals(), None
+    self._signals, self.stopped_by, self._eval_error = stopping.StopSignals(), None, None
     self.best_accuracy = self._best_accuracy()  # before _restore drops the metrics past its step
     self.resumed_from = self._restore(config_record)
     if config_record is not None and jax.process_index() == 0:  # after the restore: a refused one keeps it
@@ -351,10 +352,34 @@ class Trainer:
     return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
   def evaluate(self) -> dict:
+    """The held-out metrics of the current parameters ({} without held-out pairs). A held-out read
+    failing or hanging (past `pipeline.stall_timeout_s`) on any process raises on every process."""
     if self.evaluator is None:
       return {}
     with self._mesh_ctx():
-      return self.evaluator(self.state.params, self.listener_params)
+      return self.evaluator(self.state.params, self.listener_params, signals=self._signals)
+
+  def _evaluate_in_run(self) -> dict:
+    """`evaluate` inside `run`. A stop asked for during it ends it early: {} is returned and
+    `stopped_by` set (`run` then saves and returns). A failed or hung held-out read is kept for
+    `_raise_eval_error`, which saves the step on every process once its metrics line is written."""
+    try:
+      with self._mesh_ctx():
+        return self.evaluator(self.state.params, self.listener_params, signals=self._signals,
+                              step=int(self.state.step))
+    except stopping.EvaluationStopped as e:
+      self.stopped_by = e.signum
+      return {}
+    except DataError as e:  # agreed on every process (bad records are skipped here: a hang, mostly)
+      self._eval_error = e
+      return {}
+
+  def _raise_eval_error(self) -> None:
+    if self._eval_error is not None:
+      error, self._eval_error = self._eval_error, None
+      self.save()
+      self.manager.wait_until_finished()
+      raise error
 
   def request_stop(self, signum: int = signal.SIGTERM) -> None:
     """Ask `run` to stop as SIGTERM does (callable from any thread: a watchdog, a callback)."""
@@ -372,18 +397,21 @@ class Trainer:
     running out (a finite `pipeline.num_epochs`) ends the run as reaching `loop.steps` does."""
     out = []
     tty = sys.stderr.isatty()
-    self._signals, self.stopped_by = stopping.StopSignals(), None
+    self._signals, self.stopped_by, self._eval_error = stopping.StopSignals(), None, None
     self.skipped_steps = 0
     with self._signals:
       if (self.evaluator is not None and self.loop_cfg.eval_at_start and self.resumed_from is None
           and int(self.state.step) == 0):
-        first = {"step": 0, **self.evaluate()}
-        self.sinks.write(first)
-        out.append(first)
-        if on_metrics is not None:
-          on_metrics(first)
+        first = {"step": 0, **self._evaluate_in_run()}
+        if len(first) > 1:
+          self.sinks.write(first)
+          out.append(first)
+          if on_metrics is not None:
+            on_metrics(first)
+        self._raise_eval_error()
       self._last_save = time.monotonic()
-      self._loop(out, tty, on_metrics)
+      if self.stopped_by is None:
+        self._loop(out, tty, on_metrics)
     if self.stopped_by is not None:
       self.save()
       print(f"\n{stopping.signal_name(self.stopped_by)}: saved step {int(self.state.step)}, stopping",
@@ -423,13 +451,15 @@ class Trainer:
               file=sys.stderr)
         # As at `loop.steps`: the last step trained is evaluated (a line of eval/* only, as at step 0).
         final = self.evaluator is not None and out and "eval/accuracy" not in out[-1]
-        if final:
-          out.append({"step": step, **self.evaluate()})
+        metrics = self._evaluate_in_run() if final else {}  # {} when a stop came during it
+        if metrics:
+          out.append({"step": step, **metrics})
           self.sinks.write(out[-1])
           if on_metrics is not None:
             on_metrics(out[-1])
         self.save()
-        if final:
+        self._raise_eval_error()
+        if metrics:
           self._keep_if_best(step, out[-1])
         break
       host = self.feed.take()
@@ -449,7 +479,7 @@ class Trainer:
       is_eval = self.evaluator is not None and (step % self.loop_cfg.eval_every == 0
                                                 or step == self.loop_cfg.steps)
       if is_eval:
-        metrics.update(self.evaluate())
+        metrics.update(self._evaluate_in_run())  # {} when a stop came during it
       self.sinks.write(metrics)
       out.append(metrics)
       if on_metrics is not None:
@@ -469,8 +499,11 @@ class Trainer:
       if (step % self.loop_cfg.save_every == 0 or step == self.loop_cfg.steps
           or 0 < self.loop_cfg.save_every_minutes <= minutes):
         self.save()
-      if is_eval:
+      self._raise_eval_error()
+      if "eval/accuracy" in metrics:
         self._keep_if_best(step, metrics)
+      if self.stopped_by is not None:  # asked for during the evaluation: `run` saves
+        break
     if tty and out:
       print(file=sys.stderr)
 

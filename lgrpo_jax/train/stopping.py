@@ -1,6 +1,6 @@
 """Stopping a run cleanly: signals, stalled data reads, and every process deciding together.
 
-Used by the GRPO loop (`Trainer.run`) and the warm start (`run_sft`):
+Used by the GRPO loop (`Trainer.run`), its held-out evaluation and the warm start (`run_sft`):
 
 * `StopSignals`: during a stage, SIGTERM (pre-emption) and SIGINT (Ctrl-C) only *ask* for a stop,
   which the loop honours between steps by saving; a second signal acts as it would without the
@@ -60,6 +60,14 @@ class Stopped(Exception):
 
   def __init__(self, signum: int, where: str, saved_to: str):
     super().__init__(f"{signal_name(signum)}: saved {where} to {saved_to}, stopping")
+    self.signum = signum
+
+
+class EvaluationStopped(Exception):
+  """A held-out evaluation ended early by a stop asked for on some process (the caller saves)."""
+
+  def __init__(self, signum: int):
+    super().__init__(f"{signal_name(signum)} during the held-out evaluation")
     self.signum = signum
 
 
@@ -156,9 +164,9 @@ class Feed:
     batch, self.pending = self.pending.batch, None
     return batch
 
-  def error(self, failed: list[int], step: int) -> BaseException:
-    """After a failure was agreed (and the step saved): this process's own error, or one naming the
-    processes that failed. The batch's read is undone, so an in-process retry reads it again."""
+  def error(self, failed: list[int], step: int | None) -> BaseException:
+    """After a failure was agreed (and `step` saved; None: nothing saved): this process's own error,
+    or one naming the processes that failed. The batch's read is undone, so an in-process retry reads it again."""
     if self.stalled is not None:  # the read goes on in its thread; a retry in this process waits on it
       return self.stalled
     mine = self.pending.error if self.pending is not None and self.pending.done.is_set() else None
@@ -190,15 +198,16 @@ def agree(stop: int, error: BaseException | None) -> tuple[int, list[int], bool,
           [int(i) for i in np.flatnonzero(rows[:, 1] == STALLED)])
 
 
-def failure_error(failed: list[int], step: int, stalled: list[int] = ()):
+def failure_error(failed: list[int], step: int | None, stalled: list[int] = ()):
   """The error raised on the processes whose own read went well when others' failed: a `DataStall`
-  when every failed process hangs (a restart may succeed), else a `DataError` (a record to fix)."""
+  when every failed process hangs (a restart may succeed), else a `DataError` (a record to fix).
+  `step`: the step every process saves (None: none is saved)."""
   from lgrpo_jax.data.sources import DataError, DataStall
   names = lambda ps: f"process {', '.join(map(str, ps))} of {jax.process_count()}"
+  saved = "every process stops" if step is None else f"every process saved step {step} and stops"
   if set(failed) <= set(stalled):
     return DataStall(f"{names(failed)} got no batch within pipeline.stall_timeout_s (its data source "
-                     f"hangs); every process saved step {step} and stops; a restart resumes there")
+                     f"hangs); {saved}" + ("" if step is None else "; a restart resumes there"))
   bad = [p for p in failed if p not in stalled]
-  return DataError(f"{names(bad)} stopped on a bad record (its log names the record); every process "
-                   f"saved step {step} and stops")
+  return DataError(f"{names(bad)} stopped on a bad record (its log names the record); {saved}")
 
