@@ -9,6 +9,10 @@ reach every process.
    batch: both return, saved at step 0. (The decisions come before a step: none is compiled.)
 3. Process 1's next read hangs past its `stall_timeout_s`: both save step 0 and raise `DataStall`
    (process 0 one naming process 1).
+4. A held-out evaluation over both processes with a judge of known answers (the shown label's image,
+   well-formed where that label is 0, the listener always disagreeing): answers computed on the
+   mesh and labels read by each process must be gathered in the same row order to score 1.0.
+5. The same evaluation where process 1's held-out read hangs: both raise `DataStall`.
 Each process prints one line per part."""
 
 import argparse
@@ -79,5 +83,48 @@ try:
   print("hung: nothing raised", flush=True)
 except DataError as e:
   print(f"hung: {type(e).__name__}: {e}; step {int(t.state.step)}, saved {t.manager.all_steps()}", flush=True)
+
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+
+from transformers import AutoTokenizer  # noqa: E402
+from lgrpo_jax.data.synthetic import synthetic  # noqa: E402
+from lgrpo_jax.sampling import SamplingConfig  # noqa: E402
+from lgrpo_jax.train import evaluation  # noqa: E402
+
+
+def judge(params, listener_params, batch, tables, **kw):
+  return batch.labels + 1, batch.labels == 0, 2 - batch.labels
+
+
+class Hanging:
+  """Held-out pairs (random access) whose reads block until released (a hung file system)."""
+  release = threading.Event()
+
+  def __init__(self, pairs):
+    self.pairs = pairs
+
+  def __len__(self):
+    return len(self.pairs)
+
+  def __getitem__(self, i):
+    self.release.wait()
+    return self.pairs[i]
+
+
+evaluation.judge_greedy = judge
+tok = AutoTokenizer.from_pretrained(args.tok_dir)
+pairs = [dataclasses.replace(p, label=label) for p, label in zip(synthetic(3, seed=9, image_size=56), (0, 0, 1))]
+pipe = dataclasses.replace(t.pipe_cfg, global_batch=4, stall_timeout_s=2.0)  # 6 judgements: 2 padding rows
+evaluate = lambda held_out: evaluation.Evaluator(held_out, tok, pipe, SamplingConfig(), None, None, t.spec,
+                                                 t.tables, t.mesh)(None, None)
+with jax.set_mesh(t.mesh):
+  print(f"evaluated: {json.dumps(evaluate(pairs), sort_keys=True)}", flush=True)
+  try:
+    evaluate(Hanging(pairs) if me == 1 else pairs)
+    print("eval hung: nothing raised", flush=True)
+  except DataError as e:
+    print(f"eval hung: {type(e).__name__}: {e}", flush=True)
+Hanging.release.set()
 t.close()
 distributed.finish("stop_worker: done")

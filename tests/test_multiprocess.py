@@ -1,6 +1,7 @@
 """Two real processes on loopback (jax.distributed + gloo CPU collectives) compute the same sharded
 forward as one process, each feeding its own slice of the batch; start-up detection."""
 
+import json
 import os
 import re
 import socket
@@ -189,7 +190,6 @@ def test_training_two_processes_equal_one(tmp_path):
   """Multi-host training: two processes, each feeding its own rows of every global batch (warm start,
   GRPO steps, held-out evaluation gathered across processes), train like one process with the same
   devices; only process 0 writes metrics and prints the summary."""
-  import json
   from lgrpo_jax.data.tokenizer import build_tiny_tokenizer
   tok = build_tiny_tokenizer(tmp_path / "tok")  # one tokenizer for both runs
   one = run_launch(1, tmp_path / "one", (f"model.tokenizer={tok}",))
@@ -243,7 +243,8 @@ def test_a_stop_or_a_bad_record_on_one_process_stops_every_process(tmp_path):
   worker = os.path.join(os.path.dirname(__file__), "stop_worker.py")
   outs = spawn([sys.executable, worker, str(tmp_path / "run"), build_tiny_tokenizer(tmp_path / "tok")], 2, env,
                timeout=240)
-  lines = [[ln for ln in out.splitlines() if ln.startswith(("stopped", "failed", "hung"))] for out in outs]
+  lines = [[ln for ln in out.splitlines() if ln.startswith(("stopped", "failed", "hung", "evaluated", "eval hung"))]
+           for out in outs]
   assert lines[0][0] == ("failed: DataError: process 1 of 2 stopped on a bad record (its log names the record); "
                          "every process saved step 0 and stops; step 0, saved [0]"), lines[0]
   assert lines[1][0] == "failed: ImageError: /data/b7.png: truncated file; step 0, saved [0]", lines[1]
@@ -256,3 +257,15 @@ def test_a_stop_or_a_bad_record_on_one_process_stops_every_process(tmp_path):
   assert re.fullmatch(r"hung: DataStall: process 1: no batch after \d+ s \(pipeline.stall_timeout_s=2\): the "
                       r"data source hangs \(a stalled file system\?\); a restart resumes from the step saved; "
                       r"step 0, saved \[0\]", lines[1][2]), lines[1]
+  # The held-out evaluation over both processes: each scores every row (pairs labelled 0, 0, 1 in
+  # both orders; a perfect judge, well-formed on shown label 0, the listener always against it).
+  want = {"eval/accuracy": 1.0, "eval/accuracy_as_given": 1.0, "eval/accuracy_swapped": 1.0,
+          "eval/position_bias_gap": 0.0, "eval/format_rate": 0.5, "eval/pairs": 3, "eval/contradiction_rate": 1.0}
+  for got in lines:
+    assert json.loads(got[3].removeprefix("evaluated: ")) == want, got
+  # Process 1's held-out read hangs: it raises its own DataStall, process 0 one naming it.
+  assert lines[0][4] == ("eval hung: DataStall: process 1 of 2 got no batch within pipeline.stall_timeout_s (its "
+                         "data source hangs); every process stops"), lines[0]
+  assert re.fullmatch(r"eval hung: DataStall: process 1: no batch after \d+ s \(pipeline.stall_timeout_s=2\): the "
+                      r"data source hangs \(a stalled file system\?\); a restart resumes from the step saved",
+                      lines[1][4]), lines[1]
