@@ -76,7 +76,8 @@ class Evaluator:
     formed, contra = [], []
     signals = signals if signals is not None else stopping.StopSignals()
     feed = stopping.Feed(make_batches(self.pairs, self.tokenizer, self.pipe_cfg, process_index=jax.process_index(),
-                                      process_count=jax.process_count()), self.pipe_cfg.stall_timeout_s)
+                                      process_count=jax.process_count()), self.pipe_cfg.stall_timeout_s,
+                         saves=step is not None)
     while True:
       stop, failed, ended = feed.next(signals)
       if failed:

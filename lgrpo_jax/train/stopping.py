@@ -126,9 +126,10 @@ class Feed:
   `next`'s; `position()` is the data position to checkpoint: before that batch, so that a restart
   reads it again."""
 
-  def __init__(self, batches, stall_timeout_s: float = 0.0):
+  def __init__(self, batches, stall_timeout_s: float = 0.0, saves: bool = True):
     self.batches = batches
     self.stall_timeout_s = stall_timeout_s
+    self.saves = saves  # whether the caller saves on a failure (the stall's message says so)
     self.pending: Read | None = None
     self.stalled: BaseException | None = None  # this process's hung read, as an error
     self._stalled_processes: list[int] = []  # the processes whose read hung, as last agreed
@@ -148,7 +149,7 @@ class Feed:
       self.stalled = DataStall(
           f"process {jax.process_index()}: no batch after {time.monotonic() - self.pending.started:.0f} s "
           f"(pipeline.stall_timeout_s={self.stall_timeout_s:g}): the data source hangs (a stalled file "
-          f"system?); a restart resumes from the step saved")
+          f"system?)" + ("; a restart resumes from the step saved" if self.saves else ""))
       error = self.stalled
     else:
       if finished and self.pending.error is None and check is not None:
