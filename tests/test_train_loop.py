@@ -98,6 +98,35 @@ def test_held_out_accuracy_per_order_from_a_known_judge(tmp_path, monkeypatch):
       assert m["eval/contradiction_rate"] == 1.0  # every well-formed answer, "Image 1", against "Image 2"
 
 
+def test_the_held_out_judge_is_kept_for_the_same_arguments(tmp_path):
+  # As the step: an Evaluator built again (a notebook cell run twice) reuses the jitted judge, and
+  # other sampling settings or a cleared cache give a new one. (Nothing is traced here.)
+  import dataclasses
+  from transformers import AutoTokenizer
+  from lgrpo_jax.data.pipeline import PipelineConfig
+  from lgrpo_jax.listener import ListenerSpec
+  from lgrpo_jax.sampling import SamplingConfig
+  from lgrpo_jax.train import evaluation
+  tok = AutoTokenizer.from_pretrained(build_tiny_tokenizer(tmp_path / "tok"))
+  spec, sampling, grid = ListenerSpec.from_tokenizer(tok), SamplingConfig(max_new_tokens=4), ((1, 4, 4), (1, 4, 4))
+  new = lambda s=sampling: evaluation.Evaluator([], tok, PipelineConfig(), s, None, None, spec, None)._fn(grid)
+  first = new()
+  assert new() is first and evaluation.judge_fn(None, None, dataclasses.replace(sampling, temperature=0.0,
+                                                                               num_samples=1), spec, [[1, 4, 4]] * 2) is first
+  assert new(dataclasses.replace(sampling, max_new_tokens=5)) is not first
+  from lgrpo_jax import sharding
+  from lgrpo_jax.rewards.core import REWARDS, register_reward
+  register_reward("kept_judge_test", lambda inputs: inputs.lengths * 0.0, replace=True)
+  try:  # the judge reads no reward: a notebook's new reward keeps it
+    assert new() is first
+  finally:
+    REWARDS.pop("kept_judge_test")
+  with sharding.use_rules({**sharding.RULES, "embed": None}):  # it reads the activation rules
+    assert new() is not first
+  clear_compiled_steps()
+  assert new() is not first
+
+
 class ScriptedEvaluator:
   """Stands in for the held-out evaluation: the accuracies it returns are given in advance."""
 

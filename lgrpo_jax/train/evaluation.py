@@ -37,6 +37,27 @@ def judge_greedy(params, listener_params, batch, tables, *, spec: ListenerSpec |
   return out.answer[:, 0], out.format_ok[:, 0], choice
 
 
+def judge_fn(graphdef, listener_graphdef, sampling: SamplingConfig, spec: ListenerSpec | None, pair_grid):
+  """The jitted `judge_greedy` for one image-grid signature. As the training step's
+  (`train.step.make_train_step`), the same arguments give the same function within a process, so an
+  Evaluator built again (a notebook cell run twice, a run resumed in-process) does not trace and
+  compile its judge again; `train.step.clear_compiled_steps()` forgets them too. Unlike the step,
+  the judge reads no registry (a reward replaced in a notebook keeps it), only the sharding rules."""
+  from lgrpo_jax.train.step import rules_key
+  pair_grid = tuple(map(tuple, pair_grid))
+  key = (judge_greedy, graphdef, listener_graphdef, sampling, spec, pair_grid, rules_key())
+  if key not in _JUDGES:
+    if len(_JUDGES) >= _KEEP_JUDGES:  # the oldest goes (its compiled program with it)
+      del _JUDGES[next(iter(_JUDGES))]
+    _JUDGES[key] = jax.jit(functools.partial(judge_greedy, graphdef=graphdef, listener_graphdef=listener_graphdef,
+                                             sampling=sampling, spec=spec, pair_grid=pair_grid))
+  return _JUDGES[key]
+
+
+_JUDGES: dict = {}
+_KEEP_JUDGES = 8
+
+
 def gather_rows(x) -> np.ndarray:
   """The whole global batch's values on this host (per-process rows concatenated in process order)."""
   if jax.process_count() == 1:
@@ -61,9 +82,7 @@ class Evaluator:
 
   def _fn(self, pair_grid):
     if pair_grid not in self._fns:
-      self._fns[pair_grid] = jax.jit(functools.partial(
-          judge_greedy, graphdef=self.graphdef, listener_graphdef=self.listener_graphdef, sampling=self.sampling,
-          spec=self.spec, pair_grid=pair_grid))
+      self._fns[pair_grid] = judge_fn(self.graphdef, self.listener_graphdef, self.sampling, self.spec, pair_grid)
     return self._fns[pair_grid]
 
   def __call__(self, params, listener_params, signals: stopping.StopSignals | None = None,

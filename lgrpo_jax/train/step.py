@@ -184,20 +184,28 @@ _KEEP_STEPS = 8
 
 
 def clear_compiled_steps() -> None:
-  """Forget the kept step functions (and their compiled programs): the next Trainer compiles afresh."""
+  """Forget the kept step and held-out judge functions (and their compiled programs): the next
+  Trainer compiles afresh."""
+  from lgrpo_jax.train import evaluation
   _TRAIN_STEPS.clear()
+  evaluation._JUDGES.clear()
 
 
 def _trace_globals() -> tuple:
   """What tracing the step reads besides its arguments: the registered rewards, KL estimators,
   losses, advantages and objectives (a notebook may replace one under the same name), and the
   activation-sharding rules in use (`sharding.use_rules`)."""
-  from lgrpo_jax import sharding
   from lgrpo_jax.grpo import core as grpo_core
   from lgrpo_jax.rewards import core as reward_core
   tables = (reward_core.REWARDS, grpo_core.KL_ESTIMATORS, grpo_core.LOSSES, grpo_core.ADVANTAGES,
             grpo_core.OBJECTIVES)
-  return tuple(tuple(t.items()) for t in tables), repr(sorted(sharding._ACTIVE_RULES[-1].items()))
+  return tuple(tuple(t.items()) for t in tables), rules_key()
+
+
+def rules_key() -> str:
+  """The activation-sharding rules in use (`sharding.use_rules`), as a key for kept jitted functions."""
+  from lgrpo_jax import sharding
+  return repr(sorted(sharding._ACTIVE_RULES[-1].items()))
 
 
 def init_state(params, tx, seed: int, mesh=None) -> TrainState:
