@@ -163,3 +163,20 @@ def test_an_interrupted_warm_start_resumes_exactly(tmp_path, monkeypatch):
     np.testing.assert_array_equal(a, b)
   assert [json.loads(x)["step"] for x in open(tmp_path / "b" / "sft_metrics.jsonl")] == [1, 2, 3, 4]
   assert (tmp_path / "b" / "sft").is_dir() and not (tmp_path / "b" / "sft_checkpoints").exists()
+
+
+def test_the_warm_start_step_is_kept_for_the_same_arguments():
+  # As the GRPO step: a warm start run again in the same process (a notebook) reuses its jitted step;
+  # another optimizer, grid or listener weight, or a cleared cache, gives a new one. (Nothing is traced.)
+  from lgrpo_jax.train import sft
+  from lgrpo_jax.train.step import clear_compiled_steps
+  tx = sft.sft_optimizer(1e-3)
+  assert sft.sft_optimizer(1e-3) is tx and sft.sft_optimizer(2e-3) is not tx
+  first = sft.make_sft_step(None, tx, [[1, 4, 4], [1, 4, 4]])
+  assert sft.make_sft_step(None, tx, ((1, 4, 4),) * 2) is first
+  for other in (sft.make_sft_step(None, sft.sft_optimizer(2e-3), ((1, 4, 4),) * 2),
+                sft.make_sft_step(None, tx, ((1, 4, 6),) * 2),
+                sft.make_sft_step(None, tx, ((1, 4, 4),) * 2, listener_weight=0.5)):
+    assert other is not first
+  clear_compiled_steps()
+  assert sft.make_sft_step(None, tx, ((1, 4, 4),) * 2) is not first

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -69,7 +70,14 @@ def sft_loss(params, graphdef, batch, tokens, mask, pair_grid, chunk: int = 8192
 def make_sft_step(graphdef, tx: optax.GradientTransformation, pair_grid, chunk: int = 8192,
                   listener_spec: ListenerSpec | None = None, listener_weight: float = 1.0):
   """jit((params, opt_state, batch, tokens, mask) → (params, opt_state, loss, parts)), params and
-  optimizer state donated."""
+  optimizer state donated. As the GRPO step, the same arguments give the same function within a
+  process (a warm start run again in a notebook does not compile again); keyed by the sharding
+  rules too, and forgotten by `train.step.clear_compiled_steps()`."""
+  from lgrpo_jax.train.step import rules_key
+  pair_grid = tuple(map(tuple, pair_grid))
+  key = (graphdef, tx, pair_grid, chunk, listener_spec, listener_weight, rules_key())
+  if key in _SFT_STEPS:
+    return _SFT_STEPS[key]
 
   def step(params, opt_state, batch, tokens, mask):
     (loss, parts), grads = jax.value_and_grad(sft_loss, has_aux=True)(
@@ -77,7 +85,19 @@ def make_sft_step(graphdef, tx: optax.GradientTransformation, pair_grid, chunk: 
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss, parts
 
-  return jax.jit(step, donate_argnums=(0, 1))
+  if len(_SFT_STEPS) >= 8:  # the oldest goes (its compiled program with it)
+    del _SFT_STEPS[next(iter(_SFT_STEPS))]
+  _SFT_STEPS[key] = jax.jit(step, donate_argnums=(0, 1))
+  return _SFT_STEPS[key]
+
+
+_SFT_STEPS: dict = {}
+
+
+@functools.lru_cache(maxsize=8)
+def sft_optimizer(learning_rate: float) -> optax.GradientTransformation:
+  """The warm start's AdamW: one object per learning rate, so that its kept step is found again."""
+  return optax.adamw(learning_rate)
 
 
 # ---- the warm-start stage of the launcher -------------------------------------------------------
@@ -210,7 +230,7 @@ def run_sft(model, tokenizer, pairs, cfg: SFTConfig, pipe_cfg, run_dir: str, *, 
   pipe = dataclasses.replace(pipe_cfg, seed=seed, global_batch=cfg.global_batch or pipe_cfg.global_batch,
                              listener=pipe_cfg.listener or cfg.listener_weight > 0)
   spec = ListenerSpec.from_tokenizer(tokenizer, pipe.prompt) if cfg.listener_weight > 0 else None
-  tx = optax.adamw(cfg.learning_rate)
+  tx = sft_optimizer(cfg.learning_rate)
   from lgrpo_jax.sharding import init_like
   opt_state = init_like(tx.init, params, mesh)  # one program; moments laid out as their parameters
   teacher = Teacher(cfg, n_wrong, seed)

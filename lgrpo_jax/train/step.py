@@ -184,11 +184,12 @@ _KEEP_STEPS = 8
 
 
 def clear_compiled_steps() -> None:
-  """Forget the kept step and held-out judge functions (and their compiled programs): the next
-  Trainer compiles afresh."""
-  from lgrpo_jax.train import evaluation
+  """Forget the kept GRPO step, warm-start step and held-out judge functions (and their compiled
+  programs): the next Trainer or warm start compiles afresh."""
+  from lgrpo_jax.train import evaluation, sft
   _TRAIN_STEPS.clear()
   evaluation._JUDGES.clear()
+  sft._SFT_STEPS.clear()
 
 
 def _trace_globals() -> tuple:
