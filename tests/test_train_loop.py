@@ -400,6 +400,7 @@ def test_a_held_out_read_that_hangs_saves_the_step_and_a_stop_during_the_evaluat
   was not acted on until the evaluation ended. Now (1) a hang past `pipeline.stall_timeout_s` writes
   the step's metrics line, saves the step and raises `DataStall`; (2) a stop asked for while the
   held-out data is read ends the evaluation at once, and the run saves and returns."""
+  import dataclasses
   import signal
   import time
 
@@ -449,6 +450,18 @@ def test_a_held_out_read_that_hangs_saves_the_step_and_a_stop_during_the_evaluat
   assert t.stopped_by == signal.SIGTERM and [m["step"] for m in out] == [3]
   assert "eval/accuracy" not in out[0] and t.manager.all_steps() == [2, 3]
   asking.release.set()
+
+  # A held-out read failing with an error of any type (not only the pipeline's own) is agreed on
+  # as a failure too: the step is saved before it is raised (with several processes, every one saves).
+  class Failing(StallingPairs):
+    def __getitem__(self, i):
+      raise OSError(5, "Input/output error", "/mnt/held_out/7.png")
+
+  t.evaluator.pairs = Failing(held_out.pairs)
+  t.loop_cfg = dataclasses.replace(t.loop_cfg, steps=4)
+  with pytest.raises(OSError, match="Input/output error"):
+    t.run()
+  assert t.manager.all_steps() == [3, 4]
   t.close()
 
 

@@ -79,6 +79,7 @@ class Evaluator:
     self.sampling = dataclasses.replace(sampling, temperature=0.0, num_samples=1)
     self.graphdef, self.listener_graphdef, self.spec = graphdef, listener_graphdef, spec
     self._fns: dict = {}
+    self.read_failed = False  # the last call ended on a read failure agreed by every process
 
   def _fn(self, pair_grid):
     if pair_grid not in self._fns:
@@ -89,7 +90,8 @@ class Evaluator:
                step: int | None = None) -> dict:
     """The held-out metrics. Raises `stopping.EvaluationStopped` when `signals` asks for a stop on any
     process, and the read's error (`DataStall` for a hang) when a read fails on any process — on every
-    process alike; `step` is the step the caller saves before raising it (named in the error)."""
+    process alike (`read_failed` is then set, whatever the error's type); `step` is the step the
+    caller saves before raising it (named in the error)."""
     from lgrpo_jax.train.loop import pair_grid_of, to_device
     correct = {False: [], True: []}
     formed, contra = [], []
@@ -97,9 +99,11 @@ class Evaluator:
     feed = stopping.Feed(make_batches(self.pairs, self.tokenizer, self.pipe_cfg, process_index=jax.process_index(),
                                       process_count=jax.process_count()), self.pipe_cfg.stall_timeout_s,
                          saves=step is not None)
+    self.read_failed = False
     while True:
       stop, failed, ended = feed.next(signals)
       if failed:
+        self.read_failed = True
         raise feed.error(failed, step)
       if stop:
         raise stopping.EvaluationStopped(stop)

@@ -40,7 +40,6 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from lgrpo_jax.data.pipeline import PipelineConfig, make_batches
-from lgrpo_jax.data.sources import DataError
 from lgrpo_jax.data.prompts import end_of_turn_ids
 from lgrpo_jax.grpo.update import make_optimizer
 from lgrpo_jax.listener import ListenerSpec
@@ -370,7 +369,11 @@ class Trainer:
     except stopping.EvaluationStopped as e:
       self.stopped_by = e.signum
       return {}
-    except DataError as e:  # agreed on every process (bad records are skipped here: a hang, mostly)
+    except Exception as e:
+      if not getattr(self.evaluator, "read_failed", False):
+        raise
+      # A read failure agreed on every process (of any type: every process must save): a hang, mostly,
+      # as held-out bad records are skipped.
       self._eval_error = e
       return {}
 
