@@ -274,17 +274,7 @@ def test_sigkill_then_resume_is_bit_identical_and_sigterm_saves(tmp_path):
   killed.send_signal(signal.SIGKILL)
   killed.wait()
   assert not (tmp_path / "b.npz").exists()
-  resumed = run(tmp_path / "b", 6, tmp_path / "b.npz")
-  # SIGTERM, in a run started alongside the resumed one (their start-ups overlap): the run saves
-  # where it is and exits cleanly.
-  term = run(tmp_path / "c", 50, tmp_path / "c.npz")
-  wait_for_step(tmp_path / "c" / "metrics.jsonl", 2, term)
-  term.send_signal(signal.SIGTERM)
-  assert term.wait(timeout=300) == 0
-  last = [json.loads(x)["step"] for x in open(tmp_path / "c" / "metrics.jsonl")][-1]
-  saved = max(int(p.name) for p in (tmp_path / "c" / "checkpoints").iterdir() if p.name.isdigit())
-  assert saved == last < 50
-  assert resumed.wait(timeout=900) == 0
+  assert run(tmp_path / "b", 6, tmp_path / "b.npz").wait(timeout=900) == 0
   a, b = np.load(tmp_path / "a.npz"), np.load(tmp_path / "b.npz")
   for k in a.files:
     np.testing.assert_array_equal(a[k], b[k])
@@ -295,6 +285,14 @@ def test_sigkill_then_resume_is_bit_identical_and_sigterm_saves(tmp_path):
   assert min(hits("b")) > 0
   compile_s = lambda d: json.loads(open(tmp_path / d / "metrics.jsonl").readlines()[-1])["compile_s"]
   assert compile_s("b") < 0.3 * compile_s("a"), (compile_s("a"), compile_s("b"))
+  # SIGTERM: the run saves where it is and exits cleanly.
+  term = run(tmp_path / "c", 50, tmp_path / "c.npz")
+  wait_for_step(tmp_path / "c" / "metrics.jsonl", 2, term)
+  term.send_signal(signal.SIGTERM)
+  assert term.wait(timeout=300) == 0
+  last = [json.loads(x)["step"] for x in open(tmp_path / "c" / "metrics.jsonl")][-1]
+  saved = max(int(p.name) for p in (tmp_path / "c" / "checkpoints").iterdir() if p.name.isdigit())
+  assert saved == last < 50
 
 
 def test_completions_end_at_the_tokenizers_end_ids_by_default(tmp_path):
