@@ -43,19 +43,15 @@ def judge_fn(graphdef, listener_graphdef, sampling: SamplingConfig, spec: Listen
   Evaluator built again (a notebook cell run twice, a run resumed in-process) does not trace and
   compile its judge again; `train.step.clear_compiled_steps()` forgets them too. Unlike the step,
   the judge reads no registry (a reward replaced in a notebook keeps it), only the sharding rules."""
-  from lgrpo_jax.train.step import rules_key
+  from lgrpo_jax.train.step import kept, rules_key
   pair_grid = tuple(map(tuple, pair_grid))
   key = (judge_greedy, graphdef, listener_graphdef, sampling, spec, pair_grid, rules_key())
-  if key not in _JUDGES:
-    if len(_JUDGES) >= _KEEP_JUDGES:  # the oldest goes (its compiled program with it)
-      del _JUDGES[next(iter(_JUDGES))]
-    _JUDGES[key] = jax.jit(functools.partial(judge_greedy, graphdef=graphdef, listener_graphdef=listener_graphdef,
-                                             sampling=sampling, spec=spec, pair_grid=pair_grid))
-  return _JUDGES[key]
+  return kept(_JUDGES, key, lambda: jax.jit(functools.partial(
+      judge_greedy, graphdef=graphdef, listener_graphdef=listener_graphdef, sampling=sampling, spec=spec,
+      pair_grid=pair_grid)))
 
 
 _JUDGES: dict = {}
-_KEEP_JUDGES = 8
 
 
 def gather_rows(x) -> np.ndarray:

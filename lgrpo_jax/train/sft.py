@@ -73,11 +73,8 @@ def make_sft_step(graphdef, tx: optax.GradientTransformation, pair_grid, chunk: 
   optimizer state donated. As the GRPO step, the same arguments give the same function within a
   process (a warm start run again in a notebook does not compile again); keyed by the sharding
   rules too, and forgotten by `train.step.clear_compiled_steps()`."""
-  from lgrpo_jax.train.step import rules_key
+  from lgrpo_jax.train.step import kept, rules_key
   pair_grid = tuple(map(tuple, pair_grid))
-  key = (graphdef, tx, pair_grid, chunk, listener_spec, listener_weight, rules_key())
-  if key in _SFT_STEPS:
-    return _SFT_STEPS[key]
 
   def step(params, opt_state, batch, tokens, mask):
     (loss, parts), grads = jax.value_and_grad(sft_loss, has_aux=True)(
@@ -85,10 +82,8 @@ def make_sft_step(graphdef, tx: optax.GradientTransformation, pair_grid, chunk: 
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss, parts
 
-  if len(_SFT_STEPS) >= 8:  # the oldest goes (its compiled program with it)
-    del _SFT_STEPS[next(iter(_SFT_STEPS))]
-  _SFT_STEPS[key] = jax.jit(step, donate_argnums=(0, 1))
-  return _SFT_STEPS[key]
+  key = (graphdef, tx, pair_grid, chunk, listener_spec, listener_weight, rules_key())
+  return kept(_SFT_STEPS, key, lambda: jax.jit(step, donate_argnums=(0, 1)))
 
 
 _SFT_STEPS: dict = {}

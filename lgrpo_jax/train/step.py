@@ -165,22 +165,30 @@ def make_train_step(graphdef, listener_graphdef, tx, cfg: StepConfig, spec: List
     leaves, treedef = jax.tree.flatten(state_shardings)
     layout = (tuple(leaves), treedef)
   key = (graphdef, listener_graphdef, tx, cfg, spec, pair_grid, layout, listener_is_reference, _trace_globals())
-  if key not in _TRAIN_STEPS:
-    if len(_TRAIN_STEPS) >= _KEEP_STEPS:  # the oldest goes (its compiled program with it)
-      del _TRAIN_STEPS[next(iter(_TRAIN_STEPS))]
+
+  def build():
     fn = functools.partial(train_step, graphdef=graphdef, listener_graphdef=listener_graphdef, tx=tx, cfg=cfg,
                            spec=spec, pair_grid=pair_grid, listener_is_reference=listener_is_reference)
     if state_shardings is None:
-      _TRAIN_STEPS[key] = jax.jit(fn, donate_argnums=(0,))
-    else:
-      mesh = jax.tree.leaves(state_shardings)[0].mesh
-      replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-      _TRAIN_STEPS[key] = jax.jit(fn, donate_argnums=(0,), out_shardings=(state_shardings, replicated))
-  return _TRAIN_STEPS[key]
+      return jax.jit(fn, donate_argnums=(0,))
+    mesh = jax.tree.leaves(state_shardings)[0].mesh
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.jit(fn, donate_argnums=(0,), out_shardings=(state_shardings, replicated))
+
+  return kept(_TRAIN_STEPS, key, build)
 
 
 _TRAIN_STEPS: dict = {}
-_KEEP_STEPS = 8
+
+
+def kept(table: dict, key, build, keep: int = 8):
+  """`table[key]`, built by `build()` the first time; the last `keep` are kept (the oldest goes,
+  its compiled programs with it). The jitted GRPO step, warm-start step and held-out judge."""
+  if key not in table:
+    if len(table) >= keep:
+      del table[next(iter(table))]
+    table[key] = build()
+  return table[key]
 
 
 def clear_compiled_steps() -> None:
