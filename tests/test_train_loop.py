@@ -284,7 +284,9 @@ def test_sigkill_then_resume_is_bit_identical_and_sigterm_saves(tmp_path):
   # way as a fresh state, so the step lowers alike), spending a fraction of the first run's time.
   assert min(hits("b")) > 0
   compile_s = lambda d: json.loads(open(tmp_path / d / "metrics.jsonl").readlines()[-1])["compile_s"]
-  assert compile_s("b") < 0.3 * compile_s("a"), (compile_s("a"), compile_s("b"))
+  # (Loading measured 0.31–0.32 of compiling under the clean-clone CI's load, 3.3 of 10.7 s: a bound
+  # of 0.3 failed there; compiling again would be ~1.)
+  assert compile_s("b") < 0.5 * compile_s("a"), (compile_s("a"), compile_s("b"))
   # SIGTERM: the run saves where it is and exits cleanly.
   term = run(tmp_path / "c", 50, tmp_path / "c.npz")
   wait_for_step(tmp_path / "c" / "metrics.jsonl", 2, term)
