@@ -29,6 +29,11 @@ Writes to --out (default: RUN_DIR/eval/<data name>, or eval/<data name>):
 Missing or undecodable images: `--bad-records error` (default) stops naming the record and file;
 `skip` leaves out every comparison with such an image and counts them by reason.
 
+Batches are read in a thread, as in training: a read hanging longer than `--stall-timeout` (default
+the run's pipeline.stall_timeout_s) stops the evaluation with exit code 75 on every process, and
+SIGTERM or Ctrl-C stops it at the next batch (exit 128 + the signal). Every judgement made is in
+predictions.jsonl by then, and the same command resumes from it.
+
 Compiled programs are kept for the next evaluation (`--compile-cache`, as the launcher's
 `compile_cache`): by default in the run directory's xla_cache (shared with its training), else in
 OUT/xla_cache, or in $JAX_COMPILATION_CACHE_DIR when that is set.
@@ -41,6 +46,7 @@ import contextlib
 import dataclasses
 import datetime
 import functools
+import itertools
 import json
 import os
 import sys
@@ -284,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
   ap.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's, else 256")
   ap.add_argument("--batch", type=int, default=8, help="ordered pairs per device batch (global)")
   ap.add_argument("--bad-records", default="error", choices=("error", "skip"))
+  ap.add_argument("--stall-timeout", type=float, default=None, metavar="SECONDS",
+                  help="a batch read hanging longer stops the evaluation (exit 75) on every process; "
+                       "0: wait forever (default: the run's pipeline.stall_timeout_s, else 1800)")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--quiet", action="store_true", help="no progress line")
   ap.add_argument("--single-device", action="store_true",
@@ -335,13 +344,16 @@ def evaluate(args, scope: contextlib.ExitStack) -> int:
   from lgrpo_jax.sharding import make_mesh, on_mesh
   from lgrpo_jax.train.evaluation import gather_rows
   from lgrpo_jax.train.loop import pair_grid_of, to_device
-  from lgrpo_jax import runs
+  from lgrpo_jax.train import stopping
+  from lgrpo_jax import distributed, runs
   from lgrpo_jax.train.step import Tables
   from flax import nnx
 
   mode, anchors = _ranking(args.ranking)
   if args.samples < 1 or args.batch < 1 or (args.max_pairs is not None and args.max_pairs < 1):
     raise EvalError("--samples, --batch and --max-pairs must be ≥ 1")
+  if args.stall_timeout is not None and not 0 <= args.stall_timeout < float("inf"):
+    raise EvalError(f"--stall-timeout {args.stall_timeout}: must be ≥ 0 seconds (0: wait forever)")
   if args.batch % jax.process_count():
     raise EvalError(f"--batch {args.batch} is not divisible by {jax.process_count()} processes")
   source, _, where = args.data.partition(":")
@@ -384,6 +396,7 @@ def evaluate(args, scope: contextlib.ExitStack) -> int:
   pipe = dataclasses.replace(cfg.pipeline, global_batch=args.batch, num_epochs=1, shuffle=False, both_orders=False,
                              bad_records=args.bad_records, listener=loaded.listener is not None,
                              length_buckets=buckets)
+  stall_timeout = pipe.stall_timeout_s if args.stall_timeout is None else args.stall_timeout
   temperature = args.temperature if args.temperature is not None else (0.0 if args.samples == 1 else 1.0)
   sampling = SamplingConfig(
       max_new_tokens=args.max_new_tokens or (cfg.step.sampling.max_new_tokens if run_cfg is not None else 256),
@@ -455,11 +468,30 @@ def evaluate(args, scope: contextlib.ExitStack) -> int:
   pipe_report = Report(args.bad_records)
   if items:
     index = {(p.pair_id, swap): k for k, (p, swap) in enumerate(items)}
-    batches = make_batches(items, tokenizer, pipe, process_index=jax.process_index(),
-                           process_count=jax.process_count(), report=pipe_report)
-    with open(pred_path, "a") if primary else open(os.devnull, "w") as out, \
+    # Read as training reads (`stopping.Feed`): each batch in a thread, and agreed by every process,
+    # so that a hung read (past the stall timeout), a bad record or a stop on one process ends the
+    # evaluation on all of them at the same batch; what was judged is in predictions.jsonl already.
+    feed = stopping.Feed(make_batches(items, tokenizer, pipe, process_index=jax.process_index(),
+                                      process_count=jax.process_count(), report=pipe_report),
+                         stall_timeout, saves=False, setting="--stall-timeout")
+    with stopping.StopSignals() as signals, open(pred_path, "a") if primary else open(os.devnull, "w") as out, \
         (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
-      for b, host in enumerate(batches):
+      for b in itertools.count():
+        stop, failed, ended = feed.next(signals)
+        if failed:
+          error = feed.error(failed, None)
+          print(f"error: {error}\n(the {progress.done} judgements made are in {pred_path}; the same "
+                "command resumes from there)", file=sys.stderr, flush=True)
+          distributed.finish("lgrpo_jax.evaluate: stopped on a read failure")
+          return stopping.exit_code(error)
+        if stop:
+          say(f"\n{stopping.signal_name(stop)}: stopped with {progress.done} of {total} judgements made, in "
+              f"{pred_path}; the same command resumes from there")
+          distributed.finish("lgrpo_jax.evaluate: stopped by a signal")
+          return 128 + stop
+        if ended:
+          break
+        host = feed.take()
         grid = pair_grid_of(host)
         if grid not in fns:
           fns[grid] = jax.jit(functools.partial(judge, graphdef=graphdef, listener_graphdef=lgraph,
@@ -507,7 +539,6 @@ def evaluate(args, scope: contextlib.ExitStack) -> int:
       f.write(listener_table(metrics))
     plot_summary(metrics, os.path.join(out_dir, "evaluation.png"))
     print(report_lines(summary, out_dir), flush=True)
-  from lgrpo_jax import distributed
   distributed.finish("lgrpo_jax.evaluate: done")
   return 0
 
@@ -563,4 +594,7 @@ def report_lines(summary: dict, out_dir: str) -> str:
 if __name__ == "__main__":
   from lgrpo_jax.hostmem import reexec_with_hugepages
   reexec_with_hugepages()  # huge-page malloc where the kernel offers it (see lgrpo_jax/hostmem.py)
-  sys.exit(main())
+  code = main()
+  from lgrpo_jax.train import stopping
+  stopping.exit_if_a_read_hangs(code)  # (not in main: the tests call it in-process)
+  sys.exit(code)

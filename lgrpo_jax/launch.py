@@ -196,10 +196,10 @@ def _main(argv, scope) -> int:
               mesh=mesh)
     except stopping.Stopped as e:  # pre-empted during the warm start: it resumes from its checkpoint
       print(f"\n{e}", file=sys.stderr)
-      return _leave(128 + e.signum, "lgrpo_jax.launch: warm start stopped by a signal")
+      return stopping.leave(128 + e.signum, "lgrpo_jax.launch: warm start stopped by a signal")
     except ValueError as e:  # a bad record or target, or a hung read, on any process: every process stops here
       print(f"error: {e}", file=sys.stderr)
-      return _leave(_error_code(e), "lgrpo_jax.launch: warm start stopped on an error")
+      return stopping.leave(stopping.exit_code(e), "lgrpo_jax.launch: warm start stopped on an error")
   try:
     trainer = Trainer(cfg.run_dir, model, tokenizer, pairs, cfg.step, cfg.pipeline, cfg.loop,
                       listener=listener, config_record=to_record(cfg), eval_pairs=eval_pairs, mesh=mesh,
@@ -218,36 +218,13 @@ def _main(argv, scope) -> int:
     print(f"error: {e}\n(training stopped at step {int(trainer.state.step)}; "
           + (f"a restart resumes from the checkpoint of step {saved})" if saved is not None
              else "no checkpoint was saved yet)"), file=sys.stderr)
-    return _leave(_error_code(e), "lgrpo_jax.launch: stopped on a data error")
+    return stopping.leave(stopping.exit_code(e), "lgrpo_jax.launch: stopped on a data error")
   trainer.close()
   if trainer.stopped_by is not None:  # pre-empted: not done, so that a scheduler restarts the run
-    return _leave(128 + trainer.stopped_by, "lgrpo_jax.launch: stopped by a signal")
+    return stopping.leave(128 + trainer.stopped_by, "lgrpo_jax.launch: stopped by a signal")
   if jax.process_index() == 0:
     print(summary(cfg.run_dir), flush=True)
-  return _leave(0, "lgrpo_jax.launch: done")
-
-
-TEMPFAIL = 75  # sysexits' EX_TEMPFAIL: a hung data source, which a restart may not meet again
-
-
-def _error_code(e: BaseException) -> int:
-  """2 for a bad input to fix; `TEMPFAIL` for a data read that hung (`pipeline.stall_timeout_s`)."""
-  from lgrpo_jax.data.sources import DataStall
-  return TEMPFAIL if isinstance(e, DataStall) else 2
-
-
-def _leave(code: int, tag: str) -> int:
-  """The exit code, after every process has got here (process 0 may have reported while the others
-  waited). A batch read still hung in its thread (a stalled file system) would keep the interpreter
-  from exiting (Python joins the pipeline's decode threads at exit): then leave without waiting."""
-  from lgrpo_jax import distributed
-  from lgrpo_jax.train import stopping
-  distributed.finish(tag)
-  if stopping.read_in_flight():
-    print("a data read is still hung; exiting without waiting for it", file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    os._exit(code)
-  return code
+  return stopping.leave(0, "lgrpo_jax.launch: done")
 
 
 def summary(run_dir: str) -> str:

@@ -265,6 +265,83 @@ def test_imagereward_end_to_end_counts_skips_resume_and_sharding(tiny_hf, imager
   assert "exists and is not a directory" in capsys.readouterr().err
 
 
+class FaultyBatches:
+  """The evaluation's real batches, with `fault()` called on the `read`-th read (in the read's thread)."""
+
+  def __init__(self, batches, read: int, fault):
+    self.batches, self.read, self.fault, self.reads = batches, read, fault, 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    self.reads += 1
+    if self.reads == self.read:
+      self.fault()
+    return next(self.batches)
+
+  def get_state(self):
+    return self.batches.get_state()
+
+  def set_state(self, state):
+    self.batches.set_state(state)
+
+
+def test_a_stop_or_a_hung_read_ends_the_evaluation_and_the_same_command_resumes(tiny_hf, imagereward_images,
+                                                                               tmp_path, capsys, monkeypatch):
+  """The command used to read its batches on the main thread: a hung read (a stalled mount) hung it
+  forever (with several processes, the others waited in the next all-gather), and SIGTERM killed it
+  mid-batch. Now it reads through `stopping.Feed`: SIGTERM stops it at the next batch (exit 143), a
+  read hanging past --stall-timeout stops it with exit 75, and the same command finishes the rest.
+  The predictions then equal an uninterrupted run's."""
+  import signal
+  import threading
+  import time
+
+  from lgrpo_jax.data import pipeline
+  path, root, _, _ = imagereward_images
+  data = ["--checkpoint", tiny_hf, "--data", f"imagereward:{path}", "--images", root, "--max-pairs", "3",
+          "--no-listener", "--single-device", "--batch", "2"]  # 3 comparisons × 2 orders: 3 batches
+  keyed = lambda out: {(p["pair_id"], p["order"]): p for p in map(json.loads, open(out / "predictions.jsonl"))}
+  assert run_eval(*data, "--out", str(tmp_path / "ref")) == 0
+  ref = keyed(tmp_path / "ref")
+  assert len(ref) == 6
+
+  real = pipeline.make_batches
+  faults = []  # (read, fault) for the next evaluation
+  monkeypatch.setattr(pipeline, "make_batches", lambda *a, **k: FaultyBatches(real(*a, **k), *faults.pop()))
+  out = tmp_path / "eval"
+  previous = signal.getsignal(signal.SIGTERM)
+  faults.append((2, lambda: os.kill(os.getpid(), signal.SIGTERM)))
+  capsys.readouterr()
+  assert run_eval(*data, "--out", str(out)) == 128 + signal.SIGTERM
+  assert "SIGTERM: stopped with 2 of 6 judgements made" in capsys.readouterr().err
+  assert len(keyed(out)) == 2 and signal.getsignal(signal.SIGTERM) is previous
+
+  release = threading.Event()
+  faults.append((2, release.wait))  # resumed: its first batch is judged, its second read hangs
+  t0 = time.monotonic()
+  assert run_eval(*data, "--out", str(out), "--stall-timeout", "1") == 75
+  assert 1 <= time.monotonic() - t0 < 30
+  err = capsys.readouterr().err
+  assert "2 judgements already in" in err and "4 to go" in err
+  assert "error: process 0: no batch after 1 s (--stall-timeout=1): the data source hangs" in err
+  assert "the 4 judgements made are in" in err and len(keyed(out)) == 4
+  release.set()
+
+  faults.append((0, None))
+  assert run_eval(*data, "--out", str(out)) == 0
+  assert "4 judgements already in" in capsys.readouterr().err
+  lines = open(out / "predictions.jsonl").read().splitlines()
+  got = keyed(out)
+  assert len(lines) == len(got) == 6 and (out / "summary.json").is_file()
+  for k, p in got.items():
+    assert (p["answer"], p["samples"][0]["text"]) == (ref[k]["answer"], ref[k]["samples"][0]["text"]), k
+    np.testing.assert_allclose(p["samples"][0]["p"], ref[k]["samples"][0]["p"], atol=1e-5)
+  assert run_eval(*data, "--out", str(out), "--stall-timeout", "-1") == 2
+  assert "--stall-timeout -1.0: must be ≥ 0 seconds" in capsys.readouterr().err
+
+
 def test_sampled_judgements_are_aggregated(tiny_hf, imagereward_images, tmp_path):
   path, root, _, _ = imagereward_images
   out = tmp_path / "sampled"

@@ -85,14 +85,14 @@ def test_bad_input_is_one_clear_error_before_compiling(tmp_path, capsys, overrid
 
 
 def test_a_hung_read_exits_75_a_bad_record_2():
-  # A scheduler retries a temporary failure (sysexits' EX_TEMPFAIL); a bad record needs fixing first.
+  # The launcher's and `lgrpo_jax.evaluate`'s exit codes. A scheduler retries a temporary failure (sysexits' EX_TEMPFAIL); a bad record needs fixing first.
   from lgrpo_jax.data.images import ImageError
   from lgrpo_jax.data.sources import DataError, DataStall
-  from lgrpo_jax.train.stopping import failure_error
-  assert launch._error_code(DataStall("process 0: no batch")) == launch.TEMPFAIL == 75
-  assert launch._error_code(failure_error([1], 3, stalled=[1])) == 75
+  from lgrpo_jax.train.stopping import TEMPFAIL, exit_code, failure_error
+  assert exit_code(DataStall("process 0: no batch")) == TEMPFAIL == 75
+  assert exit_code(failure_error([1], 3, stalled=[1])) == 75
   for e in (DataError("bad"), ImageError("/x.png", "truncated"), failure_error([1, 2], 3, stalled=[1])):
-    assert launch._error_code(e) == 2, e
+    assert exit_code(e) == 2, e
   assert "process 2 of" in str(failure_error([1, 2], 3, stalled=[1]))  # the one with a record to fix
 
 

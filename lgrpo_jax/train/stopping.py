@@ -9,6 +9,8 @@ Used by the GRPO loop (`Trainer.run`), its held-out evaluation and the warm star
   for while the data stalls (a hung file system) is seen, and a stall longer than
   `pipeline.stall_timeout_s` counts as a failed read (`DataStall`): every process saves and stops
   instead of the others waiting forever in the next collective.
+* `leave`/`exit_code`: how an entry point (the launcher, `python -m lgrpo_jax.evaluate`) ends after
+  a stop or an agreed failure: every process at one barrier, and no wait for a read still hung.
 * `agree`: with several processes, each step starts with one small all-gather of (stop, failed,
   ended), so that all processes stop, fail or end at the same step; without it, a process stopping
   or failing alone left the others waiting in the next step's collectives until a timeout.
@@ -126,10 +128,12 @@ class Feed:
   `next`'s; `position()` is the data position to checkpoint: before that batch, so that a restart
   reads it again."""
 
-  def __init__(self, batches, stall_timeout_s: float = 0.0, saves: bool = True):
+  def __init__(self, batches, stall_timeout_s: float = 0.0, saves: bool = True,
+               setting: str = "pipeline.stall_timeout_s"):
     self.batches = batches
     self.stall_timeout_s = stall_timeout_s
     self.saves = saves  # whether the caller saves on a failure (the stall's message says so)
+    self.setting = setting  # the timeout's name where the user sets it, for the messages
     self.pending: Read | None = None
     self.stalled: BaseException | None = None  # this process's hung read, as an error
     self._stalled_processes: list[int] = []  # the processes whose read hung, as last agreed
@@ -148,7 +152,7 @@ class Feed:
       from lgrpo_jax.data.sources import DataStall
       self.stalled = DataStall(
           f"process {jax.process_index()}: no batch after {time.monotonic() - self.pending.started:.0f} s "
-          f"(pipeline.stall_timeout_s={self.stall_timeout_s:g}): the data source hangs (a stalled file "
+          f"({self.setting}={self.stall_timeout_s:g}): the data source hangs (a stalled file "
           f"system?)" + ("; a restart resumes from the step saved" if self.saves else ""))
       error = self.stalled
     else:
@@ -176,7 +180,7 @@ class Feed:
       self.pending = None
     if mine is not None and not isinstance(mine, StopIteration):
       return mine
-    return failure_error(failed, step, self._stalled_processes)
+    return failure_error(failed, step, self._stalled_processes, self.setting)
 
 
 BAD_RECORD, STALLED = 1, 2  # what a process's failed read was, in the agreement's all-gather
@@ -199,7 +203,8 @@ def agree(stop: int, error: BaseException | None) -> tuple[int, list[int], bool,
           [int(i) for i in np.flatnonzero(rows[:, 1] == STALLED)])
 
 
-def failure_error(failed: list[int], step: int | None, stalled: list[int] = ()):
+def failure_error(failed: list[int], step: int | None, stalled: list[int] = (),
+                  setting: str = "pipeline.stall_timeout_s"):
   """The error raised on the processes whose own read went well when others' failed: a `DataStall`
   when every failed process hangs (a restart may succeed), else a `DataError` (a record to fix).
   `step`: the step every process saves (None: none is saved)."""
@@ -207,8 +212,36 @@ def failure_error(failed: list[int], step: int | None, stalled: list[int] = ()):
   names = lambda ps: f"process {', '.join(map(str, ps))} of {jax.process_count()}"
   saved = "every process stops" if step is None else f"every process saved step {step} and stops"
   if set(failed) <= set(stalled):
-    return DataStall(f"{names(failed)} got no batch within pipeline.stall_timeout_s (its data source "
+    return DataStall(f"{names(failed)} got no batch within {setting} (its data source "
                      f"hangs); {saved}" + ("" if step is None else "; a restart resumes there"))
   bad = [p for p in failed if p not in stalled]
   return DataError(f"{names(bad)} stopped on a bad record (its log names the record); {saved}")
 
+
+TEMPFAIL = 75  # sysexits' EX_TEMPFAIL: a hung data source, which a restart may not meet again
+
+
+def exit_code(e: BaseException) -> int:
+  """2 for a bad input to fix; `TEMPFAIL` for a data read that hung (`pipeline.stall_timeout_s`)."""
+  from lgrpo_jax.data.sources import DataStall
+  return TEMPFAIL if isinstance(e, DataStall) else 2
+
+
+def leave(code: int, tag: str) -> int:
+  """The exit code, after every process has got here (process 0 may have reported while the others
+  waited); then `exit_if_a_read_hangs`."""
+  from lgrpo_jax import distributed
+  distributed.finish(tag)
+  exit_if_a_read_hangs(code)
+  return code
+
+
+def exit_if_a_read_hangs(code: int) -> None:
+  """A batch read still hung in its thread (a stalled file system) would keep the interpreter from
+  exiting (Python joins the pipeline's decode threads at exit): then exit now, without waiting."""
+  import os
+  import sys
+  if read_in_flight():
+    print("a data read is still hung; exiting without waiting for it", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(code)
