@@ -144,22 +144,49 @@ def read_groups(data: str, image_root, report, cfg) -> list:
   return [sources.Group(p.pair_id, p.prompt, tuple(p.images), (1, 2) if p.label == 0 else (2, 1)) for p in pairs]
 
 
-def check_images(groups, image_cfg, policy: str) -> dict:
+def check_images(groups, image_cfg, policy: str, signals=None, stall_timeout_s: float = 0.0) -> dict:
   """{(group id, image index): skip reason} for images that cannot be used (read from the file
-  headers); with policy 'error' the first one stops the evaluation naming the record and file."""
+  headers); with policy 'error' the first one stops the evaluation naming the record and file.
+
+  The headers are read in a thread, watched as the batches are: a stop asked for (`signals`), one
+  header read hanging for over `stall_timeout_s` (a stalled mount) or an error, on any process,
+  ends the check on every process alike (`stopping.agree`). Raises `stopping.EvaluationStopped`,
+  this process's own error, or one naming the processes that failed."""
   from lgrpo_jax.data.images import ImageError, image_grid
-  from lgrpo_jax.data.sources import DataError
-  bad = {}
-  for g in groups:
-    for k, im in enumerate(g.images):
-      name = f"group {g.group_id} image {k}" + (f" ({im})" if isinstance(im, str) else "")
-      try:
-        image_grid(im, image_cfg, name)
-      except ImageError as e:
-        if policy == "error":
-          raise DataError(f"{e} — use --bad-records skip to leave such images out (counted)") from None
-        bad[(g.group_id, k)] = (e.kind, name)
-  return bad
+  from lgrpo_jax.data.sources import DataError, DataStall
+  from lgrpo_jax.train import stopping
+
+  def check(tick) -> dict:
+    bad = {}
+    for g in groups:
+      for k, im in enumerate(g.images):
+        name = f"group {g.group_id} image {k}" + (f" ({im})" if isinstance(im, str) else "")
+        tick(name)
+        try:
+          image_grid(im, image_cfg, name)
+        except ImageError as e:
+          if policy == "error":
+            raise DataError(f"{e} — use --bad-records skip to leave such images out (counted)") from None
+          bad[(g.group_id, k)] = (e.kind, name)
+    return bad
+
+  signals = signals if signals is not None else stopping.StopSignals()
+  task = stopping.Watched(check)
+  finished = task.wait(signals, stall_timeout_s)
+  error = task.error if finished else None
+  if finished is None:
+    what, since = task.current
+    import jax
+    error = DataStall(f"process {jax.process_index()}: reading the header of {what} did not return in "
+                      f"{time.monotonic() - since:.0f} s (--stall-timeout={stall_timeout_s:g}): the image "
+                      f"store hangs (a stalled file system?)")
+  stop, failed, _, stalled = stopping.agree(signals.signum, error)
+  if failed:
+    raise error if error is not None else stopping.failure_error(failed, None, stalled, "--stall-timeout")
+  if stop:
+    raise stopping.EvaluationStopped(stop)
+  return task.result
+
 
 
 def plan(groups, mode: str, anchors: int, max_pairs: int | None, seed: int) -> tuple[list, list, dict]:
@@ -409,7 +436,18 @@ def evaluate(args, scope: contextlib.ExitStack) -> int:
   if not groups:
     raise EvalError(f"--data {args.data}: no usable records ({report.summary()['skipped']})")
   groups, todo, left_out = plan(groups, mode, anchors, args.max_pairs, args.seed)
-  bad_images = check_images(groups, pipe.image, args.bad_records)
+  # From here a stop signal only asks: the evaluation stops at the next batch (or image check).
+  signals = scope.enter_context(stopping.StopSignals())
+  try:
+    bad_images = check_images(groups, pipe.image, args.bad_records, signals, stall_timeout)
+  except stopping.EvaluationStopped as e:
+    say(f"{stopping.signal_name(e.signum)}: stopped while checking the images; nothing was judged")
+    distributed.finish("lgrpo_jax.evaluate: stopped by a signal")
+    return 128 + e.signum
+  except (ValueError, OSError) as e:  # a bad image (--bad-records error) or a hung read, on any process
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    distributed.finish("lgrpo_jax.evaluate: stopped on an image check")
+    return stopping.exit_code(e)
   skipped: dict[str, int] = {}
   meta = {}
   for g, i, j in todo:
@@ -474,12 +512,14 @@ def evaluate(args, scope: contextlib.ExitStack) -> int:
     feed = stopping.Feed(make_batches(items, tokenizer, pipe, process_index=jax.process_index(),
                                       process_count=jax.process_count(), report=pipe_report),
                          stall_timeout, saves=False, setting="--stall-timeout")
-    with stopping.StopSignals() as signals, open(pred_path, "a") if primary else open(os.devnull, "w") as out, \
+    with open(pred_path, "a") if primary else open(os.devnull, "w") as out, \
         (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
       for b in itertools.count():
         stop, failed, ended = feed.next(signals)
         if failed:
           error = feed.error(failed, None)
+          if not isinstance(error, (ValueError, OSError)):
+            raise error  # not a read failure but a bug in the pipeline: its traceback
           print(f"error: {error}\n(the {progress.done} judgements made are in {pred_path}; the same "
                 "command resumes from there)", file=sys.stderr, flush=True)
           distributed.finish("lgrpo_jax.evaluate: stopped on a read failure")

@@ -5,6 +5,7 @@ real ImageReward test annotations (stand-in images), with skips, resume and shar
 import itertools
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -340,6 +341,28 @@ def test_a_stop_or_a_hung_read_ends_the_evaluation_and_the_same_command_resumes(
     np.testing.assert_allclose(p["samples"][0]["p"], ref[k]["samples"][0]["p"], atol=1e-5)
   assert run_eval(*data, "--out", str(out), "--stall-timeout", "-1") == 2
   assert "--stall-timeout -1.0: must be ≥ 0 seconds" in capsys.readouterr().err
+
+  # The image headers, read before anything compiles, are watched the same way: per header read.
+  from lgrpo_jax.data import images
+  real_grid, hang = images.image_grid, threading.Event()
+
+  def slow_then_hung(im, cfg, name):
+    time.sleep(0.4)  # each read is slow, the check as a whole longer than the timeout: not a stall
+    if name.startswith(f"group {records_id} image 3"):
+      hang.wait()
+    return real_grid(im, cfg, name)
+
+  records_id = json.load(open(path))[0]["id"]
+  with monkeypatch.context() as m:
+    m.setattr(images, "image_grid", slow_then_hung)
+    assert run_eval(*data, "--out", str(tmp_path / "stalled"), "--stall-timeout", "1") == 75
+    assert re.search(rf"error: process 0: reading the header of group {records_id} image 3 \(\S+\) did not "
+                     r"return in 1 s \(--stall-timeout=1\): the image store hangs", capsys.readouterr().err)
+    hang.set()
+    m.setattr(images, "image_grid", lambda *a: (os.kill(os.getpid(), signal.SIGTERM), real_grid(*a))[1])
+    assert run_eval(*data, "--out", str(tmp_path / "stopped")) == 128 + signal.SIGTERM
+    assert "SIGTERM: stopped while checking the images; nothing was judged" in capsys.readouterr().err
+  assert signal.getsignal(signal.SIGTERM) is previous
 
 
 def test_sampled_judgements_are_aggregated(tiny_hf, imagereward_images, tmp_path):

@@ -114,6 +114,41 @@ class Read:
     return True
 
 
+class Watched:
+  """`fn(tick)` run in a background thread and watched like a batch read, for a long pass of small
+  reads (the evaluation's image-header check): `fn` calls `tick(what)` before each read, and
+  `wait` gives up when one read has not returned for `timeout_s`. `result`/`error` once done."""
+
+  def __init__(self, fn):
+    self.result = self.error = None
+    self.current = (None, time.monotonic())  # (what is being read, since when): one atomic swap
+    self.done = threading.Event()
+    Read._unfinished.add(self)
+    threading.Thread(target=self._run, args=(fn,), daemon=True, name="lgrpo_jax-watched").start()
+
+  def _tick(self, what) -> None:
+    self.current = (what, time.monotonic())
+
+  def _run(self, fn) -> None:
+    try:
+      self.result = fn(self._tick)
+    except BaseException as e:  # handed to the main thread, which decides with the other processes
+      self.error = e
+    finally:
+      self.done.set()
+      Read._unfinished.discard(self)
+
+  def wait(self, stop: StopSignals, timeout_s: float = 0.0, slice_s: float = 0.1) -> bool | None:
+    """True when done; False as soon as a stop is asked for; None when the current read has been
+    running for over `timeout_s` seconds (0: no limit)."""
+    while not self.done.wait(slice_s):
+      if stop.signum:
+        return False
+      if timeout_s and time.monotonic() - self.current[1] > timeout_s:
+        return None
+    return True
+
+
 def read_in_flight() -> bool:
   """Whether a batch read of this process has not finished (stuck in a stalled data source)."""
   return bool(Read._unfinished)
