@@ -359,7 +359,14 @@ def test_a_stop_or_a_hung_read_ends_the_evaluation_and_the_same_command_resumes(
     assert re.search(rf"error: process 0: reading the header of group {records_id} image 3 \(\S+\) did not "
                      r"return in 1 s \(--stall-timeout=1\): the image store hangs", capsys.readouterr().err)
     hang.set()
-    m.setattr(images, "image_grid", lambda *a: (os.kill(os.getpid(), signal.SIGTERM), real_grid(*a))[1])
+    asked = []
+
+    def asking(*a):  # once: a second SIGTERM would act as without the evaluation (end the process)
+      if not asked:
+        asked.append(os.kill(os.getpid(), signal.SIGTERM))
+      return real_grid(*a)
+
+    m.setattr(images, "image_grid", asking)
     assert run_eval(*data, "--out", str(tmp_path / "stopped")) == 128 + signal.SIGTERM
     assert "SIGTERM: stopped while checking the images; nothing was judged" in capsys.readouterr().err
   assert signal.getsignal(signal.SIGTERM) is previous
