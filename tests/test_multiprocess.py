@@ -191,9 +191,12 @@ def test_training_two_processes_equal_one(tmp_path):
   GRPO steps, held-out evaluation gathered across processes), train like one process with the same
   devices; only process 0 writes metrics and prints the summary."""
   from lgrpo_jax.data.tokenizer import build_tiny_tokenizer
+  import concurrent.futures
   tok = build_tiny_tokenizer(tmp_path / "tok")  # one tokenizer for both runs
-  one = run_launch(1, tmp_path / "one", (f"model.tokenizer={tok}",))
-  two = run_launch(2, tmp_path / "two", (f"model.tokenizer={tok}",))
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:  # side by side, as the evaluations below
+    two = pool.submit(run_launch, 2, tmp_path / "two", (f"model.tokenizer={tok}",))
+    one = pool.submit(run_launch, 1, tmp_path / "one", (f"model.tokenizer={tok}",))
+    one, two = one.result(), two.result()
   assert "held-out accuracy at step 2" in one[0] and "held-out accuracy at step 2" in two[0]
   assert "held-out accuracy" not in two[1] and "run directory" not in two[1]  # process 0 reports
   read = lambda d: [json.loads(x) for x in open(tmp_path / d / "metrics.jsonl")]
@@ -215,7 +218,6 @@ def test_training_two_processes_equal_one(tmp_path):
           "--batch", "4", "--max-new-tokens", "8"]
   # The one-process reference runs alongside (their start-ups, mostly imports on one core, overlap:
   # 41 → 33 s on 2 cores).
-  import concurrent.futures
   with concurrent.futures.ThreadPoolExecutor(2) as pool:
     two_procs = pool.submit(spawn, base + ["--out", str(tmp_path / "eval2")], 2, env, 300)
     one_proc = pool.submit(spawn, base + ["--out", str(tmp_path / "eval1")], 1, {**env, "XLA_FLAGS": xla_flags(4)}, 300)
