@@ -180,21 +180,13 @@ def test_training_step_with_and_without_prefix_sharing(setup):
 def test_remat_keeps_gradients_and_saves_memory(setup):
   """`model.remat`: the GRPO-loss gradients of every parameter (vision tower, both attention kinds,
   prefix + extend) are the same with each policy, and recomputing cuts the backward's memory."""
-  _, model, host, tokens, mask = setup
-  batch, grid = to_device(host), pair_grid_of(host)
-  rng = np.random.default_rng(1)
-  shape = tokens.shape
-  logp = jnp.asarray(-rng.random(shape), jnp.float32)
-  pb = PolicyBatch(batch.input_ids, batch.attention_mask, batch.pixel_values, tokens, mask, logp,
-                   jnp.asarray(rng.standard_normal(shape[:2]), jnp.float32), token_weights(mask, LossConfig()), logp)
-  cfg = LossConfig(beta=0.04)
   grads, temp = {}, {}
   for policy in ("none", "full", "dots"):
-    graphdef, params = nnx.split(lgrpo_jax.from_config(model.config.replace(remat=policy), seed=7), nnx.Param)
-    fn = jax.jit(jax.grad(lambda p: loss_fn(p, graphdef, pb, grid, cfg, 128)[0]))
-    compiled = fn.lower(params).compile()
+    model = lgrpo_jax.from_config(setup[1].config.replace(remat=policy), seed=7)
+    make_loss, params, pb = grpo_loss_of_params(setup, seed=1, model=model)
+    compiled = loss_grad(make_loss()).lower(params, pb).compile()
     temp[policy] = compiled.memory_analysis().temp_size_in_bytes
-    grads[policy] = jax.tree.leaves(compiled(params))
+    grads[policy] = jax.tree.leaves(compiled(params, pb))
   for policy in ("full", "dots"):
     worst = max(float(np.abs(np.asarray(a) - np.asarray(b)).max() / max(np.abs(np.asarray(b)).max(), 1e-30))
                 for a, b in zip(grads[policy], grads["none"]))
@@ -211,19 +203,26 @@ def test_remat_is_validated():
     lgrpo_jax.from_config(lgrpo_jax.models.qwen2_5_vl.presets.TINY).config.replace(remat="x")
 
 
-def grpo_loss_of_params(setup, seed: int):
-  """A maker of the GRPO loss (β = 0.04) as a function of the model's parameters, on random
-  old/reference log-probs and advantages, and the parameters. Each call of the maker gives a new
-  function, which JAX traces anew, so a switch monkeypatched in `layers` takes effect."""
-  _, model, host, tokens, mask = setup
+def grpo_loss_of_params(setup, seed: int, model=None):
+  """(a maker of the GRPO loss (β = 0.04) as a function `loss(params, batch)`, the parameters of
+  `model` (default: the setup's), a batch with random old/reference log-probs and advantages).
+  Each call of the maker gives a new function, which JAX traces anew, so a switch monkeypatched in
+  `layers` takes effect. The batch is an argument, not a constant baked into the program: the
+  tests' programs of the same model and switches are then one, compiled once (the tests' cache)."""
+  _, default, host, tokens, mask = setup
   batch, grid = to_device(host), pair_grid_of(host)
   rng = np.random.default_rng(seed)
   logp = jnp.asarray(-rng.random(tokens.shape), jnp.float32)
   pb = PolicyBatch(batch.input_ids, batch.attention_mask, batch.pixel_values, tokens, mask, logp,
                    jnp.asarray(rng.standard_normal(tokens.shape[:2]), jnp.float32),
                    token_weights(mask, LossConfig()), logp)
-  graphdef, params = nnx.split(model, nnx.Param)
-  return (lambda: lambda p: loss_fn(p, graphdef, pb, grid, LossConfig(beta=0.04), 128)[0]), params
+  graphdef, params = nnx.split(model if model is not None else default, nnx.Param)
+  return (lambda: lambda p, b: loss_fn(p, graphdef, b, grid, LossConfig(beta=0.04), 128)[0]), params, pb
+
+
+def loss_grad(fn):
+  """The jitted gradient of `fn(params, batch)` with respect to the parameters."""
+  return jax.jit(jax.grad(fn))
 
 
 def test_unrolled_layers_equal_the_scan(setup, monkeypatch):
@@ -231,13 +230,13 @@ def test_unrolled_layers_equal_the_scan(setup, monkeypatch):
   lax.scan. Both give the same GRPO-loss gradients for every parameter, and only the scan traces a
   loop over layers."""
   from lgrpo_jax.models.qwen2_5_vl import layers
-  make_loss, params = grpo_loss_of_params(setup, seed=2)
+  make_loss, params, pb = grpo_loss_of_params(setup, seed=2)
   grads, loops = {}, {}
   for backends in (("cpu",), ()):
     monkeypatch.setattr(layers, "UNROLL_BACKENDS", backends)
     fn = make_loss()
-    loops[backends] = str(jax.make_jaxpr(fn)(params)).count("scan[")
-    grads[backends] = jax.tree.leaves(jax.jit(jax.grad(fn))(params))
+    loops[backends] = str(jax.make_jaxpr(fn)(params, pb)).count("scan[")
+    grads[backends] = jax.tree.leaves(loss_grad(fn)(params, pb))
   assert loops[()] >= 3 and loops[("cpu",)] < loops[()], loops  # vision, prefill, extend scans
   worst = max(float(np.abs(np.asarray(a) - np.asarray(b)).max() / max(np.abs(np.asarray(b)).max(), 1e-30))
               for a, b in zip(grads[("cpu",)], grads[()]))
@@ -254,14 +253,14 @@ def test_dense_weight_gradients_equal_autodiff(setup, monkeypatch, tied):
     cfg = setup[1].config.replace(tie_word_embeddings=False)
     setup = (setup[0], lgrpo_jax.from_config(cfg, seed=7), *setup[2:])
     assert setup[1].lm_head is not None
-  make_loss, params = grpo_loss_of_params(setup, seed=4)
+  make_loss, params, pb = grpo_loss_of_params(setup, seed=4)
   monkeypatch.setattr(layers, "WEIGHT_GRAD_MAX_DEVICES", jax.device_count())  # the tests' 8 CPU devices
   grads, customs = {}, {}
   for backends in (("cpu",), ()):
     monkeypatch.setattr(layers, "WEIGHT_GRAD_BACKENDS", backends)
     fn = make_loss()
-    customs[backends] = str(jax.make_jaxpr(fn)(params)).count("custom_vjp_call")
-    grads[backends] = jax.tree_util.tree_leaves_with_path(jax.jit(jax.grad(fn))(params))
+    customs[backends] = str(jax.make_jaxpr(fn)(params, pb)).count("custom_vjp_call")
+    grads[backends] = jax.tree_util.tree_leaves_with_path(loss_grad(fn)(params, pb))
   assert customs[("cpu",)] > customs[()] + 20, customs  # every Dense of both stacks
   assert len(grads[()]) > 20
   for (path, a), (_, b) in zip(grads[("cpu",)], grads[()]):
