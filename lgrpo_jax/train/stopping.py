@@ -9,6 +9,8 @@ Used by the GRPO loop (`Trainer.run`), its held-out evaluation and the warm star
   for while the data stalls (a hung file system) is seen, and a stall longer than
   `pipeline.stall_timeout_s` counts as a failed read (`DataStall`): every process saves and stops
   instead of the others waiting forever in the next collective.
+* `Watched`: a long pass of small reads (the evaluation's image-header check) in a thread, with the
+  stall timeout applying to each read.
 * `leave`/`exit_code`: how an entry point (the launcher, `python -m lgrpo_jax.evaluate`) ends after
   a stop or an agreed failure: every process at one barrier, and no wait for a read still hung.
 * `agree`: with several processes, each step starts with one small all-gather of (stop, failed,
