@@ -82,51 +82,20 @@ def signal_name(signum: int) -> str:
     return f"signal {signum}"
 
 
-class Read:
-  """One batch read in a background thread: the data position before it (what a checkpoint saves
-  while the batch is not trained on yet), then the batch or the error the read raised."""
+class Watched:
+  """`fn(tick)` run in a background thread and watched from the main thread: `fn` may call
+  `tick(what)` before each of its reads (a long pass of small reads, as the evaluation's
+  image-header check), and `wait` gives up when the current read has not returned for `timeout_s`.
+  `result` or `error` once `done`."""
 
   _unfinished: set = set()  # reads of this process still running (a hung one keeps its thread)
-
-  def __init__(self, batches):
-    self.before = batches.get_state()
-    self.batch = self.error = None
-    self.started = time.monotonic()
-    self.done = threading.Event()
-    Read._unfinished.add(self)
-    threading.Thread(target=self._read, args=(batches,), daemon=True, name="lgrpo_jax-read").start()
-
-  def _read(self, batches) -> None:
-    try:
-      self.batch = next(batches)
-    except BaseException as e:  # handed to the main thread, which decides with the other processes
-      self.error = e
-    finally:
-      self.done.set()
-      Read._unfinished.discard(self)
-
-  def wait(self, stop: StopSignals, timeout_s: float = 0.0, slice_s: float = 0.1) -> bool | None:
-    """True when the read finished; False as soon as a stop is asked for; None when it has been
-    running for over `timeout_s` seconds since it started (0: no limit)."""
-    while not self.done.wait(slice_s):
-      if stop.signum:
-        return False
-      if timeout_s and time.monotonic() - self.started > timeout_s:
-        return None
-    return True
-
-
-class Watched:
-  """`fn(tick)` run in a background thread and watched like a batch read, for a long pass of small
-  reads (the evaluation's image-header check): `fn` calls `tick(what)` before each read, and
-  `wait` gives up when one read has not returned for `timeout_s`. `result`/`error` once done."""
 
   def __init__(self, fn):
     self.result = self.error = None
     self.current = (None, time.monotonic())  # (what is being read, since when): one atomic swap
     self.done = threading.Event()
-    Read._unfinished.add(self)
-    threading.Thread(target=self._run, args=(fn,), daemon=True, name="lgrpo_jax-watched").start()
+    Watched._unfinished.add(self)
+    threading.Thread(target=self._run, args=(fn,), daemon=True, name="lgrpo_jax-read").start()
 
   def _tick(self, what) -> None:
     self.current = (what, time.monotonic())
@@ -138,7 +107,7 @@ class Watched:
       self.error = e
     finally:
       self.done.set()
-      Read._unfinished.discard(self)
+      Watched._unfinished.discard(self)
 
   def wait(self, stop: StopSignals, timeout_s: float = 0.0, slice_s: float = 0.1) -> bool | None:
     """True when done; False as soon as a stop is asked for; None when the current read has been
@@ -151,9 +120,26 @@ class Watched:
     return True
 
 
+class Read(Watched):
+  """One batch read in a background thread: the data position before it (what a checkpoint saves
+  while the batch is not trained on yet), then the batch or the error the read raised."""
+
+  def __init__(self, batches):
+    self.before = batches.get_state()
+    super().__init__(lambda tick: next(batches))
+
+  @property
+  def batch(self):
+    return self.result
+
+  @property
+  def started(self) -> float:
+    return self.current[1]
+
+
 def read_in_flight() -> bool:
   """Whether a batch read of this process has not finished (stuck in a stalled data source)."""
-  return bool(Read._unfinished)
+  return bool(Watched._unfinished)
 
 
 class Feed:
