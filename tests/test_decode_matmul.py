@@ -6,9 +6,11 @@ the 3B shapes without masks on the weight loads (no GPU needed to lower), and th
 and with the Pallas attention kernel, on one device and on a data × fsdp mesh."""
 
 import re
+import zlib
 
 import jax
 import jax.numpy as jnp
+
 import numpy as np
 import pytest
 
@@ -55,7 +57,7 @@ def test_kernel_equals_xla_path(dtype, form, m, k, n, split):
   """Ragged (5 rows, K 40 and N 24 against 16-wide tiles: masked loads, a split range past K) and
   exact tilings (no masks), split 1 (epilogue in the kernel) and > 1 (fp32 partials summed by XLA)."""
   gated, norm, bias, residual = FORMS[form]
-  rng = np.random.default_rng(hash((form, m, split)) % 2**32)
+  rng = np.random.default_rng(zlib.crc32(f"{form} {m} {split}".encode()))  # (hash() of a str varies per process)
   f = lambda *s: jnp.asarray(rng.standard_normal(s), dtype)
   x, w = f(m, k), f(2, n, k) if gated else f(n, k)
   kw = dict(norm_weight=f(k) if norm else None, bias=f(n) if bias else None, residual=f(m, n) if residual else None)
@@ -69,7 +71,11 @@ def test_kernel_equals_xla_path(dtype, form, m, k, n, split):
     np.testing.assert_allclose(got, want, atol=2e-6 * scale, rtol=0)
   else:  # bf16 results: equal, or a rounding step apart (2⁻⁷ of the value) where a sum's order tips
     # it (SwiGLU: two, as gate and up may each tip)
-    np.testing.assert_allclose(got, want, rtol=2**-6 if gated else 2**-7, atol=1e-6 * scale)
+    # With a residual the rounding step is the matmul's (x·w is rounded to bf16 before the add), so
+    # where the sum cancels to near 0 it is a step of the residual's size (seen: 0.0195 against 0.0156).
+    res = np.abs(np.asarray(kw["residual"], np.float32)) if residual else 0.0
+    np.testing.assert_array_less(np.abs(got - want), (2**-6 if gated else 2**-7) * (np.abs(want) + res)
+                                 + 1e-6 * scale + 1e-30)
     assert np.mean(got == want) > 0.9, np.mean(got == want)
 
 
