@@ -15,7 +15,8 @@ from typing import NamedTuple
 
 import jax.numpy as jnp
 
-CONTEXTS = ("", " ", "\n", "\n\n", ">", ">\n", ". ", ".\n")
+# Punctuation too: Qwen's vocabulary has ".<", ":<", ")<" … as single tokens.
+CONTEXTS = ("", " ", "\n", "\n\n", ">", ">\n", ". ", ".\n", ".", ":", ")", "!", "?", '"', "*", "`")
 
 
 class Variant(NamedTuple):

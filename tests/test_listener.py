@@ -209,6 +209,8 @@ def test_no_spelling_of_the_answer_tag_shows_the_listener_the_answer(setup):
   bt = ByteTable.from_tokenizer(tok)
   parsed = parse(jnp.asarray(toks), jnp.asarray(mask), jnp.asarray(bt.table), jnp.asarray(bt.lengths))
   assert np.asarray(parsed.answer).tolist() == [[1, 1, 1, 1]]
+  from lgrpo_jax.rewards.text import answer_token_of  # the host twin `score` uses
+  assert [answer_token_of(tok, ids) for ids in rows.values()] == np.asarray(parsed.answer_token)[0].tolist()
   view = lambda at: [tok.decode(np.asarray(s)[m]) for s, m in zip(*(np.asarray(x)[0] for x in reasoning_view(
       jnp.asarray(toks), jnp.asarray(lens), spec, at)))]
   cut, blind = view(parsed.answer_token), view(None)
@@ -264,3 +266,77 @@ def test_answer_slot_probability_is_the_reasoners_own_at_the_choice_token(setup)
                "image_grid_thw": np.asarray(grid[2 * b:2 * b + 2], np.int64)}
       last = hf_logits(hf, batch)[0, -1, list(self_spec.choice_ids)].astype(np.float64)
       np.testing.assert_allclose(probs[b, g], np.exp(last) / np.exp(last).sum(), atol=1e-5)
+
+
+def test_score_hides_an_answer_whose_tag_merged_with_the_text_before_it(setup, tmp_path):
+  """Qwen's vocabulary has ".<", ":<" … as single tokens, which the tag's usual tokenisations miss:
+  `score` cuts the view where the text's "<answer>" starts (the parser's `answer_token`, found on
+  the host), and a listed context (".") is kept as written (";" goes with the tag). The tiny vocabulary has no such token,
+  so one is added (its id past the model's vocabulary: it must never reach the model)."""
+  untied_skip(setup)
+  from lgrpo_jax.data import ImageConfig
+  from lgrpo_jax.rewards.text import answer_token_of
+  tok, _, model, _ = setup
+  tok.save_pretrained(tmp_path)
+  merging = AutoTokenizer.from_pretrained(tmp_path)
+  merging.add_tokens([".<", ";<"])  # ";" is not a listed context: no variant has ";<"
+  cots = ("<think>The first is better.", "<think>The first is sharper;")
+  for cot in cots:
+    ids = merging(cot + "<answer>Image 1</answer>", add_special_tokens=False)["input_ids"]
+    at = answer_token_of(merging, ids)
+    assert merging.convert_ids_to_tokens(ids[at]) in (".<", ";<") and at == len(merging(
+        cot[:-1], add_special_tokens=False)["input_ids"])
+  spec = ListenerSpec.from_tokenizer(merging)
+  assert any(v.remainder >= 0 and merging.convert_ids_to_tokens(v.ids[0]) == ".<" for v in spec.answer_variants)
+  ids = merging(cots[0] + "<answer>Image 2</answer>", add_special_tokens=False)["input_ids"]
+  seen, keep = reasoning_view(jnp.asarray([[ids]]), jnp.asarray([[len(ids)]]), spec,
+                              jnp.asarray([[answer_token_of(merging, ids)]]))
+  assert merging.decode(np.asarray(seen)[0, 0][np.asarray(keep)[0, 0]]) == cots[0]  # "." as written
+  pair = tuple(images([(56, 56), (56, 84)], 3))
+  p = score(model, merging, [("a cat", pair, c + f"<answer>Image {k}</answer>") for c in cots for k in (1, 2)],
+            image=ImageConfig(max_pixels=112 * 112))
+  np.testing.assert_array_equal(p[0], p[1])
+  np.testing.assert_array_equal(p[2], p[3])
+
+
+def test_the_answer_slot_read_never_sees_the_answer(setup, monkeypatch):
+  """`evaluation.judge`'s self-read ends the reasoning where the parser found the text's first
+  "<answer>", as the listener's view does: a tag spelled a character at a time (which no token
+  variant matches) must not let the reasoner re-read its own answer."""
+  untied_skip(setup)
+  from flax import nnx
+  from lgrpo_jax.data.prompts import reasoner_ids
+  from lgrpo_jax.evaluation import answer_slot_spec, judge
+  from lgrpo_jax.rewards import ByteTable
+  from lgrpo_jax.sampling import Rollout, SamplingConfig
+  from lgrpo_jax.train.step import Batch, Tables
+  tok, _, model, _ = setup
+  enc = lambda t: tok(t, add_special_tokens=False)["input_ids"]
+  end = tok.convert_tokens_to_ids("<|im_end|>")
+  cot = "<think>the first image is better</think>"
+  rows = [enc(cot) + [i for c in "<answer>" for i in enc(c)] + enc(f"Image {k}</answer>") + [end] for k in (1, 2)]
+  n = len(rows[0]) + 2
+  toks = np.zeros((1, 2, n), np.int32)
+  for g, r in enumerate(rows):
+    toks[0, g, :len(r)] = r
+  lens = np.asarray([[len(r) for r in rows]], np.int32)
+  mask = (np.arange(n) < lens[..., None]).astype(np.int32)
+  rollout = Rollout(jnp.asarray(toks), jnp.asarray(mask), jnp.asarray(lens), jnp.zeros(toks.shape, jnp.float32),
+                    jnp.int32(n))
+  import sys  # the package re-exports the function `judge` under the module's name
+  monkeypatch.setattr(sys.modules["lgrpo_jax.evaluation.judge"], "sample_from_embeddings", lambda *a, **k: rollout)
+  outs = [process_image(im) for im in images([(56, 56), (56, 84)], 5)]
+  grid = static_grid([g for _, g in outs])
+  prompt = np.asarray([reasoner_ids(tok, "a prompt", list(grid))], np.int32)
+  batch = Batch(jnp.asarray(prompt), jnp.ones_like(jnp.asarray(prompt)),
+                jnp.asarray(np.concatenate([p for p, _ in outs]))[None], jnp.zeros(1, jnp.int32), jnp.ones(1, jnp.int32))
+  bt = ByteTable.from_tokenizer(tok)
+  graphdef, params = nnx.split(model)
+  out = jax.jit(lambda p, b: judge(p, None, b, Tables(jnp.asarray(bt.table), jnp.asarray(bt.lengths)),
+                                   jax.random.key(0), graphdef=graphdef, listener_graphdef=None,
+                                   sampling=SamplingConfig(max_new_tokens=n, num_samples=2), spec=None,
+                                   self_spec=answer_slot_spec(tok), pair_grid=grid))(params, batch)
+  assert np.asarray(out.answer).tolist() == [[1, 2]]
+  p_self = np.asarray(out.p_self)[0]
+  np.testing.assert_array_equal(p_self[0], p_self[1])
+  np.testing.assert_allclose(p_self.sum(-1), 1.0, atol=1e-6)

@@ -66,7 +66,7 @@ def judge(params, listener_params, batch, tables, key, *, graphdef, listener_gra
   p_self = p_listener = zeros
   if self_spec is not None:
     p_self = listener_probs(policy, batch.input_ids, batch.attention_mask, pixels, grid, out.tokens, out.lengths,
-                            self_spec)
+                            self_spec, answer_token=parsed.answer_token)
   if spec is not None:
     listener = nnx.merge(listener_graphdef, listener_params)
     p_listener = listener_probs(listener, batch.listener_input_ids, batch.listener_attention_mask, pixels, grid,

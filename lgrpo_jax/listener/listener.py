@@ -28,6 +28,7 @@ from lgrpo_jax.models.qwen2_5_vl.layers import precision_for, static_grid
 from lgrpo_jax.models.qwen2_5_vl.model import Qwen25VL
 from lgrpo_jax.models.qwen2_5_vl.rope import get_rope_index
 from lgrpo_jax.parsing import Variant, find_first, token_variants
+from lgrpo_jax.rewards.text import answer_token_of
 
 DROP_TOKENS = ("<|im_end|>", "<|endoftext|>")  # end-of-turn tokens are never shown to the listener
 
@@ -52,8 +53,10 @@ class ListenerSpec:
 def reasoning_view(tokens_bgn, lengths_bg, spec: ListenerSpec, answer_token=None):
   """(tokens, keep) of shape (B, G, N): what the listener may see of each completion — the tokens
   before the first answer tag (the answer, and anything after it, is removed), without end-of-turn
-  tokens. Where the tag's first token had swallowed the end of the reasoning (">" in "><"), that
-  slot is kept and holds the swallowed text alone, so the reasoning reads as written.
+  tokens. Where the tag's first token had swallowed the end of the reasoning (">" in "><", "." in
+  Qwen's ".<"), that slot is kept and holds the swallowed text alone, so the reasoning reads as
+  written — for the contexts `parsing.CONTEXTS` lists; after any other merge the merged token goes
+  with the tag.
 
   The tag is found among its usual tokenisations (`spec.answer_variants`); `answer_token` (B, G),
   from `parse` (`Parsed.answer_token`), is where the text's first "<answer>" starts however it was
@@ -155,15 +158,18 @@ def listener_probs(model: Qwen25VL, prefix_ids, prefix_mask, pixel_values, grid,
 
 
 @functools.partial(nnx.jit, static_argnames=("grid", "spec"))
-def _probs_jit(model, prefix_ids, prefix_mask, pixel_values, tokens, lengths, grid, spec):
-  return listener_probs(model, prefix_ids, prefix_mask, pixel_values, grid, tokens, lengths, spec)
+def _probs_jit(model, prefix_ids, prefix_mask, pixel_values, tokens, lengths, answer_token, grid, spec):
+  return listener_probs(model, prefix_ids, prefix_mask, pixel_values, grid, tokens, lengths, spec,
+                        answer_token=answer_token)
 
 
 def score(model: Qwen25VL, tokenizer, examples, prompt: PromptConfig = PromptConfig(),
           image: ImageConfig = ImageConfig(), spec: ListenerSpec | None = None) -> np.ndarray:
   """P(Image 1), P(Image 2) for each (prompt text, (image 1, image 2), reasoning text) — images as
   paths, bytes or PIL images. The reasoning may include its answer: it is removed exactly as in
-  training. Returns (n, 2) float32. One compiled call per distinct (prefix length, grids) shape."""
+  training (the view ends where the text's first "<answer>" starts, `rewards.text.answer_token_of`,
+  the host twin of the parser's `answer_token`). Returns (n, 2) float32. One compiled call per
+  distinct (prefix length, grids) shape."""
   spec = spec or ListenerSpec.from_tokenizer(tokenizer, prompt)
   prefixes, pixels, grids, texts = [], [], [], []
   for k, (text, images, reasoning) in enumerate(examples):
@@ -177,9 +183,11 @@ def score(model: Qwen25VL, tokenizer, examples, prompt: PromptConfig = PromptCon
   mask = np.zeros_like(ids)
   toks = np.zeros((len(examples), 1, width_t), np.int32)
   lengths = np.zeros((len(examples), 1), np.int32)
+  answer_at = np.zeros((len(examples), 1), np.int32)
   for r, (pre, t) in enumerate(zip(prefixes, texts)):
     ids[r, width_p - len(pre):], mask[r, width_p - len(pre):] = pre, 1  # left-padded prefix
     toks[r, 0, :len(t)], lengths[r, 0] = t, len(t)
+    answer_at[r, 0] = answer_token_of(tokenizer, t)
   probs = _probs_jit(model, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(np.concatenate(pixels)),
-                     jnp.asarray(toks), jnp.asarray(lengths), static_grid(grids), spec)
+                     jnp.asarray(toks), jnp.asarray(lengths), jnp.asarray(answer_at), static_grid(grids), spec)
   return np.asarray(probs[:, 0])

@@ -38,6 +38,33 @@ def _byte_decoder() -> dict[str, int]:
   return chars
 
 
+def _special_ids(tokenizer) -> set[int]:
+  """Ids that spell no text (special tokens, added ones included)."""
+  added = {i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if t.special}
+  return set(tokenizer.all_special_ids) | added
+
+
+def _piece_bytes(tokenizer, piece: str, decoder: dict[str, int]) -> bytes:
+  """A vocabulary entry's UTF-8 bytes."""
+  if all(ch in decoder for ch in piece):
+    return bytes(decoder[ch] for ch in piece)
+  return tokenizer.convert_tokens_to_string([piece]).encode("utf-8")  # not byte-level BPE: its text
+
+
+def answer_token_of(tokenizer, ids, tag: bytes = b"<answer>", max_bytes: int = 32) -> int:
+  """`Parsed.answer_token` of one completion, on the host: the index of the token holding the first
+  byte of the first `tag` in the text `ids` spell (bytes as `ByteTable` has them: special tokens
+  none, each token cut at `max_bytes`), `len(ids)` when there is none."""
+  ids = [int(i) for i in ids]
+  special, decoder = _special_ids(tokenizer), _byte_decoder()
+  chunks = [b"" if i in special else _piece_bytes(tokenizer, p, decoder)[:max_bytes]
+            for i, p in zip(ids, tokenizer.convert_ids_to_tokens(ids))]
+  at = b"".join(chunks).find(tag)
+  if at < 0:
+    return len(ids)
+  return int(np.sum(np.cumsum([len(c) for c in chunks]) <= at))
+
+
 @dataclasses.dataclass(frozen=True)
 class ByteTable:
   """Each token id's bytes (V, L) uint8 and byte counts (V,); special tokens have none."""
@@ -48,19 +75,15 @@ class ByteTable:
   @classmethod
   def from_tokenizer(cls, tokenizer, max_bytes: int = 32) -> "ByteTable":
     vocab_size = max(len(tokenizer), max(tokenizer.get_vocab().values()) + 1)
-    special = set(tokenizer.all_special_ids)
-    added = {i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if t.special}
+    special = _special_ids(tokenizer)
     decoder = _byte_decoder()
     table = np.zeros((vocab_size, max_bytes), np.uint8)
     lengths = np.zeros(vocab_size, np.int32)
     truncated = 0
     for piece, i in tokenizer.get_vocab().items():
-      if i in special or i in added:
+      if i in special:
         continue
-      if all(ch in decoder for ch in piece):
-        raw = bytes(decoder[ch] for ch in piece)
-      else:  # not byte-level BPE (or an added plain token): its text
-        raw = tokenizer.convert_tokens_to_string([piece]).encode("utf-8")
+      raw = _piece_bytes(tokenizer, piece, decoder)
       if len(raw) > max_bytes:
         truncated += 1
         raw = raw[:max_bytes]
