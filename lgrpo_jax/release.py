@@ -35,9 +35,10 @@ def export_run(run_dir, out_dir, *, step: int | None = None, best: bool = False,
   kw = {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}
   save_hf(model, out_dir, dtype=dtype, hf_source=source, **kw)
   tok_dir = runs.tokenizer_dir(cfg, run_dir)
-  for name in TOKENIZER_FILES:  # the run's tokenizer wins where the base had none (e.g. the tiny preset)
+  for name in TOKENIZER_FILES:  # the run's tokenizer fills in where the base had none (e.g. the tiny preset)
     src, dst = os.path.join(tok_dir, name), os.path.join(out_dir, name)
-    if os.path.isfile(src) and not os.path.isfile(dst):
+    from_base = source is not None and os.path.isfile(os.path.join(source, name))
+    if os.path.isfile(src) and not from_base:  # over an earlier export's file, never under it
       shutil.copyfile(src, dst)
   from transformers import AutoTokenizer
   tokenizer = AutoTokenizer.from_pretrained(out_dir)

@@ -72,10 +72,13 @@ def run_config(run_dir):
 
 
 def _steps(directory: str) -> list[int]:
+  """The finished saves, as Orbax (and so the Trainer's CheckpointManager) judges them: on a local
+  disk a step folder is renamed into place when complete; where renames are not atomic (GCS) it
+  holds a commit marker. Orbax's own check, not a file of ours: which marker a version writes differs."""
   if not os.path.isdir(directory):
     return []
-  return sorted(int(d) for d in os.listdir(directory)
-                if d.isdigit() and os.path.isfile(os.path.join(directory, d, "commit_success.txt")))
+  import orbax.checkpoint as ocp
+  return sorted(ocp.utils.checkpoint_steps(directory))
 
 
 def run_checkpoint(run_dir, step: int | None = None, best: bool = False) -> tuple[str, int]:

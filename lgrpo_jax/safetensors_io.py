@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Iterable
 
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy; safetensors' numpy reader needs it)
@@ -19,6 +20,7 @@ from safetensors.numpy import save_file
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")  # what `write_sharded` names
 
 
 class CheckpointError(ValueError):
@@ -61,12 +63,20 @@ class SafetensorsDir:
   def keys(self) -> list[str]:
     return list(self.file_of)
 
+  def _slice(self, key: str):
+    try:
+      return self._handle(key).get_slice(key)
+    except CheckpointError:
+      raise
+    except Exception as e:  # e.g. an index that names the wrong shard for this key
+      raise CheckpointError(f"{self.file_of[key]}: cannot read tensor '{key}' ({e})") from None
+
   def shape(self, key: str) -> tuple[int, ...]:
-    return tuple(self._handle(key).get_slice(key).get_shape())
+    return tuple(self._slice(key).get_shape())
 
   def dtype(self, key: str) -> str:
     """The tensor's safetensors dtype name ("BF16", "F32", "I32", …), from the header."""
-    return str(self._handle(key).get_slice(key).get_dtype())
+    return str(self._slice(key).get_dtype())
 
   def get(self, key: str, *, finite: bool = False) -> np.ndarray:
     """The tensor `key`; with `finite`, a NaN or ±inf in it is a `CheckpointError` naming it."""
@@ -149,6 +159,11 @@ def write_sharded(out_dir: str, tensors: Iterable[tuple[str, np.ndarray]], *,
 
   n = len(tmp_names)
   names = [SINGLE] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+  # An earlier export's weights in the same folder go, as with transformers' save_pretrained: a
+  # leftover index or single file would make one loader or the other read the old weights.
+  stale = [f for f in os.listdir(out_dir) if WEIGHT_FILE.fullmatch(f) and f not in names]
+  if n == 1 and os.path.isfile(os.path.join(out_dir, INDEX)):
+    os.remove(os.path.join(out_dir, INDEX))
   for tmp, name in zip(tmp_names, names):
     os.replace(os.path.join(out_dir, tmp), os.path.join(out_dir, name))
   if n > 1:
@@ -156,4 +171,6 @@ def write_sharded(out_dir: str, tensors: Iterable[tuple[str, np.ndarray]], *,
              "weight_map": {k: names[i] for k, i in sorted(weight_map.items())}}
     with open(os.path.join(out_dir, INDEX), "w") as f:
       json.dump(index, f, indent=2)
+  for f in stale:
+    os.remove(os.path.join(out_dir, f))
   return names

@@ -411,9 +411,8 @@ def test_pair_sources_become_groups_ranked_by_their_label(tmp_path):
 def test_run_checkpoint_picks_latest_step_or_best(tmp_path):
   from lgrpo_jax import runs
   for where, step in (("checkpoints", 2), ("checkpoints", 4), ("best", 2), ("checkpoints", 6)):
-    (tmp_path / where / str(step)).mkdir(parents=True)
-    if step != 6:  # 6: an unfinished save (no commit marker)
-      (tmp_path / where / str(step) / "commit_success.txt").write_text("")
+    # 6: an unfinished save (Orbax writes it under a temporary name, renamed when complete)
+    (tmp_path / where / (str(step) if step != 6 else "6.orbax-checkpoint-tmp-1764000000")).mkdir(parents=True)
   assert runs.run_checkpoint(tmp_path) == (str(tmp_path / "checkpoints" / "4" / "state"), 4)
   assert runs.run_checkpoint(tmp_path, step=2) == (str(tmp_path / "checkpoints" / "2" / "state"), 2)
   assert runs.run_checkpoint(tmp_path, best=True) == (str(tmp_path / "best" / "2" / "state"), 2)

@@ -91,6 +91,44 @@ def test_sharded_export_with_index_loads_everywhere(tmp_path):
   batch = make_batch(CASES["one_image_windows"])
   np.testing.assert_array_equal(hf_logits(back, batch), hf_logits(hf, batch))
 
+  # Exported again into the same folder, as one file then sharded: an earlier export's weights go
+  # (transformers prefers model.safetensors, we the index: a leftover would split the two loaders).
+  other = build_hf(config_dict("a"), seed=5)
+  other.save_pretrained(tmp_path / "src2")
+  weight_files = lambda: sorted(f for f in os.listdir(tmp_path / "out") if "safetensors" in f)
+  lgrpo_jax.save_hf(lgrpo_jax.load_hf(tmp_path / "src2"), tmp_path / "out", max_shard_bytes=10**9)
+  assert weight_files() == ["model.safetensors"]
+  back = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "out").eval()
+  np.testing.assert_array_equal(hf_logits(back, batch), hf_logits(other, batch))
+  want = read_state(lgrpo_jax.load_hf(tmp_path / "src2"))
+  for k, v in read_state(lgrpo_jax.load_hf(tmp_path / "out")).items():
+    np.testing.assert_array_equal(v, want[k])
+  lgrpo_jax.save_hf(ours, tmp_path / "out", max_shard_bytes=60_000)
+  assert weight_files() == sorted(shards + ["model.safetensors.index.json"])
+
+
+def test_errors_in_a_sharded_checkpoint_name_the_shard(tmp_path):
+  hf = build_hf(config_dict("a"), seed=4)
+  hf.save_pretrained(tmp_path / "src")
+  lgrpo_jax.save_hf(lgrpo_jax.load_hf(tmp_path / "src"), tmp_path / "out", max_shard_bytes=60_000)
+  index_path = tmp_path / "out" / "model.safetensors.index.json"
+  index = json.loads(index_path.read_text())
+  key = "model.norm.weight"
+  shard = tmp_path / "out" / index["weight_map"][key]
+  with safe_open(str(shard), framework="pt") as f:
+    tensors = {k: f.get_tensor(k) for k in f.keys()}
+  tensors[key] = torch.zeros(7)
+  torch_save_file(tensors, str(shard), metadata={"format": "pt"})
+  with pytest.raises(lgrpo_jax.CheckpointError,
+                     match=rf"{shard.name}: tensor '{key}' has shape \(7,\), expected \(64,\) for .*config.json"):
+    lgrpo_jax.load_hf(tmp_path / "out")
+  # An index that sends a key to a shard without it: the error names the shard and the key.
+  wrong = next(v for v in index["weight_map"].values() if v != shard.name)
+  index["weight_map"][key] = wrong
+  index_path.write_text(json.dumps(index))
+  with pytest.raises(lgrpo_jax.CheckpointError, match=rf"{wrong}: cannot read tensor '{key}'"):
+    lgrpo_jax.load_hf(tmp_path / "out")
+
 
 def test_export_copies_tokenizer_files_and_writes_generation_config(tmp_path):
   hf = build_hf(config_dict("b"), seed=1)

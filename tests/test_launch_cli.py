@@ -286,8 +286,12 @@ def release_the_run(run_dir, policy, metrics):
                        "mm_token_type_ids": (batch["input_ids"] == hf.config.image_token_id).astype(np.int64)})
   keep = batch["attention_mask"].astype(bool)
   assert np.abs(ours - ref)[keep].max() <= 1e-4 * np.abs(ref)[keep].max()
-  # Default: bf16, greedy generation config, the card with the evaluated accuracy.
+  # Default: bf16, greedy generation config, the card with the evaluated accuracy; into a folder
+  # holding an earlier export's tokenizer file, which the run's tokenizer replaces.
+  (run_dir / "hf").mkdir()
+  (run_dir / "hf" / "tokenizer_config.json").write_text('{"stale": true}')
   assert convert.main(["to-hf", str(run_dir), str(run_dir / "hf"), "--step", "2"]) == 0
+  assert "stale" not in (run_dir / "hf" / "tokenizer_config.json").read_text()
   assert json.load(open(run_dir / "hf" / "config.json"))["dtype"] == "bfloat16"
   gen = json.load(open(run_dir / "hf" / "generation_config.json"))
   assert gen["do_sample"] is False and gen["max_new_tokens"] == 8 and gen["eos_token_id"]

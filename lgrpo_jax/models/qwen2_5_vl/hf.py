@@ -123,11 +123,12 @@ def plan_import(ckpt: SafetensorsDir, cfg: Qwen25VLConfig, shapes: dict) -> dict
       if key not in in_file:
         raise CheckpointError(f"{where}: missing tensor '{key}' (expected shape {want})")
       got = ckpt.shape(in_file[key])
+      file = ckpt.file_of[in_file[key]]  # the shard that holds it
       if tuple(got) != tuple(want):
-        raise CheckpointError(f"{where}: tensor '{in_file[key]}' has shape {tuple(got)}, "
-                              f"expected {tuple(want)} for this config.json")
+        raise CheckpointError(f"{file}: tensor '{in_file[key]}' has shape {tuple(got)}, "
+                              f"expected {tuple(want)} for {os.path.join(where, 'config.json')}")
       if ckpt.dtype(in_file[key]) not in FLOAT_DTYPES:  # an integer or bool weight would be cast silently
-        raise CheckpointError(f"{where}: tensor '{in_file[key]}' is {ckpt.dtype(in_file[key])}, expected a "
+        raise CheckpointError(f"{file}: tensor '{in_file[key]}' is {ckpt.dtype(in_file[key])}, expected a "
                               f"floating-point weight ({', '.join(FLOAT_DTYPES)})")
   ignorable = {"lm_head.weight"} if cfg.tie_word_embeddings else set()  # tied: head = embeddings
   unexpected = sorted(set(in_file) - expected - ignorable)
