@@ -117,6 +117,20 @@ def test_bad_images_skipped_and_counted_batches_stay_full(tok, tmp_path):
   assert "broken.png" in it.report.examples["bad_image"][0]
 
 
+def test_processes_count_each_skip_once_also_after_the_last_batch(tok, tmp_path):
+  """Summed over processes, the skip counts are the one-process counts — also for bad pairs met
+  after the last full batch, which no batch reports (`Batches` reports them at the end)."""
+  cfg = PipelineConfig(global_batch=2, shuffle=False, num_epochs=1, bad_records="skip")
+  for pairs in (bad_pairs(tmp_path), bad_pairs(tmp_path)[6:] + PAIRS[:4]):  # bad ones last, then first
+    counts = []
+    for n in (1, 2):
+      its = [make_batches(pairs, tok, cfg, process_index=p, process_count=n) for p in range(n)]
+      for it in its:
+        list(it)
+      counts.append({k: sum(it.report.skipped[k] for it in its) for k in ("missing_image", "bad_image")})
+    assert counts[0] == counts[1] == {"missing_image": 1, "bad_image": 1}, counts
+
+
 def test_bad_image_error_policy_names_pair_and_file(tok, tmp_path):
   cfg = PipelineConfig(global_batch=8, seed=0, num_epochs=1)
   with pytest.raises(ImageError, match=r"pair bad-\d image \d \(.*(missing|broken)\.png\)"):

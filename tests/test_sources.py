@@ -85,11 +85,15 @@ def test_hpdv2_test_ranks_and_ties(tmp_path):
   path = write(tmp_path, "test.json", [
       {"prompt": "p", "image_path": ["a", "b", "c"], "rank": [2, 1, 2], "raw_annotations": []},
       {"prompt": "q", "image_path": ["d", "e"], "rank": [1]},  # length mismatch
+      {"prompt": "r", "image_path": ["f", "g"], "rank": [0, 1]},  # 0-based: only the order counts
+      {"prompt": "s", "image_path": ["h", "i"], "rank": [2.5, 1.5]},  # averaged ranks
+      {"prompt": "t", "image_path": ["j", "k"], "rank": [-1, 1]},
+      {"prompt": "u", "image_path": ["l", "m"], "rank": [1, "2"]},
   ])
   report = Report("skip")
   pairs = list(hpdv2_test(path, report=report))
-  assert [(p.images, p.label) for p in pairs] == [(("a", "b"), 1), (("b", "c"), 0)]
-  assert report.skipped == {"tied_in_human_ranking": 1, "bad_label": 1}
+  assert [(p.images, p.label) for p in pairs] == [(("a", "b"), 1), (("b", "c"), 0), (("f", "g"), 0), (("h", "i"), 1)]
+  assert report.skipped == {"tied_in_human_ranking": 1, "bad_label": 3}
 
 
 def test_imagereward_duplicate_ids_and_single_images_are_counted(tmp_path):
@@ -140,10 +144,13 @@ def test_rapidata_parquet_bytes_paths_ties_and_dirt(tmp_path):
     return [{"bytes": v, "path": None} if isinstance(v, bytes) else
             v if isinstance(v, dict) else {"bytes": None, "path": v} for v in values]
   img = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-  table = pa.table({"prompt": pa.array(["a red box", "tie", "", "paths", "structs", "negative"]),
-                    "image1": pa.array(cells([png, png, png, "x/a.png", {"bytes": png, "path": None}, png]), img),
-                    "image2": pa.array(cells([png, png, png, "x/b.png", {"bytes": None, "path": "c.png"}, png]), img),
-                    "votes_image1": [3, 5, 1, 0, 7, -1], "votes_image2": [9, 5, 0, 2, 1, 4]})
+  empty = {"bytes": None, "path": None}  # a row with neither image: one skip, not two
+  table = pa.table({"prompt": pa.array(["a red box", "tie", "", "paths", "structs", "negative", "no images"]),
+                    "image1": pa.array(cells([png, png, png, "x/a.png", {"bytes": png, "path": None}, png, empty]),
+                                       img),
+                    "image2": pa.array(cells([png, png, png, "x/b.png", {"bytes": None, "path": "c.png"}, png, empty]),
+                                       img),
+                    "votes_image1": [3, 5, 1, 0, 7, -1, 1], "votes_image2": [9, 5, 0, 2, 1, 4, 2]})
   pq.write_table(table, tmp_path / "r.parquet")
   report = Report("skip")
   pairs = list(rapidata(tmp_path / "r.parquet", image_root="/root", report=report))
@@ -151,7 +158,7 @@ def test_rapidata_parquet_bytes_paths_ties_and_dirt(tmp_path):
   assert pairs[1].images == ("/root/x/a.png", "/root/x/b.png")
   assert pairs[2].images == (png, "/root/c.png")
   assert process_image(pairs[0].images[0])[1] == (1, 4, 6)  # 60x40 upscaled to 84x56 by min_pixels
-  assert report.skipped == {"tied_votes": 1, "empty_prompt": 1, "bad_label": 1}
+  assert report.skipped == {"tied_votes": 1, "empty_prompt": 1, "bad_label": 1, "bad_schema": 1}
 
   pq.write_table(pa.table({"prompt": ["p"], "image1": [png]}), tmp_path / "short.parquet")
   with pytest.raises(DataError, match=r"missing column\(s\) \['image2', 'votes_image1', 'votes_image2'\]"):

@@ -298,8 +298,8 @@ class _GroupedIterator(grain.DatasetIterator):
       try:
         rec = next(self._parent)
       except StopIteration:
-        if not self._groups:
-          self.final_skips.extend(skipped)
+        if not self._groups:  # each skip counted by one process, as within the stream
+          self.final_skips.extend(r for r in skipped if r["index"] % self._n == self._p)
           raise
         oldest = min(self._groups, key=lambda k: self._groups[k][0]["index"])
         return self._groups.pop(oldest), skipped  # end of finite data: a short batch

@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 from typing import Iterator
 
@@ -151,8 +152,11 @@ def _ranking_record(rec, where, path_key, rank_key, root, report):
   if len(ranks) != len(paths):
     report.bad("bad_label", where, f"'{rank_key}' has {len(ranks)} entries but '{path_key}' has {len(paths)}")
     return None
-  if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in ranks):
-    report.bad("bad_label", where, f"'{rank_key}' must hold integers >= 1, got {ranks}")
+  # Only the order counts (lower is better; equal is a tie), so 0-based ranks and averaged
+  # (fractional) ones are read as they are; what has no order is refused.
+  if not all(isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r) and r >= 0
+             for r in ranks):
+    report.bad("bad_label", where, f"'{rank_key}' must hold non-negative numbers (lower is better), got {ranks}")
     return None
   if not all(isinstance(p, str) and p for p in paths):
     report.bad("bad_schema", where, f"'{path_key}' must hold non-empty paths")
@@ -280,7 +284,11 @@ def rapidata(path, image_root=None, report: Report | None = None,
       if va == vb:
         report.protocol_skip("tied_votes")
         continue
-      images = [_image_cell(rec[c], where, c, image_root, report) for c in ("image1", "image2")]
+      images = []
+      for c in ("image1", "image2"):  # the first bad cell skips the row: one count per record
+        images.append(_image_cell(rec[c], where, c, image_root, report))
+        if images[-1] is None:
+          break
       if None in images:
         continue
       report.pairs += 1
