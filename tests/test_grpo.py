@@ -176,6 +176,13 @@ def test_a_group_of_equal_rewards_has_exactly_zero_advantage(adv):
   assert np.all(a[0] == 0)
   c = r[1].astype(np.float64) - r[1].mean()
   np.testing.assert_allclose(a[1], c / (c.std(ddof=1) + 1e-6) if adv == "grpo" else c, rtol=1e-4)
+  # One completion per group: no std to divide by (it was NaN), a clear error; Dr. GRPO's A = 0.
+  one = jnp.asarray([[0.3], [1.0]], jnp.float32)
+  if adv == "grpo":
+    with pytest.raises(ValueError, match="needs G ≥ 2"):
+      advantages(one, LossConfig(advantage=adv))
+  else:
+    assert np.all(np.asarray(advantages(one, LossConfig(advantage=adv))) == 0)
 
 
 @pytest.mark.parametrize("fields", [dict(), dict(importance_sampling_level="sequence", loss="luspo"),
@@ -299,6 +306,25 @@ def test_prefix_shared_logprobs_equal_the_samplers(rollout):
   logp = nnx.jit(lambda m, *a: policy_logprobs(m, *a[:3], pair_grid, *a[3:], chunk=50))(  # as the step runs it
       model, jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"]),
       jnp.asarray(batch["pixel_values"]).reshape(b, -1, batch["pixel_values"].shape[-1]), out.tokens, out.mask)
+  m = np.asarray(out.mask, bool)
+  np.testing.assert_allclose(np.asarray(logp)[m], np.asarray(out.logprobs)[m], atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["a", "b"], ids=["untied", "tied"])
+def test_bf16_sampler_logprobs_are_the_updates(variant):
+  """In bf16 the sampler's head accumulates and returns fp32, as the log-prob pass does, so the
+  first pass's ratio is 1: rounding the logits to bf16 put 8e-4 between them here, and more on a
+  trained model's larger logits (~0.1)."""
+  from lgrpo_jax.grpo.update import policy_logprobs
+  model = lgrpo_jax.from_config(config_dict(variant), dtype="bfloat16")
+  batch = make_batch([{"text": [3, 4], "images": [(56, 84)], "pad": 2}, {"text": [5, 2], "images": [(56, 84)]}],
+                     seed=3)
+  grid = tuple(map(tuple, batch["image_grid_thw"].tolist()))
+  ids, mask, pixels = (jnp.asarray(batch[k]) for k in ("input_ids", "attention_mask", "pixel_values"))
+  cfg = SamplingConfig(max_new_tokens=6, num_samples=3, temperature=1.0, eos_ids=(7,))
+  out = nnx.jit(lambda m: sample(m, ids, mask, pixels, grid, cfg, jax.random.key(0)))(model)
+  logp = nnx.jit(lambda m: policy_logprobs(m, ids, mask, pixels.reshape(2, -1, pixels.shape[-1]), grid[:1],
+                                           out.tokens, out.mask, chunk=50))(model)
   m = np.asarray(out.mask, bool)
   np.testing.assert_allclose(np.asarray(logp)[m], np.asarray(out.logprobs)[m], atol=1e-5)
 

@@ -70,7 +70,8 @@ def lookup(table: dict, name: str, field: str):
 def centered(rewards_bg):
   """r − mean_g r, and exactly 0 in a group whose G rewards are all equal: in fp32 the mean of G
   equal values can miss them in the last bit (8 × 0.7), and a division by that group's ~1e-7 std
-  would turn the rounding into advantages of ±0.1 — a push on a collapsed policy's own samples."""
+  would turn the rounding into advantages of ±0.06 (±0.1 at G = 16) — a push on a collapsed
+  policy's own samples."""
   flat = jnp.all(rewards_bg == rewards_bg[..., :1], axis=-1, keepdims=True)
   return jnp.where(flat, 0.0, rewards_bg - rewards_bg.mean(axis=-1, keepdims=True))
 
@@ -88,6 +89,9 @@ def grpo_advantages(rewards_bg, eps: float = 1e-6, valid_b=None):
   """A = (r − mean_g r) / (std_g r + ε), std with ddof 1 over the G completions of a pair (as TRL
   and tunix); 0 where the group's rewards are all equal."""
   del valid_b  # each group on its own
+  if rewards_bg.shape[-1] < 2:
+    raise ValueError(f"grpo advantages of {rewards_bg.shape[-1]} completion per group: the group's std "
+                     "needs G ≥ 2 (dr_grpo needs no std)")
   c = centered(rewards_bg)
   std = jnp.sqrt(jnp.sum(c * c, axis=-1, keepdims=True) / (rewards_bg.shape[-1] - 1))
   return c / (std + eps)

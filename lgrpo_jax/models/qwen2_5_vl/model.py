@@ -432,13 +432,14 @@ class Qwen25VL(nnx.Module):
     return self.lm_head.kernel[...][:, jnp.asarray(token_ids)].T
 
   def logits(self, h_btd):
-    """fp32 logits; the head runs in the compute dtype, the cast to fp32 is for the log-softmax."""
-    if self.lm_head is None:
-      w = self.embed_tokens[...].astype(self.dtype)
-      out = jnp.einsum("bte,ve->btv", h_btd.astype(self.dtype), w,
-                       precision=precision_for(self.dtype))
+    """fp32 logits: the head in the compute dtype, accumulated and returned in fp32 as the log-prob
+    pass computes it (`grpo.logprobs.token_logprobs`), so that in bf16 the sampler's log-probs are
+    the update's up to summation order, not a bf16 rounding of every logit away from them."""
+    if self.lm_head is not None and self.dtype == jnp.float32:
+      out = self.lm_head(h_btd)  # fp32: the Dense layer itself (its CPU weight-gradient form)
     else:
-      out = self.lm_head(h_btd)
+      out = jnp.einsum("bte,ve->btv", h_btd.astype(self.dtype), self.head_matrix().astype(self.dtype),
+                       precision=precision_for(self.dtype), preferred_element_type=jnp.float32)
     return constrain(out.astype(jnp.float32), ("batch", "length", "vocab"))
 
   def hidden_states(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
