@@ -56,7 +56,8 @@ DATA_SOURCES = ("imagereward", "hpdv2_test", "hpdv2", "rapidata", "synthetic")
 ORDERS = ("as_given", "swapped")
 # Settings that change judgements: a resumed evaluation must match them.
 JUDGEMENT_SETTINGS = ("checkpoint", "listener", "data", "images", "ranking", "samples", "temperature", "top_k",
-                      "top_p", "aggregate", "max_new_tokens", "seed", "prompt", "image")
+                      "top_p", "aggregate", "max_new_tokens", "seed", "prompt", "image", "tokenizer", "dtype",
+                      "eos_ids", "pad_id", "stop_sequences")
 
 
 class EvalError(ValueError):
@@ -116,6 +117,7 @@ def load(args, mesh) -> Loaded:
                                "" if args.tokenizer else "; give --tokenizer DIR")
   except TokenizerError as e:
     raise EvalError(str(e)) from None
+  desc["tokenizer"] = os.path.abspath(tok_dir)
   desc["listener"] = None if listener is None else (
       os.path.abspath(args.listener) if args.listener else "same as the checkpoint" if listener is model
       else "the run's listener")
@@ -425,10 +427,13 @@ def evaluate(args, scope: contextlib.ExitStack) -> int:
                              length_buckets=buckets)
   stall_timeout = pipe.stall_timeout_s if args.stall_timeout is None else args.stall_timeout
   temperature = args.temperature if args.temperature is not None else (0.0 if args.samples == 1 else 1.0)
+  run_sampling = cfg.step.sampling  # the run's (or --config's): as training's held-out evaluation samples
   sampling = SamplingConfig(
-      max_new_tokens=args.max_new_tokens or (cfg.step.sampling.max_new_tokens if run_cfg is not None else 256),
+      max_new_tokens=args.max_new_tokens or (run_sampling.max_new_tokens if run_cfg is not None or args.config
+                                             else 256),
       num_samples=args.samples, temperature=temperature, top_k=args.top_k, top_p=args.top_p,
-      eos_ids=cfg.step.sampling.eos_ids or end_of_turn_ids(tokenizer), pad_id=cfg.step.sampling.pad_id)
+      eos_ids=run_sampling.eos_ids or end_of_turn_ids(tokenizer), pad_id=run_sampling.pad_id,
+      stop_sequences=run_sampling.stop_sequences)
 
   # Data: groups → images checked → comparisons planned → both orders, minus what is done.
   report = Report(args.bad_records)
@@ -463,12 +468,15 @@ def evaluate(args, scope: contextlib.ExitStack) -> int:
               "images": os.path.abspath(args.images) if args.images else None, "ranking": args.ranking,
               "samples": args.samples, "temperature": temperature, "top_k": args.top_k, "top_p": args.top_p,
               "aggregate": args.aggregate, "max_new_tokens": sampling.max_new_tokens, "seed": args.seed,
-              "prompt": dataclasses.asdict(pipe.prompt), "image": dataclasses.asdict(pipe.image)}
+              "prompt": dataclasses.asdict(pipe.prompt), "image": dataclasses.asdict(pipe.image),
+              "tokenizer": loaded.checkpoint["tokenizer"], "dtype": cfg.model.dtype,
+              "eos_ids": sampling.eos_ids, "pad_id": sampling.pad_id, "stop_sequences": sampling.stop_sequences}
   settings = json.loads(json.dumps(settings))  # tuples as lists, as read back
   cfg_path, pred_path = os.path.join(out_dir, "eval_config.json"), os.path.join(out_dir, "predictions.jsonl")
   if os.path.isfile(cfg_path):
     before = json.load(open(cfg_path))
-    differ = [k for k in JUDGEMENT_SETTINGS + ("step",) if before.get(k) != settings.get(k)]
+    # (a setting an older version did not record is not compared)
+    differ = [k for k in JUDGEMENT_SETTINGS + ("step",) if k in before and before[k] != settings.get(k)]
     if differ and os.path.isfile(pred_path):
       raise EvalError(f"{out_dir} holds predictions made with other settings ({', '.join(differ)} differ: "
                       f"{ {k: before.get(k) for k in differ} }); use another --out or remove it")
@@ -477,12 +485,14 @@ def evaluate(args, scope: contextlib.ExitStack) -> int:
   if jax.process_count() > 1:  # every process has read the file before process 0 rewrites it
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("lgrpo_jax.evaluate: predictions read")
-  # Rewrite the file without a torn tail, then append.
+  # Rewrite the file without a torn tail (a new file put in place: a kill meanwhile loses nothing),
+  # then append.
   if primary:
     with open(cfg_path, "w") as f:
       json.dump(settings, f, indent=2)
-    with open(pred_path, "w") as f:
+    with open(pred_path + ".tmp", "w") as f:
       f.writelines(json.dumps(r) + "\n" for r in previous)
+    os.replace(pred_path + ".tmp", pred_path)
   items = [(meta[pid]["pair"], swap) for pid in meta for swap in (False, True) if (pid, ORDERS[swap]) not in done]
   total = 2 * len(meta)
   say(f"evaluate: {len(groups)} prompts, {len(meta)} comparisons × 2 orders"

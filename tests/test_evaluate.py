@@ -259,6 +259,19 @@ def test_imagereward_end_to_end_counts_skips_resume_and_sharding(tiny_hf, imager
   # Other settings on the same output are refused; the error policy names the record and file.
   assert run_eval(*data, "--out", str(out), "--samples", "2") == 2
   assert "other settings (samples, temperature differ" in capsys.readouterr().err
+  assert not (out / "predictions.jsonl.tmp").exists()  # the resume's rewrite was put in place
+  import shutil
+  shutil.copytree(tiny_hf, tmp_path / "same_tokenizer_elsewhere")
+  assert run_eval(*data, "--out", str(out), "--tokenizer", str(tmp_path / "same_tokenizer_elsewhere")) == 2
+  assert "other settings (tokenizer differ" in capsys.readouterr().err
+  # --config brings its sampling settings (the completion length too, not the 256 default).
+  (tmp_path / "cfg.py").write_text(
+      "from lgrpo_jax.config import ExperimentConfig, SamplingConfig, StepConfig\n"
+      "def config():\n"
+      "  return ExperimentConfig(step=StepConfig(sampling=SamplingConfig(max_new_tokens=5, num_samples=2, stop_sequences=((9,),))))\n")
+  from lgrpo_jax import evaluate
+  assert evaluate.main(["--quiet", *data, "--out", str(out), "--config", str(tmp_path / "cfg.py")]) == 2
+  assert "other settings (max_new_tokens, stop_sequences differ" in capsys.readouterr().err
   assert run_eval(*data[:-2], "--out", str(tmp_path / "strict")) == 2
   err = capsys.readouterr().err
   assert "image file not found" in err and records[1]["generations"][0] in err and "--bad-records skip" in err
