@@ -18,7 +18,8 @@ Two processes, one after the other (JAX and PyTorch each take the GPU's memory f
             forward   the same inputs as torch's (B rows: two 448² images + text each), once per
                       attention kernel (--attention: xla, cudnn)
             update    one GRPO update (loss + backward + AdamW, β > 0, prefix sharing), parameters and
-                      optimiser state donated; MFU = counted model FLOPs (3 × forward) / time / the
+                      optimiser state donated, in --update-param-dtype (default fp32 master weights, as
+                      the configs' model.param_dtype; computed in bf16); MFU = counted model FLOPs (3 × forward) / time / the
                       measured matmul rate; each (remat, micro-batches, attention) plan of --plans
                       runs only if its compiled program fits in free memory (XLA's memory analysis,
                       before running); the first that fits is "the" update, --all-plans times the rest
@@ -269,6 +270,7 @@ def torch_part(args, work: str) -> dict:
 DEADLINE: float | None = None  # perf_counter() after which the jax part skips its remaining sections
 PLANS: list[tuple[str, int, str]] = []  # --plans: the update's (remat, micro-batches, attention) candidates
 ALL_PLANS = False  # --all-plans: time every plan that fits, not only the first
+UPDATE_PARAM_DTYPE = "float32"  # --update-param-dtype: the trained parameters' (master weights') dtype
 ATTENTION: tuple[str, ...] = ("xla", "cudnn")  # --attention: the forward's kernels
 DECODE: list[tuple[str, int, float]] = []  # --decode: (model, rows, temperature) variants
 TRACE_DECODE = False
@@ -708,6 +710,9 @@ def jax_part(args, work: str) -> dict:
       stats = dev.memory_stats() or {}
       free = stats["bytes_limit"] - stats["bytes_in_use"] if "bytes_limit" in stats else None
       graphdef, params = nnx.split(big.set_remat(remat).set_attention(impl), nnx.Param)
+      # The shipped configs' master weights (model.param_dtype): fp32 parameters and Adam state,
+      # computed in bf16 (the layers cast at use).
+      params = jax.tree.map(lambda x: x.astype(UPDATE_PARAM_DTYPE), params)
       optim = OptimConfig(learning_rate=1e-6, micro_batches=micro)
       tx = make_optimizer(optim, params)
       opt_state = jax.eval_shape(tx.init, params)
@@ -745,7 +750,7 @@ def jax_part(args, work: str) -> dict:
         jax.block_until_ready(params)
         times.append(time.perf_counter() - t0)
         losses.append(float(metrics["loss"]))
-      nnx.update(big, params)  # `big`'s own arrays were donated: later sections run on the updated ones
+      nnx.update(big, jax.tree.map(lambda x: x.astype(jnp.bfloat16), params))  # later sections: updated weights
       del opt_state, compiled
       if not (all(np.isfinite(losses)) and bool(np.isfinite(float(metrics["grad_norm"])))):
         rec["error"] = f"non-finite loss / grad norm: {losses}"
@@ -760,7 +765,8 @@ def jax_part(args, work: str) -> dict:
     if not ok:
       raise MemoryError(f"no update plan ran: {measured}")
     best = min(ok, key=lambda m: m["s"])
-    return {**best, "tflop": fl / 1e12, "shape": [b, g, n, p], "tokens": b * p + b * g * n, "plans": measured}
+    return {**best, "tflop": fl / 1e12, "shape": [b, g, n, p], "tokens": b * p + b * g * n, "plans": measured,
+            "param_dtype": UPDATE_PARAM_DTYPE}
 
   def decode(model, raw, name, rows, temperature, trace=False, while_graph=False):
     def run():
@@ -1033,6 +1039,8 @@ def main() -> None:
   ap.add_argument("--plans", help="update candidates as remat:micro_batches[:attention],... e.g. full:1:cudnn "
                                   "(default: the size's)")
   ap.add_argument("--all-plans", action="store_true", help="time every update plan that fits, not only the first")
+  ap.add_argument("--update-param-dtype", default="float32", choices=("float32", "bfloat16"),
+                  help="the update's parameters and optimiser state (the configs' model.param_dtype)")
   ap.add_argument("--decode", help="decode variants as model:rows:temperature,... e.g. 3B:32:1,1.5B:32:0")
   ap.add_argument("--trace-decode", action="store_true", help="trace the first decode variant (kernels per step)")
   ap.add_argument("--decode-attention", default="xla",
@@ -1049,6 +1057,8 @@ def main() -> None:
 
   if args.part:
     global DEADLINE, ONLY, PLANS, ALL_PLANS, ATTENTION, DECODE, TRACE_DECODE, DECODE_ATTENTION, DECODE_MATMUL, WHILE_GRAPH
+    global UPDATE_PARAM_DTYPE
+    UPDATE_PARAM_DTYPE = args.update_param_dtype
     ONLY = tuple(("parity,ceilings," + args.only).split(",")) if args.only else ()
     PLANS = parse_plans(args.plans) if args.plans else []
     ALL_PLANS, TRACE_DECODE, WHILE_GRAPH = args.all_plans, args.trace_decode, args.decode_while_graph
@@ -1079,6 +1089,7 @@ def main() -> None:
     cmd += [f"--plans={args.plans}"] if args.plans else []
     cmd += [f"--decode={args.decode}"] if args.decode else []
     cmd += ["--all-plans"] if args.all_plans else []
+    cmd += [f"--update-param-dtype={args.update_param_dtype}"]
     cmd += ["--trace-decode"] if args.trace_decode else []
     cmd += ["--decode-while-graph"] if args.decode_while_graph else []
     cmd += ["--tiny"] if args.tiny else []

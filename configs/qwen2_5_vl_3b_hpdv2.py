@@ -1,5 +1,7 @@
 """The 7B recipe (configs/qwen2_5_vl_7b_hpdv2.py) with Qwen2.5-VL-3B-Instruct as reasoner and
-listener; fewer micro-batches (a 3B step fits with twice the micro-batch):
+listener; fewer micro-batches (a 3B step fits with twice the micro-batch). The paper's listener is
+Qwen2.5-VL-7B-Instruct whatever the reasoner: add model.listener=/ckpt/Qwen2.5-VL-7B-Instruct to
+follow it (a second frozen copy, no longer shared with the reference).
 
   python -m lgrpo_jax.launch --config configs/qwen2_5_vl_3b_hpdv2.py \\
       model.checkpoint=/ckpt/Qwen2.5-VL-3B-Instruct data.path=/data/hpdv2/train.json data.image_root=/data/hpdv2

@@ -18,7 +18,8 @@ def config() -> ExperimentConfig:
   return ExperimentConfig(
       run_dir="runs/qwen2_5_vl_7b_hpdv2",
       model=ModelConfig(checkpoint="/ckpt/Qwen2.5-VL-7B-Instruct",  # the listener defaults to this base checkpoint
-                        dtype="bfloat16"),
+                        dtype="bfloat16",  # computed in bf16 ...
+                        param_dtype="float32"),  # ... on fp32 master weights: a bf16 weight drops lr-1e-6 steps
       data=DataConfig(source="hpdv2", path="/data/hpdv2/train.json", image_root="/data/hpdv2",
                       fraction=0.16,  # paper: a ~16% subset of HPDv2
                       # held-out pairs for eval_every and best/: HPDv2's test split, so that the

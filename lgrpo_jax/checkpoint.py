@@ -44,8 +44,9 @@ def is_checkpoint(path) -> bool:
   return os.path.isfile(os.path.join(path, CONFIG)) and os.path.isdir(os.path.join(path, PARAMS))
 
 
-def model_config(path, dtype=None) -> Qwen25VLConfig:
-  """The model config of a checkpoint saved by `save_model` (`dtype` overrides the compute dtype)."""
+def model_config(path, dtype=None, param_dtype=None) -> Qwen25VLConfig:
+  """The model config of a checkpoint saved by `save_model` (`dtype` overrides the compute dtype,
+  `param_dtype` the parameters' as restored)."""
   path = os.path.abspath(os.fspath(path))
   if not is_checkpoint(path):
     raise CheckpointError(f"{path}: not an lgrpo_jax checkpoint (needs {CONFIG} and {PARAMS}/)")
@@ -53,17 +54,18 @@ def model_config(path, dtype=None) -> Qwen25VLConfig:
     raw = json.load(f)
   ours = raw.pop("lgrpo_jax", {})
   return Qwen25VLConfig.from_hf_dict(raw, source=os.path.join(path, CONFIG)).replace(
-      param_dtype=ours.get("param_dtype", "float32"),
+      param_dtype=dtype_name(param_dtype) if param_dtype is not None else ours.get("param_dtype", "float32"),
       dtype=dtype_name(dtype) if dtype is not None else ours.get("dtype", "float32"))
 
 
-def load_model(path, *, dtype=None, mesh=None, rules=None) -> Qwen25VL:
-  """Restores a model saved by `save_model`; `dtype` overrides the compute dtype only.
+def load_model(path, *, dtype=None, param_dtype=None, mesh=None, rules=None) -> Qwen25VL:
+  """Restores a model saved by `save_model`; `dtype` overrides the compute dtype, `param_dtype` the
+  dtype the parameters are restored in (default: as saved).
 
   With a `mesh`, each parameter is restored directly into its shards on that mesh, whatever mesh
   the checkpoint was saved from (Orbax reshards on restore)."""
   path = os.path.abspath(os.fspath(path))
-  cfg = model_config(path, dtype)
+  cfg = model_config(path, dtype, param_dtype)
   graphdef, state = abstract_model(cfg)
   if mesh is None:
     target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), nnx.to_pure_dict(state))

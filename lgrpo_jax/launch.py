@@ -44,11 +44,14 @@ def build(cfg, mesh=None):
     if m.preset != "tiny":
       raise ValueError(f"model.preset={m.preset!r}: only 'tiny' is built in; give model.checkpoint")
     tok_dir = m.tokenizer or build_tiny_tokenizer(os.path.join(cfg.run_dir, "tokenizer"))
-    model = lgrpo_jax.from_config(tiny_model_config(tok_dir), dtype=m.dtype, mesh=mesh)
+    model = lgrpo_jax.from_config(tiny_model_config(tok_dir), dtype=m.dtype, param_dtype=m.param_dtype, mesh=mesh)
   else:
     tok_dir = m.tokenizer or m.checkpoint
-    model = (checkpoint.load_model(m.checkpoint, dtype=m.dtype, mesh=mesh) if checkpoint.is_checkpoint(m.checkpoint)
-             else lgrpo_jax.load_hf(m.checkpoint, dtype=m.dtype, mesh=mesh))
+    # The policy's parameters in param_dtype (the master weights), computed in dtype; the frozen
+    # listener below keeps dtype for both.
+    kw = dict(dtype=m.dtype, param_dtype=m.param_dtype, mesh=mesh)
+    model = (checkpoint.load_model(m.checkpoint, **kw) if checkpoint.is_checkpoint(m.checkpoint)
+             else lgrpo_jax.load_hf(m.checkpoint, **kw))
   # set_decode_attention checks the model's head_dim against the kernel (a ConfigError naming it)
   model.set_remat(m.remat).set_attention(m.attention).set_decode_attention(m.decode_attention)
   model.set_decode_matmul(m.decode_matmul)

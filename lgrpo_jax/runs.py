@@ -115,12 +115,12 @@ def model_config(cfg, run_dir):
   from lgrpo_jax.models.qwen2_5_vl.hf import resolve_config
   m = cfg.model
   if m.checkpoint is None:
-    return resolve_config(tiny_model_config(tokenizer_dir(cfg, run_dir)), dtype=m.dtype)
+    return resolve_config(tiny_model_config(tokenizer_dir(cfg, run_dir)), dtype=m.dtype, param_dtype=m.param_dtype)
   if not os.path.isdir(m.checkpoint):
     raise RunError(f"the run's model.checkpoint {m.checkpoint!r} is not found (from {run_dir}/config.json)")
   if checkpoint.is_checkpoint(m.checkpoint):
-    return checkpoint.model_config(m.checkpoint, m.dtype)
-  return resolve_config(m.checkpoint, dtype=m.dtype)
+    return checkpoint.model_config(m.checkpoint, m.dtype, m.param_dtype)
+  return resolve_config(m.checkpoint, dtype=m.dtype, param_dtype=m.param_dtype)
 
 
 def tokenizer_dir(cfg, run_dir) -> str:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 from typing import Sequence
 
@@ -226,11 +227,14 @@ def on_mesh(tree, mesh: Mesh):
                       x.sharding.mesh == mesh else put(x, replicated), tree)
 
 
-@jax.jit
-def copy_tree(tree):
+@functools.partial(jax.jit, static_argnames="dtype")
+def copy_tree(tree, dtype=None):
   """A copy of every array of `tree` (laid out as its original) in one program: `jnp.copy` leaf by
-  leaf compiled a program per shape (21 of the tiny model's)."""
-  return jax.tree.map(jnp.copy, tree)
+  leaf compiled a program per shape (21 of the tiny model's). `dtype`: floating arrays cast to it
+  (a copy still where they already are: never the original's buffer, which a step may donate)."""
+  cast = lambda x: x.astype(dtype) if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating) \
+      and x.dtype != jnp.dtype(dtype) else jnp.copy(x)
+  return jax.tree.map(cast, tree)
 
 
 _INIT_PROGRAMS: dict = {}

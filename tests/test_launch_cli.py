@@ -123,6 +123,35 @@ def test_model_listener_is_the_frozen_listener(tmp_path):
   t.close()
 
 
+def test_bf16_compute_keeps_the_policys_master_weights_in_fp32(tmp_path):
+  """model.dtype=bfloat16 computes in bf16; the trained policy's parameters (and so its optimizer
+  state) stay fp32 (model.param_dtype), else an AdamW step at lr 1e-6 rounds away in bf16. The
+  frozen listener is kept in bf16."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  import lgrpo_jax
+  from lgrpo_jax.data.tokenizer import build_tiny_tokenizer, tiny_model_config
+  tok_dir = build_tiny_tokenizer(tmp_path / "tok")
+  lgrpo_jax.save_hf(lgrpo_jax.from_config(tiny_model_config(tok_dir)), tmp_path / "base", dtype="float32")
+  base = [f"run_dir={tmp_path / 'run'}", f"model.tokenizer={tok_dir}", "data.synthetic_pairs=4",
+          "model.dtype=bfloat16"]
+  dtypes = lambda m: {x.dtype for x in jax.tree.leaves(nnx.state(m, nnx.Param))}
+  for extra in ([], [f"model.checkpoint={tmp_path / 'base'}", f"model.listener={tmp_path / 'base'}"]):
+    cfg = apply_overrides(load_config_file(DEMO), base + extra)
+    launch.check(cfg)
+    model, listener, *_ = launch.build(cfg)
+    assert model.config.dtype == "bfloat16" and dtypes(model) == {jnp.dtype("float32")}
+    assert listener is None if not extra else dtypes(listener) == {jnp.dtype("bfloat16")}
+  cfg = apply_overrides(load_config_file(DEMO), base + ["model.param_dtype=bfloat16"])
+  model, *_ = launch.build(cfg)
+  assert dtypes(model) == {jnp.dtype("bfloat16")}
+  for field in ("dtype", "param_dtype"):
+    with pytest.raises(ConfigError, match=rf"model.{field}='fp32': choose one of"):
+      apply_overrides(load_config_file(DEMO), [f"model.{field}=fp32"])
+
+
 def test_a_checkpoint_without_its_tokenizer_is_one_clear_error(tmp_path, capsys):
   # transformers builds an empty tokenizer from a weights-only directory without a word; the run
   # used to die later inside the chat template.

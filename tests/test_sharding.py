@@ -223,6 +223,17 @@ def test_the_trainers_initial_state_is_one_program_laid_out_as_eagerly(hf_dir, f
     assert a.sharding.is_equivalent_to(b.sharding, a.ndim)
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert a.addressable_shards[0].data.unsafe_buffer_pointer() != b.addressable_shards[0].data.unsafe_buffer_pointer()
+  # The Trainer's frozen copies in the compute dtype: floating arrays cast (laid out as before),
+  # a bf16 array still a copy of its own (a step donates the policy's buffers).
+  import jax.numpy as jnp
+  p_leaf = jax.tree.leaves(p)[0]
+  mixed = {"w": p_leaf, "b": p_leaf.astype(jnp.bfloat16), "i": jnp.arange(4)}
+  cast = sharding.copy_tree(mixed, jnp.dtype("bfloat16"))
+  assert {k: v.dtype for k, v in cast.items()} == {"w": jnp.bfloat16, "b": jnp.bfloat16, "i": mixed["i"].dtype}
+  assert cast["w"].sharding.is_equivalent_to(p_leaf.sharding, p_leaf.ndim)
+  np.testing.assert_array_equal(np.asarray(cast["w"]), np.asarray(p_leaf.astype(jnp.bfloat16)))
+  assert cast["b"].addressable_shards[0].data.unsafe_buffer_pointer() != \
+      mixed["b"].addressable_shards[0].data.unsafe_buffer_pointer()
 
 
 def test_a_second_trainer_state_reuses_the_compiled_init():

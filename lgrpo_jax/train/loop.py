@@ -175,18 +175,21 @@ class Trainer:
     self.graphdef, params = nnx.split(model, nnx.Param)
     if mesh is not None:
       params = place(params, mesh)
-    copy = lambda m: copy_tree(nnx.split(m, nnx.Param)[1])
     # Frozen copies: the reference (for β > 0) and the listener default to the initial policy. When
     # both do, they are one copy (one model's memory, not two) and the step runs its vision tower
     # once for the listener and reference passes (`make_train_step(listener_is_reference=True)`).
-    self.ref_params = copy(reference) if reference is not None else copy_tree(params)
+    # They are kept in the compute dtype: the layers cast every weight to it at use, so a bf16 copy
+    # of fp32 master weights computes exactly what they do, in half the memory.
+    dt = jnp.dtype(model.config.dtype)
+    copy = lambda m: copy_tree(nnx.split(m, nnx.Param)[1], dt)
+    self.ref_params = copy(reference) if reference is not None else copy_tree(params, dt)
     listener = listener if listener is not None else model
     self.listener_graphdef = nnx.split(listener, nnx.Param)[0]
     self.listener_is_reference = listener is model and reference is None
     if self.listener_is_reference:
       self.listener_params = self.ref_params
     else:
-      self.listener_params = copy(listener) if listener is not model else copy_tree(params)
+      self.listener_params = copy(listener) if listener is not model else copy_tree(params, dt)
     if mesh is not None:
       self.ref_params = place(self.ref_params, mesh)
       self.listener_params = self.ref_params if self.listener_is_reference else place(self.listener_params, mesh)
