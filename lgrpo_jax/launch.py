@@ -17,8 +17,9 @@ Prints the held-out accuracy (both orders) and contradiction rate before and aft
 held-out pairs are configured, and writes RUN_DIR/curves.png.
 
 Exit status: 0 when the run reached loop.steps (or its data ran out); 2 for a bad input (config,
-checkpoint, data: one line naming it); 128 + the signal (143 SIGTERM, 130 SIGINT) when stopped by
-a signal on any process after saving, so that a scheduler restarts it (docs/training.md, "Stopping").
+checkpoint, data: one line naming it); 75 when a data read hung past pipeline.stall_timeout_s (after
+saving: a retry resumes); 128 + the signal (143 SIGTERM, 130 SIGINT) when stopped by a signal on any
+process after saving, so that a scheduler restarts it (docs/training.md, "Stopping").
 """
 
 from __future__ import annotations
@@ -135,6 +136,11 @@ def check(cfg) -> None:
   if cfg.pipeline.global_batch % cfg.step.optim.micro_batches:
     raise ConfigError(f"pipeline.global_batch={cfg.pipeline.global_batch} is not divisible by "
                       f"step.optim.micro_batches={cfg.step.optim.micro_batches}")
+  o = cfg.step.optim
+  if o.schedule == "cosine" and o.total_steps < cfg.loop.steps:
+    print(f"warning: step.optim.total_steps={o.total_steps} < loop.steps={cfg.loop.steps}: the cosine "
+          f"schedule reaches learning rate 0 at step {o.total_steps} and trains no more after it",
+          file=sys.stderr)
   if cfg.model.decode_matmul == "pallas" and sizes[2] > 1:
     raise ConfigError(f"model.decode_matmul='pallas' runs on data/fsdp meshes only; mesh.tensor={sizes[2]} "
                       "(use model.decode_matmul=xla with tensor parallelism)")

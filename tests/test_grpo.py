@@ -329,6 +329,19 @@ def test_bf16_sampler_logprobs_are_the_updates(variant):
   np.testing.assert_allclose(np.asarray(logp)[m], np.asarray(out.logprobs)[m], atol=1e-5)
 
 
+def test_the_schedule_counts_grpo_steps_whatever_the_passes():
+  # μ = passes optimizer updates per GRPO step: warm-up and cosine length are in GRPO steps, so a
+  # cosine of total_steps = loop.steps spans the run (counting updates, it reached 0 halfway at μ = 2).
+  from lgrpo_jax.grpo.update import schedule
+  for kind in ("cosine", "constant"):
+    one = schedule(OptimConfig(learning_rate=1e-3, schedule=kind, warmup_steps=3, total_steps=10))
+    two = schedule(OptimConfig(learning_rate=1e-3, schedule=kind, warmup_steps=3, total_steps=10, passes=2))
+    for step in range(12):
+      assert float(two(2 * step)) == float(two(2 * step + 1)) == float(one(step))
+    if kind == "cosine":
+      assert float(one(9)) > 0 and float(two(19)) > 0 and float(two(20)) == 0.0
+
+
 def jitted_accumulate(graphdef, pair_grid, cfg):
   """`accumulate_grads` jitted as the step runs it, micro-batches static (op by op it compiled ~640
   small programs: 45 s of a 47 s test)."""

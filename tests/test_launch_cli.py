@@ -152,6 +152,25 @@ def test_bf16_compute_keeps_the_policys_master_weights_in_fp32(tmp_path):
       apply_overrides(load_config_file(DEMO), [f"model.{field}=fp32"])
 
 
+def test_a_short_cosine_is_warned_of_and_a_mixed_grid_batch_is_a_data_error(tmp_path, capsys):
+  import numpy as np
+
+  from lgrpo_jax.data.sources import DataError
+  from lgrpo_jax.train.loop import pair_grid_of
+  cfg = apply_overrides(load_config_file(DEMO), [f"run_dir={tmp_path}", "loop.steps=10", "step.optim.schedule=cosine",
+                                                 "step.optim.total_steps=5"])
+  launch.check(cfg)
+  assert "total_steps=5 < loop.steps=10" in capsys.readouterr().err
+  launch.check(dataclass_replace(cfg, step=dataclass_replace(cfg.step, optim=dataclass_replace(
+      cfg.step.optim, total_steps=10))))
+  assert "warning" not in capsys.readouterr().err
+  # pipeline.group_by_grid=false on mixed sizes: a DataError (the launcher saves and exits 2), not a crash
+  grids = np.asarray([[1, 2, 2], [1, 2, 4], [1, 4, 4], [1, 2, 4]])
+  assert pair_grid_of({"image_grid_thw": np.tile(grids[:2], (2, 1))}) == ((1, 2, 2), (1, 2, 4))
+  with pytest.raises(DataError, match="group_by_grid=true"):
+    pair_grid_of({"image_grid_thw": grids})
+
+
 def test_a_checkpoint_without_its_tokenizer_is_one_clear_error(tmp_path, capsys):
   # transformers builds an empty tokenizer from a weights-only directory without a word; the run
   # used to die later inside the chat template.

@@ -218,8 +218,17 @@ def test_unreadable_newest_checkpoint_falls_back_to_the_previous(tmp_path, capsy
       f.write_bytes(b"garbage")
   again = make(tmp_path / "run", tok_dir, steps=4, save_every=2)
   assert again.resumed_from == 2
-  assert "checkpoint 4 is unreadable" in capsys.readouterr().err
+  err = capsys.readouterr().err
+  assert "checkpoint 4 is unreadable" in err and "set aside as checkpoints/4.unreadable-" in err
+  # Set aside, not deleted, so that the resumed run saves step 4 again (a listed step is never
+  # saved) and the next start, evaluate or convert takes that one, not the damaged copy.
+  kept = [p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith("4.unreadable-")]
+  assert len(kept) == 1 and not newest.exists()
+  again.run()
   again.close()
+  third = make(tmp_path / "run", tok_dir, steps=4, save_every=2)
+  assert third.resumed_from == 4 and "unreadable" not in capsys.readouterr().err
+  third.close()
 
 
 def test_a_run_resumed_with_another_state_layout_is_refused(tmp_path):

@@ -36,7 +36,7 @@ class OptimConfig:
   learning_rate: float = 1e-6  # community GRPO default (the paper's is not public)
   schedule: str = "constant"  # or "cosine" (to 0 at total_steps)
   warmup_steps: int = 0  # linear warm-up steps
-  total_steps: int = 1000  # schedule length (cosine)
+  total_steps: int = 1000  # schedule length (cosine), in GRPO steps (loop steps) whatever `passes`
   b1: float = 0.9  # AdamW
   b2: float = 0.999  # AdamW
   eps: float = 1e-8  # AdamW
@@ -63,13 +63,18 @@ class OptimConfig:
 
 
 def schedule(cfg: OptimConfig) -> optax.Schedule:
+  """The learning rate at an optimizer update count. Warm-up and length count GRPO steps: with μ =
+  `passes` updates per step the count is divided by μ, so `total_steps = loop.steps` spans the run
+  (TRL counts optimizer steps: there a cosine over μ·steps updates)."""
   if cfg.schedule == "cosine":
-    return optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, cfg.warmup_steps,
+    base = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, cfg.warmup_steps,
                                               max(cfg.total_steps, cfg.warmup_steps + 1))
-  if cfg.warmup_steps:
-    return optax.join_schedules([optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps),
+  elif cfg.warmup_steps:
+    base = optax.join_schedules([optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps),
                                  optax.constant_schedule(cfg.learning_rate)], [cfg.warmup_steps])
-  return optax.constant_schedule(cfg.learning_rate)
+  else:
+    return optax.constant_schedule(cfg.learning_rate)
+  return base if cfg.passes == 1 else (lambda count: base(count // cfg.passes))
 
 
 def param_labels(params, cfg: OptimConfig):

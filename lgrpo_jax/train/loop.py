@@ -101,8 +101,11 @@ def host_scalar(x) -> float:
 def pair_grid_of(batch: dict) -> tuple:
   grids = [tuple(g) for g in batch["image_grid_thw"].tolist()]
   pair = tuple(grids[:2])
-  if grids != list(pair) * (len(grids) // 2):
-    raise ValueError("a training batch must hold one image-grid signature (PipelineConfig.group_by_grid)")
+  if grids != list(pair) * (len(grids) // 2):  # every process holds the same global grids: all stop
+    from lgrpo_jax.data.sources import DataError
+    raise DataError(f"a batch holds image pairs of several grid signatures ({sorted(set(zip(grids[::2], grids[1::2])))}"
+                    "); the step compiles for one: keep pipeline.group_by_grid=true (the default), or give "
+                    "pipeline.image.grid_buckets one bucket")
   return pair
 
 
@@ -260,6 +263,26 @@ class Trainer:
       self.manager.save(step, args=self._args(), force=True)
     self._last_save = time.monotonic()
 
+  def _set_aside(self, failures, resumed: int) -> None:
+    """Renames the unreadable checkpoints newer than `resumed` to `<step>.unreadable-<time>`: the
+    resumed run saves those steps again (a step already listed is never saved), and a later restart,
+    `evaluate` or `convert` no longer takes the damaged one for the latest. Renamed, not deleted:
+    the error may have been passing (a network file system); renaming it back restores it."""
+    if not failures:
+      return
+    where = os.path.join(self.run_dir, "checkpoints")
+    if jax.process_index() == 0:
+      stamp = time.strftime("%Y%m%d-%H%M%S")
+      for step, _ in failures:
+        os.replace(os.path.join(where, str(step)), os.path.join(where, f"{step}.unreadable-{stamp}"))
+        print(f"warning: checkpoint {step} set aside as checkpoints/{step}.unreadable-{stamp}; this run "
+              f"saves step {step} again", file=sys.stderr)
+    if jax.process_count() > 1:
+      from lgrpo_jax.distributed import barrier
+      barrier("lgrpo_jax: unreadable checkpoints set aside")
+    self.manager.reload()
+    assert resumed in self.manager.all_steps()
+
   def _restore(self, config_record: dict | None = None) -> int | None:
     """The newest readable checkpoint's step (its state and data position loaded), or None when
     there is none. Checkpoints that exist but none of which can be read are an error (`RunError`,
@@ -278,7 +301,7 @@ class Trainer:
                     self.run_dir, step, type(e).__name__, str(e)[:200])
         print(f"warning: checkpoint {step} is unreadable ({type(e).__name__}); trying the previous one",
               file=sys.stderr)
-        failures.append(f"{step}: {type(e).__name__}: {str(e)[:300]}")
+        failures.append((step, f"{step}: {type(e).__name__}: {str(e)[:300]}"))
         continue
       t = restored["state"]
       self.state = TrainState(t["params"], t["opt_state"], jnp.asarray(t["step"], jnp.int32),
@@ -288,6 +311,7 @@ class Trainer:
       else:
         self.state = jax.device_put(self.state, jax.devices()[0])
       self.batches.set_state(restored["data"])
+      self._set_aside(failures, step)
       self._drop_metrics_after(step)
       self._save_best_if_missed(step)
       log.info("resumed from %s/checkpoints/%d", self.run_dir, step)
@@ -298,7 +322,7 @@ class Trainer:
           f"{self.run_dir}/checkpoints: none of the checkpoints {sorted(steps)} can be restored into this "
           f"run's state" + (f"; the config differs from the run's config.json in {changed}" if changed else "")
           + ". Resume with the settings the run was started with, give a new run_dir, or remove "
-          f"{self.run_dir}/checkpoints to start over (the newest one's failure: {failures[0]})")
+          f"{self.run_dir}/checkpoints to start over (the newest one's failure: {failures[0][1]})")
     self._drop_metrics_after(-1)  # an earlier attempt that left no checkpoint: its lines are redone
     return None
 
