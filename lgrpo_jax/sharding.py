@@ -10,7 +10,7 @@ The model names every parameter axis logically ("embed", "heads", "mlp", ...); R
 names onto mesh axes, once, for every mesh. Axes of size 1 make a rule a no-op, so the presets are
 just mesh shapes:
 
-    dp       MeshConfig(data=-1)                 replicate parameters, split the batch
+    dp       MeshConfig(data=-1, fsdp=1)         replicate parameters, split the batch
     fsdp     MeshConfig(fsdp=-1)                 shard parameters over all devices (default)
     fsdp_tp  MeshConfig(fsdp=-1, tensor=T)       FSDP across, tensor parallel within T devices
 
@@ -74,7 +74,8 @@ class MeshConfig:
     sizes = [self.data, self.fsdp, self.tensor]
     desc = ", ".join(f"{a}={s}" for a, s in zip(AXES, sizes))
     if any(s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
-      raise MeshError(f"mesh ({desc}): sizes must be positive, with at most one -1")
+      hint = " (fsdp defaults to -1: with data=-1 give fsdp=1, the 'dp' preset)" if sizes[:2] == [-1, -1] else ""
+      raise MeshError(f"mesh ({desc}): sizes must be positive, with at most one -1{hint}")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
       if num_devices % known:

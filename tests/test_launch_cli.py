@@ -77,6 +77,15 @@ def test_overrides_that_complete_each_other_work_in_any_order():
                                                                         "=0.2: not supported"),
     (f"data.source=hpdv2 data.path={DEMO}", "loop.eval_every=25 needs held-out pairs"),
     ("data.eval_pairs=0", "loop.eval_every=25 with data.eval_pairs=0"),
+    # (fields that failed late, deep inside JAX, or were accepted)
+    ("model.dtype=fp32", "model.dtype='fp32': choose one of ('float32', 'bfloat16')"),
+    ("loop.seed=-1", "LoopConfig.seed=-1 must be in [0, 2**32)"),
+    ("step.logprob_chunk=0", "StepConfig.logprob_chunk=0 must be ≥ 1"),
+    ("step.rewards.weights=[]", "RewardConfig.weights is empty"),
+    ("step.optim.b2=1.5", "OptimConfig.b2=1.5 is out of range"),
+    ("sft.learning_rate=-1", "sft.learning_rate=-1.0 must be finite and > 0"),
+    ("step.sampling.temperature=inf", "SamplingConfig.temperature=inf is out of range"),
+    ("pipeline.image.std=[0,0,0]", "std > 0"),
 ])
 def test_bad_input_is_one_clear_error_before_compiling(tmp_path, capsys, override, message):
   rc = launch.main(["--config", DEMO, f"run_dir={tmp_path}", *override.split()])

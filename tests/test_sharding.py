@@ -97,8 +97,10 @@ def test_mesh_errors_name_the_sizes():
     sharding.make_mesh(sharding.MeshConfig(2, 3, 1))
   with pytest.raises(sharding.MeshError, match="not divisible by 3"):
     sharding.make_mesh(sharding.MeshConfig(data=3, fsdp=-1))
-  with pytest.raises(sharding.MeshError, match="at most one -1"):
-    sharding.MeshConfig(-1, -1, 1).resolve(8)
+  with pytest.raises(sharding.MeshError, match="at most one -1 .fsdp defaults to -1: with data=-1 give fsdp=1"):
+    sharding.MeshConfig(data=-1).resolve(8)
+  with pytest.raises(sharding.MeshError, match=r"at most one -1$"):
+    sharding.MeshConfig(1, -1, -1).resolve(8)
   assert sharding.MeshConfig.preset("fsdp_tp", tensor=2).resolve(8) == (1, 4, 2)
   assert sharding.MeshConfig.preset("dp").resolve(8) == (8, 1, 1)
 

@@ -73,6 +73,10 @@ class ImageConfig:
       raise ValueError(f"ImageConfig.fit={self.fit!r}: choose 'stretch' or 'pad'")
     if min(self.patch_size, self.merge_size, self.temporal_patch_size) < 1:
       raise ValueError("ImageConfig.patch_size, merge_size and temporal_patch_size must be ≥ 1")
+    if len(self.mean) != 3 or len(self.std) != 3 or not all(0 < s < float("inf") for s in self.std) \
+        or not all(abs(m) < float("inf") for m in self.mean):
+      raise ValueError(f"ImageConfig: mean and std need three finite values each, std > 0; got mean={self.mean}, "
+                       f"std={self.std}")
     if not 0 < self.min_pixels <= self.max_pixels:
       raise ValueError(f"ImageConfig: need 0 < min_pixels ≤ max_pixels, got min_pixels={self.min_pixels}, "
                        f"max_pixels={self.max_pixels}")

@@ -56,6 +56,11 @@ class OptimConfig:
     for name in ("micro_batches", "passes", "total_steps"):
       if getattr(self, name) < 1:
         raise ValueError(f"OptimConfig.{name}={getattr(self, name)} must be ≥ 1")
+    for name, ok in (("b1", 0 <= self.b1 < 1), ("b2", 0 <= self.b2 < 1), ("eps", 0 < self.eps < math.inf),
+                     ("weight_decay", 0 <= self.weight_decay < math.inf)):
+      if not ok:
+        raise ValueError(f"OptimConfig.{name}={getattr(self, name)} is out of range (AdamW: 0 ≤ b1, b2 < 1; "
+                         "eps > 0; weight_decay ≥ 0)")
     if not (0 < self.learning_rate < math.inf) or self.warmup_steps < 0 or not 0 <= self.max_grad_norm < math.inf:
       raise ValueError(f"OptimConfig: learning_rate must be finite and > 0 (got {self.learning_rate}), "
                        f"warmup_steps ≥ 0 (got {self.warmup_steps}), max_grad_norm finite and ≥ 0 "

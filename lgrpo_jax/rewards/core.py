@@ -17,6 +17,7 @@ with `text_reward(fn, tokenizer)`, where fn(texts, labels) returns one float per
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable, NamedTuple
 
 import jax
@@ -76,9 +77,13 @@ class RewardConfig:
 
   def __post_init__(self):
     object.__setattr__(self, "weights", tuple((str(n), float(w)) for n, w in self.weights))
-    for name, _ in self.weights:
+    if not self.weights:
+      raise ValueError("RewardConfig.weights is empty: GRPO needs at least one (reward, weight) pair")
+    for name, w in self.weights:
       if name not in REWARDS:
         raise ValueError(f"RewardConfig.weights: unknown reward {name!r} (registered: {sorted(REWARDS)})")
+      if not math.isfinite(w):
+        raise ValueError(f"RewardConfig.weights: the weight of {name!r} is {w}, not a finite number")
 
   @property
   def needs_listener(self) -> bool:

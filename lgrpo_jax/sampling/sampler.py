@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -44,8 +45,11 @@ class SamplingConfig:
   pad_id: int = 0  # written after a completion ended
 
   def __post_init__(self):
+    for name in ("max_new_tokens", "num_samples", "top_k", "pad_id"):  # shapes and ids: ints, not 4.0 or True
+      if not isinstance(getattr(self, name), (int, np.integer)) or isinstance(getattr(self, name), bool):
+        raise ValueError(f"SamplingConfig.{name}={getattr(self, name)!r} must be an integer")
     for name, ok in (("max_new_tokens", self.max_new_tokens >= 1), ("num_samples", self.num_samples >= 1),
-                     ("temperature", self.temperature >= 0), ("top_k", self.top_k >= 0),
+                     ("temperature", 0 <= self.temperature < math.inf), ("top_k", self.top_k >= 0),
                      ("top_p", 0 < self.top_p <= 1),
                      ("stop_sequences", all(len(s) >= 1 for s in self.stop_sequences))):
       if not ok:

@@ -75,6 +75,8 @@ class LoopConfig:
         raise ValueError(f"LoopConfig.{name}={getattr(self, name)} must be ≥ 1")
     if self.eval_every < 0 or self.save_every_minutes < 0 or self.peak_tflops_per_device < 0:
       raise ValueError("LoopConfig.eval_every, save_every_minutes and peak_tflops_per_device must be ≥ 0")
+    if not 0 <= self.seed < 2**32:  # numpy's and the pipeline's seeds
+      raise ValueError(f"LoopConfig.seed={self.seed} must be in [0, 2**32)")
 
 
 def to_device(batch: dict, mesh=None) -> Batch:

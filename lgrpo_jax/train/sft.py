@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import math
 import os
 import time
 import zlib
@@ -129,6 +130,10 @@ class SFTConfig:
       raise ValueError(f"sft.teacher={self.teacher!r}: choose one of {TEACHERS}")
     if self.steps and self.teacher == "targets" and not self.targets_path:
       raise ValueError("sft.targets_path is required for sft.teacher='targets'")
+    if not 0 < self.learning_rate < math.inf:
+      raise ValueError(f"sft.learning_rate={self.learning_rate} must be finite and > 0")
+    if not 0 <= self.listener_weight < math.inf:
+      raise ValueError(f"sft.listener_weight={self.listener_weight} must be finite and ≥ 0")
     if not 0 <= self.teacher_accuracy <= 1:
       raise ValueError(f"sft.teacher_accuracy={self.teacher_accuracy} must be in [0, 1]")
 

@@ -49,6 +49,8 @@ class StepConfig:
     if self.sampling.num_samples < 2:
       raise ValueError(f"StepConfig.sampling.num_samples={self.sampling.num_samples}: GRPO needs G ≥ 2 "
                        "completions per pair (advantages are relative to the group)")
+    if self.logprob_chunk < 1:
+      raise ValueError(f"StepConfig.logprob_chunk={self.logprob_chunk} must be ≥ 1 (vocabulary rows per chunk)")
     if self.old_logprobs not in ("sampler", "recompute"):
       raise ValueError(f"StepConfig.old_logprobs={self.old_logprobs!r}: choose 'sampler' or 'recompute'")
 
