@@ -32,9 +32,17 @@ class PromptConfig:
       "Here is someone's comparison of the two images:\n")
   # after the reasoning: the question whose next token is the listener's choice
   listener_question: str = "\nBased on this comparison, which image is better, Image 1 or Image 2?"
-  choices: tuple[str, str] = ("Image 1", "Image 2")  # the two answers (their first differing tokens are scored)
+  # the two answers (their first differing tokens are scored). Only these: the format and accuracy
+  # rewards' parser (rewards.text.parse) and the scripted warm start read "Image 1"/"Image 2".
+  choices: tuple[str, str] = ("Image 1", "Image 2")
   image_labels: tuple[str, str] = ("Image 1:", "Image 2:")  # text before each image
   system: str | None = None  # None: the chat template's default system turn
+
+  def __post_init__(self):
+    object.__setattr__(self, "choices", tuple(self.choices))
+    if self.choices != ("Image 1", "Image 2"):
+      raise ValueError(f"PromptConfig.choices={self.choices!r}: only ('Image 1', 'Image 2') — the format and "
+                       "accuracy rewards parse those answers, so other texts would split the listener from them")
 
 
 def user_content(prompt_text: str, cfg: PromptConfig) -> list[dict]:
