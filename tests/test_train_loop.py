@@ -231,6 +231,23 @@ def test_unreadable_newest_checkpoint_falls_back_to_the_previous(tmp_path, capsy
   third.close()
 
 
+def test_a_run_resumed_with_other_settings_says_so_and_keeps_the_old_config(tmp_path, capsys):
+  tok_dir = build_tiny_tokenizer(tmp_path / "tok")
+  run = tmp_path / "run"
+  t = make(run, tok_dir, steps=1, config_record={"loop": {"steps": 1}, "lr": 1})
+  t.run()
+  t.close()
+  same = make(run, tok_dir, steps=1, config_record={"loop": {"steps": 1}, "lr": 1})
+  same.close()
+  assert "differ" not in capsys.readouterr().err and not list(run.glob("config.before-*"))
+  again = make(run, tok_dir, steps=1, config_record={"loop": {"steps": 2}, "lr": 1})
+  again.close()
+  err = capsys.readouterr().err
+  assert again.resumed_from == 1 and "loop.steps: 1 → 2" in err and "config.before-step-1.json" in err
+  assert json.load(open(run / "config.before-step-1.json"))["loop"] == {"steps": 1}
+  assert json.load(open(run / "config.json"))["loop"] == {"steps": 2}
+
+
 def test_a_run_resumed_with_another_state_layout_is_refused(tmp_path):
   # Freezing the vision tower changes the optimizer state's structure: the run's checkpoints cannot
   # be restored into it. That is an error naming the changed setting — not a silent fresh start

@@ -234,7 +234,15 @@ class Trainer:
     self.best_accuracy = self._best_accuracy()  # before _restore drops the metrics past its step
     self.resumed_from = self._restore(config_record)
     if config_record is not None and jax.process_index() == 0:  # after the restore: a refused one keeps it
-      with open(os.path.join(self.run_dir, "config.json"), "w") as f:
+      cfg_path = os.path.join(self.run_dir, "config.json")
+      changed = config_changes(cfg_path, config_record, limit=20) if self.resumed_from is not None else ""
+      if changed:  # allowed (a longer run, another learning rate), said, and the old settings kept
+        kept = os.path.join(self.run_dir, f"config.before-step-{self.resumed_from}.json")
+        os.replace(cfg_path, kept)
+        print(f"warning: resumed from step {self.resumed_from} with settings that differ from the run's: "
+              f"{changed} (the earlier config.json is kept as {os.path.basename(kept)}; the data position, "
+              "the reference and the listener are the earlier run's)", file=sys.stderr)
+      with open(cfg_path, "w") as f:
         json.dump(config_record, f, indent=2, default=str)
     self.sinks = MetricSinks(self.run_dir, tensorboard=loop_cfg.tensorboard, wandb_project=loop_cfg.wandb_project,
                              config_record=config_record)
