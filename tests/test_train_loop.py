@@ -207,6 +207,31 @@ def test_the_data_running_out_ends_the_run_as_its_last_step_would(tmp_path, caps
   assert int(again.state.step) == 2 and len(open(run / "metrics.jsonl").readlines()) == 4
 
 
+def test_an_evaluation_cut_short_is_done_when_the_run_resumes(tmp_path):
+  # A stop (or a hung held-out read) during step 2's evaluation saves step 2 without it. Step 2 is
+  # also the last: the restart would train nothing and end unevaluated, best/ never seeing step 2.
+  tok_dir = build_tiny_tokenizer(tmp_path / "tok")
+  run = tmp_path / "run"
+  t = make(run, tok_dir, steps=2, save_every=1, eval_every=2)
+  t.evaluator = ScriptedEvaluator([0.25, 0.5])
+  t.run()
+  t.close()
+  lines = [json.loads(x) for x in open(run / "metrics.jsonl")]
+  assert [(m["step"], m.get("eval/accuracy")) for m in lines] == [(0, 0.25), (1, None), (2, 0.5)]
+  lines[-1].pop("eval/accuracy")  # as the cut-short evaluation leaves the run
+  (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+  shutil.rmtree(run / "best" / "2")
+  again = make(run, tok_dir, steps=2, save_every=1, eval_every=2)
+  again.evaluator = ScriptedEvaluator([0.5])
+  assert again.resumed_from == 2 and again.run() == [{"step": 2, "eval/accuracy": 0.5}]
+  again.close()
+  assert sorted(int(p.name) for p in (run / "best").iterdir() if p.name.isdigit()) == [2]
+  third = make(run, tok_dir, steps=2, save_every=1, eval_every=2)  # now evaluated: nothing to redo
+  third.evaluator = ScriptedEvaluator([])
+  assert third.run() == []
+  third.close()
+
+
 def test_unreadable_newest_checkpoint_falls_back_to_the_previous(tmp_path, capsys):
   tok_dir = build_tiny_tokenizer(tmp_path / "tok")
   t = make(tmp_path / "run", tok_dir, steps=4, save_every=2)

@@ -232,6 +232,7 @@ class Trainer:
                                  self.tables, mesh)
     self._signals, self.stopped_by, self._eval_error = stopping.StopSignals(), None, None
     self.best_accuracy = self._best_accuracy()  # before _restore drops the metrics past its step
+    self._eval_missed = False  # the resumed step's evaluation was cut short: `run` does it first
     self.resumed_from = self._restore(config_record)
     if config_record is not None and jax.process_index() == 0:  # after the restore: a refused one keeps it
       cfg_path = os.path.join(self.run_dir, "config.json")
@@ -324,6 +325,7 @@ class Trainer:
       self._set_aside(failures, step)
       self._drop_metrics_after(step)
       self._save_best_if_missed(step)
+      self._eval_missed = self._missed_evaluation(step)
       log.info("resumed from %s/checkpoints/%d", self.run_dir, step)
       return step
     if steps:
@@ -360,6 +362,16 @@ class Trainer:
       from jax.experimental import multihost_utils
       acc = float(multihost_utils.broadcast_one_to_all(np.float32(acc)))
     return acc
+
+  def _missed_evaluation(self, step: int) -> bool:
+    """Whether `step` is one the loop evaluates (0 with `eval_at_start`, every `eval_every`-th, the
+    last) and metrics.jsonl holds no evaluation of it: one cut short by a stop or a hung held-out
+    read, after which the step was saved. (Agreed by every process: `_eval_accuracy_at`.)"""
+    if self.evaluator is None:
+      return False
+    due = self.loop_cfg.eval_at_start if step == 0 else (step % self.loop_cfg.eval_every == 0
+                                                         or step == self.loop_cfg.steps)
+    return bool(due) and self._eval_accuracy_at(step) < 0
 
   def _drop_metrics_after(self, step: int) -> None:
     """metrics.jsonl without the lines past `step` (nor a line torn by a kill), replaced atomically."""
@@ -440,15 +452,22 @@ class Trainer:
     self._signals, self.stopped_by, self._eval_error = stopping.StopSignals(), None, None
     self.skipped_steps = 0
     with self._signals:
-      if (self.evaluator is not None and self.loop_cfg.eval_at_start and self.resumed_from is None
-          and int(self.state.step) == 0):
-        first = {"step": 0, **self._evaluate_in_run()}
+      at = int(self.state.step)
+      # Before the first step; or, resumed, the evaluation of the resumed step that a stop or a hung
+      # read cut short (the step was saved without it: at `loop.steps` the run would otherwise end
+      # unevaluated, and best/ never see it).
+      if self.evaluator is not None and (self._eval_missed or (self.loop_cfg.eval_at_start and at == 0
+                                                                and self.resumed_from is None)):
+        first = {"step": at, **self._evaluate_in_run()}
         if len(first) > 1:
+          self._eval_missed = False
           self.sinks.write(first)
           out.append(first)
           if on_metrics is not None:
             on_metrics(first)
         self._raise_eval_error()
+        if at > 0 and "eval/accuracy" in first:
+          self._keep_if_best(at, first)
       self._last_save = time.monotonic()
       if self.stopped_by is None:
         self._loop(out, tty, on_metrics)
