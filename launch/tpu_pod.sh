@@ -4,11 +4,13 @@
 #   gcloud compute tpus tpu-vm ssh $TPU_NAME --zone=$ZONE --worker=all \
 #     --command="cd lgrpo_jax && launch/tpu_pod.sh lgrpo_jax.check --mesh.fsdp=-1"
 #
-# On a pod slice TPU_WORKER_HOSTNAMES lists every worker (set by the TPU VM image), so
-# lgrpo_jax.distributed calls jax.distributed.initialize(), which reads the coordinator, process
-# count and id from the TPU metadata. Each worker feeds its own slice of every batch. Nothing else
+# LGRPO_DISTRIBUTED=auto (below) makes lgrpo_jax.distributed call jax.distributed.initialize(),
+# which reads the coordinator, process count and id from the TPU metadata (TPU_WORKER_HOSTNAMES
+# is detected too where an orchestrator such as GKE sets it). Each worker feeds its own slice of every batch. Nothing else
 # to set; for multislice, MEGASCALE_* variables (set by the orchestrator) are detected the same way.
 set -euo pipefail
+# A TPU VM keeps its worker list in metadata, not in the environment: let JAX find the pod itself.
+export LGRPO_DISTRIBUTED=auto
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
 ENTRY=${1:-lgrpo_jax.check}

@@ -6,9 +6,13 @@ several, and does nothing for a single process. How the processes are found, in 
 
   1. explicit: arguments, or LGRPO_COORDINATOR_ADDRESS (host:port) + LGRPO_NUM_PROCESSES +
      LGRPO_PROCESS_ID (any launcher: torchrun-style scripts, Kubernetes, a shell loop);
-  2. SLURM: SLURM_NTASKS > 1 (srun sets it; JAX reads the rest of the SLURM variables itself);
+  2. SLURM: SLURM_NTASKS > 1 (srun sets it; JAX reads the rest of the SLURM variables itself).
+     JAX's SLURM default is one process per GPU (each sees GPU SLURM_LOCALID only); with one task
+     per node every GPU the task was given is used instead (`local_device_ids`);
   3. Cloud TPU pod slices: more than one host in TPU_WORKER_HOSTNAMES, or a multislice
-     MEGASCALE_COORDINATOR_ADDRESS (JAX reads the TPU metadata itself).
+     MEGASCALE_COORDINATOR_ADDRESS (JAX reads the TPU metadata itself);
+  4. LGRPO_DISTRIBUTED=auto: `jax.distributed.initialize()` with no arguments, JAX's own detection
+     (what launch/tpu_pod.sh sets: a TPU VM keeps its worker list in metadata, not the environment).
 """
 
 from __future__ import annotations
@@ -25,13 +29,14 @@ log = logging.getLogger(__name__)
 ENV_COORDINATOR = "LGRPO_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "LGRPO_NUM_PROCESSES"
 ENV_PROCESS_ID = "LGRPO_PROCESS_ID"
+ENV_AUTO = "LGRPO_DISTRIBUTED"  # "auto": leave the detection to jax.distributed.initialize()
 
 _initialized = False
 
 
 def detect(coordinator: str | None = None, num_processes: int | None = None,
            process_id: int | None = None, env=None) -> tuple[str, dict]:
-  """(how, kwargs for jax.distributed.initialize); how is 'single', 'explicit', 'slurm' or 'tpu'."""
+  """(how, kwargs for jax.distributed.initialize); how is 'single', 'explicit', 'slurm', 'tpu' or 'auto'."""
   env = os.environ if env is None else env
   coordinator = coordinator or env.get(ENV_COORDINATOR)
   if num_processes is None and env.get(ENV_NUM_PROCESSES):
@@ -52,11 +57,29 @@ def detect(coordinator: str | None = None, num_processes: int | None = None,
     return "explicit", dict(coordinator_address=coordinator, num_processes=num_processes,
                             process_id=process_id)
   if int(env.get("SLURM_NTASKS", env.get("SLURM_STEP_NUM_TASKS", "1")) or 1) > 1:
-    return "slurm", {}
+    return "slurm", _slurm_devices(env)
   hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
   if len(hosts) > 1 or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
     return "tpu", {}
+  if env.get(ENV_AUTO, "").lower() == "auto":
+    return "auto", {}
+  if env.get(ENV_AUTO):
+    raise ValueError(f"{ENV_AUTO}={env[ENV_AUTO]!r}: the only value is 'auto'")
   return "single", {}
+
+
+def _slurm_devices(env) -> dict:
+  """{'local_device_ids': every GPU of the task} when SLURM runs one task per node with several
+  GPUs: JAX would otherwise give each task GPU SLURM_LOCALID alone (its one-process-per-GPU
+  default), and a node would drive one of its GPUs. {} otherwise (JAX_LOCAL_DEVICE_IDS wins)."""
+  per_node = env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_STEP_TASKS_PER_NODE") or \
+      env.get("SLURM_TASKS_PER_NODE", "")
+  first = per_node.split("(")[0].split(",")[0]
+  if env.get("JAX_LOCAL_DEVICE_IDS") or first != "1":
+    return {}
+  visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+  count = len(visible) or int(env.get("SLURM_GPUS_ON_NODE", "0") or 0)
+  return {"local_device_ids": list(range(count))} if count > 1 else {}
 
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None,

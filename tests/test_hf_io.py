@@ -255,3 +255,17 @@ def test_image_token_count_mismatch_is_clear(hf_dir):
         call(ids, batch["attention_mask"])
   with pytest.raises(ValueError, match=r"attention_mask has shape \(1, 3\), input_ids \(1, 4\)"):
     lgrpo_jax.forward(ours, batch["input_ids"][:1, :4], batch["attention_mask"][:1, :3])
+  ids = batch["input_ids"].copy()
+  ids[0, 0] = ours.config.video_token_id  # a video placeholder would run as a plain text token
+  with pytest.raises(ValueError, match="video inputs are not supported"):
+    lgrpo_jax.forward(ours, ids, batch["attention_mask"])
+
+
+def test_a_field_the_config_leaves_out_defaults_as_in_transformers():
+  from transformers import Qwen2_5_VLConfig
+
+  from lgrpo_jax.models.qwen2_5_vl.config import Qwen25VLConfig
+  d = config_dict("a")
+  d["text_config"].pop("rms_norm_eps")
+  theirs = Qwen2_5_VLConfig(**{k: v for k, v in d.items() if k != "model_type"})
+  assert Qwen25VLConfig.from_hf_dict(d).text.rms_norm_eps == theirs.text_config.rms_norm_eps == 1e-5

@@ -131,12 +131,29 @@ def test_two_checkpoint_managers_save_the_same_step_at_once(tmp_path):
       distributed.ENV_PROCESS_ID: "2"}, "explicit"),
     ({distributed.ENV_COORDINATOR: "h:1234", distributed.ENV_NUM_PROCESSES: "1",
       distributed.ENV_PROCESS_ID: "0"}, "single"),
+    ({distributed.ENV_AUTO: "auto"}, "auto"),  # launch/tpu_pod.sh: JAX reads the TPU VM's metadata
 ])
 def test_detect(env, how):
   got, kwargs = distributed.detect(env=env)
   assert got == how
   if how == "explicit":
     assert kwargs == {"coordinator_address": "h:1234", "num_processes": 4, "process_id": 2}
+  elif how != "slurm":
+    assert kwargs == {}
+
+
+@pytest.mark.parametrize("env,ids", [
+    # one task per node (launch/slurm.sbatch): every GPU the task was given, not GPU SLURM_LOCALID alone
+    ({"SLURM_NTASKS_PER_NODE": "1", "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"}, list(range(8))),
+    ({"SLURM_TASKS_PER_NODE": "1(x4)", "CUDA_VISIBLE_DEVICES": "2,3"}, [0, 1]),  # indices of the visible ones
+    ({"SLURM_TASKS_PER_NODE": "1(x4)", "SLURM_GPUS_ON_NODE": "4"}, [0, 1, 2, 3]),
+    ({"SLURM_NTASKS_PER_NODE": "8", "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"}, None),  # one per GPU: JAX's
+    ({"SLURM_NTASKS_PER_NODE": "1", "CUDA_VISIBLE_DEVICES": "0"}, None),
+    ({"SLURM_NTASKS_PER_NODE": "1", "CUDA_VISIBLE_DEVICES": "0,1", "JAX_LOCAL_DEVICE_IDS": "1"}, None),
+])
+def test_slurm_one_task_per_node_uses_every_gpu_of_the_node(env, ids):
+  how, kwargs = distributed.detect(env={"SLURM_NTASKS": "4", "SLURM_PROCID": "1", **env})
+  assert how == "slurm" and kwargs.get("local_device_ids") == ids
 
 
 def test_detect_rejects_partial_or_bad_settings():
@@ -144,6 +161,8 @@ def test_detect_rejects_partial_or_bad_settings():
     distributed.detect(coordinator="h:1", env={})
   with pytest.raises(ValueError, match="process id 5 is outside 0..1"):
     distributed.detect(coordinator="h:1", num_processes=2, process_id=5, env={})
+  with pytest.raises(ValueError, match="LGRPO_DISTRIBUTED='yes': the only value is 'auto'"):
+    distributed.detect(env={distributed.ENV_AUTO: "yes"})
 
 
 def test_orbax_barrier_flag_set_or_warned(monkeypatch):
@@ -170,6 +189,11 @@ def test_check_reports_bad_mesh_in_one_line(tmp_path):
                      text=True, env=env, timeout=300)
   assert r.returncode == 2 and "Traceback" not in r.stderr
   assert "error: mesh (data=3, fsdp=-1, tensor=1): 8 devices are not divisible by 3" in r.stderr
+  # A batch the data shards do not divide (it was 8 by default: a crash on any mesh over 8 devices).
+  r = subprocess.run([sys.executable, "-m", "lgrpo_jax.check", "--batch", "12"], capture_output=True,
+                     text=True, env=env, timeout=300)
+  assert r.returncode == 2 and "Traceback" not in r.stderr
+  assert "error: --batch 12 does not split over the mesh's 8 data shards" in r.stderr
 
 
 def run_launch(n_proc: int, run_dir, tok_overrides=()):

@@ -251,7 +251,7 @@ def from_hf_dict(raw: dict[str, Any], *, source: str = "config") -> Qwen25VLConf
       **{k: _as_int(v, source, tw + k) for k, v in tp.items()},
       num_key_value_heads=_pick_int(text_raw, source, tw, "num_key_value_heads", False,
                                     tp["num_attention_heads"]),
-      rms_norm_eps=float(_pick(text_raw, source, tw, "rms_norm_eps", False, 1e-6)),
+      rms_norm_eps=float(_pick(text_raw, source, tw, "rms_norm_eps", False, 1e-5)),  # transformers' default
       rope_theta=float(rope_theta),
       mrope_section=mrope,  # type: ignore[arg-type]
       hidden_act=str(_pick(text_raw, source, tw, "hidden_act", False, "silu")),

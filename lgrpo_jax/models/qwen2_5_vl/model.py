@@ -480,6 +480,9 @@ def check_inputs(input_ids, attention_mask, cfg: Qwen25VLConfig) -> None:
     if lo < 0 or hi >= cfg.text.vocab_size:
       raise ValueError(f"input_ids holds token ids in [{lo}, {hi}], outside the vocabulary [0, "
                        f"{cfg.text.vocab_size}) of this model (another tokenizer's ids?)")
+    if (ids == cfg.video_token_id).any():  # they would run as plain text, not video
+      raise ValueError(f"input_ids holds <|video_pad|> tokens (id {cfg.video_token_id}): video inputs "
+                       "are not supported, only images")
 
 
 def check_image_tokens(input_ids, grid, cfg: Qwen25VLConfig) -> None:
