@@ -1,6 +1,7 @@
 """Pairs → TFDS ArrayRecord → Grain, without TensorFlow; images stored as bytes (self-contained)."""
 
 import importlib.util
+import os
 import shutil
 
 import numpy as np
@@ -51,3 +52,17 @@ def test_errors_name_pair_and_dataset(tmp_path):
     build_tfds(bad, tmp_path / "tfds", name="bad_pairs")
   with pytest.raises(DataError, match="no TFDS dataset 'nothing'"):
     tfds_pairs(tmp_path, "nothing")
+
+
+def test_the_newest_finished_version_is_read():
+  # by number, not as text ("1.10.0" after "1.9.0"), and never TFDS's unfinished build folders
+  import tempfile
+
+  from lgrpo_jax.data.tfds_builder import _dataset_dir
+  with tempfile.TemporaryDirectory() as d:
+    for v in ("1.9.0", "1.10.0", "incomplete.AB12CD_1.11.0", "notes"):
+      os.makedirs(os.path.join(d, "pairs", v))
+    assert _dataset_dir(d, "pairs") == os.path.join(d, "pairs", "1.10.0")
+    os.makedirs(os.path.join(d, "only_incomplete", "incomplete.X_1.0.0"))
+    with pytest.raises(DataError, match="no built version"):
+      _dataset_dir(d, "only_incomplete")

@@ -12,6 +12,7 @@ original image tree nor TensorFlow (tensorflow-datasets reads ArrayRecord withou
 from __future__ import annotations
 
 import os
+import re
 from typing import Iterable
 
 import numpy as np
@@ -100,7 +101,10 @@ def _dataset_dir(data_dir: str, name: str) -> str:
   root = os.path.join(data_dir, name)
   if not os.path.isdir(root):
     raise DataError(f"{data_dir}: no TFDS dataset '{name}'")
-  versions = sorted(v for v in os.listdir(root) if os.path.isdir(os.path.join(root, v)))
+  # The newest finished version by number ("1.10.0" after "1.2.0"); TFDS's own unfinished builds
+  # ("incomplete.XXXX_1.0.0", left by a killed build) are not versions.
+  versions = sorted((tuple(int(p) for p in v.split(".")), v) for v in os.listdir(root)
+                    if re.fullmatch(r"\d+\.\d+\.\d+", v) and os.path.isdir(os.path.join(root, v)))
   if not versions:
     raise DataError(f"{root}: no built version")
-  return os.path.join(root, versions[-1])
+  return os.path.join(root, versions[-1][1])
