@@ -8,7 +8,8 @@ black background"), but one has a strong magenta colour cast; people prefer the 
 
 1. Warm start (SFT, 300 steps): a scripted judge that says of each image whether it is clean and
    acceptable ("Image 1: tinted, no. Image 2: clean, yes.") — always rightly — but whose final
-   answer is right only 20% of the time and otherwise "Image 1": a position-biased judge whose
+   answer follows them only 20% of the time and is otherwise "Image 1" (right on 60% of pairs: every
+   one whose clean image is first, 20% of the others): a position-biased judge whose
    answers contradict its own reasoning, like an instruct model that knows the format but judges
    poorly. The same step teaches the listener role (read the reasoning
    with the answer removed, say which image), so the frozen listener — the warm-started model, as

@@ -34,7 +34,7 @@ def test_sft_lowers_the_loss_of_formatted_targets(tmp_path):
                         length_buckets=(256,))
   host = next(make_batches(list(synthetic(8, seed=0, image_size=56)), tok, pipe))
   texts = [f"<think>ok</think><answer>Image {l + 1}</answer><|im_end|>" for l in host["labels"]]
-  tokens, mask = (jnp.asarray(x) for x in target_tokens(tok, texts, 16))
+  tokens, mask, _ = (jnp.asarray(x) for x in target_tokens(tok, texts, 16))
   tx = optax.adamw(3e-3)
   step = make_sft_step(graphdef, tx, pair_grid_of(host))
   opt_state = tx.init(params)
@@ -56,23 +56,32 @@ def test_sft_listener_term_is_the_listener_reward_cross_entropy_and_falls(tmp_pa
   pipe = PipelineConfig(global_batch=4, image=ImageConfig(min_pixels=56 * 56, max_pixels=56 * 56),
                         length_buckets=(256,))
   host = next(make_batches(list(synthetic(8, seed=0, image_size=56)), tok, pipe))
+  # One target spells its tag a character at a time: no token variant finds it, the parser does.
   texts = [f"<think>pick {l + 1}</think><answer>Image {l + 1}</answer><|im_end|>" for l in host["labels"]]
-  tokens, mask = (jnp.asarray(x) for x in target_tokens(tok, texts, 20))
+  tokens, mask, answer_at = (jnp.asarray(x) for x in target_tokens(tok, texts, 20))
+  by_char = [i for c in "<answer>" for i in tok(c, add_special_tokens=False)["input_ids"]]
+  row = tok("<think>pick 1</think>", add_special_tokens=False)["input_ids"] + by_char + tok(
+      "Image 1</answer><|im_end|>", add_special_tokens=False)["input_ids"]
+  assert len(row) <= 26
+  tokens = jnp.zeros((4, 1, 26), jnp.int32).at[:, :, :20].set(tokens).at[0, 0, :len(row)].set(jnp.asarray(row))
+  mask = jnp.zeros((4, 1, 26), jnp.int32).at[:, :, :20].set(mask).at[0, 0, :].set(jnp.arange(26) < len(row))
+  from lgrpo_jax.rewards.text import answer_token_of
+  answer_at = answer_at.at[0, 0].set(answer_token_of(tok, row))
   spec = ListenerSpec.from_tokenizer(tok)
   batch = to_device(host)
   grid = pair_grid_of(host)
-  probs = jax.jit(lambda *a: listener_probs(model, *a[:3], grid * 4, *a[3:], spec))(  # one program, not ~300
-      batch.listener_input_ids, batch.listener_attention_mask,
-      batch.pixel_values.reshape(-1, batch.pixel_values.shape[-1]), tokens, mask.sum(-1))[:, 0]
+  probs = jax.jit(lambda *a: listener_probs(model, *a[:3], grid * 4, *a[3:5], spec, answer_token=a[5]))(
+      batch.listener_input_ids, batch.listener_attention_mask,  # one program, not ~300
+      batch.pixel_values.reshape(-1, batch.pixel_values.shape[-1]), tokens, mask.sum(-1), answer_at)[:, 0]
   expected = -np.mean(np.log(np.asarray(probs)[np.arange(4), host["labels"]]))
   tx = optax.adamw(3e-3)
   step = make_sft_step(graphdef, tx, grid, listener_spec=spec, listener_weight=1.0)
   opt_state = tx.init(params)
-  params, opt_state, loss, parts = step(params, opt_state, batch, tokens, mask)
+  params, opt_state, loss, parts = step(params, opt_state, batch, tokens, mask, answer_at)
   np.testing.assert_allclose(float(parts["sft/listener_ce"]), expected, rtol=1e-5)
   np.testing.assert_allclose(float(loss), float(parts["sft/nll"] + parts["sft/listener_ce"]), rtol=1e-6)
   for _ in range(20):  # it falls below half at ~15 steps and to ~5% by 20 (seed 0)
-    params, opt_state, loss, parts = step(params, opt_state, batch, tokens, mask)
+    params, opt_state, loss, parts = step(params, opt_state, batch, tokens, mask, answer_at)
   assert float(parts["sft/listener_ce"]) < 0.5 * expected, (float(parts["sft/listener_ce"]), expected)
 
 
@@ -101,6 +110,27 @@ def test_teachers_targets_file_and_scripted_judge(tmp_path):
   assert 0.3 < np.mean([c.endswith("Image 2</answer>") for c in coins]) < 0.5
   with pytest.raises(ValueError, match="needs synthetic pairs"):
     synthetic_target("hpdv2:17", 0, 3, True)
+
+
+def test_a_swapped_target_names_every_position_the_other_way():
+  from lgrpo_jax.train.sft import _swap_images
+  text = ("<think>image 1 is blurry; Image 2 is sharp. The first image has a cat, the Second Image "
+          "none; IMAGE 1 loses.</think><answer>Image 2</answer>")
+  assert _swap_images(text) == ("<think>image 2 is blurry; Image 1 is sharp. The second image has a cat, the "
+                                "First Image none; IMAGE 2 loses.</think><answer>Image 1</answer>")
+  assert _swap_images(_swap_images(text)) == text
+  assert _swap_images("first step, image 12, second place") == "first step, image 12, second place"
+
+
+def test_a_target_too_long_for_max_target_tokens_is_an_error_naming_its_pair(tmp_path):
+  tok = AutoTokenizer.from_pretrained(build_tiny_tokenizer(tmp_path / "tok"))
+  text = "<think>" + "long reasoning " * 20 + "</think><answer>Image 1</answer><|im_end|>"
+  n = len(tok(text, add_special_tokens=False)["input_ids"])
+  tokens, mask, _ = target_tokens(tok, [text], n)
+  assert int(mask.sum()) == n
+  with pytest.raises(ValueError, match=rf"target of pair 'p-3' is {n} tokens, more than sft.max_target_tokens="
+                                       rf"{n - 1}: cut, it would lose its answer"):
+    target_tokens(tok, [text], n - 1, ["p-3"])
 
 
 def test_pairs_without_a_target_are_found_before_the_first_step(tmp_path):

@@ -21,6 +21,7 @@ import functools
 import json
 import math
 import os
+import re
 import time
 import zlib
 
@@ -34,18 +35,30 @@ from lgrpo_jax.grpo.update import policy_logprobs
 from lgrpo_jax.listener import ListenerSpec, listener_logits
 
 
-def target_tokens(tokenizer, texts, width: int) -> tuple[np.ndarray, np.ndarray]:
-  """(B, 1, width) token ids of the target completions (right-padded) and their mask."""
-  ids = [tokenizer(t, add_special_tokens=False)["input_ids"][:width] for t in texts]
+def target_tokens(tokenizer, texts, width: int, pair_ids=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(B, 1, width) token ids of the target completions (right-padded), their mask, and (B, 1) where
+  each one's first "<answer>" starts (`rewards.text.answer_token_of`: what the listener-role loss
+  hides, exactly as the GRPO step's parser finds it). A target longer than `width` is an error
+  naming its pair: cut, it would lose its answer and end-of-turn token, and the warm start would
+  teach a policy that never closes the format."""
+  from lgrpo_jax.rewards.text import answer_token_of
+  ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+  for r, x in enumerate(ids):
+    if len(x) > width:
+      which = f"pair {pair_ids[r]!r}" if pair_ids is not None else f"row {r}"
+      raise ValueError(f"the warm-start target of {which} is {len(x)} tokens, more than sft.max_target_tokens="
+                       f"{width}: cut, it would lose its answer and end-of-turn token; raise sft.max_target_tokens")
   out = np.zeros((len(ids), 1, width), np.int32)
   mask = np.zeros_like(out)
+  answer_at = np.zeros((len(ids), 1), np.int32)
   for r, x in enumerate(ids):
     out[r, 0, :len(x)], mask[r, 0, :len(x)] = x, 1
-  return out, mask
+    answer_at[r, 0] = answer_token_of(tokenizer, x)
+  return out, mask, answer_at
 
 
 def sft_loss(params, graphdef, batch, tokens, mask, pair_grid, chunk: int = 8192,
-             listener_spec: ListenerSpec | None = None, listener_weight: float = 1.0):
+             listener_spec: ListenerSpec | None = None, listener_weight: float = 1.0, answer_at=None):
   """(loss, parts): mean NLL per target token (padding rows of the batch weigh nothing), plus
   `listener_weight` × the listener's mean cross-entropy of the labels when `listener_spec` is given."""
   model = nnx.merge(graphdef, params)
@@ -60,7 +73,8 @@ def sft_loss(params, graphdef, batch, tokens, mask, pair_grid, chunk: int = 8192
     b = batch.input_ids.shape[0]
     pixels = batch.pixel_values.reshape(-1, batch.pixel_values.shape[-1])
     logits = listener_logits(model, batch.listener_input_ids, batch.listener_attention_mask, pixels,
-                             tuple(pair_grid) * b, tokens, mask.sum(-1), listener_spec)[:, 0]  # (B, 2)
+                             tuple(pair_grid) * b, tokens, mask.sum(-1), listener_spec,
+                             answer_token=answer_at)[:, 0]  # (B, 2): the view cut as the GRPO step cuts it
     ce = -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), batch.labels[:, None].astype(jnp.int32), -1)[:, 0]
     listener_ce = jnp.sum(ce * valid) / jnp.maximum(valid.sum(), 1)
     parts["sft/listener_ce"] = listener_ce
@@ -70,16 +84,16 @@ def sft_loss(params, graphdef, batch, tokens, mask, pair_grid, chunk: int = 8192
 
 def make_sft_step(graphdef, tx: optax.GradientTransformation, pair_grid, chunk: int = 8192,
                   listener_spec: ListenerSpec | None = None, listener_weight: float = 1.0):
-  """jit((params, opt_state, batch, tokens, mask) → (params, opt_state, loss, parts)), params and
+  """jit((params, opt_state, batch, tokens, mask, answer_at) → (params, opt_state, loss, parts)), params and
   optimizer state donated. As the GRPO step, the same arguments give the same function within a
   process (a warm start run again in a notebook does not compile again); keyed by the sharding
   rules too, and forgotten by `train.step.clear_compiled_steps()`."""
   from lgrpo_jax.train.step import kept, rules_key
   pair_grid = tuple(map(tuple, pair_grid))
 
-  def step(params, opt_state, batch, tokens, mask):
+  def step(params, opt_state, batch, tokens, mask, answer_at=None):
     (loss, parts), grads = jax.value_and_grad(sft_loss, has_aux=True)(
-        params, graphdef, batch, tokens, mask, pair_grid, chunk, listener_spec, listener_weight)
+        params, graphdef, batch, tokens, mask, pair_grid, chunk, listener_spec, listener_weight, answer_at)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss, parts
 
@@ -114,7 +128,9 @@ class SFTConfig:
   # for the pair as stored; "Image 1"/"Image 2" are exchanged when the pipeline swapped the images.
   teacher: str = "synthetic"
   targets_path: str | None = None  # teacher="targets": the JSONL file
-  teacher_accuracy: float = 1.0  # teacher="synthetic": how often its answer is right
+  # teacher="synthetic": how often the judge answers from its verdicts; otherwise it says "Image 1",
+  # right anyway when the preferred image is first (accuracy p + (1 − p)/2 over both orders)
+  teacher_accuracy: float = 1.0
   listener_weight: float = 0.0  # > 0: also teach the listener role on the same targets (see sft_loss)
   log_every: int = 25  # steps between lines of RUN_DIR/sft_metrics.jsonl
   # Steps between RUN_DIR/sft_checkpoints saves (params, optimizer, data position), from which an
@@ -176,8 +192,21 @@ def read_targets(path: str) -> dict[str, str]:
   return out
 
 
+_POSITIONS = re.compile(r"\b(image)(\s*)([12])\b|\b(first|second)(\s+image)\b", re.IGNORECASE)
+_OTHER = {"1": "2", "2": "1", "first": "second", "second": "first"}
+
+
 def _swap_images(text: str) -> str:
-  return text.replace("Image 1", "\0").replace("Image 2", "Image 1").replace("\0", "Image 2")
+  """The target as written for the other order: every mention of a position exchanged — "Image 1"
+  ↔ "Image 2" in any case ("image 1", "IMAGE 2"), and "first image" ↔ "second image" — the words'
+  capitalisation kept."""
+  def swap(m):
+    if m.group(1):
+      return m.group(1) + m.group(2) + _OTHER[m.group(3)]
+    word = _OTHER[m.group(4).lower()]
+    word = word.upper() if m.group(4).isupper() else word.capitalize() if m.group(4)[0].isupper() else word
+    return word + m.group(5)
+  return _POSITIONS.sub(swap, text)
 
 
 class Teacher:
@@ -260,7 +289,7 @@ def run_sft(model, tokenizer, pairs, cfg: SFTConfig, pipe_cfg, run_dir: str, *, 
     keep_jsonl_through(metrics_path, done)
   put = (lambda a: jnp.asarray(a)) if mesh is None else (lambda a: global_batch_array(np.asarray(a), mesh))
   feed = stopping.Feed(batches, pipe.stall_timeout_s)
-  texts = []  # the teacher's targets of the batch read
+  texts, arrays = [], []  # the teacher's targets of the batch read, and as token arrays
 
   def save(step: int):
     if step not in manager.all_steps():
@@ -269,8 +298,9 @@ def run_sft(model, tokenizer, pairs, cfg: SFTConfig, pipe_cfg, run_dir: str, *, 
           data=ocp.args.JsonSave(feed.position())), force=True)
     manager.wait_until_finished()
 
-  def targets(host):  # a missing target fails like a bad record: on every process at once
+  def targets(host):  # a missing or too long target fails like a bad record: on every process at once
     texts[:] = [t + end_token for t in teacher(host, s)]
+    arrays[:] = target_tokens(tokenizer, texts, cfg.max_target_tokens, host["pair_ids"])
 
   t0 = time.perf_counter()
   with open(metrics_path if primary else os.devnull, "a") as log_file, stopping.StopSignals() as stop:
@@ -290,10 +320,10 @@ def run_sft(model, tokenizer, pairs, cfg: SFTConfig, pipe_cfg, run_dir: str, *, 
       grid = pair_grid_of(host)
       if grid not in steps:
         steps[grid] = make_sft_step(graphdef, tx, grid, listener_spec=spec, listener_weight=cfg.listener_weight)
-      tokens, mask = target_tokens(tokenizer, texts, cfg.max_target_tokens)
+      tokens, mask, answer_at = arrays
       with (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
         params, opt_state, loss, parts = steps[grid](params, opt_state, to_device(host, mesh), put(tokens),
-                                                     put(mask))
+                                                     put(mask), put(answer_at))
       if s % cfg.log_every == 0 or s == cfg.steps:
         row = {"step": s, "loss": host_scalar(loss), **{k: host_scalar(v) for k, v in parts.items()},
                "time": time.perf_counter() - t0}
