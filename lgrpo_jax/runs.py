@@ -66,8 +66,11 @@ def is_run_dir(path) -> bool:
 
 
 def run_config(run_dir):
+  """The run's ExperimentConfig, from RUN_DIR/config.json. Loss and reward names the run registered
+  in its own process are accepted (evaluating or converting it does not need them)."""
   from lgrpo_jax.config import from_record
-  with open(os.path.join(os.fspath(run_dir), "config.json")) as f:
+  from lgrpo_jax.grpo.core import unregistered_names_allowed
+  with open(os.path.join(os.fspath(run_dir), "config.json")) as f, unregistered_names_allowed():
     return from_record(json.load(f))
 
 

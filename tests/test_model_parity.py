@@ -56,6 +56,9 @@ def test_rope_index_matches_transformers(pair, case):
   pos, delta = get_rope_index(batch["input_ids"], batch["attention_mask"], grid, ours.config)
   np.testing.assert_array_equal(np.asarray(pos), ref_pos.numpy())
   np.testing.assert_array_equal(np.asarray(delta), ref_delta.numpy())
+  if "image_grid_thw" in batch:  # the processor's numpy grid, as the docs allow
+    pos_np, _ = get_rope_index(batch["input_ids"], batch["attention_mask"], batch["image_grid_thw"], ours.config)
+    np.testing.assert_array_equal(np.asarray(pos_np), ref_pos.numpy())
 
 
 def test_rope_index_under_jit_with_traced_ids(pair):

@@ -102,3 +102,32 @@ def test_registry_and_host_text_reward(tok):
     register_reward("format", lambda i: i.lengths)
   with pytest.raises(ValueError, match="needs listener probabilities"):
     compute_rewards(inputs, RewardConfig())
+
+
+def test_a_registered_listener_reward_runs_the_listener_and_a_run_config_reads_unknown_names(tok, tmp_path):
+  import json
+
+  from lgrpo_jax import runs
+  from lgrpo_jax.config import ExperimentConfig, from_record, to_record
+  from lgrpo_jax.grpo.core import LossConfig
+  # A reward of the user's that reads the listener: the step runs the listener for it (declared),
+  # and a reward that reads it undeclared fails with what to do, not a NoneType error.
+  register_reward("my_listener", lambda i: i.listener_probs[..., 0], replace=True, uses_listener=True)
+  register_reward("undeclared", lambda i: i.listener_probs[..., 0], replace=True)
+  assert RewardConfig(weights=(("format", 1.0), ("my_listener", 0.5))).needs_listener
+  assert not RewardConfig(weights=(("format", 1.0), ("undeclared", 0.5))).needs_listener
+  assert not RewardConfig(weights=(("format", 1.0), ("my_listener", 0.0))).needs_listener
+  inputs = inputs_for(tok, ["<think>a</think><answer>Image 1</answer>"] * 2, [0], g=2)
+  with pytest.raises(ValueError, match="reward 'undeclared' failed .*uses_listener=True"):
+    compute_rewards(inputs, RewardConfig(weights=(("undeclared", 1.0),)))
+  # A run trained with names registered in its own process: another process reads its config.json.
+  record = to_record(ExperimentConfig())
+  record["step"]["rewards"]["weights"] = [["format", 1.0], ["only_in_that_notebook", 0.5]]
+  record["step"]["loss"]["loss"] = "seq_sum_of_that_notebook"
+  (tmp_path / "config.json").write_text(json.dumps(record))
+  cfg = runs.run_config(tmp_path)
+  assert cfg.step.loss.loss == "seq_sum_of_that_notebook" and cfg.step.rewards.weights[1][0] == "only_in_that_notebook"
+  with pytest.raises(ValueError, match="seq_sum_of_that_notebook"):  # elsewhere still an error before compiling
+    from_record(record)
+  with pytest.raises(ValueError, match="LossConfig.loss='nope'"):
+    LossConfig(loss="nope")

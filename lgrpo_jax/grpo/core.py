@@ -29,6 +29,8 @@ name in the config.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 from typing import Callable, NamedTuple
@@ -60,8 +62,27 @@ register_advantage = _register(ADVANTAGES, "advantage")
 register_objective = _register(OBJECTIVES, "objective")
 
 
+_READING_A_RECORD = contextvars.ContextVar("lgrpo_jax_reading_a_record", default=False)
+
+
+@contextlib.contextmanager
+def unregistered_names_allowed():
+  """Within: configs accept loss, advantage, KL, objective and reward names this process has not
+  registered. For reading a finished run's config.json back (`runs.run_config`): a run trained with
+  a function registered in its notebook or config file is evaluated, converted and inspected by
+  other processes, which never need that function. Everywhere else an unknown name is an error
+  before anything compiles."""
+  token = _READING_A_RECORD.set(True)
+  try:
+    yield
+  finally:
+    _READING_A_RECORD.reset(token)
+
+
 def lookup(table: dict, name: str, field: str):
   if name not in table:
+    if _READING_A_RECORD.get():
+      return None
     raise ValueError(f"{field}={name!r}: choose one of {sorted(table)}")
   return table[name]
 

@@ -27,6 +27,7 @@ import numpy as np
 from lgrpo_jax.rewards.text import Parsed
 
 REWARDS: dict[str, Callable] = {}
+USES_LISTENER: set[str] = set()  # rewards that read `listener_probs`: the step runs the listener for them
 
 
 class RewardInputs(NamedTuple):
@@ -38,12 +39,16 @@ class RewardInputs(NamedTuple):
   listener_probs: jax.Array | None = None  # (B, G, 2): P(Image 1), P(Image 2)
 
 
-def register_reward(name: str, fn: Callable | None = None, *, replace: bool = False):
-  """Register `fn(inputs) -> (B, G)` under `name` (usable as a decorator)."""
+def register_reward(name: str, fn: Callable | None = None, *, replace: bool = False, uses_listener: bool = False):
+  """Register `fn(inputs) -> (B, G)` under `name` (usable as a decorator). `uses_listener`: it reads
+  `inputs.listener_probs`, so the step runs the listener whenever it has a non-zero weight (else
+  `listener_probs` is None unless another reward needs the listener)."""
   def wrap(f):
     if name in REWARDS and not replace:
-      raise ValueError(f"reward {name!r} is already registered (pass replace=True to override)")
+      raise ValueError(f"reward {name!r} is already registered (pass replace=True to override, e.g. "
+                       "when a notebook cell or a config file runs again)")
     REWARDS[name] = f
+    (USES_LISTENER.add if uses_listener else USES_LISTENER.discard)(name)
     return f
   return wrap if fn is None else wrap(fn)
 
@@ -60,7 +65,7 @@ def accuracy_reward(inputs: RewardInputs):
   return (inputs.parsed.answer == inputs.labels[:, None] + 1).astype(jnp.float32)
 
 
-@register_reward("listener")
+@register_reward("listener", uses_listener=True)
 def listener_reward(inputs: RewardInputs):
   """The listener's probability of the preferred image, from the reasoning with the answer masked."""
   if inputs.listener_probs is None:
@@ -79,20 +84,29 @@ class RewardConfig:
     object.__setattr__(self, "weights", tuple((str(n), float(w)) for n, w in self.weights))
     if not self.weights:
       raise ValueError("RewardConfig.weights is empty: GRPO needs at least one (reward, weight) pair")
+    from lgrpo_jax.grpo.core import _READING_A_RECORD
     for name, w in self.weights:
-      if name not in REWARDS:
+      if name not in REWARDS and not _READING_A_RECORD.get():
         raise ValueError(f"RewardConfig.weights: unknown reward {name!r} (registered: {sorted(REWARDS)})")
       if not math.isfinite(w):
         raise ValueError(f"RewardConfig.weights: the weight of {name!r} is {w}, not a finite number")
 
   @property
   def needs_listener(self) -> bool:
-    return any(n == "listener" and w != 0 for n, w in self.weights)
+    return any(n in USES_LISTENER and w != 0 for n, w in self.weights)
 
 
 def compute_rewards(inputs: RewardInputs, cfg: RewardConfig = RewardConfig()):
   """(total (B, G), {name: (B, G)})."""
-  parts = {name: REWARDS[name](inputs).astype(jnp.float32) for name, _ in cfg.weights}
+  parts = {}
+  for name, _ in cfg.weights:
+    try:
+      parts[name] = REWARDS[name](inputs).astype(jnp.float32)
+    except TypeError as e:  # mostly: a reward reading listener_probs that the step did not compute
+      if inputs.listener_probs is None and name not in USES_LISTENER:
+        raise ValueError(f"reward {name!r} failed ({e}); if it reads inputs.listener_probs, register it with "
+                         "register_reward(..., uses_listener=True) so that the step runs the listener") from e
+      raise
   total = sum(w * parts[name] for name, w in cfg.weights)
   return total, parts
 

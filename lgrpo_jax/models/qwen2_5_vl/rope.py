@@ -24,7 +24,10 @@ Grid = tuple[tuple[int, int, int], ...]
 
 
 def get_rope_index(input_ids, attention_mask, grid: Grid, cfg: Qwen25VLConfig):
-  """Returns (position_ids (3, B, T) int32, rope_deltas (B, 1) int32)."""
+  """Returns (position_ids (3, B, T) int32, rope_deltas (B, 1) int32). `grid`: concrete (a tuple or
+  the processor's numpy `image_grid_thw`), as everywhere."""
+  from lgrpo_jax.models.qwen2_5_vl.layers import static_grid
+  grid = static_grid(grid) if grid is not None and len(grid) else ()
   input_ids = jnp.asarray(input_ids)
   b, t_len = input_ids.shape
   valid = (jnp.ones((b, t_len), bool) if attention_mask is None
