@@ -94,8 +94,9 @@ def model_card(cfg, run_dir: str, step: int, best: bool, evaluation, dtype: str)
            f"| GRPO steps | {step} of {cfg.loop.steps} |",
            f"| pairs per step × completions (G) | {cfg.pipeline.global_batch} × {s.sampling.num_samples} |",
            f"| sampling | temperature {s.sampling.temperature:g}, at most {s.sampling.max_new_tokens} new tokens |",
-           f"| objective | {s.loss.loss}, ε = ({s.loss.eps_low:g}, {s.loss.eps_high:g}), β = {s.loss.beta:g} "
-           f"({s.loss.kl}) |",
+           f"| objective | {s.loss.objective} surrogate ({s.loss.importance_sampling_level}-level ratio), "
+           f"ε = ({s.loss.eps_low:g}, {s.loss.eps_high:g}), β = {s.loss.beta:g} ({s.loss.kl}) |",
+           f"| loss aggregation, advantages | {s.loss.loss}, {s.loss.advantage} |",
            f"| learning rate | {s.optim.learning_rate:g} |",
            f"| rewards | {', '.join(f'{w:g}·{n}' for n, w in s.rewards.weights)} |",
            f"| listener | {m.listener or 'the initial policy (frozen)'} |", ""]

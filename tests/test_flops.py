@@ -118,3 +118,21 @@ def test_extend_count_equals_traced_extend():
                                             shared_frozen_vision=True, **base) == vis
   assert grpo_step_flops(model.config, b, p, grid, g, c, shared_frozen_vision=True, **base) == grpo_step_flops(
       model.config, b, p, grid, g, c, **base)  # β = 0: no reference pass, nothing shared
+  # Rows that all stop early shorten the decode loop only: every later pass runs the full width N.
+  rollout = lambda *k: matmul_flops(rollout_matmuls(model.config, b, p, grid, g, c, *k))
+  assert grpo_step_flops(model.config, b, p, grid, g, c, **base) - grpo_step_flops(
+      model.config, b, p, grid, g, c, decode_steps=2, **base) == rollout() - rollout(2) > 0
+  # The image features are reused, not recomputed: by the passes when the tower is frozen, by the
+  # recomputed old log-probs always.
+  text = policy
+  assert grpo_step_flops(model.config, b, p, grid, g, c, passes=2, **base) - grpo_step_flops(
+      model.config, b, p, grid, g, c, passes=2, frozen_vision=True, **base) == 6 * vis
+  assert grpo_step_flops(model.config, b, p, grid, g, c, recompute_old=True, **base) - grpo_step_flops(
+      model.config, b, p, grid, g, c, **base) == text
+  # A listener of other sizes (the paper's 7B beside a smaller policy) is counted with its own.
+  import dataclasses
+  deeper = model.config.replace(text=dataclasses.replace(model.config.text, num_hidden_layers=4))
+  more = grpo_step_flops(model.config, b, p, grid, g, c, listener_cfg=deeper, **base)
+  assert more - grpo_step_flops(model.config, b, p, grid, g, c, **base) == matmul_flops(
+      text_matmuls(deeper, b, 9, lm_head=False) + extend_matmuls(deeper, b, 9, g, c + 4, lm_head=False)) - matmul_flops(
+      text_matmuls(model.config, b, 9, lm_head=False) + extend_matmuls(model.config, b, 9, g, c + 4, lm_head=False)) > 0

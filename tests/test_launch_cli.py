@@ -356,6 +356,8 @@ def release_the_run(run_dir, policy, metrics):
   card = (run_dir / "hf" / "README.md").read_text()
   assert f"| accuracy (mean of both orders) | {metrics['accuracy']:.3f} |" in card
   assert "step 2" in card and "Qwen2_5_VLForConditionalGeneration" in card and "<answer>" in card
+  # the surrogate and the aggregation apart (the card called the aggregation the objective)
+  assert "| objective | clip surrogate (token-level ratio)" in card and "| loss aggregation, advantages | grpo, grpo |" in card
   assert convert.main(["to-hf", str(run_dir), str(run_dir / "x"), "--step", "9"]) == 2
   assert convert.main(["to-hf", str(run_dir), str(run_dir / "hf_best"), "--best"]) == 0
   assert "at step 2 (its best held-out checkpoint)" in (run_dir / "hf_best" / "README.md").read_text()

@@ -32,3 +32,26 @@ def test_scalars_read_back_by_tensorboard(tmp_path):
     assert math.isclose(v, 0.5 + 0.1 * s, rel_tol=1e-6)
   assert [e.value for e in acc.Scalars("loss")] == [float(__import__("numpy").float32(-s / 3)) for s in range(1, 6)]
   assert acc.Scalars("big_step")[0].step == 2**40
+
+
+def test_a_resumed_run_replaces_the_steps_it_logs_again(tmp_path):
+  """A first attempt logs steps 1-5 and is killed after the checkpoint of step 3; the resumed run's
+  sinks (resumed_from=3) log 4-6. TensorBoard shows 1-3 of the first and 4-6 of the second, as
+  metrics.jsonl does, not both attempts' 4 and 5."""
+  import time
+
+  from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+  from lgrpo_jax.train.metrics import MetricSinks
+  first = MetricSinks(str(tmp_path), tensorboard=True)
+  for step in range(1, 6):
+    first.write({"step": step, "loss": 1.0})
+  first.close()
+  time.sleep(1.1)  # a new event file: its name carries the second
+  again = MetricSinks(str(tmp_path), tensorboard=True, resumed_from=3)
+  for step in range(4, 7):
+    again.write({"step": step, "loss": 2.0})
+  again.close()
+  acc = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0}).Reload()
+  assert [(e.step, e.value) for e in acc.Scalars("loss")] == [(1, 1.0), (2, 1.0), (3, 1.0), (4, 2.0), (5, 2.0),
+                                                             (6, 2.0)]

@@ -190,6 +190,7 @@ class Trainer:
     self.ref_params = copy(reference) if reference is not None else copy_tree(params, dt)
     listener = listener if listener is not None else model
     self.listener_graphdef = nnx.split(listener, nnx.Param)[0]
+    self.listener_model_config = listener.config  # its own sizes, for the FLOP count
     self.listener_is_reference = listener is model and reference is None
     if self.listener_is_reference:
       self.listener_params = self.ref_params
@@ -246,7 +247,7 @@ class Trainer:
       with open(cfg_path, "w") as f:
         json.dump(config_record, f, indent=2, default=str)
     self.sinks = MetricSinks(self.run_dir, tensorboard=loop_cfg.tensorboard, wandb_project=loop_cfg.wandb_project,
-                             config_record=config_record)
+                             config_record=config_record, resumed_from=self.resumed_from)
     per_device = loop_cfg.peak_tflops_per_device or measured_matmul_tflops(jnp.dtype(model.config.dtype))
     self.peak_tflops = per_device * jax.device_count()
 
@@ -487,11 +488,13 @@ class Trainer:
     b *= jax.process_count()  # host rows are this process's share of the global batch
     c = self.step_cfg
     return grpo_step_flops(
-        self.model_config, b, p, pair_grid_of(host) * b, c.sampling.num_samples, max(decode_steps, 1),
+        self.model_config, b, p, pair_grid_of(host) * b, c.sampling.num_samples, c.sampling.max_new_tokens,
+        decode_steps=max(decode_steps, 1),
         listener_len=host["listener_input_ids"].shape[1] if c.rewards.needs_listener else 0,
         listener_suffix=len(self.spec.suffix_ids), passes=c.optim.passes,
         recompute_old=c.old_logprobs == "recompute", reference=c.loss.beta > 0,
-        shared_frozen_vision=self.listener_is_reference)
+        shared_frozen_vision=self.listener_is_reference, frozen_vision="vision" in c.optim.freeze,
+        listener_cfg=self.listener_model_config)
 
   def _loop(self, out, tty, on_metrics):
     while int(self.state.step) < self.loop_cfg.steps:

@@ -63,7 +63,10 @@ class MetricSinks:
   """Writes one dict of scalars per step to every configured sink (process 0 only)."""
 
   def __init__(self, run_dir: str, *, tensorboard: bool = True, wandb_project: str = "",
-               config_record: dict | None = None):
+               config_record: dict | None = None, resumed_from: int | None = None):
+    """`resumed_from`: the checkpoint step a resumed run continues from; the steps after it that an
+    earlier attempt logged are dropped (metrics.jsonl by the Trainer, TensorBoard by a restart
+    event here). W&B keeps them: it accepts no step at or below one it has (docs/training.md)."""
     self.path = os.path.join(run_dir, "metrics.jsonl")
     self.primary = jax.process_index() == 0
     self.tb = self.wandb = None
@@ -72,6 +75,8 @@ class MetricSinks:
     if tensorboard:
       from lgrpo_jax.train.tensorboard import EventWriter
       self.tb = EventWriter(os.path.join(run_dir, "tensorboard"))
+      if resumed_from is not None:
+        self.tb.restart_at(resumed_from + 1)
     if wandb_project:
       try:
         import wandb
@@ -106,8 +111,10 @@ class MetricSinks:
 
 def measured_matmul_tflops(dtype=jnp.float32, n: int = 2048, repeats: int = 3) -> float:
   """TFLOP/s of an n×n×n matmul on the default device (best of `repeats`, after a warm-up)."""
+  from lgrpo_jax.models.qwen2_5_vl.layers import precision_for
   a = jnp.ones((n, n), dtype)
-  f = jax.jit(lambda x: x @ x)
+  # at the precision the model's matmuls use (fp32: HIGHEST, not an accelerator's TF32 default)
+  f = jax.jit(lambda x: jnp.matmul(x, x, precision=precision_for(jnp.dtype(dtype))))
   f(a).block_until_ready()
   best = float("inf")
   for _ in range(repeats):

@@ -57,12 +57,15 @@ def _field_bytes(number: int, payload: bytes) -> bytes:
   return _varint(number << 3 | 2) + _varint(len(payload)) + payload
 
 
-def _event(wall_time: float, step: int, *, summary: bytes = b"", file_version: str = "") -> bytes:
+def _event(wall_time: float, step: int, *, summary: bytes = b"", file_version: str = "",
+           session_start: bool = False) -> bytes:
   out = _varint(1 << 3 | 1) + struct.pack("<d", wall_time) + _varint(2 << 3 | 0) + _varint(step)
   if file_version:
     out += _field_bytes(3, file_version.encode())
   if summary:
     out += _field_bytes(5, summary)
+  if session_start:  # session_log { status: START }
+    out += _field_bytes(7, _varint(1 << 3 | 0) + _varint(1))
   return out
 
 
@@ -91,6 +94,12 @@ class EventWriter:
     summary = b"".join(_scalar_value(k, float(v)) for k, v in values.items()
                        if isinstance(v, (int, float)) and not isinstance(v, bool))
     self._record(_event(time.time(), int(step), summary=summary))
+    self._f.flush()
+
+  def restart_at(self, step: int) -> None:
+    """A SessionLog START at `step`: TensorBoard drops what earlier files logged at `step` and after
+    (a run resumed from the checkpoint of step − 1 logs those steps again)."""
+    self._record(_event(time.time(), int(step), session_start=True))
     self._f.flush()
 
   def close(self) -> None:

@@ -66,15 +66,16 @@ def forward_flops(cfg: Qwen25VLConfig, batch: int, seq_len: int, grid: Grid = ()
 
 
 def rollout_matmuls(cfg: Qwen25VLConfig, batch: int, prompt_len: int, grid: Grid, samples: int,
-                    new_tokens: int) -> list[Matmul]:
+                    new_tokens: int, decode_steps: int | None = None) -> list[Matmul]:
   """A rollout as `lgrpo_jax.sampling` runs it: the vision tower and the prompt prefill once per
-  prompt (head only at the last position), then `new_tokens - 1` decode steps of batch·samples
-  tokens, each attending to the prompt's P keys and its sample's N suffix slots (all computed,
-  masked; the new token's own slot among them)."""
+  prompt (head only at the last position), then `decode_steps - 1` decode steps (default
+  `new_tokens`: none stopped early) of batch·samples tokens, each attending to the prompt's P keys
+  and its sample's N = `new_tokens` suffix slots (all computed, masked; the new token's own slot
+  among them)."""
   t = cfg.text
   out = vision_matmuls(cfg, grid) + text_matmuls(cfg, batch, prompt_len, lm_head=False)
   out.append(("text.lm_head", 1, batch, t.hidden_size, t.vocab_size))
-  steps, rows = new_tokens - 1, batch * samples
+  steps, rows = (new_tokens if decode_steps is None else decode_steps) - 1, batch * samples
   if steps <= 0:
     return out
   e, hd, layers = t.hidden_size, t.head_dim, t.num_hidden_layers
@@ -109,22 +110,33 @@ def extend_matmuls(cfg: Qwen25VLConfig, batch: int, prefix_len: int, samples: in
 
 def grpo_step_flops(cfg: Qwen25VLConfig, batch: int, prompt_len: int, grid: Grid, samples: int,
                     new_tokens: int, *, listener_len: int = 0, listener_suffix: int = 0, passes: int = 1,
-                    recompute_old: bool = False, reference: bool = False, shared_frozen_vision: bool = False) -> int:
+                    recompute_old: bool = False, reference: bool = False, shared_frozen_vision: bool = False,
+                    decode_steps: int | None = None, frozen_vision: bool = False,
+                    listener_cfg: Qwen25VLConfig | None = None) -> int:
   """Counted FLOPs of one GRPO step as `lgrpo_jax.train.step` runs it (for the MFU metric):
 
-    rollout (vision + prefill once per pair, `new_tokens` decode steps of batch·samples rows)
-    + listener (vision + its prefix once per pair, then samples·(new_tokens + suffix) tokens)
+    rollout (vision + prefill once per pair, `decode_steps` decode steps of batch·samples rows:
+             fewer than N = `new_tokens` when every row stopped early)
+    + listener (vision + its prefix once per pair, then samples·(N + suffix) tokens; its own
+                model's sizes, `listener_cfg`)
     + 3 × policy forward (forward + backward ≈ 2 × forward) per optimiser pass
     + one policy forward each for recomputed old log-probs and for the reference (β > 0),
-  where a policy forward is vision + prompt once per pair + samples·new_tokens tokens with the head;
-  `shared_frozen_vision` (the listener is the reference model): their two vision passes are one."""
-  mm = rollout_matmuls(cfg, batch, prompt_len, grid, samples, new_tokens)
+  where a policy forward is vision + prompt once per pair + samples·N tokens with the head (every
+  pass after the rollout runs the full width N). The vision tower is not run again where the step
+  reuses the rollout's image features: in the recomputed old log-probs always, in the passes when
+  it is frozen (`frozen_vision`); `shared_frozen_vision` (the listener is the reference model):
+  their two vision passes are one."""
+  lcfg = listener_cfg or cfg
+  mm = rollout_matmuls(cfg, batch, prompt_len, grid, samples, new_tokens, decode_steps)
   if listener_len:
-    mm += vision_matmuls(cfg, grid) + text_matmuls(cfg, batch, listener_len, lm_head=False)
-    mm += extend_matmuls(cfg, batch, listener_len, samples, new_tokens + listener_suffix, lm_head=False,
+    mm += vision_matmuls(lcfg, grid) + text_matmuls(lcfg, batch, listener_len, lm_head=False)
+    mm += extend_matmuls(lcfg, batch, listener_len, samples, new_tokens + listener_suffix, lm_head=False,
                          name="listener")
-  policy = (vision_matmuls(cfg, grid) + text_matmuls(cfg, batch, prompt_len, lm_head=False)
-            + extend_matmuls(cfg, batch, prompt_len, samples, new_tokens, lm_head=True, name="policy"))
-  forwards = 3 * passes + int(recompute_old) + int(reference)
-  shared = matmul_flops(vision_matmuls(cfg, grid)) if shared_frozen_vision and listener_len and reference else 0
-  return matmul_flops(mm) + forwards * matmul_flops(policy) - shared
+  vision = matmul_flops(vision_matmuls(cfg, grid))
+  text = matmul_flops(text_matmuls(cfg, batch, prompt_len, lm_head=False)
+                      + extend_matmuls(cfg, batch, prompt_len, samples, new_tokens, lm_head=True, name="policy"))
+  passes_f = 3 * passes * (text + (0 if frozen_vision else vision))
+  recompute_f = text if recompute_old else 0  # on the rollout's image features
+  reference_f = text + vision if reference else 0
+  shared = vision if shared_frozen_vision and listener_len and reference else 0
+  return matmul_flops(mm) + passes_f + recompute_f + reference_f - shared
