@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
   ap.add_argument("--checkpoint", default=None, help="local HF directory (default: tiny random model)")
   ap.add_argument("--batch", type=int, default=None,
                   help="global batch (rows), split across processes; a multiple of the data shards (data × "
-                       "fsdp; default: one row per shard)")
+                       "fsdp; default: 8, or one row per shard when there are more)")
   ap.add_argument("--out", default=None, help="process 0 writes the gathered logits here (.npy)")
   distributed.add_args(ap)
   return ap
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
   try:
     mesh = sharding.make_mesh(sharding.MeshConfig(args.data, args.fsdp, args.tensor))
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    args.batch = args.batch or shards
+    args.batch = args.batch or shards * -(-8 // shards)
     if args.batch % shards:  # the batch axis would be replicated, and each process's rows refused
       raise sharding.MeshError(f"--batch {args.batch} does not split over the mesh's {shards} data shards "
                                f"(data × fsdp); use a multiple of {shards}")

@@ -170,7 +170,7 @@ def test_an_interrupted_warm_start_resumes_exactly(tmp_path, monkeypatch):
   pairs = list(synthetic(8, seed=0, image_size=56))
   pipe = PipelineConfig(global_batch=2, image=ImageConfig(min_pixels=56 * 56, max_pixels=56 * 56),
                         length_buckets=(256,))
-  cfg = SFTConfig(steps=4, log_every=1, save_every=3, max_target_tokens=24)
+  cfg = SFTConfig(steps=4, log_every=1, save_every=3, max_target_tokens=40)
 
   def stage(run, said=None):  # the three stages compile one program: loaded from a cache after the first
     with no_min_compile_time(), compile_cache.use(str(tmp_path / "xla")):
