@@ -310,13 +310,15 @@ def test_prefix_shared_logprobs_equal_the_samplers(rollout):
   np.testing.assert_allclose(np.asarray(logp)[m], np.asarray(out.logprobs)[m], atol=1e-5)
 
 
-@pytest.mark.parametrize("variant", ["a", "b"], ids=["untied", "tied"])
-def test_bf16_sampler_logprobs_are_the_updates(variant):
+@pytest.mark.parametrize("variant,param_dtype", [("a", "bfloat16"), ("b", "bfloat16"), ("a", "float32")],
+                         ids=["untied", "tied", "fp32_master_weights"])
+def test_bf16_sampler_logprobs_are_the_updates(variant, param_dtype):
   """In bf16 the sampler's head accumulates and returns fp32, as the log-prob pass does, so the
   first pass's ratio is 1: rounding the logits to bf16 put 8e-4 between them here, and more on a
-  trained model's larger logits (~0.1)."""
+  trained model's larger logits (~0.1). Also with fp32 master weights (model.param_dtype), which
+  the decode loop's fused weights and the passes both cast to bf16."""
   from lgrpo_jax.grpo.update import policy_logprobs
-  model = lgrpo_jax.from_config(config_dict(variant), dtype="bfloat16")
+  model = lgrpo_jax.from_config(config_dict(variant), dtype="bfloat16", param_dtype=param_dtype)
   batch = make_batch([{"text": [3, 4], "images": [(56, 84)], "pad": 2}, {"text": [5, 2], "images": [(56, 84)]}],
                      seed=3)
   grid = tuple(map(tuple, batch["image_grid_thw"].tolist()))

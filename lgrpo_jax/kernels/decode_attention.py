@@ -41,8 +41,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-# Same large negative as layers.MASK_VALUE: finite, so a fully masked chunk gives e^0 = 1 weights
-# that the first real score's rescaling e^(MASK − m) = 0 wipes out.
+# A large finite negative (as layers.MASK_VALUE is, though not the same number): a fully masked
+# chunk gives e^0 = 1 weights that the first real score's rescaling e^(MASK − m) = 0 wipes out.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 log = logging.getLogger(__name__)
 _WARNED: list[bool] = []

@@ -230,6 +230,10 @@ def decode_matmul(x_mk, w, *, norm_weight=None, eps: float = 1e-6, norm_ss=None,
       raise ValueError(f"pallas decode matmul: {name} {a.shape}, want {want}")
   if gated and (bias is not None or residual is not None or return_ss):
     raise ValueError("pallas decode matmul: the gated (gate/up) form takes no bias or residual and returns no Σy²")
+  # The module adds them in the compute dtype (Dense casts its bias; the residual stream is in it):
+  # an fp32 bias or residual given here is rounded first, as there.
+  bias = None if bias is None else bias.astype(x_mk.dtype)
+  residual = None if residual is None else residual.astype(x_mk.dtype)
   if norm_ss is not None and (norm_weight is None or norm_ss.ndim != 2 or norm_ss.shape[1] != m
                               or norm_ss.dtype != jnp.float32):
     raise ValueError(f"pallas decode matmul: norm_ss {norm_ss.shape} {norm_ss.dtype} wants norm_weight and "
