@@ -342,12 +342,12 @@ def test_sigkill_then_resume_is_bit_identical_and_sigterm_saves(tmp_path):
   assert [json.loads(x)["step"] for x in open(tmp_path / "b" / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
   # Both later processes (killed after step 3, resumed for 4–6) loaded their programs from the cache:
   # the resumed one too, though its state came from a checkpoint (committed to the device the same
-  # way as a fresh state, so the step lowers alike), spending a fraction of the first run's time.
+  # way as a fresh state, so the step lowers alike) — every one of its programs, none compiled. (A
+  # bound on the time instead, loading < 0.5 × compiling, failed under the CI's load: 2.4 of 4.6 s,
+  # against 0.8 of 3.6 s alone.)
   assert min(hits("b")) > 0
-  compile_s = lambda d: json.loads(open(tmp_path / d / "metrics.jsonl").readlines()[-1])["compile_s"]
-  # (Loading measured 0.31–0.32 of compiling under the clean-clone CI's load, 3.3 of 10.7 s: a bound
-  # of 0.3 failed there; compiling again would be ~1.)
-  assert compile_s("b") < 0.5 * compile_s("a"), (compile_s("a"), compile_s("b"))
+  resumed = json.loads(open(tmp_path / "b" / "metrics.jsonl").readlines()[-1])
+  assert resumed["compile_cache_hits"] == resumed["compiles"] > 0, resumed
 
 
 def test_completions_end_at_the_tokenizers_end_ids_by_default(tmp_path):
