@@ -79,9 +79,14 @@ def unregistered_names_allowed():
     _READING_A_RECORD.reset(token)
 
 
+def reading_a_record() -> bool:
+  """Inside `unregistered_names_allowed()`: configs do not check registered names."""
+  return _READING_A_RECORD.get()
+
+
 def lookup(table: dict, name: str, field: str):
   if name not in table:
-    if _READING_A_RECORD.get():
+    if reading_a_record():
       return None
     raise ValueError(f"{field}={name!r}: choose one of {sorted(table)}")
   return table[name]

@@ -84,9 +84,9 @@ class RewardConfig:
     object.__setattr__(self, "weights", tuple((str(n), float(w)) for n, w in self.weights))
     if not self.weights:
       raise ValueError("RewardConfig.weights is empty: GRPO needs at least one (reward, weight) pair")
-    from lgrpo_jax.grpo.core import _READING_A_RECORD
+    from lgrpo_jax.grpo.core import reading_a_record
     for name, w in self.weights:
-      if name not in REWARDS and not _READING_A_RECORD.get():
+      if name not in REWARDS and not reading_a_record():
         raise ValueError(f"RewardConfig.weights: unknown reward {name!r} (registered: {sorted(REWARDS)})")
       if not math.isfinite(w):
         raise ValueError(f"RewardConfig.weights: the weight of {name!r} is {w}, not a finite number")

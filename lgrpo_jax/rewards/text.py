@@ -15,6 +15,7 @@ the first `<answer>` and the first `</answer>` after it, whether or not the rest
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import jax
@@ -24,6 +25,7 @@ import numpy as np
 WHITESPACE = (0x20, 0x09, 0x0A, 0x0D)
 
 
+@functools.lru_cache(maxsize=1)
 def _byte_decoder() -> dict[str, int]:
   """Inverse of the byte-level BPE alphabet (printable bytes map to themselves, the others to
   256 + k in order), as GPT-2/Qwen tokenizers write token strings."""
