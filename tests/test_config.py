@@ -48,6 +48,33 @@ def test_round_trip_through_hf_dict_and_transformers():
   assert theirs.tie_word_embeddings is True
 
 
+@pytest.mark.parametrize("layout", ["nested", "flat"])
+@pytest.mark.parametrize("kv", ["absent", "null"])
+def test_absent_optional_text_fields_take_transformers_defaults(layout, kv):
+  """A config.json without num_key_value_heads / bos / eos / pad ids reads as transformers reads it:
+  absent KV heads are 8, an explicit null is one per query head; BOS/EOS are Qwen's ids."""
+  from transformers import Qwen2_5_VLConfig
+  d = config_dict("a")
+  t = d["text_config"]
+  t.update(num_attention_heads=16, hidden_size=16 * 8)  # head_dim 8
+  t["rope_parameters"]["mrope_section"] = [2, 1, 1]
+  for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+    t.pop(k, None)
+    d.pop(k, None)
+  if kv == "absent":
+    t.pop("num_key_value_heads")
+  else:
+    t["num_key_value_heads"] = None
+  d["vision_config"]["out_hidden_size"] = t["hidden_size"]
+  if layout == "flat":
+    d.update(d.pop("text_config"))
+  ours = Qwen25VLConfig.from_hf_dict(d).text
+  theirs = Qwen2_5_VLConfig(**{k: v for k, v in d.items() if k != "model_type"}).text_config
+  assert ours.num_key_value_heads == theirs.num_key_value_heads == (8 if kv == "absent" else 16)
+  assert (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id) == (
+      theirs.bos_token_id, theirs.eos_token_id, theirs.pad_token_id) == (151643, 151645, None)
+
+
 @pytest.mark.parametrize("edit,match", [
     (lambda d: d.update(model_type="qwen2_vl"), "model_type='qwen2_vl' is not supported"),
     (lambda d: d.pop("model_type"), "model_type=None is not supported"),

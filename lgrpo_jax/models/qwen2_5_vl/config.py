@@ -189,6 +189,9 @@ _TEXT_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_
 _VISION_REQUIRED = ("depth", "hidden_size", "num_heads", "intermediate_size", "out_hidden_size")
 
 
+_HF_KV_HEADS, _HF_BOS, _HF_EOS = 8, 151643, 151645  # Qwen2_5_VLTextConfig's class defaults
+
+
 def _pick(d: dict, source: str, where: str, key: str, required: bool, default=None, aliases=()):
   for k in (key, *aliases):
     if k in d and d[k] is not None:
@@ -246,19 +249,24 @@ def from_hf_dict(raw: dict[str, Any], *, source: str = "config") -> Qwen25VLConf
   if rope_theta is None:
     rope_theta = raw.get("rope_theta", 1000000.0)
   mrope = tuple(int(x) for x in rp.get("mrope_section", (16, 24, 24)))
-  eos = _pick(text_raw, source, tw, "eos_token_id", False, raw.get("eos_token_id"))
+  # transformers' defaults where a field is absent: 8 KV heads (an explicit null means one KV head
+  # per query head), and Qwen's <|endoftext|> / <|im_end|> as BOS / EOS.
+  def token_id(key, hf_default):  # an explicit null stays None, as in transformers
+    return text_raw[key] if key in text_raw else raw.get(key, hf_default)
+  eos = token_id("eos_token_id", _HF_EOS)
+  kv_heads = (_HF_KV_HEADS if "num_key_value_heads" not in text_raw
+              else _pick(text_raw, source, tw, "num_key_value_heads", False, tp["num_attention_heads"]))
   text = TextConfig(
       **{k: _as_int(v, source, tw + k) for k, v in tp.items()},
-      num_key_value_heads=_pick_int(text_raw, source, tw, "num_key_value_heads", False,
-                                    tp["num_attention_heads"]),
+      num_key_value_heads=_as_int(kv_heads, source, tw + "num_key_value_heads"),
       rms_norm_eps=float(_pick(text_raw, source, tw, "rms_norm_eps", False, 1e-5)),  # transformers' default
       rope_theta=float(rope_theta),
       mrope_section=mrope,  # type: ignore[arg-type]
       hidden_act=str(_pick(text_raw, source, tw, "hidden_act", False, "silu")),
       max_position_embeddings=_pick_int(text_raw, source, tw, "max_position_embeddings", False, 32768),
-      bos_token_id=_pick(text_raw, source, tw, "bos_token_id", False, raw.get("bos_token_id")),
+      bos_token_id=token_id("bos_token_id", _HF_BOS),
       eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
-      pad_token_id=_pick(text_raw, source, tw, "pad_token_id", False, raw.get("pad_token_id")),
+      pad_token_id=token_id("pad_token_id", None),
   )
   if text_raw.get("use_sliding_window"):
     raise ConfigError(f"{source}: '{tw}use_sliding_window'=true is not supported (Qwen2.5-VL "
