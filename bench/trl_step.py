@@ -9,7 +9,7 @@ Needs the `bench` extra (trl==1.16.0; torch stays 2.13.0+cpu, no torchvision). T
 bench/step.py's: B pairs, each a prompt with two --image² images (256 image tokens each at 448²) and
 --text-tokens of text — the ids of step.py's `pair_inputs`, checked — G completions of exactly N tokens
 (`generation_kwargs={"min_new_tokens": N}`: EOS is masked until N tokens, so no row stops early),
-temperature 1, β = 0.04 (a reference model), one optimisation pass (num_iterations=1), loss "grpo",
+temperature 1, β = 0.04 (a reference model; k3 KL without TRL's default bias correction, as ours), one optimisation pass (num_iterations=1), loss "grpo",
 AdamW at 1e-6, fp32, seed 0. One optimizer step takes all B·G completions: per_device_train_batch_size
 = --batch-size (default B·G, so gradient_accumulation_steps = 1 and generation_batch_size = B·G, divisible
 by G as TRL requires; a smaller --batch-size accumulates B·G/--batch-size micro-batches, TRL still
@@ -265,6 +265,7 @@ def main() -> None:
       output_dir=os.path.join(tmp, "out"), use_cpu=True, bf16=False, fp16=False, seed=0,
       per_device_train_batch_size=per_device, gradient_accumulation_steps=accum, num_generations=g,
       num_iterations=1, max_completion_length=n, temperature=1.0, top_p=1.0, top_k=0, beta=args.beta,
+      use_bias_correction_kl=False,  # ours' default (TRL 1.16 defaults to True): the same objective
       loss_type="grpo", learning_rate=1e-6, generation_kwargs={"min_new_tokens": n},
       gradient_checkpointing=not args.no_gradient_checkpointing, max_steps=args.warmup + args.steps,
       logging_steps=10**6, save_strategy="no", report_to="none", dataloader_num_workers=0,
