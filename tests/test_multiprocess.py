@@ -31,8 +31,9 @@ def run_check(n_proc: int, out, extra=()):
   return spawn(base, n_proc, env, timeout=300)
 
 
-def spawn(base, n_proc: int, env, timeout: int):
-  """Run `base` as one process, or as n_proc processes joined on loopback; their stdouts.
+def spawn(base, n_proc: int, env, timeout: int, codes=(0,), stderr=False):
+  """Run `base` as one process, or as n_proc processes joined on loopback; their stdouts (with
+  `stderr`, (stdout, stderr) pairs). An exit code outside `codes` fails the test.
 
   Every process's pipes are drained at once (threads), so a chatty process never blocks on a full
   pipe while another is read; a failure shows the stderr of *every* process (the one that failed
@@ -58,14 +59,14 @@ def spawn(base, n_proc: int, env, timeout: int):
 
   with concurrent.futures.ThreadPoolExecutor(len(procs)) as pool:
     results = list(pool.map(wait, procs))
-  if any(p.returncode != 0 for p in procs):
+  if any(p.returncode not in codes for p in procs):
     def excerpt(err):  # the first Python traceback (often the cause), then the end
       i = err.find("Traceback (most recent call last)")
       return (err[i:i + 2000] + "\n[…]\n" if i >= 0 else "") + err[-2500:]
     report = "\n".join(f"--- process {i}: exit {p.returncode}; stderr ---\n{excerpt(err)}"
                         for i, (p, (_, err)) in enumerate(zip(procs, results)))
     pytest.fail(report, pytrace=False)
-  return [out for out, _ in results]
+  return results if stderr else [out for out, _ in results]
 
 
 @pytest.mark.parametrize("source", ["random", "checkpoint"])
@@ -294,3 +295,52 @@ def test_a_stop_or_a_bad_record_on_one_process_stops_every_process(tmp_path):
                          "data source hangs); every process stops"), lines[0]
   assert re.fullmatch(r"eval hung: DataStall: process 1: no batch after \d+ s \(pipeline.stall_timeout_s=2\): the "
                       r"data source hangs \(a stalled file system\?\)", lines[1][4]), lines[1]
+
+
+def test_a_stop_or_a_hung_read_on_one_process_ends_a_two_process_evaluation_that_resumes(tmp_path):
+  """`python -m lgrpo_jax.evaluate` on two processes: SIGTERM reaching process 1 alone during its
+  second batch read, then (resumed) process 1's read hanging past --stall-timeout, each end both
+  processes at the same batch with the same exit code (143, then 75) and the judgements made kept;
+  the same command then finishes, and the predictions equal an uninterrupted one-process run's."""
+  import concurrent.futures
+
+  import lgrpo_jax
+  from transformers import AutoTokenizer
+  from lgrpo_jax.data.tokenizer import build_tiny_tokenizer, tiny_model_config
+  tok = build_tiny_tokenizer(tmp_path / "tok")
+  hf = tmp_path / "hf"
+  lgrpo_jax.save_hf(lgrpo_jax.from_config(tiny_model_config(tok), seed=3), hf)
+  AutoTokenizer.from_pretrained(tok).save_pretrained(hf)
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(1), "PYTHONPATH": os.pathsep.join(
+      [os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
+  for k in (distributed.ENV_COORDINATOR, distributed.ENV_NUM_PROCESSES, distributed.ENV_PROCESS_ID):
+    env.pop(k, None)
+  worker = os.path.join(os.path.dirname(__file__), "eval_fault_worker.py")
+  # 3 comparisons × 2 orders in batches of 4 (2 rows per process): two batches, the second padded.
+  args = ["--checkpoint", str(hf), "--data", "synthetic:3", "--batch", "4", "--max-new-tokens", "6",
+          "--no-listener", "--quiet"]
+  out = tmp_path / "eval"
+  run = lambda fault, *extra, n=2, codes=(0,): spawn(
+      [sys.executable, worker, fault, "2" if fault == "sigterm" else "1", *args, *extra], n,
+      {**env, "XLA_FLAGS": xla_flags(2 // n)}, 300, codes=codes, stderr=True)
+  keyed = lambda d: {(p["pair_id"], p["order"]): p for p in map(json.loads, open(d / "predictions.jsonl"))}
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:  # the reference runs alongside
+    ref = pool.submit(run, "none", "--out", str(tmp_path / "ref"), n=1)
+    stopped = run("sigterm", "--out", str(out), codes=(143,))
+    ref.result()
+  assert "SIGTERM: stopped with 4 of 6 judgements made" in stopped[0][1], stopped[0][1]
+  assert len(keyed(out)) == 4
+
+  hung = run("hang", "--out", str(out), "--stall-timeout", "2", codes=(75,))
+  assert "4 judgements already in" in hung[0][1] and "2 to go" in hung[0][1]
+  assert "process 1 of 2 got no batch within --stall-timeout" in hung[0][1], hung[0][1]
+  assert re.search(r"error: process 1: no batch after \d+ s \(--stall-timeout=2\)", hung[1][1]), hung[1][1]
+  assert len(keyed(out)) == 4
+
+  done = run("none", "--out", str(out))
+  assert "accuracy" in done[0][0] and "accuracy" not in done[1][0]
+  got, want = keyed(out), keyed(tmp_path / "ref")
+  assert len(open(out / "predictions.jsonl").read().splitlines()) == len(got) == len(want) == 6
+  for k, p in got.items():
+    assert (p["answer"], p["samples"][0]["text"]) == (want[k]["answer"], want[k]["samples"][0]["text"]), k
+    np.testing.assert_allclose(p["samples"][0]["p"], want[k]["samples"][0]["p"], atol=1e-5)
