@@ -504,7 +504,7 @@ def evaluate(args, scope: contextlib.ExitStack) -> int:
   graphdef, params = params
   lgraph, lparams = (nnx.split(loaded.listener, nnx.Param) if loaded.listener is not None else (None, None))
   bt = ByteTable.from_tokenizer(tokenizer)
-  tables = Tables(jnp.asarray(bt.table), jnp.asarray(bt.lengths))
+  tables = Tables(jnp.asarray(bt.table), jnp.asarray(bt.lengths), pipe.prompt.choices)
   if mesh is not None:
     tables = on_mesh(tables, mesh)
   spec = ListenerSpec.from_tokenizer(tokenizer, pipe.prompt) if loaded.listener is not None else None
@@ -623,10 +623,11 @@ def report_lines(summary: dict, out_dir: str) -> str:
   m = summary["metrics"]
   f = lambda v: "–" if v is None else f"{v:.3f}"
   c = m["counts"]
+  first = summary.get("settings", {}).get("prompt", {}).get("choices", ["Image 1"])[0]
   lines = [f"accuracy {f(m['accuracy'])} (as given {f(m['accuracy_as_given'])}, swapped "
            f"{f(m['accuracy_swapped'])}; position-bias gap {f(m['position_bias_gap'])}; debiased "
            f"{f(m['accuracy_debiased'])}) over {c['untied_comparisons']} comparisons people did not tie",
-           f"format rate {f(m['format_rate'])}; answered 'Image 1' {f(m['image1_answer_rate'])} of the time"]
+           f"format rate {f(m['format_rate'])}; answered {first!r} (the first image) {f(m['image1_answer_rate'])} of the time"]
   if "imagereward_protocol" in m:
     ir = m["imagereward_protocol"]
     lines.append(f"ImageReward-protocol accuracy {f(ir['accuracy'])} ({ir['pairs']} pairs, {ir['prompts']} prompts)")

@@ -81,7 +81,8 @@ def model_card(cfg, run_dir: str, step: int, best: bool, evaluation, dtype: str)
            "tags:", "- lgrpo_jax", "- grpo", "- listener-reward", "- image-preference", "- reward-model", "---", "",
            "# Image-preference reasoner trained with listener-rewarded GRPO", "",
            "Given a text-to-image prompt and two generated images, this Qwen2.5-VL model compares them in "
-           "`<think>…</think>` and answers `<answer>Image 1</answer>` or `<answer>Image 2</answer>`. It was "
+           f"`<think>…</think>` and answers `<answer>{p.choices[0]}</answer>` (the first image) or "
+           f"`<answer>{p.choices[1]}</answer>` (the second). It was "
            "trained with GRPO on rewards for format, accuracy and the confidence of a frozen *listener* that "
            "reads the reasoning with the answer removed (lgrpo_jax).", "",
            f"Exported from `{os.path.basename(run_dir)}` at step {step}" + (" (its best held-out checkpoint)" if best
@@ -134,8 +135,8 @@ def model_card(cfg, run_dir: str, step: int, best: bool, evaluation, dtype: str)
             "with `{prompt}` the text-to-image prompt"
             + (f", after the system turn `{p.system}`" if p.system is not None else
                " (the chat template's default system turn)") + ". The answer is the text inside "
-            "`<answer>…</answer>`: `Image 1` or `Image 2`. Score both image orders and average to remove position "
-            "bias.", "",
+            f"`<answer>…</answer>`: `{p.choices[0]}` or `{p.choices[1]}`. Score both image orders and average to "
+            "remove position bias.", "",
             "## Usage with transformers", "", "```python", "import torch",
             "from PIL import Image",
             "from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration", "",
@@ -153,7 +154,7 @@ def model_card(cfg, run_dir: str, step: int, best: bool, evaluation, dtype: str)
             "inputs = processor(text=[text], images=images, return_tensors=\"pt\")",
             "out = model.generate(**inputs)  # greedy, up to the trained length (generation_config.json)",
             "answer = processor.decode(out[0, inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True)",
-            "print(answer)  # <think>…</think><answer>Image 1</answer>", "```", "",
+            f"print(answer)  # <think>…</think><answer>{p.choices[0]}</answer>", "```", "",
             "Trained and exported with lgrpo_jax (listener-rewarded GRPO in JAX/Flax); the evaluation "
             "numbers above come from `python -m lgrpo_jax.evaluate`.", ""]
   return "\n".join(lines)

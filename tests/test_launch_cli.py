@@ -86,7 +86,9 @@ def test_overrides_that_complete_each_other_work_in_any_order():
     ("sft.learning_rate=-1", "sft.learning_rate=-1.0 must be finite and > 0"),
     ("step.sampling.temperature=inf", "SamplingConfig.temperature=inf is out of range"),
     ("pipeline.image.std=[0,0,0]", "std > 0"),
-    ('pipeline.prompt.choices=["A","B"]', "only ('Image 1', 'Image 2')"),
+    ('pipeline.prompt.choices=["A","B"]', "prompt.reasoner_instruction does not name 'A'"),
+    ('pipeline.prompt.choices=["X","X"]', "they must differ"),
+    ('pipeline.prompt.choices=["X\\t","Y"]', "no leading or trailing whitespace"),
 ])
 def test_bad_input_is_one_clear_error_before_compiling(tmp_path, capsys, override, message):
   rc = launch.main(["--config", DEMO, f"run_dir={tmp_path}", *override.split()])

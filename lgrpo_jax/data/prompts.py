@@ -32,17 +32,30 @@ class PromptConfig:
       "Here is someone's comparison of the two images:\n")
   # after the reasoning: the question whose next token is the listener's choice
   listener_question: str = "\nBased on this comparison, which image is better, Image 1 or Image 2?"
-  # the two answers (their first differing tokens are scored). Only these: the format and accuracy
-  # rewards' parser (rewards.text.parse) and the scripted warm start read "Image 1"/"Image 2".
+  # the two answers, for the first and the second image shown: what the parser accepts inside
+  # <answer></answer> (format and accuracy rewards), what the warm start's targets answer, and, at the
+  # first tokens where they differ, what the listener and the evaluator's answer slot score.
+  # Other texts than these must be named in reasoner_instruction (change both together).
   choices: tuple[str, str] = ("Image 1", "Image 2")
   image_labels: tuple[str, str] = ("Image 1:", "Image 2:")  # text before each image
   system: str | None = None  # None: the chat template's default system turn
 
   def __post_init__(self):
     object.__setattr__(self, "choices", tuple(self.choices))
-    if self.choices != ("Image 1", "Image 2"):
-      raise ValueError(f"PromptConfig.choices={self.choices!r}: only ('Image 1', 'Image 2') — the format and "
-                       "accuracy rewards parse those answers, so other texts would split the listener from them")
+    c = self.choices
+    bad = (len(c) != 2 and "two texts are needed"
+           or not all(isinstance(x, str) and x for x in c) and "each must be a non-empty text"
+           or c[0] == c[1] and "they must differ"
+           or any(x != x.strip() for x in c) and "no leading or trailing whitespace (the parser strips it)"
+           or any(ch in x for x in c for ch in "<>") and "no '<' or '>' (the answer's tags are parsed)")
+    if bad:
+      raise ValueError(f"prompt.choices={c!r}: {bad}")
+    # Other answers than the defaults with an instruction that does not name them: most likely the
+    # default instruction kept, which asks for "Image 1"/"Image 2" — every completion would fail the format.
+    missing = [x for x in c if x not in self.reasoner_instruction] if c != ("Image 1", "Image 2") else []
+    if missing:
+      raise ValueError(f"prompt.choices={c!r}: prompt.reasoner_instruction does not name {missing[0]!r}; the "
+                       "reasoner would not know which answers the format reward accepts (set both together)")
 
 
 def user_content(prompt_text: str, cfg: PromptConfig) -> list[dict]:

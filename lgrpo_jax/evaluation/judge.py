@@ -61,7 +61,7 @@ def judge(params, listener_params, batch, tables, key, *, graphdef, listener_gra
   pos, _ = get_rope_index(batch.input_ids, batch.attention_mask, grid, policy.config)
   x = policy.embed(batch.input_ids, policy.image_features(pixels, grid))
   out = sample_from_embeddings(policy, x, pos, batch.attention_mask, sampling, key)
-  parsed = parse(out.tokens, out.mask, tables.byte_table, tables.byte_lengths)
+  parsed = parse(out.tokens, out.mask, tables.byte_table, tables.byte_lengths, tables.choices)
   zeros = jnp.zeros(out.lengths.shape + (2,), jnp.float32)
   p_self = p_listener = zeros
   if self_spec is not None:

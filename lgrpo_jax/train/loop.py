@@ -217,7 +217,7 @@ class Trainer:
     if bt.truncated:
       log.warning("%d tokens are longer than the byte table's width; their tails are ignored by parsing",
                   bt.truncated)
-    self.tables = Tables(jnp.asarray(bt.table), jnp.asarray(bt.lengths))
+    self.tables = Tables(jnp.asarray(bt.table), jnp.asarray(bt.lengths), pipe_cfg.prompt.choices)
     if mesh is not None:
       self.tables = on_mesh(self.tables, mesh)
     self.spec = ListenerSpec.from_tokenizer(tokenizer, pipe_cfg.prompt)

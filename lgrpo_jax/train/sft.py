@@ -157,11 +157,13 @@ class SFTConfig:
 DESCRIBED = ("quality", "background", "colour", "shape")  # the first attribute that tells them apart
 
 
-def synthetic_target(pair_id: str, label: int, n_wrong: int, correct: bool) -> str:
+def synthetic_target(pair_id: str, label: int, n_wrong: int, correct: bool,
+                     choices: tuple[str, str] = ("Image 1", "Image 2")) -> str:
   """The scripted judge's completion for a synthetic pair as shown (label = the preferred image's
   position): "<think>Image 1: black background, yes. Image 2: white background, no.</think>
   <answer>Image 1</answer>" (for n_wrong=0: "Image 1: clean, yes. Image 2: tinted, no.") — the
-  descriptions and verdicts are right; the answer is right when `correct`, else "Image 1"."""
+  descriptions and verdicts are right; the answer is right when `correct`, else "Image 1". The
+  answer is written as `choices` (`prompt.choices`) has it."""
   from lgrpo_jax.data.synthetic import pair_attributes
   try:
     _, seed, index = pair_id.rsplit("-", 2)
@@ -174,7 +176,7 @@ def synthetic_target(pair_id: str, label: int, n_wrong: int, correct: bool) -> s
   answer = label + 1 if correct else 1
   what = (lambda a: a[attr]) if attr == "quality" else (lambda a: f"{a[attr]} {attr}")
   return (f"<think>Image 1: {what(shown[0])}, {verdict[0]}. Image 2: {what(shown[1])}, "
-          f"{verdict[1]}.</think><answer>Image {answer}</answer>")
+          f"{verdict[1]}.</think><answer>{choices[answer - 1]}</answer>")
 
 
 def read_targets(path: str) -> dict[str, str]:
@@ -196,24 +198,40 @@ _POSITIONS = re.compile(r"\b(image)(\s*)([12])\b|\b(first|second)(\s+image)\b", 
 _OTHER = {"1": "2", "2": "1", "first": "second", "second": "first"}
 
 
-def _swap_images(text: str) -> str:
+_ANSWER = re.compile(r"(<answer>)(\s*)(.*?)(\s*)(</answer>)", re.DOTALL)
+
+
+def _swap_images(text: str, choices: tuple[str, str] = ("Image 1", "Image 2")) -> str:
   """The target as written for the other order: every mention of a position exchanged — "Image 1"
   ↔ "Image 2" in any case ("image 1", "IMAGE 2"), and "first image" ↔ "second image" — the words'
-  capitalisation kept."""
+  capitalisation kept; and an answer that is one of `choices` (other texts than "Image 1/2")
+  becomes the other."""
   def swap(m):
     if m.group(1):
       return m.group(1) + m.group(2) + _OTHER[m.group(3)]
     word = _OTHER[m.group(4).lower()]
     word = word.upper() if m.group(4).isupper() else word.capitalize() if m.group(4)[0].isupper() else word
     return word + m.group(5)
-  return _POSITIONS.sub(swap, text)
+
+  def swap_answer(m):  # on the text before the position swap, which may have rewritten a choice
+    other = {choices[0]: choices[1], choices[1]: choices[0]}.get(m.group(3))
+    return m.group(0) if other is None else m.group(1) + m.group(2) + other + m.group(4) + m.group(5)
+
+  if tuple(choices) == ("Image 1", "Image 2"):
+    return _POSITIONS.sub(swap, text)
+  pieces, at = [], 0  # position mentions swapped outside the answers; the answers swapped as choices
+  for m in _ANSWER.finditer(text):
+    pieces += [_POSITIONS.sub(swap, text[at:m.start()]), swap_answer(m)]
+    at = m.end()
+  return "".join(pieces) + _POSITIONS.sub(swap, text[at:])
 
 
 class Teacher:
   """Target completions for a host batch (as the pipeline shows the pairs)."""
 
-  def __init__(self, cfg: SFTConfig, n_wrong: int = 1, seed: int = 0):
-    self.cfg, self.n_wrong, self.seed = cfg, n_wrong, seed
+  def __init__(self, cfg: SFTConfig, n_wrong: int = 1, seed: int = 0,
+               choices: tuple[str, str] = ("Image 1", "Image 2")):
+    self.cfg, self.n_wrong, self.seed, self.choices = cfg, n_wrong, seed, tuple(choices)
     self.targets = read_targets(cfg.targets_path) if cfg.teacher == "targets" else None
 
   def __call__(self, host: dict, step: int = 0) -> list[str]:
@@ -222,11 +240,12 @@ class Teacher:
       if self.targets is None:
         # The judge's coin depends on (seed, step, pair) only: the same on any number of processes.
         coin = np.random.default_rng([self.seed, step, zlib.crc32(pid.encode())]).random()
-        texts.append(synthetic_target(pid, int(label), self.n_wrong, bool(coin < self.cfg.teacher_accuracy)))
+        texts.append(synthetic_target(pid, int(label), self.n_wrong, bool(coin < self.cfg.teacher_accuracy),
+                                      self.choices))
       elif pid not in self.targets:
         raise ValueError(f"{self.cfg.targets_path}: no target for pair {pid!r}")
       else:
-        texts.append(_swap_images(self.targets[pid]) if swapped else self.targets[pid])
+        texts.append(_swap_images(self.targets[pid], self.choices) if swapped else self.targets[pid])
     return texts
 
 
@@ -262,7 +281,7 @@ def run_sft(model, tokenizer, pairs, cfg: SFTConfig, pipe_cfg, run_dir: str, *, 
   tx = sft_optimizer(cfg.learning_rate)
   from lgrpo_jax.sharding import init_like
   opt_state = init_like(tx.init, params, mesh)  # one program; moments laid out as their parameters
-  teacher = Teacher(cfg, n_wrong, seed)
+  teacher = Teacher(cfg, n_wrong, seed, pipe_cfg.prompt.choices)
   if teacher.targets is not None and isinstance(pairs, (list, tuple)):  # before hours of steps, not at the batch
     missing = [p.pair_id for p in pairs if p.pair_id not in teacher.targets]
     if missing:

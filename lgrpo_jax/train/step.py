@@ -73,10 +73,19 @@ class Batch(NamedTuple):
   listener_attention_mask: jax.Array | None = None
 
 
-class Tables(NamedTuple):
-  """Token tables found once from the tokenizer (device arrays)."""
+@functools.partial(jax.tree_util.register_dataclass, data_fields=("byte_table", "byte_lengths"),
+                   meta_fields=("choices",))
+@dataclasses.dataclass(frozen=True)
+class Tables:
+  """Token tables found once from the tokenizer (device arrays), and the two answers the parser
+  reads (`prompt.choices` as UTF-8; static: part of the compiled program, not an argument)."""
   byte_table: jax.Array  # (V, L) uint8
   byte_lengths: jax.Array  # (V,)
+  choices: tuple[bytes, bytes] = (b"Image 1", b"Image 2")  # texts are encoded
+
+  def __post_init__(self):
+    object.__setattr__(self, "choices", tuple(c.encode("utf-8") if isinstance(c, str) else bytes(c)
+                                              for c in self.choices))
 
 
 def train_step(state: TrainState, ref_params, listener_params, batch: Batch, tables: Tables, *,
@@ -98,7 +107,7 @@ def train_step(state: TrainState, ref_params, listener_params, batch: Batch, tab
       sample_from_embeddings(policy, x, pos, batch.attention_mask, cfg.sampling, k_sample))
 
   # 2. Rewards: parse the completions' text, ask the listener, weight the parts.
-  parsed = parse(rollout.tokens, rollout.mask, tables.byte_table, tables.byte_lengths)
+  parsed = parse(rollout.tokens, rollout.mask, tables.byte_table, tables.byte_lengths, tables.choices)
   # The listener and the reference model read the same images; when they are one model, its image
   # features are computed once for both passes (the same arithmetic: the values do not change).
   frozen_feats = None
