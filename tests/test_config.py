@@ -75,6 +75,21 @@ def test_absent_optional_text_fields_take_transformers_defaults(layout, kv):
       theirs.bos_token_id, theirs.eos_token_id, theirs.pad_token_id) == (151643, 151645, None)
 
 
+def test_plain_vision_rope_theta_and_absent_full_attention_blocks_read_as_transformers_reads_them():
+  """A vision `rope_theta` outside rope_parameters is used (transformers moves it there); absent
+  `fullatt_block_indexes` on a tower of fewer than 32 blocks keeps only the default blocks that exist."""
+  from transformers import Qwen2_5_VLConfig
+  d = config_dict("a")
+  d["vision_config"].pop("rope_parameters", None)
+  d["vision_config"]["rope_theta"] = 500.0
+  d["vision_config"].pop("fullatt_block_indexes")
+  d["vision_config"]["depth"] = 9
+  ours = Qwen25VLConfig.from_hf_dict(d).vision
+  theirs = Qwen2_5_VLConfig(**{k: v for k, v in d.items() if k != "model_type"}).vision_config
+  assert ours.rope_theta == theirs.rope_parameters["rope_theta"] == 500.0
+  assert [i for i in theirs.fullatt_block_indexes if i < theirs.depth] == list(ours.fullatt_block_indexes) == [7]
+
+
 @pytest.mark.parametrize("edit,match", [
     (lambda d: d.update(model_type="qwen2_vl"), "model_type='qwen2_vl' is not supported"),
     (lambda d: d.pop("model_type"), "model_type=None is not supported"),

@@ -280,12 +280,16 @@ def from_hf_dict(raw: dict[str, Any], *, source: str = "config") -> Qwen25VLConf
       temporal_patch_size=_pick_int(vision_raw, source, vw, "temporal_patch_size", False, 2),
       spatial_merge_size=_pick_int(vision_raw, source, vw, "spatial_merge_size", False, 2),
       window_size=_pick_int(vision_raw, source, vw, "window_size", False, 112),
+      # absent: transformers' default, whose blocks past `depth` do not exist (all-window when depth ≤ 7)
       fullatt_block_indexes=tuple(int(i) for i in _pick(
-          vision_raw, source, vw, "fullatt_block_indexes", False, (7, 15, 23, 31))),
+          vision_raw, source, vw, "fullatt_block_indexes", False, tuple(i for i in (7, 15, 23, 31)
+                                                                         if i < vp["depth"]))),
       in_channels=_pick_int(vision_raw, source, vw, "in_channels", False, 3, aliases=("in_chans",)),
       hidden_act=str(_pick(vision_raw, source, vw, "hidden_act", False, "silu")),
       tokens_per_second=_pick_int(vision_raw, source, vw, "tokens_per_second", False, 4),
-      rope_theta=float(vrp.get("rope_theta", 10000.0)) if isinstance(vrp, dict) else 10000.0,
+      # (transformers moves a plain vision rope_theta into rope_parameters)
+      rope_theta=float((vrp if isinstance(vrp, dict) else {}).get("rope_theta",
+                                                                   vision_raw.get("rope_theta", 10000.0))),
   )
   tie = bool(raw.get("tie_word_embeddings", False)) or bool(
       raw.get("text_config", {}).get("tie_word_embeddings", False)
