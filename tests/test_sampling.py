@@ -7,13 +7,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 from flax import nnx
 
 import lgrpo_jax
 from lgrpo_jax import sharding
 from lgrpo_jax.models.qwen2_5_vl import get_rope_index
 from lgrpo_jax.sampling import SamplingConfig
-from hf_tiny import CASES, PAD, assert_same_samples, build_hf, config_dict, hf_generate, hf_logits, make_batch, our_generate
+from hf_tiny import (CASES, PAD, assert_same_samples, build_hf, config_dict, hf_generate, hf_logits, make_batch,
+                     our_generate, ours_inputs)
 
 N = 10
 GEN_CASES = ["one_image_windows", "two_images_sizes", "left_padded_batch", "two_rows_two_images", "long_300"]
@@ -67,6 +69,34 @@ def test_eos_and_stop_sequences_end_rows_independently(pair):
   # Early exit: once every row has stopped the loop ends.
   out = our_generate(ours, batch, max_new_tokens=N, eos_token_id=[int(free[0, 2]), int(free[1, 2])])
   assert int(out.steps) <= 3 and np.asarray(out.lengths).max() <= 3 and np.asarray(out.ended).all()
+
+
+def test_default_end_ids_are_generation_config_json_s_as_in_transformers(pair, tmp_path):
+  """Without `eos_token_id`, `generate` stops where transformers' `generate` does: on the ids of
+  generation_config.json (Qwen2.5-VL-Instruct lists two; config.json names one); and an export
+  writes them back."""
+  import json
+  import shutil
+
+  from transformers import Qwen2_5_VLForConditionalGeneration
+  hf, _, path = pair
+  batch = make_batch(CASES["left_padded_batch"], seed=11)
+  free = hf_generate(hf, batch, N)
+  second = int(free[0, 3])  # a token row 0 writes: the second end id
+  d = tmp_path / "two_ends"
+  shutil.copytree(path, d)
+  json.dump({"bos_token_id": 1, "eos_token_id": [2, second], "pad_token_id": PAD}, open(d / "generation_config.json", "w"))
+  with torch.no_grad():
+    ref = Qwen2_5_VLForConditionalGeneration.from_pretrained(d).eval().generate(
+        **{k: torch.from_numpy(v) for k, v in batch.items()}, max_new_tokens=N, do_sample=False)
+  ref = ref[:, batch["input_ids"].shape[1]:].numpy()
+  ours = lgrpo_jax.load_hf(d, dtype="float32")
+  assert ours.config.generation_eos_token_id == (2, second)
+  out = lgrpo_jax.generate(ours, **ours_inputs(batch), max_new_tokens=N, pad_token_id=PAD)
+  assert int(out.lengths[0]) == list(free[0]).index(second) + 1 < N  # it stopped there
+  np.testing.assert_array_equal(np.asarray(out.tokens)[:, :ref.shape[1]], ref)
+  lgrpo_jax.save_hf(ours, tmp_path / "exported")
+  assert json.load(open(tmp_path / "exported" / "generation_config.json"))["eos_token_id"] == [2, second]
 
 
 def test_sampler_logprobs_equal_teacher_forced_recomputation(pair):

@@ -200,10 +200,14 @@ def generate(model: Qwen25VL, input_ids, attention_mask=None, pixel_values=None,
 
   Returns a `Rollout` whose arrays are (B·num_samples, N): row b·G + g is sample g of prompt b, as
   transformers' `num_return_sequences` orders them; completions only (the prompt is not repeated).
-  `eos_token_id` defaults to the model config's; `pad_token_id` to its pad id (or 0).
+  `eos_token_id` defaults to generation_config.json's end ids, as transformers' `generate` (else
+  config.json's); `pad_token_id` to the pad id (or 0).
   """
   text = model.config.text
-  eos = text.eos_token_id if eos_token_id is None else eos_token_id
+  if eos_token_id is None:
+    gen_eos = model.config.generation_eos_token_id
+    eos_token_id = gen_eos if gen_eos is not None else text.eos_token_id
+  eos = eos_token_id
   eos = () if eos is None else (eos,) if isinstance(eos, (int, np.integer)) else tuple(eos)
   pad = pad_token_id if pad_token_id is not None else (text.pad_token_id or 0)
   cfg = SamplingConfig(max_new_tokens=max_new_tokens, num_samples=num_samples, temperature=temperature,

@@ -102,6 +102,10 @@ class Qwen25VLConfig:
   # matmul with the RMSNorm, bias, SwiGLU and residual adds folded in (kernels/decode_matmul.py); GPUs
   # only (interpreted elsewhere), data/fsdp meshes. Not yet timed on a GPU, so not the default.
   decode_matmul: str = "xla"
+  # From generation_config.json beside config.json (not written to config.json): its end ids, which
+  # transformers' `generate` stops on (Qwen2.5-VL-Instruct: <|im_end|> and <|endoftext|>, where
+  # config.json names one); `sampling.generate`'s default. None: there is no such file or field.
+  generation_eos_token_id: tuple[int, ...] | None = None
 
   def replace(self, **kw) -> "Qwen25VLConfig":
     out = dataclasses.replace(self, **kw)
@@ -125,7 +129,19 @@ class Qwen25VLConfig:
         raw = json.load(f)
     except json.JSONDecodeError as e:
       raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    return from_hf_dict(raw, source=path)
+    cfg = from_hf_dict(raw, source=path)
+    gen_path = os.path.join(os.path.dirname(path), "generation_config.json")
+    if os.path.isfile(gen_path):
+      try:
+        with open(gen_path) as f:
+          eos = json.load(f).get("eos_token_id")
+      except (json.JSONDecodeError, AttributeError) as e:
+        raise ConfigError(f"{gen_path}: not a JSON object ({e})") from None
+      if eos is not None:
+        eos = eos if isinstance(eos, list) else [eos]
+        cfg = dataclasses.replace(cfg, generation_eos_token_id=tuple(
+            _as_int(e, gen_path, "eos_token_id") for e in eos))
+    return cfg
 
   def to_hf_dict(self) -> dict[str, Any]:
     """The nested transformers-5 layout, loadable by `Qwen2_5_VLConfig`."""

@@ -266,7 +266,10 @@ def save_hf(model: Qwen25VL, out_dir, *, dtype=None, hf_source=None,
         copied.append(name)
   if "generation_config.json" not in copied:
     t = cfg.text
-    gen = {k: v for k, v in (("bos_token_id", t.bos_token_id), ("eos_token_id", t.eos_token_id),
+    eos, gen_eos = t.eos_token_id, cfg.generation_eos_token_id
+    if gen_eos is not None:  # as read: one id as a number, several as a list
+      eos = gen_eos[0] if len(gen_eos) == 1 else list(gen_eos)
+    gen = {k: v for k, v in (("bos_token_id", t.bos_token_id), ("eos_token_id", eos),
                              ("pad_token_id", t.pad_token_id)) if v is not None}
     with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
       json.dump(gen, f, indent=2)
