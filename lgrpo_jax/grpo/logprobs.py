@@ -38,9 +38,11 @@ F32 = jnp.float32
 
 
 def token_logprobs(h_re, head_ve, targets_r, chunk: int = 8192, dtype=jnp.float32, with_entropy=False,
-                   entropy_grad=False):
-  """log softmax(h·Wᵀ)[target] in fp32 for hidden states h (…, E), head W (V, E), targets (…),
-  with h and W in `dtype` and fp32 accumulation. With `with_entropy`, also the entropy of each
+                   entropy_grad=False, temperature: float = 1.0):
+  """log softmax(h·Wᵀ / T)[target] in fp32 for hidden states h (…, E), head W (V, E), targets (…),
+  with h and W in `dtype` and fp32 accumulation. The temperature divides the fp32 logits, as the
+  sampler does (`sampling.choose`): dividing the head before a bf16 matmul would round W/T to bf16
+  and move every log-prob (~5e-3 at T = 0.7). With `with_entropy`, also the entropy of each
   position's distribution (same pass): H = lse − t/s, where t = Σ exp(l − m)·l is carried
   alongside s = Σ exp(l − m). The entropy is differentiated only with `entropy_grad` (an entropy
   bonus); otherwise its cotangent is dropped and the backward pass does no work for it."""
@@ -48,7 +50,7 @@ def token_logprobs(h_re, head_ve, targets_r, chunk: int = 8192, dtype=jnp.float3
   h = h_re.astype(dtype).reshape(-1, h_re.shape[-1])
   t = targets_r.reshape(-1).astype(jnp.int32)
   logp, ent = _logprobs(min(chunk, head_ve.shape[0]), bool(with_entropy or entropy_grad), bool(entropy_grad),
-                        h, head_ve.astype(dtype), t)
+                        float(temperature), h, head_ve.astype(dtype), t)
   logp = logp.reshape(lead)
   return (logp, ent.reshape(lead)) if with_entropy or entropy_grad else logp
 
@@ -57,12 +59,18 @@ def _chunk_slices(v: int, c: int) -> list[tuple[int, int]]:
   return [(a, min(a + c, v)) for a in range(0, v, c)]
 
 
-def _logits(h_re, w_ce):
-  return jnp.einsum("re,ce->rc", h_re, w_ce, precision=precision_for(w_ce.dtype), preferred_element_type=F32)
+def _tempered(logits, temperature: float):
+  return logits if temperature == 1.0 else logits / temperature
 
 
-def _target_logits(h_re, w_ve, t_r):
-  return jnp.einsum("re,re->r", h_re, w_ve[t_r], precision=precision_for(w_ve.dtype), preferred_element_type=F32)
+def _logits(h_re, w_ce, temperature: float = 1.0):
+  return _tempered(jnp.einsum("re,ce->rc", h_re, w_ce, precision=precision_for(w_ce.dtype),
+                              preferred_element_type=F32), temperature)
+
+
+def _target_logits(h_re, w_ve, t_r, temperature: float = 1.0):
+  return _tempered(jnp.einsum("re,re->r", h_re, w_ve[t_r], precision=precision_for(w_ve.dtype),
+                              preferred_element_type=F32), temperature)
 
 
 def _stats_update(carry, logits_rc, with_entropy):
@@ -85,47 +93,48 @@ def _padded_chunks(w_ve, c):
   return w, (jnp.arange(n)[:, None] * c + jnp.arange(c)) < v
 
 
-def _forward(c, with_entropy, h_re, w_ve, t_r, unrolled: bool):
+def _forward(c, with_entropy, temperature, h_re, w_ve, t_r, unrolled: bool):
   """→ log-probs, entropies (zeros without `with_entropy`) and each row's logsumexp."""
   r = h_re.shape[0]
   carry = (jnp.full((r,), -jnp.inf, F32), jnp.zeros((r,), F32), jnp.zeros((r,), F32))
   if unrolled:
     for a, b in _chunk_slices(w_ve.shape[0], c):
-      carry = _stats_update(carry, _logits(h_re, w_ve[a:b]), with_entropy)
+      carry = _stats_update(carry, _logits(h_re, w_ve[a:b], temperature), with_entropy)
   else:
     def body(carry, xs):
       w_ce, valid_c = xs
-      return _stats_update(carry, jnp.where(valid_c, _logits(h_re, w_ce), -jnp.inf), with_entropy), None
+      return _stats_update(carry, jnp.where(valid_c, _logits(h_re, w_ce, temperature), -jnp.inf), with_entropy), None
     carry, _ = jax.lax.scan(body, carry, _padded_chunks(w_ve, c))
   m, s, ts = carry
   lse = m + jnp.log(s)
   ent = lse - ts / s if with_entropy else jnp.zeros_like(lse)
-  return _target_logits(h_re, w_ve, t_r) - lse, ent, lse
+  return _target_logits(h_re, w_ve, t_r, temperature) - lse, ent, lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _logprobs(c, with_entropy, entropy_grad, h_re, w_ve, t_r):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _logprobs(c, with_entropy, entropy_grad, temperature, h_re, w_ve, t_r):
   """Without a gradient (e.g. the reference pass): the scan on every backend. On CPU the Python loop
   kept every chunk's logits alive at once there (measured, the 74M benchmark model's reference pass
   over 4 pairs: +140k page faults, ~+8% time); under a gradient the loop is the faster one."""
-  logp, ent, _ = _forward(c, with_entropy, h_re, w_ve, t_r, unrolled=False)
+  logp, ent, _ = _forward(c, with_entropy, temperature, h_re, w_ve, t_r, unrolled=False)
   return logp, ent
 
 
-def _logprobs_fwd(c, with_entropy, entropy_grad, h_re, w_ve, t_r):
-  logp, ent, lse = _forward(c, with_entropy, h_re, w_ve, t_r, unrolled=layers._unrolled())
+def _logprobs_fwd(c, with_entropy, entropy_grad, temperature, h_re, w_ve, t_r):
+  logp, ent, lse = _forward(c, with_entropy, temperature, h_re, w_ve, t_r, unrolled=layers._unrolled())
   return (logp, ent), (h_re, w_ve, t_r, lse, ent if entropy_grad else None)
 
 
-def _logprobs_bwd(c, with_entropy, entropy_grad, res, cotangents):
+def _logprobs_bwd(c, with_entropy, entropy_grad, temperature, res, cotangents):
   """Without `entropy_grad` the entropy's cotangent is dropped: it is reported, not trained on.
-  With it, dH/dz = −p·(z − lse + H) joins the log-prob's −g·p in the same pass over the chunks."""
+  With it, dH/dz = −p·(z − lse + H) joins the log-prob's −g·p in the same pass over the chunks.
+  z = h·Wᵀ/T: every gradient with respect to h·Wᵀ carries 1/T, folded into the cotangents."""
   h_re, w_ve, t_r, lse, ent = res
-  g = cotangents[0].astype(F32)
+  g = _tempered(cotangents[0].astype(F32), temperature)
   v, e = w_ve.shape
   dt, prec = w_ve.dtype, precision_for(w_ve.dtype)
   if entropy_grad:
-    g_ent = cotangents[1].astype(F32)
+    g_ent = _tempered(cotangents[1].astype(F32), temperature)
 
     def neg_gp(logits_rc):  # −p·(g + g_H·(z − lse + H)); 0 where p = 0 (the padded head's −inf)
       z = logits_rc - lse[:, None]
@@ -140,14 +149,14 @@ def _logprobs_bwd(c, with_entropy, entropy_grad, res, cotangents):
     h_er = h_re.T  # small (E × R): every weight-gradient product below is then a plain one
     dw_blocks = []
     for a, b in _chunk_slices(v, c):
-      dz = neg_gp(_logits(h_re, w_ve[a:b]))
+      dz = neg_gp(_logits(h_re, w_ve[a:b], temperature))
       dh = dh + mm(dz, w_ve[a:b], "rc,ce->re")
       dw_blocks.append(mm(h_er, dz, "er,rc->ec"))
     dw = jnp.concatenate(dw_blocks, axis=1).T
   else:
     def body(dh, xs):
       w_ce, valid_c = xs
-      dz = neg_gp(jnp.where(valid_c, _logits(h_re, w_ce), -jnp.inf))
+      dz = neg_gp(jnp.where(valid_c, _logits(h_re, w_ce, temperature), -jnp.inf))
       return dh + mm(dz, w_ce, "rc,ce->re"), mm(dz, h_re, "rc,re->ce")
     dh, dw = jax.lax.scan(body, dh, _padded_chunks(w_ve, c))
     dw = dw.reshape(-1, e)[:v]
@@ -173,11 +182,8 @@ def completion_logprobs(model, x_prompt_btd, position_ids, prompt_mask, tokens_b
   # Token i is predicted by the hidden state before it: the prompt's last for i = 0.
   first = jnp.broadcast_to(h_prompt[:, None, -1:], (b, g, 1, h.shape[-1]))
   h_pred = jnp.concatenate([first, h[:, :, :-1]], axis=2)
-  head = model.head_matrix()
-  if temperature != 1.0:
-    head = head / temperature
-  return token_logprobs(h_pred, head, tokens_bgn, chunk, dtype=model.dtype, with_entropy=with_entropy,
-                        entropy_grad=entropy_grad)
+  return token_logprobs(h_pred, model.head_matrix(), tokens_bgn, chunk, dtype=model.dtype, with_entropy=with_entropy,
+                        entropy_grad=entropy_grad, temperature=temperature)
 
 
 def completion_logprobs_copies(model, x_prompt_rtd, position_ids, prompt_mask, tokens_bgn, mask_bgn,
@@ -197,8 +203,5 @@ def completion_logprobs_copies(model, x_prompt_rtd, position_ids, prompt_mask, t
   pos = jnp.concatenate([position_ids, completion_pos.astype(position_ids.dtype)], axis=2)
   h, _, _ = model.prefill(x, pos, jnp.concatenate([prompt_mask, mask.astype(prompt_mask.dtype)], axis=1))
   h_pred = h[:, p - 1:p + n - 1].reshape(b, g, n, h.shape[-1])  # token i from the state before it
-  head = model.head_matrix()
-  if temperature != 1.0:
-    head = head / temperature
-  return token_logprobs(h_pred, head, tokens_bgn, chunk, dtype=model.dtype, with_entropy=with_entropy,
-                        entropy_grad=entropy_grad)
+  return token_logprobs(h_pred, model.head_matrix(), tokens_bgn, chunk, dtype=model.dtype, with_entropy=with_entropy,
+                        entropy_grad=entropy_grad, temperature=temperature)
