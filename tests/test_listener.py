@@ -105,6 +105,26 @@ def test_slot_layout_equals_contiguous_text_in_transformers(setup):
       np.testing.assert_allclose(probs[b, g], ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("prefix_sharing", [True, False])
+def test_bf16_choice_logits_are_accumulated_and_returned_in_fp32(setup, prefix_sharing):
+  """A bf16 listener's two choice logits come out of an fp32-accumulated product, as the policy's
+  logits do: rounded to bf16 they were steps of 0.125 at logits of 16–32 (P(correct) off by ~0.02)."""
+  from lgrpo_jax.listener.listener import listener_logits
+  from flax import nnx
+
+  from lgrpo_jax.sharding import copy_tree
+  tok, _, model, spec = setup
+  bf16 = lgrpo_jax.from_config(model.config.replace(dtype="bfloat16", param_dtype="bfloat16"))
+  nnx.update(bf16, copy_tree(nnx.state(model, nnx.Param), jnp.bfloat16))
+  _, ids, mask, pixels, grid = pair_inputs(tok, [[(56, 84), (84, 84)]])
+  toks, lens = completions(tok, [1, 2, 1], 60)
+  logits = jax.jit(lambda *a: listener_logits(bf16, *a[:3], grid, *a[3:], spec, prefix_sharing=prefix_sharing))(
+      jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(pixels), jnp.asarray(toks[None]), jnp.asarray(lens[None]))
+  x = np.asarray(logits)
+  assert logits.dtype == jnp.float32 and np.isfinite(x).all()
+  assert (x != np.asarray(jnp.asarray(x).astype(jnp.bfloat16).astype(jnp.float32))).mean() > 0.5
+
+
 def test_the_answer_is_removed(setup):
   tok, _, model, spec = setup
   _, ids, mask, pixels, grid = pair_inputs(tok, [[(56, 56), (56, 84)]])

@@ -107,9 +107,10 @@ def listener_logits(model: Qwen25VL, prefix_ids, prefix_mask, pixel_values, grid
   positions = start[:, None, None] + jnp.cumsum(valid, axis=-1) - 1
   h = model.extend(model.embed(chunk), positions, valid, pk, pv, prefix_mask)
   w = model.head_weights(spec.choice_ids)  # (2, E)
-  logits = jnp.einsum("bge,ce->bgc", h[:, :, -1].astype(model.dtype), w.astype(model.dtype),
-                      precision=precision_for(model.dtype)).astype(jnp.float32)
-  return logits
+  # fp32 accumulation and result, as `Qwen25VL.logits`: a bf16 result is a step of 0.125 at
+  # logits of 16–32, which would quantise P(correct) by up to ~0.02
+  return jnp.einsum("bge,ce->bgc", h[:, :, -1].astype(model.dtype), w.astype(model.dtype),
+                    precision=precision_for(model.dtype), preferred_element_type=jnp.float32)
 
 
 def _listener_logits_copies(model: Qwen25VL, prefix_ids, prefix_mask, pixel_values, grid, tokens_bgn, lengths_bg,
@@ -145,7 +146,7 @@ def _listener_logits_copies(model: Qwen25VL, prefix_ids, prefix_mask, pixel_valu
   w = model.head_weights(spec.choice_ids)  # (2, E)
   last = h[:, -1].reshape(b, g, h.shape[-1])  # the last question slot, always kept
   return jnp.einsum("bge,ce->bgc", last.astype(model.dtype), w.astype(model.dtype),
-                    precision=precision_for(model.dtype)).astype(jnp.float32)
+                    precision=precision_for(model.dtype), preferred_element_type=jnp.float32)
 
 
 def listener_probs(model: Qwen25VL, prefix_ids, prefix_mask, pixel_values, grid, tokens_bgn, lengths_bg,
