@@ -280,6 +280,34 @@ def test_chunked_logprobs_equal_full_logsoftmax_and_gradients(backends, temperat
     assert float(jnp.abs(a - plain).max()) > 1e-2  # the entropy's part is there
 
 
+@pytest.mark.parametrize("cfg", [LossConfig(beta=0.04), LossConfig(beta=0.04, use_bias_correction_kl=True,
+                                                                     importance_sampling_level="sequence"),
+                                 LossConfig(beta=0.04, objective="cispo", entropy_coef=0.01)], ids=["k3", "gspo", "cispo"])
+def test_a_non_finite_value_off_the_loss_changes_nothing(cfg):
+  """Slots the loss does not count (padding after a completion's end, invalid rows) may hold any
+  log-prob: exp(logp_ref − logp) overflowing there made 0·inf = NaN of the loss and its gradient."""
+  rng = np.random.default_rng(0)
+  shape = (2, 3, 5)
+  logp = jnp.asarray(rng.uniform(-3, -0.1, shape), jnp.float32)
+  old, ref = logp + 0.01, logp - 0.02
+  ent = jnp.asarray(rng.uniform(0.1, 2, shape), jnp.float32)
+  mask = jnp.ones(shape).at[0, 1, 3:].set(0).at[1, 2, 1:].set(0)
+  w = token_weights(mask, cfg)
+  adv = jnp.asarray(rng.normal(size=shape[:2]), jnp.float32)
+  f = lambda lp, o, r, e: grpo_loss(lp, o, adv, w, cfg, logp_ref=r, entropy=e)
+  (want, m_want), g_want = jax.value_and_grad(f, has_aux=True)(logp, old, ref, ent)
+  bad = lambda x, v: x.at[0, 1, 4].set(v).at[1, 2, 2].set(v)
+  (got, m_got), g_got = jax.value_and_grad(f, has_aux=True)(bad(logp, -95.0), bad(old, jnp.inf), bad(ref, -1.0),
+                                                            bad(ent, jnp.nan))
+  assert np.isfinite(float(got)) and np.isfinite(np.asarray(g_got)).all()
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(g_got), np.asarray(g_want), rtol=1e-6, atol=1e-9)
+  for k in m_want:
+    np.testing.assert_allclose(float(m_got[k]), float(m_want[k]), rtol=1e-6, err_msg=k)
+  _, empty = grpo_loss(logp, old, adv, jnp.zeros(shape), cfg, logp_ref=ref, entropy=ent)
+  assert float(empty["ratio_max"]) == 0.0 and all(np.isfinite(float(v)) for v in empty.values())
+
+
 def test_bf16_logprobs_at_a_temperature_are_the_samplers():
   """In bf16 the temperature divides the fp32 logits, as the sampler does (`sampling.choose`):
   dividing the head first rounded W/T to bf16 and moved the log-probs by ~5e-3 at T = 0.7, so the

@@ -399,11 +399,16 @@ def grpo_loss(logp, logp_old, advantages_bg, weights, cfg: LossConfig, logp_ref=
   given), the log-prob drift mean |logp − logp_old| (on the first pass: trainer vs sampler
   numerics), the fraction of tokens whose policy term the entropy / off-policy masks keep (when
   either is on), and `loss_tokens`, their number, by which micro-batches' means are weighted."""
-  logp_old = jax.lax.stop_gradient(logp_old)
   adv = jax.lax.stop_gradient(advantages_bg)
   on = weights > 0
-  terms = token_terms(logp, logp_old, adv, cfg, None if logp_ref is None else jax.lax.stop_gradient(logp_ref),
-                      on, entropy)
+  # Tokens off the loss read as 0: their terms are then finite, so 0·ℓ is 0 and not NaN (a padded
+  # slot's exp(logp_ref − logp) can overflow) in the loss and in its gradient.
+  off_as_zero = lambda x: jnp.where(on, x, 0.0)
+  logp = off_as_zero(logp)
+  logp_old = off_as_zero(jax.lax.stop_gradient(logp_old))
+  logp_ref = None if logp_ref is None else off_as_zero(jax.lax.stop_gradient(logp_ref))
+  entropy = None if entropy is None else off_as_zero(entropy)
+  terms = token_terms(logp, logp_old, adv, cfg, logp_ref, on, entropy)
   loss = jnp.sum(terms.loss * weights)
   if cfg.entropy_coef != 0:
     if entropy is None:
@@ -419,7 +424,7 @@ def grpo_loss(logp, logp_old, advantages_bg, weights, cfg: LossConfig, logp_ref=
       "clip_fraction_low": mean(((a < 0) & (terms.ratio < 1 - cfg.eps_low)).astype(jnp.float32)),
       "clip_fraction_high": mean(((a > 0) & (terms.ratio > 1 + cfg.eps_high)).astype(jnp.float32)),
       "ratio_mean": mean(terms.ratio),
-      "ratio_max": jnp.max(jnp.where(on > 0, terms.ratio, -jnp.inf)),
+      "ratio_max": jnp.max(jnp.where(on > 0, terms.ratio, 0.0)),  # 0 without loss tokens (ρ > 0)
       "logprob_drift": mean(jnp.abs(jax.lax.stop_gradient(logp) - logp_old)),
       "loss_tokens": on.sum(),
   }
