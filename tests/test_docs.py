@@ -105,6 +105,8 @@ def test_the_extension_guide_runs(tmp_path):
   np.testing.assert_allclose(OBJECTIVES["clip_low_only"](None, ratio, 1.0, None, cfg), [-0.5, -1.0, -1.5])  # no cap
   np.testing.assert_allclose(OBJECTIVES["clip_low_only"](None, ratio, -1.0, None, cfg), [0.8, 1.0, 1.5])
   np.testing.assert_allclose(advantages(jnp.asarray([[0.1, 0.5, 0.3]]), cfg), [[-0.5, 0.5, 0.0]])
+  np.testing.assert_allclose(advantages(jnp.asarray([[0.7, 0.7, 0.7, 0.7], [1.0, 0.0, 1.0, 0.0]]), cfg),
+                             [[0.0] * 4, [1 / 3, -1 / 3, 1 / 3, -1 / 3]], atol=1e-7)  # ties share a rank
 
 
 def test_the_evaluation_guide_example():
