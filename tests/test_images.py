@@ -56,6 +56,28 @@ def test_odd_sizes_and_modes_match_transformers(name):
   np.testing.assert_array_equal(got, ref)
 
 
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+def test_a_file_is_turned_upright_by_its_exif_orientation_as_transformers_load_image_does(tmp_path, orientation):
+  """A camera JPEG stored sideways with an EXIF orientation: read from its path or bytes it is
+  turned as a browser shows it and as transformers' `load_image` gives it to the processor — the
+  grid from the header alone (`image_grid`) included."""
+  from transformers.image_utils import load_image
+
+  from lgrpo_jax.data.images import image_grid
+  rng = np.random.default_rng(orientation)
+  img = Image.fromarray(rng.integers(0, 256, (80, 200, 3), dtype=np.uint8))
+  exif = Image.Exif()
+  exif[0x0112] = orientation
+  path = tmp_path / "sideways.jpg"
+  img.save(path, exif=exif.tobytes())
+  ref, ref_grid = reference([load_image(str(path))])
+  for src in (str(path), path.read_bytes()):
+    got, grid = process_image(src, CFG, source="sideways.jpg")
+    assert grid == tuple(ref_grid[0]) == image_grid(src, CFG, source="sideways.jpg")
+    np.testing.assert_array_equal(got, ref)
+  assert (ref_grid[0][1] > ref_grid[0][2]) == (orientation in (6, 8))  # 6 and 8 stand it upright
+
+
 def test_batch_of_images_and_default_config():
   imgs = [odd_images()["odd 223x311"], Image.open(os.path.join(REAL, "1.webp"))]
   pv, grid = process_images(imgs)

@@ -27,7 +27,7 @@ import math
 import os
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -141,8 +141,13 @@ def _require_file(path, name: str) -> None:
     raise ImageError(name, "a directory, not an image file" if os.path.isdir(path) else MISSING)
 
 
+_TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that exchange width and height
+
+
 def open_image(src, source: str | None = None) -> Image.Image:
-  """A decoded RGB image from a path, bytes or a PIL image; transparency composited onto white."""
+  """A decoded RGB image from a path, bytes or a PIL image; transparency composited onto white.
+  A file (path or bytes) is turned upright by its EXIF orientation, as a browser shows it and as
+  transformers' `load_image` reads a path; a PIL image is taken as given (as the processor does)."""
   name = source or (src if isinstance(src, (str, os.PathLike)) else "<image bytes>")
   name = os.fspath(name)
   try:
@@ -154,6 +159,8 @@ def open_image(src, source: str | None = None) -> Image.Image:
       _require_file(src, name)
       img = Image.open(src)
     img.load()  # decode now: truncated or corrupt data fails here, with the source named
+    if not isinstance(src, Image.Image) and img.getexif().get(0x0112, 1) != 1:
+      img = ImageOps.exif_transpose(img)
   except ImageError:
     raise
   except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
@@ -167,6 +174,12 @@ def open_image(src, source: str | None = None) -> Image.Image:
   return img.convert("RGB")
 
 
+def _upright_size(img) -> tuple[int, int]:
+  """(width, height) after `open_image` applies the EXIF orientation (read from the header)."""
+  turned = img.getexif().get(0x0112) in _TRANSPOSED
+  return (img.height, img.width) if turned else img.size
+
+
 def image_grid(src, cfg: ImageConfig = ImageConfig(), source: str | None = None) -> tuple[int, int, int]:
   """The (1, grid_h, grid_w) that `process_image` will give, from the file header only (cheap: no
   decode), with the same checks; data that is truncated after a valid header fails only later."""
@@ -176,11 +189,11 @@ def image_grid(src, cfg: ImageConfig = ImageConfig(), source: str | None = None)
       size = src.size
     elif isinstance(src, (bytes, bytearray, memoryview)):
       with Image.open(io.BytesIO(bytes(src))) as img:
-        size = img.size
+        size = _upright_size(img)
     else:
       _require_file(src, name)
       with Image.open(src) as img:
-        size = img.size
+        size = _upright_size(img)
   except ImageError:
     raise
   except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
