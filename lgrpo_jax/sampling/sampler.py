@@ -75,7 +75,11 @@ class Rollout(NamedTuple):
 
 
 def filter_logits(logits, top_k: int, top_p: float):
-  """transformers' top-k then top-p (nucleus) filtering: removed entries become -inf."""
+  """transformers' top-k then top-p (nucleus) filtering: removed entries become -inf.
+
+  Exact ties at the top-p cut-off are all kept. transformers keeps the tied tokens that come last
+  in `torch.sort`'s order, which is not a stable sort on large vocabularies (on CPU, 5,000 entries:
+  tied indices come out of order), so which of them it keeps has no fixed answer to follow."""
   neg = jnp.finfo(logits.dtype).min
   if top_k > 0:
     kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][..., -1:]
