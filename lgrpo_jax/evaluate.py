@@ -48,6 +48,7 @@ import datetime
 import functools
 import itertools
 import json
+import math
 import os
 import sys
 import time
@@ -194,7 +195,8 @@ def check_images(groups, image_cfg, policy: str, signals=None, stall_timeout_s: 
 def plan(groups, mode: str, anchors: int, max_pairs: int | None, seed: int) -> tuple[list, list, dict]:
   """(groups kept, comparisons to judge as (group, i, j), counts of comparisons left out by
   --max-pairs / the ranking mode). Whole groups are kept in file order while they fit in
-  `max_pairs` (a first group larger than that is cut)."""
+  `max_pairs` (a first group larger than that is cut, and then left out of the ImageReward protocol
+  by `summarize`)."""
   from lgrpo_jax.evaluation.protocol import comparisons
   kept, todo, left = [], [], {"max_pairs": 0, "tied_in_human_ranking": 0}
   cut = False
@@ -593,6 +595,10 @@ def evaluate(args, scope: contextlib.ExitStack) -> int:
   return 0
 
 
+def _sigmoid(x: float) -> float:
+  return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
+
+
 def _record(item, meta, res, r: int, tokenizer, aggregate: str, with_listener: bool) -> dict:
   """One prediction line for row r of a judged batch."""
   import numpy as np
@@ -603,15 +609,18 @@ def _record(item, meta, res, r: int, tokenizer, aggregate: str, with_listener: b
   samples = []
   for s in range(res.answer.shape[1]):
     n = int(res.lengths[r, s])
+    # P(Image 1) from the log-odds in float64, unrounded: a confident judge's P is 1 − 1e-7 or
+    # closer, and rounded (or fp32) it would read 1, tying the images it ranks above every anchor
+    log_odds = float(res.self_log_odds[r, s])
     samples.append({"text": tokenizer.decode(res.tokens[r, s, :n].tolist(), skip_special_tokens=True),
                     "answer": int(res.answer[r, s]), "format_ok": bool(res.format_ok[r, s]),
-                    "p": [round(float(v), 6) for v in res.p_self[r, s]],
+                    "p": [_sigmoid(log_odds), _sigmoid(-log_odds)], "log_odds": log_odds,
                     "listener": [round(float(v), 6) for v in res.p_listener[r, s]] if with_listener else None})
   answer, p1 = aggregate_samples([x["answer"] for x in samples], [x["p"][0] for x in samples], aggregate)
   rec = {"pair_id": pair.pair_id, "group": m["group"], "i": m["i"], "j": m["j"], "order": ORDERS[int(swap)],
          "preferred": m["preferred"],
          "images": [im if isinstance(im, str) else None for im in (pair.images[::-1] if swap else pair.images)],
-         "answer": answer, "p_image1": round(p1, 6), "samples": samples}
+         "answer": answer, "p_image1": float(p1), "samples": samples}
   label = shown_label(rec)
   rec["correct"] = None if label is None else answer == label + 1
   if with_listener and label is not None:
@@ -630,7 +639,9 @@ def report_lines(summary: dict, out_dir: str) -> str:
            f"format rate {f(m['format_rate'])}; answered {first!r} (the first image) {f(m['image1_answer_rate'])} of the time"]
   if "imagereward_protocol" in m:
     ir = m["imagereward_protocol"]
-    lines.append(f"ImageReward-protocol accuracy {f(ir['accuracy'])} ({ir['pairs']} pairs, {ir['prompts']} prompts)")
+    cut = ir.get("partial_prompts_left_out", 0)
+    lines.append(f"ImageReward-protocol accuracy {f(ir['accuracy'])} ({ir['pairs']} pairs, {ir['prompts']} prompts"
+                 + (f"; {cut} prompt cut by --max-pairs left out" if cut else "") + ")")
   if "listener" in m:
     lis = m["listener"]
     lines.append(f"contradiction rate {f(lis['contradiction_rate'])}; accuracy when the listener agrees "

@@ -71,6 +71,40 @@ def test_anchor_ranking_and_all_pairs_recover_a_consistent_judges_order():
   assert {tuple(anchors_of(f"g{k}", 9, 2)) for k in range(20)} != {(0, 1)}
 
 
+def test_a_confident_judge_and_a_cut_prompt_keep_the_protocol_exact():
+  """Two ways a perfect judge used to score below 1 on the ImageReward protocol: (1) in
+  `anchors:K` its P(beats anchor) saturated (rounded to 6 decimals, or fp32 past ~17 nats) so the
+  images above every anchor tied — records now keep P in float64 from the log-odds; (2) a prompt
+  cut by --max-pairs was scored with comparisons never judged — it is now left out."""
+  from lgrpo_jax.evaluate import _sigmoid, plan
+  n, seed = 9, 0
+  ranks = (5, 1, 9, 2, 8, 3, 7, 4, 6)
+  g = Group("g", "p", tuple(range(n)), ranks)
+
+  def records(todo, gap, digits=None):  # both orders; P(first shown better) = σ(gap·(quality difference))
+    out = []
+    for _, i, j in todo:
+      lo = gap * (ranks[j] - ranks[i])  # log-odds that i beats j (rank 1 is best)
+      pref = 0 if ranks[i] < ranks[j] else 1
+      for order, x in (("as_given", lo), ("swapped", -lo)):
+        p = _sigmoid(x) if digits is None else round(_sigmoid(x), digits)
+        out.append(_rec(f"g:{i}-{j}", order, pref, 1 if x > 0 else 2, p, i=i, j=j))
+    return out
+
+  for mode, k in (("anchors", 2), ("all", 0)):
+    _, todo, _ = plan([g], mode, k, None, seed)
+    m = summarize(records(todo, 8.0), [g], mode, k, seed)["imagereward_protocol"]  # 8 nats a rank
+    assert m["accuracy"] == 1.0 and m["pairs"] == 36, (mode, m)
+  rounded = summarize(records(todo_anchors := plan([g], "anchors", 2, None, seed)[1], 8.0, digits=6), [g],
+                      "anchors", 2, seed)["imagereward_protocol"]
+  assert rounded["accuracy"] < 1 and len(todo_anchors) == 2 * 7 + 1  # as the records were written before
+  _, todo, left = plan([g], "all", 0, 10, seed)  # 10 of the prompt's 36 comparisons
+  assert len(todo) == 10 and left["max_pairs"] == 26
+  m = summarize(records(todo, 1.0), [g], "all", 0, seed)
+  assert m["accuracy"] == 1.0 and m["imagereward_protocol"] == {"accuracy": None, "pairs": 0, "prompts": 0,
+                                                               "partial_prompts_left_out": 1}
+
+
 def test_sample_aggregation():
   assert aggregate_samples([1, 1, 2], [0.9, 0.6, 0.2]) == (1, pytest.approx(1.7 / 3))
   assert aggregate_samples([1, 2, 0, 0], [0.9, 0.1, 0.5, 0.5])[0] == 0  # a tied vote: no answer

@@ -25,7 +25,7 @@ from flax import nnx
 
 from lgrpo_jax.data.prompts import PromptConfig, choice_tokens
 from lgrpo_jax.listener import ListenerSpec, listener_probs
-from lgrpo_jax.listener.listener import DROP_TOKENS
+from lgrpo_jax.listener.listener import DROP_TOKENS, listener_logits
 from lgrpo_jax.models.qwen2_5_vl.rope import get_rope_index
 from lgrpo_jax.parsing import token_variants
 from lgrpo_jax.rewards import parse
@@ -48,6 +48,9 @@ class Judged(NamedTuple):
   format_ok: jax.Array  # (B, k) bool
   p_self: jax.Array  # (B, k, 2) the reasoner's P(Image 1), P(Image 2) at the answer slot (zeros if off)
   p_listener: jax.Array  # (B, k, 2) the listener's (zeros without a listener)
+  # (B, k) the answer slot's log-odds of Image 1 (fp32 logits' difference; zeros if off): P saturates
+  # to exactly 1 in fp32 past ~17 nats, where a confident judge's anchors scores would then tie
+  self_log_odds: jax.Array | None = None
 
 
 def judge(params, listener_params, batch, tables, key, *, graphdef, listener_graphdef, sampling: SamplingConfig,
@@ -64,11 +67,14 @@ def judge(params, listener_params, batch, tables, key, *, graphdef, listener_gra
   parsed = parse(out.tokens, out.mask, tables.byte_table, tables.byte_lengths, tables.choices)
   zeros = jnp.zeros(out.lengths.shape + (2,), jnp.float32)
   p_self = p_listener = zeros
+  log_odds = zeros[..., 0]
   if self_spec is not None:
-    p_self = listener_probs(policy, batch.input_ids, batch.attention_mask, pixels, grid, out.tokens, out.lengths,
-                            self_spec, answer_token=parsed.answer_token)
+    logits = jax.lax.stop_gradient(listener_logits(policy, batch.input_ids, batch.attention_mask, pixels, grid,
+                                                   out.tokens, out.lengths, self_spec,
+                                                   answer_token=parsed.answer_token))
+    p_self, log_odds = jax.nn.softmax(logits, axis=-1), logits[..., 0] - logits[..., 1]
   if spec is not None:
     listener = nnx.merge(listener_graphdef, listener_params)
     p_listener = listener_probs(listener, batch.listener_input_ids, batch.listener_attention_mask, pixels, grid,
                                 out.tokens, out.lengths, spec, answer_token=parsed.answer_token)
-  return Judged(out.tokens, out.lengths, parsed.answer, parsed.format_ok, p_self, p_listener)
+  return Judged(out.tokens, out.lengths, parsed.answer, parsed.format_ok, p_self, p_listener, log_odds)

@@ -9,8 +9,9 @@ better, averaged over the two orders, is the comparison's soft score p_ij (p_ji 
   people did not tie ("untied": the pairwise test set), or every image against K anchors
   ("anchors": K(N−K) + K(K−1)/2) when N² is too many.
 * `image_scores`: score_i = mean over i's comparisons of P(i better) — a Borda-style count with soft
-  votes; with a consistent judge (p_ij > 1/2 exactly when s_i > s_j) all-pairs and anchors give the
-  true order (tested).
+  votes; with a judge whose P(i better than j) = f(s_i − s_j), f increasing, all-pairs and anchors
+  give the true order (tested). Getting each pair's direction right is not enough: p01 = p02 = 0.51,
+  p12 = 0.99 ranks image 1 above image 0.
 * `imagereward_accuracy`: THUDM ImageReward `test.py` — per prompt, every pair of images; pairs tied
   in the human ranking are skipped; a predicted tie counts as wrong.
 """
@@ -193,9 +194,17 @@ def summarize(records: Sequence[dict], groups: Sequence[Group] = (), mode: str =
     for pid, ps in p_pair.items():
       rec = pair_of[pid]
       judged.setdefault(rec["group"], {})[(rec["i"], rec["j"])] = float(np.mean(ps))
-    rankings, scores = [], []
+    rankings, scores, partial = [], [], 0
     for g in ranked:
       if g.group_id not in judged:
+        continue
+      # A prompt cut short (--max-pairs smaller than its comparisons) is left out: its images were
+      # not all judged against the same opponents, so their scores are not comparable. (Images
+      # never judged, e.g. missing files, leave the ranking below, the rest stays complete.)
+      seen = {k for pair in judged[g.group_id] for k in pair}
+      if any(i in seen and j in seen and (i, j) not in judged[g.group_id]
+             for i, j in comparisons(g, mode, anchors, seed)):
+        partial += 1
         continue
       n = len(g.images)
       s = image_scores(n, judged[g.group_id], anchors_of(g.group_id, n, anchors, seed)
@@ -205,5 +214,5 @@ def summarize(records: Sequence[dict], groups: Sequence[Group] = (), mode: str =
       scores.append(s[keep])
     correct, counted = imagereward_counts(rankings, scores)
     out["imagereward_protocol"] = {"accuracy": correct / counted if counted else None,
-                                   "pairs": counted, "prompts": len(rankings)}
+                                   "pairs": counted, "prompts": len(rankings), "partial_prompts_left_out": partial}
   return out
