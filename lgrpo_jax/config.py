@@ -12,6 +12,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import traceback
 import types
 import typing
 from typing import Any
@@ -123,17 +124,99 @@ class ExperimentConfig:
 
 
 def load_config_file(path: str) -> ExperimentConfig:
+  """The config of a Python file defining `config()`, or of a run's config.json (`to_record`).
+  Any mistake in the file — a syntax error, an unknown field, a value its section refuses, a value
+  of the wrong type — is one `ConfigError` naming the file (and the line, or the field)."""
+  path = os.fspath(path)
   if not os.path.isfile(path):
     raise ConfigError(f"config file {path} not found")
+  if path.endswith(".json"):  # a run's resolved config: the same run again
+    try:
+      with open(path) as f:
+        record = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    try:
+      return from_record(record)
+    except ConfigError as e:
+      raise ConfigError(f"{path}: {e}") from None
   spec = importlib.util.spec_from_file_location("lgrpo_config", path)
+  if spec is None or spec.loader is None:
+    raise ConfigError(f"{path}: a config file is a Python file (.py) defining config(), or a run's config.json")
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  if not hasattr(module, "config"):
-    raise ConfigError(f"{path}: defines no config() function")
-  cfg = module.config()
+  try:
+    spec.loader.exec_module(module)
+    if not hasattr(module, "config"):
+      raise ConfigError(f"{path}: defines no config() function")
+    cfg = module.config()
+  except ConfigError:
+    raise
+  except Exception as e:  # the user's code: where in it, and what
+    line = e.lineno if isinstance(e, SyntaxError) else next(
+        (fr.lineno for fr in reversed(traceback.extract_tb(e.__traceback__))
+         if os.path.abspath(fr.filename) == os.path.abspath(path)), None)
+    raise ConfigError(f"{path}{'' if line is None else f':{line}'}: {type(e).__name__}: {e}") from None
   if not isinstance(cfg, ExperimentConfig):
     raise ConfigError(f"{path}: config() returned {type(cfg).__name__}, not ExperimentConfig")
-  return cfg
+  return check_types(cfg, path)
+
+
+def check_types(cfg, source: str, prefix: str = ""):
+  """`cfg` (a config dataclass, recursively) with lists where tuples are asked made tuples (configs
+  are hashed: they key compiled programs), after checking that every field holds a value of its
+  annotated type (an int where a float is asked is fine; a bool is not an int); else a
+  `ConfigError` naming `source` and the field."""
+  hints = typing.get_type_hints(type(cfg))
+  changes = {}
+  for f in dataclasses.fields(cfg):
+    value, kind, key = getattr(cfg, f.name), hints[f.name], prefix + f.name
+    if dataclasses.is_dataclass(kind) or dataclasses.is_dataclass(value):
+      if not (dataclasses.is_dataclass(kind) and isinstance(value, kind)):
+        raise ConfigError(f"{source}: {key} is a {type(value).__name__}, expected a {_plain(kind)}")
+      new = check_types(value, source, key + ".")
+    else:
+      new = _as_tuples(value)
+      if not _is_a(new, kind):
+        raise ConfigError(f"{source}: {key}={value!r}: expected {_plain(kind)}")
+    if new is not value:
+      changes[f.name] = new
+  if not changes:
+    return cfg
+  try:
+    return dataclasses.replace(cfg, **changes)
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"{source}: {prefix or type(cfg).__name__}: {e}") from None
+
+
+def _plain(kind) -> str:
+  return kind.__name__ if isinstance(kind, type) else str(kind).replace("typing.", "")
+
+
+def _as_tuples(value):
+  return tuple(_as_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def _is_a(value, kind) -> bool:
+  origin, args = typing.get_origin(kind), typing.get_args(kind)
+  if kind is Any:
+    return True
+  if origin in (typing.Union, types.UnionType):
+    return any(_is_a(value, a) for a in args)
+  if kind is type(None):
+    return value is None
+  if kind is float:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if kind is int:
+    return isinstance(value, int) and not isinstance(value, bool)
+  if origin is tuple:
+    if not isinstance(value, tuple):
+      return False
+    if len(args) == 2 and args[1] is Ellipsis:
+      return all(_is_a(v, args[0]) for v in value)
+    return not args or (len(args) == len(value) and all(_is_a(v, a) for v, a in zip(value, args)))
+  if isinstance(kind, type):
+    return isinstance(value, kind)
+  return True  # anything else (callables, literals): not checked here
 
 
 def _parse(text: str, kind, key: str):

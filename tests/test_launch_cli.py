@@ -3,6 +3,7 @@ and a short real run that writes its config and metrics."""
 
 import json
 import os
+import re
 from dataclasses import replace as dataclass_replace
 
 import pytest
@@ -94,6 +95,41 @@ def test_bad_input_is_one_clear_error_before_compiling(tmp_path, capsys, overrid
   rc = launch.main(["--config", DEMO, f"run_dir={tmp_path}", *override.split()])
   assert rc == 2
   assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("body,message", [
+    ("ExperimentConfig(loop=LoopConfig(stepz=3))", r"cfg\.py:4: TypeError: .*unexpected keyword argument 'stepz'"),
+    ("ExperimentConfig(model=ModelConfig(tokenizer=5))", r"cfg\.py: model\.tokenizer=5: expected str \| None"),
+    ("ExperimentConfig(loop=LoopConfig(steps=True))", r"cfg\.py: loop\.steps=True: expected int"),
+    ("ExperimentConfig(data=DataConfig(eval_path=['a.json']))",
+     r"cfg\.py: data\.eval_path=\['a\.json'\]: expected str \| None"),
+    ("ExperimentConfig(loop=LoopConfig(steps=-1))", r"cfg\.py:4: ValueError: .*steps"),
+    ("ExperimentConfig(", r"cfg\.py:4: SyntaxError"),
+])
+def test_a_config_file_mistake_is_one_error_naming_the_file(tmp_path, capsys, body, message):
+  path = tmp_path / "cfg.py"
+  path.write_text("from lgrpo_jax.config import *\n\ndef config():\n  return " + body + "\n")
+  assert launch.main(["--config", str(path)]) == 2
+  assert re.search(message, capsys.readouterr().err)
+
+
+def test_a_config_file_may_give_lists_for_tuples_and_a_run_config_json_is_a_config(tmp_path):
+  import json
+
+  from lgrpo_jax.config import to_record
+  path = tmp_path / "cfg.py"
+  path.write_text("from lgrpo_jax.config import *\n\ndef config():\n"
+                  "  return ExperimentConfig(pipeline=PipelineConfig(length_buckets=[256, 512]))\n")
+  cfg = load_config_file(str(path))
+  assert cfg.pipeline.length_buckets == (256, 512) and hash(cfg.pipeline)  # hashable: keys compiled programs
+  record = tmp_path / "config.json"
+  record.write_text(json.dumps(to_record(load_config_file(DEMO))))
+  assert load_config_file(str(record)) == load_config_file(DEMO)
+  record.write_text('{"loop": ')
+  with pytest.raises(ValueError, match="config.json: not valid JSON"):
+    load_config_file(str(record))
+  with pytest.raises(ValueError, match="a config file is a Python file"):
+    load_config_file(os.path.join(os.path.dirname(DEMO), "README.md"))
 
 
 def test_a_hung_read_exits_75_a_bad_record_2():
