@@ -79,7 +79,7 @@ def load(args, mesh) -> Loaded:
   """The reasoner, the listener and the tokenizer named by the arguments."""
   import lgrpo_jax
   from lgrpo_jax import runs
-  from lgrpo_jax.config import ExperimentConfig, from_record, load_config_file
+  from lgrpo_jax.config import ExperimentConfig, load_config_file
   path = os.path.abspath(args.checkpoint)
   if runs.is_run_dir(path):
     cfg = runs.run_config(path)
@@ -104,8 +104,7 @@ def load(args, mesh) -> Loaded:
       raise EvalError(f"--step/--best choose among a run directory's checkpoints; {path} is not one")
     cfg = ExperimentConfig()
     if args.config:
-      cfg = (from_record(json.load(open(args.config))) if args.config.endswith(".json")
-             else load_config_file(args.config))
+      cfg = load_config_file(args.config)  # a .py config or a run's config.json
     model = runs.load_any(path, cfg.model.dtype, mesh)
     tok_dir = args.tokenizer or path
     listener = None if args.no_listener else (runs.load_any(args.listener, cfg.model.dtype, mesh) if args.listener

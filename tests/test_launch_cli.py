@@ -89,6 +89,7 @@ def test_overrides_that_complete_each_other_work_in_any_order():
     ("pipeline.image.std=[0,0,0]", "std > 0"),
     ('pipeline.prompt.choices=["A","B"]', "prompt.reasoner_instruction does not name 'A'"),
     ('pipeline.prompt.choices=["X","X"]', "they must differ"),
+    ("pipeline.prompt.reasoner_instruction=Prompt:{text}", "{prompt} is its only placeholder"),
     ('pipeline.prompt.choices=["X\\t","Y"]', "no leading or trailing whitespace"),
 ])
 def test_bad_input_is_one_clear_error_before_compiling(tmp_path, capsys, override, message):

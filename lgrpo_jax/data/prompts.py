@@ -42,6 +42,12 @@ class PromptConfig:
 
   def __post_init__(self):
     object.__setattr__(self, "choices", tuple(self.choices))
+    for name in ("reasoner_instruction", "listener_instruction"):  # {prompt} is the only placeholder
+      try:
+        getattr(self, name).format(prompt="")
+      except (KeyError, IndexError, ValueError) as e:
+        raise ValueError(f"prompt.{name}: {{prompt}} is its only placeholder (a literal brace is written "
+                         f"{{{{ or }}}}); formatting it failed: {type(e).__name__}: {e}") from None
     c = self.choices
     bad = (len(c) != 2 and "two texts are needed"
            or not all(isinstance(x, str) and x for x in c) and "each must be a non-empty text"
