@@ -10,6 +10,7 @@ gathered last-position logits (the multi-process test compares them with a one-p
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import numpy as np
@@ -74,13 +75,15 @@ def main(argv=None) -> int:
       raise sharding.MeshError(f"--batch {args.batch} does not split over the mesh's {shards} data shards "
                                f"(data × fsdp); use a multiple of {shards}")
     rows = sharding.process_batch_slice(args.batch)
-  except sharding.MeshError as e:
+    if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+      raise ValueError(f"--out {args.out}: its directory does not exist")
+    if args.checkpoint:
+      model = lgrpo_jax.load_hf(args.checkpoint, mesh=mesh)
+    else:
+      model = lgrpo_jax.from_config(TINY, seed=0, mesh=mesh)
+  except ValueError as e:  # MeshError, CheckpointError, ConfigError, a bad --out
     print(f"error: {e}", file=sys.stderr)
     return 2
-  if args.checkpoint:
-    model = lgrpo_jax.load_hf(args.checkpoint, mesh=mesh)
-  else:
-    model = lgrpo_jax.from_config(TINY, seed=0, mesh=mesh)
   ids, mask, pixels, grid = synthetic_batch(model.config, args.batch)
   local = dict(input_ids=ids[rows], attention_mask=mask[rows],
                pixel_values=pixels[rows].reshape(-1, pixels.shape[-1]))

@@ -17,7 +17,7 @@ from flax import nnx
 from lgrpo_jax import sharding
 from lgrpo_jax.models.qwen2_5_vl import Qwen25VL, Qwen25VLConfig
 from lgrpo_jax.models.qwen2_5_vl.hf import abstract_model, dtype_name
-from lgrpo_jax.safetensors_io import CheckpointError
+from lgrpo_jax.safetensors_io import CheckpointError, read_json
 
 CONFIG = "config.json"
 PARAMS = "params"
@@ -50,8 +50,9 @@ def model_config(path, dtype=None, param_dtype=None) -> Qwen25VLConfig:
   path = os.path.abspath(os.fspath(path))
   if not is_checkpoint(path):
     raise CheckpointError(f"{path}: not an lgrpo_jax checkpoint (needs {CONFIG} and {PARAMS}/)")
-  with open(os.path.join(path, CONFIG)) as f:
-    raw = json.load(f)
+  raw = read_json(os.path.join(path, CONFIG))
+  if not isinstance(raw, dict):
+    raise CheckpointError(f"{os.path.join(path, CONFIG)}: expected a JSON object")
   ours = raw.pop("lgrpo_jax", {})
   return Qwen25VLConfig.from_hf_dict(raw, source=os.path.join(path, CONFIG)).replace(
       param_dtype=dtype_name(param_dtype) if param_dtype is not None else ours.get("param_dtype", "float32"),

@@ -404,6 +404,7 @@ def evaluate(args, scope: contextlib.ExitStack) -> int:
   name = f"{source}-{os.path.splitext(os.path.basename(where))[0]}"
   out_dir = args.out or (os.path.join(args.checkpoint, "eval", name) if run_cfg is not None
                          else os.path.join("eval", name))
+  runs.check_creatable_dir(out_dir, "--out", EvalError)
   from lgrpo_jax.train import compile_cache  # before anything compiles; a run's cache is its training's
   scope.enter_context(compile_cache.use(compile_cache.resolve(
       args.compile_cache, args.checkpoint if run_cfg is not None else out_dir)))
@@ -475,7 +476,8 @@ def evaluate(args, scope: contextlib.ExitStack) -> int:
   settings = json.loads(json.dumps(settings))  # tuples as lists, as read back
   cfg_path, pred_path = os.path.join(out_dir, "eval_config.json"), os.path.join(out_dir, "predictions.jsonl")
   if os.path.isfile(cfg_path):
-    before = json.load(open(cfg_path))
+    from lgrpo_jax.safetensors_io import read_json
+    before = read_json(cfg_path, EvalError)
     # (a setting an older version did not record is not compared)
     differ = [k for k in JUDGEMENT_SETTINGS + ("step",) if k in before and before[k] != settings.get(k)]
     if differ and os.path.isfile(pred_path):

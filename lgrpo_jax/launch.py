@@ -102,8 +102,8 @@ def check(cfg) -> None:
                      ("data.eval_image_root", cfg.data.eval_image_root)):
     if path is not None and not os.path.exists(path):
       raise ConfigError(f"{name}={path!r}: not found")
-  if os.path.exists(cfg.run_dir) and not os.path.isdir(cfg.run_dir):
-    raise ConfigError(f"run_dir={cfg.run_dir!r} exists and is not a directory")
+  from lgrpo_jax.runs import check_creatable_dir
+  check_creatable_dir(cfg.run_dir, "run_dir", ConfigError)
   if cfg.loop.eval_every:
     if not (cfg.data.eval_source or cfg.data.source == "synthetic"):
       raise ConfigError(f"loop.eval_every={cfg.loop.eval_every} needs held-out pairs: data.source="

@@ -65,13 +65,31 @@ def is_run_dir(path) -> bool:
       os.path.isdir(os.path.join(path, d)) for d in ("checkpoints", "best"))
 
 
+def check_creatable_dir(path, setting: str, error=None) -> None:
+  """`path` is a directory or can be made one: it and its nearest existing parent are directories
+  (else an `error`, default `RunError`, naming `setting`, before anything is computed)."""
+  error = error or RunError
+  at = os.path.abspath(os.fspath(path))
+  while not os.path.exists(at) and os.path.dirname(at) != at:
+    at = os.path.dirname(at)
+  if not os.path.isdir(at):
+    where = "is" if at == os.path.abspath(os.fspath(path)) else f"is inside {at!r}, which is"
+    raise error(f"{setting}={os.fspath(path)!r} {where} a file, not a directory")
+
+
 def run_config(run_dir):
   """The run's ExperimentConfig, from RUN_DIR/config.json. Loss and reward names the run registered
   in its own process are accepted (evaluating or converting it does not need them)."""
   from lgrpo_jax.config import from_record
   from lgrpo_jax.grpo.core import unregistered_names_allowed
-  with open(os.path.join(os.fspath(run_dir), "config.json")) as f, unregistered_names_allowed():
-    return from_record(json.load(f))
+  from lgrpo_jax.safetensors_io import read_json
+  path = os.path.join(os.fspath(run_dir), "config.json")
+  record = read_json(path, RunError)
+  with unregistered_names_allowed():
+    try:
+      return from_record(record)
+    except ValueError as e:
+      raise RunError(f"{path}: {e}") from None
 
 
 def _steps(directory: str) -> list[int]:
@@ -175,5 +193,5 @@ def latest_eval_summary(run_dir) -> tuple[str, dict] | None:
   if not found:
     return None
   newest = max(found, key=os.path.getmtime)
-  with open(newest) as f:
-    return newest, json.load(f)
+  from lgrpo_jax.safetensors_io import read_json
+  return newest, read_json(newest, RunError)

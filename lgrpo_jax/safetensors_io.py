@@ -27,6 +27,19 @@ class CheckpointError(ValueError):
   """A checkpoint on disk does not match what the model expects."""
 
 
+def read_json(path, error=None):
+  """A JSON file's content; unreadable or invalid JSON is an `error` (default `CheckpointError`)
+  naming the file."""
+  error = error or CheckpointError
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise error(f"{os.fspath(path)}: not valid JSON ({e})") from None
+  except OSError as e:
+    raise error(f"{os.fspath(path)}: cannot read it ({e.strerror or e})") from None
+
+
 class SafetensorsDir:
   """Key → tensor access over a (possibly sharded) safetensors checkpoint directory."""
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -64,3 +65,25 @@ def test_bad_paths_give_one_line_error(tmp_path, args, match):
   assert "Traceback" not in r.stderr
   lines = [l for l in r.stderr.strip().splitlines() if l.startswith("error:")]
   assert len(lines) == 1 and match in lines[0], r.stderr
+
+
+def test_damaged_metadata_and_a_file_in_the_way_are_one_line_errors(tmp_path, capsys):
+  """A truncated config.json of an Orbax checkpoint or of a run directory, and an output path that
+  is a file: one `error:` line naming the file (they were tracebacks)."""
+  from lgrpo_jax import convert
+  ckpt = tmp_path / "ckpt"
+  checkpoint.save_model(lgrpo_jax.from_config(config_dict("a")), ckpt)
+  (tmp_path / "afile").write_text("x")
+  assert convert.main(["to-hf", str(ckpt), str(tmp_path / "afile")]) == 2
+  assert "afile" in capsys.readouterr().err
+  (ckpt / "config.json").write_text('{"model_type": ')
+  assert convert.main(["to-hf", str(ckpt), str(tmp_path / "out")]) == 2
+  assert re.search(r"^error: \S+ckpt/config\.json: not valid JSON", capsys.readouterr().err, re.M)
+  run_dir = tmp_path / "run"
+  (run_dir / "checkpoints" / "1").mkdir(parents=True)
+  (run_dir / "config.json").write_text("{")
+  from lgrpo_jax import runs
+  with pytest.raises(runs.RunError, match=r"run/config\.json: not valid JSON"):
+    runs.run_config(run_dir)
+  with pytest.raises(runs.RunError, match=r"run_dir='\S+afile/run' is inside '\S+afile', which is a file"):
+    runs.check_creatable_dir(tmp_path / "afile" / "run", "run_dir")
