@@ -61,7 +61,7 @@ def test_overrides_that_complete_each_other_work_in_any_order():
     ("model.decode_matmul=cublas", "model.decode_matmul='cublas': choose one of"),
     ("model.decode_matmul=pallas mesh.tensor=2", "model.decode_matmul='pallas' runs on data/fsdp meshes only"),
     (f"compile_cache={DEMO}", "demo.py exists and is not a directory"),
-    (f"run_dir={DEMO}", "demo.py' exists and is not a directory"),
+    (f"run_dir={DEMO}", "demo.py' is a file, not a directory"),
     ("pipeline.global_batch=0", "PipelineConfig.global_batch=0: must be ≥ 1"),  # it used to hang
     ("pipeline.length_buckets=[]", "need at least one positive length"),
     ("pipeline.stall_timeout_s=-1", "PipelineConfig.stall_timeout_s=-1.0: must be ≥ 0 (0: wait forever)"),
