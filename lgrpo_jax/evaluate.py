@@ -226,17 +226,33 @@ def pair_of(g, i: int, j: int):
   return PreferencePair(f"{g.group_id}:{i}-{j}", g.prompt, (g.images[i], g.images[j]), preferred or 0), preferred
 
 
+_RECORD_KEYS = ("pair_id", "order", "answer", "p_image1", "samples")
+
+
 def read_predictions(path: str) -> list[dict]:
-  """The records of an earlier (possibly interrupted) run; a torn last line is dropped."""
+  """The records of an earlier (possibly interrupted) run. A line that is not a whole record (torn
+  by a kill while writing, or damaged) is dropped with a warning naming it, and its judgement is
+  redone; the lines after it are kept."""
   if not os.path.isfile(path):
     return []
-  out = []
+  out, dropped = [], []
   with open(path) as f:
-    for line in f:
+    for n, line in enumerate(f, 1):
+      if not line.strip():
+        continue
       try:
-        out.append(json.loads(line))
+        rec = json.loads(line)
       except json.JSONDecodeError:
-        break  # killed while writing: this judgement is redone
+        rec = None
+      if isinstance(rec, dict) and all(k in rec for k in _RECORD_KEYS):
+        out.append(rec)
+      else:
+        dropped.append(n)
+  import jax
+  if dropped and jax.process_index() == 0:
+    print(f"warning: {path}: line{'s' if len(dropped) > 1 else ''} {', '.join(map(str, dropped[:10]))}"
+          f"{' …' if len(dropped) > 10 else ''} not a whole record (torn or damaged): dropped, "
+          "judged again", file=sys.stderr, flush=True)
   return out
 
 

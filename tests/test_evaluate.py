@@ -105,6 +105,18 @@ def test_a_confident_judge_and_a_cut_prompt_keep_the_protocol_exact():
                                                                "partial_prompts_left_out": 1}
 
 
+def test_a_damaged_predictions_line_is_dropped_and_named_not_the_lines_after_it(tmp_path, capsys):
+  from lgrpo_jax.evaluate import read_predictions
+  good = [_rec(f"p{k}", "as_given", 0, 1, 0.7) for k in range(4)]
+  lines = [json.dumps(r) for r in good]
+  lines.insert(2, lines[2][:25])  # torn mid-file (a copy cut short), then a line without pair_id
+  lines.insert(4, json.dumps({k: v for k, v in good[3].items() if k != "pair_id"}))
+  path = tmp_path / "predictions.jsonl"
+  path.write_text("\n".join(lines) + "\n" + lines[0][:10])  # and a torn last line
+  assert read_predictions(str(path)) == good
+  assert "lines 3, 5, 7 not a whole record (torn or damaged): dropped" in capsys.readouterr().err
+
+
 def test_sample_aggregation():
   assert aggregate_samples([1, 1, 2], [0.9, 0.6, 0.2]) == (1, pytest.approx(1.7 / 3))
   assert aggregate_samples([1, 2, 0, 0], [0.9, 0.1, 0.5, 0.5])[0] == 0  # a tied vote: no answer

@@ -233,8 +233,14 @@ def test_a_checkpoint_without_its_tokenizer_is_one_clear_error(tmp_path, capsys)
   err = capsys.readouterr().err
   assert f"model.checkpoint='{weights}': the tokenizer there has no chat template" in err
   assert "set model.tokenizer" in err
-  from lgrpo_jax.data.prompts import load_tokenizer
+  from lgrpo_jax.data.prompts import TokenizerError, load_tokenizer
   assert len(load_tokenizer(tmp_path / "tok", "model.tokenizer")) > 100  # the same check passes a real one
+  # A tokenizer.json of another structure (valid JSON): the tokenizers library's own exception, named.
+  import shutil
+  shutil.copytree(tmp_path / "tok", tmp_path / "bad_tok")
+  (tmp_path / "bad_tok" / "tokenizer.json").write_text('{"model": "oops"}')
+  with pytest.raises(TokenizerError, match=r"model.tokenizer='\S+bad_tok': cannot load a tokenizer"):
+    load_tokenizer(tmp_path / "bad_tok", "model.tokenizer")
 
 
 def test_a_missing_image_found_while_training_is_one_clear_error(tmp_path, capsys):

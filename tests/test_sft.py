@@ -98,6 +98,16 @@ def test_teachers_targets_file_and_scripted_judge(tmp_path):
   path.write_text('{"pair_id": "a"}\n')
   with pytest.raises(ValueError, match=r"targets.jsonl:1: expected a JSON object with pair_id and target"):
     Teacher(SFTConfig(steps=1, teacher="targets", targets_path=str(path)))
+  for text, match in (('{"pair_id": "a", "target": null}\n', r"targets.jsonl:1: pair_id must be a string .* target of "
+                       "type NoneType"),
+                      ('{"pair_id": "a", "target": "x"}\n\n{"pair_id": "a", "target": "y"}\n',
+                       r"targets.jsonl:3: pair_id 'a' again \(first on line 1\)")):
+    path.write_text(text)
+    with pytest.raises(ValueError, match=match):
+      Teacher(SFTConfig(steps=1, teacher="targets", targets_path=str(path)))
+  path.write_bytes('{"pair_id": "a", "target": "caf\u00e9"}\n'.encode("latin-1"))
+  with pytest.raises(ValueError, match=r"targets.jsonl: not UTF-8 text"):
+    Teacher(SFTConfig(steps=1, teacher="targets", targets_path=str(path)))
   # The scripted judge: right descriptions and verdicts; a wrong answer is always "Image 1".
   pair = synthetic_pair(3, seed=5, n_wrong=3)
   good, bad = pair_attributes(3, 5, 3)

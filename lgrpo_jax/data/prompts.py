@@ -139,8 +139,8 @@ def load_tokenizer(path, setting: str, hint: str = ""):
   where = f"{setting}={os.fspath(path)!r}"
   try:
     tokenizer = AutoTokenizer.from_pretrained(path)
-  except (OSError, ValueError) as e:
-    raise TokenizerError(f"{where}: cannot load a tokenizer ({e}){hint}") from None
+  except Exception as e:  # noqa: BLE001 — transformers/tokenizers raise many kinds for damaged files
+    raise TokenizerError(f"{where}: cannot load a tokenizer ({type(e).__name__}: {e}){hint}") from None
   missing = [] if getattr(tokenizer, "chat_template", None) else ["no chat template"]
   pad = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
   if pad is None or pad == tokenizer.unk_token_id:

@@ -180,17 +180,28 @@ def synthetic_target(pair_id: str, label: int, n_wrong: int, correct: bool,
 
 
 def read_targets(path: str) -> dict[str, str]:
-  """{pair_id: target} from a JSONL file; a bad line is an error naming the file and line."""
-  out = {}
-  with open(path) as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        rec = json.loads(line)
-        out[str(rec["pair_id"])] = str(rec["target"])
-      except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}:{n}: expected a JSON object with pair_id and target ({e})") from None
+  """{pair_id: target} from a UTF-8 JSONL file; a bad line (not an object, a pair_id that is not a
+  string or a number, a target that is not a string, a pair_id given twice) is an error naming the
+  file and line."""
+  out, line_of = {}, {}
+  try:
+    with open(path, encoding="utf-8") as f:
+      for n, line in enumerate(f, 1):
+        if not line.strip():
+          continue
+        try:
+          rec = json.loads(line)
+          pid, target = rec["pair_id"], rec["target"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+          raise ValueError(f"{path}:{n}: expected a JSON object with pair_id and target ({e})") from None
+        if isinstance(pid, bool) or not isinstance(pid, (str, int)) or not isinstance(target, str):
+          raise ValueError(f"{path}:{n}: pair_id must be a string (or a number) and target a string; got "
+                           f"pair_id={pid!r}, target of type {type(target).__name__}")
+        if str(pid) in out:
+          raise ValueError(f"{path}:{n}: pair_id {pid!r} again (first on line {line_of[str(pid)]})")
+        out[str(pid)], line_of[str(pid)] = target, n
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{path}: not UTF-8 text ({e})") from None
   return out
 
 
