@@ -88,6 +88,12 @@ def build(cfg, mesh=None):
     if not eval_pairs and cfg.loop.eval_every:
       raise sources.DataError(f"no held-out pairs: data.eval_source={eval_source!r}"
                               + (f", data.eval_path={d.eval_path!r}" if d.eval_path else "") + left_out())
+  import jax
+  if report.skipped and jax.process_index() == 0:  # every process read the same sources: one report
+    examples = {k: v[:2] for k, v in report.summary()["examples"].items()}
+    print(f"data: {len(pairs)} training pairs" + (f", {len(eval_pairs)} held-out" if eval_pairs else "")
+          + f"; records left out while reading: {dict(report.skipped)}" + (f" (e.g. {examples})" if examples else ""),
+          file=sys.stderr, flush=True)
   return model, listener, tokenizer, pairs, eval_pairs
 
 
@@ -257,6 +263,9 @@ def summary(run_dir: str) -> str:
     if last is not first:
       lines.append(f"held-out accuracy at step {last['step']}: {fmt(last)}")
       lines.append(f"change: {100 * (last['eval/accuracy'] - first['eval/accuracy']):+.1f} points")
+  if train and train[-1].get("skipped_records"):
+    lines.append(f"records left out while training (pipeline.bad_records='skip'): {int(train[-1]['skipped_records'])}"
+                 " — the log's 'skipping' warnings name the first of each kind; metrics.jsonl's skipped_records")
   skipped = [r["step"] for r in train if r.get("skipped_updates")]
   if skipped:
     lines.append(f"steps whose optimiser updates were skipped (non-finite loss or gradients): {len(skipped)} "

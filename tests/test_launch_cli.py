@@ -255,6 +255,39 @@ def test_a_missing_image_found_while_training_is_one_clear_error(tmp_path, capsy
   assert f"({tmp_path / 'a'}" in err and "image file not found" in err
 
 
+def test_records_left_out_under_skip_are_reported_not_only_counted(tmp_path, capsys):
+  """bad_records=skip: what the source reader left out is printed once the data is read, what the
+  pipeline leaves out while training is `skipped_records` in every metrics line (all processes
+  together) and a line of the run's summary. Both used to be counted but never shown."""
+  from PIL import Image
+
+  from lgrpo_jax.launch import summary
+  from lgrpo_jax.train import Trainer
+  records = [{"prompt": f"a cat {k}", "human_preference": [1, 0], "image_path": [f"a{k}.png", f"b{k}.png"]}
+             for k in range(4)]
+  records.append({"prompt": "x", "human_preference": [2, 0], "image_path": ["a0.png", "b0.png"]})
+  for k in range(4):
+    for side in "ab":
+      if (k, side) != (1, "a"):  # one missing image: found by the pipeline
+        Image.new("RGB", (56, 56), (k * 40, 0, 0)).save(tmp_path / f"{side}{k}.png")
+  (tmp_path / "train.json").write_text(json.dumps(records))
+  cfg = apply_overrides(load_config_file(DEMO), [
+      f"run_dir={tmp_path / 'run'}", "data.source=hpdv2", f"data.path={tmp_path / 'train.json'}",
+      f"data.image_root={tmp_path}", "pipeline.bad_records=skip", "sft.steps=0", "loop.eval_every=0",
+      "pipeline.global_batch=4", "pipeline.shuffle=false"])
+  launch.check(cfg)
+  model, listener, tok, pairs, _ = launch.build(cfg)
+  assert "data: 4 training pairs; records left out while reading: {'bad_label': 1}" in capsys.readouterr().err
+  t = Trainer(cfg.run_dir, model, tok, pairs, cfg.step, cfg.pipeline, cfg.loop)
+  next(t.batches)
+  assert t.skipped_records() == 1
+  t.close()
+  os.makedirs(tmp_path / "run2")
+  (tmp_path / "run2" / "metrics.jsonl").write_text(json.dumps(
+      {"step": 1, "reward/total": 1.0, "accuracy": 0.5, "step_time": 1.0, "skipped_records": 1}) + "\n")
+  assert "records left out while training (pipeline.bad_records='skip'): 1" in summary(str(tmp_path / "run2"))
+
+
 def test_a_multi_process_batch_must_split_over_the_data_shards(monkeypatch):
   # Each process feeds its own rows to its own devices: 2 pairs over 8 data shards cannot be laid
   # out (one process fine: replicated). It used to pass the checks and fail at step 1 deep in JAX.

@@ -260,6 +260,16 @@ class Trainer:
   def batches(self, batches) -> None:
     self.feed = stopping.Feed(batches, self.pipe_cfg.stall_timeout_s)
 
+  def skipped_records(self) -> int:
+    """Records the pipeline has left out so far (`pipeline.bad_records='skip'`: an image that
+    failed to decode, …), on every process together (a collective: every process calls it)."""
+    report = getattr(self.batches, "report", None)  # (a test's stand-in feed may have none)
+    n = sum(report.skipped.values()) if report is not None else 0
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      n = int(np.sum(multihost_utils.process_allgather(np.asarray(n, np.int64))))
+    return int(n)
+
   # ---- checkpoints ---------------------------------------------------------------------------
   def _tree(self, state: TrainState) -> dict:
     return {"params": state.params, "opt_state": state.opt_state, "step": state.step,
@@ -537,7 +547,7 @@ class Trainer:
                      compiled_programs=sum(f._cache_size() for f in self._steps.values()),
                      **dict(zip(("compiles", "compile_s"), self.compiles.stats())),
                      compile_cache_hits=self.compiles.cache_hits(),
-                     tflops=tflops, mfu=tflops / self.peak_tflops)
+                     tflops=tflops, mfu=tflops / self.peak_tflops, skipped_records=self.skipped_records())
       is_eval = self.evaluator is not None and (step % self.loop_cfg.eval_every == 0
                                                 or step == self.loop_cfg.steps)
       if is_eval:
