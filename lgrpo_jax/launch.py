@@ -110,6 +110,10 @@ def check(cfg) -> None:
       raise ConfigError(f"{name}={path!r}: not found")
   from lgrpo_jax.runs import check_creatable_dir
   check_creatable_dir(cfg.run_dir, "run_dir", ConfigError)
+  import importlib.util
+  if cfg.loop.wandb_project and importlib.util.find_spec("wandb") is None:  # before the warm start, not after
+    raise ConfigError(f"loop.wandb_project={cfg.loop.wandb_project!r} needs Weights & Biases: pip install wandb "
+                      "(or set loop.wandb_project='')")
   if cfg.loop.eval_every:
     if not (cfg.data.eval_source or cfg.data.source == "synthetic"):
       raise ConfigError(f"loop.eval_every={cfg.loop.eval_every} needs held-out pairs: data.source="
@@ -276,7 +280,9 @@ def summary(run_dir: str) -> str:
     lines.append(f"XLA compilations in this run: {last['compiles']} ({last['compile_s']:.1f} s"
                  + (f"; {hits} loaded from the compilation cache" if hits else "")
                  + f"), {last['compiled_programs']} of them training-step programs")
-  lines.append(f"run directory: {run_dir} (metrics.jsonl, tensorboard/, curves.png, checkpoints/)")
+  there = [n for n in ("metrics.jsonl", "tensorboard/", "curves.png", "checkpoints/")
+           if os.path.exists(os.path.join(run_dir, n.rstrip("/")))]
+  lines.append(f"run directory: {run_dir}" + (f" ({', '.join(there)})" if there else ""))
   return "\n".join(lines)
 
 

@@ -44,6 +44,7 @@ def export_run(run_dir, out_dir, *, step: int | None = None, best: bool = False,
   tokenizer = AutoTokenizer.from_pretrained(out_dir)
   write_generation_config(out_dir, cfg, eos_ids=cfg.step.sampling.eos_ids or end_of_turn_ids(tokenizer),
                           pad_id=tokenizer.pad_token_id)
+  write_preprocessor_config(out_dir, cfg.pipeline.image)
   evaluation = runs.latest_eval_summary(run_dir)
   with open(os.path.join(out_dir, "README.md"), "w") as f:
     f.write(model_card(cfg, run_dir, chosen, best, evaluation, dtype))
@@ -63,6 +64,25 @@ def write_generation_config(out_dir, cfg, eos_ids, pad_id) -> None:
     gen["pad_token_id"] = int(pad_id)
   with open(path, "w") as f:
     json.dump(gen, f, indent=2)
+
+
+def write_preprocessor_config(out_dir, image_cfg) -> None:
+  """preprocessor_config.json with the run's image settings (the resolution it was trained at), so
+  that transformers' processor prepares images as training did; a copied base file keeps its
+  other fields. Written also where the base had none (the tiny preset), or `AutoProcessor` fails.
+  `grid_buckets` (our fixed shapes) have no transformers equivalent: the card says so."""
+  path = os.path.join(out_dir, "preprocessor_config.json")
+  proc = json.load(open(path)) if os.path.isfile(path) else {
+      "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor",
+      "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+      "do_convert_rgb": True}
+  c = image_cfg
+  proc.update({"min_pixels": c.min_pixels, "max_pixels": c.max_pixels,
+               "size": {"shortest_edge": c.min_pixels, "longest_edge": c.max_pixels},
+               "patch_size": c.patch_size, "merge_size": c.merge_size, "temporal_patch_size": c.temporal_patch_size,
+               "image_mean": list(c.mean), "image_std": list(c.std)})
+  with open(path, "w") as f:
+    json.dump(proc, f, indent=2)
 
 
 def _fmt(v) -> str:

@@ -134,6 +134,14 @@ def test_a_config_file_may_give_lists_for_tuples_and_a_run_config_json_is_a_conf
     load_config_file(os.path.join(os.path.dirname(DEMO), "README.md"))
 
 
+def test_wandb_missing_is_found_before_the_warm_start(tmp_path, monkeypatch):
+  import importlib.util
+  find_spec = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+  with pytest.raises(ConfigError, match="loop.wandb_project='x' needs Weights & Biases"):
+    launch.check(apply_overrides(load_config_file(DEMO), [f"run_dir={tmp_path}", "loop.wandb_project=x"]))
+
+
 def test_a_hung_read_exits_75_a_bad_record_2():
   # The launcher's and `lgrpo_jax.evaluate`'s exit codes. A scheduler retries a temporary failure (sysexits' EX_TEMPFAIL); a bad record needs fixing first.
   from lgrpo_jax.data.images import ImageError
@@ -423,6 +431,21 @@ def release_the_run(run_dir, policy, metrics):
                        "mm_token_type_ids": (batch["input_ids"] == hf.config.image_token_id).astype(np.int64)})
   keep = batch["attention_mask"].astype(bool)
   assert np.abs(ours - ref)[keep].max() <= 1e-4 * np.abs(ref)[keep].max()
+  # transformers' image processor, from the export's preprocessor_config.json (the tiny preset has no
+  # base file to copy: AutoProcessor failed), prepares images as the run did: its pixel limits.
+  from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+  from lgrpo_jax import runs
+  from lgrpo_jax.data import process_images
+  import io
+
+  from PIL import Image
+  images = [Image.open(io.BytesIO(b)) if isinstance(b, bytes) else b
+            for b in next(iter(synthetic(1, seed=5, image_size=84))).images]
+  got = Qwen2VLImageProcessorPil.from_pretrained(out)(images=images, return_tensors="np")
+  want_pv, want_grid = process_images(images, runs.run_config(run_dir).pipeline.image)
+  np.testing.assert_array_equal(got["image_grid_thw"], want_grid)
+  np.testing.assert_array_equal(got["pixel_values"], want_pv)
   # Default: bf16, greedy generation config, the card with the evaluated accuracy; into a folder
   # holding an earlier export's tokenizer file, which the run's tokenizer replaces.
   (run_dir / "hf").mkdir()
