@@ -56,8 +56,9 @@ def test_odd_sizes_and_modes_match_transformers(name):
   np.testing.assert_array_equal(got, ref)
 
 
+@pytest.mark.parametrize("fmt", ["jpg", "png"])
 @pytest.mark.parametrize("orientation", [1, 3, 6, 8])
-def test_a_file_is_turned_upright_by_its_exif_orientation_as_transformers_load_image_does(tmp_path, orientation):
+def test_a_file_is_turned_upright_by_its_exif_orientation_as_transformers_load_image_does(tmp_path, orientation, fmt):
   """A camera JPEG stored sideways with an EXIF orientation: read from its path or bytes it is
   turned as a browser shows it and as transformers' `load_image` gives it to the processor — the
   grid from the header alone (`image_grid`) included."""
@@ -68,12 +69,12 @@ def test_a_file_is_turned_upright_by_its_exif_orientation_as_transformers_load_i
   img = Image.fromarray(rng.integers(0, 256, (80, 200, 3), dtype=np.uint8))
   exif = Image.Exif()
   exif[0x0112] = orientation
-  path = tmp_path / "sideways.jpg"
+  path = tmp_path / f"sideways.{fmt}"
   img.save(path, exif=exif.tobytes())
   ref, ref_grid = reference([load_image(str(path))])
   for src in (str(path), path.read_bytes()):
-    got, grid = process_image(src, CFG, source="sideways.jpg")
-    assert grid == tuple(ref_grid[0]) == image_grid(src, CFG, source="sideways.jpg")
+    got, grid = process_image(src, CFG, source=path.name)
+    assert grid == tuple(ref_grid[0]) == image_grid(src, CFG, source=path.name)
     np.testing.assert_array_equal(got, ref)
   assert (ref_grid[0][1] > ref_grid[0][2]) == (orientation in (6, 8))  # 6 and 8 stand it upright
 

@@ -149,8 +149,15 @@ def test_last_partial_batch_is_kept_and_buckets_are_reported(tok):
   assert it.lengths_seen == {256}
   plain = make_batches(PAIRS[:10], tok, dataclass_replace(cfg, group_by_grid=False))
   assert [len(b["labels"]) for b in plain] == [4, 4, 2] and plain.report.pairs == 10
-  with pytest.raises(ValueError, match="longer than the largest length bucket 128"):
+  with pytest.raises(ValueError, match=r"pair \S+: prompt of \d+ tokens is longer than the largest length bucket 128"):
     next(make_batches(PAIRS, tok, PipelineConfig(global_batch=2, length_buckets=(128,))))
+  # One over-long prompt: under bad_records=skip that pair alone is left out (counted), the run goes on.
+  from lgrpo_jax.data.sources import PreferencePair
+  long = [dataclass_replace(PAIRS[3], prompt=" ".join(["a red circle"] * 80))] + list(PAIRS[:3])
+  it = make_batches(long, tok, dataclass_replace(cfg, bad_records="skip"))
+  kept = [i for b in it for i, v in zip(b["pair_ids"], b["valid"]) if v]
+  assert sorted(kept) == sorted(p.pair_id for p in PAIRS[:3]) and it.report.skipped == {"prompt_too_long": 1}
+  assert it.report.examples["prompt_too_long"] == [f"pair {PAIRS[3].pair_id}"]
 
 
 @pytest.mark.parametrize("grouped", [True, False], ids=["threads (grouped)", "processes (plain)"])

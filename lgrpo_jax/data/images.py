@@ -27,7 +27,7 @@ import math
 import os
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -142,6 +142,26 @@ def _require_file(path, name: str) -> None:
 
 
 _TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that exchange width and height
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}  # as ImageOps.exif_transpose
+
+
+def _orientation(img) -> int:
+  """The EXIF orientation (1: upright) from what opening the file read, without decoding it: a
+  JPEG's/WebP's EXIF block, TIFF tags, or a PNG eXIf chunk before the image data (one after it
+  would need the whole file read; the header-only grid must agree with the decode)."""
+  try:
+    if img.format == "PNG":
+      raw = img.info.get("exif")
+      if not raw:
+        return 1
+      exif = Image.Exif()
+      exif.load(raw)
+      return int(exif.get(0x0112, 1))
+    return int(img.getexif().get(0x0112, 1))
+  except Exception:  # noqa: BLE001 — a garbled EXIF block: no orientation, as browsers do
+    return 1
 
 
 def open_image(src, source: str | None = None) -> Image.Image:
@@ -158,9 +178,10 @@ def open_image(src, source: str | None = None) -> Image.Image:
     else:
       _require_file(src, name)
       img = Image.open(src)
+    orientation = 1 if isinstance(src, Image.Image) else _orientation(img)
     img.load()  # decode now: truncated or corrupt data fails here, with the source named
-    if not isinstance(src, Image.Image) and img.getexif().get(0x0112, 1) != 1:
-      img = ImageOps.exif_transpose(img)
+    if orientation in _UPRIGHT:
+      img = img.transpose(_UPRIGHT[orientation])
   except ImageError:
     raise
   except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
@@ -176,8 +197,7 @@ def open_image(src, source: str | None = None) -> Image.Image:
 
 def _upright_size(img) -> tuple[int, int]:
   """(width, height) after `open_image` applies the EXIF orientation (read from the header)."""
-  turned = img.getexif().get(0x0112) in _TRANSPOSED
-  return (img.height, img.width) if turned else img.size
+  return (img.height, img.width) if _orientation(img) in _TRANSPOSED else img.size
 
 
 def image_grid(src, cfg: ImageConfig = ImageConfig(), source: str | None = None) -> tuple[int, int, int]:

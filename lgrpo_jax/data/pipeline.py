@@ -149,6 +149,19 @@ def _prompts(tokenizer, prompt: str, grids, cfg: "PipelineConfig") -> dict:
   return out
 
 
+def _too_long(pair, prompts: dict, cfg: "PipelineConfig") -> dict | None:
+  """A skip record for a pair whose prompt fits no length bucket (policy 'skip'), else None; under
+  policy 'error' a DataError naming the pair (before a batch holds it)."""
+  longest = max(len(x) for x in prompts.values())
+  if longest <= max(cfg.length_buckets):
+    return None
+  detail = (f"prompt of {longest} tokens is longer than the largest length bucket {max(cfg.length_buckets)}: "
+            "add a larger pipeline.length_buckets entry, shorten the prompt or lower pipeline.image.max_pixels")
+  if cfg.bad_records == "error":
+    raise DataError(f"pair {pair.pair_id}: {detail}")
+  return {"skip": "prompt_too_long", "where": f"pair {pair.pair_id}", "detail": detail}
+
+
 def _where(pair, k: int, image) -> str:
   return f"pair {pair.pair_id} image {k + 1}" + (f" ({image})" if isinstance(image, str) else "")
 
@@ -168,8 +181,11 @@ class Encoder:
       if self.cfg.bad_records == "error":
         raise
       return {"skip": e.kind, "where": e.source, "detail": e.reason}
-    return {**_prompts(self.tokenizer, pair.prompt, [ga, gb], self.cfg),
-            "pixel_values": np.concatenate([pa, pb]), "grids": [ga, gb],
+    prompts = _prompts(self.tokenizer, pair.prompt, [ga, gb], self.cfg)
+    too_long = _too_long(pair, prompts, self.cfg)
+    if too_long:
+      return too_long
+    return {**prompts, "pixel_values": np.concatenate([pa, pb]), "grids": [ga, gb],
             "label": np.int32(label), "pair_id": pair.pair_id, "swapped": bool(swap)}
 
 
@@ -264,8 +280,10 @@ class _BatchDataset(grain.IterDataset):
 
 @dataclasses.dataclass(frozen=True)
 class _Plan:
-  """Global position → a light record: orientation and image grids from the headers only."""
+  """Global position → a light record: orientation and image grids from the headers only, and
+  whether the prompt fits a length bucket (a tokenisation: cheap beside an image decode)."""
   cfg: PipelineConfig
+  tokenizer: object = None
 
   def __call__(self, index: int, item) -> dict:
     pair, swap, images, label = _oriented(self.cfg, index, item)
@@ -275,6 +293,10 @@ class _Plan:
       if self.cfg.bad_records == "error":
         raise
       return {"index": index, "skip": e.kind, "where": e.source, "detail": e.reason}
+    if self.tokenizer is not None:
+      too_long = _too_long(pair, _prompts(self.tokenizer, pair.prompt, grids, self.cfg), self.cfg)
+      if too_long:
+        return {"index": index, **too_long}
     return {"index": index, "swap": swap, "grids": grids}
 
 
@@ -435,7 +457,7 @@ def make_batches(pairs, tokenizer, cfg: PipelineConfig = PipelineConfig(),
   ds = ds.repeat(cfg.num_epochs)
   report = report if report is not None else Report(cfg.bad_records)
   if cfg.group_by_grid:
-    planned = ds.map_with_index(_Plan(cfg)).to_iter_dataset()
+    planned = ds.map_with_index(_Plan(cfg, tokenizer)).to_iter_dataset()
     return Batches(_GroupedDataset(planned, ds, tokenizer, cfg, process_index, process_count), report)
   # Encode with the *global* index (the order swap must not depend on the process count).
   ds = ds.map_with_index(Encoder(tokenizer, cfg))
