@@ -108,6 +108,22 @@ def test_imagereward_duplicate_ids_and_single_images_are_counted(tmp_path):
   assert report.skipped == {"duplicate_id": 1, "bad_schema": 1}
   with pytest.raises(DataError, match=r"record 1 \(id x\): id x was already used by record 0"):
     list(imagereward(path))
+  # A null id is named as such (it read as a duplicate of the next null); a record without one is
+  # "record-K", which a real id K does not collide with.
+  path = write(tmp_path, "ids.json", [
+      {"id": None, "prompt": "p", "generations": ["a", "b"], "ranking": [1, 2]},
+      {"id": "1", "prompt": "q", "generations": ["c", "d"], "ranking": [2, 1]},
+      {"prompt": "r", "generations": ["e", "f"], "ranking": [1, 2]}, {"id": "2", "prompt": "s",
+                                                                     "generations": ["g", "h"], "ranking": [1, 2]}])
+  report = Report("skip")
+  assert [p.pair_id for p in imagereward(path, report=report)] == ["1:0-1", "record-2:0-1", "2:0-1"]
+  assert report.skipped == {"bad_schema": 1}
+  with pytest.raises(DataError, match=r"record 0 \(id None\): 'id' must be a non-empty string or an integer"):
+    list(imagereward(path))
+  # HPDv2: a file_path that is not a list is named as itself (it was reported as a missing image_path)
+  path = write(tmp_path, "train.json", [{"prompt": "p", "human_preference": [1, 0], "file_path": "a.png"}])
+  with pytest.raises(DataError, match=r"field 'file_path' should be list, got str"):
+    list(hpdv2_train(path))
 
 
 @pytest.mark.parametrize("content,match", [
