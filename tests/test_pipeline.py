@@ -152,7 +152,6 @@ def test_last_partial_batch_is_kept_and_buckets_are_reported(tok):
   with pytest.raises(ValueError, match=r"pair \S+: prompt of \d+ tokens is longer than the largest length bucket 128"):
     next(make_batches(PAIRS, tok, PipelineConfig(global_batch=2, length_buckets=(128,))))
   # One over-long prompt: under bad_records=skip that pair alone is left out (counted), the run goes on.
-  from lgrpo_jax.data.sources import PreferencePair
   long = [dataclass_replace(PAIRS[3], prompt=" ".join(["a red circle"] * 80))] + list(PAIRS[:3])
   it = make_batches(long, tok, dataclass_replace(cfg, bad_records="skip"))
   kept = [i for b in it for i, v in zip(b["pair_ids"], b["valid"]) if v]

@@ -31,6 +31,15 @@ def test_round_trip_and_same_batches_as_the_source(tmp_path):
   shutil.rmtree(files)
   source = tfds_pairs(tmp_path / "tfds", "pairs_test", "train")
   assert len(source) == len(pairs)
+  with pytest.raises(DataError, match=r"TFDS dataset 'pairs_test' has no split 'test' \(it has \['train'\]\)"):
+    tfds_pairs(tmp_path / "tfds", "pairs_test", "test")
+  damaged = tmp_path / "damaged"
+  shutil.copytree(tmp_path / "tfds", damaged)
+  for f in damaged.rglob("*array_record*"):
+    with open(f, "r+b") as fh:
+      fh.truncate(f.stat().st_size // 2)
+  with pytest.raises(DataError, match=r"TFDS record 0: cannot be read .*is a shard truncated"):
+    tfds_pairs(damaged, "pairs_test", "train")[0]
   got = {source[i].pair_id: source[i] for i in range(len(source))}
   assert got["from-files"].images == pairs[0].images and got["from-files"].label == 1
   for p in pairs[:-1]:
@@ -52,6 +61,10 @@ def test_errors_name_pair_and_dataset(tmp_path):
     build_tfds(bad, tmp_path / "tfds", name="bad_pairs")
   with pytest.raises(DataError, match="no TFDS dataset 'nothing'"):
     tfds_pairs(tmp_path, "nothing")
+  twice = [PreferencePair("p-1", "x", (b"a", b"b"), 0), PreferencePair("p-1", "y", (b"c", b"d"), 1)]
+  with pytest.raises(DataError, match=r"pair id 'p-1' of pair 1 was already used by pair 0"):
+    build_tfds(twice, tmp_path / "tfds", name="twice")
+  assert not (tmp_path / "tfds" / "twice").exists()  # refused before TFDS wrote anything
 
 
 def test_the_newest_finished_version_is_read():

@@ -43,6 +43,12 @@ def build_tfds(pairs: Iterable[PreferencePair], data_dir, name: str, split: str 
   """Writes `pairs` as TFDS dataset `name` (ArrayRecord) under `data_dir`; returns its directory."""
   tfds = _tfds()
   pairs = list(pairs)
+  seen: dict[str, int] = {}
+  for k, p in enumerate(pairs):  # TFDS keys examples by pair id (a repeat failed deep in its writer)
+    if p.pair_id in seen:
+      raise DataError(f"pair id {p.pair_id!r} of pair {k} was already used by pair {seen[p.pair_id]}: "
+                      "every pair needs its own id")
+    seen[p.pair_id] = k
 
   class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     VERSION = tfds.core.Version(version)
@@ -81,10 +87,14 @@ class TfdsPairs:
     return len(self._source)
 
   def __getitem__(self, index: int) -> PreferencePair:
-    rec = self._source[index]
     text = lambda v: v.decode() if isinstance(v, bytes) else str(v)
-    return PreferencePair(text(rec["pair_id"]), text(rec["prompt"]),
-                          (bytes(rec["image_0"]), bytes(rec["image_1"])), int(rec["label"]))
+    try:
+      rec = self._source[index]
+      return PreferencePair(text(rec["pair_id"]), text(rec["prompt"]),
+                            (bytes(rec["image_0"]), bytes(rec["image_1"])), int(rec["label"]))
+    except Exception as e:  # noqa: BLE001 — a damaged ArrayRecord shard: which record, not a bare TypeError
+      raise DataError(f"TFDS record {index}: cannot be read ({type(e).__name__}: {e}); is a shard "
+                      "truncated? Build the dataset again") from None
 
 
 def tfds_pairs(data_dir, name: str, split: str = "train") -> TfdsPairs:
@@ -94,6 +104,8 @@ def tfds_pairs(data_dir, name: str, split: str = "train") -> TfdsPairs:
     builder = tfds.builder_from_directory(_dataset_dir(path, name))
   except Exception as e:
     raise DataError(f"{path}: no TFDS dataset '{name}' ({e})") from None
+  if split not in builder.info.splits:
+    raise DataError(f"{path}: TFDS dataset '{name}' has no split {split!r} (it has {sorted(builder.info.splits)})")
   return TfdsPairs(builder.as_data_source(split=split))
 
 
