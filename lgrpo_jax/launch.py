@@ -97,6 +97,13 @@ def build(cfg, mesh=None):
   return model, listener, tokenizer, pairs, eval_pairs
 
 
+def _model_config(path):
+  """The architecture of an Orbax checkpoint or an HF directory (config.json only)."""
+  from lgrpo_jax import checkpoint
+  from lgrpo_jax.models.qwen2_5_vl import Qwen25VLConfig
+  return checkpoint.model_config(path) if checkpoint.is_checkpoint(path) else Qwen25VLConfig.from_json(path)
+
+
 def check(cfg) -> None:
   """Everything that can be checked before compiling."""
   import jax
@@ -128,6 +135,13 @@ def check(cfg) -> None:
     if cfg.sft.teacher == "targets" and not os.path.isfile(cfg.sft.targets_path):
       raise ConfigError(f"sft.targets_path={cfg.sft.targets_path!r}: not found")
   sizes = cfg.mesh.resolve(jax.device_count())  # MeshError if it does not fit
+  from lgrpo_jax.sharding import check_parameters_split
+  for path in {cfg.model.checkpoint, cfg.model.listener} - {None}:  # split, not replicated (shapes only)
+    check_parameters_split(_model_config(path), sizes)
+  if cfg.model.checkpoint is None:
+    from lgrpo_jax.models.qwen2_5_vl import Qwen25VLConfig
+    from lgrpo_jax.models.qwen2_5_vl.presets import TINY
+    check_parameters_split(Qwen25VLConfig.from_hf_dict(TINY), sizes)
   data_shards = sizes[0] * sizes[1]
   if cfg.pipeline.global_batch % jax.process_count():
     raise ConfigError(f"pipeline.global_batch={cfg.pipeline.global_batch} is not divisible by "

@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+import types
 from typing import Sequence
 
 import jax
@@ -68,7 +69,7 @@ class MeshConfig:
       return cls(data=1, fsdp=-1, tensor=tensor)
     if name not in PRESETS:
       raise MeshError(f"unknown mesh preset {name!r} (choose from dp, fsdp, fsdp_tp)")
-    return cls(**PRESETS[name])
+    return cls(**dict(PRESETS[name], tensor=tensor))  # `tensor` applies to every preset
 
   def resolve(self, num_devices: int) -> tuple[int, int, int]:
     sizes = [self.data, self.fsdp, self.tensor]
@@ -110,6 +111,46 @@ def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mes
     used.update(axes)
     out.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
   return P(*out)
+
+
+def per_device_bytes(state: nnx.State, sizes: Sequence[int], rules: dict | None = None) -> tuple[int, int]:
+  """(bytes of the largest per-device shard set, total bytes) of an (abstract) model state laid out
+  by the rules on a (data, fsdp, tensor) mesh of these sizes — without building the mesh."""
+  mesh = types.SimpleNamespace(shape=dict(zip(AXES, sizes)))
+  per_device = total = 0
+  for var in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+    names = var.get_metadata().get("out_sharding") or (None,) * len(var.shape)
+    spec = logical_to_spec(names, var.shape, mesh, rules)
+    n = math.prod(var.shape) * jnp.dtype(var.dtype).itemsize
+    split = math.prod(mesh.shape[a] for part in spec if part is not None
+                      for a in ((part,) if isinstance(part, str) else part))
+    per_device += n // split
+    total += n
+  return per_device, total
+
+
+def check_parameters_split(model_cfg, sizes: Sequence[int], rules: dict | None = None) -> None:
+  """A `MeshError` naming mesh.fsdp / mesh.tensor when the model's widths do not divide by them,
+  so that its parameters (and so its optimizer state) would be replicated instead of split —
+  `logical_to_spec` leaves such a dimension whole, which is right for a small bias and ruinous for
+  the whole model: 7B's 3,584-wide layers on fsdp = 24 put the whole model on every device."""
+  from lgrpo_jax.models.qwen2_5_vl.hf import abstract_model
+  _, state = abstract_model(model_cfg)
+  per_device, total = per_device_bytes(state, sizes, rules)
+  data, fsdp, tensor = sizes
+  ideal = total / (fsdp * tensor)
+  if per_device <= 1.5 * ideal + (1 << 20):
+    return
+  widths = {"text hidden_size": model_cfg.text.hidden_size, "vision hidden_size": model_cfg.vision.hidden_size}
+  bad = [f"{k} {w}" for k, w in widths.items() if w % fsdp]
+  n = data * fsdp * tensor
+  fits = [f for f in range(fsdp, 0, -1) if (n // tensor) % f == 0 and all(w % f == 0 for w in widths.values())]
+  hint = (f"; e.g. mesh.fsdp={fits[0]} mesh.data={n // (tensor * fits[0])}" if fits and fits[0] > 1 else "")
+  raise MeshError(f"mesh (data={data}, fsdp={fsdp}, tensor={tensor}): the model's parameters would not be split: "
+                  f"{per_device / 2**30:.2f} GiB per device instead of {ideal / 2**30:.2f} GiB (of "
+                  f"{total / 2**30:.2f} GiB), because " + (" and ".join(bad) + f" {'is' if len(bad) == 1 else 'are'} "
+                  f"not divisible by mesh.fsdp={fsdp}" if bad else f"widths do not divide by mesh.tensor={tensor}")
+                  + f"; choose sizes that divide them{hint}")
 
 
 def state_shardings(state: nnx.State, mesh: Mesh, rules: dict | None = None):

@@ -134,6 +134,22 @@ def test_a_config_file_may_give_lists_for_tuples_and_a_run_config_json_is_a_conf
     load_config_file(os.path.join(os.path.dirname(DEMO), "README.md"))
 
 
+def test_a_mesh_that_would_replicate_the_model_is_refused(monkeypatch):
+  """fsdp sizes that do not divide the model's widths left every parameter (and Adam state) whole
+  on every device — e.g. the default mesh on 3 nodes × 8 GPUs puts all of 7B on each — and the run
+  ran out of memory without saying why."""
+  import jax
+
+  from lgrpo_jax.sharding import MeshError
+  cfg = apply_overrides(load_config_file(DEMO), ["pipeline.global_batch=12", "step.sampling.num_samples=2"])
+  monkeypatch.setattr(jax, "device_count", lambda: 6)  # the tiny model's widths (128, 64) do not divide by 6
+  with pytest.raises(MeshError, match=r"fsdp=6, tensor=1\): the model's parameters would not be split: .* "
+                                      r"text hidden_size 128 and vision hidden_size 64 are not divisible by "
+                                      r"mesh.fsdp=6; .* e.g. mesh.fsdp=2 mesh.data=3"):
+    launch.check(cfg)
+  launch.check(apply_overrides(cfg, ["mesh.fsdp=2", "mesh.data=3"]))
+
+
 def test_wandb_missing_is_found_before_the_warm_start(tmp_path, monkeypatch):
   import importlib.util
   find_spec = importlib.util.find_spec

@@ -103,6 +103,8 @@ def test_mesh_errors_name_the_sizes():
     sharding.MeshConfig(1, -1, -1).resolve(8)
   assert sharding.MeshConfig.preset("fsdp_tp", tensor=2).resolve(8) == (1, 4, 2)
   assert sharding.MeshConfig.preset("dp").resolve(8) == (8, 1, 1)
+  assert sharding.MeshConfig.preset("dp", tensor=2).resolve(8) == (4, 1, 2)  # tensor was dropped
+  assert sharding.MeshConfig.preset("fsdp", tensor=4).resolve(8) == (1, 2, 4)
 
 
 def test_sharded_random_init_equals_unsharded():
