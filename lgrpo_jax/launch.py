@@ -244,7 +244,7 @@ def _main(argv, scope) -> int:
     print(f"resumed from step {trainer.resumed_from}", file=sys.stderr)
   from lgrpo_jax.data.images import ImageError
   try:
-    trainer.run()
+    trained = trainer.run()
   except (DataError, ImageError) as e:  # a bad record (bad_records='error') or a hung read, on any process
     trainer.close()  # pending checkpoint writes finish
     saved = trainer.manager.latest_step()
@@ -256,11 +256,11 @@ def _main(argv, scope) -> int:
   if trainer.stopped_by is not None:  # pre-empted: not done, so that a scheduler restarts the run
     return stopping.leave(128 + trainer.stopped_by, "lgrpo_jax.launch: stopped by a signal")
   if jax.process_index() == 0:
-    print(summary(cfg.run_dir), flush=True)
+    print(summary(cfg.run_dir, trained_here=bool(trained)), flush=True)
   return stopping.leave(0, "lgrpo_jax.launch: done")
 
 
-def summary(run_dir: str) -> str:
+def summary(run_dir: str, trained_here: bool = True) -> str:
   """The run in a few lines, from RUN_DIR/metrics.jsonl: held-out accuracy (both orders) and
   contradiction rate at the first and last evaluation, the last training reward and accuracy."""
   from lgrpo_jax.plot import read_metrics
@@ -288,7 +288,9 @@ def summary(run_dir: str) -> str:
   if skipped:
     lines.append(f"steps whose optimiser updates were skipped (non-finite loss or gradients): {len(skipped)} "
                  f"of {len(train)} (first: step {skipped[0]}) — metrics.jsonl's skipped_updates")
-  if train and "compiles" in train[-1]:
+  if not trained_here:  # a restart of a finished run: the counts below would be an earlier process's
+    lines.append("this process trained no step: the run had already reached loop.steps (or its data's end)")
+  elif train and "compiles" in train[-1]:
     last = train[-1]
     hits = last.get("compile_cache_hits", 0)
     lines.append(f"XLA compilations in this run: {last['compiles']} ({last['compile_s']:.1f} s"

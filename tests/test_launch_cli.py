@@ -310,6 +310,13 @@ def test_records_left_out_under_skip_are_reported_not_only_counted(tmp_path, cap
   (tmp_path / "run2" / "metrics.jsonl").write_text(json.dumps(
       {"step": 1, "reward/total": 1.0, "accuracy": 0.5, "step_time": 1.0, "skipped_records": 1}) + "\n")
   assert "records left out while training (pipeline.bad_records='skip'): 1" in summary(str(tmp_path / "run2"))
+  # A restart of a finished run: not the earlier process's compile counts as this one's.
+  (tmp_path / "run2" / "metrics.jsonl").write_text(json.dumps(
+      {"step": 1, "reward/total": 1.0, "accuracy": 0.5, "step_time": 1.0, "compiles": 22, "compile_s": 30.0,
+       "compiled_programs": 1}) + "\n")
+  assert "XLA compilations in this run: 22" in summary(str(tmp_path / "run2"))
+  again = summary(str(tmp_path / "run2"), trained_here=False)
+  assert "XLA compilations" not in again and "this process trained no step" in again
 
 
 def test_a_multi_process_batch_must_split_over_the_data_shards(monkeypatch):
