@@ -131,3 +131,25 @@ def test_a_registered_listener_reward_runs_the_listener_and_a_run_config_reads_u
     from_record(record)
   with pytest.raises(ValueError, match="LossConfig.loss='nope'"):
     LossConfig(loss="nope")
+
+
+def test_a_reward_or_advantage_of_the_wrong_shape_is_an_error_naming_it(tok):
+  """A per-pair (B,) reward broadcast onto the completion axis when B = G (training silently on the
+  wrong advantages), and a (B, G, 1) one made the total (B, G, G); a constant is every completion's."""
+  import jax.numpy as jnp
+  from lgrpo_jax.grpo import LossConfig, advantages, register_advantage
+  ids, mask = encode(tok, ["<think>x</think><answer>Image 1</answer>"] * 4)
+  tokens, mask = jnp.asarray(ids).reshape(2, 2, -1), jnp.asarray(mask).reshape(2, 2, -1)
+  bt = ByteTable.from_tokenizer(tok)
+  parsed = parse(tokens, mask, jnp.asarray(bt.table), jnp.asarray(bt.lengths))
+  inputs = RewardInputs(tokens, mask, mask.sum(-1), jnp.asarray([0, 1]), parsed, None)
+  for name, fn in (("per_pair", lambda i: jnp.ones(2)), ("extra_axis", lambda i: jnp.ones((2, 2, 1)))):
+    register_reward(name, replace=True)(fn)
+    with pytest.raises(ValueError, match=rf"reward '{name}' returned shape .*: \(B, G\) = \(2, 2\)"):
+      compute_rewards(inputs, RewardConfig(weights=(("format", 1.0), (name, 1.0))))
+  register_reward("constant", replace=True)(lambda i: 0.5)
+  total, parts = compute_rewards(inputs, RewardConfig(weights=(("format", 1.0), ("constant", 1.0))))
+  assert parts["constant"].shape == (2, 2) and float(total[0, 0]) == 1.5
+  register_advantage("per_pair_adv", replace=True)(lambda r, eps, valid: r.mean(-1))
+  with pytest.raises(ValueError, match=r"advantage 'per_pair_adv' returned shape \(2,\)"):
+    advantages(total, LossConfig(advantage="per_pair_adv"))

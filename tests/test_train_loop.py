@@ -543,3 +543,51 @@ def test_a_step_whose_update_is_skipped_says_so(tmp_path, capsys):
   from lgrpo_jax.launch import summary
   assert ("steps whose optimiser updates were skipped (non-finite loss or gradients): 2 of 2 (first: step 1)"
           in summary(str(tmp_path / "run")))
+
+
+def test_a_notebook_session_trains_the_model_given_saves_on_an_error_and_sees_an_edited_reward(tmp_path):
+  """What a notebook does and a script does not: a callback that raises at the last step (the step
+  used to be lost: run() again and close() saved nothing), a reward cell edited and re-run with
+  replace=True (the compiled step of the old one was kept), the model handed to a second Trainer
+  (its arrays had been donated away: 'Buffer has been deleted'), run() after close()."""
+  import dataclasses
+
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from lgrpo_jax.data.synthetic import synthetic
+  from lgrpo_jax.rewards import RewardConfig, register_reward
+  from lgrpo_jax.train import LoopConfig, Trainer
+  tok_dir = build_tiny_tokenizer(tmp_path / "tok")
+  register_reward("nb_const", replace=True)(lambda inputs: jnp.ones(inputs.lengths.shape))
+  t = make(tmp_path / "a", tok_dir, steps=2, save_every=10,
+           rewards=RewardConfig(weights=(("format", 1.0), ("nb_const", 1.0))))
+
+  def fail_at_2(m):
+    if m.get("step") == 2:
+      raise RuntimeError("a bug in my callback")
+
+  with pytest.raises(RuntimeError, match="a bug in my callback"):
+    t.run(on_metrics=fail_at_2)
+  assert t.manager.all_steps() == [2]  # saved on the way out
+  model_params = nnx.state(t._model, nnx.Param)
+  for a, b in zip(jax.tree.leaves(model_params), jax.tree.leaves(t.state.params)):
+    assert a is b and not a.is_deleted()  # the model given holds the trained parameters
+  register_reward("nb_const", replace=True)(lambda inputs: 7.0 * jnp.ones(inputs.lengths.shape))
+  t.loop_cfg = dataclasses.replace(t.loop_cfg, steps=3)
+  (m,) = t.run()
+  assert m["step"] == 3 and m["reward/nb_const"] == pytest.approx(7.0)
+  t.close()
+  with pytest.raises(RuntimeError, match="this Trainer is closed; build a new one"):
+    t.run()
+  # The same model into a new Trainer (the cell run again): it starts from the trained weights;
+  # held-out pairs without eval_every: evaluate() on demand, none in the loop.
+  from transformers import AutoTokenizer
+  again = Trainer(str(tmp_path / "b"), t._model, AutoTokenizer.from_pretrained(tok_dir),
+                  list(synthetic(4, seed=1, image_size=56)), t.step_cfg, t.pipe_cfg, LoopConfig(steps=1),
+                  eval_pairs=list(synthetic(2, seed=9, image_size=56)))
+  for a, b in zip(jax.tree.leaves(again.state.params), jax.tree.leaves(nnx.state(t._model, nnx.Param))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert again.evaluator is not None and not again._in_run_eval
+  again.close()
+  register_reward("nb_const", replace=True)(lambda inputs: jnp.ones(inputs.lengths.shape))

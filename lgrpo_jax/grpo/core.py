@@ -383,7 +383,11 @@ def advantages(rewards_bg, cfg: LossConfig, valid_b=None):
   padding row (which then takes no part in a batch-wide statistic)."""
   valid_b = jnp.ones(rewards_bg.shape[:1], jnp.float32) if valid_b is None else valid_b.astype(jnp.float32)
   fn = lookup(ADVANTAGES, cfg.advantage, "LossConfig.advantage")
-  return jax.lax.stop_gradient(fn(rewards_bg, cfg.adv_eps, valid_b))
+  adv = jnp.asarray(fn(rewards_bg, cfg.adv_eps, valid_b))
+  if adv.shape != rewards_bg.shape:
+    raise ValueError(f"advantage {cfg.advantage!r} returned shape {adv.shape}; expected one per completion, "
+                     f"as the rewards: (B, G) = {rewards_bg.shape}")
+  return jax.lax.stop_gradient(adv)
 
 
 def grpo_loss(logp, logp_old, advantages_bg, weights, cfg: LossConfig, logp_ref=None, entropy=None,

@@ -101,12 +101,19 @@ def compute_rewards(inputs: RewardInputs, cfg: RewardConfig = RewardConfig()):
   parts = {}
   for name, _ in cfg.weights:
     try:
-      parts[name] = REWARDS[name](inputs).astype(jnp.float32)
+      value = jnp.asarray(REWARDS[name](inputs)).astype(jnp.float32)
     except TypeError as e:  # mostly: a reward reading listener_probs that the step did not compute
       if inputs.listener_probs is None and name not in USES_LISTENER:
         raise ValueError(f"reward {name!r} failed ({e}); if it reads inputs.listener_probs, register it with "
                          "register_reward(..., uses_listener=True) so that the step runs the listener") from e
       raise
+    want = inputs.lengths.shape
+    if value.shape == ():  # a constant: every completion
+      value = jnp.broadcast_to(value, want)
+    if value.shape != want:  # (B,) or (B, G, 1) would broadcast into the wrong axes, silently or deep in JAX
+      raise ValueError(f"reward {name!r} returned shape {value.shape}; a reward gives one value per "
+                       f"completion: (B, G) = {want}")
+    parts[name] = value
   total = sum(w * parts[name] for name, w in cfg.weights)
   return total, parts
 

@@ -48,7 +48,7 @@ from lgrpo_jax.sharding import copy_tree, on_mesh, put, state_shardings
 from lgrpo_jax.models.qwen2_5_vl.flops import grpo_step_flops
 from lgrpo_jax.train.metrics import CompileCounter, MetricSinks, measured_matmul_tflops
 from lgrpo_jax.train import stopping
-from lgrpo_jax.train.step import Batch, StepConfig, Tables, TrainState, init_state, make_train_step
+from lgrpo_jax.train.step import Batch, StepConfig, Tables, TrainState, _trace_globals, init_state, make_train_step
 
 log = logging.getLogger("lgrpo_jax.train")
 
@@ -177,6 +177,11 @@ class Trainer:
           step_cfg.sampling, eos_ids=end_of_turn_ids(tokenizer)))
     self.step_cfg, self.pipe_cfg, self.loop_cfg = step_cfg, pipe_cfg, loop_cfg
     self.model_config = model.config
+    # The model given is trained in place, as TRL's trainer trains the model it is given: its
+    # parameters are the step's state (donated to each step, so no second copy is held), and every
+    # `run` ends by putting the state's parameters back into it (`_hand_back`).
+    self._model = model
+    self._closed = False
     self.graphdef, params = nnx.split(model, nnx.Param)
     if mesh is not None:
       params = place(params, mesh)
@@ -226,7 +231,9 @@ class Trainer:
     self._steps: dict = {}
     self.manager, self.best = checkpoint_managers(self.run_dir, loop_cfg.keep)
     self.evaluator = None
-    if eval_pairs is not None and loop_cfg.eval_every:
+    # Held-out pairs given: `evaluate()` scores them whenever asked; the loop itself evaluates only
+    # with `loop.eval_every` (`_in_run_eval`).
+    if eval_pairs is not None:
       from lgrpo_jax.train.evaluation import Evaluator
       self.evaluator = Evaluator(eval_pairs, tokenizer, pipe_cfg, step_cfg.sampling, self.graphdef,
                                  self.listener_graphdef, self.spec if step_cfg.rewards.needs_listener else None,
@@ -280,6 +287,8 @@ class Trainer:
                               data=ocp.args.JsonSave(self.feed.position()))
 
   def save(self) -> None:
+    if self._closed:
+      raise RuntimeError(f"this Trainer is closed; build a new one on {self.run_dir} to go on from its checkpoint")
     step = int(self.state.step)
     if step not in self.manager.all_steps():
       self.manager.save(step, args=self._args(), force=True)
@@ -378,7 +387,7 @@ class Trainer:
     """Whether `step` is one the loop evaluates (0 with `eval_at_start`, every `eval_every`-th, the
     last) and metrics.jsonl holds no evaluation of it: one cut short by a stop or a hung held-out
     read, after which the step was saved. (Agreed by every process: `_eval_accuracy_at`.)"""
-    if self.evaluator is None:
+    if not self._in_run_eval:
       return False
     due = self.loop_cfg.eval_at_start if step == 0 else (step % self.loop_cfg.eval_every == 0
                                                          or step == self.loop_cfg.steps)
@@ -400,12 +409,18 @@ class Trainer:
       log.info("best/%d saved from the restored checkpoint (held-out accuracy %.4f)", step, acc)
 
   # ---- the loop ------------------------------------------------------------------------------
+  @property
+  def _in_run_eval(self) -> bool:
+    return self.evaluator is not None and self.loop_cfg.eval_every > 0
+
   def _step_fn(self, pair_grid):
-    if pair_grid not in self._steps:
-      self._steps[pair_grid] = make_train_step(self.graphdef, self.listener_graphdef, self.tx, self.step_cfg,
-                                               self.spec, pair_grid, self.state_shardings,
-                                               self.listener_is_reference)
-    return self._steps[pair_grid]
+    # Keyed on what the step reads at trace time too: a reward or loss registered again with
+    # replace=True (a notebook cell edited, then run() again) is traced anew, not the old one reused.
+    key = (pair_grid, _trace_globals())
+    if key not in self._steps:
+      self._steps[key] = make_train_step(self.graphdef, self.listener_graphdef, self.tx, self.step_cfg,
+                                         self.spec, pair_grid, self.state_shardings, self.listener_is_reference)
+    return self._steps[key]
 
   def _mesh_ctx(self):
     return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
@@ -458,16 +473,45 @@ class Trainer:
     the step reached on every process, then raises on every process. In both cases the saved data
     position is the one before the batch not trained on, so a restart reads it again. The data
     running out (a finite `pipeline.num_epochs`) ends the run as reaching `loop.steps` does."""
+    if self._closed:
+      raise RuntimeError(f"this Trainer is closed; build a new one on {self.run_dir} to go on from its checkpoint")
     out = []
     tty = sys.stderr.isatty()
     self._signals, self.stopped_by, self._eval_error = stopping.StopSignals(), None, None
     self.skipped_steps = 0
+    try:
+      self._run(out, tty, on_metrics)
+    except Exception:
+      # An error in the caller's code (an `on_metrics` callback, a registered reward) or a bug: the
+      # steps trained are saved (unless the last save has them), so that a new run() or Trainer
+      # resumes there. One process only: with several, a save is collective and the others are
+      # not here.
+      if jax.process_count() == 1 and not self._closed:
+        try:
+          self.save()
+          self.manager.wait_until_finished()
+        except Exception:  # noqa: BLE001 — the original error is the one to see
+          log.exception("saving the step reached after an error failed")
+      raise
+    finally:
+      self._hand_back()
+    return out
+
+  def _hand_back(self) -> None:
+    """The model given to the Trainer holds the current parameters (shared with the state, which
+    the next step donates: `run` hands them back again when it returns)."""
+    try:
+      nnx.update(self._model, self.state.params)
+    except Exception:  # noqa: BLE001 — a state deleted by a failed step: nothing to hand back
+      log.warning("could not put the trained parameters back into the model")
+
+  def _run(self, out, tty, on_metrics) -> None:
     with self._signals:
       at = int(self.state.step)
       # Before the first step; or, resumed, the evaluation of the resumed step that a stop or a hung
       # read cut short (the step was saved without it: at `loop.steps` the run would otherwise end
       # unevaluated, and best/ never see it).
-      if self.evaluator is not None and (self._eval_missed or (self.loop_cfg.eval_at_start and at == 0
+      if self._in_run_eval and (self._eval_missed or (self.loop_cfg.eval_at_start and at == 0
                                                                 and self.resumed_from is None)):
         first = {"step": at, **self._evaluate_in_run()}
         if len(first) > 1:
@@ -490,7 +534,6 @@ class Trainer:
     if out and jax.process_index() == 0:
       from lgrpo_jax.plot import plot
       plot(self.run_dir)  # RUN_DIR/curves.png: reward, accuracy, contradiction rate
-    return out
 
   def step_flops(self, host: dict, decode_steps: int) -> int:
     """Counted FLOPs of the step just run on `host` (see flops.grpo_step_flops)."""
@@ -522,7 +565,7 @@ class Trainer:
         print(f"\nthe data ran out (pipeline.num_epochs={self.pipe_cfg.num_epochs}) at step {step}",
               file=sys.stderr)
         # As at `loop.steps`: the last step trained is evaluated (a line of eval/* only, as at step 0).
-        final = self.evaluator is not None and out and "eval/accuracy" not in out[-1]
+        final = self._in_run_eval and out and "eval/accuracy" not in out[-1]
         metrics = self._evaluate_in_run() if final else {}  # {} when a stop came during it
         if metrics:
           out.append({"step": step, **metrics})
@@ -548,7 +591,7 @@ class Trainer:
                      **dict(zip(("compiles", "compile_s"), self.compiles.stats())),
                      compile_cache_hits=self.compiles.cache_hits(),
                      tflops=tflops, mfu=tflops / self.peak_tflops, skipped_records=self.skipped_records())
-      is_eval = self.evaluator is not None and (step % self.loop_cfg.eval_every == 0
+      is_eval = self._in_run_eval and (step % self.loop_cfg.eval_every == 0
                                                 or step == self.loop_cfg.steps)
       if is_eval:
         metrics.update(self._evaluate_in_run())  # {} when a stop came during it
@@ -588,6 +631,7 @@ class Trainer:
         self.best.save(step, args=self._args(), force=True)
 
   def close(self) -> None:
+    self._closed = True
     self.sinks.close()
     for m in (self.manager, self.best):
       m.wait_until_finished()

@@ -333,36 +333,42 @@ def run_sft(model, tokenizer, pairs, cfg: SFTConfig, pipe_cfg, run_dir: str, *, 
     arrays[:] = target_tokens(tokenizer, texts, cfg.max_target_tokens, host["pair_ids"])
 
   t0 = time.perf_counter()
-  with open(metrics_path if primary else os.devnull, "a") as log_file, stopping.StopSignals() as stop:
-    for s in range(done + 1, cfg.steps + 1):
-      signum, failed, ended = feed.next(stop, check=targets)
-      if failed or ended:
-        save(s - 1)
-        if failed:
-          raise feed.error(failed, s - 1)
-        raise ValueError(f"the warm start's data ran out after step {s - 1} of sft.steps={cfg.steps} "
-                         f"(pipeline.num_epochs={pipe.num_epochs})")
-      if signum:
-        save(s - 1)
-        manager.close()
-        raise stopping.Stopped(signum, f"warm start step {s - 1}", manager.directory)
-      host = feed.take()
-      grid = pair_grid_of(host)
-      if grid not in steps:
-        steps[grid] = make_sft_step(graphdef, tx, grid, listener_spec=spec, listener_weight=cfg.listener_weight)
-      tokens, mask, answer_at = arrays
-      with (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
-        params, opt_state, loss, parts = steps[grid](params, opt_state, to_device(host, mesh), put(tokens),
-                                                     put(mask), put(answer_at))
-      if s % cfg.log_every == 0 or s == cfg.steps:
-        row = {"step": s, "loss": host_scalar(loss), **{k: host_scalar(v) for k, v in parts.items()},
-               "time": time.perf_counter() - t0}
-        log_file.write(json.dumps(row) + "\n")
-        log_file.flush()
-        if primary:
-          say(f"warm start {s}/{cfg.steps}  loss {row['loss']:.4f}  ({row['time']:.0f} s)")
-      if cfg.save_every and s % cfg.save_every == 0 and s < cfg.steps:
-        save(s)
+  try:
+    with open(metrics_path if primary else os.devnull, "a") as log_file, stopping.StopSignals() as stop:
+      for s in range(done + 1, cfg.steps + 1):
+        signum, failed, ended = feed.next(stop, check=targets)
+        if failed or ended:
+          save(s - 1)
+          if failed:
+            raise feed.error(failed, s - 1)
+          raise ValueError(f"the warm start's data ran out after step {s - 1} of sft.steps={cfg.steps} "
+                           f"(pipeline.num_epochs={pipe.num_epochs})")
+        if signum:
+          save(s - 1)
+          manager.close()
+          raise stopping.Stopped(signum, f"warm start step {s - 1}", manager.directory)
+        host = feed.take()
+        grid = pair_grid_of(host)
+        if grid not in steps:
+          steps[grid] = make_sft_step(graphdef, tx, grid, listener_spec=spec, listener_weight=cfg.listener_weight)
+        tokens, mask, answer_at = arrays
+        with (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
+          params, opt_state, loss, parts = steps[grid](params, opt_state, to_device(host, mesh), put(tokens),
+                                                       put(mask), put(answer_at))
+        if s % cfg.log_every == 0 or s == cfg.steps:
+          row = {"step": s, "loss": host_scalar(loss), **{k: host_scalar(v) for k, v in parts.items()},
+                 "time": time.perf_counter() - t0}
+          log_file.write(json.dumps(row) + "\n")
+          log_file.flush()
+          if primary:
+            say(f"warm start {s}/{cfg.steps}  loss {row['loss']:.4f}  ({row['time']:.0f} s)")
+        if cfg.save_every and s % cfg.save_every == 0 and s < cfg.steps:
+          save(s)
+  finally:  # the model holds the parameters reached, also when stopped or failed (they were donated)
+    try:
+      nnx.update(model, params)
+    except Exception:  # noqa: BLE001 — a step that failed mid-way left nothing to hand back
+      pass
   ckpt = ocp.StandardCheckpointer()
   ckpt.save(path, params)
   ckpt.wait_until_finished()
