@@ -559,9 +559,18 @@ def test_a_notebook_session_trains_the_model_given_saves_on_an_error_and_sees_an
   from lgrpo_jax.rewards import RewardConfig, register_reward
   from lgrpo_jax.train import LoopConfig, Trainer
   tok_dir = build_tiny_tokenizer(tmp_path / "tok")
-  register_reward("nb_const", replace=True)(lambda inputs: jnp.ones(inputs.lengths.shape))
+
+  def broken(inputs):
+    raise ZeroDivisionError("a bug in my reward")
+
+  register_reward("nb_const", replace=True)(broken)
   t = make(tmp_path / "a", tok_dir, steps=2, save_every=10,
            rewards=RewardConfig(weights=(("format", 1.0), ("nb_const", 1.0))))
+  start = t.batches.get_state()
+  with pytest.raises(ZeroDivisionError):
+    t.run()  # fails while the first step is traced: saved at step 0, before the batch it never trained on
+  assert t.manager.all_steps() == [0] and t.batches.get_state() == start
+  register_reward("nb_const", replace=True)(lambda inputs: jnp.ones(inputs.lengths.shape))
 
   def fail_at_2(m):
     if m.get("step") == 2:
@@ -569,7 +578,7 @@ def test_a_notebook_session_trains_the_model_given_saves_on_an_error_and_sees_an
 
   with pytest.raises(RuntimeError, match="a bug in my callback"):
     t.run(on_metrics=fail_at_2)
-  assert t.manager.all_steps() == [2]  # saved on the way out
+  assert t.manager.all_steps() == [0, 2]  # saved on the way out
   model_params = nnx.state(t._model, nnx.Param)
   for a, b in zip(jax.tree.leaves(model_params), jax.tree.leaves(t.state.params)):
     assert a is b and not a.is_deleted()  # the model given holds the trained parameters

@@ -479,6 +479,7 @@ class Trainer:
     tty = sys.stderr.isatty()
     self._signals, self.stopped_by, self._eval_error = stopping.StopSignals(), None, None
     self.skipped_steps = 0
+    self._untrained = False
     try:
       self._run(out, tty, on_metrics)
     except Exception:
@@ -488,6 +489,9 @@ class Trainer:
       # not here.
       if jax.process_count() == 1 and not self._closed:
         try:
+          if self._untrained:  # the batch taken was not trained on: the saved position is before it
+            self.feed.rewind()
+            self._untrained = False
           self.save()
           self.manager.wait_until_finished()
         except Exception:  # noqa: BLE001 — the original error is the one to see
@@ -578,10 +582,12 @@ class Trainer:
           self._keep_if_best(step, out[-1])
         break
       host = self.feed.take()
+      self._untrained = True  # until the state has the step: an error before then rewinds the data
       step_fn = self._step_fn(pair_grid_of(host))
       with self._mesh_ctx():
         self.state, metrics = step_fn(self.state, self.ref_params, self.listener_params,
                                       to_device(host, self.mesh), self.tables)
+      self._untrained = False
       metrics = {k: host_scalar(v) for k, v in metrics.items()}
       dt = time.perf_counter() - t0
       step = int(self.state.step)

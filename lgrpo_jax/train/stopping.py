@@ -189,8 +189,13 @@ class Feed:
     return stop, failed, ended
 
   def take(self) -> dict:
+    self.taken_before = self.pending.before  # for `rewind`
     batch, self.pending = self.pending.batch, None
     return batch
+
+  def rewind(self) -> None:
+    """The batch last taken was not trained on (an error came first): read it again next."""
+    self.batches.set_state(self.taken_before)
 
   def error(self, failed: list[int], step: int | None) -> BaseException:
     """After a failure was agreed (and `step` saved; None: nothing saved): this process's own error,
