@@ -56,7 +56,7 @@ def test_odd_sizes_and_modes_match_transformers(name):
   np.testing.assert_array_equal(got, ref)
 
 
-@pytest.mark.parametrize("fmt", ["jpg", "png"])
+@pytest.mark.parametrize("fmt", ["jpg", "png", "tiff"])
 @pytest.mark.parametrize("orientation", [1, 3, 6, 8])
 def test_a_file_is_turned_upright_by_its_exif_orientation_as_transformers_load_image_does(tmp_path, orientation, fmt):
   """A camera JPEG stored sideways with an EXIF orientation: read from its path or bytes it is

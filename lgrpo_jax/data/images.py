@@ -151,6 +151,8 @@ def _orientation(img) -> int:
   """The EXIF orientation (1: upright) from what opening the file read, without decoding it: a
   JPEG's/WebP's EXIF block, TIFF tags, or a PNG eXIf chunk before the image data (one after it
   would need the whole file read; the header-only grid must agree with the decode)."""
+  if img.format == "TIFF":  # Pillow turns a TIFF upright itself: its size at open, and its load
+    return 1
   try:
     if img.format == "PNG":
       raw = img.info.get("exif")
