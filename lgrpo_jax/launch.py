@@ -136,12 +136,15 @@ def check(cfg) -> None:
       raise ConfigError(f"sft.targets_path={cfg.sft.targets_path!r}: not found")
   sizes = cfg.mesh.resolve(jax.device_count())  # MeshError if it does not fit
   from lgrpo_jax.sharding import check_parameters_split
-  for path in {cfg.model.checkpoint, cfg.model.listener} - {None}:  # split, not replicated (shapes only)
-    check_parameters_split(_model_config(path), sizes)
+  models = [_model_config(p) for p in sorted({cfg.model.checkpoint, cfg.model.listener} - {None})]
   if cfg.model.checkpoint is None:
     from lgrpo_jax.models.qwen2_5_vl import Qwen25VLConfig
     from lgrpo_jax.models.qwen2_5_vl.presets import TINY
-    check_parameters_split(Qwen25VLConfig.from_hf_dict(TINY), sizes)
+    models.append(Qwen25VLConfig.from_hf_dict(TINY))
+  for model_cfg in models:  # split, not replicated (shapes only)
+    warning = check_parameters_split(model_cfg, sizes)
+    if warning:
+      print(f"warning: {warning}", file=sys.stderr)
   data_shards = sizes[0] * sizes[1]
   if cfg.pipeline.global_batch % jax.process_count():
     raise ConfigError(f"pipeline.global_batch={cfg.pipeline.global_batch} is not divisible by "

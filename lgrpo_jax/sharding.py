@@ -113,43 +113,59 @@ def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mes
   return P(*out)
 
 
-def per_device_bytes(state: nnx.State, sizes: Sequence[int], rules: dict | None = None) -> tuple[int, int]:
-  """(bytes of the largest per-device shard set, total bytes) of an (abstract) model state laid out
-  by the rules on a (data, fsdp, tensor) mesh of these sizes — without building the mesh."""
+def per_device_bytes(state: nnx.State, sizes: Sequence[int], rules: dict | None = None) -> tuple[int, int, int]:
+  """(bytes on each device, total bytes, bytes of the arrays the fsdp axis leaves whole) of an
+  (abstract) model state laid out by the rules on a (data, fsdp, tensor) mesh of these sizes —
+  without building the mesh."""
   mesh = types.SimpleNamespace(shape=dict(zip(AXES, sizes)))
-  per_device = total = 0
+  per_device = total = not_fsdp = 0
   for var in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
     names = var.get_metadata().get("out_sharding") or (None,) * len(var.shape)
     spec = logical_to_spec(names, var.shape, mesh, rules)
     n = math.prod(var.shape) * jnp.dtype(var.dtype).itemsize
-    split = math.prod(mesh.shape[a] for part in spec if part is not None
-                      for a in ((part,) if isinstance(part, str) else part))
-    per_device += n // split
+    axes = [a for part in spec if part is not None for a in ((part,) if isinstance(part, str) else part)]
+    per_device += n // math.prod(mesh.shape[a] for a in axes)
     total += n
-  return per_device, total
+    not_fsdp += 0 if "fsdp" in axes else n
+  return per_device, total, not_fsdp
 
 
-def check_parameters_split(model_cfg, sizes: Sequence[int], rules: dict | None = None) -> None:
-  """A `MeshError` naming mesh.fsdp / mesh.tensor when the model's widths do not divide by them,
-  so that its parameters (and so its optimizer state) would be replicated instead of split —
+MAX_EXTRA_BYTES = 1 << 30  # replicated parameters beyond an even split that a mesh may cost
+
+
+def check_parameters_split(model_cfg, sizes: Sequence[int], rules: dict | None = None) -> str | None:
+  """A `MeshError` naming mesh.fsdp when the model's widths do not divide by it, so that most of
+  its parameters (and so of its optimizer state) would be whole on every device instead of split —
   `logical_to_spec` leaves such a dimension whole, which is right for a small bias and ruinous for
-  the whole model: 7B's 3,584-wide layers on fsdp = 24 put the whole model on every device."""
+  the whole model: 7B's 3,584-wide layers on fsdp = 24 put the whole model on every device. Over
+  1 GiB more per device than an even split only. A smaller part left whole (e.g. the vision tower
+  at fsdp = 28 for 7B): the warning returned (None: nothing to say)."""
+  data, fsdp, tensor = sizes
+  if fsdp == 1:  # data and tensor parallelism replicate what they do not split by design
+    return None
   from lgrpo_jax.models.qwen2_5_vl.hf import abstract_model
   _, state = abstract_model(model_cfg)
-  per_device, total = per_device_bytes(state, sizes, rules)
-  data, fsdp, tensor = sizes
+  per_device, total, not_fsdp = per_device_bytes(state, sizes, rules)
   ideal = total / (fsdp * tensor)
-  if per_device <= 1.5 * ideal + (1 << 20):
-    return
+  # Refused: fsdp leaves most of the parameters whole, and that costs real memory (a small model,
+  # e.g. the tiny preset, may be replicated: it fits anyway). A part left whole: a warning.
+  if per_device - ideal <= MAX_EXTRA_BYTES:
+    return None
+  if not_fsdp <= total / 2:
+    return (f"mesh (data={data}, fsdp={fsdp}, tensor={tensor}) leaves {not_fsdp / 2**30:.2f} GiB of the model's "
+            f"parameters whole on every device ({per_device / 2**30:.2f} GiB per device, "
+            f"{ideal / 2**30:.2f} GiB split evenly): a width not divisible by mesh.fsdp={fsdp} (vision hidden_size "
+            f"{model_cfg.vision.hidden_size}, text {model_cfg.text.hidden_size})")
   widths = {"text hidden_size": model_cfg.text.hidden_size, "vision hidden_size": model_cfg.vision.hidden_size}
   bad = [f"{k} {w}" for k, w in widths.items() if w % fsdp]
   n = data * fsdp * tensor
   fits = [f for f in range(fsdp, 0, -1) if (n // tensor) % f == 0 and all(w % f == 0 for w in widths.values())]
   hint = (f"; e.g. mesh.fsdp={fits[0]} mesh.data={n // (tensor * fits[0])}" if fits and fits[0] > 1 else "")
-  raise MeshError(f"mesh (data={data}, fsdp={fsdp}, tensor={tensor}): the model's parameters would not be split: "
-                  f"{per_device / 2**30:.2f} GiB per device instead of {ideal / 2**30:.2f} GiB (of "
-                  f"{total / 2**30:.2f} GiB), because " + (" and ".join(bad) + f" {'is' if len(bad) == 1 else 'are'} "
-                  f"not divisible by mesh.fsdp={fsdp}" if bad else f"widths do not divide by mesh.tensor={tensor}")
+  raise MeshError(f"mesh (data={data}, fsdp={fsdp}, tensor={tensor}): mesh.fsdp would leave "
+                  f"{not_fsdp / total:.0%} of the model's parameters whole on every device: {per_device / 2**30:.2f} GiB "
+                  f"per device instead of {ideal / 2**30:.2f} GiB (of {total / 2**30:.2f} GiB), because "
+                  + (" and ".join(bad) + f" {'is' if len(bad) == 1 else 'are'} not divisible by mesh.fsdp={fsdp}"
+                     if bad else f"the widths fsdp splits are not divisible by mesh.fsdp={fsdp}")
                   + f"; choose sizes that divide them{hint}")
 
 

@@ -134,20 +134,39 @@ def test_a_config_file_may_give_lists_for_tuples_and_a_run_config_json_is_a_conf
     load_config_file(os.path.join(os.path.dirname(DEMO), "README.md"))
 
 
-def test_a_mesh_that_would_replicate_the_model_is_refused(monkeypatch):
+def test_a_mesh_that_would_replicate_the_model_is_refused(tmp_path, monkeypatch):
   """fsdp sizes that do not divide the model's widths left every parameter (and Adam state) whole
-  on every device — e.g. the default mesh on 3 nodes × 8 GPUs puts all of 7B on each — and the run
-  ran out of memory without saying why."""
+  on every device — the default mesh on 3 nodes × 8 GPUs put all of 3B on each — and the run ran
+  out of memory without saying why. A model that fits anyway (the tiny preset), tensor parallelism
+  (which leaves the embedding widths whole by design) and a mesh that divides are accepted."""
   import jax
 
+  from lgrpo_jax.models.qwen2_5_vl import Qwen25VLConfig
   from lgrpo_jax.sharding import MeshError
-  cfg = apply_overrides(load_config_file(DEMO), ["pipeline.global_batch=12", "step.sampling.num_samples=2"])
-  monkeypatch.setattr(jax, "device_count", lambda: 6)  # the tiny model's widths (128, 64) do not divide by 6
-  with pytest.raises(MeshError, match=r"fsdp=6, tensor=1\): the model's parameters would not be split: .* "
-                                      r"text hidden_size 128 and vision hidden_size 64 are not divisible by "
-                                      r"mesh.fsdp=6; .* e.g. mesh.fsdp=2 mesh.data=3"):
+  three_b = {"model_type": "qwen2_5_vl",
+             "text_config": {"vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 11008,
+                             "num_hidden_layers": 36, "num_attention_heads": 16, "num_key_value_heads": 2,
+                             "rope_parameters": {"rope_type": "default", "rope_theta": 1e6,
+                                                 "mrope_section": [16, 24, 24]}},
+             "vision_config": {"depth": 32, "hidden_size": 1280, "num_heads": 16, "intermediate_size": 3420,
+                               "out_hidden_size": 2048}}
+  ckpt = tmp_path / "qwen3b"  # check() reads its config.json only
+  ckpt.mkdir()
+  (ckpt / "config.json").write_text(json.dumps(three_b))
+  Qwen25VLConfig.from_json(ckpt)  # a valid config
+  cfg = apply_overrides(load_config_file(DEMO), [f"run_dir={tmp_path / 'run'}", f"model.checkpoint={ckpt}",
+                                                 "sft.steps=0", "pipeline.global_batch=24", "step.sampling.num_samples=2"])
+  monkeypatch.setattr(jax, "device_count", lambda: 24)
+  with pytest.raises(MeshError, match=r"fsdp=24, tensor=1\): mesh.fsdp would leave 100% of the model's parameters "
+                                      r"whole on every device: 1\d\.\d\d GiB per device instead of 0\.\d\d GiB .* text "
+                                      r"hidden_size 2048 and vision hidden_size 1280 are not divisible by mesh.fsdp=24; "
+                                      r".* e.g. mesh.fsdp=8 mesh.data=3"):
     launch.check(cfg)
-  launch.check(apply_overrides(cfg, ["mesh.fsdp=2", "mesh.data=3"]))
+  launch.check(apply_overrides(cfg, ["mesh.fsdp=8", "mesh.data=3"]))
+  launch.check(apply_overrides(cfg, ["mesh.fsdp=1", "mesh.data=12", "mesh.tensor=2"]))
+  tiny = apply_overrides(load_config_file(DEMO), ["pipeline.global_batch=12", "step.sampling.num_samples=2"])
+  monkeypatch.setattr(jax, "device_count", lambda: 6)
+  launch.check(tiny)  # the tiny model's widths (128, 64) do not divide by 6, but it fits whole
 
 
 def test_wandb_missing_is_found_before_the_warm_start(tmp_path, monkeypatch):
