@@ -324,7 +324,17 @@ def test_records_left_out_under_skip_are_reported_not_only_counted(tmp_path, cap
   t = Trainer(cfg.run_dir, model, tok, pairs, cfg.step, cfg.pipeline, cfg.loop)
   next(t.batches)
   assert t.skipped_records() == 1
+  t.save()
   t.close()
+  # The checkpoint keeps the run's total: with several processes, the data position (and its counts)
+  # is process 0's alone, so a resume must not take those counts for everyone's (it over-counted).
+  data = tmp_path / "run" / "checkpoints" / "0" / "data" / "metadata"  # Orbax's JSON item
+  assert json.loads(data.read_text())["skipped_records"] == 1
+  record = json.loads(data.read_text())
+  data.write_text(json.dumps({**record, "skipped_records": 4}))  # as if the other processes skipped 3
+  again = Trainer(cfg.run_dir, model, tok, pairs, cfg.step, cfg.pipeline, cfg.loop)
+  assert again.resumed_from == 0 and again.skipped_records() == 4
+  again.close()
   os.makedirs(tmp_path / "run2")
   (tmp_path / "run2" / "metrics.jsonl").write_text(json.dumps(
       {"step": 1, "reward/total": 1.0, "accuracy": 0.5, "step_time": 1.0, "skipped_records": 1}) + "\n")

@@ -182,6 +182,7 @@ class Trainer:
     # `run` ends by putting the state's parameters back into it (`_hand_back`).
     self._model = model
     self._closed = False
+    self._skips_saved = self._skips_at_restore = 0  # `skipped_records` across a resume
     self.graphdef, params = nnx.split(model, nnx.Param)
     if mesh is not None:
       params = place(params, mesh)
@@ -267,15 +268,20 @@ class Trainer:
   def batches(self, batches) -> None:
     self.feed = stopping.Feed(batches, self.pipe_cfg.stall_timeout_s)
 
-  def skipped_records(self) -> int:
-    """Records the pipeline has left out so far (`pipeline.bad_records='skip'`: an image that
-    failed to decode, …), on every process together (a collective: every process calls it)."""
+  def _local_skips(self) -> int:
     report = getattr(self.batches, "report", None)  # (a test's stand-in feed may have none)
-    n = sum(report.skipped.values()) if report is not None else 0
+    return sum(report.skipped.values()) if report is not None else 0
+
+  def skipped_records(self) -> int:
+    """Records the pipeline has left out so far in the run (`pipeline.bad_records='skip'`: an image
+    that failed to decode, …), on every process together (a collective: every process calls it).
+    A checkpoint keeps the total: each process's own counts are not all in it (process 0 writes
+    the data position), so a resumed run adds what every process skips after it."""
+    n = self._local_skips() - self._skips_at_restore
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
       n = int(np.sum(multihost_utils.process_allgather(np.asarray(n, np.int64))))
-    return int(n)
+    return self._skips_saved + int(n)
 
   # ---- checkpoints ---------------------------------------------------------------------------
   def _tree(self, state: TrainState) -> dict:
@@ -283,8 +289,8 @@ class Trainer:
             "key": jax.random.key_data(state.key)}
 
   def _args(self):
-    return ocp.args.Composite(state=ocp.args.StandardSave(self._tree(self.state)),
-                              data=ocp.args.JsonSave(self.feed.position()))
+    data = {**self.feed.position(), "skipped_records": self.skipped_records()}
+    return ocp.args.Composite(state=ocp.args.StandardSave(self._tree(self.state)), data=ocp.args.JsonSave(data))
 
   def save(self) -> None:
     if self._closed:
@@ -342,6 +348,8 @@ class Trainer:
       else:
         self.state = jax.device_put(self.state, jax.devices()[0])
       self.batches.set_state(restored["data"])
+      self._skips_at_restore = self._local_skips()
+      self._skips_saved = int(restored["data"].get("skipped_records", self._skips_at_restore))
       self._set_aside(failures, step)
       self._drop_metrics_after(step)
       self._save_best_if_missed(step)
