@@ -137,9 +137,10 @@ def load_config_file(path: str) -> ExperimentConfig:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
       raise ConfigError(f"{path}: not valid JSON ({e})") from None
     try:
-      return from_record(record)
+      cfg = from_record(record)
     except ConfigError as e:
       raise ConfigError(f"{path}: {e}") from None
+    return check_types(cfg, path)
   spec = importlib.util.spec_from_file_location("lgrpo_config", path)
   if spec is None or spec.loader is None:
     raise ConfigError(f"{path}: a config file is a Python file (.py) defining config(), or a run's config.json")

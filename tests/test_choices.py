@@ -95,7 +95,8 @@ def test_the_listener_and_the_answer_slot_score_the_configured_choices(tok):
     (("the left one", "the left one"), "they must differ"),
     (("the left one ", "the right one"), "no leading or trailing whitespace"),
     (("<left>", "the right one"), "no '<' or '>'"),
-    (("the left one", "the other one"), "does not name 'the other one'"),
+    (("the left one", "the other one"), "reasoner_instruction does not name 'the other one'"),
+    (CHOICES, "listener_question does not name 'the left one'"),  # the default question: Image 1 or 2
 ])
 def test_bad_choices_are_one_clear_error(choices, message):
   with pytest.raises(ValueError, match=message):

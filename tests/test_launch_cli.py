@@ -127,6 +127,11 @@ def test_a_config_file_may_give_lists_for_tuples_and_a_run_config_json_is_a_conf
   record = tmp_path / "config.json"
   record.write_text(json.dumps(to_record(load_config_file(DEMO))))
   assert load_config_file(str(record)) == load_config_file(DEMO)
+  wrong = to_record(load_config_file(DEMO))
+  wrong["loop"]["tensorboard"] = "no"  # a JSON config is type-checked too (this turned TensorBoard on)
+  record.write_text(json.dumps(wrong))
+  with pytest.raises(ValueError, match=r"config.json: loop.tensorboard='no': expected bool"):
+    load_config_file(str(record))
   record.write_text('{"loop": ')
   with pytest.raises(ValueError, match="config.json: not valid JSON"):
     load_config_file(str(record))

@@ -35,7 +35,7 @@ class PromptConfig:
   # the two answers, for the first and the second image shown: what the parser accepts inside
   # <answer></answer> (format and accuracy rewards), what the warm start's targets answer, and, at the
   # first tokens where they differ, what the listener and the evaluator's answer slot score.
-  # Other texts than these must be named in reasoner_instruction (change both together).
+  # Other texts than these must be named in reasoner_instruction and listener_question (change them together).
   choices: tuple[str, str] = ("Image 1", "Image 2")
   image_labels: tuple[str, str] = ("Image 1:", "Image 2:")  # text before each image
   system: str | None = None  # None: the chat template's default system turn
@@ -58,10 +58,12 @@ class PromptConfig:
       raise ValueError(f"prompt.choices={c!r}: {bad}")
     # Other answers than the defaults with an instruction that does not name them: most likely the
     # default instruction kept, which asks for "Image 1"/"Image 2" — every completion would fail the format.
-    missing = [x for x in c if x not in self.reasoner_instruction] if c != ("Image 1", "Image 2") else []
-    if missing:
-      raise ValueError(f"prompt.choices={c!r}: prompt.reasoner_instruction does not name {missing[0]!r}; the "
-                       "reasoner would not know which answers the format reward accepts (set both together)")
+    if c != ("Image 1", "Image 2"):
+      for name, why in (("reasoner_instruction", "the reasoner would not know which answers the format reward accepts"),
+                        ("listener_question", "the listener would be asked for answers other than those it is scored on")):
+        missing = [x for x in c if x not in getattr(self, name)]
+        if missing:
+          raise ValueError(f"prompt.choices={c!r}: prompt.{name} does not name {missing[0]!r}; {why} (set them together)")
 
 
 def user_content(prompt_text: str, cfg: PromptConfig) -> list[dict]:
