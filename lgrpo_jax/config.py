@@ -131,11 +131,8 @@ def load_config_file(path: str) -> ExperimentConfig:
   if not os.path.isfile(path):
     raise ConfigError(f"config file {path} not found")
   if path.endswith(".json"):  # a run's resolved config: the same run again
-    try:
-      with open(path) as f:
-        record = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-      raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    from lgrpo_jax.safetensors_io import read_json
+    record = read_json(path, ConfigError)
     try:
       cfg = from_record(record)
     except ConfigError as e:

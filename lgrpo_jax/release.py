@@ -11,6 +11,8 @@ import json
 import os
 import shutil
 
+from lgrpo_jax.safetensors_io import read_json
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
                    "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json",
                    "preprocessor_config.json", "processor_config.json")
@@ -55,7 +57,7 @@ def write_generation_config(out_dir, cfg, eos_ids, pad_id) -> None:
   """Greedy decoding (how the reasoner is evaluated) up to the run's completion length, stopping at
   the run's end tokens; keeps other fields a copied base config had."""
   path = os.path.join(out_dir, "generation_config.json")
-  gen = json.load(open(path)) if os.path.isfile(path) else {}
+  gen = read_json(path) if os.path.isfile(path) else {}
   for k in ("temperature", "top_p", "top_k", "repetition_penalty"):
     gen.pop(k, None)  # sampling knobs of the base would contradict do_sample = false
   gen.update({"do_sample": False, "max_new_tokens": cfg.step.sampling.max_new_tokens,
@@ -72,7 +74,7 @@ def write_preprocessor_config(out_dir, image_cfg) -> None:
   other fields. Written also where the base had none (the tiny preset), or `AutoProcessor` fails.
   `grid_buckets` (our fixed shapes) have no transformers equivalent: the card says so."""
   path = os.path.join(out_dir, "preprocessor_config.json")
-  proc = json.load(open(path)) if os.path.isfile(path) else {
+  proc = read_json(path) if os.path.isfile(path) else {
       "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor",
       "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
       "do_convert_rgb": True}

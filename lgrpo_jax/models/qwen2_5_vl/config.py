@@ -9,7 +9,6 @@ text fields at the top level (the Hub's original 3B/7B files), `rope_scaling` (o
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any
 
@@ -124,19 +123,14 @@ class Qwen25VLConfig:
       path = os.path.join(path, "config.json")
     if not os.path.isfile(path):
       raise ConfigError(f"{path}: no such config file")
-    try:
-      with open(path) as f:
-        raw = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    cfg = from_hf_dict(raw, source=path)
+    from lgrpo_jax.safetensors_io import read_json
+    cfg = from_hf_dict(read_json(path, ConfigError), source=path)
     gen_path = os.path.join(os.path.dirname(path), "generation_config.json")
     if os.path.isfile(gen_path):
-      try:
-        with open(gen_path) as f:
-          eos = json.load(f).get("eos_token_id")
-      except (json.JSONDecodeError, AttributeError) as e:
-        raise ConfigError(f"{gen_path}: not a JSON object ({e})") from None
+      gen = read_json(gen_path, ConfigError)
+      if not isinstance(gen, dict):
+        raise ConfigError(f"{gen_path}: expected a JSON object")
+      eos = gen.get("eos_token_id")
       if eos is not None:
         eos = eos if isinstance(eos, list) else [eos]
         cfg = dataclasses.replace(cfg, generation_eos_token_id=tuple(
