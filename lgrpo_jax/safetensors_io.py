@@ -49,15 +49,16 @@ class SafetensorsDir:
       raise CheckpointError(f"{self.path}: not a directory")
     index = os.path.join(self.path, INDEX)
     single = os.path.join(self.path, SINGLE)
-    if os.path.isfile(index):
+    # transformers reads model.safetensors before an index when a folder holds both: so do we.
+    if os.path.isfile(single):
+      self.file_of = {k: single for k in self._keys_of(single)}
+    elif os.path.isfile(index):
       try:
         with open(index) as f:
           weight_map = json.load(f)["weight_map"]
       except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from None
       self.file_of = {k: os.path.join(self.path, v) for k, v in weight_map.items()}
-    elif os.path.isfile(single):
-      self.file_of = {k: single for k in self._keys_of(single)}
     else:
       found = sorted(os.listdir(self.path))
       hint = " (pickle checkpoints such as pytorch_model.bin are not read)" if any(

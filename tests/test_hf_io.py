@@ -107,6 +107,21 @@ def test_sharded_export_with_index_loads_everywhere(tmp_path):
   assert weight_files() == sorted(shards + ["model.safetensors.index.json"])
 
 
+def test_folder_with_single_file_and_index_reads_what_transformers_reads(tmp_path):
+  # A single-file save copied over a sharded one: transformers reads model.safetensors first.
+  build_hf(config_dict("a"), seed=1).save_pretrained(tmp_path / "d", max_shard_size="100KB")
+  single = build_hf(config_dict("a"), seed=2)
+  single.save_pretrained(tmp_path / "single")
+  assert (tmp_path / "d" / "model.safetensors.index.json").exists()
+  (tmp_path / "d" / "model.safetensors").write_bytes((tmp_path / "single" / "model.safetensors").read_bytes())
+  back = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "d").eval()
+  want = back.model.language_model.embed_tokens.weight.detach().numpy()
+  np.testing.assert_array_equal(want, single.model.language_model.embed_tokens.weight.detach().numpy())
+  got = read_state(lgrpo_jax.load_hf(tmp_path / "d"))
+  key = next(k for k in got if "embed_tokens" in k)
+  np.testing.assert_array_equal(got[key], want)
+
+
 def test_errors_in_a_sharded_checkpoint_name_the_shard(tmp_path):
   hf = build_hf(config_dict("a"), seed=4)
   hf.save_pretrained(tmp_path / "src")
