@@ -31,6 +31,8 @@ def save_model(model: Qwen25VL, path) -> str:
   cfg = model.config
   raw = cfg.to_hf_dict()
   raw["lgrpo_jax"] = {"param_dtype": cfg.param_dtype, "dtype": cfg.dtype}
+  if cfg.generation_eos_token_id is not None:  # generation_config.json's end ids (not in config.json)
+    raw["lgrpo_jax"]["generation_eos_token_id"] = list(cfg.generation_eos_token_id)
   with open(os.path.join(path, CONFIG), "w") as f:
     json.dump(raw, f, indent=2)
   ckptr = ocp.StandardCheckpointer()
@@ -54,9 +56,17 @@ def model_config(path, dtype=None, param_dtype=None) -> Qwen25VLConfig:
   if not isinstance(raw, dict):
     raise CheckpointError(f"{os.path.join(path, CONFIG)}: expected a JSON object")
   ours = raw.pop("lgrpo_jax", {})
+  if not isinstance(ours, dict):
+    raise CheckpointError(f"{os.path.join(path, CONFIG)}: field 'lgrpo_jax' must be a JSON object")
+  gen_eos = ours.get("generation_eos_token_id")
+  if gen_eos is not None and not (isinstance(gen_eos, list) and all(
+      isinstance(e, int) and not isinstance(e, bool) for e in gen_eos)):
+    raise CheckpointError(f"{os.path.join(path, CONFIG)}: lgrpo_jax.generation_eos_token_id must be a list "
+                          f"of token ids, got {gen_eos!r}")
   return Qwen25VLConfig.from_hf_dict(raw, source=os.path.join(path, CONFIG)).replace(
       param_dtype=dtype_name(param_dtype) if param_dtype is not None else ours.get("param_dtype", "float32"),
-      dtype=dtype_name(dtype) if dtype is not None else ours.get("dtype", "float32"))
+      dtype=dtype_name(dtype) if dtype is not None else ours.get("dtype", "float32"),
+      generation_eos_token_id=None if gen_eos is None else tuple(gen_eos))
 
 
 def load_model(path, *, dtype=None, param_dtype=None, mesh=None, rules=None) -> Qwen25VL:

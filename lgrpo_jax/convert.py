@@ -61,6 +61,26 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
+def check_out_dir(out_dir, cmd: str, sources) -> None:
+  """Refuses, before anything is loaded, an OUT_DIR that is one of the `sources` (writing would
+  overwrite the files being converted), that already holds a checkpoint (to-jax) or an Orbax
+  checkpoint or run (to-hf, whose config.json would replace theirs), or that cannot be made."""
+  import os
+  from lgrpo_jax import checkpoint, runs
+  runs.check_creatable_dir(out_dir, "OUT_DIR", CheckpointError)
+  if not os.path.isdir(out_dir):
+    return
+  for what, src in sources:
+    if src is not None and os.path.isdir(src) and os.path.samefile(out_dir, src):
+      raise CheckpointError(f"OUT_DIR {out_dir} is the {what}: writing there would overwrite the files "
+                            "being converted; choose another folder")
+  if os.path.exists(os.path.join(out_dir, checkpoint.PARAMS)):
+    held = "a checkpoint" if cmd == "to-jax" else "an lgrpo_jax checkpoint (params/)"
+    raise CheckpointError(f"OUT_DIR {out_dir} already holds {held}; choose another folder")
+  if cmd == "to-hf" and runs.is_run_dir(out_dir):
+    raise CheckpointError(f"OUT_DIR {out_dir} is a training run directory; choose another folder")
+
+
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
   # Heavy imports after argument parsing, so --help is instant.
@@ -69,10 +89,14 @@ def main(argv=None) -> int:
   from lgrpo_jax.models.qwen2_5_vl import load_hf, save_hf
   try:
     if args.cmd == "to-jax":
+      check_out_dir(args.out_dir, "to-jax", [("HF directory being read", args.hf_dir)])
       model = load_hf(args.hf_dir, dtype=args.dtype)
       out = checkpoint.save_model(model, args.out_dir)
       print(f"wrote Orbax checkpoint {out} ({args.dtype})")
-    elif runs.is_run_dir(args.ckpt_dir):
+      return 0
+    check_out_dir(args.out_dir, "to-hf", [("checkpoint being exported", args.ckpt_dir),
+                                          ("--hf-source directory", args.hf_source)])
+    if runs.is_run_dir(args.ckpt_dir):
       from lgrpo_jax.release import export_run
       got = export_run(args.ckpt_dir, args.out_dir, step=args.step, best=args.best, dtype=args.dtype,
                        hf_source=args.hf_source, max_shard_bytes=args.max_shard_size)

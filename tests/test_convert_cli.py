@@ -87,3 +87,39 @@ def test_damaged_metadata_and_a_file_in_the_way_are_one_line_errors(tmp_path, ca
     runs.run_config(run_dir)
   with pytest.raises(runs.RunError, match=r"run_dir='\S+afile/run' is inside '\S+afile', which is a file"):
     runs.check_creatable_dir(tmp_path / "afile" / "run", "run_dir")
+
+
+def test_out_dir_that_is_a_source_or_a_checkpoint_is_refused_before_loading(tmp_path, capsys):
+  """OUT_DIR equal to --hf-source, to the checkpoint being exported, or holding a checkpoint: one
+  `error:` line and nothing written (the export overwrote the source, then failed on copying)."""
+  from lgrpo_jax import convert
+  hf_dir, ckpt = tmp_path / "hf", tmp_path / "ckpt"
+  build_hf(config_dict("a"), seed=3).save_pretrained(hf_dir)
+  checkpoint.save_model(lgrpo_jax.load_hf(hf_dir), ckpt)
+  before = {p: p.read_bytes() for d in (hf_dir, ckpt) for p in d.rglob("*") if p.is_file()}
+  for argv, match in [
+      (["to-hf", str(ckpt), str(hf_dir), "--hf-source", str(hf_dir)], "is the --hf-source directory"),
+      (["to-hf", str(ckpt), str(ckpt)], "is the checkpoint being exported"),
+      (["to-hf", str(ckpt), str(tmp_path / "." / "ckpt")], "is the checkpoint being exported"),
+      (["to-jax", str(hf_dir), str(hf_dir)], "is the HF directory being read"),
+      (["to-jax", str(hf_dir), str(ckpt)], "already holds a checkpoint")]:
+    assert convert.main(argv) == 2, argv
+    err = capsys.readouterr().err
+    assert match in err and err.count("error:") == 1, (argv, err)
+  assert before == {p: p.read_bytes() for d in (hf_dir, ckpt) for p in d.rglob("*") if p.is_file()}
+  with pytest.raises(lgrpo_jax.CheckpointError, match="overwrite its own --hf-source"):
+    lgrpo_jax.save_hf(lgrpo_jax.load_hf(hf_dir), hf_dir, hf_source=hf_dir)
+
+
+def test_to_jax_keeps_the_generation_end_ids(tmp_path):
+  """generation_config.json's end ids (Qwen-Instruct: two, config.json one) survive to-jax: the
+  checkpoint's `generate` default and a later to-hf export keep them."""
+  from lgrpo_jax import convert
+  hf = build_hf(config_dict("a"), seed=3)
+  hf.generation_config.eos_token_id = [2, 5]
+  hf.save_pretrained(tmp_path / "hf")
+  assert lgrpo_jax.load_hf(tmp_path / "hf").config.generation_eos_token_id == (2, 5)
+  assert convert.main(["to-jax", str(tmp_path / "hf"), str(tmp_path / "jax")]) == 0
+  assert checkpoint.model_config(tmp_path / "jax").generation_eos_token_id == (2, 5)
+  assert convert.main(["to-hf", str(tmp_path / "jax"), str(tmp_path / "out")]) == 0
+  assert json.loads((tmp_path / "out" / "generation_config.json").read_text())["eos_token_id"] == [2, 5]

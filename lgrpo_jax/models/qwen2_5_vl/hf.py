@@ -249,6 +249,8 @@ def save_hf(model: Qwen25VL, out_dir, *, dtype=None, hf_source=None,
   out_dir = os.fspath(out_dir)
   if hf_source is not None and not os.path.isdir(hf_source):
     raise CheckpointError(f"{hf_source}: --hf-source is not a directory")
+  if hf_source is not None and os.path.isdir(out_dir) and os.path.samefile(out_dir, hf_source):
+    raise CheckpointError(f"{out_dir}: the export would overwrite its own --hf-source; choose another folder")
   os.makedirs(out_dir, exist_ok=True)
   cfg = model.config
   out_dtype = dtype_name(dtype or cfg.param_dtype)
