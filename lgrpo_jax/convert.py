@@ -2,7 +2,7 @@
 
   python -m lgrpo_jax.convert to-jax HF_DIR OUT_DIR [--dtype float32|bfloat16]
   python -m lgrpo_jax.convert to-hf  RUN_DIR|CKPT_DIR OUT_DIR [--step N | --best] [--hf-source HF_DIR]
-                                     [--dtype bfloat16|float32] [--max-shard-size 4GB]
+                                     [--dtype bfloat16|float32] [--max-shard-size 4GB] [--base-model ORG/NAME]
 
 to-jax reads a local HF directory (Hub or transformers-5 key layout, sharded or not) and writes an
 Orbax checkpoint plus config.json. to-hf writes a directory that
@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "(default for a run: its model.checkpoint)")
   b.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
                  help="tensor dtype on disk (default bfloat16; float32 keeps fp32 weights exactly)")
+  b.add_argument("--base-model", default=None, metavar="ORG/NAME",
+                 help="the base model's Hub repo id for the model card (default: read from a Hugging Face "
+                      "cache path such as .../models--Qwen--Qwen2.5-VL-3B-Instruct/snapshots/..., else left out)")
   b.add_argument("--max-shard-size", type=parse_size, default="4GiB",
                  help="largest safetensors shard before splitting, e.g. 4GB (default 4GiB)")
   return p
@@ -99,12 +102,14 @@ def main(argv=None) -> int:
     if runs.is_run_dir(args.ckpt_dir):
       from lgrpo_jax.release import export_run
       got = export_run(args.ckpt_dir, args.out_dir, step=args.step, best=args.best, dtype=args.dtype,
-                       hf_source=args.hf_source, max_shard_bytes=args.max_shard_size)
+                       hf_source=args.hf_source, max_shard_bytes=args.max_shard_size,
+                       base_model=args.base_model)
       print(f"wrote HF directory {args.out_dir} from step {got['step']} ({args.dtype}), with README.md "
             + (f"(evaluation: {got['evaluation']})" if got["evaluation"] else "(no evaluation found)"))
     else:
-      if args.step is not None or args.best:
-        raise runs.RunError(f"--step/--best choose among a run directory's checkpoints; {args.ckpt_dir} is not one")
+      if args.step is not None or args.best or args.base_model:
+        raise runs.RunError(f"--step/--best/--base-model are for a run directory (its checkpoints, its model "
+                            f"card); {args.ckpt_dir} is not one")
       model = checkpoint.load_model(args.ckpt_dir)
       out = save_hf(model, args.out_dir, dtype=args.dtype, hf_source=args.hf_source,
                     max_shard_bytes=args.max_shard_size)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 from lgrpo_jax.safetensors_io import read_json
@@ -18,14 +19,45 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
                    "preprocessor_config.json", "processor_config.json")
 
 
+def hub_id(path) -> str | None:
+  """The Hub repo id of a checkpoint in the Hugging Face cache layout
+  (`…/models--ORG--NAME/snapshots/<commit>`), else None: a local folder's name is not a repo id."""
+  if not path:
+    return None
+  parts = os.path.normpath(os.path.abspath(os.fspath(path))).split(os.sep)
+  for i, part in enumerate(parts[:-1]):
+    if part.startswith("models--") and parts[i + 1] == "snapshots" and part.count("--") >= 2:
+      org, name = part[len("models--"):].split("--", 1)
+      return f"{org}/{name}"
+  return None
+
+
+def base_license(source) -> list[str]:
+  """The `license*` lines of the base model card's front matter (README.md of `source`), to carry
+  into ours: a fine-tune keeps its base's licence (e.g. Qwen2.5-VL-3B's `qwen-research`)."""
+  path = os.path.join(source, "README.md") if source else None
+  if not path or not os.path.isfile(path):
+    return []
+  with open(path, encoding="utf-8", errors="replace") as f:
+    text = f.read()
+  m = re.match(r"---\r?\n(.*?)\r?\n---", text, re.S)
+  if not m:
+    return []
+  return [line for line in m.group(1).splitlines()
+          if re.match(r"(license|license_name|license_link):\s*\S", line)]
+
+
 def _is_hf_dir(path) -> bool:
   from lgrpo_jax import checkpoint
   return bool(path) and os.path.isfile(os.path.join(path, "config.json")) and not checkpoint.is_checkpoint(path)
 
 
 def export_run(run_dir, out_dir, *, step: int | None = None, best: bool = False, dtype: str = "bfloat16",
-               hf_source: str | None = None, max_shard_bytes: int | None = None) -> dict:
-  """Writes OUT_DIR from a training run; returns what was written (step, source, evaluation used)."""
+               hf_source: str | None = None, max_shard_bytes: int | None = None,
+               base_model: str | None = None) -> dict:
+  """Writes OUT_DIR from a training run; returns what was written (step, source, evaluation used).
+  `base_model`: the base's Hub repo id for the card (default: read from a Hugging Face cache path,
+  else left out)."""
   from lgrpo_jax import runs
   from lgrpo_jax.data.prompts import end_of_turn_ids
   from lgrpo_jax.models.qwen2_5_vl import save_hf
@@ -49,7 +81,8 @@ def export_run(run_dir, out_dir, *, step: int | None = None, best: bool = False,
   write_preprocessor_config(out_dir, cfg.pipeline.image)
   evaluation = runs.latest_eval_summary(run_dir)
   with open(os.path.join(out_dir, "README.md"), "w") as f:
-    f.write(model_card(cfg, run_dir, chosen, best, evaluation, dtype))
+    f.write(model_card(cfg, run_dir, chosen, best, evaluation, dtype, base_model=base_model or hub_id(base),
+                       license_lines=base_license(source)))
   return {"step": chosen, "hf_source": source, "evaluation": evaluation[0] if evaluation else None}
 
 
@@ -91,15 +124,21 @@ def _fmt(v) -> str:
   return "–" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
-def model_card(cfg, run_dir: str, step: int, best: bool, evaluation, dtype: str) -> str:
-  """README.md for the Hub: front matter, training summary, evaluation, prompt format, usage."""
+def model_card(cfg, run_dir: str, step: int, best: bool, evaluation, dtype: str, *,
+               base_model: str | None = None, license_lines=()) -> str:
+  """README.md for the Hub: front matter, training summary, evaluation, prompt format, usage.
+  `base_model`: the base's Hub repo id (front matter and table); `license_lines`: the base card's
+  `license*` front-matter lines."""
   from lgrpo_jax.data.prompts import PromptConfig
   m, d, s = cfg.model, cfg.data, cfg.step
-  base = m.checkpoint or f"random `{m.preset}` preset (lgrpo_jax tests/demo)"
-  base_name = os.path.basename(os.path.normpath(m.checkpoint)) if m.checkpoint else None
+  # The table names the base by repo id or folder name: a local path says nothing to readers.
+  base = (f"[{base_model}](https://huggingface.co/{base_model})" if base_model else
+          f"`{os.path.basename(os.path.normpath(m.checkpoint))}` (local)" if m.checkpoint else
+          f"random `{m.preset}` preset (lgrpo_jax tests/demo)")
   p: PromptConfig = cfg.pipeline.prompt
-  lines = ["---", "library_name: transformers", "pipeline_tag: image-text-to-text",
-           *([f"base_model: {base_name}"] if base_name else []),
+  img = cfg.pipeline.image
+  lines = ["---", *license_lines, "library_name: transformers", "pipeline_tag: image-text-to-text",
+           *([f"base_model: {base_model}"] if base_model else []),
            "tags:", "- lgrpo_jax", "- grpo", "- listener-reward", "- image-preference", "- reward-model", "---", "",
            "# Image-preference reasoner trained with listener-rewarded GRPO", "",
            "Given a text-to-image prompt and two generated images, this Qwen2.5-VL model compares them in "
@@ -123,6 +162,14 @@ def model_card(cfg, run_dir: str, step: int, best: bool, evaluation, dtype: str)
            f"| learning rate | {s.optim.learning_rate:g} |",
            f"| rewards | {', '.join(f'{w:g}·{n}' for n, w in s.rewards.weights)} |",
            f"| listener | {m.listener or 'the initial policy (frozen)'} |", ""]
+  if img.grid_buckets is not None:
+    shapes = ", ".join(f"{h}×{w}" for h, w in img.grid_buckets)
+    how = "stretched" if img.fit == "stretch" else "scaled and padded with white"
+    lines += [f"**Image sizes differ from transformers' processor.** In training every image was {how} to "
+              f"the fixed size (height × width, pixels) nearest its aspect ratio: {shapes}. transformers' "
+              "processor keeps each image's own aspect ratio instead, so it gives other pixel values and "
+              "another number of image tokens than training did. To give the model what it was trained "
+              "on, resize images to the nearest of those sizes before the processor.", ""]
   lines += ["## Evaluation", ""]
   if evaluation is None:
     lines += ["No evaluation was run on this checkpoint's run. Run "

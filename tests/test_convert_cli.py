@@ -123,3 +123,36 @@ def test_to_jax_keeps_the_generation_end_ids(tmp_path):
   assert checkpoint.model_config(tmp_path / "jax").generation_eos_token_id == (2, 5)
   assert convert.main(["to-hf", str(tmp_path / "jax"), str(tmp_path / "out")]) == 0
   assert json.loads((tmp_path / "out" / "generation_config.json").read_text())["eos_token_id"] == [2, 5]
+
+
+def test_model_card_front_matter_base_id_licence_and_buckets(tmp_path):
+  """The card's `base_model` is a Hub repo id (from the cache layout or --base-model), never a
+  local folder name or a commit hash; the base card's licence lines are carried; grid_buckets runs
+  warn that transformers' processor sizes images otherwise."""
+  import dataclasses
+
+  from lgrpo_jax.config import ExperimentConfig, ModelConfig
+  from lgrpo_jax.release import base_license, hub_id, model_card
+  snap = tmp_path / "hub" / "models--Qwen--Qwen2.5-VL-3B-Instruct" / "snapshots" / "cc59489813"
+  snap.mkdir(parents=True)
+  assert hub_id(snap) == "Qwen/Qwen2.5-VL-3B-Instruct"
+  assert hub_id(tmp_path / "Qwen2.5-VL-3B-Instruct") is None and hub_id(None) is None
+  (snap / "README.md").write_text("---\nlicense: other\nlicense_name: qwen-research\n"
+                                  "license_link: https://x/LICENSE\nlanguage:\n- en\n---\n# card\n")
+  assert base_license(snap) == ["license: other", "license_name: qwen-research",
+                                "license_link: https://x/LICENSE"]
+  assert base_license(tmp_path) == []
+  cfg = ExperimentConfig()
+  cfg = dataclasses.replace(cfg, model=dataclasses.replace(ModelConfig(), checkpoint=str(snap)))
+  card = model_card(cfg, str(tmp_path / "run"), 3, False, None, "bfloat16",
+                    base_model=hub_id(snap), license_lines=base_license(snap))
+  front = card.split("---")[1]
+  assert "base_model: Qwen/Qwen2.5-VL-3B-Instruct" in front and "license_name: qwen-research" in front
+  assert str(tmp_path) not in card and "cc59489813" not in card  # no local path in a public card
+  assert "differ from transformers' processor" not in card
+  plain = model_card(cfg, str(tmp_path / "run"), 3, False, None, "bfloat16")
+  assert "base_model" not in plain and "`cc59489813` (local)" in plain
+  image = dataclasses.replace(cfg.pipeline.image, grid_buckets=((448, 448), (336, 560)))
+  cfg = dataclasses.replace(cfg, pipeline=dataclasses.replace(cfg.pipeline, image=image))
+  card = model_card(cfg, str(tmp_path / "run"), 3, False, None, "bfloat16")
+  assert "differ from transformers' processor" in card and "448×448, 336×560" in card

@@ -29,7 +29,8 @@ _LAYOUT_PREFIXES = (("model.visual.", "visual."), ("model.language_model.", "mod
 _SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                "special_tokens_map.json", "added_tokens.json", "chat_template.json",
                "chat_template.jinja", "preprocessor_config.json", "processor_config.json",
-               "video_preprocessor_config.json", "generation_config.json")
+               "video_preprocessor_config.json", "generation_config.json",
+               "LICENSE")  # a fine-tune ships its base's licence (Qwen2.5-VL-3B's asks for it)
 
 DEFAULT_MAX_SHARD_BYTES = 4 * 2**30
 
