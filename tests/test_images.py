@@ -151,3 +151,24 @@ def test_grid_buckets_bad_config_names_the_field():
     ImageConfig(grid_buckets=((100, 112),))
   with pytest.raises(ValueError, match="fit"):
     ImageConfig(fit="crop")
+
+
+def test_a_multi_frame_file_is_closed_after_decoding(tmp_path, monkeypatch):
+  """Pillow keeps an animated GIF's file open after `load`: each image read left one open until
+  the garbage collector found it (a ResourceWarning per image)."""
+  import gc
+  import sys
+
+  from lgrpo_jax.data.images import open_image
+  frames = [Image.fromarray(np.full((40, 40, 3), 60 * k, np.uint8)) for k in range(3)]
+  frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+  import warnings
+  unclosed = []
+  monkeypatch.setattr(sys, "unraisablehook", lambda u: unclosed.append(str(u.exc_value)))
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", ResourceWarning)  # raised in __del__: reaches the hook
+    for _ in range(3):
+      open_image(str(tmp_path / "anim.gif"))
+      open_image((tmp_path / "anim.gif").read_bytes())
+    gc.collect()
+  assert not unclosed, unclosed

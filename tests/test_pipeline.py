@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 
 from lgrpo_jax.data import ImageError, process_image
 from lgrpo_jax.data.pipeline import PipelineConfig, make_batches
-from lgrpo_jax.data.sources import PreferencePair
+from lgrpo_jax.data.sources import DataError, PreferencePair
 from lgrpo_jax.data.synthetic import synthetic
 from lgrpo_jax.data.tokenizer import build_tiny_tokenizer
 
@@ -128,7 +128,32 @@ def test_processes_count_each_skip_once_also_after_the_last_batch(tok, tmp_path)
       for it in its:
         list(it)
       counts.append({k: sum(it.report.skipped[k] for it in its) for k in ("missing_image", "bad_image")})
-    assert counts[0] == counts[1] == {"missing_image": 1, "bad_image": 1}, counts
+    # plain batching (one process only): the bad pairs after the last full batch were lost
+    plain = make_batches(pairs, tok, dataclass_replace(cfg, group_by_grid=False))
+    list(plain)
+    counts.append(dict(plain.report.skipped))
+    assert counts[0] == counts[1] == counts[2] == {"missing_image": 1, "bad_image": 1}, counts
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_pairs_a_custom_source_gets_wrong_are_named_or_skipped(tok, grouped):
+  """A custom list may hold what the built-in sources refuse: a label outside {0, 1}, not two
+  images, a prompt that is not a string, or one holding image-structure tokens (which shifted the
+  placeholders). Each is a DataError naming the pair, or under skip a counted skip."""
+  good = PAIRS[:4]
+  bad = [dataclass_replace(PAIRS[4], label=2), dataclass_replace(PAIRS[5], label=True),
+         dataclass_replace(PAIRS[6], images=PAIRS[6].images[:1]),
+         dataclass_replace(PAIRS[7], images=(None, PAIRS[7].images[1])),
+         dataclass_replace(PAIRS[8], prompt=None),
+         dataclass_replace(PAIRS[9], prompt="a cat <|image_pad|> on a mat")]
+  cfg = PipelineConfig(global_batch=2, shuffle=False, num_epochs=1, group_by_grid=grouped)
+  for b in bad:
+    with pytest.raises(DataError, match=rf"pair {b.pair_id}: "):
+      list(make_batches([b] + list(good), tok, cfg))
+  it = make_batches(bad + list(good), tok, dataclass_replace(cfg, bad_records="skip"))
+  kept = [i for batch in it for i, v in zip(batch["pair_ids"], batch["valid"]) if v]
+  assert sorted(kept) == sorted(p.pair_id for p in good)
+  assert dict(it.report.skipped) == {"bad_label": 2, "bad_schema": 3, "bad_prompt": 1}
 
 
 def test_bad_image_error_policy_names_pair_and_file(tok, tmp_path):

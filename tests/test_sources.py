@@ -120,10 +120,20 @@ def test_imagereward_duplicate_ids_and_single_images_are_counted(tmp_path):
   assert report.skipped == {"bad_schema": 1}
   with pytest.raises(DataError, match=r"record 0 \(id None\): 'id' must be a non-empty string or an integer"):
     list(imagereward(path))
+  # A record that is not an object is "record-K" too: a later real id "K" is not its duplicate.
+  path = write(tmp_path, "nondict.json", ["not a record", {"id": "0", "prompt": "q", "generations": ["c", "d"],
+                                                          "ranking": [2, 1]}])
+  report = Report("skip")
+  assert [p.pair_id for p in imagereward(path, report=report)] == ["0:0-1"]
+  assert "duplicate_id" not in report.skipped and sum(report.skipped.values()) == 1
   # HPDv2: a file_path that is not a list is named as itself (it was reported as a missing image_path)
   path = write(tmp_path, "train.json", [{"prompt": "p", "human_preference": [1, 0], "file_path": "a.png"}])
   with pytest.raises(DataError, match=r"field 'file_path' should be list, got str"):
     list(hpdv2_train(path))
+  # … and a null file_path beside a good image_path reads the image_path
+  path = write(tmp_path, "train2.json", [{"prompt": "p", "human_preference": [1, 0], "file_path": None,
+                                          "image_path": ["a.png", "b.png"]}])
+  assert [p.images for p in hpdv2_train(path)] == [("a.png", "b.png")]
 
 
 @pytest.mark.parametrize("content,match", [

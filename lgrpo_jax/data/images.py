@@ -167,6 +167,17 @@ def _orientation(img) -> int:
 
 
 def open_image(src, source: str | None = None) -> Image.Image:
+  """A decoded RGB image from a path, bytes or a PIL image; see `_open_image`. A file we open is
+  closed here (Pillow keeps a multi-frame file open after `load`)."""
+  opened: list = []
+  try:
+    return _open_image(src, source, opened)
+  finally:
+    for f in opened:
+      f.close()
+
+
+def _open_image(src, source: str | None, opened: list) -> Image.Image:
   """A decoded RGB image from a path, bytes or a PIL image; transparency composited onto white.
   A file (path or bytes) is turned upright by its EXIF orientation, as a browser shows it and as
   transformers' `load_image` reads a path; a PIL image is taken as given (as the processor does)."""
@@ -177,9 +188,11 @@ def open_image(src, source: str | None = None) -> Image.Image:
       img = src
     elif isinstance(src, (bytes, bytearray, memoryview)):
       img = Image.open(io.BytesIO(bytes(src)))
+      opened.append(img)
     else:
       _require_file(src, name)
       img = Image.open(src)
+      opened.append(img)
     orientation = 1 if isinstance(src, Image.Image) else _orientation(img)
     img.load()  # decode now: truncated or corrupt data fails here, with the source named
     if orientation in _UPRIGHT:

@@ -39,6 +39,7 @@ from typing import Sequence
 
 import grain
 import numpy as np
+from PIL import Image
 
 from lgrpo_jax.data.images import ImageConfig, ImageError, image_grid, process_image
 from lgrpo_jax.data.prompts import PromptConfig, listener_parts, reasoner_ids
@@ -129,10 +130,47 @@ def shuffled(ds: grain.MapDataset, seed: int) -> grain.MapDataset:
   return _SmallShuffle(ds, seed) if len(ds) < SMALL_SHUFFLE else ds.shuffle(seed=seed)
 
 
+# Text that the chat template and the processor read as image structure: a prompt holding one would
+# shift the image placeholders (transformers refuses such a prompt too).
+VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+
+
+class BadPair(ValueError):
+  """A pair that cannot be encoded (its schema, label or prompt): a skip record or a DataError."""
+
+  def __init__(self, kind: str, where: str, detail: str):
+    super().__init__(f"{where}: {detail}")
+    self.kind, self.where, self.detail = kind, where, detail
+
+
+def _check_pair(pair) -> None:
+  """Raises BadPair for what the built-in sources check but a custom list or generator may hold."""
+  where = f"pair {getattr(pair, 'pair_id', '?')}"
+  images, label, prompt = (getattr(pair, k, None) for k in ("images", "label", "prompt"))
+  if not (isinstance(images, (tuple, list)) and len(images) == 2
+          and all(isinstance(im, (str, bytes, bytearray, memoryview, os.PathLike, Image.Image)) for im in images)):
+    raise BadPair("bad_schema", where, f"images must be two paths, byte strings or PIL images, got {images!r:.120}")
+  if isinstance(label, (bool, np.bool_)) or not isinstance(label, (int, np.integer)) or label not in (0, 1):
+    raise BadPair("bad_label", where, f"label must be 0 (first image preferred) or 1, got {label!r}")
+  if not isinstance(prompt, str):
+    raise BadPair("bad_schema", where, f"prompt must be a string, got {type(prompt).__name__}")
+  token = next((t for t in VISION_TOKENS if t in prompt), None)
+  if token is not None:
+    raise BadPair("bad_prompt", where, f"the prompt holds {token}, which would be read as image structure")
+
+
+def _bad_pair(cfg: PipelineConfig, e: BadPair) -> dict:
+  if cfg.bad_records == "error":
+    raise DataError(str(e)) from None
+  return {"skip": e.kind, "where": e.where, "detail": e.detail}
+
+
 def _oriented(cfg: PipelineConfig, index: int, item):
   """(pair, swap, images in the order shown, label in that order); the swap is a function of
-  (seed, global index) unless the item fixes it (both-orders evaluation)."""
+  (seed, global index) unless the item fixes it (both-orders evaluation). A pair that cannot be
+  encoded raises BadPair."""
   pair, swap = item if isinstance(item, tuple) else (item, None)
+  _check_pair(pair)
   if swap is None:
     swap = bool(np.random.default_rng([cfg.seed, index]).random() < cfg.swap_prob)
   images, label = tuple(pair.images), pair.label
@@ -173,7 +211,10 @@ class Encoder:
   cfg: PipelineConfig
 
   def __call__(self, index: int, item) -> dict:
-    pair, swap, images, label = _oriented(self.cfg, index, item)
+    try:
+      pair, swap, images, label = _oriented(self.cfg, index, item)
+    except BadPair as e:
+      return _bad_pair(self.cfg, e)
     try:
       (pa, ga), (pb, gb) = (process_image(im, self.cfg.image, source=_where(pair, k, im))
                             for k, im in enumerate(images))
@@ -242,6 +283,7 @@ class _BatchIterator(grain.DatasetIterator):
   def __init__(self, parent: grain.DatasetIterator, size: int, buckets, pad_id: int):
     super().__init__(parent)
     self._size, self._buckets, self._pad_id = size, tuple(buckets), pad_id
+    self.final_skips: list = []  # skips after the last batch (reported by `Batches`)
 
   def __next__(self) -> dict:
     examples, skipped = [], []
@@ -250,6 +292,7 @@ class _BatchIterator(grain.DatasetIterator):
         e = next(self._parent)
       except StopIteration:
         if not examples:
+          self.final_skips.extend({"skip": r, "where": w, "detail": d} for r, w, d in skipped)
           raise
         break  # end of a finite dataset: a last, shorter batch (nothing dropped)
       if "skip" in e:
@@ -288,7 +331,10 @@ class _Plan:
   _empty_prompt_tokens: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
   def __call__(self, index: int, item) -> dict:
-    pair, swap, images, label = _oriented(self.cfg, index, item)
+    try:
+      pair, swap, images, label = _oriented(self.cfg, index, item)
+    except BadPair as e:
+      return {"index": index, **_bad_pair(self.cfg, e)}
     try:
       grids = tuple(image_grid(im, self.cfg.image, _where(pair, k, im)) for k, im in enumerate(images))
     except ImageError as e:

@@ -179,7 +179,7 @@ def ranked_groups(path, kind: str = "imagereward", image_root=None,
   first_of: dict[str, int] = {}  # group id → its record: pair ids (and resumes, targets) key on it
   for k, rec in enumerate(_load_json_list(path)):
     # ImageReward: its id (a record without one is "record-K": it cannot collide with a real id K)
-    rid = rec.get("id", f"record-{k}") if isinstance(rec, dict) and kind == "imagereward" else k
+    rid = (rec.get("id", f"record-{k}") if isinstance(rec, dict) else f"record-{k}") if kind == "imagereward" else k
     where = f"{path} record {k}" + (f" (id {rid})" if kind == "imagereward" else "")
     if kind == "imagereward" and isinstance(rec, dict) and not (
         isinstance(rid, str) and rid.strip() or isinstance(rid, int) and not isinstance(rid, bool)):
@@ -221,7 +221,7 @@ def hpdv2_train(path, image_root=None, report: Report | None = None, fraction: f
     prompt = _prompt(rec, where, report)
     if prompt is None:
       continue
-    key = "file_path" if isinstance(rec, dict) and "file_path" in rec else "image_path"
+    key = "file_path" if isinstance(rec, dict) and rec.get("file_path") is not None else "image_path"
     paths = _field(rec, key, list, where, report)
     pref = _field(rec, "human_preference", list, where, report) if paths is not None else None
     if pref is None:

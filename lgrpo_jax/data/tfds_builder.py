@@ -56,6 +56,9 @@ def build_tfds(pairs: Iterable[PreferencePair], data_dir, name: str, split: str 
     def _info(self):
       return self.dataset_info_from_configs(
           description="lgrpo_jax preference pairs (images as encoded bytes)",
+          # Stored in the source's order (TFDS orders by a hash of the key otherwise), so that
+          # index i is pair i: the same seed gives the same batches from a list and from here.
+          disable_shuffling=True,
           features=tfds.features.FeaturesDict({
               "pair_id": tfds.features.Text(), "prompt": tfds.features.Text(),
               "image_0": tfds.features.Tensor(shape=(), dtype=np.object_),
@@ -66,8 +69,8 @@ def build_tfds(pairs: Iterable[PreferencePair], data_dir, name: str, split: str 
       return {split: self._generate_examples()}
 
     def _generate_examples(self):
-      for p in pairs:
-        yield p.pair_id, {"pair_id": p.pair_id, "prompt": p.prompt, "label": p.label,
+      for k, p in enumerate(pairs):  # integer keys: the order kept (ids are checked above)
+        yield k, {"pair_id": p.pair_id, "prompt": p.prompt, "label": p.label,
                           "image_0": _image_bytes(p.images[0], f"pair {p.pair_id}"),
                           "image_1": _image_bytes(p.images[1], f"pair {p.pair_id}")}
 
