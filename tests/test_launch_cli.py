@@ -196,7 +196,7 @@ def test_a_hung_read_exits_75_a_bad_record_2():
 
 def test_model_listener_is_the_frozen_listener(tmp_path):
   # model.listener=DIR: the listener is that checkpoint, not a copy of the policy; the reference
-  # stays the initial policy, so the Trainer keeps two frozen copies.
+  # stays the initial policy (β > 0 here), so the Trainer keeps two frozen copies.
   import jax
   import numpy as np
   from flax import nnx
@@ -208,7 +208,8 @@ def test_model_listener_is_the_frozen_listener(tmp_path):
   other = lgrpo_jax.from_config(tiny_model_config(tok_dir), seed=7)
   lgrpo_jax.save_hf(other, tmp_path / "listener", dtype="float32")
   cfg = apply_overrides(load_config_file(DEMO), [f"run_dir={tmp_path / 'run'}", f"model.tokenizer={tok_dir}",
-                                                 f"model.listener={tmp_path / 'listener'}", "data.synthetic_pairs=4"])
+                                                 f"model.listener={tmp_path / 'listener'}", "data.synthetic_pairs=4",
+                                                 "step.loss.beta=0.04"])
   launch.check(cfg)
   model, listener, tokenizer, pairs, _ = launch.build(cfg)
   params = lambda m: jax.tree.leaves(nnx.state(m, nnx.Param))
@@ -217,7 +218,7 @@ def test_model_listener_is_the_frozen_listener(tmp_path):
   t = Trainer(tmp_path / "run", model, tokenizer, pairs, cfg.step, cfg.pipeline, cfg.loop, listener=listener)
   assert not t.listener_is_reference
   assert equal(jax.tree.leaves(t.listener_params), params(other))
-  assert equal(jax.tree.leaves(t.ref_params), params(model))
+  assert t.ref_params is not None and equal(jax.tree.leaves(t.ref_params), params(model))
   t.close()
 
 

@@ -600,3 +600,32 @@ def test_a_notebook_session_trains_the_model_given_saves_on_an_error_and_sees_an
   assert again.evaluator is not None and not again._in_run_eval
   again.close()
   register_reward("nb_const", replace=True)(lambda inputs: jnp.ones(inputs.lengths.shape))
+
+
+def test_no_frozen_copy_is_held_that_nothing_reads(tmp_path):
+  """β = 0 runs no reference pass (TRL then loads no reference model); without a listener reward
+  there is no listener pass. The copy of the weights each would read is not made (at 7B ~15 GB)."""
+  import lgrpo_jax
+  from lgrpo_jax.data.tokenizer import tiny_model_config
+  from lgrpo_jax.rewards import RewardConfig
+  tok_dir = build_tiny_tokenizer(tmp_path / "tok")
+  no_listener = RewardConfig(weights=(("format", 1.0), ("accuracy", 1.0)))
+  t = make(tmp_path / "a", tok_dir, steps=1, rewards=no_listener)  # β = 0 in `make`
+  assert t.ref_params is None and t.listener_params is None
+  t.run()
+  assert t.state.step == 1
+  t.close()
+  # β = 0 with the default listener (the initial policy): one copy, which the listener reads.
+  from transformers import AutoTokenizer
+
+  from lgrpo_jax.data.synthetic import synthetic
+  from lgrpo_jax.train.loop import Trainer
+  base = make(tmp_path / "b", tok_dir, steps=1)
+  assert base.listener_is_reference and base.ref_params is not None
+  base.close()
+  # β = 0 with a separate listener: the listener's copy only.
+  t = Trainer(tmp_path / "c", lgrpo_jax.from_config(tiny_model_config(tok_dir)), AutoTokenizer.from_pretrained(tok_dir),
+              list(synthetic(4, seed=1, image_size=56)), base.step_cfg, base.pipe_cfg, base.loop_cfg,
+              listener=lgrpo_jax.from_config(tiny_model_config(tok_dir)))
+  assert t.ref_params is None and t.listener_params is not None and not t.listener_is_reference
+  t.close()

@@ -185,7 +185,7 @@ class LossConfig:
   vespo_lambda_pos: float = 3.0  # vespo: the decay λ where A ≥ 0
   vespo_k_neg: float = 3.0  # vespo: the power k where A < 0
   vespo_lambda_neg: float = 2.0  # vespo: the decay λ where A < 0
-  beta: float = 0.04  # KL coefficient; 0 skips the reference model entirely
+  beta: float = 0.04  # KL coefficient; 0: no reference pass and no reference copy (as TRL's ref_model=None)
   kl: str = "k3"  # KL estimator: k1 | k2 | k3
   use_bias_correction_kl: bool = False  # KL term × the importance ratio ρ (DeepSeek-V3.2; TRL's default)
   adv_eps: float = 1e-6  # added to the group std

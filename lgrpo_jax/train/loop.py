@@ -191,20 +191,26 @@ class Trainer:
     # once for the listener and reference passes (`make_train_step(listener_is_reference=True)`).
     # They are kept in the compute dtype: the layers cast every weight to it at use, so a bf16 copy
     # of fp32 master weights computes exactly what they do, in half the memory.
+    # A copy nothing reads is not made: with β = 0 there is no reference pass (as TRL then loads no
+    # reference model), and without a listener reward no listener pass — at 7B a copy is ~15 GB.
     dt = jnp.dtype(model.config.dtype)
     copy = lambda m: copy_tree(nnx.split(m, nnx.Param)[1], dt)
-    self.ref_params = copy(reference) if reference is not None else copy_tree(params, dt)
     listener = listener if listener is not None else model
     self.listener_graphdef = nnx.split(listener, nnx.Param)[0]
     self.listener_model_config = listener.config  # its own sizes, for the FLOP count
     self.listener_is_reference = listener is model and reference is None
+    needs_listener, needs_reference = step_cfg.rewards.needs_listener, step_cfg.loss.beta > 0
+    self.ref_params = self.listener_params = None
+    if needs_reference or (needs_listener and self.listener_is_reference):
+      self.ref_params = copy(reference) if reference is not None else copy_tree(params, dt)
     if self.listener_is_reference:
       self.listener_params = self.ref_params
-    else:
+    elif needs_listener:
       self.listener_params = copy(listener) if listener is not model else copy_tree(params, dt)
     if mesh is not None:
-      self.ref_params = place(self.ref_params, mesh)
-      self.listener_params = self.ref_params if self.listener_is_reference else place(self.listener_params, mesh)
+      self.ref_params = place(self.ref_params, mesh) if self.ref_params is not None else None
+      self.listener_params = self.ref_params if self.listener_is_reference else (
+          place(self.listener_params, mesh) if self.listener_params is not None else None)
     self.tx = make_optimizer(step_cfg.optim, params)
     # One program; on a mesh the moments are laid out as their parameters and the scalars (step,
     # key, optimizer counts) replicated, like the step's outputs.
@@ -426,6 +432,9 @@ class Trainer:
     # replace=True (a notebook cell edited, then run() again) is traced anew, not the old one reused.
     key = (pair_grid, _trace_globals())
     if key not in self._steps:
+      if self.step_cfg.rewards.needs_listener and self.listener_params is None:
+        raise ValueError("a reward now reads the listener (registered with uses_listener=True after this "
+                         "Trainer was built), but the Trainer kept no listener copy: build a new Trainer")
       self._steps[key] = make_train_step(self.graphdef, self.listener_graphdef, self.tx, self.step_cfg,
                                          self.spec, pair_grid, self.state_shardings, self.listener_is_reference)
     return self._steps[key]
