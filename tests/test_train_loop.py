@@ -519,12 +519,14 @@ def test_a_held_out_read_that_hangs_saves_the_step_and_a_stop_during_the_evaluat
 
 
 def test_a_step_whose_update_is_skipped_says_so(tmp_path, capsys):
-  # A reward that is always NaN: every step's update is skipped (non-finite
-  # loss), the parameters stay bit for bit, and the loop says so on stderr, not only in metrics.jsonl.
+  # A reward that is infinite for one completion of each group (a NaN would mean "not scored"):
+  # every step's update is skipped (non-finite loss), the parameters stay bit for bit, and the loop
+  # says so on stderr, not only in metrics.jsonl.
   import jax.numpy as jnp
   from lgrpo_jax.rewards import RewardConfig
   from lgrpo_jax.rewards.core import REWARDS, register_reward
-  register_reward("nan_for_test", lambda inputs: jnp.full(inputs.lengths.shape, jnp.nan), replace=True)
+  register_reward("nan_for_test", lambda inputs: jnp.where(jnp.arange(inputs.lengths.shape[1]) == 0, jnp.inf, 0.0)
+                  * jnp.ones(inputs.lengths.shape), replace=True)
   try:
     tok_dir = build_tiny_tokenizer(tmp_path / "tok")
     t = make(tmp_path / "run", tok_dir, steps=2, save_every=5,

@@ -137,3 +137,59 @@ def test_loss_and_gradient_equal_trls(case):
   np.testing.assert_allclose(flat(np.asarray(grad_ent)), want_grad_ent, rtol=1e-12, atol=1e-15)
   assert (np.abs(want_grad_ent).max() > 0) == (cfg.entropy_coef != 0)
   assert np.abs(want_grad).max() > 0
+
+
+def trl_advantages(rewards_per_func, weights, g, scale_rewards):
+  """TRL 1.16's advantages (GRPOTrainer._generate_and_score_completions, sum_then_normalize), in
+  float64: a reward function's None is NaN; the weighted nansum over functions; a completion
+  that no function scored is NaN, left out of the nan-aware mean and std, and gets advantage 0."""
+  from trl.trainer.utils import nanstd
+  rpf = torch.tensor(rewards_per_func, dtype=torch.float64)
+  unscorable = torch.isnan(rpf).all(dim=1)
+  rewards = (rpf * torch.tensor(weights, dtype=torch.float64).unsqueeze(0)).nansum(dim=1)
+  rewards[unscorable] = torch.nan
+  mean = torch.nanmean(rewards.view(-1, g), dim=1).repeat_interleave(g, 0)
+  if scale_rewards == "group":
+    std = nanstd(rewards.view(-1, g), dim=1).repeat_interleave(g, 0)
+  else:
+    std = nanstd(rewards).expand_as(rewards)
+  adv = (rewards - mean) / (std + 1e-4)
+  return torch.nan_to_num(adv, nan=0.0).numpy()
+
+
+@pytest.mark.parametrize("advantage,scale_rewards", [("grpo", "group"), ("batch", "batch")])
+def test_rewards_that_do_not_apply_are_trls_none(advantage, scale_rewards):
+  """A reward's NaN (a text reward's None) means "does not apply", as in TRL: the total is the sum
+  over the rewards that apply; a completion no reward scored is left out of its group's statistics
+  and gets advantage 0. One NaN used to make its group's (or the batch's) advantages NaN, and the
+  step was skipped."""
+  from lgrpo_jax.grpo.core import advantage_metrics
+  from lgrpo_jax.rewards import RewardConfig, compute_rewards, register_reward
+  from lgrpo_jax.rewards.core import REWARDS, RewardInputs
+  from lgrpo_jax.rewards.text import Parsed
+  rng = np.random.default_rng(3)
+  b, g = 3, 5
+  parts = rng.normal(size=(3, b, g))
+  parts[0, 0, 1] = np.nan                      # one reward does not apply: the others count
+  parts[:, 1, 2] = np.nan                      # no reward applies: not scored
+  parts[:, 2, :] = np.nan
+  parts[0, 2, 0] = 0.5                         # a group with one scored completion
+  weights = (1.0, 0.5, 2.0)
+  names = ("nan_a", "nan_b", "nan_c")
+  for k, name in enumerate(names):
+    register_reward(name, lambda inp, k=k: jnp.asarray(parts[k]), replace=True)
+  try:
+    inputs = RewardInputs(jnp.zeros((b, g, 4), jnp.int32), jnp.ones((b, g, 4)), jnp.full((b, g), 4),
+                          jnp.zeros((b,), jnp.int32), Parsed(jnp.zeros((b, g), bool), jnp.zeros((b, g), jnp.int32),
+                                                             jnp.zeros((b, g), jnp.int32)))
+    with jax.enable_x64(True):
+      total, _ = compute_rewards(inputs, RewardConfig(weights=tuple(zip(names, weights))))
+      adv = np.asarray(advantages(total, LossConfig(advantage=advantage, adv_eps=1e-4)))
+      metrics = advantage_metrics(total, jnp.asarray(adv))
+  finally:
+    for name in names:
+      REWARDS.pop(name)
+  want = trl_advantages(parts.reshape(3, -1).T, weights, g, scale_rewards).reshape(b, g)
+  np.testing.assert_allclose(adv, want, rtol=1e-6, atol=1e-7)  # rewards are float32
+  assert np.isfinite(adv).all() and adv[1, 2] == 0 and (adv[2] == 0).all()
+  assert int(metrics["unscored_completions"]) == 1 + 4

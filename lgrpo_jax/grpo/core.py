@@ -93,13 +93,29 @@ def lookup(table: dict, name: str, field: str):
 
 
 # ---- advantages ---------------------------------------------------------------------------------
+# A NaN reward means "not scored" (TRL: every reward function returned None for the completion): the
+# completion takes no part in its group's mean and spread, and its advantage is 0 (`advantages`).
+def scored(rewards_bg):
+  """(B, G) bool: the completions whose reward is a number (not NaN)."""
+  return ~jnp.isnan(rewards_bg)
+
+
+def _flat_groups(rewards_bg):
+  """(B, 1) bool: the group's scored rewards are all equal (or it has none)."""
+  m = scored(rewards_bg)
+  first = jnp.take_along_axis(rewards_bg, jnp.argmax(m, axis=-1, keepdims=True), -1)
+  return jnp.all(~m | (rewards_bg == first), axis=-1, keepdims=True)
+
+
 def centered(rewards_bg):
-  """r − mean_g r, and exactly 0 in a group whose G rewards are all equal: in fp32 the mean of G
-  equal values can miss them in the last bit (8 × 0.7), and a division by that group's ~1e-7 std
-  would turn the rounding into advantages of ±0.06 (±0.1 at G = 16) — a push on a collapsed
-  policy's own samples."""
-  flat = jnp.all(rewards_bg == rewards_bg[..., :1], axis=-1, keepdims=True)
-  return jnp.where(flat, 0.0, rewards_bg - rewards_bg.mean(axis=-1, keepdims=True))
+  """r − mean_g r over the group's scored completions (0 for one not scored), and exactly 0 in a
+  group whose scored rewards are all equal: in fp32 the mean of G equal values can miss them in the
+  last bit (8 × 0.7), and a division by that group's ~1e-7 std would turn the rounding into
+  advantages of ±0.06 (±0.1 at G = 16) — a push on a collapsed policy's own samples."""
+  m = scored(rewards_bg)
+  r = jnp.where(m, rewards_bg, 0.0)
+  mean = r.sum(axis=-1, keepdims=True) / jnp.maximum(m.sum(axis=-1, keepdims=True), 1)
+  return jnp.where(_flat_groups(rewards_bg) | ~m, 0.0, r - mean)
 
 
 def pair_weights(valid_b, shape):
@@ -119,7 +135,8 @@ def grpo_advantages(rewards_bg, eps: float = 1e-6, valid_b=None):
     raise ValueError(f"grpo advantages of {rewards_bg.shape[-1]} completion per group: the group's std "
                      "needs G ≥ 2 (dr_grpo needs no std)")
   c = centered(rewards_bg)
-  std = jnp.sqrt(jnp.sum(c * c, axis=-1, keepdims=True) / (rewards_bg.shape[-1] - 1))
+  n = scored(rewards_bg).sum(axis=-1, keepdims=True)  # G, less the completions not scored
+  std = jnp.sqrt(jnp.sum(c * c, axis=-1, keepdims=True) / jnp.maximum(n - 1, 1))
   return c / (std + eps)
 
 
@@ -135,16 +152,17 @@ def batch_advantages(rewards_bg, eps: float = 1e-6, valid_b=None):
   """A = (r − mean_g r) / (std r + ε): the group's baseline, the spread of the whole batch's rewards
   (std with ddof 1 over the B·G rewards of the valid pairs; TRL's scale_rewards="batch", after PPO
   Lite). 0 where the group's rewards are all equal."""
-  w = pair_weights(valid_b, rewards_bg.shape)
+  w = pair_weights(valid_b, rewards_bg.shape) * scored(rewards_bg)
+  r = jnp.where(scored(rewards_bg), rewards_bg, 0.0)
   n = w.sum()
-  mean = jnp.sum(rewards_bg * w) / jnp.maximum(n, 1)
-  std = jnp.sqrt(jnp.sum(w * (rewards_bg - mean) ** 2) / jnp.maximum(n - 1, 1))
+  mean = jnp.sum(r * w) / jnp.maximum(n, 1)
+  std = jnp.sqrt(jnp.sum(w * (r - mean) ** 2) / jnp.maximum(n - 1, 1))
   return centered(rewards_bg) / (std + eps)
 
 
 def zero_variance_groups(rewards_bg, valid_b=None):
-  """Number of (valid) groups whose G rewards are all equal: they give zero advantage, no signal."""
-  flat = jnp.all(rewards_bg == rewards_bg[..., :1], axis=-1)
+  """Number of (valid) groups whose (scored) rewards are all equal: zero advantage, no signal."""
+  flat = _flat_groups(rewards_bg)[..., 0]
   return jnp.sum(flat if valid_b is None else flat & (valid_b > 0))
 
 
@@ -380,14 +398,16 @@ def token_weights(mask, cfg: LossConfig, valid_b=None):
 
 def advantages(rewards_bg, cfg: LossConfig, valid_b=None):
   """The (B, G) advantages of the configured mode; `valid_b` (B,): 1 for a real pair, 0 for a
-  padding row (which then takes no part in a batch-wide statistic)."""
+  padding row (which then takes no part in a batch-wide statistic). A completion whose reward is
+  NaN (not scored) gets advantage 0, whatever the mode; the built-in modes also leave it out of
+  the means and spreads (TRL's rule for a completion every reward function returned None for)."""
   valid_b = jnp.ones(rewards_bg.shape[:1], jnp.float32) if valid_b is None else valid_b.astype(jnp.float32)
   fn = lookup(ADVANTAGES, cfg.advantage, "LossConfig.advantage")
   adv = jnp.asarray(fn(rewards_bg, cfg.adv_eps, valid_b))
   if adv.shape != rewards_bg.shape:
     raise ValueError(f"advantage {cfg.advantage!r} returned shape {adv.shape}; expected one per completion, "
                      f"as the rewards: (B, G) = {rewards_bg.shape}")
-  return jax.lax.stop_gradient(adv)
+  return jax.lax.stop_gradient(jnp.where(scored(rewards_bg), adv, 0.0))
 
 
 def grpo_loss(logp, logp_old, advantages_bg, weights, cfg: LossConfig, logp_ref=None, entropy=None,
@@ -447,4 +467,5 @@ def advantage_metrics(rewards_bg, advantages_bg, valid_b=None) -> dict:
   mean = jnp.sum(advantages_bg * w) / n
   return {"advantage_mean": mean, "advantage_std": jnp.sqrt(jnp.sum(w * (advantages_bg - mean) ** 2) / n),
           "advantage_abs_max": jnp.max(jnp.where(w > 0, jnp.abs(advantages_bg), 0)),
-          "zero_variance_groups": zero_variance_groups(rewards_bg, valid_b)}
+          "zero_variance_groups": zero_variance_groups(rewards_bg, valid_b),
+          "unscored_completions": jnp.sum(w * ~scored(rewards_bg))}

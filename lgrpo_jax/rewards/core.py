@@ -17,6 +17,7 @@ with `text_reward(fn, tokenizer)`, where fn(texts, labels) returns one float per
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Callable, NamedTuple
 
@@ -114,8 +115,11 @@ def compute_rewards(inputs: RewardInputs, cfg: RewardConfig = RewardConfig()):
       raise ValueError(f"reward {name!r} returned shape {value.shape}; a reward gives one value per "
                        f"completion: (B, G) = {want}")
     parts[name] = value
-  total = sum(w * parts[name] for name, w in cfg.weights)
-  return total, parts
+  # TRL's rule: a reward that does not apply to a completion gives NaN (a host reward's None); the
+  # total is the weighted sum of those that do, and NaN ("not scored": advantage 0) where none does.
+  total = sum(jnp.where(jnp.isnan(parts[name]), 0.0, w * parts[name]) for name, w in cfg.weights)
+  unscored = functools.reduce(jnp.logical_and, [jnp.isnan(parts[name]) for name, _ in cfg.weights])
+  return jnp.where(unscored, jnp.nan, total), parts
 
 
 def reward_metrics(inputs: RewardInputs, total, parts, valid_b=None) -> dict:
@@ -125,8 +129,10 @@ def reward_metrics(inputs: RewardInputs, total, parts, valid_b=None) -> dict:
   w = jnp.ones(total.shape, jnp.float32) if valid_b is None else \
       jnp.broadcast_to(valid_b[:, None], total.shape).astype(jnp.float32)
   mean = lambda x: jnp.sum(x * w) / jnp.maximum(w.sum(), 1)
-  out = {f"reward/{k}": mean(v) for k, v in parts.items()}
-  out["reward/total"] = mean(total)
+  # over the completions each reward scored (NaN: not scored), as TRL's nanmean
+  nanmean = lambda x: jnp.sum(jnp.where(jnp.isnan(x), 0.0, x) * w) / jnp.maximum(jnp.sum(w * ~jnp.isnan(x)), 1)
+  out = {f"reward/{k}": nanmean(v) for k, v in parts.items()}
+  out["reward/total"] = nanmean(total)
   out["format_rate"] = mean(inputs.parsed.format_ok.astype(jnp.float32))
   out["accuracy"] = mean((inputs.parsed.answer == inputs.labels[:, None] + 1).astype(jnp.float32))
   if inputs.listener_probs is not None:
@@ -148,7 +154,8 @@ def decode_completions(tokenizer, tokens, lengths) -> list[str]:
 
 def text_reward(fn: Callable, tokenizer) -> Callable:
   """A device reward from a host Python function fn(texts: list[str], labels: list[int]) ->
-  list[float] (one per completion, labels repeated per completion). Runs through
+  list[float] (one per completion, labels repeated per completion; None where the reward does not
+  apply, as in TRL: NaN, see `compute_rewards`). Runs through
   `jax.pure_callback`: the device waits for the host, so prefer a token-level reward when speed
   matters."""
   def host(tokens, lengths, labels):
