@@ -9,8 +9,10 @@ does not parse as the field's type is one `ConfigError` naming the key and what 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib.util
 import json
+import re
 import os
 import traceback
 import types
@@ -217,6 +219,44 @@ def _is_a(value, kind) -> bool:
   return True  # anything else (callables, literals): not checked here
 
 
+def _loose_list(text: str):
+  """A list as a shell leaves it when its quotes go (`["vision"]` → `[vision]`, `[[format,1]]`),
+  or typed with parentheses (`(128,256)`) or bare (`vision,embeddings`): nested lists of words.
+  None when the brackets do not balance."""
+  tokens = [t.strip() for t in re.findall(r"[\[\](),]|[^\[\](),]+", text) if t.strip()]
+  pos = 0
+
+  def items(close):
+    nonlocal pos
+    out, expect_item = [], True
+    while pos < len(tokens):
+      t = tokens[pos]
+      pos += 1
+      if t in "[(":
+        out.append(items("]" if t == "[" else ")"))
+        expect_item = False
+      elif t in "])":
+        if t != close:
+          raise ValueError(t)
+        return out
+      elif t == ",":
+        expect_item = True
+      else:
+        if not expect_item:
+          raise ValueError(t)
+        out.append(t)
+        expect_item = False
+    if close is not None:
+      raise ValueError("unclosed")
+    return out
+
+  try:
+    value = items(None)
+  except ValueError:
+    return None
+  return value[0] if len(value) == 1 and isinstance(value[0], list) else value
+
+
 def _parse(text: str, kind, key: str):
   """`text` as a value of type `kind` (int, float, bool, str, None, tuples, unions of those)."""
   origin = typing.get_origin(kind)
@@ -243,6 +283,13 @@ def _parse(text: str, kind, key: str):
     try:
       return kind(text)
     except ValueError:
+      if kind is int:  # 1e3, 2.0: a whole number written as a float
+        try:
+          as_float = float(text)
+        except ValueError:
+          as_float = None
+        if as_float is not None and as_float.is_integer():
+          return int(as_float)
       raise ConfigError(f"{key}={text!r}: expected {kind.__name__}") from None
   if kind is str:
     return text
@@ -250,7 +297,9 @@ def _parse(text: str, kind, key: str):
     try:
       value = json.loads(text)
     except json.JSONDecodeError:
-      value = [v for v in text.split(",") if v]
+      value = _loose_list(text)
+      if value is None:
+        raise ConfigError(f"{key}={text!r}: expected a list, e.g. {key}='[\"a\", \"b\"]' or {key}=a,b") from None
     if not isinstance(value, list):
       value = [value]
     args = typing.get_args(kind)
@@ -267,7 +316,7 @@ def _parse(text: str, kind, key: str):
   try:
     return json.loads(text)
   except json.JSONDecodeError:
-    raise ConfigError(f"{key}={text!r}: expected JSON for {kind}") from None
+    raise ConfigError(f"{key}={text!r}: expected JSON for {kind} (quote it for the shell: {key}='[…]')") from None
 
 
 def _parse_override(cfg, path: list[str], text: str, full: str):
@@ -275,7 +324,11 @@ def _parse_override(cfg, path: list[str], text: str, full: str):
   fields = {f.name: f for f in dataclasses.fields(cfg)}
   name = path[0]
   if name not in fields:
-    raise ConfigError(f"unknown config key {full!r}: {type(cfg).__name__} has {sorted(fields)}")
+    close = difflib.get_close_matches(name.lstrip("-"), list(fields), n=1, cutoff=0.6)
+    hint = f"; did you mean {'.'.join(full.lstrip('-').split('.')[:-len(path)] + close)!r}?" if close else ""
+    if full.startswith("-"):
+      hint += " (overrides are key.path=value, without dashes)"
+    raise ConfigError(f"unknown config key {full!r}{hint}: {type(cfg).__name__} has {sorted(fields)}")
   current = getattr(cfg, name)
   if len(path) > 1:
     if not dataclasses.is_dataclass(current):
@@ -413,7 +466,7 @@ def reference() -> str:
          "Set any key in a config file (plain Python returning an `ExperimentConfig`, see `configs/`) or",
          "on the command line; an unknown key or a value of the wrong type is one error naming the key:", "",
          "```bash", "python -m lgrpo_jax.launch --config configs/demo.py loop.steps=20 step.loss.beta=0 \\",
-         "    pipeline.image.grid_buckets=[[56,56]] \'step.rewards.weights=[[\"format\",1],[\"accuracy\",1]]\'", "```", ""]
+         "    \'pipeline.image.grid_buckets=[[56,56]]\' \'step.rewards.weights=[[\"format\",1],[\"accuracy\",1]]\'", "```", ""]
 
   def section(cls, prefix: str, default) -> None:
     hints = typing.get_type_hints(cls)

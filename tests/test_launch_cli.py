@@ -34,6 +34,19 @@ def test_overrides_are_typed_and_checked():
     apply_overrides(cfg, ["step.loss.loss=ppo"])
   with pytest.raises(ConfigError, match="step is a section"):
     apply_overrides(cfg, ["step=3"])
+  # What a shell leaves of an unquoted list (`freeze=["vision"]` arrives as `freeze=[vision]`),
+  # parentheses, bare words; a whole number as a float; a typo named with its likely key.
+  cfg = apply_overrides(cfg, ["step.optim.freeze=[vision]", "step.rewards.weights=[[format,1],[accuracy,0.5]]",
+                              "pipeline.length_buckets=(128,256)", "loop.steps=1e3"])
+  assert cfg.step.optim.freeze == ("vision",) and cfg.pipeline.length_buckets == (128, 256)
+  assert cfg.step.rewards.weights == (("format", 1.0), ("accuracy", 0.5)) and cfg.loop.steps == 1000
+  assert apply_overrides(cfg, ["step.optim.freeze=vision,embeddings"]).step.optim.freeze == ("vision", "embeddings")
+  with pytest.raises(ConfigError, match=r"pipeline.length_buckets='\[128': expected a list"):
+    apply_overrides(cfg, ["pipeline.length_buckets=[128"])
+  with pytest.raises(ConfigError, match=r"loop.steps='2.5': expected int"):
+    apply_overrides(cfg, ["loop.steps=2.5"])
+  with pytest.raises(ConfigError, match=r"'step.optim.learnig_rate'; did you mean 'step.optim.learning_rate'\?"):
+    apply_overrides(cfg, ["step.optim.learnig_rate=1"])
 
 
 def test_overrides_that_complete_each_other_work_in_any_order():
