@@ -271,6 +271,12 @@ def test_a_run_resumed_with_other_settings_says_so_and_keeps_the_old_config(tmp_
   assert again.resumed_from == 1 and "loop.steps: 1 → 2" in err and "config.before-step-1.json" in err
   assert json.load(open(run / "config.before-step-1.json"))["loop"] == {"steps": 1}
   assert json.load(open(run / "config.json"))["loop"] == {"steps": 2}
+  # Changed again at the same step: the first kept config stays, the second is kept beside it.
+  third = make(run, tok_dir, steps=1, config_record={"loop": {"steps": 3}, "lr": 1})
+  third.close()
+  assert "config.before-step-1.1.json" in capsys.readouterr().err
+  assert json.load(open(run / "config.before-step-1.json"))["loop"] == {"steps": 1}
+  assert json.load(open(run / "config.before-step-1.1.json"))["loop"] == {"steps": 2}
 
 
 def test_a_run_resumed_with_another_state_layout_is_refused(tmp_path):

@@ -254,10 +254,16 @@ class Trainer:
       changed = config_changes(cfg_path, config_record, limit=20) if self.resumed_from is not None else ""
       if changed:  # allowed (a longer run, another learning rate), said, and the old settings kept
         kept = os.path.join(self.run_dir, f"config.before-step-{self.resumed_from}.json")
+        n = 1
+        while os.path.exists(kept):  # resumed at this step before: each earlier config is kept
+          kept = os.path.join(self.run_dir, f"config.before-step-{self.resumed_from}.{n}.json")
+          n += 1
         os.replace(cfg_path, kept)
         print(f"warning: resumed from step {self.resumed_from} with settings that differ from the run's: "
               f"{changed} (the earlier config.json is kept as {os.path.basename(kept)}; the data position, "
-              "the reference and the listener are the earlier run's)", file=sys.stderr)
+              "the reference and the listener are the earlier run's"
+              + ("; the warm start is not run again: RUN_DIR/sft is loaded as it is" if "sft." in changed else "")
+              + ")", file=sys.stderr)
       with open(cfg_path, "w") as f:
         json.dump(config_record, f, indent=2, default=str)
     self.sinks = MetricSinks(self.run_dir, tensorboard=loop_cfg.tensorboard, wandb_project=loop_cfg.wandb_project,
