@@ -10,8 +10,10 @@
 # lgrpo_jax.launch the overrides mesh.data=/mesh.fsdp=/mesh.tensor= (-1 = the rest).
 # Sets nothing: JAX sees every local device. PYTHON overrides the interpreter (default .venv).
 set -euo pipefail
-cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-.venv/bin/python}
+# Relative paths (--config, run_dir=) are taken from where you run it, as with python itself.
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+if [[ ${1:-} == -h || ${1:-} == --help ]]; then sed -n '2,/^set /p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0; fi
+PYTHON=${PYTHON:-$REPO/.venv/bin/python}
 ENTRY=${1:-lgrpo_jax.check}
 shift || true
 exec "$PYTHON" -m "$ENTRY" "$@"

@@ -11,8 +11,10 @@
 set -euo pipefail
 # A TPU VM keeps its worker list in metadata, not in the environment: let JAX find the pod itself.
 export LGRPO_DISTRIBUTED=auto
-cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-.venv/bin/python}
+# Relative paths (--config, run_dir=) are taken from where you run it, as with python itself.
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+if [[ ${1:-} == -h || ${1:-} == --help ]]; then sed -n '2,/^set /p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0; fi
+PYTHON=${PYTHON:-$REPO/.venv/bin/python}
 ENTRY=${1:-lgrpo_jax.check}
 shift || true
 exec "$PYTHON" -m "$ENTRY" "$@"

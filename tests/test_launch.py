@@ -21,11 +21,16 @@ def base_env(devices: int):
   return env
 
 
-def test_single_host_script():
-  r = subprocess.run([os.path.join(ROOT, "launch", "single_host.sh"), "lgrpo_jax.check", "--mesh.fsdp=8"],
-                     capture_output=True, text=True, env=base_env(8), timeout=300)
+def test_single_host_script(tmp_path):
+  # Run from elsewhere: a relative path is taken from there (the script used to cd into the checkout).
+  r = subprocess.run([os.path.join(ROOT, "launch", "single_host.sh"), "lgrpo_jax.check", "--mesh.fsdp=8",
+                      "--out", "logits.npy"], capture_output=True, text=True, env=base_env(8), timeout=300,
+                     cwd=tmp_path)
   assert r.returncode == 0, r.stderr[-2000:]
   assert "process 0/1 (single): 8 local / 8 devices, mesh {'data': 1, 'fsdp': 8, 'tensor': 1}" in r.stdout
+  assert (tmp_path / "logits.npy").is_file()
+  r = subprocess.run([os.path.join(ROOT, "launch", "single_host.sh"), "--help"], capture_output=True, text=True)
+  assert r.returncode == 0 and "launch/single_host.sh [ENTRY] [ARGS...]" in r.stdout
 
 
 def test_slurm_script_with_two_tasks(tmp_path):
