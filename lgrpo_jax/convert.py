@@ -88,9 +88,9 @@ def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
   # Heavy imports after argument parsing, so --help is instant.
   from lgrpo_jax import checkpoint, distributed, runs
-  distributed.initialize()  # joins a multi-host run when the environment says so
   from lgrpo_jax.models.qwen2_5_vl import load_hf, save_hf
   try:
+    distributed.initialize()  # joins a multi-host run when the environment says so
     if args.cmd == "to-jax":
       check_out_dir(args.out_dir, "to-jax", [("HF directory being read", args.hf_dir)])
       model = load_hf(args.hf_dir, dtype=args.dtype)
@@ -114,7 +114,7 @@ def main(argv=None) -> int:
       out = save_hf(model, args.out_dir, dtype=args.dtype, hf_source=args.hf_source,
                     max_shard_bytes=args.max_shard_size)
       print(f"wrote HF directory {out}")
-  except (CheckpointError, ConfigError, runs.RunError, OSError) as e:  # OSError: a path that is a file, …
+  except (CheckpointError, ConfigError, runs.RunError, OSError, ValueError) as e:  # OSError: a path that is a file, …
     print(f"error: {e}", file=sys.stderr)
     return 2
   return 0

@@ -6,6 +6,7 @@ several, and does nothing for a single process. How the processes are found, in 
 
   1. explicit: arguments, or LGRPO_COORDINATOR_ADDRESS (host:port) + LGRPO_NUM_PROCESSES +
      LGRPO_PROCESS_ID (any launcher: torchrun-style scripts, Kubernetes, a shell loop);
+     LGRPO_NUM_PROCESSES=1 alone: one process (e.g. a tool run in a SLURM batch script, outside srun);
   2. SLURM: SLURM_NTASKS > 1 (srun sets it; JAX reads the rest of the SLURM variables itself).
      JAX's SLURM default is one process per GPU (each sees GPU SLURM_LOCALID only); with one task
      per node every GPU the task was given is used instead (`local_device_ids`);
@@ -43,6 +44,8 @@ def detect(coordinator: str | None = None, num_processes: int | None = None,
     num_processes = int(env[ENV_NUM_PROCESSES])
   if process_id is None and env.get(ENV_PROCESS_ID):
     process_id = int(env[ENV_PROCESS_ID])
+  if num_processes == 1 and coordinator is None and process_id in (None, 0):
+    return "single", {}  # LGRPO_NUM_PROCESSES=1 alone: one process, whatever SLURM or TPU variables say
   given = [coordinator is not None, num_processes is not None, process_id is not None]
   if any(given):
     if not all(given):
@@ -93,7 +96,15 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     # CPU processes exchange data through gloo (the default CPU backend has no cross-process
     # collectives); used by the multi-process tests and CPU clusters.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(**kwargs)
+  try:
+    jax.distributed.initialize(**kwargs)
+  except ValueError as e:  # JAX's own words name none of the variables that sent us here
+    why = {"slurm": f"SLURM_NTASKS={os.environ.get('SLURM_NTASKS', os.environ.get('SLURM_STEP_NUM_TASKS'))} "
+                    "says this is one of several processes, started by srun",
+           "tpu": "TPU_WORKER_HOSTNAMES / MEGASCALE_COORDINATOR_ADDRESS say this is one of several TPU hosts",
+           "auto": f"{ENV_AUTO}=auto asked JAX to find the other processes"}.get(how, "")
+    raise ValueError(f"multi-process start-up ({how}) failed: {e} {why}. Outside srun (the batch "
+                     f"script, an salloc shell) run one process with {ENV_NUM_PROCESSES}=1.") from None
   _initialized = True
   coordination_barriers_for_orbax()
   log.info("process %d of %d (%s), %d local / %d global devices", jax.process_index(),

@@ -133,6 +133,8 @@ def test_two_checkpoint_managers_save_the_same_step_at_once(tmp_path):
     ({distributed.ENV_COORDINATOR: "h:1234", distributed.ENV_NUM_PROCESSES: "1",
       distributed.ENV_PROCESS_ID: "0"}, "single"),
     ({distributed.ENV_AUTO: "auto"}, "auto"),  # launch/tpu_pod.sh: JAX reads the TPU VM's metadata
+    # a tool run in a SLURM batch script or salloc shell, outside srun: one process when asked
+    ({"SLURM_NTASKS": "16", distributed.ENV_NUM_PROCESSES: "1"}, "single"),
 ])
 def test_detect(env, how):
   got, kwargs = distributed.detect(env=env)
@@ -155,6 +157,24 @@ def test_detect(env, how):
 def test_slurm_one_task_per_node_uses_every_gpu_of_the_node(env, ids):
   how, kwargs = distributed.detect(env={"SLURM_NTASKS": "4", "SLURM_PROCID": "1", **env})
   assert how == "slurm" and kwargs.get("local_device_ids") == ids
+
+
+def test_a_failed_slurm_start_names_the_cause_and_the_way_out(monkeypatch, capsys):
+  """SLURM_NTASKS is also set in the batch script and salloc shells, outside srun, where JAX's
+  start-up fails with "coordinator_address should be defined." and convert printed a traceback."""
+  from lgrpo_jax import convert
+  for k in list(os.environ):
+    if k.startswith(("SLURM_", "LGRPO_")):
+      monkeypatch.delenv(k)
+  monkeypatch.setattr(distributed, "_initialized", False)
+  monkeypatch.setenv("SLURM_NTASKS", "4")
+  monkeypatch.setattr(distributed.jax.distributed, "initialize", lambda **kw: (_ for _ in ()).throw(
+      ValueError("coordinator_address should be defined.")))
+  with pytest.raises(ValueError, match=r"\(slurm\) failed: coordinator_address should be defined\. SLURM_NTASKS=4 "
+                                       r".*LGRPO_NUM_PROCESSES=1"):
+    distributed.initialize()
+  assert convert.main(["to-jax", "/nonexistent", "/tmp/x"]) == 2
+  assert "error: multi-process start-up (slurm) failed" in capsys.readouterr().err
 
 
 def test_detect_rejects_partial_or_bad_settings():
