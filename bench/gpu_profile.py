@@ -52,8 +52,12 @@ def profile(args) -> None:
   traced("forward", lambda: lgrpo_jax.forward(big, inp["input_ids"], inp["attention_mask"], inp["pixel_values"],
                                               inp["image_grid_thw"]))
   pb, pair_grid, loss_cfg = update_batch(sz)
-  remat, micro = sz["update_plans"][-1]  # the plan bench/gpu.py ran on the H100 (remat full, 1 micro-batch)
-  graphdef, params = nnx.split(big.set_remat(remat), nnx.Param)
+  # The plan: --plan REMAT:MICRO:ATTENTION as bench/gpu.py's --plans, default its last; fp32 master
+  # weights (--param-dtype) as bench/gpu.py's update section and the shipped configs.
+  remat, micro, impl = (args.plan.split(":") if args.plan else sz["update_plans"][-1])
+  graphdef, params = nnx.split(big.set_remat(remat).set_attention(impl), nnx.Param)
+  params = jax.tree.map(lambda x: x.astype(args.param_dtype), params)
+  micro = int(micro)
   optim = OptimConfig(learning_rate=1e-6, micro_batches=micro)
   tx = make_optimizer(optim, params)
   state = {"p": params, "s": tx.init(params)}
@@ -139,6 +143,10 @@ def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--out", default="profile_out")
   ap.add_argument("--tiny", action="store_true")
+  ap.add_argument("--plan", default=None, metavar="REMAT:MICRO:ATTENTION",
+                  help="the update plan, as bench/gpu.py --plans (default: its last plan for the size)")
+  ap.add_argument("--param-dtype", default="float32", choices=("float32", "bfloat16"),
+                  help="the trained parameters' dtype (default fp32 master weights, as bench/gpu.py)")
   ap.add_argument("--summarize", metavar="DIR", help="print the summary of the traces in DIR (no profiling)")
   ap.add_argument("--per", type=int, default=0, help="with --summarize: also per kernel, per N-th of the trace "
                                                       "(e.g. the decode steps of decode.trace.json.gz)")

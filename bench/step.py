@@ -132,7 +132,9 @@ def build(raw: dict, model, *, pairs: int, samples: int, new_tokens: int, text_t
   def logp(prefix_sharing):
     fn = jax.jit(lambda prm, feats: policy_logprobs(nnx.merge(graphdef, prm), ids, mask, pixels, pair_grid, tokens,
                                                     tmask, chunk, prefix_sharing=prefix_sharing, image_embeds=feats))
-    return lambda prm: fn(prm, frozen_feats)
+    f = lambda prm: fn(prm, frozen_feats)
+    f.lower = lambda prm: fn.lower(prm, frozen_feats)
+    return f
 
   @functools.cache
   def listen(prefix_sharing):
@@ -144,7 +146,9 @@ def build(raw: dict, model, *, pairs: int, samples: int, new_tokens: int, text_t
     # The batch is an argument, not a closure constant: XLA would constant-fold through it.
     fn = jax.jit(lambda prm, st, batch: update(prm, st, graphdef, tx, batch, pair_grid, loss_cfg, optim_cfg, chunk,
                                                prefix_sharing)[0])
-    return lambda prm, st: fn(prm, st, pb._replace(image_embeds=rollout_feats))
+    f = lambda prm, st: fn(prm, st, pb._replace(image_embeds=rollout_feats))
+    f.lower = lambda prm, st: fn.lower(prm, st, pb._replace(image_embeds=rollout_feats))
+    return f
 
   @functools.cache
   def rollout():
