@@ -45,6 +45,7 @@ def dump(out: str) -> list[dict]:
   import gpu
   from lgrpo_jax.kernels import decode_attention as dk
   from lgrpo_jax.kernels import decode_matmul as dm
+  from lgrpo_jax.kernels import lower_for_cuda
   from test_decode_matmul import lower_3b
 
   captured: list[str] = []
@@ -71,7 +72,7 @@ def dump(out: str) -> list[dict]:
 
   for t in gpu.attention_tunings(tiny=False):
     fn = lambda *a, t=t: dk.decode_attention(*a, scale=128**-0.5, tuning=t, interpret=False)
-    jax.jit(fn).trace(*attention_args).lower(lowering_platforms=("cuda",))
+    lower_for_cuda(fn, *attention_args)
     write(f"attention_b{t.block}_w{t.num_warps}_s{t.num_stages}", t, t.num_warps, t.num_stages)
   # As the decode step calls them: q/k/v and gate/up take the 2,048 / 16 Σx² partials of the o / down
   # kernel before them; o and down return theirs. The default tunings also as layer 0's q/k/v runs

@@ -14,6 +14,7 @@ import pytest
 import lgrpo_jax
 from lgrpo_jax import sharding
 from lgrpo_jax.kernels.decode_attention import Tuning, check_shapes, decode_attention, set_tuning
+from lgrpo_jax.kernels import lower_for_cuda
 from lgrpo_jax.models.qwen2_5_vl.config import ConfigError, from_hf_dict
 from lgrpo_jax.models.qwen2_5_vl.layers import apply_rotary, attention_decode
 from hf_tiny import CASES, assert_same_samples, build_hf, config_dict, hf_generate, make_batch, our_generate
@@ -126,7 +127,7 @@ def test_kernel_lowers_to_triton_for_cuda_at_3b_shapes():
           sds((4, 2, 644, 128), bf), sds((4, 2, 644, 128), bf), sds((4, 644), jnp.int32),
           sds((4, 2, 8, 256, 128), bf), sds((4, 2, 8, 256, 128), bf), sds((), jnp.int32))
   fn = lambda *a: decode_attention(*a, scale=128**-0.5, interpret=False)
-  text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  text = lower_for_cuda(fn, *args).as_text()
   calls = re.findall(r"custom_call @(\S+?)\(", text)
   assert calls == ["__gpu$xla.gpu.triton"], calls
   assert "grid_x = 4" in text and "grid_y = 8" in text and "grid_z = 2" in text
@@ -138,8 +139,7 @@ def test_tuning_reaches_the_triton_call_and_bad_blocks_are_refused():
   args = (sds((2, 2, 1, 6, 64), bf), sds((2, 2, 64), f32), sds((2, 2, 64), f32), sds((2, 1, 40, 64), bf),
           sds((2, 1, 40, 64), bf), sds((2, 40), jnp.int32), sds((2, 1, 2, 16, 64), bf), sds((2, 1, 2, 16, 64), bf),
           sds((), jnp.int32))
-  lower = lambda: jax.jit(lambda *a: decode_attention(*a, scale=0.125, interpret=False)).trace(*args).lower(
-      lowering_platforms=("cuda",)).as_text()
+  lower = lambda: lower_for_cuda(lambda *a: decode_attention(*a, scale=0.125, interpret=False), *args).as_text()
   previous = set_tuning(Tuning(block=32, num_warps=8, num_stages=3))
   try:
     text = lower()
@@ -160,7 +160,7 @@ def test_triton_products_keep_the_xla_paths_precision(dtype, want, capsys):
           sds((1, 1, 20, 16), dt), sds((1, 20), jnp.int32), sds((1, 1, 2, 8, 16), dt), sds((1, 1, 2, 8, 16), dt),
           sds((), jnp.int32))
   fn = lambda *a: decode_attention(*a, scale=0.25, tuning=Tuning(block=16), interpret=False, debug=True)
-  jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+  lower_for_cuda(fn, *args)
   dots = [line for line in capsys.readouterr().out.splitlines() if "tt.dot " in line]
   assert len(dots) == 4, dots  # q·kᵀ and p·v, in the prefix and the own-slot loops
   for line in dots:

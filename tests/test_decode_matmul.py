@@ -17,6 +17,7 @@ import pytest
 import lgrpo_jax
 from lgrpo_jax import sharding
 from lgrpo_jax.kernels.decode_matmul import KINDS, TUNING, Tuning, decode_matmul, set_tuning
+from lgrpo_jax.kernels import lower_for_cuda
 from lgrpo_jax.models.qwen2_5_vl.config import ConfigError, from_hf_dict
 from lgrpo_jax.models.qwen2_5_vl.layers import RMSNorm
 from hf_tiny import CASES, assert_same_samples, build_hf, config_dict, hf_generate, make_batch, our_generate
@@ -136,7 +137,7 @@ def lower_3b(kind, tuning=None, debug=False, ss=0, ret_ss=False):
   fn = lambda x, w, *a: decode_matmul(x, w, **dict(zip(names, a)), kind=kind, tuning=tuning, interpret=False,
                                       return_ss=ret_ss, debug=debug)
   args = (sds((32, x_k), bf), sds(w, bf), *(sds(s, dtypes.get(nm, bf)) for nm, s in extra.items()))
-  return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  return lower_for_cuda(fn, *args).as_text()
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -197,7 +198,7 @@ def test_fp32_weights_multiply_in_ieee_fp32(capsys):
   """fp32 models multiply in IEEE fp32 as the XLA path does (HIGHEST), not Triton's default TF32."""
   sds = jax.ShapeDtypeStruct
   fn = lambda x, w: decode_matmul(x, w, tuning=Tuning(), interpret=False, debug=True)
-  jax.jit(fn).trace(sds((8, 64), jnp.float32), sds((64, 64), jnp.float32)).lower(lowering_platforms=("cuda",))
+  lower_for_cuda(fn, sds((8, 64), jnp.float32), sds((64, 64), jnp.float32))
   dots = [line for line in capsys.readouterr().out.splitlines() if "tt.dot " in line]
   assert len(dots) == 1 and "xf32> * tensor<" in dots[0] and "tf32" not in dots[0], dots
 
