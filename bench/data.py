@@ -60,7 +60,10 @@ def main():
     for _ in range(n_batches):
       next(it)
     dt = time.perf_counter() - t0
-    kind = "processes" if args.plain else "threads"
+    if args.plain:
+      kind = f"{workers} Grain worker processes" if workers else "in-process"
+    else:
+      kind = f"{workers or os.cpu_count()} decoding threads" + (" (0: one per core)" if not workers else "")
     print(f"workers={workers} ({kind}): {n_batches * args.batch / dt:6.1f} pairs/s")
 
 

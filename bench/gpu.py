@@ -14,7 +14,6 @@ Two processes, one after the other (JAX and PyTorch each take the GPU's memory f
           better of an XLA elementwise x·2 and PyTorch's `copy_`, measured in the torch part) and a
           read-only pass (row sums);
           then on the 3B config in bf16:
-            forward   the same inputs as torch's (B rows: two 448² images + text each)
             forward   the same inputs as torch's (B rows: two 448² images + text each), once per
                       attention kernel (--attention: xla, cudnn)
             update    one GRPO update (loss + backward + AdamW, β > 0, prefix sharing), parameters and
@@ -123,8 +122,9 @@ def sizes(tiny: bool) -> dict:
   return dict(big=CONFIG_3B, small=CONFIG_1_5B, image=448, text=128, fwd_rows=8, pairs=4, samples=8, new=256,
               decode_new=256, matmul=8192, copy_mib=4096, name_big="3B", name_small="1.5B",
               # Estimated from XLA's CPU memory analysis (fp32 ÷ 2): activations per pair ~35 GB
-              # without remat, ~18 with "dots", ~9 with "full"; ~43 GB free after weights, grads
-              # and AdamW state.
+              # without remat, ~18 with "dots", ~9 with "full". Free after the state: ~43 GB on an
+              # H100 with bf16 parameters, grads and AdamW state; fp32 master weights (the default
+              # --update-param-dtype) take ~28 GiB more. Each plan runs only if it fits (measured).
               update_plans=[("none", 4, "auto"), ("dots", 2, "auto"), ("full", 1, "auto")], chunk=2048,
               # 32 rows (4 prompts × 8): 32 FLOP per weight byte; 128 rows still under the ridge of an
               # H100 (~240 FLOP/byte) and near an H200's (~150).

@@ -27,6 +27,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -89,7 +90,7 @@ def run_point(cfg: dict) -> dict:
 
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--out", default=os.path.join(HERE, "..", "docs", "scaling_cpu.png"))
+  ap.add_argument("--out", default=None, help="the plot (default docs/scaling_cpu.png; with --quick a temporary file)")
   ap.add_argument("--json", default=None, help="also write every point here")
   ap.add_argument("--quick", action="store_true", help="two values per axis, tiny sizes (checks the script)")
   ap.add_argument("--point", action="store_true", help=argparse.SUPPRESS)
@@ -100,6 +101,9 @@ def main() -> None:
     point(args)
     return
 
+  if args.out is None:  # --quick checks the script: it must not overwrite the committed plot
+    args.out = (os.path.join(tempfile.mkdtemp(prefix="scaling_quick_"), "scaling.png") if args.quick
+                else os.path.join(HERE, "..", "docs", "scaling_cpu.png"))
   axes, base, dbase = AXES, BASE, DEVICE_BASE
   if args.quick:
     axes = {"samples": [2, 4], "new_tokens": [8, 16], "image": [56, 112], "devices": [1, 2]}
