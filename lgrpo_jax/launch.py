@@ -45,6 +45,7 @@ def build(cfg, mesh=None):
     if m.preset != "tiny":
       raise ValueError(f"model.preset={m.preset!r}: only 'tiny' is built in; give model.checkpoint")
     tok_dir = m.tokenizer or build_tiny_tokenizer(os.path.join(cfg.run_dir, "tokenizer"))
+    load_tokenizer(tok_dir, "model.tokenizer")  # a bad directory named before the tiny config reads it
     model = lgrpo_jax.from_config(tiny_model_config(tok_dir), dtype=m.dtype, param_dtype=m.param_dtype, mesh=mesh)
   else:
     tok_dir = m.tokenizer or m.checkpoint

@@ -293,8 +293,19 @@ def test_a_checkpoint_without_its_tokenizer_is_one_clear_error(tmp_path, capsys)
   assert launch.main(["--config", DEMO, f"run_dir={tmp_path / 'run'}", f"model.checkpoint={weights}",
                       "sft.steps=0"]) == 2
   err = capsys.readouterr().err
-  assert f"model.checkpoint='{weights}': the tokenizer there has no chat template" in err
+  assert f"model.checkpoint='{weights}': no tokenizer files there" in err
   assert "set model.tokenizer" in err
+  # The tiny preset's model.tokenizer is checked before the tiny config reads it (it was
+  # transformers' five-line message naming no setting).
+  (tmp_path / "empty").mkdir()
+  assert launch.main(["--config", DEMO, f"run_dir={tmp_path / 'run2'}", f"model.tokenizer={tmp_path / 'empty'}"]) == 2
+  assert f"model.tokenizer='{tmp_path / 'empty'}': no tokenizer files there" in capsys.readouterr().err
+  # A tokenizer_config.json alone (no vocabulary): transformers builds an empty tokenizer, named here.
+  (tmp_path / "cfg_only").mkdir()
+  (tmp_path / "cfg_only" / "tokenizer_config.json").write_text("{}")
+  from lgrpo_jax.data.prompts import TokenizerError, load_tokenizer
+  with pytest.raises(TokenizerError, match=r"model.checkpoint='\S+cfg_only': (cannot load a tokenizer|the tokenizer there)"):
+    load_tokenizer(tmp_path / "cfg_only", "model.checkpoint")
   from lgrpo_jax.data.prompts import TokenizerError, load_tokenizer
   assert len(load_tokenizer(tmp_path / "tok", "model.tokenizer")) > 100  # the same check passes a real one
   # A tokenizer.json of another structure (valid JSON): the tokenizers library's own exception, named.

@@ -139,6 +139,9 @@ def load_tokenizer(path, setting: str, hint: str = ""):
   `hint` (what to do)."""
   from transformers import AutoTokenizer
   where = f"{setting}={os.fspath(path)!r}"
+  if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in (
+      "tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")):
+    raise TokenizerError(f"{where}: no tokenizer files there (tokenizer.json, tokenizer_config.json){hint}")
   try:
     tokenizer = AutoTokenizer.from_pretrained(path)
   except Exception as e:  # noqa: BLE001 — transformers/tokenizers raise many kinds for damaged files
