@@ -4,7 +4,8 @@ Qwen2.5-VL-7B-Instruct whatever the reasoner: add model.listener=/ckpt/Qwen2.5-V
 follow it (a second frozen copy, no longer shared with the reference).
 
   python -m lgrpo_jax.launch --config configs/qwen2_5_vl_3b_hpdv2.py \\
-      model.checkpoint=/ckpt/Qwen2.5-VL-3B-Instruct data.path=/data/hpdv2/train.json data.image_root=/data/hpdv2
+      model.checkpoint=/ckpt/Qwen2.5-VL-3B-Instruct data.path=/data/hpdv2/train.json data.image_root=/data/hpdv2 \\
+      data.eval_path=/data/hpdv2/test.json data.eval_image_root=/data/hpdv2
 """
 
 import dataclasses

@@ -49,8 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
   b = sub.add_parser("to-hf", help="training run or Orbax checkpoint -> HF directory (+ model card)")
   b.add_argument("ckpt_dir", help="a training run directory, or a checkpoint written by `to-jax`")
   b.add_argument("out_dir", help="where to write the HF directory")
-  b.add_argument("--step", type=int, default=None, help="a run's checkpoint at this step (default: the latest)")
-  b.add_argument("--best", action="store_true", help="a run's best checkpoint by held-out accuracy")
+  which = b.add_mutually_exclusive_group()
+  which.add_argument("--step", type=int, default=None, help="a run's checkpoint at this step (default: the latest)")
+  which.add_argument("--best", action="store_true", help="a run's best checkpoint by held-out accuracy")
   b.add_argument("--hf-source", default=None,
                  help="base HF directory to copy tokenizer/processor/chat-template files from "
                       "(default for a run: its model.checkpoint)")

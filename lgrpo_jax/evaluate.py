@@ -37,6 +37,9 @@ predictions.jsonl by then, and the same command resumes from it.
 Compiled programs are kept for the next evaluation (`--compile-cache`, as the launcher's
 `compile_cache`): by default in the run directory's xla_cache (shared with its training), else in
 OUT/xla_cache, or in $JAX_COMPILATION_CACHE_DIR when that is set.
+
+Exit codes: 0 done; 2 a bad argument, config, checkpoint or data record (one `error:` line);
+75 a batch read hung (resume with the same command); 128 + N stopped by signal N.
 """
 
 from __future__ import annotations
@@ -321,8 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
   ap.add_argument("--images", default=None, help="root for relative image paths")
   ap.add_argument("--out", default=None, help="output directory")
   ap.add_argument("--max-pairs", type=int, default=None, help="at most this many comparisons (whole prompts)")
-  ap.add_argument("--step", type=int, default=None, help="a run's checkpoint at this step")
-  ap.add_argument("--best", action="store_true", help="a run's best checkpoint (by held-out accuracy)")
+  which = ap.add_mutually_exclusive_group()
+  which.add_argument("--step", type=int, default=None, help="a run's checkpoint at this step")
+  which.add_argument("--best", action="store_true", help="a run's best checkpoint (by held-out accuracy)")
   ap.add_argument("--listener", default=None, help="listener checkpoint (default: see above)")
   ap.add_argument("--no-listener", action="store_true")
   ap.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the checkpoint's)")
@@ -334,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
   ap.add_argument("--top-p", type=float, default=1.0)
   ap.add_argument("--aggregate", default="majority", choices=("majority", "mean_prob"))
   ap.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's, else 256")
-  ap.add_argument("--batch", type=int, default=8, help="ordered pairs per device batch (global)")
+  ap.add_argument("--batch", type=int, default=8, help="ordered pairs per batch, all devices together")
   ap.add_argument("--bad-records", default="error", choices=("error", "skip"))
   ap.add_argument("--stall-timeout", type=float, default=None, metavar="SECONDS",
                   help="a batch read hanging longer stops the evaluation (exit 75) on every process; "

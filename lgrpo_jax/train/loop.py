@@ -346,10 +346,12 @@ class Trainer:
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
       except Exception as e:  # a damaged checkpoint: say so and take the one before
-        log.warning("checkpoint %s/checkpoints/%d is unreadable (%s: %s); trying the previous one",
-                    self.run_dir, step, type(e).__name__, str(e)[:200])
-        print(f"warning: checkpoint {step} is unreadable ({type(e).__name__}); trying the previous one",
-              file=sys.stderr)
+        # Said once (a logger on stderr would say it twice); damaged, or saved with other settings
+        # (a changed state layout: the error below names the settings when no checkpoint restores).
+        log.info("checkpoint %s/checkpoints/%d does not restore (%s: %s)", self.run_dir, step,
+                 type(e).__name__, str(e)[:200])
+        print(f"warning: checkpoint {step} does not restore into this run's state ({type(e).__name__}: damaged, "
+              "or saved with other settings); trying the previous one", file=sys.stderr)
         failures.append((step, f"{step}: {type(e).__name__}: {str(e)[:300]}"))
         continue
       t = restored["state"]
