@@ -51,6 +51,9 @@ def model_config(path, dtype=None, param_dtype=None) -> Qwen25VLConfig:
   `param_dtype` the parameters' as restored)."""
   path = os.path.abspath(os.fspath(path))
   if not is_checkpoint(path):
+    if os.path.isdir(os.path.join(path, "checkpoints")) and not os.path.isfile(os.path.join(path, CONFIG)):
+      raise CheckpointError(f"{path}: a training run directory without its {CONFIG} (the run's resolved config, "
+                            "which says how to build its model): restore it from a copy of the run")
     raise CheckpointError(f"{path}: not an lgrpo_jax checkpoint (needs {CONFIG} and {PARAMS}/)")
   raw = read_json(os.path.join(path, CONFIG))
   if not isinstance(raw, dict):

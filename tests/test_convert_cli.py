@@ -85,6 +85,9 @@ def test_damaged_metadata_and_a_file_in_the_way_are_one_line_errors(tmp_path, ca
   from lgrpo_jax import runs
   with pytest.raises(runs.RunError, match=r"run/config\.json: not valid JSON"):
     runs.run_config(run_dir)
+  (run_dir / "config.json").unlink()  # a run without its config.json: named as a run, not as "not a checkpoint"
+  assert convert.main(["to-hf", str(run_dir), str(tmp_path / "out2")]) == 2
+  assert "a training run directory without its config.json" in capsys.readouterr().err
   with pytest.raises(runs.RunError, match=r"run_dir='\S+afile/run' is inside '\S+afile', which is a file"):
     runs.check_creatable_dir(tmp_path / "afile" / "run", "run_dir")
 
