@@ -180,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--config", required=True, help="a Python file defining config() -> ExperimentConfig")
   ap.add_argument("overrides", nargs="*", help="key.path=value (e.g. loop.steps=20 step.loss.beta=0)")
+  ap.add_argument("--dry-run", action="store_true",
+                  help="check the config (fields, paths, mesh, the checkpoint's config.json) and print it "
+                       "resolved, then exit: nothing is loaded, compiled or written")
   distributed.add_args(ap)
   return ap
 
@@ -206,6 +209,12 @@ def _main(argv, scope) -> int:
     distributed.initialize_from_args(args)
     cfg = apply_overrides(load_config_file(args.config), args.overrides)
     check(cfg)
+    if args.dry_run:
+      import json
+      print(json.dumps(to_record(cfg), indent=2, default=str))
+      print(f"config OK: {args.config}" + (f" with {' '.join(args.overrides)}" if args.overrides else ""),
+            file=sys.stderr)
+      return 0
     from lgrpo_jax.train import compile_cache
     # The persistent compilation cache, before anything compiles: a restarted run loads its programs.
     scope.enter_context(compile_cache.use(compile_cache.resolve(cfg.compile_cache, cfg.run_dir)))

@@ -551,3 +551,13 @@ def release_the_run(run_dir, policy, metrics):
 def test_shipped_configs_load(name):
   cfg = load_config_file(os.path.join(HERE, "..", "configs", name))
   assert cfg.step.sampling.num_samples >= 2
+
+
+def test_dry_run_checks_and_prints_the_config_and_writes_nothing(tmp_path, capsys):
+  run_dir = tmp_path / "run"
+  assert launch.main(["--config", DEMO, "--dry-run", f"run_dir={run_dir}", "loop.steps=3"]) == 0
+  out = capsys.readouterr()
+  assert json.loads(out.out)["loop"]["steps"] == 3 and "config OK" in out.err
+  assert not run_dir.exists()
+  assert launch.main(["--config", DEMO, "--dry-run", f"run_dir={run_dir}", "model.checkpoint=/nonexistent"]) == 2
+  assert "model.checkpoint='/nonexistent': not found" in capsys.readouterr().err
