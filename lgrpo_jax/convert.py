@@ -115,7 +115,7 @@ def main(argv=None) -> int:
       out = save_hf(model, args.out_dir, dtype=args.dtype, hf_source=args.hf_source,
                     max_shard_bytes=args.max_shard_size)
       print(f"wrote HF directory {out}")
-  except (CheckpointError, ConfigError, runs.RunError, OSError, ValueError) as e:  # OSError: a path that is a file, …
+  except (CheckpointError, ConfigError, runs.RunError, OSError, distributed.StartupError) as e:  # OSError: a path that is a file, …
     print(f"error: {e}", file=sys.stderr)
     return 2
   return 0

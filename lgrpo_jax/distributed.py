@@ -35,6 +35,10 @@ ENV_AUTO = "LGRPO_DISTRIBUTED"  # "auto": leave the detection to jax.distributed
 _initialized = False
 
 
+class StartupError(ValueError):
+  """The processes of a multi-process run could not be joined (named settings, not JAX's words)."""
+
+
 def detect(coordinator: str | None = None, num_processes: int | None = None,
            process_id: int | None = None, env=None) -> tuple[str, dict]:
   """(how, kwargs for jax.distributed.initialize); how is 'single', 'explicit', 'slurm', 'tpu' or 'auto'."""
@@ -45,7 +49,14 @@ def detect(coordinator: str | None = None, num_processes: int | None = None,
   if process_id is None and env.get(ENV_PROCESS_ID):
     process_id = int(env[ENV_PROCESS_ID])
   if num_processes == 1 and coordinator is None and process_id in (None, 0):
-    return "single", {}  # LGRPO_NUM_PROCESSES=1 alone: one process, whatever SLURM or TPU variables say
+    # LGRPO_NUM_PROCESSES=1 alone: one process, whatever SLURM or TPU variables say — but not inside
+    # an srun step of several tasks (exported before the srun line, every task would train alone).
+    step_tasks = int(env.get("SLURM_STEP_NUM_TASKS", "1") or 1)
+    if step_tasks > 1:
+      raise StartupError(f"{ENV_NUM_PROCESSES}=1 inside an srun step of {step_tasks} tasks: each task would run "
+                         f"alone, all writing the same run; give {ENV_NUM_PROCESSES}=1 to the one command that "
+                         f"runs outside srun ({ENV_NUM_PROCESSES}=1 python -m lgrpo_jax.convert …), not by export")
+    return "single", {}
   given = [coordinator is not None, num_processes is not None, process_id is not None]
   if any(given):
     if not all(given):
@@ -103,8 +114,9 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
                     "says this is one of several processes, started by srun",
            "tpu": "TPU_WORKER_HOSTNAMES / MEGASCALE_COORDINATOR_ADDRESS say this is one of several TPU hosts",
            "auto": f"{ENV_AUTO}=auto asked JAX to find the other processes"}.get(how, "")
-    raise ValueError(f"multi-process start-up ({how}) failed: {e} {why}. Outside srun (the batch "
-                     f"script, an salloc shell) run one process with {ENV_NUM_PROCESSES}=1.") from None
+    way_out = (f" Outside srun (the batch script, an salloc shell) run a single process as "
+               f"`{ENV_NUM_PROCESSES}=1 python -m …`." if how == "slurm" else "")
+    raise StartupError(f"multi-process start-up ({how}) failed: {e} {why}.{way_out}") from None
   _initialized = True
   coordination_barriers_for_orbax()
   log.info("process %d of %d (%s), %d local / %d global devices", jax.process_index(),

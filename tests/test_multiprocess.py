@@ -177,6 +177,13 @@ def test_a_failed_slurm_start_names_the_cause_and_the_way_out(monkeypatch, capsy
   assert "error: multi-process start-up (slurm) failed" in capsys.readouterr().err
 
 
+def test_one_process_asked_inside_an_srun_step_is_refused():
+  """LGRPO_NUM_PROCESSES=1 exported before the srun line would make every task train alone."""
+  with pytest.raises(distributed.StartupError, match="inside an srun step of 16 tasks"):
+    distributed.detect(env={"SLURM_NTASKS": "16", "SLURM_STEP_NUM_TASKS": "16", "SLURM_PROCID": "5",
+                            distributed.ENV_NUM_PROCESSES: "1"})
+
+
 def test_detect_rejects_partial_or_bad_settings():
   with pytest.raises(ValueError, match="needs all three"):
     distributed.detect(coordinator="h:1", env={})
