@@ -223,6 +223,8 @@ def _loose_list(text: str):
   """A list as a shell leaves it when its quotes go (`["vision"]` → `[vision]`, `[[format,1]]`),
   or typed with parentheses (`(128,256)`) or bare (`vision,embeddings`): nested lists of words.
   None when the brackets do not balance."""
+  if not text.lstrip().startswith(("[", "(")):  # a bare comma list: brackets inside a value are text
+    return [v.strip() for v in text.split(",") if v.strip()]
   tokens = [t.strip() for t in re.findall(r"[\[\](),]|[^\[\](),]+", text) if t.strip()]
   pos = 0
 
@@ -233,6 +235,8 @@ def _loose_list(text: str):
       t = tokens[pos]
       pos += 1
       if t in "[(":
+        if not expect_item:  # `[1][2]`: a missing comma
+          raise ValueError(t)
         out.append(items("]" if t == "[" else ")"))
         expect_item = False
       elif t in "])":
@@ -244,6 +248,8 @@ def _loose_list(text: str):
       else:
         if not expect_item:
           raise ValueError(t)
+        if len(t) >= 2 and t[0] == t[-1] and t[0] in "'\"":  # ['a','b'] is not JSON: its quotes go
+          t = t[1:-1]
         out.append(t)
         expect_item = False
     if close is not None:
@@ -272,6 +278,8 @@ def _parse(text: str, kind, key: str):
         return _parse(text, option, key)
       except ConfigError as e:
         errors.append(str(e))
+    if len(errors) == 1:  # X | None: X's own message (it says what X expects)
+      raise ConfigError(errors[0] + " (or None)")
     raise ConfigError(f"{key}={text!r}: expected {kind}")
   if kind is bool:
     if text.lower() in ("true", "1", "yes"):
@@ -325,7 +333,9 @@ def _parse_override(cfg, path: list[str], text: str, full: str):
   name = path[0]
   if name not in fields:
     close = difflib.get_close_matches(name.lstrip("-"), list(fields), n=1, cutoff=0.6)
-    hint = f"; did you mean {'.'.join(full.lstrip('-').split('.')[:-len(path)] + close)!r}?" if close else ""
+    parts = full.lstrip("-").split(".")
+    hint = (f"; did you mean {'.'.join(parts[:len(parts) - len(path)] + close + parts[len(parts) - len(path) + 1:])!r}?"
+            if close else "")
     if full.startswith("-"):
       hint += " (overrides are key.path=value, without dashes)"
     raise ConfigError(f"unknown config key {full!r}{hint}: {type(cfg).__name__} has {sorted(fields)}")

@@ -47,6 +47,16 @@ def test_overrides_are_typed_and_checked():
     apply_overrides(cfg, ["loop.steps=2.5"])
   with pytest.raises(ConfigError, match=r"'step.optim.learnig_rate'; did you mean 'step.optim.learning_rate'\?"):
     apply_overrides(cfg, ["step.optim.learnig_rate=1"])
+  with pytest.raises(ConfigError, match=r"'step.los.beta'; did you mean 'step.loss.beta'\?"):
+    apply_overrides(cfg, ["step.los.beta=0"])
+  # a bare comma list keeps brackets inside its values; quotes that are not JSON's go; a missing comma is refused
+  assert apply_overrides(cfg, ["pipeline.prompt.image_labels=Left (A):,Right (B):"]).pipeline.prompt.image_labels == \
+      ("Left (A):", "Right (B):")
+  assert apply_overrides(cfg, ["step.optim.freeze=['vision']"]).step.optim.freeze == ("vision",)
+  with pytest.raises(ConfigError, match=r"step.sampling.eos_ids='\[1\]\[2\]': expected a list"):
+    apply_overrides(cfg, ["step.sampling.eos_ids=[1][2]"])
+  with pytest.raises(ConfigError, match=r"grid_buckets='\[\[56,56\]': expected a list.*\(or None\)"):
+    apply_overrides(cfg, ["pipeline.image.grid_buckets=[[56,56]"])
 
 
 def test_overrides_that_complete_each_other_work_in_any_order():
