@@ -81,8 +81,13 @@ def check_out_dir(out_dir, cmd: str, sources) -> None:
   if os.path.exists(os.path.join(out_dir, checkpoint.PARAMS)):
     held = "a checkpoint" if cmd == "to-jax" else "an lgrpo_jax checkpoint (params/)"
     raise CheckpointError(f"OUT_DIR {out_dir} already holds {held}; choose another folder")
-  if cmd == "to-hf" and runs.is_run_dir(out_dir):
+  if runs.is_run_dir(out_dir):
     raise CheckpointError(f"OUT_DIR {out_dir} is a training run directory; choose another folder")
+  up = os.path.dirname(os.path.abspath(out_dir))  # RUN/checkpoints, RUN/checkpoints/N, RUN/best/N
+  for parent in (up, os.path.dirname(up)):
+    if runs.is_run_dir(parent) and os.path.relpath(out_dir, parent).split(os.sep)[0] in ("checkpoints", "best"):
+      raise CheckpointError(f"OUT_DIR {out_dir} is inside the training checkpoints of run {parent}; choose "
+                            "another folder")
 
 
 def main(argv=None) -> int:
@@ -98,8 +103,10 @@ def main(argv=None) -> int:
       out = checkpoint.save_model(model, args.out_dir)
       print(f"wrote Orbax checkpoint {out} ({args.dtype})")
       return 0
-    check_out_dir(args.out_dir, "to-hf", [("checkpoint being exported", args.ckpt_dir),
-                                          ("--hf-source directory", args.hf_source)])
+    sources = [("checkpoint being exported", args.ckpt_dir), ("--hf-source directory", args.hf_source)]
+    if runs.is_run_dir(args.ckpt_dir) and args.hf_source is None:  # the run's base gives the side files
+      sources.append(("run's base checkpoint (model.checkpoint)", runs.run_config(args.ckpt_dir).model.checkpoint))
+    check_out_dir(args.out_dir, "to-hf", sources)
     if runs.is_run_dir(args.ckpt_dir):
       from lgrpo_jax.release import export_run
       got = export_run(args.ckpt_dir, args.out_dir, step=args.step, best=args.best, dtype=args.dtype,

@@ -43,8 +43,21 @@ def base_license(source) -> list[str]:
   m = re.match(r"---\r?\n(.*?)\r?\n---", text, re.S)
   if not m:
     return []
-  return [line for line in m.group(1).splitlines()
-          if re.match(r"(license|license_name|license_link):\s*\S", line)]
+  out, bare = [], None  # bare: a `license:` key without a value, whose `- item` lines may follow
+  for line in m.group(1).splitlines():
+    k = re.match(r"(license|license_name|license_link):(.*)", line)
+    if k:
+      bare = None if k.group(2).strip() else line
+      if bare is None:
+        out.append(line)
+    elif bare is not None and re.match(r"\s*-\s*\S", line):
+      if bare:  # the key once, before its first item
+        out.append(bare)
+        bare = ""
+      out.append(line)
+    else:
+      bare = None
+  return out
 
 
 def _is_hf_dir(path) -> bool:

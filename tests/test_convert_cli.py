@@ -110,6 +110,17 @@ def test_out_dir_that_is_a_source_or_a_checkpoint_is_refused_before_loading(tmp_
     err = capsys.readouterr().err
     assert match in err and err.count("error:") == 1, (argv, err)
   assert before == {p: p.read_bytes() for d in (hf_dir, ckpt) for p in d.rglob("*") if p.is_file()}
+  # a run directory, or its training checkpoints, as OUT_DIR (to-jax would replace the run's config.json)
+  run = tmp_path / "run"
+  (run / "checkpoints" / "4").mkdir(parents=True)
+  (run / "config.json").write_text("{}")
+  for argv, match in [(["to-jax", str(hf_dir), str(run)], "is a training run directory"),
+                      (["to-hf", str(ckpt), str(run / "checkpoints")], "inside the training checkpoints of run"),
+                      (["to-hf", str(ckpt), str(run / "checkpoints" / "4")], "inside the training checkpoints of run")]:
+    assert convert.main(argv) == 2, argv
+    assert match in capsys.readouterr().err, argv
+  assert convert.main(["to-hf", str(ckpt), str(run / "hf")]) == 0  # a fresh folder in the run is fine
+  capsys.readouterr()
   with pytest.raises(lgrpo_jax.CheckpointError, match="overwrite its own --hf-source"):
     lgrpo_jax.save_hf(lgrpo_jax.load_hf(hf_dir), hf_dir, hf_source=hf_dir)
 
@@ -145,6 +156,9 @@ def test_model_card_front_matter_base_id_licence_and_buckets(tmp_path):
   assert base_license(snap) == ["license: other", "license_name: qwen-research",
                                 "license_link: https://x/LICENSE"]
   assert base_license(tmp_path) == []
+  (tmp_path / "README.md").write_text("---\nlicense:\n- apache-2.0\nlanguage:\n- en\n---\n")  # the list form
+  assert base_license(tmp_path) == ["license:", "- apache-2.0"]
+  (tmp_path / "README.md").unlink()
   cfg = ExperimentConfig()
   cfg = dataclasses.replace(cfg, model=dataclasses.replace(ModelConfig(), checkpoint=str(snap)))
   card = model_card(cfg, str(tmp_path / "run"), 3, False, None, "bfloat16",

@@ -58,3 +58,5 @@ wait
 def test_scripts_are_valid_bash():
   for name in ("single_host.sh", "slurm.sbatch", "tpu_pod.sh"):
     subprocess.run(["bash", "-n", os.path.join(ROOT, "launch", name)], check=True)
+    r = subprocess.run(["bash", os.path.join(ROOT, "launch", name), "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and f"launch/{name}" in r.stdout and "set -" not in r.stdout, (name, r.stdout)
