@@ -890,10 +890,14 @@ def jax_part(args, work: str) -> dict:
         continue
       # A sweep that found no working tuning: the default TUNING may be one that failed there, and a
       # 3B sampler compile with it costs device time for nothing.
-      swept = [res.get("decode_kernel", {})] if att == "pallas" else []
-      swept += [v for v in res.get("decode_matmul_kernel", {}).values() if isinstance(v, dict)] if mm == "pallas" else []
-      if any("error" in v for v in swept):
-        res[key] = {"error": "skipped: the kernel sweep found no working tuning"}
+      swept = [("attention", res.get("decode_kernel", {}))] if att == "pallas" else []
+      if mm == "pallas":  # the section's own error (it raised) and each matmul kind's
+        mk = res.get("decode_matmul_kernel", {})
+        swept += [("matmul", mk)] + [(f"matmul {k}", v) for k, v in mk.items() if isinstance(v, dict)]
+      failed = [f"{what}: {v['error']}" for what, v in swept if "error" in v]
+      if failed:
+        res[key] = {"error": f"skipped: the kernel sweep did not give a working tuning ({failed[0][:200]})"}
+        print(f"jax: {key}: {res[key]['error']}", flush=True)
         continue
       if while_graph and "error" in res.get(key, {"error": "not run"}):
         continue  # its plain run failed or was skipped: nothing to compare with

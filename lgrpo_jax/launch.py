@@ -60,7 +60,7 @@ def build(cfg, mesh=None):
   tokenizer = load_tokenizer(tok_dir, "model.tokenizer" if m.tokenizer else "model.checkpoint",
                              "" if m.tokenizer else "; set model.tokenizer to a directory with the model's tokenizer")
   listener = None
-  if m.listener is not None:
+  if m.listener is not None and cfg.step.rewards.needs_listener:  # no reward reads it: not loaded
     listener = (checkpoint.load_model(m.listener, dtype=m.dtype, mesh=mesh) if checkpoint.is_checkpoint(m.listener)
                 else lgrpo_jax.load_hf(m.listener, dtype=m.dtype, mesh=mesh)).set_attention(m.attention)
   d = cfg.data
@@ -253,6 +253,7 @@ def _main(argv, scope) -> int:
   except ValueError as e:  # our errors (RunError, DataError, ImageError, …) name what to change
     print(f"error: {e}", file=sys.stderr)
     return 2
+  listener = None  # the Trainer holds its frozen copy: the loaded model's arrays go (~15 GB at 7B)
   if trainer.resumed_from is not None:
     print(f"resumed from step {trainer.resumed_from}", file=sys.stderr)
   from lgrpo_jax.data.images import ImageError

@@ -243,6 +243,9 @@ def test_model_listener_is_the_frozen_listener(tmp_path):
   assert equal(jax.tree.leaves(t.listener_params), params(other))
   assert t.ref_params is not None and equal(jax.tree.leaves(t.ref_params), params(model))
   t.close()
+  # No reward reads the listener: model.listener is not loaded (a second model's memory for nothing).
+  no_listener = apply_overrides(cfg, ['step.rewards.weights=[["format",1],["accuracy",1]]'])
+  assert launch.build(no_listener)[1] is None
 
 
 def test_bf16_compute_keeps_the_policys_master_weights_in_fp32(tmp_path):

@@ -277,6 +277,12 @@ def test_a_run_resumed_with_other_settings_says_so_and_keeps_the_old_config(tmp_
   assert "config.before-step-1.1.json" in capsys.readouterr().err
   assert json.load(open(run / "config.before-step-1.json"))["loop"] == {"steps": 1}
   assert json.load(open(run / "config.before-step-1.1.json"))["loop"] == {"steps": 2}
+  # A changed warm-start section is said not to re-run the warm start; a value holding "sft." is not one.
+  make(run, tok_dir, steps=1, config_record={"loop": {"steps": 3}, "lr": 1, "data": "a/sft.json"}).close()
+  assert "warm start is not run again" not in capsys.readouterr().err
+  make(run, tok_dir, steps=1, config_record={"loop": {"steps": 3}, "lr": 1, "data": "a/sft.json",
+                                             "sft": {"steps": 5}}).close()
+  assert "warm start is not run again" in capsys.readouterr().err
 
 
 def test_a_run_resumed_with_another_state_layout_is_refused(tmp_path):

@@ -193,3 +193,29 @@ def test_rewards_that_do_not_apply_are_trls_none(advantage, scale_rewards):
   np.testing.assert_allclose(adv, want, rtol=1e-6, atol=1e-7)  # rewards are float32
   assert np.isfinite(adv).all() and adv[1, 2] == 0 and (adv[2] == 0).all()
   assert int(metrics["unscored_completions"]) == 1 + 4
+
+
+def test_a_total_that_is_nan_for_another_reason_skips_the_step_not_the_completion():
+  """∞ − ∞ across two rewards is a broken reward, not "does not apply": the total is ∞, so the loss
+  is not finite and the update is skipped (said) — not one completion quietly left out. Each
+  reward's unscored completions are counted."""
+  from lgrpo_jax.rewards import RewardConfig, compute_rewards, register_reward
+  from lgrpo_jax.rewards.core import REWARDS, RewardInputs, reward_metrics
+  from lgrpo_jax.rewards.text import Parsed
+  b, g = 1, 3
+  a = np.array([[np.inf, 1.0, np.nan]])
+  c = np.array([[-np.inf, 1.0, 0.5]])
+  register_reward("inf_a", lambda inp: jnp.asarray(a), replace=True)
+  register_reward("inf_c", lambda inp: jnp.asarray(c), replace=True)
+  try:
+    inputs = RewardInputs(jnp.zeros((b, g, 4), jnp.int32), jnp.ones((b, g, 4)), jnp.full((b, g), 4),
+                          jnp.zeros((b,), jnp.int32), Parsed(jnp.zeros((b, g), bool), jnp.zeros((b, g), jnp.int32),
+                                                             jnp.zeros((b, g), jnp.int32)))
+    total, parts = compute_rewards(inputs, RewardConfig(weights=(("inf_a", 1.0), ("inf_c", 1.0))))
+    metrics = reward_metrics(inputs, total, parts)
+  finally:
+    REWARDS.pop("inf_a")
+    REWARDS.pop("inf_c")
+  assert np.asarray(total)[0, 0] == np.inf and np.asarray(total)[0, 2] == 0.5
+  assert not np.isfinite(np.asarray(advantages(total, LossConfig()))).all()
+  assert int(metrics["reward_unscored/inf_a"]) == 1 and int(metrics["reward_unscored/inf_c"]) == 0

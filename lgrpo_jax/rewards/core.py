@@ -119,6 +119,9 @@ def compute_rewards(inputs: RewardInputs, cfg: RewardConfig = RewardConfig()):
   # total is the weighted sum of those that do, and NaN ("not scored": advantage 0) where none does.
   total = sum(jnp.where(jnp.isnan(parts[name]), 0.0, w * parts[name]) for name, w in cfg.weights)
   unscored = functools.reduce(jnp.logical_and, [jnp.isnan(parts[name]) for name, _ in cfg.weights])
+  # A total that is not a number for another reason (∞ − ∞, 0·∞) is a broken reward, not "does not
+  # apply": it becomes ∞, which makes the loss non-finite, so the update is skipped and said.
+  total = jnp.where(jnp.isnan(total), jnp.inf, total)
   return jnp.where(unscored, jnp.nan, total), parts
 
 
@@ -132,6 +135,8 @@ def reward_metrics(inputs: RewardInputs, total, parts, valid_b=None) -> dict:
   # over the completions each reward scored (NaN: not scored), as TRL's nanmean
   nanmean = lambda x: jnp.sum(jnp.where(jnp.isnan(x), 0.0, x) * w) / jnp.maximum(jnp.sum(w * ~jnp.isnan(x)), 1)
   out = {f"reward/{k}": nanmean(v) for k, v in parts.items()}
+  # how many completions each reward did not score (NaN): a reward that starts returning NaN shows
+  out.update({f"reward_unscored/{k}": jnp.sum(w * jnp.isnan(v)) for k, v in parts.items()})
   out["reward/total"] = nanmean(total)
   out["format_rate"] = mean(inputs.parsed.format_ok.astype(jnp.float32))
   out["accuracy"] = mean((inputs.parsed.answer == inputs.labels[:, None] + 1).astype(jnp.float32))

@@ -151,6 +151,16 @@ def config_changes(path: str, record: dict | None, limit: int = 8) -> str:
   return ", ".join(diffs[:limit]) + (f" and {len(diffs) - limit} more" if len(diffs) > limit else "")
 
 
+def _section(path: str, name: str):
+  """Section `name` of the config JSON at `path` (None when unreadable or absent)."""
+  try:
+    with open(path) as f:
+      record = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return record.get(name) if isinstance(record, dict) else None
+
+
 class Trainer:
   """Owns the policy/reference/listener parameters, the optimizer, the data iterator and the
   checkpoints of one run directory."""
@@ -253,6 +263,7 @@ class Trainer:
       cfg_path = os.path.join(self.run_dir, "config.json")
       changed = config_changes(cfg_path, config_record, limit=20) if self.resumed_from is not None else ""
       if changed:  # allowed (a longer run, another learning rate), said, and the old settings kept
+        sft_changed = _section(cfg_path, "sft") != json.loads(json.dumps(config_record.get("sft"), default=str))
         kept = os.path.join(self.run_dir, f"config.before-step-{self.resumed_from}.json")
         n = 1
         while os.path.exists(kept):  # resumed at this step before: each earlier config is kept
@@ -262,7 +273,7 @@ class Trainer:
         print(f"warning: resumed from step {self.resumed_from} with settings that differ from the run's: "
               f"{changed} (the earlier config.json is kept as {os.path.basename(kept)}; the data position, "
               "the reference and the listener are the earlier run's"
-              + ("; the warm start is not run again: RUN_DIR/sft is loaded as it is" if "sft." in changed else "")
+              + ("; the warm start is not run again: RUN_DIR/sft is loaded as it is" if sft_changed else "")
               + ")", file=sys.stderr)
       with open(cfg_path, "w") as f:
         json.dump(config_record, f, indent=2, default=str)
