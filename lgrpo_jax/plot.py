@@ -8,6 +8,7 @@ Training curves are drawn per step (thin) with a moving average (thick); held-ou
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -45,8 +46,11 @@ def plot(run_dir: str, out: str | None = None) -> str:
   x0, x1 = min(steps_all), max(max(steps_all), min(steps_all) + 1)
   for p, (train_key, eval_key, title) in enumerate(PANELS):
     top = p * H
-    train = [(r["step"], r[train_key]) for r in rows if train_key in r]
-    evals = [(r["step"], r[eval_key]) for r in rows if eval_key and eval_key in r]
+    # Non-finite values (a step whose reward was infinite, its update skipped) are left out of the
+    # curves: they would make the panel's range, and every point's place, not a number.
+    finite = lambda v: isinstance(v, (int, float)) and math.isfinite(v)
+    train = [(r["step"], r[train_key]) for r in rows if train_key in r and finite(r[train_key])]
+    evals = [(r["step"], r[eval_key]) for r in rows if eval_key and eval_key in r and finite(r[eval_key])]
     values = [v for _, v in train + evals]
     lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
     if hi - lo < 1e-9:
