@@ -36,7 +36,9 @@ def config() -> ExperimentConfig:
                       eval_pairs=32),
       pipeline=PipelineConfig(global_batch=8, length_buckets=(256,),
                               image=ImageConfig(min_pixels=56 * 56, max_pixels=56 * 56)),
-      sft=SFTConfig(steps=300, learning_rate=3e-3, global_batch=16, max_target_tokens=TOKENS,
+      # a tiny random model: a large rate, no clipping (TRL's defaults are for pretrained weights)
+      sft=SFTConfig(steps=300, learning_rate=3e-3, max_grad_norm=0.0, weight_decay=1e-4, global_batch=16,
+                    max_target_tokens=TOKENS,
                     teacher="synthetic", teacher_accuracy=0.2, listener_weight=1.0),
       step=StepConfig(
           # eos_ids left empty: the launcher takes the tokenizer's end-of-turn ids

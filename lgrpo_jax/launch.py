@@ -234,7 +234,9 @@ def _main(argv, scope) -> int:
         cfg.step, sampling=dataclasses.replace(cfg.step.sampling, eos_ids=end_of_turn_ids(tokenizer))))
   os.makedirs(cfg.run_dir, exist_ok=True)
   from lgrpo_jax.train import stopping
-  if cfg.sft.steps:  # the warm start; the listener and reference default to its result
+  # The warm start; the listener and reference default to its result — also on a resume with
+  # sft.steps=0, when the run has one (RUN_DIR/sft): else they would be the base model's weights.
+  if cfg.sft.steps or os.path.isdir(os.path.join(cfg.run_dir, "sft")):
     from lgrpo_jax.train.sft import run_sft
     try:
       run_sft(model, tokenizer, pairs, cfg.sft, cfg.pipeline, cfg.run_dir, seed=cfg.loop.seed,

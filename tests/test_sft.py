@@ -220,3 +220,78 @@ def test_the_warm_start_step_is_kept_for_the_same_arguments():
     assert other is not first
   clear_compiled_steps()
   assert sft.make_sft_step(None, tx, ((1, 4, 4),) * 2) is not first
+
+
+def test_targets_are_checked_before_the_first_step(tmp_path):
+  """A target whose answer is not a choice, or too long (as written or swapped), is found before
+  any step (it stopped the stage when its batch came), all offenders in one error."""
+  import json
+
+  from lgrpo_jax.train.sft import SFTConfig, run_sft
+  tok_dir = build_tiny_tokenizer(tmp_path / "tok")
+  pairs = list(synthetic(6, seed=0, image_size=56))
+  path = tmp_path / "targets.jsonl"
+  good = "<think>Image 1 fits.</think><answer>Image 1</answer>"
+  bad = {pairs[2].pair_id: "<think>x</think><answer>Image 3</answer>", pairs[3].pair_id: "<think>no answer</think>",
+         pairs[5].pair_id: "<think>" + "Image 1 is good. " * 30 + "</think><answer>Image 2</answer>"}
+  path.write_text("".join(json.dumps({"pair_id": p.pair_id, "target": bad.get(p.pair_id, good)}) + "\n"
+                          for p in pairs))
+  cfg = SFTConfig(steps=10, teacher="targets", targets_path=str(path), max_target_tokens=40)
+  pipe = PipelineConfig(global_batch=2, image=ImageConfig(min_pixels=56 * 56, max_pixels=56 * 56),
+                        length_buckets=(256,))
+  (tmp_path / "run").mkdir()
+  with pytest.raises(ValueError) as e:
+    run_sft(lgrpo_jax.from_config(tiny_model_config(tok_dir)), AutoTokenizer.from_pretrained(tok_dir), pairs, cfg,
+            pipe, str(tmp_path / "run"))
+  msg = str(e.value)
+  assert "2 target(s) whose answer is not one of ['Image 1', 'Image 2']" in msg
+  assert f"{pairs[2].pair_id!r} (answer 'Image 3')" in msg and f"{pairs[3].pair_id!r} (no <answer>" in msg
+  assert "1 target(s) longer than sft.max_target_tokens=40" in msg and repr(pairs[5].pair_id) in msg
+  assert not (tmp_path / "run" / "sft_metrics.jsonl").exists()  # no step was run
+
+
+def test_a_warm_start_keeps_its_settings(tmp_path):
+  """An interrupted warm start resumed with other settings is refused (one stage of two settings
+  would be neither); a finished one is loaded — also by a resume saying sft.steps=0 — and a changed
+  setting is said, not silently taken for what the weights were trained with."""
+  import json
+
+  from lgrpo_jax.train.sft import SFTConfig, run_sft
+  tok_dir = build_tiny_tokenizer(tmp_path / "tok")
+  tok = AutoTokenizer.from_pretrained(tok_dir)
+  pairs = list(synthetic(8, seed=0, image_size=56))
+  pipe = PipelineConfig(global_batch=2, image=ImageConfig(min_pixels=56 * 56, max_pixels=56 * 56),
+                        length_buckets=(256,))
+  run = tmp_path / "run"
+  run.mkdir()
+  model = lambda: lgrpo_jax.from_config(tiny_model_config(tok_dir))
+  cfg = SFTConfig(steps=2, save_every=1, max_target_tokens=40)
+  said = []
+  run_sft(model(), tok, pairs, cfg, pipe, str(run), say=said.append)
+  assert json.loads((run / "sft_config.json").read_text())["learning_rate"] == cfg.learning_rate
+  # finished: loaded; another learning rate is said; sft.steps=0 loads it too
+  for other, words in ((SFTConfig(steps=2, learning_rate=1e-3, max_target_tokens=40), "trained with other settings"),
+                       (SFTConfig(steps=0), "sft.steps=0 here: the run's warm start stays")):
+    said.clear()
+    run_sft(model(), tok, pairs, other, pipe, str(run), say=said.append)
+    assert said[0].startswith(f"warm start: loaded {run / 'sft'}") and words in said[0], said
+  # interrupted (stopped at its third batch read: saved at step 2), resumed with another rate: refused
+  from conftest import SignalOnRead
+  from lgrpo_jax.data import pipeline
+  from lgrpo_jax.train import stopping
+  make_batches_ = pipeline.make_batches
+  run2 = tmp_path / "run2"
+  run2.mkdir()
+  cfg4 = SFTConfig(steps=4, max_target_tokens=40)
+  pipeline.make_batches = lambda *a, **k: SignalOnRead(make_batches_(*a, **k), read=3)
+  try:
+    with pytest.raises(stopping.Stopped):
+      run_sft(model(), tok, pairs, cfg4, pipe, str(run2))
+  finally:
+    pipeline.make_batches = make_batches_
+  with pytest.raises(ValueError, match=r"was run with other settings: sft.learning_rate: 2e-05 → 0.001"):
+    run_sft(model(), tok, pairs, SFTConfig(steps=4, learning_rate=1e-3, max_target_tokens=40), pipe, str(run2))
+  with pytest.raises(ValueError, match=r"sft.steps=1 < the 2 steps done"):
+    run_sft(model(), tok, pairs, SFTConfig(steps=1, max_target_tokens=40), pipe, str(run2))
+  run_sft(model(), tok, pairs, cfg4, pipe, str(run2))  # the same settings resume it
+  assert (run2 / "sft").is_dir()

@@ -105,9 +105,12 @@ _SFT_STEPS: dict = {}
 
 
 @functools.lru_cache(maxsize=8)
-def sft_optimizer(learning_rate: float) -> optax.GradientTransformation:
-  """The warm start's AdamW: one object per learning rate, so that its kept step is found again."""
-  return optax.adamw(learning_rate)
+def sft_optimizer(learning_rate: float, max_grad_norm: float = 0.0,
+                  weight_decay: float = 1e-4) -> optax.GradientTransformation:
+  """The warm start's AdamW (after clipping the global gradient norm to `max_grad_norm`, when > 0):
+  one object per setting, so that its kept step is found again."""
+  adamw = optax.adamw(learning_rate, weight_decay=weight_decay)
+  return optax.chain(optax.clip_by_global_norm(max_grad_norm), adamw) if max_grad_norm > 0 else adamw
 
 
 # ---- the warm-start stage of the launcher -------------------------------------------------------
@@ -119,9 +122,15 @@ TEACHERS = ("synthetic", "targets")
 class SFTConfig:
   """The optional supervised stage before GRPO (`python -m lgrpo_jax.launch … sft.steps=N`)."""
   steps: int = 0  # 0: no warm start (the 7B recipe starts from the instruct checkpoint)
-  learning_rate: float = 3e-3  # AdamW
+  # AdamW at a constant rate, as TRL's SFTTrainer's defaults for a pretrained model: lr 2e-5, the
+  # global gradient norm clipped to 1, no weight decay (the demo's tiny random model sets its own)
+  learning_rate: float = 2e-5
+  max_grad_norm: float = 1.0  # 0: no clipping
+  weight_decay: float = 0.0
   global_batch: int = 0  # pairs per step; 0: pipeline.global_batch
-  max_target_tokens: int = 64  # targets are cut to this many tokens (the end-of-turn token included)
+  # the longest target in tokens (the end-of-turn token included); a longer one is an error naming
+  # its pair (cut, it would lose its answer) — with teacher="targets", found before the first step
+  max_target_tokens: int = 64
   # "synthetic": a scripted judge for data.source=synthetic (its descriptions are right; it answers
   # right with probability `teacher_accuracy`, otherwise "Image 1" — a position-biased judge).
   # "targets": a JSONL file of {"pair_id", "target"} (e.g. a stronger model's judgements), written
@@ -140,14 +149,17 @@ class SFTConfig:
   def __post_init__(self):
     if (self.steps < 0 or self.global_batch < 0 or self.max_target_tokens < 2 or self.log_every < 1
         or self.save_every < 0):
-      raise ValueError("SFTConfig: steps, global_batch and save_every must be ≥ 0, max_target_tokens ≥ 2, "
-                       "log_every ≥ 1")
+      raise ValueError(f"sft: steps={self.steps}, global_batch={self.global_batch} and save_every={self.save_every} "
+                       f"must be ≥ 0, max_target_tokens={self.max_target_tokens} ≥ 2, log_every={self.log_every} ≥ 1")
     if self.teacher not in TEACHERS:
       raise ValueError(f"sft.teacher={self.teacher!r}: choose one of {TEACHERS}")
     if self.steps and self.teacher == "targets" and not self.targets_path:
       raise ValueError("sft.targets_path is required for sft.teacher='targets'")
     if not 0 < self.learning_rate < math.inf:
       raise ValueError(f"sft.learning_rate={self.learning_rate} must be finite and > 0")
+    for name in ("max_grad_norm", "weight_decay"):
+      if not 0 <= getattr(self, name) < math.inf:
+        raise ValueError(f"sft.{name}={getattr(self, name)} must be finite and ≥ 0")
     if not 0 <= self.listener_weight < math.inf:
       raise ValueError(f"sft.listener_weight={self.listener_weight} must be finite and ≥ 0")
     if not 0 <= self.teacher_accuracy <= 1:
@@ -237,6 +249,63 @@ def _swap_images(text: str, choices: tuple[str, str] = ("Image 1", "Image 2")) -
   return "".join(pieces) + _POSITIONS.sub(swap, text[at:])
 
 
+SETTINGS = "sft_config.json"  # RUN_DIR/: the settings the warm start (finished or under way) runs with
+_NOT_COMPARED = ("steps", "log_every", "save_every")  # a longer stage, other logging: the same warm start
+
+
+def _read_settings(run_dir: str) -> dict | None:
+  try:
+    with open(os.path.join(run_dir, SETTINGS)) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def _write_settings(run_dir: str, cfg: SFTConfig) -> None:
+  with open(os.path.join(run_dir, SETTINGS), "w") as f:
+    json.dump(dataclasses.asdict(cfg), f, indent=2)
+
+
+def _settings_changed(recorded: dict | None, cfg: SFTConfig, with_steps: bool = False) -> str:
+  """"key: old → new, …" where `cfg` differs from the recorded settings ("" when none recorded)."""
+  if recorded is None:
+    return ""
+  now = json.loads(json.dumps(dataclasses.asdict(cfg)))
+  skip = set(_NOT_COMPARED) - ({"steps"} if with_steps else set())
+  return ", ".join(f"sft.{k}: {json.dumps(recorded.get(k))} → {json.dumps(v)}" for k, v in now.items()
+                   if k not in skip and recorded.get(k) != v)
+
+
+def check_targets(targets: dict[str, str], pair_ids, tokenizer, cfg: SFTConfig, choices, end_token: str) -> None:
+  """Every target of `pair_ids`, as written and with the images swapped, checked before the first
+  step (a bad one used to stop the stage when its batch came, hours in): its answer must be one of
+  `choices` (else the warm start teaches what the format reward scores 0), and it must fit
+  `sft.max_target_tokens`. One error lists the first few offenders and how many there are."""
+  bad_answer, too_long = [], []
+  texts, owners = [], []
+  for pid in dict.fromkeys(pair_ids):
+    t = targets[pid]
+    m = _ANSWER.search(t)
+    if m is None or m.group(3) not in choices:
+      bad_answer.append(f"{pid!r} ({'no <answer>…</answer>' if m is None else 'answer ' + repr(m.group(3))})")
+    for text in (t, _swap_images(t, choices)):
+      texts.append(text + end_token)
+      owners.append(pid)
+  for pid, ids in zip(owners, tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []):
+    if len(ids) > cfg.max_target_tokens and (not too_long or too_long[-1][0] != pid):
+      too_long.append((pid, len(ids)))
+  problems = []
+  if bad_answer:
+    problems.append(f"{len(bad_answer)} target(s) whose answer is not one of {list(choices)} (the format reward "
+                    f"would score it 0): {', '.join(bad_answer[:3])}")
+  if too_long:
+    problems.append(f"{len(too_long)} target(s) longer than sft.max_target_tokens={cfg.max_target_tokens} "
+                    f"(longest {max(n for _, n in too_long)} tokens; raise it): "
+                    + ", ".join(f"{pid!r} ({n})" for pid, n in too_long[:3]))
+  if problems:
+    raise ValueError(f"{cfg.targets_path}: " + "; ".join(problems))
+
+
 class Teacher:
   """Target completions for a host batch (as the pipeline shows the pairs)."""
 
@@ -282,14 +351,21 @@ def run_sft(model, tokenizer, pairs, cfg: SFTConfig, pipe_cfg, run_dir: str, *, 
   path = os.path.join(run_dir, "sft")
   graphdef, params = nnx.split(model, nnx.Param)
   abstract = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+  recorded = _read_settings(run_dir)
   if os.path.isdir(path):
     nnx.update(model, ocp.StandardCheckpointer().restore(path, abstract(params)))
-    say(f"warm start: loaded {path}")
+    changed = _settings_changed(recorded, cfg, with_steps=True) if cfg.steps else ""
+    say(f"warm start: loaded {path}" + (
+        " (sft.steps=0 here: the run's warm start stays, and the reference and listener start from it)"
+        if not cfg.steps else f"; warning: it was trained with other settings ({changed}) and is not run again "
+        f"— delete {path} and {os.path.join(run_dir, SETTINGS)} to redo it" if changed else ""))
+    return model
+  if not cfg.steps:
     return model
   pipe = dataclasses.replace(pipe_cfg, seed=seed, global_batch=cfg.global_batch or pipe_cfg.global_batch,
                              listener=pipe_cfg.listener or cfg.listener_weight > 0)
   spec = ListenerSpec.from_tokenizer(tokenizer, pipe.prompt) if cfg.listener_weight > 0 else None
-  tx = sft_optimizer(cfg.learning_rate)
+  tx = sft_optimizer(cfg.learning_rate, cfg.max_grad_norm, cfg.weight_decay)
   from lgrpo_jax.sharding import init_like
   opt_state = init_like(tx.init, params, mesh)  # one program; moments laid out as their parameters
   teacher = Teacher(cfg, n_wrong, seed, pipe_cfg.prompt.choices)
@@ -298,6 +374,7 @@ def run_sft(model, tokenizer, pairs, cfg: SFTConfig, pipe_cfg, run_dir: str, *, 
     if missing:
       raise ValueError(f"{cfg.targets_path}: no target for {len(missing)} of the {len(pairs)} training pairs "
                        f"(first: {missing[:3]})")
+    check_targets(teacher.targets, [p.pair_id for p in pairs], tokenizer, cfg, pipe_cfg.prompt.choices, end_token)
   steps: dict = {}
   batches = make_batches(pairs, tokenizer, pipe, process_index=jax.process_index(),
                          process_count=jax.process_count())
@@ -309,6 +386,12 @@ def run_sft(model, tokenizer, pairs, cfg: SFTConfig, pipe_cfg, run_dir: str, *, 
   done = 0
   if manager.latest_step() is not None:  # an interrupted warm start: go on from where it stopped
     done = manager.latest_step()
+    changed = _settings_changed(recorded, cfg)
+    if changed or cfg.steps < done:  # one warm start of two settings would be neither
+      raise ValueError(f"the interrupted warm start in {manager.directory} (step {done}) was run with other "
+                       f"settings: " + (changed or f"sft.steps={cfg.steps} < the {done} steps done") +
+                       f"; give the same sft settings to resume it, or delete {manager.directory} and "
+                       f"{os.path.join(run_dir, SETTINGS)} to start it again")
     restored = manager.restore(done, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract({"params": params, "opt_state": opt_state})),
         data=ocp.args.JsonRestore()))
@@ -317,6 +400,7 @@ def run_sft(model, tokenizer, pairs, cfg: SFTConfig, pipe_cfg, run_dir: str, *, 
     say(f"warm start: resumed from {manager.directory}/{done}")
   if primary:  # the lines of the steps done, each once
     keep_jsonl_through(metrics_path, done)
+    _write_settings(run_dir, cfg)
   put = (lambda a: jnp.asarray(a)) if mesh is None else (lambda a: global_batch_array(np.asarray(a), mesh))
   feed = stopping.Feed(batches, pipe.stall_timeout_s)
   texts, arrays = [], []  # the teacher's targets of the batch read, and as token arrays
