@@ -124,9 +124,9 @@ class SFTConfig:
   steps: int = 0  # 0: no warm start (the 7B recipe starts from the instruct checkpoint)
   # AdamW at a constant rate, as TRL's SFTTrainer's defaults for a pretrained model: lr 2e-5, the
   # global gradient norm clipped to 1, no weight decay (the demo's tiny random model sets its own)
-  learning_rate: float = 2e-5
-  max_grad_norm: float = 1.0  # 0: no clipping
-  weight_decay: float = 0.0
+  learning_rate: float = 2e-5  # AdamW, constant
+  max_grad_norm: float = 1.0  # the global gradient norm is clipped to this; 0: no clipping
+  weight_decay: float = 0.0  # AdamW's decoupled weight decay
   global_batch: int = 0  # pairs per step; 0: pipeline.global_batch
   # the longest target in tokens (the end-of-turn token included); a longer one is an error naming
   # its pair (cut, it would lose its answer) — with teacher="targets", found before the first step
