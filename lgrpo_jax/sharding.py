@@ -113,12 +113,15 @@ def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mes
   return P(*out)
 
 
-def per_device_bytes(state: nnx.State, sizes: Sequence[int], rules: dict | None = None) -> tuple[int, int, int]:
-  """(bytes on each device, total bytes, bytes of the arrays the fsdp axis leaves whole) of an
-  (abstract) model state laid out by the rules on a (data, fsdp, tensor) mesh of these sizes —
-  without building the mesh."""
+def per_device_bytes(state: nnx.State, sizes: Sequence[int], rules: dict | None = None):
+  """(bytes on each device, total bytes, bytes of the arrays the fsdp axis leaves whole, {logical
+  axis: bytes of the arrays whose axis of that name the tensor axis was meant to split and does
+  not}) of an (abstract) model state laid out by the rules on a (data, fsdp, tensor) mesh of these
+  sizes — without building the mesh."""
+  rules = RULES if rules is None else rules
   mesh = types.SimpleNamespace(shape=dict(zip(AXES, sizes)))
   per_device = total = not_fsdp = 0
+  not_tensor: dict[str, int] = {}
   for var in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
     names = var.get_metadata().get("out_sharding") or (None,) * len(var.shape)
     spec = logical_to_spec(names, var.shape, mesh, rules)
@@ -127,7 +130,11 @@ def per_device_bytes(state: nnx.State, sizes: Sequence[int], rules: dict | None 
     per_device += n // math.prod(mesh.shape[a] for a in axes)
     total += n
     not_fsdp += 0 if "fsdp" in axes else n
-  return per_device, total, not_fsdp
+    if mesh.shape.get("tensor", 1) > 1 and "tensor" not in axes:
+      meant = [nm for nm in names if nm is not None and "tensor" in (rules.get(nm) or ())]
+      if meant:
+        not_tensor[meant[0]] = not_tensor.get(meant[0], 0) + n
+  return per_device, total, not_fsdp, not_tensor
 
 
 MAX_EXTRA_BYTES = 1 << 30  # replicated parameters beyond an even split that a mesh may cost
@@ -141,21 +148,33 @@ def check_parameters_split(model_cfg, sizes: Sequence[int], rules: dict | None =
   1 GiB more per device than an even split only. A smaller part left whole (e.g. the vision tower
   at fsdp = 28 for 7B): the warning returned (None: nothing to say)."""
   data, fsdp, tensor = sizes
-  if fsdp == 1:  # data and tensor parallelism replicate what they do not split by design
+  if fsdp == 1 and tensor == 1:  # data parallelism replicates the model by design
     return None
   from lgrpo_jax.models.qwen2_5_vl.hf import abstract_model
   _, state = abstract_model(model_cfg)
-  per_device, total, not_fsdp = per_device_bytes(state, sizes, rules)
+  per_device, total, not_fsdp, not_tensor = per_device_bytes(state, sizes, rules)
   ideal = total / (fsdp * tensor)
   # Refused: fsdp leaves most of the parameters whole, and that costs real memory (a small model,
   # e.g. the tiny preset, may be replicated: it fits anyway). A part left whole: a warning.
   if per_device - ideal <= MAX_EXTRA_BYTES:
     return None
-  if not_fsdp <= total / 2:
-    return (f"mesh (data={data}, fsdp={fsdp}, tensor={tensor}) leaves {not_fsdp / 2**30:.2f} GiB of the model's "
-            f"parameters whole on every device ({per_device / 2**30:.2f} GiB per device, "
-            f"{ideal / 2**30:.2f} GiB split evenly): a width not divisible by mesh.fsdp={fsdp} (vision hidden_size "
-            f"{model_cfg.vision.hidden_size}, text {model_cfg.text.hidden_size})")
+  if fsdp == 1 or not_fsdp <= total / 2:
+    t, v = model_cfg.text, model_cfg.vision
+    counts = {"heads": (("text attention heads", t.num_attention_heads), ("vision attention heads", v.num_heads)),
+              "kv_heads": (("key/value heads", t.num_key_value_heads),),
+              "mlp": (("text MLP width", t.intermediate_size), ("vision MLP width", v.intermediate_size)),
+              "vocab": (("vocabulary", t.vocab_size),)}
+    causes = []
+    for k, b in sorted(not_tensor.items(), key=lambda kv: -kv[1]):
+      named = [f"{what} {n}" for what, n in counts.get(k, ((k, 0),)) if n % tensor] or [k]
+      causes.append(f"{' and '.join(named)} not divisible by mesh.tensor={tensor} ({b / 2**30:.2f} GiB not split)")
+    widths = [f"{k} {w}" for k, w in (("vision hidden_size", v.hidden_size), ("text hidden_size", t.hidden_size))
+              if fsdp > 1 and w % fsdp]
+    if widths:
+      causes.insert(0, f"{' and '.join(widths)} not divisible by mesh.fsdp={fsdp}")
+    return (f"mesh (data={data}, fsdp={fsdp}, tensor={tensor}) puts {per_device / 2**30:.2f} GiB of parameters on "
+            f"every device, {ideal / 2**30:.2f} GiB split evenly: " + ("; ".join(causes) or "some widths do not "
+                                                                            "divide the mesh"))
   widths = {"text hidden_size": model_cfg.text.hidden_size, "vision hidden_size": model_cfg.vision.hidden_size}
   bad = [f"{k} {w}" for k, w in widths.items() if w % fsdp]
   n = data * fsdp * tensor

@@ -162,7 +162,7 @@ def test_a_config_file_may_give_lists_for_tuples_and_a_run_config_json_is_a_conf
     load_config_file(os.path.join(os.path.dirname(DEMO), "README.md"))
 
 
-def test_a_mesh_that_would_replicate_the_model_is_refused(tmp_path, monkeypatch):
+def test_a_mesh_that_would_replicate_the_model_is_refused(tmp_path, monkeypatch, capsys):
   """fsdp sizes that do not divide the model's widths left every parameter (and Adam state) whole
   on every device — the default mesh on 3 nodes × 8 GPUs put all of 3B on each — and the run ran
   out of memory without saying why. A model that fits anyway (the tiny preset), tensor parallelism
@@ -192,6 +192,14 @@ def test_a_mesh_that_would_replicate_the_model_is_refused(tmp_path, monkeypatch)
     launch.check(cfg)
   launch.check(apply_overrides(cfg, ["mesh.fsdp=8", "mesh.data=3"]))
   launch.check(apply_overrides(cfg, ["mesh.fsdp=1", "mesh.data=12", "mesh.tensor=2"]))
+  assert "warning" not in capsys.readouterr().err
+  # tensor=8 does not divide 3B's 2 key/value heads or its vision MLP width: said as such (the warning
+  # used to blame fsdp, and a pure tensor-parallel mesh was not checked at all)
+  launch.check(apply_overrides(cfg, ["mesh.fsdp=1", "mesh.data=3", "mesh.tensor=8"]))
+  err = capsys.readouterr().err
+  assert re.search(r"tensor=8\) puts 3\.\d\d GiB of parameters on every device, 1\.\d\d GiB split evenly: "
+                   r"vision MLP width 3420 not divisible by mesh.tensor=8 \(1\.57 GiB not split\)", err), err
+  assert "key/value heads 2 not divisible by mesh.tensor=8" in err and "mesh.fsdp" not in err
   tiny = apply_overrides(load_config_file(DEMO), ["pipeline.global_batch=12", "step.sampling.num_samples=2"])
   monkeypatch.setattr(jax, "device_count", lambda: 6)
   launch.check(tiny)  # the tiny model's widths (128, 64) do not divide by 6, but it fits whole
