@@ -118,6 +118,8 @@ def check(cfg) -> None:
       raise ConfigError(f"{name}={path!r}: not found")
   from lgrpo_jax.runs import check_creatable_dir
   check_creatable_dir(cfg.run_dir, "run_dir", ConfigError)
+  from lgrpo_jax.runs import check_run_dir_name
+  check_run_dir_name(os.path.abspath(cfg.run_dir), "run_dir", ConfigError)
   import importlib.util
   if cfg.loop.wandb_project and importlib.util.find_spec("wandb") is None:  # before the warm start, not after
     raise ConfigError(f"loop.wandb_project={cfg.loop.wandb_project!r} needs Weights & Biases: pip install wandb "

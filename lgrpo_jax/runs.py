@@ -77,6 +77,20 @@ def check_creatable_dir(path, setting: str, error=None) -> None:
     raise error(f"{setting}={os.fspath(path)!r} {where} a file, not a directory")
 
 
+GLOB_CHARACTERS = "[]*?"
+
+
+def check_run_dir_name(path, setting: str = "run_dir", error=None) -> None:
+  """A run directory's path holds no glob character: Orbax finds each process's checkpoint data by
+  a glob under it, so `[` or `]` in the path saves checkpoints that cannot be restored."""
+  error = error or RunError
+  found = sorted({c for c in os.fspath(path) if c in GLOB_CHARACTERS})
+  if found:
+    raise error(f"{setting}={os.fspath(path)!r} holds {' '.join(found)}: Orbax reads checkpoints back through a "
+                "glob under the run directory, so such a path saves checkpoints that cannot be restored; "
+                "choose a path without [ ] * ?")
+
+
 def run_config(run_dir):
   """The run's ExperimentConfig, from RUN_DIR/config.json. Loss and reward names the run registered
   in its own process are accepted (evaluating or converting it does not need them)."""

@@ -114,6 +114,7 @@ def test_overrides_that_complete_each_other_work_in_any_order():
     ('pipeline.prompt.choices=["X","X"]', "they must differ"),
     ("pipeline.prompt.reasoner_instruction=Prompt:{text}", "{prompt} is its only placeholder"),
     ("run_dir=/dev/null/run", "run_dir='/dev/null/run' is inside '/dev/null', which is a file"),
+    ("run_dir=/tmp/runs/lr[1e-3]", "holds [ ]: Orbax reads checkpoints back through a glob"),
     ('pipeline.prompt.choices=["X\\t","Y"]', "no leading or trailing whitespace"),
 ])
 def test_bad_input_is_one_clear_error_before_compiling(tmp_path, capsys, override, message):

@@ -181,6 +181,8 @@ class Trainer:
     self.compiles = compile_counter or CompileCounter()
     self.mesh = mesh
     self.run_dir = os.path.abspath(os.fspath(run_dir))
+    from lgrpo_jax.runs import check_run_dir_name
+    check_run_dir_name(self.run_dir)
     os.makedirs(self.run_dir, exist_ok=True)
     if not step_cfg.sampling.eos_ids:  # as transformers' generate stops at the model's end ids
       step_cfg = dataclasses.replace(step_cfg, sampling=dataclasses.replace(
