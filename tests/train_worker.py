@@ -21,11 +21,11 @@ from lgrpo_jax.train import LoopConfig, StepConfig, Trainer
 
 
 def make(run_dir, tok_dir, steps, save_every=1, eval_every=0, mesh=None, batch=2, samples=3, freeze=(),
-         config_record=None, pairs=None, rewards=None, eval_pairs=None, **pipeline):
+         config_record=None, pairs=None, rewards=None, eval_pairs=None, optim=None, **pipeline):
   tok = AutoTokenizer.from_pretrained(tok_dir)
   end = tok.convert_tokens_to_ids("<|im_end|>")
   step_cfg = StepConfig(sampling=SamplingConfig(max_new_tokens=8, num_samples=samples, temperature=1.0, eos_ids=(end,)),
-                        loss=LossConfig(beta=0.0), optim=OptimConfig(learning_rate=1e-3, freeze=freeze),
+                        loss=LossConfig(beta=0.0), optim=OptimConfig(**{"learning_rate": 1e-3, "freeze": freeze, **(optim or {})}),
                         **({} if rewards is None else {"rewards": rewards}))
   pipe = PipelineConfig(global_batch=batch, image=ImageConfig(min_pixels=56 * 56, max_pixels=56 * 56),
                         length_buckets=(256,), **pipeline)
