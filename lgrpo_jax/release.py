@@ -133,6 +133,17 @@ def write_preprocessor_config(out_dir, image_cfg) -> None:
     json.dump(proc, f, indent=2)
 
 
+def _warm_start(cfg, run_dir: str) -> str:
+  """The warm start the weights had: RUN_DIR/sft_config.json's when RUN_DIR/sft exists (a resume
+  with sft.steps=0 keeps and loads it, while its config.json then says 0), else the config's."""
+  from lgrpo_jax.train.sft import SETTINGS
+  steps, teacher = cfg.sft.steps, cfg.sft.teacher
+  if os.path.isdir(os.path.join(run_dir, "sft")):
+    rec = read_json(os.path.join(run_dir, SETTINGS)) if os.path.isfile(os.path.join(run_dir, SETTINGS)) else {}
+    steps, teacher = rec.get("steps", steps), rec.get("teacher", teacher)
+  return f"{steps} steps" + (f", teacher {teacher}" if steps else "")
+
+
 def _fmt(v) -> str:
   return "–" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
@@ -165,7 +176,7 @@ def model_card(cfg, run_dir: str, step: int, best: bool, evaluation, dtype: str,
            f"| base model | {base} |",
            f"| data | {d.source}" + (f" (`{os.path.basename(d.path)}`)" if d.path else "")
            + (f", fraction {d.fraction:g}" if d.fraction < 1 else "") + " |",
-           f"| warm start (SFT) | {cfg.sft.steps} steps" + (f", teacher {cfg.sft.teacher}" if cfg.sft.steps else "") + " |",
+           f"| warm start (SFT) | {_warm_start(cfg, run_dir)} |",
            f"| GRPO steps | {step} of {cfg.loop.steps} |",
            f"| pairs per step × completions (G) | {cfg.pipeline.global_batch} × {s.sampling.num_samples} |",
            f"| sampling | temperature {s.sampling.temperature:g}, at most {s.sampling.max_new_tokens} new tokens |",

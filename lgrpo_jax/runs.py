@@ -87,8 +87,8 @@ def check_run_dir_name(path, setting: str = "run_dir", error=None) -> None:
   found = sorted({c for c in os.fspath(path) if c in GLOB_CHARACTERS})
   if found:
     raise error(f"{setting}={os.fspath(path)!r} holds {' '.join(found)}: Orbax reads checkpoints back through a "
-                "glob under the run directory, so such a path saves checkpoints that cannot be restored; "
-                "choose a path without [ ] * ?")
+                "glob under the run directory (with [ ] a run's checkpoints cannot be restored; * ? may match "
+                "other folders); choose a path without [ ] * ?")
 
 
 def run_config(run_dir):

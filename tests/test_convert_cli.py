@@ -173,3 +173,8 @@ def test_model_card_front_matter_base_id_licence_and_buckets(tmp_path):
   cfg = dataclasses.replace(cfg, pipeline=dataclasses.replace(cfg.pipeline, image=image))
   card = model_card(cfg, str(tmp_path / "run"), 3, False, None, "bfloat16")
   assert "differ from transformers' processor" in card and "448×448, 336×560" in card
+  # A run resumed with sft.steps=0 keeps (and loads) its warm start: the card says what the weights had.
+  (tmp_path / "run" / "sft").mkdir(parents=True)
+  (tmp_path / "run" / "sft_config.json").write_text(json.dumps({"steps": 300, "teacher": "targets"}))
+  assert "| warm start (SFT) | 300 steps, teacher targets |" in model_card(cfg, str(tmp_path / "run"), 3, False,
+                                                                              None, "bfloat16")

@@ -293,5 +293,25 @@ def test_a_warm_start_keeps_its_settings(tmp_path):
     run_sft(model(), tok, pairs, SFTConfig(steps=4, learning_rate=1e-3, max_target_tokens=40), pipe, str(run2))
   with pytest.raises(ValueError, match=r"sft.steps=1 < the 2 steps done"):
     run_sft(model(), tok, pairs, SFTConfig(steps=1, max_target_tokens=40), pipe, str(run2))
+  # One interrupted by an earlier version (no sft_config.json) ran optax.adamw(lr): no clipping,
+  # weight decay 1e-4 — resuming it with today's defaults is refused naming them (it was Orbax's
+  # "tree structures do not match").
+  (run2 / "sft_config.json").rename(run2 / "kept.json")
+  with pytest.raises(ValueError, match=r"sft.max_grad_norm: 0.0 → 1.0, sft.weight_decay: 0.0001 → 0.0"):
+    run_sft(model(), tok, pairs, cfg4, pipe, str(run2))
+  (run2 / "kept.json").rename(run2 / "sft_config.json")
   run_sft(model(), tok, pairs, cfg4, pipe, str(run2))  # the same settings resume it
   assert (run2 / "sft").is_dir()
+  # Stopped before its first step (a step-0 checkpoint, nothing trained): other settings start afresh.
+  run3 = tmp_path / "run3"
+  run3.mkdir()
+  pipeline.make_batches = lambda *a, **k: SignalOnRead(make_batches_(*a, **k), read=1)
+  try:
+    with pytest.raises(stopping.Stopped):
+      run_sft(model(), tok, pairs, cfg4, pipe, str(run3))
+  finally:
+    pipeline.make_batches = make_batches_
+  said = []
+  run_sft(model(), tok, pairs, SFTConfig(steps=2, learning_rate=1e-3, max_target_tokens=40), pipe, str(run3),
+          say=said.append)
+  assert "nothing trained yet" in said[0] and (run3 / "sft").is_dir()

@@ -105,8 +105,8 @@ _SFT_STEPS: dict = {}
 
 
 @functools.lru_cache(maxsize=8)
-def sft_optimizer(learning_rate: float, max_grad_norm: float = 0.0,
-                  weight_decay: float = 1e-4) -> optax.GradientTransformation:
+def sft_optimizer(learning_rate: float, max_grad_norm: float = 1.0,
+                  weight_decay: float = 0.0) -> optax.GradientTransformation:
   """The warm start's AdamW (after clipping the global gradient norm to `max_grad_norm`, when > 0):
   one object per setting, so that its kept step is found again."""
   adamw = optax.adamw(learning_rate, weight_decay=weight_decay)
@@ -253,6 +253,11 @@ SETTINGS = "sft_config.json"  # RUN_DIR/: the settings the warm start (finished 
 _NOT_COMPARED = ("steps", "log_every", "save_every")  # a longer stage, other logging: the same warm start
 
 
+# What a field added to the record later meant before it existed (a run directory written by an
+# earlier version): the optimizer was optax.adamw(lr) — no clipping, optax's weight decay 1e-4.
+_BEFORE_RECORDED = {"max_grad_norm": 0.0, "weight_decay": 1e-4}
+
+
 def _read_settings(run_dir: str) -> dict | None:
   try:
     with open(os.path.join(run_dir, SETTINGS)) as f:
@@ -261,19 +266,34 @@ def _read_settings(run_dir: str) -> dict | None:
     return None
 
 
-def _write_settings(run_dir: str, cfg: SFTConfig) -> None:
+def _settings_record(cfg: SFTConfig, pipe_cfg, seed: int) -> dict:
+  """The settings a warm start's weights depend on: the `sft` section, the batch it actually ran
+  (`sft.global_batch` 0 means the pipeline's), the seed, the choices; the targets file by its
+  absolute path (the same file named two ways is the same)."""
+  rec = json.loads(json.dumps(dataclasses.asdict(cfg)))
+  rec["global_batch"] = cfg.global_batch or pipe_cfg.global_batch
+  if cfg.targets_path:
+    rec["targets_path"] = os.path.abspath(cfg.targets_path)
+  rec.update(seed=seed, choices=list(pipe_cfg.prompt.choices))
+  return rec
+
+
+def _write_settings(run_dir: str, record: dict) -> None:
   with open(os.path.join(run_dir, SETTINGS), "w") as f:
-    json.dump(dataclasses.asdict(cfg), f, indent=2)
+    json.dump(record, f, indent=2)
 
 
-def _settings_changed(recorded: dict | None, cfg: SFTConfig, with_steps: bool = False) -> str:
-  """"key: old → new, …" where `cfg` differs from the recorded settings ("" when none recorded)."""
+def _settings_changed(recorded: dict | None, now: dict, with_steps: bool = False) -> str:
+  """"key: old → new, …" for the recorded keys whose value `now` differs ("" when nothing is
+  recorded); a key recorded by an earlier version is compared, one added since reads as its value
+  before it existed (`_BEFORE_RECORDED`) or is not compared."""
   if recorded is None:
     return ""
-  now = json.loads(json.dumps(dataclasses.asdict(cfg)))
+  recorded = {**_BEFORE_RECORDED, **recorded}
   skip = set(_NOT_COMPARED) - ({"steps"} if with_steps else set())
-  return ", ".join(f"sft.{k}: {json.dumps(recorded.get(k))} → {json.dumps(v)}" for k, v in now.items()
-                   if k not in skip and recorded.get(k) != v)
+  name = lambda k: k if k in ("seed", "choices") else f"sft.{k}"
+  return ", ".join(f"{name(k)}: {json.dumps(recorded[k])} → {json.dumps(v)}" for k, v in now.items()
+                   if k not in skip and k in recorded and recorded[k] != v)
 
 
 def check_targets(targets: dict[str, str], pair_ids, tokenizer, cfg: SFTConfig, choices, end_token: str) -> None:
@@ -283,17 +303,28 @@ def check_targets(targets: dict[str, str], pair_ids, tokenizer, cfg: SFTConfig, 
   `sft.max_target_tokens`. One error lists the first few offenders and how many there are."""
   bad_answer, too_long = [], []
   texts, owners = [], []
+
+  def measure():  # in chunks, keeping lengths only: 100k targets' token lists would take GBs
+    lengths = [len(x) for x in tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]]
+    for pid, n in zip(owners, lengths):
+      if n > cfg.max_target_tokens and (not too_long or too_long[-1][0] != pid):
+        too_long.append((pid, n))
+    texts.clear()
+    owners.clear()
+
   for pid in dict.fromkeys(pair_ids):
     t = targets[pid]
     m = _ANSWER.search(t)
     if m is None or m.group(3) not in choices:
       bad_answer.append(f"{pid!r} ({'no <answer>…</answer>' if m is None else 'answer ' + repr(m.group(3))})")
-    for text in (t, _swap_images(t, choices)):
+    swapped = _swap_images(t, choices)
+    for text in (t,) if swapped == t else (t, swapped):
       texts.append(text + end_token)
       owners.append(pid)
-  for pid, ids in zip(owners, tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []):
-    if len(ids) > cfg.max_target_tokens and (not too_long or too_long[-1][0] != pid):
-      too_long.append((pid, len(ids)))
+    if len(texts) >= 4096:
+      measure()
+  if texts:
+    measure()
   problems = []
   if bad_answer:
     problems.append(f"{len(bad_answer)} target(s) whose answer is not one of {list(choices)} (the format reward "
@@ -352,9 +383,10 @@ def run_sft(model, tokenizer, pairs, cfg: SFTConfig, pipe_cfg, run_dir: str, *, 
   graphdef, params = nnx.split(model, nnx.Param)
   abstract = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
   recorded = _read_settings(run_dir)
+  record = _settings_record(cfg, pipe_cfg, seed)
   if os.path.isdir(path):
     nnx.update(model, ocp.StandardCheckpointer().restore(path, abstract(params)))
-    changed = _settings_changed(recorded, cfg, with_steps=True) if cfg.steps else ""
+    changed = _settings_changed(recorded, record, with_steps=True) if cfg.steps else ""
     say(f"warm start: loaded {path}" + (
         " (sft.steps=0 here: the run's warm start stays, and the reference and listener start from it)"
         if not cfg.steps else f"; warning: it was trained with other settings ({changed}) and is not run again "
@@ -384,9 +416,15 @@ def run_sft(model, tokenizer, pairs, cfg: SFTConfig, pipe_cfg, run_dir: str, *, 
   primary = jax.process_index() == 0
   metrics_path = os.path.join(run_dir, "sft_metrics.jsonl")
   done = 0
-  if manager.latest_step() is not None:  # an interrupted warm start: go on from where it stopped
-    done = manager.latest_step()
-    changed = _settings_changed(recorded, cfg)
+  latest = manager.latest_step()
+  # Interrupted before this version recorded its settings: what it ran with (its optimizer) is known.
+  changed = _settings_changed(recorded if recorded is not None or latest is None else {}, record)
+  if latest == 0 and changed:  # stopped before its first step: nothing trained, start afresh
+    say(f"warm start: {manager.directory}/0 (nothing trained yet) was saved with other settings; starting afresh")
+    manager.delete(0)  # else a stop at step 0 would keep it, and the next resume would read it
+    latest = None
+  if latest is not None:  # an interrupted warm start: go on from where it stopped
+    done = latest
     if changed or cfg.steps < done:  # one warm start of two settings would be neither
       raise ValueError(f"the interrupted warm start in {manager.directory} (step {done}) was run with other "
                        f"settings: " + (changed or f"sft.steps={cfg.steps} < the {done} steps done") +
@@ -400,7 +438,7 @@ def run_sft(model, tokenizer, pairs, cfg: SFTConfig, pipe_cfg, run_dir: str, *, 
     say(f"warm start: resumed from {manager.directory}/{done}")
   if primary:  # the lines of the steps done, each once
     keep_jsonl_through(metrics_path, done)
-    _write_settings(run_dir, cfg)
+    _write_settings(run_dir, record)
   put = (lambda a: jnp.asarray(a)) if mesh is None else (lambda a: global_batch_array(np.asarray(a), mesh))
   feed = stopping.Feed(batches, pipe.stall_timeout_s)
   texts, arrays = [], []  # the teacher's targets of the batch read, and as token arrays
