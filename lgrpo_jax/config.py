@@ -40,7 +40,9 @@ class ModelConfig:
   checkpoint: str | None = None  # local HF directory or lgrpo_jax Orbax checkpoint; None: `preset`
   preset: str = "tiny"  # a random model from presets (with the tiny local tokenizer) when no checkpoint
   tokenizer: str | None = None  # default: the checkpoint directory
-  listener: str | None = None  # default: the policy's initial weights (the paper: the base checkpoint)
+  # default: the policy's initial weights (the paper: the base checkpoint); loaded only when a reward
+  # reads the listener
+  listener: str | None = None
   dtype: str = "float32"  # compute dtype: float32 | bfloat16 (also the frozen listener's weights)
   # The trained policy's parameters and optimizer state (the master weights): float32 | bfloat16.
   # With dtype=bfloat16 the layers cast them to bf16 at use; kept in bf16 instead, an AdamW step at

@@ -4,17 +4,20 @@
   python -m lgrpo_jax.convert to-hf  RUN_DIR|CKPT_DIR OUT_DIR [--step N | --best] [--hf-source HF_DIR]
                                      [--dtype bfloat16|float32] [--max-shard-size 4GB] [--base-model ORG/NAME]
 
-to-jax reads a local HF directory (Hub or transformers-5 key layout, sharded or not) and writes an
-Orbax checkpoint plus config.json. to-hf writes a directory that
+to-jax reads a local HF directory (Hub or transformers-5 key layout, sharded or not; with both a
+model.safetensors and an index, model.safetensors, as transformers) and writes an Orbax checkpoint
+plus config.json (keeping generation_config.json's end ids). to-hf writes a directory that
 `Qwen2_5_VLForConditionalGeneration.from_pretrained` loads, in bfloat16 unless --dtype float32.
 
 From a training run directory, to-hf takes its latest checkpoint (or --step N, or --best: the best
-by held-out accuracy), copies the tokenizer, processor and chat template from the run's base
-checkpoint (or --hf-source; the run's tokenizer fills in what is missing), writes
+by held-out accuracy), copies the tokenizer, processor, chat template and LICENSE from the run's
+base checkpoint (or --hf-source; the run's tokenizer fills in what is missing), writes
 generation_config.json (greedy, the run's completion length and end tokens) and a model card
-README.md: the training summary, the numbers of the run's latest `lgrpo_jax.evaluate` summary, the
-prompt format and a transformers usage snippet. From a checkpoint written by to-jax it writes the
-weights and config (--hf-source copies the side files).
+README.md: the base's Hub id (--base-model, or read from a Hugging Face cache path) and licence,
+the training summary, the numbers of the run's latest `lgrpo_jax.evaluate` summary, the prompt
+format and a transformers usage snippet. From a checkpoint written by to-jax it writes the weights
+and config (--hf-source copies the side files). An OUT_DIR that is a source, a run or holds a
+checkpoint is refused before anything is read.
 """
 
 from __future__ import annotations

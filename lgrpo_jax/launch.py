@@ -1,9 +1,10 @@
-"""`python -m lgrpo_jax.launch --config configs/NAME.py [key.path=value …]` — train with GRPO.
+"""`python -m lgrpo_jax.launch --config configs/NAME.py [--dry-run] [key.path=value …]` — train with GRPO.
 
 Config files are plain Python returning an `ExperimentConfig` (see configs/). Overrides are checked
 against the config's typed fields (an unknown key or a wrong type is one clear error). Every input is
-checked before anything compiles: checkpoint and data paths, the mesh against the devices, the batch
-against the processes, G ≥ 2. The resolved config is written to RUN_DIR/config.json; an existing
+checked before anything compiles: checkpoint and data paths, the run directory (no `[ ] * ?`: Orbax
+globs under it), the mesh against the devices, the batch against the processes, G ≥ 2; `--dry-run`
+stops there and prints the resolved config. An unknown key names the nearest real one. The resolved config is written to RUN_DIR/config.json; an existing
 run directory with checkpoints resumes, loading its compiled programs from RUN_DIR/xla_cache
 (`compile_cache`: "auto", "off" or a directory). Multi-host start-up (lgrpo_jax.distributed) runs first.
 
@@ -257,7 +258,7 @@ def _main(argv, scope) -> int:
   except ValueError as e:  # our errors (RunError, DataError, ImageError, …) name what to change
     print(f"error: {e}", file=sys.stderr)
     return 2
-  listener = None  # the Trainer holds its frozen copy: the loaded model's arrays go (~15 GB at 7B)
+  listener = None  # the Trainer holds its frozen copy: the loaded model's arrays go (~17 GB at 7B)
   if trainer.resumed_from is not None:
     print(f"resumed from step {trainer.resumed_from}", file=sys.stderr)
   from lgrpo_jax.data.images import ImageError

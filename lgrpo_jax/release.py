@@ -1,8 +1,9 @@
-"""Releasing a trained reasoner in Hugging Face format: the weights (`save_hf`), the tokenizer and
-processor files of the base checkpoint, a generation config with the run's end tokens and length,
+"""Releasing a trained reasoner in Hugging Face format: the weights (`save_hf`), the tokenizer,
+processor and LICENSE files of the base checkpoint, a generation config with the run's end tokens and length,
 and a model card (README.md) that says how it was trained, how it scored, and how to prompt it.
 
-`python -m lgrpo_jax.convert to-hf RUN_DIR OUT_DIR [--step N | --best]` calls `export_run`.
+`python -m lgrpo_jax.convert to-hf RUN_DIR OUT_DIR [--step N | --best] [--base-model ORG/NAME] [--hf-source DIR]
+[--dtype …]` calls `export_run`.
 """
 
 from __future__ import annotations

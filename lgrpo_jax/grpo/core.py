@@ -6,6 +6,7 @@ generated tokens (up to and including the stop token); every sum below is over m
     advantages      A_bg = (r_bg − mean_g r) / (std_g r + ε)         ("grpo")
                     A_bg =  r_bg − mean_g r                           ("dr_grpo": no std)
                     A_bg = (r_bg − mean_g r) / (std_batch r + ε)     ("batch": the batch's spread)
+                    (a NaN reward: not scored, out of the means and stds, A = 0)
     ratio           ρ = exp(logp − logp_old)                          (importance_sampling_level "token")
                     ρ = exp(mean_t (logp − logp_old)) per sequence    ("sequence": GSPO)
     objective       o = −min(ρ'·A, clip(ρ, 1 − ε_low, 1 + ε_high)·A), ρ' = min(ρ, δ)   ("clip")

@@ -2,6 +2,10 @@
 
     total = Σ_name weight_name · reward_name(inputs)      default: format 1.0, accuracy 0.5, listener 0.5
 
+over the rewards that apply: a NaN reward (a text reward's None) does not apply to that completion,
+as TRL's None; where none applies the total is NaN ("not scored": advantage 0, left out of its
+group's statistics); a total NaN for another reason (∞ − ∞) is made ∞, so the update is skipped.
+
 A reward is `fn(inputs: RewardInputs) -> (B, G) float32`, traced on device. Register one in a
 notebook with
 
@@ -78,7 +82,8 @@ def listener_reward(inputs: RewardInputs):
 
 @dataclasses.dataclass(frozen=True)
 class RewardConfig:
-  # (registered reward, weight) pairs; the total reward is the weighted sum (the paper: 1, 0.5, 0.5)
+  # (registered reward, weight) pairs; the total reward is the weighted sum of the rewards that apply
+  # (NaN: does not apply; the paper: 1, 0.5, 0.5)
   weights: tuple[tuple[str, float], ...] = (("format", 1.0), ("accuracy", 0.5), ("listener", 0.5))
 
   def __post_init__(self):

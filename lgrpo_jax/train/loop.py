@@ -204,7 +204,7 @@ class Trainer:
     # They are kept in the compute dtype: the layers cast every weight to it at use, so a bf16 copy
     # of fp32 master weights computes exactly what they do, in half the memory.
     # A copy nothing reads is not made: with β = 0 there is no reference pass (as TRL then loads no
-    # reference model), and without a listener reward no listener pass — at 7B a copy is ~15 GB.
+    # reference model), and without a listener reward no listener pass — at 7B a copy is ~17 GB (bf16).
     dt = jnp.dtype(model.config.dtype)
     copy = lambda m: copy_tree(nnx.split(m, nnx.Param)[1], dt)
     listener = listener if listener is not None else model

@@ -3,8 +3,10 @@ whatever the targets say) before GRPO, which needs a policy that already emits t
 
 The loss is the mean negative log-likelihood of the target completion tokens given the prompt and
 the images, computed like the GRPO loss: the prompt once per pair, chunked-vocabulary log-probs.
-Targets come from a `teacher(host_batch, row) -> str` (e.g. an instruct model's outputs, or the
-demo's scripted, deliberately noisy judge).
+Targets come from a `Teacher` (`teacher(host_batch, step) -> list[str]`: a targets file, e.g. an
+instruct model's outputs, checked before the first step; or the demo's scripted, deliberately noisy
+judge). The optimizer is AdamW after global-norm clipping (defaults: TRL SFTTrainer's lr 2e-5, clip
+1.0, no weight decay); the settings are kept in RUN_DIR/sft_config.json.
 
 With `listener_spec`, the same step also teaches the *listener* role on the same targets: the
 listener prefix, the target's reasoning with its answer removed and the listener's question, then
@@ -121,7 +123,7 @@ TEACHERS = ("synthetic", "targets")
 @dataclasses.dataclass(frozen=True)
 class SFTConfig:
   """The optional supervised stage before GRPO (`python -m lgrpo_jax.launch … sft.steps=N`)."""
-  steps: int = 0  # 0: no warm start (the 7B recipe starts from the instruct checkpoint)
+  steps: int = 0  # 0: no warm start (an existing RUN_DIR/sft is still loaded; the 7B recipe starts from the instruct checkpoint)
   # AdamW at a constant rate, as TRL's SFTTrainer's defaults for a pretrained model: lr 2e-5, the
   # global gradient norm clipped to 1, no weight decay (the demo's tiny random model sets its own)
   learning_rate: float = 2e-5  # AdamW, constant
