@@ -250,7 +250,7 @@ def test_targets_are_checked_before_the_first_step(tmp_path):
   assert not (tmp_path / "run" / "sft_metrics.jsonl").exists()  # no step was run
 
 
-def test_a_warm_start_keeps_its_settings(tmp_path):
+def test_a_warm_start_keeps_its_settings(tmp_path, monkeypatch):
   """An interrupted warm start resumed with other settings is refused (one stage of two settings
   would be neither); a finished one is loaded — also by a resume saying sft.steps=0 — and a changed
   setting is said, not silently taken for what the weights were trained with."""
@@ -280,15 +280,17 @@ def test_a_warm_start_keeps_its_settings(tmp_path):
   from lgrpo_jax.data import pipeline
   from lgrpo_jax.train import stopping
   make_batches_ = pipeline.make_batches
+
+  def stopped_at_read(read, run_dir, cfg):  # SIGINT during that batch read: the stage saves and stops
+    run_dir.mkdir()
+    with monkeypatch.context() as m:
+      m.setattr(pipeline, "make_batches", lambda *a, **k: SignalOnRead(make_batches_(*a, **k), read=read))
+      with pytest.raises(stopping.Stopped):
+        run_sft(model(), tok, pairs, cfg, pipe, str(run_dir))
+
   run2 = tmp_path / "run2"
-  run2.mkdir()
   cfg4 = SFTConfig(steps=4, max_target_tokens=40)
-  pipeline.make_batches = lambda *a, **k: SignalOnRead(make_batches_(*a, **k), read=3)
-  try:
-    with pytest.raises(stopping.Stopped):
-      run_sft(model(), tok, pairs, cfg4, pipe, str(run2))
-  finally:
-    pipeline.make_batches = make_batches_
+  stopped_at_read(3, run2, cfg4)
   with pytest.raises(ValueError, match=r"was run with other settings: sft.learning_rate: 2e-05 → 0.001"):
     run_sft(model(), tok, pairs, SFTConfig(steps=4, learning_rate=1e-3, max_target_tokens=40), pipe, str(run2))
   with pytest.raises(ValueError, match=r"sft.steps=1 < the 2 steps done"):
@@ -304,13 +306,7 @@ def test_a_warm_start_keeps_its_settings(tmp_path):
   assert (run2 / "sft").is_dir()
   # Stopped before its first step (a step-0 checkpoint, nothing trained): other settings start afresh.
   run3 = tmp_path / "run3"
-  run3.mkdir()
-  pipeline.make_batches = lambda *a, **k: SignalOnRead(make_batches_(*a, **k), read=1)
-  try:
-    with pytest.raises(stopping.Stopped):
-      run_sft(model(), tok, pairs, cfg4, pipe, str(run3))
-  finally:
-    pipeline.make_batches = make_batches_
+  stopped_at_read(1, run3, cfg4)
   said = []
   run_sft(model(), tok, pairs, SFTConfig(steps=2, learning_rate=1e-3, max_target_tokens=40), pipe, str(run3),
           say=said.append)
