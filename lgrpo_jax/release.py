@@ -137,10 +137,10 @@ def write_preprocessor_config(out_dir, image_cfg) -> None:
 def _warm_start(cfg, run_dir: str) -> str:
   """The warm start the weights had: RUN_DIR/sft_config.json's when RUN_DIR/sft exists (a resume
   with sft.steps=0 keeps and loads it, while its config.json then says 0), else the config's."""
-  from lgrpo_jax.train.sft import SETTINGS
+  from lgrpo_jax.train.sft import read_settings
   steps, teacher = cfg.sft.steps, cfg.sft.teacher
   if os.path.isdir(os.path.join(run_dir, "sft")):
-    rec = read_json(os.path.join(run_dir, SETTINGS)) if os.path.isfile(os.path.join(run_dir, SETTINGS)) else {}
+    rec = read_settings(run_dir) or {}
     steps, teacher = rec.get("steps", steps), rec.get("teacher", teacher)
   return f"{steps} steps" + (f", teacher {teacher}" if steps else "")
 

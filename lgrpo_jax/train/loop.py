@@ -132,33 +132,28 @@ def checkpoint_managers(run_dir: str, keep: int) -> tuple[ocp.CheckpointManager,
   return manager, best
 
 
-def config_changes(path: str, record: dict | None, limit: int = 8) -> str:
-  """The settings in which `record` differs from the config JSON at `path` ("key: old → new", …),
-  or "" when either is missing."""
+def config_diffs(path: str, record: dict | None) -> list[tuple]:
+  """(dotted key, old, new) for every setting in which `record` differs from the config JSON at
+  `path` ([] when either is missing)."""
   if record is None or not os.path.isfile(path):
-    return ""
+    return []
   try:
     with open(path) as f:
       old = json.load(f)
   except (OSError, ValueError):
-    return ""
+    return []
   flat = lambda d, pre="": ({k2: v2 for k, v in d.items() for k2, v2 in flat(v, f"{pre}{k}.").items()}
                             if isinstance(d, dict) else {pre[:-1]: d})
   new = json.loads(json.dumps(record, default=str))  # as it would be written: tuples as lists
   a, b = flat(old), flat(new)
-  diffs = [f"{k}: {json.dumps(a.get(k))} → {json.dumps(b.get(k))}" for k in sorted(set(a) | set(b))
-           if a.get(k) != b.get(k)]
+  return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def config_changes(path: str, record: dict | None, limit: int = 8) -> str:
+  """The settings in which `record` differs from the config JSON at `path` ("key: old → new", …),
+  or "" when either is missing."""
+  diffs = [f"{k}: {json.dumps(o)} → {json.dumps(n)}" for k, o, n in config_diffs(path, record)]
   return ", ".join(diffs[:limit]) + (f" and {len(diffs) - limit} more" if len(diffs) > limit else "")
-
-
-def _section(path: str, name: str):
-  """Section `name` of the config JSON at `path` (None when unreadable or absent)."""
-  try:
-    with open(path) as f:
-      record = json.load(f)
-  except (OSError, ValueError):
-    return None
-  return record.get(name) if isinstance(record, dict) else None
 
 
 class Trainer:
@@ -265,7 +260,7 @@ class Trainer:
       cfg_path = os.path.join(self.run_dir, "config.json")
       changed = config_changes(cfg_path, config_record, limit=20) if self.resumed_from is not None else ""
       if changed:  # allowed (a longer run, another learning rate), said, and the old settings kept
-        sft_changed = _section(cfg_path, "sft") != json.loads(json.dumps(config_record.get("sft"), default=str))
+        sft_changed = any(k.startswith("sft.") for k, _, _ in config_diffs(cfg_path, config_record))
         kept = os.path.join(self.run_dir, f"config.before-step-{self.resumed_from}.json")
         n = 1
         while os.path.exists(kept):  # resumed at this step before: each earlier config is kept

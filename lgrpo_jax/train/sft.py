@@ -260,7 +260,8 @@ _NOT_COMPARED = ("steps", "log_every", "save_every")  # a longer stage, other lo
 _BEFORE_RECORDED = {"max_grad_norm": 0.0, "weight_decay": 1e-4}
 
 
-def _read_settings(run_dir: str) -> dict | None:
+def read_settings(run_dir: str) -> dict | None:
+  """RUN_DIR/sft_config.json (None when absent or unreadable)."""
   try:
     with open(os.path.join(run_dir, SETTINGS)) as f:
       return json.load(f)
@@ -384,7 +385,7 @@ def run_sft(model, tokenizer, pairs, cfg: SFTConfig, pipe_cfg, run_dir: str, *, 
   path = os.path.join(run_dir, "sft")
   graphdef, params = nnx.split(model, nnx.Param)
   abstract = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
-  recorded = _read_settings(run_dir)
+  recorded = read_settings(run_dir)
   record = _settings_record(cfg, pipe_cfg, seed)
   if os.path.isdir(path):
     nnx.update(model, ocp.StandardCheckpointer().restore(path, abstract(params)))
