@@ -244,7 +244,7 @@ def _main(argv, scope) -> int:
     try:
       run_sft(model, tokenizer, pairs, cfg.sft, cfg.pipeline, cfg.run_dir, seed=cfg.loop.seed,
               n_wrong=cfg.data.synthetic_n_wrong, say=lambda m: print(m, file=sys.stderr, flush=True),
-              mesh=mesh)
+              mesh=mesh, tensorboard=cfg.loop.tensorboard)
     except stopping.Stopped as e:  # pre-empted during the warm start: it resumes from its checkpoint
       print(f"\n{e}", file=sys.stderr)
       return stopping.leave(128 + e.signum, "lgrpo_jax.launch: warm start stopped by a signal")

@@ -205,6 +205,54 @@ def test_an_interrupted_warm_start_resumes_exactly(tmp_path, monkeypatch):
   assert (tmp_path / "b" / "sft").is_dir() and not (tmp_path / "b" / "sft_checkpoints").exists()
 
 
+def test_the_warm_start_logs_the_mean_since_its_last_line_and_skips_a_non_finite_step(tmp_path, monkeypatch,
+                                                                                         capsys):
+  """As TRL's trainer logs: a line's loss is the mean over the steps since the last line, with the
+  last step's gradient norm (before clipping) and the learning rate; the lines also go to
+  TensorBoard (RUN_DIR/tensorboard/sft). A step whose loss is NaN (here: NaN pixels) changes nothing,
+  is counted in `skipped_updates` and said on stderr; it used to write NaN into every parameter."""
+  import json
+
+  from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+  from conftest import no_min_compile_time
+  from lgrpo_jax.train import compile_cache, sft
+  tok_dir = build_tiny_tokenizer(tmp_path / "tok")
+  tok = AutoTokenizer.from_pretrained(tok_dir)
+  pairs = list(synthetic(8, seed=0, image_size=56))
+  pipe = PipelineConfig(global_batch=2, image=ImageConfig(min_pixels=56 * 56, max_pixels=56 * 56),
+                        length_buckets=(256,))
+  params = lambda m: [np.asarray(x) for x in jax.tree.leaves(nnx.state(m, nnx.Param))]
+
+  def stage(run, **kw):  # one program for all three: loaded from the cache after the first
+    with no_min_compile_time(), compile_cache.use(str(tmp_path / "xla")):
+      model = sft.run_sft(lgrpo_jax.from_config(tiny_model_config(tok_dir)), tok, pairs,
+                          sft.SFTConfig(**{"steps": 2, "max_target_tokens": 40, "save_every": 0, **kw}), pipe,
+                          str(tmp_path / run), tensorboard=True)
+    return model, [json.loads(x) for x in open(tmp_path / run / "sft_metrics.jsonl")]
+
+  _, every = stage("a", log_every=1)
+  _, two = stage("b", log_every=2)
+  assert [r["step"] for r in every] == [1, 2] and [r["step"] for r in two] == [2]
+  np.testing.assert_allclose(two[0]["loss"], (every[0]["loss"] + every[1]["loss"]) / 2, rtol=1e-6)
+  np.testing.assert_allclose(two[0]["sft/nll"], two[0]["loss"], rtol=1e-6)
+  assert two[0]["grad_norm"] == every[1]["grad_norm"] > 0 and two[0]["learning_rate"] == 2e-5
+  assert two[0]["skipped_updates"] == 0 and "skipped" not in capsys.readouterr().err
+  acc = EventAccumulator(str(tmp_path / "b" / "tensorboard" / "sft"))
+  acc.Reload()
+  assert [(e.step, e.value) for e in acc.Scalars("loss")] == [(2, float(np.float32(two[0]["loss"])))]
+
+  make_step = sft.make_sft_step
+  monkeypatch.setattr(sft, "make_sft_step", lambda *a, **k: (lambda p, o, batch, *rest: make_step(*a, **k)(
+      p, o, batch._replace(pixel_values=batch.pixel_values * jnp.nan), *rest)))
+  model, rows = stage("c", steps=1)
+  for a, b in zip(params(lgrpo_jax.from_config(tiny_model_config(tok_dir))), params(model)):
+    np.testing.assert_array_equal(a, b)  # the initial parameters, bit for bit
+  assert rows[0]["skipped_updates"] == 1 and np.isnan(rows[0]["loss"])
+  assert "warm start: 1 update(s) before step 1 skipped: the loss or the gradients were not finite" in (
+      capsys.readouterr().err)
+
+
 def test_the_warm_start_step_is_kept_for_the_same_arguments():
   # As the GRPO step: a warm start run again in the same process (a notebook) reuses its jitted step;
   # another optimizer, grid or listener weight, or a cleared cache, gives a new one. (Nothing is traced.)

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import re
+import sys
 import time
 import zlib
 
@@ -33,7 +34,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from lgrpo_jax.grpo.update import policy_logprobs
+from lgrpo_jax.grpo.update import all_finite, policy_logprobs
 from lgrpo_jax.listener import ListenerSpec, listener_logits
 
 
@@ -87,7 +88,8 @@ def sft_loss(params, graphdef, batch, tokens, mask, pair_grid, chunk: int = 8192
 def make_sft_step(graphdef, tx: optax.GradientTransformation, pair_grid, chunk: int = 8192,
                   listener_spec: ListenerSpec | None = None, listener_weight: float = 1.0):
   """jit((params, opt_state, batch, tokens, mask, answer_at) → (params, opt_state, loss, parts)), params and
-  optimizer state donated. As the GRPO step, the same arguments give the same function within a
+  optimizer state donated. `parts` adds `grad_norm` (before clipping) and `skipped`: a step whose loss or
+  gradients are not finite leaves the parameters and the optimizer state as they were. As the GRPO step, the same arguments give the same function within a
   process (a warm start run again in a notebook does not compile again); keyed by the sharding
   rules too, and forgotten by `train.step.clear_compiled_steps()`."""
   from lgrpo_jax.train.step import kept, rules_key
@@ -96,8 +98,15 @@ def make_sft_step(graphdef, tx: optax.GradientTransformation, pair_grid, chunk: 
   def step(params, opt_state, batch, tokens, mask, answer_at=None):
     (loss, parts), grads = jax.value_and_grad(sft_loss, has_aux=True)(
         params, graphdef, batch, tokens, mask, pair_grid, chunk, listener_spec, listener_weight, answer_at)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss, parts
+    ok = jnp.isfinite(loss) & all_finite(grads)  # a NaN/inf step changes nothing, as in the GRPO update
+
+    def apply(args):
+      p, s = args
+      updates, s = tx.update(grads, s, p)
+      return optax.apply_updates(p, updates), s
+
+    params, opt_state = jax.lax.cond(ok, apply, lambda args: args, (params, opt_state))
+    return params, opt_state, loss, dict(parts, grad_norm=optax.tree.norm(grads), skipped=~ok)
 
   key = (graphdef, tx, pair_grid, chunk, listener_spec, listener_weight, rules_key())
   return kept(_SFT_STEPS, key, lambda: jax.jit(step, donate_argnums=(0, 1)))
@@ -143,7 +152,7 @@ class SFTConfig:
   # right anyway when the preferred image is first (accuracy p + (1 − p)/2 over both orders)
   teacher_accuracy: float = 1.0
   listener_weight: float = 0.0  # > 0: also teach the listener role on the same targets (see sft_loss)
-  log_every: int = 25  # steps between lines of RUN_DIR/sft_metrics.jsonl
+  log_every: int = 25  # steps between lines of RUN_DIR/sft_metrics.jsonl (means over those steps) and TensorBoard
   # Steps between RUN_DIR/sft_checkpoints saves (params, optimizer, data position), from which an
   # interrupted warm start resumes; 0: only when stopped by a signal. Removed once RUN_DIR/sft is saved.
   save_every: int = 100
@@ -363,8 +372,24 @@ class Teacher:
     return texts
 
 
+def _log_row(step: int, window: list[dict], learning_rate: float, seconds: float) -> tuple[dict, int]:
+  """One line of sft_metrics.jsonl from the steps since the last one, as TRL's trainer logs: the loss
+  (and its parts) averaged over those steps — skipped (non-finite) ones left out, NaN if all were
+  — the last step's gradient norm, before clipping; → (row, updates skipped in the window)."""
+  window = jax.device_get([{k: v.addressable_data(0) for k, v in w.items()} for w in window])  # one read
+  ok = np.array([not bool(w["skipped"]) for w in window])
+  row = {"step": step}
+  for k in window[-1]:
+    if k not in ("skipped", "grad_norm"):
+      v = np.array([float(w[k]) for w in window])[ok]
+      row[k] = float(v.mean()) if v.size else math.nan
+  row.update(grad_norm=float(window[-1]["grad_norm"]), learning_rate=learning_rate,
+             skipped_updates=int((~ok).sum()), time=seconds)
+  return row, int((~ok).sum())
+
+
 def run_sft(model, tokenizer, pairs, cfg: SFTConfig, pipe_cfg, run_dir: str, *, seed: int = 0,
-            n_wrong: int = 1, end_token: str = "<|im_end|>", say=print, mesh=None):
+            n_wrong: int = 1, end_token: str = "<|im_end|>", say=print, mesh=None, tensorboard: bool = False):
   """The warm-start stage: `cfg.steps` steps on the teacher's targets, then the parameters are saved
   to RUN_DIR/sft (Orbax) with RUN_DIR/sft_metrics.jsonl. A run directory that already has RUN_DIR/sft
   loads it instead (so a resumed run does not repeat the stage). Updates `model` in place.
@@ -372,14 +397,18 @@ def run_sft(model, tokenizer, pairs, cfg: SFTConfig, pipe_cfg, run_dir: str, *, 
   Interruptions: every `cfg.save_every` steps the stage state (parameters, optimizer state, data
   position) goes to RUN_DIR/sft_checkpoints, and an interrupted stage resumes from there exactly.
   SIGTERM or SIGINT on any process saves there on every process and raises `stopping.Stopped`; a
-  data error on any process saves, then raises on every process (as the GRPO loop does)."""
+  data error on any process saves, then raises on every process (as the GRPO loop does).
+
+  Logging: every `cfg.log_every` steps one line of RUN_DIR/sft_metrics.jsonl (see `_log_row`), also
+  to TensorBoard under RUN_DIR/tensorboard/sft with `tensorboard`. A step whose loss or gradients are
+  not finite changes nothing and is said on stderr."""
   import orbax.checkpoint as ocp
 
   from lgrpo_jax.data.pipeline import make_batches
   from lgrpo_jax.runs import keep_jsonl_through
   from lgrpo_jax.sharding import global_batch_array
   from lgrpo_jax.train import stopping
-  from lgrpo_jax.train.loop import host_scalar, pair_grid_of, to_device
+  from lgrpo_jax.train.loop import pair_grid_of, to_device
 
   run_dir = os.path.abspath(run_dir)
   path = os.path.join(run_dir, "sft")
@@ -457,6 +486,14 @@ def run_sft(model, tokenizer, pairs, cfg: SFTConfig, pipe_cfg, run_dir: str, *, 
     texts[:] = [t + end_token for t in teacher(host, s)]
     arrays[:] = target_tokens(tokenizer, texts, cfg.max_target_tokens, host["pair_ids"])
 
+  window: list[dict] = []  # the steps since the last logged line
+  skipped = 0
+  tb = None
+  if primary and tensorboard:  # its own TensorBoard run: the GRPO run's restarts purge by step
+    from lgrpo_jax.train.tensorboard import EventWriter
+    tb = EventWriter(os.path.join(run_dir, "tensorboard", "sft"))
+    if done:
+      tb.restart_at(done + 1)
   t0 = time.perf_counter()
   try:
     with open(metrics_path if primary else os.devnull, "a") as log_file, stopping.StopSignals() as stop:
@@ -480,16 +517,26 @@ def run_sft(model, tokenizer, pairs, cfg: SFTConfig, pipe_cfg, run_dir: str, *, 
         with (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
           params, opt_state, loss, parts = steps[grid](params, opt_state, to_device(host, mesh), put(tokens),
                                                        put(mask), put(answer_at))
+        window.append(dict(parts, loss=loss))  # device scalars: read once per logged line
         if s % cfg.log_every == 0 or s == cfg.steps:
-          row = {"step": s, "loss": host_scalar(loss), **{k: host_scalar(v) for k, v in parts.items()},
-                 "time": time.perf_counter() - t0}
+          row, n_skipped = _log_row(s, window, cfg.learning_rate, time.perf_counter() - t0)
+          window.clear()
+          skipped += n_skipped
           log_file.write(json.dumps(row) + "\n")
           log_file.flush()
+          if tb is not None:
+            tb.scalars(s, {k: v for k, v in row.items() if k != "step"})
           if primary:
             say(f"warm start {s}/{cfg.steps}  loss {row['loss']:.4f}  ({row['time']:.0f} s)")
+          if n_skipped and primary:
+            print(f"warm start: {n_skipped} update(s) before step {s} skipped: the loss or the gradients were "
+                  f"not finite (NaN/inf), the parameters not changed by them; {skipped} in this stage so far",
+                  file=sys.stderr, flush=True)
         if cfg.save_every and s % cfg.save_every == 0 and s < cfg.steps:
           save(s)
   finally:  # the model holds the parameters reached, also when stopped or failed (they were donated)
+    if tb is not None:
+      tb.close()
     try:
       nnx.update(model, params)
     except Exception:  # noqa: BLE001 — a step that failed mid-way left nothing to hand back
