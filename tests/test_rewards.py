@@ -1,12 +1,14 @@
 """Rewards: format/answer parsing on a table of good and bad completions (on device, from token
 ids), the registry and weights, host text rewards, and the per-step metrics."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
 from lgrpo_jax.data.tokenizer import build_tiny_tokenizer
+from lgrpo_jax.grpo import LossConfig, advantages
 from lgrpo_jax.rewards import (ByteTable, RewardConfig, RewardInputs, compute_rewards, parse,
                                register_reward, reward_metrics, text_reward)
 
@@ -153,3 +155,111 @@ def test_a_reward_or_advantage_of_the_wrong_shape_is_an_error_naming_it(tok):
   register_advantage("per_pair_adv", replace=True)(lambda r, eps, valid: r.mean(-1))
   with pytest.raises(ValueError, match=r"advantage 'per_pair_adv' returned shape \(2,\)"):
     advantages(total, LossConfig(advantage="per_pair_adv"))
+
+
+def trl_advantages_numpy(rewards_per_func, weights, g, scale_rewards):
+  """TRL 1.16's advantages (GRPOTrainer._generate_and_score_completions, sum_then_normalize; its
+  `nanstd`), transcribed in float64 NumPy (checked against TRL's own code in test_trl_parity.py): a
+  reward function's None is NaN; the weighted nansum over functions; a completion that no
+  function scored is NaN, left out of the nan-aware mean and std, and gets advantage 0."""
+  import warnings
+  rpf = np.asarray(rewards_per_func, np.float64)
+  rewards = np.nansum(rpf * np.asarray(weights, np.float64)[None], axis=1)
+  rewards[np.isnan(rpf).all(axis=1)] = np.nan
+
+  def nanstd(x, axis):  # TRL's: Bessel-corrected over the non-NaN values, NaN below two of them
+    count = np.sum(~np.isnan(x), axis=axis, keepdims=True)
+    var = np.nanmean((x - np.nanmean(x, axis=axis, keepdims=True)) ** 2, axis=axis, keepdims=True)
+    return np.sqrt(np.where(count > 1, var * count / np.maximum(count - 1, 1), np.nan))
+
+  with warnings.catch_warnings():  # an all-NaN group: NaN, as torch.nanmean gives
+    warnings.simplefilter("ignore", RuntimeWarning)
+    grouped = rewards.reshape(-1, g)
+    mean = np.repeat(np.nanmean(grouped, axis=1), g)
+    std = np.repeat(nanstd(grouped, 1)[:, 0], g) if scale_rewards == "group" else nanstd(rewards, 0)
+    adv = (rewards - mean) / (std + 1e-4)
+  return np.nan_to_num(adv, nan=0.0)
+
+
+@pytest.mark.parametrize("advantage,scale_rewards", [("grpo", "group"), ("batch", "batch")])
+def test_rewards_that_do_not_apply_are_trls_none(advantage, scale_rewards):
+  """A reward's NaN (a text reward's None) means "does not apply", as in TRL: the total is the sum
+  over the rewards that apply; a completion no reward scored is left out of its group's statistics
+  and gets advantage 0. One NaN used to make its group's (or the batch's) advantages NaN, and the
+  step was skipped."""
+  from lgrpo_jax.grpo.core import advantage_metrics
+  from lgrpo_jax.rewards.core import REWARDS
+  from lgrpo_jax.rewards.text import Parsed
+  rng = np.random.default_rng(3)
+  b, g = 3, 5
+  parts = rng.normal(size=(3, b, g))
+  parts[0, 0, 1] = np.nan                      # one reward does not apply: the others count
+  parts[:, 1, 2] = np.nan                      # no reward applies: not scored
+  parts[:, 2, :] = np.nan
+  parts[0, 2, 0] = 0.5                         # a group with one scored completion
+  weights = (1.0, 0.5, 2.0)
+  names = ("nan_a", "nan_b", "nan_c")
+  for k, name in enumerate(names):
+    register_reward(name, lambda inp, k=k: jnp.asarray(parts[k]), replace=True)
+  try:
+    inputs = RewardInputs(jnp.zeros((b, g, 4), jnp.int32), jnp.ones((b, g, 4)), jnp.full((b, g), 4),
+                          jnp.zeros((b,), jnp.int32), Parsed(jnp.zeros((b, g), bool), jnp.zeros((b, g), jnp.int32),
+                                                             jnp.zeros((b, g), jnp.int32)))
+    with jax.enable_x64(True):
+      total, _ = compute_rewards(inputs, RewardConfig(weights=tuple(zip(names, weights))))
+      adv = np.asarray(advantages(total, LossConfig(advantage=advantage, adv_eps=1e-4)))
+      metrics = advantage_metrics(total, jnp.asarray(adv))
+  finally:
+    for name in names:
+      REWARDS.pop(name)
+  want = trl_advantages_numpy(parts.reshape(3, -1).T, weights, g, scale_rewards).reshape(b, g)
+  np.testing.assert_allclose(adv, want, rtol=1e-6, atol=1e-7)  # rewards are float32
+  assert np.isfinite(adv).all() and adv[1, 2] == 0 and (adv[2] == 0).all()
+  assert int(metrics["unscored_completions"]) == 1 + 4
+
+
+def test_a_total_that_is_nan_for_another_reason_skips_the_step_not_the_completion():
+  """∞ − ∞ across two rewards is a broken reward, not "does not apply": the total is ∞, so the loss
+  is not finite and the update is skipped (said) — not one completion quietly left out. Each
+  reward's unscored completions are counted."""
+  from lgrpo_jax.rewards.core import REWARDS, reward_metrics
+  from lgrpo_jax.rewards.text import Parsed
+  b, g = 1, 3
+  a = np.array([[np.inf, 1.0, np.nan]])
+  c = np.array([[-np.inf, 1.0, 0.5]])
+  register_reward("inf_a", lambda inp: jnp.asarray(a), replace=True)
+  register_reward("inf_c", lambda inp: jnp.asarray(c), replace=True)
+  try:
+    inputs = RewardInputs(jnp.zeros((b, g, 4), jnp.int32), jnp.ones((b, g, 4)), jnp.full((b, g), 4),
+                          jnp.zeros((b,), jnp.int32), Parsed(jnp.zeros((b, g), bool), jnp.zeros((b, g), jnp.int32),
+                                                             jnp.zeros((b, g), jnp.int32)))
+    total, parts = compute_rewards(inputs, RewardConfig(weights=(("inf_a", 1.0), ("inf_c", 1.0))))
+    metrics = reward_metrics(inputs, total, parts)
+  finally:
+    REWARDS.pop("inf_a")
+    REWARDS.pop("inf_c")
+  assert np.asarray(total)[0, 0] == np.inf and np.asarray(total)[0, 2] == 0.5
+  assert not np.isfinite(np.asarray(advantages(total, LossConfig()))).all()
+  assert int(metrics["reward_unscored/inf_a"]) == 1 and int(metrics["reward_unscored/inf_c"]) == 0
+
+
+def test_a_reward_that_scored_no_completion_logs_nan_as_trls_nanmean():
+  """TRL logs a reward's mean with nanmean: NaN when it scored none of the step's completions. Ours
+  logged 0, a real-looking mean reward; the other rewards' means are over what each scored."""
+  from lgrpo_jax.rewards.core import REWARDS, reward_metrics
+  from lgrpo_jax.rewards.text import Parsed
+  b, g = 1, 3
+  register_reward("never", lambda inp: jnp.full((b, g), jnp.nan), replace=True)
+  register_reward("some", lambda inp: jnp.asarray([[0.5, np.nan, 1.0]]), replace=True)
+  try:
+    inputs = RewardInputs(jnp.zeros((b, g, 4), jnp.int32), jnp.ones((b, g, 4)), jnp.full((b, g), 4),
+                          jnp.zeros((b,), jnp.int32), Parsed(jnp.zeros((b, g), bool), jnp.zeros((b, g), jnp.int32),
+                                                             jnp.zeros((b, g), jnp.int32)))
+    m = reward_metrics(inputs, *compute_rewards(inputs, RewardConfig(weights=(("never", 1.0), ("some", 2.0)))))
+    alone = reward_metrics(inputs, *compute_rewards(inputs, RewardConfig(weights=(("never", 1.0),))))
+  finally:
+    REWARDS.pop("never")
+    REWARDS.pop("some")
+  assert np.isnan(float(m["reward/never"])) and float(m["reward/some"]) == pytest.approx(0.75)
+  assert float(m["reward/total"]) == pytest.approx(1.5)  # 2 × the mean of what "some" scored
+  assert np.isnan(float(alone["reward/total"])) and int(alone["reward_unscored/never"]) == 3

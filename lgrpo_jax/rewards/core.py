@@ -137,8 +137,11 @@ def reward_metrics(inputs: RewardInputs, total, parts, valid_b=None) -> dict:
   w = jnp.ones(total.shape, jnp.float32) if valid_b is None else \
       jnp.broadcast_to(valid_b[:, None], total.shape).astype(jnp.float32)
   mean = lambda x: jnp.sum(x * w) / jnp.maximum(w.sum(), 1)
-  # over the completions each reward scored (NaN: not scored), as TRL's nanmean
-  nanmean = lambda x: jnp.sum(jnp.where(jnp.isnan(x), 0.0, x) * w) / jnp.maximum(jnp.sum(w * ~jnp.isnan(x)), 1)
+  # over the completions each reward scored (NaN: not scored), as TRL's nanmean: NaN when none was
+  # (0 would read as a real mean reward of 0)
+  def nanmean(x):
+    n = jnp.sum(w * ~jnp.isnan(x))
+    return jnp.sum(jnp.where(jnp.isnan(x), 0.0, x) * w) / jnp.where(n > 0, n, jnp.nan)
   out = {f"reward/{k}": nanmean(v) for k, v in parts.items()}
   # how many completions each reward did not score (NaN): a reward that starts returning NaN shows
   out.update({f"reward_unscored/{k}": jnp.sum(w * jnp.isnan(v)) for k, v in parts.items()})
