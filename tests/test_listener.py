@@ -145,6 +145,30 @@ def test_the_answer_is_removed(setup):
   assert np.abs(run(one, blind) - run(two, blind)).max() > 1e-4
 
 
+def test_special_tokens_in_the_reasoning_are_not_shown_to_the_listener(setup):
+  """A policy can emit special tokens (`<|image_pad|>`, `<|vision_start|>`) inside its reasoning;
+  the format parser and the text rewards read them as nothing, and the listener used to read their
+  embeddings — a channel no reward saw. Now the completion with them scores as the one without (to
+  rounding: the holes sit elsewhere in the slots); the control (only end-of-turn dropped, as before)
+  moves the probabilities 100× more."""
+  tok, _, model, spec = setup
+  _, ids, mask, pixels, grid = pair_inputs(tok, [[(56, 56), (56, 84)]])
+  plain, lens = completions(tok, [1, 2, 1], 64)
+  junk = [tok.convert_tokens_to_ids(t) for t in ("<|vision_start|>", "<|image_pad|>", "<|image_pad|>")]
+  assert set(junk) <= set(spec.drop_ids)
+  noisy = np.zeros_like(plain)
+  for r in range(len(plain)):  # the specials after the reasoning's third token
+    row = list(plain[r, :lens[r]])
+    noisy[r, :lens[r] + 3] = row[:3] + junk + row[3:]
+  run = jax.jit(lambda t, n, s: listener_probs(model, ids, mask, pixels, grid, t[None], n[None], s), static_argnums=2)
+  np.testing.assert_allclose(run(jnp.asarray(plain), jnp.asarray(lens), spec),
+                             run(jnp.asarray(noisy), jnp.asarray(lens + 3), spec), atol=1e-6)
+  end_only = ListenerSpec(spec.suffix_ids, spec.choice_ids, spec.answer_variants,
+                          tuple(tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")))
+  assert np.abs(np.asarray(run(jnp.asarray(plain), jnp.asarray(lens), end_only))
+                - np.asarray(run(jnp.asarray(noisy), jnp.asarray(lens + 3), end_only))).max() > 1e-4
+
+
 def test_score_from_python_on_real_images(setup):
   untied_skip(setup)
   tok, _, model, spec = setup

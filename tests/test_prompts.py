@@ -50,6 +50,24 @@ def test_listener_parts_end_at_the_choice(tok):
   assert ids == (c1, c2) and c1 != c2
 
 
+def test_choices_the_two_choice_tokens_cannot_tell_apart_are_refused(tok):
+  """P(choice) is a softmax over the first tokens where the two choices differ: one choice whose
+  tokens begin the other's has no such token (it was called "the same ids"), and a differing token
+  that also begins the other choice's text would count both (the tiny vocabulary has " 1" but
+  spells " B" as " ", "B")."""
+  with pytest.raises(ValueError, match=r"prompt.choices \('Image 1', 'Image 12'\): the tokens of one begin"):
+    choice_tokens(tok, ("Image 1", "Image 12"))
+  with pytest.raises(ValueError, match=r"prompt.choices \('Image 1', 'Image B'\): where they first differ they "
+                                       r"tokenise as ' 1' and ' '"):
+    choice_tokens(tok, ("Image 1", "Image B"))
+  with pytest.raises(ValueError, match="tokenise to the same ids"):
+    choice_tokens(tok, ("Image 1", "Image 1"))
+  with pytest.raises(ValueError, match="'et' and 'e'"):
+    choice_tokens(tok, ("better", "best"))
+  common, ids = choice_tokens(tok, ("yes", "no"))  # differing tokens that begin differently: kept
+  assert len(common) == 0 and tok.convert_ids_to_tokens(list(ids)) == ["y", "n"]
+
+
 def test_templates_are_config(tok):
   cfg = PromptConfig(reasoner_instruction="Judge: {prompt}", system="Be brief.")
   text = tok.decode(reasoner_ids(tok, "x", GRIDS, cfg))

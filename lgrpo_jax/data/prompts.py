@@ -108,7 +108,19 @@ def choice_tokens(tokenizer, choices=("Image 1", "Image 2")) -> tuple[np.ndarray
   a, b = (tokenizer(c, add_special_tokens=False)["input_ids"] for c in choices)
   k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
   if k is None:
-    raise ValueError(f"choices {choices} tokenise to the same ids")
+    raise ValueError(f"prompt.choices {choices} tokenise to the same ids" if a == b else
+                     f"prompt.choices {choices}: the tokens of one begin the other's ({len(a)} and {len(b)} "
+                     "tokens), so no token tells them apart; choose two that differ in a token (e.g. 'Image 1', "
+                     "'Image 2')")
+  # P(choice) is read from these two tokens alone: neither may also begin the other choice's text, or
+  # its probability would count the other choice too (" " against " 1" in "Image B"/"Image 1").
+  first = [tokenizer.decode([t]) for t in (a[k], b[k])]
+  rest = [tokenizer.decode(t[k:]) for t in (a, b)]
+  if rest[1].startswith(first[0]) or rest[0].startswith(first[1]):
+    raise ValueError(f"prompt.choices {choices}: where they first differ they tokenise as {first[0]!r} and "
+                     f"{first[1]!r}, and one of these also begins the other ({rest[0]!r}, {rest[1]!r}), so "
+                     "its probability would count both; choose choices whose differing tokens begin differently "
+                     "(e.g. 'Image 1', 'Image 2')")
   return np.asarray(a[:k], np.int32), (int(a[k]), int(b[k]))
 
 

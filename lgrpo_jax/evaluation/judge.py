@@ -25,7 +25,7 @@ from flax import nnx
 
 from lgrpo_jax.data.prompts import PromptConfig, choice_tokens
 from lgrpo_jax.listener import ListenerSpec, listener_probs
-from lgrpo_jax.listener.listener import DROP_TOKENS, listener_logits
+from lgrpo_jax.listener.listener import listener_logits, unspoken_ids
 from lgrpo_jax.models.qwen2_5_vl.rope import get_rope_index
 from lgrpo_jax.parsing import token_variants
 from lgrpo_jax.rewards import parse
@@ -36,9 +36,8 @@ def answer_slot_spec(tokenizer, prompt: PromptConfig = PromptConfig(), answer_ta
   """The reasoner's self-read: suffix = the answer tag and the choices' common prefix
   ("<answer>Image "), choice ids where "<answer>Image 1" and "<answer>Image 2" first differ."""
   common, choices = choice_tokens(tokenizer, tuple(answer_tag + c for c in prompt.choices))
-  vocab = tokenizer.get_vocab()
   return ListenerSpec(tuple(int(t) for t in common), choices, token_variants(tokenizer, answer_tag),
-                      tuple(int(vocab[t]) for t in DROP_TOKENS if t in vocab))
+                      unspoken_ids(tokenizer))
 
 
 class Judged(NamedTuple):

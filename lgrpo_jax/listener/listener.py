@@ -30,7 +30,12 @@ from lgrpo_jax.models.qwen2_5_vl.rope import get_rope_index
 from lgrpo_jax.parsing import Variant, find_first, token_variants
 from lgrpo_jax.rewards.text import answer_token_of
 
-DROP_TOKENS = ("<|im_end|>", "<|endoftext|>")  # end-of-turn tokens are never shown to the listener
+def unspoken_ids(tokenizer) -> tuple[int, ...]:
+  """The ids the listener is never shown: every token that spells no text (end of turn, and the
+  special tokens a policy may emit, e.g. `<|image_pad|>` outside an image, which the format parser
+  and the text rewards read as nothing — shown, they would be a channel no reward sees)."""
+  from lgrpo_jax.rewards.text import _special_ids
+  return tuple(sorted(int(i) for i in _special_ids(tokenizer)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,18 +47,17 @@ class ListenerSpec:
   drop_ids: tuple[int, ...] = ()
 
   @classmethod
-  def from_tokenizer(cls, tokenizer, prompt: PromptConfig = PromptConfig(), answer_tag: str = "<answer>",
-                     drop_tokens=DROP_TOKENS) -> "ListenerSpec":
+  def from_tokenizer(cls, tokenizer, prompt: PromptConfig = PromptConfig(), answer_tag: str = "<answer>"
+                     ) -> "ListenerSpec":
     _, suffix, choices = listener_parts(tokenizer, "", [(1, 2, 2), (1, 2, 2)], prompt, merge_size=2)
-    vocab = tokenizer.get_vocab()
     return cls(tuple(int(t) for t in suffix), choices, token_variants(tokenizer, answer_tag),
-               tuple(int(vocab[t]) for t in drop_tokens if t in vocab))
+               unspoken_ids(tokenizer))
 
 
 def reasoning_view(tokens_bgn, lengths_bg, spec: ListenerSpec, answer_token=None):
   """(tokens, keep) of shape (B, G, N): what the listener may see of each completion — the tokens
-  before the first answer tag (the answer, and anything after it, is removed), without end-of-turn
-  tokens. Where the tag's first token had swallowed the end of the reasoning (">" in "><", "." in
+  before the first answer tag (the answer, and anything after it, is removed), without the tokens
+  that spell no text (`spec.drop_ids`: end of turn, other special tokens). Where the tag's first token had swallowed the end of the reasoning (">" in "><", "." in
   Qwen's ".<"), that slot is kept and holds the swallowed text alone, so the reasoning reads as
   written — for the contexts `parsing.CONTEXTS` lists; after any other merge the merged token goes
   with the tag.
@@ -73,8 +77,8 @@ def reasoning_view(tokens_bgn, lengths_bg, spec: ListenerSpec, answer_token=None
   at_tag = (idx == answer_at[..., None]) & swallowed[..., None] & (idx < lengths_bg[..., None])
   tokens = jnp.where(at_tag, remainder[..., None], tokens_bgn)
   keep = (idx < cut) | at_tag
-  for t in spec.drop_ids:
-    keep &= tokens != t
+  if spec.drop_ids:
+    keep &= ~jnp.isin(tokens, jnp.asarray(spec.drop_ids, tokens.dtype))
   return tokens, keep
 
 
