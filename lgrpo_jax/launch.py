@@ -138,6 +138,9 @@ def check(cfg) -> None:
                         f"{cfg.data.source!r} needs sft.teacher='targets' with sft.targets_path")
     if cfg.sft.teacher == "targets" and not os.path.isfile(cfg.sft.targets_path):
       raise ConfigError(f"sft.targets_path={cfg.sft.targets_path!r}: not found")
+  from lgrpo_jax.rewards import check_rewards  # each reward traced at the step's shapes: named if it fails
+  check_rewards(cfg.step.rewards, cfg.pipeline.global_batch, cfg.step.sampling.num_samples,
+                cfg.step.sampling.max_new_tokens)
   sizes = cfg.mesh.resolve(jax.device_count())  # MeshError if it does not fit
   from lgrpo_jax.sharding import check_parameters_split
   models = [_model_config(p) for p in sorted({cfg.model.checkpoint, cfg.model.listener} - {None})]

@@ -120,7 +120,7 @@ def test_a_registered_listener_reward_runs_the_listener_and_a_run_config_reads_u
   assert not RewardConfig(weights=(("format", 1.0), ("undeclared", 0.5))).needs_listener
   assert not RewardConfig(weights=(("format", 1.0), ("my_listener", 0.0))).needs_listener
   inputs = inputs_for(tok, ["<think>a</think><answer>Image 1</answer>"] * 2, [0], g=2)
-  with pytest.raises(ValueError, match="reward 'undeclared' failed .*uses_listener=True"):
+  with pytest.raises(ValueError, match="reward 'undeclared' failed: .*uses_listener=True"):
     compute_rewards(inputs, RewardConfig(weights=(("undeclared", 1.0),)))
   # A run trained with names registered in its own process: another process reads its config.json.
   record = to_record(ExperimentConfig())
@@ -133,6 +133,76 @@ def test_a_registered_listener_reward_runs_the_listener_and_a_run_config_reads_u
     from_record(record)
   with pytest.raises(ValueError, match="LossConfig.loss='nope'"):
     LossConfig(loss="nope")
+
+
+def test_a_weight_of_zero_turns_a_reward_off(tok):
+  """Weight 0 is how a reward is ablated: it used to crash the first step for the listener (whose
+  pass `needs_listener` then skips), and a weight-0 reward still entered the total (∞ skipped every
+  update) and decided which completions were scored. It is logged where it can be computed."""
+  inputs = inputs_for(tok, ["<think>a</think><answer>Image 1</answer>", "junk"], [0], g=2)
+  total, parts = compute_rewards(inputs, RewardConfig(weights=(("format", 1.0), ("accuracy", 0.5),
+                                                               ("listener", 0.0))))
+  assert "listener" not in parts
+  np.testing.assert_allclose(total, [[1.5, 0.0]])
+  register_reward("broken", lambda i: jnp.full(i.lengths.shape, jnp.inf), replace=True)
+  register_reward("judge", lambda i: jnp.asarray([[jnp.nan, 1.0]]), replace=True)
+  total, parts = compute_rewards(inputs, RewardConfig(weights=(("format", 1.0), ("broken", 0.0))))
+  np.testing.assert_allclose(total, [[1.0, 0.0]])
+  assert np.isinf(np.asarray(parts["broken"])).all()  # still there for its metric
+  total, _ = compute_rewards(inputs, RewardConfig(weights=(("judge", 1.0), ("format", 0.0))))
+  assert np.isnan(np.asarray(total)[0, 0]) and float(total[0, 1]) == 1.0  # not scored: format is off
+  with pytest.raises(ValueError, match="every weight is 0"):
+    RewardConfig(weights=(("format", 0.0), ("accuracy", 0)))
+
+
+def test_a_reward_that_fails_is_named_with_what_a_reward_is(tok):
+  """A device reward's own error (the built-in's comparison copied without [:, None], an exception)
+  was a bare error deep in JAX; now it names the reward and says what it takes. A host list with
+  TRL's None reads as NaN ("does not apply"), as a text reward's does. `check_rewards` (the Trainer's start, the launcher's checks, `--dry-run`) finds it
+  on abstract inputs before anything is loaded or compiled."""
+  from lgrpo_jax.rewards import check_rewards
+  inputs = inputs_for(tok, ["<think>a</think><answer>Image 1</answer>"] * 6, [0, 1], g=3)
+  cases = {"labels_flat": (lambda i: (i.parsed.answer == i.labels + 1).astype(float),
+                           r"reward 'labels_flat' failed: .*Incompatible shapes.*labels\[:, None\]"),
+           "raises": (lambda i: {}["x"], r"reward 'raises' failed: KeyError: 'x'")}
+  for name, (fn, match) in cases.items():
+    register_reward(name, fn, replace=True)
+    with pytest.raises(ValueError, match=match):
+      compute_rewards(inputs, RewardConfig(weights=(("format", 1.0), (name, 1.0))))
+  with pytest.raises(ValueError, match=r"reward 'labels_flat' failed"):
+    check_rewards(RewardConfig(weights=(("labels_flat", 1.0),)), 2, 3, 16)
+  register_reward("per_pair", lambda i: jnp.ones(i.labels.shape), replace=True)
+  with pytest.raises(ValueError, match=r"reward 'per_pair' returned shape \(4,\); .* \(B, G\) = \(4, 8\)"):
+    check_rewards(RewardConfig(weights=(("per_pair", 1.0),)), 4, 8, 16)
+  check_rewards(RewardConfig(), 4, 8, 16)  # the defaults: the listener's probabilities are given
+  register_reward("none", lambda i: [[1.0, None, 0.0]] * 2, replace=True)
+  total, _ = compute_rewards(inputs, RewardConfig(weights=(("none", 1.0),)))
+  assert np.isnan(np.asarray(total)[:, 1]).all() and float(total[0, 0]) == 1.0
+  register_reward("big", lambda i: np.full((2, 3), 2**40, np.int64), replace=True)  # JAX would wrap it at int32
+  assert float(compute_rewards(inputs, RewardConfig(weights=(("big", 1.0),)))[1]["big"][0, 0]) == 2.0**40
+
+
+def test_reward_registration_and_weights_are_checked(tok):
+  with pytest.raises(ValueError, match="not callable"):
+    register_reward("x", 3.0)
+  with pytest.raises(ValueError, match="a non-empty string, not 3"):
+    register_reward(3, lambda i: i.lengths)
+  for bad in ({"format": 1.0}, ("format", 1.0), (("format", None),)):
+    with pytest.raises(ValueError, match=r"RewardConfig.weights\[0\] = .*: each entry is a \(reward name, weight\)"):
+      RewardConfig(weights=bad)
+  with pytest.raises(ValueError, match=r"names \['format'\] more than once"):
+    RewardConfig(weights=(("format", 1.0), ("accuracy", 1.0), ("format", 0.5)))
+
+
+def test_a_text_reward_that_fails_names_the_reward_it_was_registered_as(tok):
+  import jax
+  inputs = inputs_for(tok, ["<think>a</think><answer>Image 1</answer>"] * 2, [0], g=2)
+  register_reward("too_short", text_reward(lambda texts, labels: [1.0], tok), replace=True)
+  register_reward("raises", text_reward(lambda texts, labels: 1 / 0, tok), replace=True)
+  for name, match in (("too_short", r"text reward 'too_short' returned shape \(1,\), expected \(2,\)"),
+                      ("raises", "text reward 'raises' failed: ZeroDivisionError")):
+    with pytest.raises(Exception, match=match):
+      jax.block_until_ready(jax.jit(lambda x: compute_rewards(x, RewardConfig(weights=((name, 1.0),))))(inputs))
 
 
 def test_a_reward_or_advantage_of_the_wrong_shape_is_an_error_naming_it(tok):

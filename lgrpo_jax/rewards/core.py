@@ -48,12 +48,20 @@ def register_reward(name: str, fn: Callable | None = None, *, replace: bool = Fa
   """Register `fn(inputs) -> (B, G)` under `name` (usable as a decorator). `uses_listener`: it reads
   `inputs.listener_probs`, so the step runs the listener whenever it has a non-zero weight (else
   `listener_probs` is None unless another reward needs the listener)."""
+  if not isinstance(name, str) or not name:
+    raise ValueError(f"register_reward: a reward's name is a non-empty string, not {name!r}")
+
   def wrap(f):
+    if not callable(f):
+      raise ValueError(f"register_reward({name!r}, {f!r}): not callable; a reward is fn(inputs: RewardInputs) "
+                       "-> (B, G) floats")
     if name in REWARDS and not replace:
       raise ValueError(f"reward {name!r} is already registered (pass replace=True to override, e.g. "
                        "when a notebook cell or a config file runs again)")
     REWARDS[name] = f
     (USES_LISTENER.add if uses_listener else USES_LISTENER.discard)(name)
+    if hasattr(f, "reward_name"):  # a text_reward: its host errors name what it was registered as
+      f.reward_name = name
     return f
   return wrap if fn is None else wrap(fn)
 
@@ -87,9 +95,24 @@ class RewardConfig:
   weights: tuple[tuple[str, float], ...] = (("format", 1.0), ("accuracy", 0.5), ("listener", 0.5))
 
   def __post_init__(self):
-    object.__setattr__(self, "weights", tuple((str(n), float(w)) for n, w in self.weights))
+    pairs = []
+    for i, entry in enumerate(self.weights if isinstance(self.weights, (tuple, list)) else [self.weights]):
+      try:
+        name, w = entry
+        pairs.append((str(name), float(w)))
+      except (TypeError, ValueError):
+        raise ValueError(f"RewardConfig.weights[{i}] = {entry!r}: each entry is a (reward name, weight) pair, "
+                         "e.g. weights=(('format', 1.0), ('accuracy', 0.5))") from None
+    object.__setattr__(self, "weights", tuple(pairs))
     if not self.weights:
       raise ValueError("RewardConfig.weights is empty: GRPO needs at least one (reward, weight) pair")
+    names = [n for n, _ in self.weights]
+    if len(set(names)) < len(names):
+      raise ValueError(f"RewardConfig.weights names {sorted({n for n in names if names.count(n) > 1})} more "
+                       "than once: give each reward one weight")
+    if all(w == 0 for _, w in self.weights):
+      raise ValueError("RewardConfig.weights: every weight is 0, so every completion's reward would be 0 and "
+                       "nothing would be learnt")
     from lgrpo_jax.grpo.core import reading_a_record
     for name, w in self.weights:
       if name not in REWARDS and not reading_a_record():
@@ -102,32 +125,65 @@ class RewardConfig:
     return any(n in USES_LISTENER and w != 0 for n, w in self.weights)
 
 
+def _reward_value(name: str, inputs: RewardInputs):
+  """REWARDS[name](inputs) as (B, G) float32; any failure is an error naming the reward."""
+  try:
+    value = REWARDS[name](inputs)
+    if not isinstance(value, jax.Array):  # host values (None → NaN); JAX would wrap numpy's int64 at int32
+      value = np.asarray(value, np.float32)
+    value = jnp.asarray(value).astype(jnp.float32)
+  except Exception as e:  # noqa: BLE001 — re-raised, naming the reward (it was a bare error deep in JAX)
+    hint = ""
+    if inputs.listener_probs is None and name not in USES_LISTENER:
+      try:  # does it work once it has listener probabilities?
+        REWARDS[name](inputs._replace(listener_probs=jnp.full(inputs.lengths.shape + (2,), 0.5, jnp.float32)))
+        hint = ("; it reads inputs.listener_probs: register it with register_reward(..., uses_listener=True) "
+                "so that the step runs the listener")
+      except Exception:  # noqa: BLE001 — it fails for its own reason
+        pass
+    raise ValueError(f"reward {name!r} failed: {type(e).__name__}: {e}{hint}. A reward is fn(inputs: "
+                     f"RewardInputs) -> (B, G) floats, with tokens/mask (B, G, N), lengths (B, G), labels (B,) "
+                     f"(compare with labels[:, None]), parsed, listener_probs (B, G, 2)") from e
+  want = inputs.lengths.shape
+  if value.shape == ():  # a constant: every completion
+    value = jnp.broadcast_to(value, want)
+  if value.shape != want:  # (B,) or (B, G, 1) would broadcast into the wrong axes, silently or deep in JAX
+    raise ValueError(f"reward {name!r} returned shape {value.shape}; a reward gives one value per "
+                     f"completion: (B, G) = {want}")
+  return value
+
+
 def compute_rewards(inputs: RewardInputs, cfg: RewardConfig = RewardConfig()):
-  """(total (B, G), {name: (B, G)})."""
+  """(total (B, G), {name: (B, G)}). A reward of weight 0 is off: it is computed for its metric
+  (except a listener reward when the step ran no listener) and neither enters the total nor
+  decides which completions are scored."""
   parts = {}
-  for name, _ in cfg.weights:
-    try:
-      value = jnp.asarray(REWARDS[name](inputs)).astype(jnp.float32)
-    except TypeError as e:  # mostly: a reward reading listener_probs that the step did not compute
-      if inputs.listener_probs is None and name not in USES_LISTENER:
-        raise ValueError(f"reward {name!r} failed ({e}); if it reads inputs.listener_probs, register it with "
-                         "register_reward(..., uses_listener=True) so that the step runs the listener") from e
-      raise
-    want = inputs.lengths.shape
-    if value.shape == ():  # a constant: every completion
-      value = jnp.broadcast_to(value, want)
-    if value.shape != want:  # (B,) or (B, G, 1) would broadcast into the wrong axes, silently or deep in JAX
-      raise ValueError(f"reward {name!r} returned shape {value.shape}; a reward gives one value per "
-                       f"completion: (B, G) = {want}")
-    parts[name] = value
+  for name, w in cfg.weights:
+    if w == 0 and name in USES_LISTENER and inputs.listener_probs is None:
+      continue  # off, and the step ran no listener for it (`needs_listener`)
+    parts[name] = _reward_value(name, inputs)
+  on = [(name, w) for name, w in cfg.weights if w != 0]
   # TRL's rule: a reward that does not apply to a completion gives NaN (a host reward's None); the
   # total is the weighted sum of those that do, and NaN ("not scored": advantage 0) where none does.
-  total = sum(jnp.where(jnp.isnan(parts[name]), 0.0, w * parts[name]) for name, w in cfg.weights)
-  unscored = functools.reduce(jnp.logical_and, [jnp.isnan(parts[name]) for name, _ in cfg.weights])
+  total = sum(jnp.where(jnp.isnan(parts[name]), 0.0, w * parts[name]) for name, w in on)
+  unscored = functools.reduce(jnp.logical_and, [jnp.isnan(parts[name]) for name, _ in on])
   # A total that is not a number for another reason (∞ − ∞, 0·∞) is a broken reward, not "does not
   # apply": it becomes ∞, which makes the loss non-finite, so the update is skipped and said.
   total = jnp.where(jnp.isnan(total), jnp.inf, total)
   return jnp.where(unscored, jnp.nan, total), parts
+
+
+def check_rewards(cfg: RewardConfig, b: int, g: int, n: int) -> None:
+  """Trace the configured rewards on abstract inputs of the step's shapes (B pairs, G samples, N
+  new tokens), with listener probabilities exactly when the step will compute them: a reward that
+  fails, or returns the wrong shape, is an error naming it before anything is loaded or compiled.
+  (A text reward's Python function runs only in the step.)"""
+  from lgrpo_jax.rewards.text import Parsed
+  i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
+  inputs = RewardInputs(i32(b, g, n), i32(b, g, n), i32(b, g), i32(b),
+                        Parsed(jax.ShapeDtypeStruct((b, g), jnp.bool_), i32(b, g), i32(b, g)),
+                        jax.ShapeDtypeStruct((b, g, 2), jnp.float32) if cfg.needs_listener else None)
+  jax.eval_shape(lambda x: compute_rewards(x, cfg), inputs)
 
 
 def reward_metrics(inputs: RewardInputs, total, parts, valid_b=None) -> dict:
@@ -175,14 +231,19 @@ def text_reward(fn: Callable, tokenizer) -> Callable:
     texts = decode_completions(tokenizer, tokens, lengths)
     g = tokens.shape[1]
     flat_labels = [int(l) for l in np.repeat(np.asarray(labels), g)]
-    values = np.asarray(fn(texts, flat_labels), np.float32)
+    try:
+      out = fn(texts, flat_labels)
+      values = np.asarray(out, np.float32)  # None → NaN
+    except Exception as e:  # noqa: BLE001 — it arrives wrapped in JAX's callback error: name it first
+      raise ValueError(f"text reward {reward.reward_name!r} failed: {type(e).__name__}: {e}") from e
     if values.shape != (len(texts),):
-      raise ValueError(f"text reward {getattr(fn, '__name__', fn)!r} returned shape {values.shape}, "
-                       f"expected ({len(texts)},): one float per completion")
+      raise ValueError(f"text reward {reward.reward_name!r} returned shape {values.shape}, "
+                       f"expected ({len(texts)},): one float (or None) per completion")
     return values.reshape(tokens.shape[:2])
 
   def reward(inputs: RewardInputs):
     shape = jax.ShapeDtypeStruct(inputs.lengths.shape, jnp.float32)
     return jax.pure_callback(host, shape, inputs.tokens, inputs.lengths, inputs.labels)
 
+  reward.reward_name = getattr(fn, "__name__", repr(fn))  # register_reward renames it
   return reward

@@ -43,7 +43,7 @@ from lgrpo_jax.data.pipeline import PipelineConfig, make_batches
 from lgrpo_jax.data.prompts import end_of_turn_ids
 from lgrpo_jax.grpo.update import make_optimizer
 from lgrpo_jax.listener import ListenerSpec
-from lgrpo_jax.rewards import ByteTable
+from lgrpo_jax.rewards import ByteTable, check_rewards
 from lgrpo_jax.sharding import copy_tree, on_mesh, put, state_shardings
 from lgrpo_jax.models.qwen2_5_vl.flops import grpo_step_flops
 from lgrpo_jax.train.metrics import CompileCounter, MetricSinks, measured_matmul_tflops
@@ -183,6 +183,9 @@ class Trainer:
       step_cfg = dataclasses.replace(step_cfg, sampling=dataclasses.replace(
           step_cfg.sampling, eos_ids=end_of_turn_ids(tokenizer)))
     self.step_cfg, self.pipe_cfg, self.loop_cfg = step_cfg, pipe_cfg, loop_cfg
+    # A reward that fails or returns the wrong shape: named now, not from inside the first step's trace
+    check_rewards(step_cfg.rewards, pipe_cfg.global_batch, step_cfg.sampling.num_samples,
+                  step_cfg.sampling.max_new_tokens)
     self.model_config = model.config
     # The model given is trained in place, as TRL's trainer trains the model it is given: its
     # parameters are the step's state (donated to each step, so no second copy is held), and every
