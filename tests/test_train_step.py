@@ -71,18 +71,19 @@ def test_one_program_per_shape_and_frozen_reference_and_listener(tmp_path):
       np.testing.assert_array_equal(np.asarray(a), b)
 
 
-def tiny_step(tmp_path, temperature=1.0, eos_ids=None, loss=LossConfig(beta=0.04)):
+def tiny_step(tmp_path, temperature=1.0, eos_ids=None, loss=LossConfig(beta=0.04), dtype="float32", passes=1,
+              **step_kw):
   """A compiled GRPO step of the tiny model on 2-pair batches: (step, params, tx, batches, tables)."""
   tok_dir = build_tiny_tokenizer(tmp_path / "tok")
   tok = AutoTokenizer.from_pretrained(tok_dir)
-  graphdef, params = nnx.split(lgrpo_jax.from_config(tiny_model_config(tok_dir)), nnx.Param)
+  graphdef, params = nnx.split(lgrpo_jax.from_config(tiny_model_config(tok_dir), dtype=dtype), nnx.Param)
   pipe = PipelineConfig(global_batch=2, seed=0, image=ImageConfig(min_pixels=56 * 56, max_pixels=56 * 56),
                         length_buckets=(256,))
   batches = make_batches(list(synthetic(8, seed=0, image_size=64)), tok, pipe)
   end = tok.convert_tokens_to_ids("<|im_end|>")
   cfg = StepConfig(sampling=SamplingConfig(max_new_tokens=10, num_samples=4, temperature=temperature,
                                            eos_ids=eos_ids or (end,)),
-                   loss=loss, optim=OptimConfig(learning_rate=1e-3))
+                   loss=loss, optim=OptimConfig(learning_rate=1e-3, passes=passes), **step_kw)
   tx = make_optimizer(cfg.optim, params)
   bt = ByteTable.from_tokenizer(tok)
   tables = Tables(jnp.asarray(bt.table), jnp.asarray(bt.lengths))
@@ -124,6 +125,30 @@ def test_the_policy_is_scored_at_the_sampling_temperature(tmp_path, temperature=
   assert float(m["logprob_drift"]) < 1e-5 and float(m["ratio_max"]) == pytest.approx(1.0, abs=1e-4)
   assert float(m["clip_fraction_low"]) == 0 == float(m["clip_fraction_high"])
   assert abs(float(m["kl"])) < 1e-6  # the reference is the policy
+
+
+def test_the_first_pass_ratio_is_exactly_one_with_the_updates_own_old_logprobs(tmp_path):
+  """TRL (no vLLM, one iteration) takes the update's own log-probs, detached, as the old ones: the
+  first pass's ratio is exactly 1. The sampler's differ from the update's by the numerics' drift
+  (bf16: XLA keeps other intermediates in the differentiated program), which with GSPO's tight clip
+  (ε ≈ 3e-4) clipped sequences of an unchanged policy (`old_logprobs="recompute"`, also a separate
+  program, did not help). With `old_logprobs="current"` (the default) nothing is clipped, the drift
+  against the sampler is still reported, and a second pass reads the first pass's log-probs (its
+  loss then differs from the first's; read against its own, it would equal it)."""
+  gspo = LossConfig(beta=0.0, importance_sampling_level="sequence", eps_low=3e-4, eps_high=4e-4)
+  out = {}
+  for old, passes in (("sampler", 1), ("current", 2)):
+    step, params, tx, batches, tables = tiny_step(tmp_path / old, loss=gspo, dtype="bfloat16", passes=passes,
+                                                  old_logprobs=old)
+    state = init_state(jax.tree.map(jnp.copy, params), tx, seed=0)  # donated: not the frozen copies' arrays
+    _, m = step(state, params, params, device_batch(next(batches)), tables)
+    out[old] = {k: float(v) for k, v in m.items()}
+  cur, smp = out["current"], out["sampler"]
+  assert cur["ratio_max"] == 1.0 and cur["ratio_mean"] == 1.0
+  assert cur["clip_fraction_low"] == 0 == cur["clip_fraction_high"]
+  assert cur["logprob_drift"] == smp["logprob_drift"] > 0  # the same rollout: the sampler's drift, reported
+  assert smp["ratio_max"] != 1.0  # the control: the sampler's old log-probs are off by that drift
+  assert cur["loss_last_pass"] != cur["loss"]
 
 
 def test_truncated_completions_are_masked_from_the_loss_when_asked(tmp_path):

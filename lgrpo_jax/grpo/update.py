@@ -121,13 +121,17 @@ class PolicyBatch(NamedTuple):
   pixel_values: jax.Array | None  # (B, n, d)
   tokens: jax.Array  # (B, G, N)
   mask: jax.Array  # (B, G, N)
-  logp_old: jax.Array  # (B, G, N)
+  # (B, G, N) the ratio's old log-probs; None: the update's own, detached (TRL's when they are the
+  # sampling policy's): the first pass's ratio is exactly 1, and later passes take the first pass's
+  logp_old: jax.Array | None
   advantages: jax.Array  # (B, G)
   weights: jax.Array  # (B, G, N) from grpo.token_weights over the whole batch
   logp_ref: jax.Array | None = None  # (B, G, N), needed when β > 0
   # (B, image tokens per pair, E): the pairs' image features, given when the vision tower is frozen
   # (no gradient flows into it; `update` fills it in, the training step passes the rollout's).
   image_embeds: jax.Array | None = None
+  # (B, G, N) the sampler's log-probs when `logp_old` is not them: `logprob_drift` is measured against them
+  logp_sampler: jax.Array | None = None
 
 
 def policy_logprobs(model, input_ids, attention_mask, pixel_values, pair_grid, tokens, mask, chunk=8192,
@@ -174,8 +178,19 @@ def loss_fn(params, graphdef, batch: PolicyBatch, pair_grid, cfg: LossConfig, ch
                                   pair_grid, batch.tokens, batch.mask, chunk, with_entropy=True,
                                   prefix_sharing=prefix_sharing, image_embeds=feats, temperature=temperature,
                                   entropy_grad=cfg.entropy_coef != 0)
-  return grpo_loss(logp, batch.logp_old, batch.advantages, batch.weights, cfg, batch.logp_ref, entropy,
-                   batch_tokens)
+  logp_old = jax.lax.stop_gradient(logp) if batch.logp_old is None else batch.logp_old
+  loss, metrics = grpo_loss(logp, logp_old, batch.advantages, batch.weights, cfg, batch.logp_ref, entropy,
+                            batch_tokens)
+  on = batch.weights > 0
+  if batch.logp_sampler is not None:  # the trainer's numerics against the sampler's, whatever the ratio reads
+    metrics["logprob_drift"] = jnp.sum(jnp.where(on, jnp.abs(jax.lax.stop_gradient(logp) - batch.logp_sampler),
+                                                 0.0)) / jnp.maximum(on.sum(), 1)
+  if batch.logp_old is None:  # the old log-probs of any later pass
+    metrics[OWN_LOGP] = jax.lax.stop_gradient(logp)
+  return loss, metrics
+
+
+OWN_LOGP = "_logp"  # not a metric: a pass's own log-probs (B, G, N), carried to the next passes
 
 
 def _split(batch: PolicyBatch, k: int) -> PolicyBatch:
@@ -215,6 +230,9 @@ def combine_micro_metrics(metrics: dict) -> dict:
   micro-batch's `loss_tokens` (a micro-batch of padding rows counts for nothing), maxima as max."""
   n = metrics["loss_tokens"]
   out = {"loss_tokens": n.sum(), "ratio_max": jnp.max(metrics["ratio_max"])}
+  if OWN_LOGP in metrics:  # (k, B/k, G, N) → (B, G, N), the micro-batches in order
+    own = metrics[OWN_LOGP]
+    out[OWN_LOGP] = own.reshape(-1, *own.shape[2:])
   for k, v in metrics.items():
     if k not in out:
       out[k] = jnp.sum(v * n) / jnp.maximum(n.sum(), 1)
@@ -243,7 +261,7 @@ def update(params, opt_state, graphdef, tx: optax.GradientTransformation, batch:
     feats = model.image_features(batch.pixel_values.reshape(-1, batch.pixel_values.shape[-1]), tuple(pair_grid) * b)
     batch = batch._replace(image_embeds=jax.lax.stop_gradient(feats).reshape(b, -1, feats.shape[-1]))
 
-  def one_pass(carry, _):
+  def one_pass(carry, batch):
     params, opt_state, skipped = carry
     loss, grads, metrics = accumulate_grads(params, graphdef, batch, pair_grid, loss_cfg,
                                             optim_cfg.micro_batches, chunk, prefix_sharing, temperature)
@@ -259,11 +277,16 @@ def update(params, opt_state, graphdef, tx: optax.GradientTransformation, batch:
     return (params, opt_state, skipped + (~ok).astype(jnp.int32)), metrics
 
   carry = (params, opt_state, jnp.int32(0))
-  if optim_cfg.passes == 1:  # no scan: its carry would hold a second copy of parameters + optimiser state
-    carry, metrics = one_pass(carry, None)
-    metrics = jax.tree.map(lambda v: v[None], metrics)
-  else:
-    carry, metrics = jax.lax.scan(one_pass, carry, None, length=optim_cfg.passes)
+  # The first pass alone (no scan: its carry would hold a second copy of parameters + optimiser
+  # state); with the update's own old log-probs (`logp_old` None) it gives the later passes theirs.
+  carry, metrics = one_pass(carry, batch)
+  own = metrics.pop(OWN_LOGP, None)
+  metrics = jax.tree.map(lambda v: v[None], metrics)
+  if optim_cfg.passes > 1:
+    later = batch if own is None else batch._replace(logp_old=own)
+    carry, rest = jax.lax.scan(lambda c, _: one_pass(c, later), carry, None, length=optim_cfg.passes - 1)
+    rest.pop(OWN_LOGP, None)
+    metrics = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), metrics, rest)
   params, opt_state, skipped = carry
   # Report the first pass (the policy that sampled) and the last pass's loss.
   out = {k: v[0] for k, v in metrics.items()}

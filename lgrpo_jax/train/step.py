@@ -32,13 +32,20 @@ from lgrpo_jax.rewards import RewardConfig, RewardInputs, compute_rewards, parse
 from lgrpo_jax.sampling import SamplingConfig, sample_from_embeddings
 
 
+OLD_LOGPROBS = ("current", "sampler", "recompute")
+
+
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
   sampling: SamplingConfig = SamplingConfig(max_new_tokens=256, num_samples=8, temperature=1.0)
   loss: LossConfig = LossConfig()
   optim: OptimConfig = OptimConfig()
   rewards: RewardConfig = RewardConfig()
-  old_logprobs: str = "sampler"  # or "recompute": a teacher-forced pass of the sampling policy
+  # The importance ratio's old log-probs. "current" (TRL without vLLM): the update's own, detached —
+  # the first pass's ratio is exactly 1 (later passes take the first pass's). "sampler": the
+  # rollout's (off by the numerics' drift, ~5e-4 per token in bf16). "recompute": a teacher-forced
+  # pass of the sampling policy (a separate program: the same drift in bf16, one more forward).
+  old_logprobs: str = "current"
   # True: each pair's prompt and images run once in the listener, reference, old and policy log-probs,
   # the G completions attending to that one pass (exact). False: every completion with its own copy of
   # the prompt and images, as the PyTorch peers do — for comparison (bench/) and as the test oracle.
@@ -51,8 +58,8 @@ class StepConfig:
                        "completions per pair (advantages are relative to the group)")
     if self.logprob_chunk < 1:
       raise ValueError(f"StepConfig.logprob_chunk={self.logprob_chunk} must be ≥ 1 (vocabulary rows per chunk)")
-    if self.old_logprobs not in ("sampler", "recompute"):
-      raise ValueError(f"StepConfig.old_logprobs={self.old_logprobs!r}: choose 'sampler' or 'recompute'")
+    if self.old_logprobs not in OLD_LOGPROBS:
+      raise ValueError(f"StepConfig.old_logprobs={self.old_logprobs!r}: choose one of {OLD_LOGPROBS}")
 
 
 class TrainState(NamedTuple):
@@ -129,7 +136,9 @@ def train_step(state: TrainState, ref_params, listener_params, batch: Batch, tab
       rollout.tokens, rollout.mask, cfg.logprob_chunk, prefix_sharing=cfg.prefix_sharing,
       image_embeds=image_embeds, temperature=cfg.sampling.logprob_temperature))
   # Recomputed old log-probs: the sampling policy's own pass, so the rollout's image features.
-  logp_old = rollout.logprobs if cfg.old_logprobs == "sampler" else logp_of(state.params, graphdef, feats)
+  # "current": none here (the update's own, detached); the sampler's still give `logprob_drift`.
+  logp_old = {"sampler": lambda: rollout.logprobs, "current": lambda: None,
+              "recompute": lambda: logp_of(state.params, graphdef, feats)}[cfg.old_logprobs]()
   logp_ref = logp_of(ref_params, graphdef, frozen_feats) if cfg.loss.beta > 0 else None
   # A frozen vision tower gives the update the rollout's image features (the same parameters).
   frozen_vision = "vision" in cfg.optim.freeze
@@ -138,7 +147,8 @@ def train_step(state: TrainState, ref_params, listener_params, batch: Batch, tab
     loss_mask = rollout.mask * rollout.ended[..., None].astype(rollout.mask.dtype)
   pb = PolicyBatch(batch.input_ids, batch.attention_mask, batch.pixel_values, rollout.tokens, rollout.mask,
                    logp_old, adv, token_weights(loss_mask, cfg.loss, batch.valid), logp_ref,
-                   jax.lax.stop_gradient(feats).reshape(b, -1, feats.shape[-1]) if frozen_vision else None)
+                   jax.lax.stop_gradient(feats).reshape(b, -1, feats.shape[-1]) if frozen_vision else None,
+                   None if cfg.old_logprobs == "sampler" else rollout.logprobs)
   params, opt_state, update_metrics = update(state.params, state.opt_state, graphdef, tx, pb, pair_grid,
                                              cfg.loss, cfg.optim, cfg.logprob_chunk, cfg.prefix_sharing,
                                              cfg.sampling.logprob_temperature)
