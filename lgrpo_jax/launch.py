@@ -26,6 +26,7 @@ process after saving, so that a scheduler restarts it (docs/training.md, "Stoppi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -45,7 +46,9 @@ def build(cfg, mesh=None):
   if m.checkpoint is None:
     if m.preset != "tiny":
       raise ValueError(f"model.preset={m.preset!r}: only 'tiny' is built in; give model.checkpoint")
-    tok_dir = m.tokenizer or build_tiny_tokenizer(os.path.join(cfg.run_dir, "tokenizer"))
+    tok_dir = m.tokenizer or os.path.join(cfg.run_dir, "tokenizer")
+    if not m.tokenizer and not os.path.isfile(os.path.join(tok_dir, "tokenizer_config.json")):
+      build_tiny_tokenizer(tok_dir)  # once: a resumed run reads the one it was trained with
     load_tokenizer(tok_dir, "model.tokenizer")  # a bad directory named before the tiny config reads it
     model = lgrpo_jax.from_config(tiny_model_config(tok_dir), dtype=m.dtype, param_dtype=m.param_dtype, mesh=mesh)
   else:
@@ -119,8 +122,9 @@ def check(cfg) -> None:
       raise ConfigError(f"{name}={path!r}: not found")
   from lgrpo_jax.runs import check_creatable_dir
   check_creatable_dir(cfg.run_dir, "run_dir", ConfigError)
-  from lgrpo_jax.runs import check_run_dir_name
+  from lgrpo_jax.runs import check_run_dir_name, check_writable_dir
   check_run_dir_name(os.path.abspath(cfg.run_dir), "run_dir", ConfigError)
+  check_writable_dir(cfg.run_dir, "run_dir", ConfigError)  # a read-only mount: said before a model loads
   import importlib.util
   if cfg.loop.wandb_project and importlib.util.find_spec("wandb") is None:  # before the warm start, not after
     raise ConfigError(f"loop.wandb_project={cfg.loop.wandb_project!r} needs Weights & Biases: pip install wandb "
@@ -194,7 +198,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-  import contextlib
   with contextlib.ExitStack() as scope:  # process-wide settings made for the run end with it
     return _main(argv, scope)
 
@@ -221,6 +224,9 @@ def _main(argv, scope) -> int:
       print(f"config OK: {args.config}" + (f" with {' '.join(args.overrides)}" if args.overrides else ""),
             file=sys.stderr)
       return 0
+    if jax.process_index() == 0:  # one run per directory, for as long as this process lives
+      from lgrpo_jax.runs import lock_run_dir
+      scope.enter_context(contextlib.closing(lock_run_dir(cfg.run_dir, "run_dir", ConfigError)))
     from lgrpo_jax.train import compile_cache
     # The persistent compilation cache, before anything compiles: a restarted run loads its programs.
     scope.enter_context(compile_cache.use(compile_cache.resolve(cfg.compile_cache, cfg.run_dir)))
@@ -251,15 +257,24 @@ def _main(argv, scope) -> int:
     except stopping.Stopped as e:  # pre-empted during the warm start: it resumes from its checkpoint
       print(f"\n{e}", file=sys.stderr)
       return stopping.leave(128 + e.signum, "lgrpo_jax.launch: warm start stopped by a signal")
-    except ValueError as e:  # a bad record or target, or a hung read, on any process: every process stops here
-      print(f"error: {e}", file=sys.stderr)
-      return stopping.leave(stopping.exit_code(e), "lgrpo_jax.launch: warm start stopped on an error")
+    except Exception as e:  # noqa: BLE001 — a full disk, a read-only mount: said in a line, else re-raised
+      if (code := _storage_error(e, cfg, "the warm start")) is None:
+        if not isinstance(e, ValueError):
+          raise
+        # a bad record or target, or a hung read, on any process: every process stops here
+        print(f"error: {e}", file=sys.stderr)
+        code = stopping.exit_code(e)
+      return stopping.leave(code, "lgrpo_jax.launch: warm start stopped on an error")
   try:
     trainer = Trainer(cfg.run_dir, model, tokenizer, pairs, cfg.step, cfg.pipeline, cfg.loop,
                       listener=listener, config_record=to_record(cfg), eval_pairs=eval_pairs, mesh=mesh,
                       compile_counter=compiles)
-  except ValueError as e:  # our errors (RunError, DataError, ImageError, …) name what to change
-    print(f"error: {e}", file=sys.stderr)
+  except Exception as e:  # noqa: BLE001 — re-raised unless it is ours or the storage's
+    if (code := _storage_error(e, cfg, "the Trainer's start")) is not None:
+      return code
+    if not isinstance(e, ValueError):
+      raise
+    print(f"error: {e}", file=sys.stderr)  # our errors (RunError, DataError, ImageError, …) name what to change
     return 2
   listener = None  # the Trainer holds its frozen copy: the loaded model's arrays go (~17 GB at 7B)
   if trainer.resumed_from is not None:
@@ -274,12 +289,53 @@ def _main(argv, scope) -> int:
           + (f"a restart resumes from the checkpoint of step {saved})" if saved is not None
              else "no checkpoint was saved yet)"), file=sys.stderr)
     return stopping.leave(stopping.exit_code(e), "lgrpo_jax.launch: stopped on a data error")
-  trainer.close()
+  except Exception as e:  # noqa: BLE001 — a checkpoint or metrics write that failed: said in a line
+    if (code := _storage_error(e, cfg, f"step {int(trainer.state.step)}", trainer)) is None:
+      raise
+    return stopping.leave(code, "lgrpo_jax.launch: stopped on a failed write")
+  try:
+    trainer.close()
+  except Exception as e:  # noqa: BLE001 — the last checkpoint's write failed
+    if (code := _storage_error(e, cfg, "the last save", trainer)) is None:
+      raise
+    return stopping.leave(code, "lgrpo_jax.launch: stopped on a failed write")
   if trainer.stopped_by is not None:  # pre-empted: not done, so that a scheduler restarts the run
     return stopping.leave(128 + trainer.stopped_by, "lgrpo_jax.launch: stopped by a signal")
   if jax.process_index() == 0:
     print(summary(cfg.run_dir, trained_here=bool(trained)), flush=True)
   return stopping.leave(0, "lgrpo_jax.launch: done")
+
+
+_WRITE_FAILED = False  # set by `_storage_error`: the command then exits without waiting for Orbax's threads
+
+
+def _storage_error(e: BaseException, cfg, stage: str, trainer=None) -> int | None:
+  """For a write the storage refused (a full disk, a file-size limit, a read-only mount, …): one
+  line saying so and where a restart resumes, and `stopping.TEMPFAIL` (fix it, then run the same
+  command). None for any other error."""
+  from lgrpo_jax.runs import storage_failure
+  from lgrpo_jax.train import stopping
+  reason = storage_failure(e)
+  if reason is None:
+    return None
+  global _WRITE_FAILED
+  _WRITE_FAILED = True
+  saved = None
+  if trainer is not None:
+    try:
+      trainer.close()  # what is still pending finishes or fails; the checkpoints listed are whole
+    except Exception:  # noqa: BLE001 — the same failure again
+      pass
+    try:
+      trainer.manager.reload()
+      saved = trainer.manager.latest_step()
+    except Exception:  # noqa: BLE001
+      pass
+  print(f"error: cannot write under run_dir={cfg.run_dir!r} during {stage} ({reason}); "
+        + (f"a restart resumes from the checkpoint of step {saved}" if saved is not None else
+           "no training checkpoint was written yet")
+        + ". Free space or fix the permissions, then run the same command.", file=sys.stderr)
+  return stopping.TEMPFAIL
 
 
 def summary(run_dir: str, trained_here: bool = True) -> str:
@@ -327,4 +383,9 @@ def summary(run_dir: str, trained_here: bool = True) -> str:
 if __name__ == "__main__":
   from lgrpo_jax.hostmem import reexec_with_hugepages
   reexec_with_hugepages()  # huge-page malloc where the kernel offers it (see lgrpo_jax/hostmem.py)
-  sys.exit(main())
+  code = main()
+  if _WRITE_FAILED:  # Orbax's writer threads would print their tracebacks after the error line, at exit
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+  sys.exit(code)

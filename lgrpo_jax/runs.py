@@ -77,6 +77,80 @@ def check_creatable_dir(path, setting: str, error=None) -> None:
     raise error(f"{setting}={os.fspath(path)!r} {where} a file, not a directory")
 
 
+def check_writable_dir(path, setting: str, error=None) -> None:
+  """`path` (or, before it exists, its nearest existing parent) takes new files: a probe file made
+  and removed there; else an `error` naming `setting` and the reason (a read-only mount, no
+  permission, a full disk), before a model is loaded."""
+  import tempfile
+  error = error or RunError
+  at = os.path.abspath(os.fspath(path))
+  while not os.path.exists(at) and os.path.dirname(at) != at:
+    at = os.path.dirname(at)
+  try:
+    with tempfile.TemporaryFile(dir=at, prefix=".lgrpo-write-probe-"):
+      pass
+  except OSError as e:
+    raise error(f"{setting}={os.fspath(path)!r}: cannot write in {at!r} ({e.strerror or e})") from None
+
+
+def lock_run_dir(run_dir, setting: str = "run_dir", error=None):
+  """An exclusive lock on RUN_DIR/.lock (which says who holds it) for as long as the returned file
+  stays open: a second launch into a running run's directory is refused, naming the holder. Two
+  runs there used to interleave their checkpoints and metrics.jsonl and both exit 0. Where the
+  file system has no locks, the run goes on without, said."""
+  import fcntl
+  import socket
+  error = error or RunError
+  os.makedirs(run_dir, exist_ok=True)
+  path = os.path.join(run_dir, ".lock")
+  f = open(path, "a+")
+  try:
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    f.seek(0)
+    holder = f.read().strip() or "another process"
+    f.close()
+    raise error(f"{setting}={os.fspath(run_dir)!r} is in use by {holder} (it holds {path}): two runs in one "
+                "directory would interleave their checkpoints and metrics; wait for it to end, or give "
+                f"another {setting}") from None
+  except OSError as e:  # e.g. a network file system mounted without locks
+    import sys
+    print(f"warning: cannot lock {path} ({e.strerror or e}); nothing stops a second run in this directory",
+          file=sys.stderr)
+    return f
+  f.seek(0)
+  f.truncate()
+  f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+  f.flush()
+  return f
+
+
+# errno of a failed write that is the storage's, not the run's: fix it, then run the same command
+_STORAGE_ERRNOS = {"ENOSPC": "no space left", "EDQUOT": "disk quota exceeded", "EFBIG": "file too large",
+                   "EROFS": "read-only file system", "EACCES": "permission denied", "EPERM": "not permitted",
+                   "ENOTDIR": "not a directory", "EIO": "input/output error"}
+_STORAGE_TEXTS = ("No space left", "Disk quota exceeded", "File too large", "Read-only file system",
+                  "Permission denied", "Not a directory", "Input/output error")
+
+
+def storage_failure(e: BaseException) -> str | None:
+  """The first line of a write failure anywhere in `e`'s chain (an OSError of the storage, or the
+  same reported by Orbax/TensorStore as text), else None."""
+  import errno
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    lines = str(e).strip().splitlines() or [type(e).__name__]
+    if isinstance(e, OSError) and errno.errorcode.get(e.errno or -1) in _STORAGE_ERRNOS:
+      return f"{_STORAGE_ERRNOS[errno.errorcode[e.errno]]}: {lines[0][:300]}"
+    found = next((t for t in _STORAGE_TEXTS if t in str(e)), None)
+    if found is not None:  # Orbax/TensorStore say it in text, among pages of detail
+      line = next(x for x in lines if found in x).strip()
+      return f"{found}: {line[:240]}" + ("…" if len(line) > 240 else "")
+    e = e.__cause__ or e.__context__
+  return None
+
+
 GLOB_CHARACTERS = "[]*?"
 
 
@@ -188,7 +262,15 @@ def restore_params(cfg, path, key: str | None = None, mesh=None):
     got = ocp.PyTreeCheckpointer().restore(os.path.abspath(os.fspath(path)), args=ocp.args.PyTreeRestore(
         item=item, restore_args=args, partial_restore=key is not None))
   except Exception as e:  # a damaged checkpoint or one of another model
-    raise RunError(f"{path}: cannot restore the parameters ({type(e).__name__}: {str(e)[:300]})") from None
+    first = (str(e).strip().splitlines() or [""])[0]  # TensorStore's message goes on for pages
+    hint = ""
+    step_dir = os.path.dirname(os.path.abspath(os.fspath(path)))
+    if os.path.basename(os.fspath(path)) == "state" and os.path.basename(step_dir).isdigit():
+      others = [x for x in _steps(os.path.dirname(step_dir)) if str(x) != os.path.basename(step_dir)]
+      hint = (f"; if it is damaged, the run's other checkpoints there are {others} (--step N)" if others else "") + (
+          "; resuming the run sets a damaged latest checkpoint aside")
+    raise RunError(f"{path}: cannot restore the parameters ({type(e).__name__}: {first[:240]}"
+                   + ("…" if len(first) > 240 else "") + f"){hint}") from None
   return nnx.merge(graphdef, got[key] if key else got)
 
 

@@ -226,6 +226,41 @@ def test_a_hung_read_exits_75_a_bad_record_2():
   assert "process 2 of" in str(failure_error([1, 2], 3, stalled=[1]))  # the one with a record to fix
 
 
+def test_a_second_launch_into_a_running_runs_directory_is_refused(tmp_path, capsys):
+  """Two launches into one run directory (a scheduler restarting a job that still runs) used to
+  interleave their checkpoints and metrics.jsonl and both exit 0. The first holds RUN_DIR/.lock
+  while it lives; the second is refused naming the holder, before loading anything."""
+  from lgrpo_jax import runs
+  lock = runs.lock_run_dir(str(tmp_path / "run"))
+  try:
+    assert launch.main(["--config", DEMO, f"run_dir={tmp_path / 'run'}"]) == 2
+    assert f"is in use by pid {os.getpid()} on " in capsys.readouterr().err
+  finally:
+    lock.close()
+  # Where no file can be made (a read-only mount; this test runs as root, which chmod does not stop):
+  (tmp_path / "file.txt").write_text("x")
+  with pytest.raises(runs.RunError, match=r"run_dir=.*: cannot write in .*file.txt' \(Not a directory\)"):
+    runs.check_writable_dir(str(tmp_path / "file.txt" / "run"), "run_dir")
+
+
+def test_a_write_the_storage_refuses_is_one_line_and_exits_75(tmp_path):
+  """A full disk (here: a file-size limit, EFBIG) during a checkpoint save ended in pages of
+  Orbax/TensorStore tracebacks and exit 1; it is one line saying what failed and where a restart
+  resumes, and exit 75 (a temporary failure: fix it, run the same command)."""
+  import shlex
+  import subprocess
+  import sys
+  command = [sys.executable, "-m", "lgrpo_jax.launch", "--config", DEMO, f"run_dir={tmp_path / 'run'}",
+             "sft.steps=0", "loop.steps=2", "loop.save_every=1", "loop.eval_every=0", "compile_cache=off",
+             "data.synthetic_pairs=8", "step.sampling.max_new_tokens=8", "step.sampling.num_samples=2"]
+  r = subprocess.run(["bash", "-c", "ulimit -f 300 && exec " + shlex.join(command)],  # 300 KiB per file
+                     capture_output=True, text=True, timeout=600)
+  last = r.stderr.strip().splitlines()[-1]
+  assert r.returncode == 75, r.stderr[-3000:]
+  assert last.startswith(f"error: cannot write under run_dir={str(tmp_path / 'run')!r} during ") and (
+      "File too large" in last or "file too large" in last), last
+
+
 def test_model_listener_is_the_frozen_listener(tmp_path):
   # model.listener=DIR: the listener is that checkpoint, not a copy of the policy; the reference
   # stays the initial policy (β > 0 here), so the Trainer keeps two frozen copies.

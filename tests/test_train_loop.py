@@ -283,6 +283,20 @@ def test_a_run_resumed_with_other_settings_says_so_and_keeps_the_old_config(tmp_
   make(run, tok_dir, steps=1, config_record={"loop": {"steps": 3}, "lr": 1, "data": "a/sft.json",
                                              "sft": {"steps": 5}}).close()
   assert "warm start is not run again" in capsys.readouterr().err
+  # A config.json hand-edited into invalid JSON was silently written over (the run's only record of
+  # its settings): it is kept aside, said.
+  (run / "config.json").write_text('{"loop": {"steps": 3,,}}')
+  make(run, tok_dir, steps=1, config_record={"loop": {"steps": 3}, "lr": 1}).close()
+  assert "config.json is not valid JSON" in capsys.readouterr().err
+  kept, = run.glob("config.unreadable-*.json")
+  assert kept.read_text() == '{"loop": {"steps": 3,,}}' and json.load(open(run / "config.json"))["lr"] == 1
+  # A file where the checkpoint folders go: said at once (Orbax's save hung 5 minutes in a barrier).
+  from lgrpo_jax.runs import RunError
+  from lgrpo_jax.train.loop import checkpoint_managers
+  (tmp_path / "other").mkdir()
+  (tmp_path / "other" / "best").write_text("x")
+  with pytest.raises(RunError, match=r"other/best is a file; the run saves its checkpoints in a directory"):
+    checkpoint_managers(str(tmp_path / "other"), 1)
 
 
 def test_a_run_resumed_with_another_state_layout_is_refused(tmp_path):

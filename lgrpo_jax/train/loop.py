@@ -124,6 +124,10 @@ def checkpoint_managers(run_dir: str, keep: int) -> tuple[ocp.CheckpointManager,
   The two may write the same step at once, each from its own background thread, and Orbax names
   its process-wide barriers by step only: each manager gets its own barrier prefix (with the same
   names, a multi-process run failed with "barrier _async_write_complete.N is already ongoing")."""
+  from lgrpo_jax.runs import RunError
+  for name in ("checkpoints", "best"):  # a file there: Orbax's save failed after a 5-minute barrier timeout
+    if os.path.exists(p := os.path.join(run_dir, name)) and not os.path.isdir(p):
+      raise RunError(f"{p} is a file; the run saves its checkpoints in a directory of that name: move it away")
   barriers = lambda name: ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name)
   manager = ocp.CheckpointManager(os.path.join(run_dir, "checkpoints"), options=ocp.CheckpointManagerOptions(
       max_to_keep=keep, enable_async_checkpointing=True, multiprocessing_options=barriers("checkpoints")))
@@ -261,6 +265,15 @@ class Trainer:
     self.resumed_from = self._restore(config_record)
     if config_record is not None and jax.process_index() == 0:  # after the restore: a refused one keeps it
       cfg_path = os.path.join(self.run_dir, "config.json")
+      try:
+        if os.path.isfile(cfg_path):
+          with open(cfg_path) as f:
+            json.load(f)
+      except ValueError as e:  # hand-edited or torn: kept, not written over (the run's only record of its settings)
+        kept = os.path.join(self.run_dir, f"config.unreadable-{time.strftime('%Y%m%d-%H%M%S')}.json")
+        os.replace(cfg_path, kept)
+        print(f"warning: {cfg_path} is not valid JSON ({e}); kept as {os.path.basename(kept)}, and this run's "
+              "settings are written in its place (the differences from it cannot be listed)", file=sys.stderr)
       changed = config_changes(cfg_path, config_record, limit=20) if self.resumed_from is not None else ""
       if changed:  # allowed (a longer run, another learning rate), said, and the old settings kept
         sft_changed = any(k.startswith("sft.") for k, _, _ in config_diffs(cfg_path, config_record))

@@ -372,6 +372,11 @@ class Teacher:
     return texts
 
 
+def _first_line(e: BaseException, limit: int = 240) -> str:
+  line = (str(e).strip().splitlines() or [""])[0]
+  return line[:limit] + ("…" if len(line) > limit else "")
+
+
 def _log_row(step: int, window: list[dict], learning_rate: float, seconds: float) -> tuple[dict, int]:
   """One line of sft_metrics.jsonl from the steps since the last one, as TRL's trainer logs: the loss
   (and its parts) averaged over those steps — skipped (non-finite) ones left out, NaN if all were
@@ -417,7 +422,13 @@ def run_sft(model, tokenizer, pairs, cfg: SFTConfig, pipe_cfg, run_dir: str, *, 
   recorded = read_settings(run_dir)
   record = _settings_record(cfg, pipe_cfg, seed)
   if os.path.isdir(path):
-    nnx.update(model, ocp.StandardCheckpointer().restore(path, abstract(params)))
+    try:
+      restored = ocp.StandardCheckpointer().restore(path, abstract(params))
+    except Exception as e:  # noqa: BLE001 — damaged: said in a line, not TensorStore's pages
+      raise ValueError(f"{path} (the warm start's weights, which the reference and listener start from) "
+                       f"cannot be read ({type(e).__name__}: {_first_line(e)}); put back a good copy, or delete "
+                       f"it and {os.path.join(run_dir, SETTINGS)} to run the warm start again") from None
+    nnx.update(model, restored)
     changed = _settings_changed(recorded, record, with_steps=True) if cfg.steps else ""
     say(f"warm start: loaded {path}" + (
         " (sft.steps=0 here: the run's warm start stays, and the reference and listener start from it)"
@@ -462,9 +473,14 @@ def run_sft(model, tokenizer, pairs, cfg: SFTConfig, pipe_cfg, run_dir: str, *, 
                        f"settings: " + (changed or f"sft.steps={cfg.steps} < the {done} steps done") +
                        f"; give the same sft settings to resume it, or delete {manager.directory} and "
                        f"{os.path.join(run_dir, SETTINGS)} to start it again")
-    restored = manager.restore(done, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract({"params": params, "opt_state": opt_state})),
-        data=ocp.args.JsonRestore()))
+    try:
+      restored = manager.restore(done, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract({"params": params, "opt_state": opt_state})),
+          data=ocp.args.JsonRestore()))
+    except Exception as e:  # noqa: BLE001 — damaged: said in a line
+      raise ValueError(f"{manager.directory}/{done} (the interrupted warm start's state) cannot be read "
+                       f"({type(e).__name__}: {_first_line(e)}); delete {manager.directory} to run the warm "
+                       "start again from its first step") from None
     params, opt_state = restored["state"]["params"], restored["state"]["opt_state"]
     batches.set_state(restored["data"])
     say(f"warm start: resumed from {manager.directory}/{done}")
