@@ -46,7 +46,8 @@ class ModelConfig:
   dtype: str = "float32"  # compute dtype: float32 | bfloat16 (also the frozen listener's weights)
   # The trained policy's parameters and optimizer state (the master weights): float32 | bfloat16.
   # With dtype=bfloat16 the layers cast them to bf16 at use; kept in bf16 instead, an AdamW step at
-  # the paper's lr 1e-6 is ~1% of a bf16 weight's spacing and rounds away.
+  # the paper's lr 1e-6 is ~1% of a bf16 weight's spacing and rounds away, and AdamW's bf16 second
+  # moment stops decaying (0.999·v rounds to v) — the launcher warns.
   param_dtype: str = "float32"
   # Policy activations recomputed in the backward pass, per layer: none | full | dots (weight-matmul
   # outputs kept). Trades step time for memory; values and gradients are unchanged.

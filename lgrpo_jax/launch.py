@@ -179,6 +179,11 @@ def check(cfg) -> None:
     print(f"warning: step.optim.total_steps={o.total_steps} < loop.steps={cfg.loop.steps}: the cosine "
           f"schedule reaches learning rate 0 at step {o.total_steps} and trains no more after it",
           file=sys.stderr)
+  if cfg.model.param_dtype == "bfloat16":
+    print("warning: model.param_dtype=bfloat16 keeps the trained weights and AdamW's moments in bf16: an "
+          "update below half a weight's bf16 spacing rounds away (most of them at lr 1e-6), and the second "
+          "moment stops decaying (0.999·v rounds back to v); float32 (the default) keeps fp32 master weights",
+          file=sys.stderr)
   if cfg.model.decode_matmul == "pallas" and sizes[2] > 1:
     raise ConfigError(f"model.decode_matmul='pallas' runs on data/fsdp meshes only; mesh.tensor={sizes[2]} "
                       "(use model.decode_matmul=xla with tensor parallelism)")

@@ -333,6 +333,9 @@ def test_a_short_cosine_is_warned_of_and_a_mixed_grid_batch_is_a_data_error(tmp_
   launch.check(dataclass_replace(cfg, step=dataclass_replace(cfg.step, optim=dataclass_replace(
       cfg.step.optim, total_steps=10))))
   assert "warning" not in capsys.readouterr().err
+  launch.check(dataclass_replace(cfg, model=dataclass_replace(cfg.model, param_dtype="bfloat16")))
+  assert "model.param_dtype=bfloat16 keeps the trained weights and AdamW's moments in bf16" in (
+      capsys.readouterr().err)
   # pipeline.group_by_grid=false on mixed sizes: a DataError (the launcher saves and exits 2), not a crash
   grids = np.asarray([[1, 2, 2], [1, 2, 4], [1, 4, 4], [1, 2, 4]])
   assert pair_grid_of({"image_grid_thw": np.tile(grids[:2], (2, 1))}) == ((1, 2, 2), (1, 2, 4))
