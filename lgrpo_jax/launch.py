@@ -320,7 +320,7 @@ def _storage_error(e: BaseException, cfg, stage: str, trainer=None) -> int | Non
   command). None for any other error."""
   from lgrpo_jax.runs import storage_failure
   from lgrpo_jax.train import stopping
-  reason = storage_failure(e)
+  reason = storage_failure(e, cfg.run_dir)
   if reason is None:
     return None
   global _WRITE_FAILED

@@ -133,17 +133,22 @@ _STORAGE_TEXTS = ("No space left", "Disk quota exceeded", "File too large", "Rea
                   "Permission denied", "Not a directory", "Input/output error")
 
 
-def storage_failure(e: BaseException) -> str | None:
-  """The first line of a write failure anywhere in `e`'s chain (an OSError of the storage, or the
-  same reported by Orbax/TensorStore as text), else None."""
+def storage_failure(e: BaseException, under: str) -> str | None:
+  """The first line of a failure of the storage under the directory `under` anywhere in `e`'s chain
+  (an OSError on a file there, or the same reported by Orbax/TensorStore as text naming a path
+  there), else None: a data file the user named that cannot be read is not one."""
   import errno
+  under = os.path.abspath(os.fspath(under))
   seen = set()
   while e is not None and id(e) not in seen:
     seen.add(id(e))
     lines = str(e).strip().splitlines() or [type(e).__name__]
     if isinstance(e, OSError) and errno.errorcode.get(e.errno or -1) in _STORAGE_ERRNOS:
-      return f"{_STORAGE_ERRNOS[errno.errorcode[e.errno]]}: {lines[0][:300]}"
-    found = next((t for t in _STORAGE_TEXTS if t in str(e)), None)
+      where = None if e.filename is None else os.path.abspath(os.fspath(e.filename))
+      if where is None or where == under or where.startswith(under + os.sep):
+        return f"{_STORAGE_ERRNOS[errno.errorcode[e.errno]]}: {lines[0][:300]}"
+    text_names_it = not isinstance(e, OSError) and (under + os.sep) in str(e)
+    found = next((t for t in _STORAGE_TEXTS if t in str(e)), None) if text_names_it else None
     if found is not None:  # Orbax/TensorStore say it in text, among pages of detail
       line = next(x for x in lines if found in x).strip()
       return f"{found}: {line[:240]}" + ("…" if len(line) > 240 else "")

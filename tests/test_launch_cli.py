@@ -237,6 +237,14 @@ def test_a_second_launch_into_a_running_runs_directory_is_refused(tmp_path, caps
     assert f"is in use by pid {os.getpid()} on " in capsys.readouterr().err
   finally:
     lock.close()
+  # Which errors are the storage's: a refused write under the run directory, not a data file the user named
+  import errno
+  run = str(tmp_path / "run")
+  assert runs.storage_failure(OSError(errno.ENOSPC, "No space left on device", f"{run}/metrics.jsonl"), run)
+  assert runs.storage_failure(ValueError(f"OUT_OF_RANGE: writing {run}/checkpoints/2: File too large"), run)
+  assert runs.storage_failure(PermissionError(errno.EACCES, "Permission denied", "/data/a.png"), run) is None
+  assert runs.storage_failure(PermissionError(errno.EACCES, "Permission denied", f"{run}2/x"), run) is None
+  assert runs.storage_failure(FileNotFoundError(errno.ENOENT, "No such file", f"{run}/x"), run) is None
   # Where no file can be made (a read-only mount; this test runs as root, which chmod does not stop):
   (tmp_path / "file.txt").write_text("x")
   with pytest.raises(runs.RunError, match=r"run_dir=.*: cannot write in .*file.txt' \(Not a directory\)"):
