@@ -229,9 +229,20 @@ def _main(argv, scope) -> int:
       print(f"config OK: {args.config}" + (f" with {' '.join(args.overrides)}" if args.overrides else ""),
             file=sys.stderr)
       return 0
+    lock_refused = None
     if jax.process_index() == 0:  # one run per directory, for as long as this process lives
       from lgrpo_jax.runs import lock_run_dir
-      scope.enter_context(contextlib.closing(lock_run_dir(cfg.run_dir, "run_dir", ConfigError)))
+      try:
+        scope.enter_context(contextlib.closing(lock_run_dir(cfg.run_dir, "run_dir", ConfigError)))
+      except ConfigError as e:
+        lock_refused = e
+    if jax.process_count() > 1:  # every process stops together, not process 0 alone
+      import numpy as np
+      from jax.experimental import multihost_utils
+      if multihost_utils.broadcast_one_to_all(np.int32(lock_refused is not None)) and lock_refused is None:
+        lock_refused = ConfigError(f"run_dir={cfg.run_dir!r} is in use by another run (process 0 names it)")
+    if lock_refused is not None:
+      raise lock_refused
     from lgrpo_jax.train import compile_cache
     # The persistent compilation cache, before anything compiles: a restarted run loads its programs.
     scope.enter_context(compile_cache.use(compile_cache.resolve(cfg.compile_cache, cfg.run_dir)))

@@ -143,16 +143,19 @@ def storage_failure(e: BaseException, under: str) -> str | None:
   while e is not None and id(e) not in seen:
     seen.add(id(e))
     lines = str(e).strip().splitlines() or [type(e).__name__]
-    if isinstance(e, OSError) and errno.errorcode.get(e.errno or -1) in _STORAGE_ERRNOS:
+    code = errno.errorcode.get(e.errno or -1) if isinstance(e, OSError) else None
+    if code in _STORAGE_ERRNOS:
       where = None if e.filename is None else os.path.abspath(os.fspath(e.filename))
-      if where is None or where == under or where.startswith(under + os.sep):
-        return f"{_STORAGE_ERRNOS[errno.errorcode[e.errno]]}: {lines[0][:300]}"
+      # a file under the run directory; with no file named, only what is the storage's whatever the file
+      if (where is not None and (where == under or where.startswith(under + os.sep))) or (
+          where is None and code in ("ENOSPC", "EDQUOT", "EROFS", "EFBIG")):
+        return f"{_STORAGE_ERRNOS[code]}: {lines[0][:300]}"
     text_names_it = not isinstance(e, OSError) and (under + os.sep) in str(e)
     found = next((t for t in _STORAGE_TEXTS if t in str(e)), None) if text_names_it else None
     if found is not None:  # Orbax/TensorStore say it in text, among pages of detail
       line = next(x for x in lines if found in x).strip()
       return f"{found}: {line[:240]}" + ("…" if len(line) > 240 else "")
-    e = e.__cause__ or e.__context__
+    e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)  # `raise … from None`: not its cause
   return None
 
 

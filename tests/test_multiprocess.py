@@ -238,6 +238,22 @@ def run_launch(n_proc: int, run_dir, tok_overrides=()):
   return spawn(base, n_proc, env, timeout=600)
 
 
+def test_a_two_process_launch_into_a_run_directory_in_use_stops_every_process(tmp_path):
+  """Process 0 holds RUN_DIR/.lock; refused, it used to return alone while process 1 built the
+  model and waited in a collective: both died at JAX's 5-minute shutdown barrier. Every process
+  now exits 2 at once, process 0 naming the holder."""
+  from lgrpo_jax import runs
+  lock = runs.lock_run_dir(str(tmp_path / "run"))
+  try:
+    env = {k: v for k, v in os.environ.items() if k not in (
+        distributed.ENV_COORDINATOR, distributed.ENV_NUM_PROCESSES, distributed.ENV_PROCESS_ID)}
+    out = spawn([sys.executable, "-m", "lgrpo_jax.launch", "--config", "configs/demo.py", f"run_dir={tmp_path / 'run'}"],
+                2, {**env, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(2)}, timeout=240, codes=(2,), stderr=True)
+  finally:
+    lock.close()
+  assert f"is in use by pid {os.getpid()}" in out[0][1] and "process 0 names it" in out[1][1]
+
+
 def test_training_two_processes_equal_one(tmp_path):
   """Multi-host training: two processes, each feeding its own rows of every global batch (warm start,
   GRPO steps, held-out evaluation gathered across processes), train like one process with the same

@@ -65,6 +65,7 @@ def test_choices_the_two_choice_tokens_cannot_tell_apart_are_refused(tok):
   with pytest.raises(ValueError, match="'et' and 'e'"):
     choice_tokens(tok, ("better", "best"))
   common, ids = choice_tokens(tok, ("yes", "no"))  # differing tokens that begin differently: kept
+  choice_tokens(tok, ("🐱", "🐶"))  # a byte token each, differing bytes (as text both are "�"): kept
   assert len(common) == 0 and tok.convert_ids_to_tokens(list(ids)) == ["y", "n"]
 
 

@@ -114,9 +114,12 @@ def choice_tokens(tokenizer, choices=("Image 1", "Image 2")) -> tuple[np.ndarray
                      "'Image 2')")
   # P(choice) is read from these two tokens alone: neither may also begin the other choice's text, or
   # its probability would count the other choice too (" " against " 1" in "Image B"/"Image 1").
-  first = [tokenizer.decode([t]) for t in (a[k], b[k])]
-  rest = [tokenizer.decode(t[k:]) for t in (a, b)]
-  if rest[1].startswith(first[0]) or rest[0].startswith(first[1]):
+  from lgrpo_jax.rewards.text import _byte_decoder, _piece_bytes  # bytes: a token may hold part of a character
+  decoder = _byte_decoder()
+  as_bytes = lambda ids: b"".join(_piece_bytes(tokenizer, p, decoder) for p in tokenizer.convert_ids_to_tokens(ids))
+  if as_bytes(b[k:]).startswith(as_bytes([a[k]])) or as_bytes(a[k:]).startswith(as_bytes([b[k]])):
+    first = [tokenizer.decode([t]) for t in (a[k], b[k])]
+    rest = [tokenizer.decode(t[k:]) for t in (a, b)]
     raise ValueError(f"prompt.choices {choices}: where they first differ they tokenise as {first[0]!r} and "
                      f"{first[1]!r}, and one of these also begins the other ({rest[0]!r}, {rest[1]!r}), so "
                      "its probability would count both; choose choices whose differing tokens begin differently "

@@ -277,16 +277,18 @@ def update(params, opt_state, graphdef, tx: optax.GradientTransformation, batch:
     return (params, opt_state, skipped + (~ok).astype(jnp.int32)), metrics
 
   carry = (params, opt_state, jnp.int32(0))
-  # The first pass alone (no scan: its carry would hold a second copy of parameters + optimiser
-  # state); with the update's own old log-probs (`logp_old` None) it gives the later passes theirs.
-  carry, metrics = one_pass(carry, batch)
-  own = metrics.pop(OWN_LOGP, None)
-  metrics = jax.tree.map(lambda v: v[None], metrics)
-  if optim_cfg.passes > 1:
-    later = batch if own is None else batch._replace(logp_old=own)
-    carry, rest = jax.lax.scan(lambda c, _: one_pass(c, later), carry, None, length=optim_cfg.passes - 1)
-    rest.pop(OWN_LOGP, None)
-    metrics = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), metrics, rest)
+  if optim_cfg.passes == 1 or batch.logp_old is None:
+    # The first pass alone (no scan: its carry would hold a second copy of parameters + optimiser
+    # state); with the update's own old log-probs (`logp_old` None) it gives the later passes theirs.
+    carry, metrics = one_pass(carry, batch)
+    own = metrics.pop(OWN_LOGP, None)
+    metrics = jax.tree.map(lambda v: v[None], metrics)
+    if optim_cfg.passes > 1:
+      later = batch._replace(logp_old=own)
+      carry, rest = jax.lax.scan(lambda c, _: one_pass(c, later), carry, None, length=optim_cfg.passes - 1)
+      metrics = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), metrics, rest)
+  else:  # the old log-probs given: every pass the same program, one scan
+    carry, metrics = jax.lax.scan(lambda c, _: one_pass(c, batch), carry, None, length=optim_cfg.passes)
   params, opt_state, skipped = carry
   # Report the first pass (the policy that sampled) and the last pass's loss.
   out = {k: v[0] for k, v in metrics.items()}

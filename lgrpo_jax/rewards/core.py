@@ -129,8 +129,8 @@ def _reward_value(name: str, inputs: RewardInputs):
   """REWARDS[name](inputs) as (B, G) float32; any failure is an error naming the reward."""
   try:
     value = REWARDS[name](inputs)
-    if not isinstance(value, jax.Array):  # host values (None → NaN); JAX would wrap numpy's int64 at int32
-      value = np.asarray(value, np.float32)
+    if not any(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(value)):
+      value = np.asarray(value, np.float32)  # host values (None → NaN); JAX would wrap numpy's int64 at int32
     value = jnp.asarray(value).astype(jnp.float32)
   except Exception as e:  # noqa: BLE001 — re-raised, naming the reward (it was a bare error deep in JAX)
     hint = ""
