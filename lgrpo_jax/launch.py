@@ -323,6 +323,7 @@ def _main(argv, scope) -> int:
 
 
 _WRITE_FAILED = False  # set by `_storage_error`: the command then exits without waiting for Orbax's threads
+_AS_COMMAND = False  # run as `python -m lgrpo_jax.launch` (not `main()` from Python)
 
 
 def _storage_error(e: BaseException, cfg, stage: str, trainer=None) -> int | None:
@@ -350,7 +351,9 @@ def _storage_error(e: BaseException, cfg, stage: str, trainer=None) -> int | Non
   print(f"error: cannot write under run_dir={cfg.run_dir!r} during {stage} ({reason}); "
         + (f"a restart resumes from the checkpoint of step {saved}" if saved is not None else
            "no training checkpoint was written yet")
-        + ". Free space or fix the permissions, then run the same command.", file=sys.stderr)
+        + ". Free space or fix the permissions, then run the same command.", file=sys.stderr, flush=True)
+  if _AS_COMMAND:  # the error stays the last line: Orbax's writer threads print their tracebacks until exit
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
   return stopping.TEMPFAIL
 
 
@@ -399,6 +402,7 @@ def summary(run_dir: str, trained_here: bool = True) -> str:
 if __name__ == "__main__":
   from lgrpo_jax.hostmem import reexec_with_hugepages
   reexec_with_hugepages()  # huge-page malloc where the kernel offers it (see lgrpo_jax/hostmem.py)
+  _AS_COMMAND = True
   code = main()
   if _WRITE_FAILED:  # Orbax's writer threads would print their tracebacks after the error line, at exit
     sys.stdout.flush()

@@ -592,10 +592,14 @@ def test_a_notebook_session_trains_the_model_given_saves_on_an_error_and_sees_an
     raise ZeroDivisionError("a bug in my reward")
 
   register_reward("nb_const", replace=True)(broken)
-  t = make(tmp_path / "a", tok_dir, steps=2, save_every=10,
-           rewards=RewardConfig(weights=(("format", 1.0), ("nb_const", 1.0))))
+  rewards = RewardConfig(weights=(("format", 1.0), ("nb_const", 1.0)))
+  with pytest.raises(ValueError, match="reward 'nb_const' failed: ZeroDivisionError: a bug in my reward"):
+    make(tmp_path / "a", tok_dir, steps=2, save_every=10, rewards=rewards)  # found as the Trainer starts
+  register_reward("nb_const", replace=True)(lambda inputs: jnp.ones(inputs.lengths.shape))
+  t = make(tmp_path / "a", tok_dir, steps=2, save_every=10, rewards=rewards)
+  register_reward("nb_const", replace=True)(broken)  # the cell edited after the Trainer was built
   start = t.batches.get_state()
-  with pytest.raises(ZeroDivisionError):
+  with pytest.raises(ValueError, match="reward 'nb_const' failed: ZeroDivisionError"):
     t.run()  # fails while the first step is traced: saved at step 0, before the batch it never trained on
   assert t.manager.all_steps() == [0] and t.batches.get_state() == start
   register_reward("nb_const", replace=True)(lambda inputs: jnp.ones(inputs.lengths.shape))
