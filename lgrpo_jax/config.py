@@ -41,7 +41,7 @@ class ModelConfig:
   preset: str = "tiny"  # a random model from presets (with the tiny local tokenizer) when no checkpoint
   tokenizer: str | None = None  # default: the checkpoint directory
   # default: the policy's initial weights (the paper: the base checkpoint); loaded only when a reward
-  # reads the listener
+  # with a non-zero weight reads the listener
   listener: str | None = None
   dtype: str = "float32"  # compute dtype: float32 | bfloat16 (also the frozen listener's weights)
   # The trained policy's parameters and optimizer state (the master weights): float32 | bfloat16.

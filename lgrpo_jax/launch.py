@@ -3,8 +3,10 @@
 Config files are plain Python returning an `ExperimentConfig` (see configs/). Overrides are checked
 against the config's typed fields (an unknown key or a wrong type is one clear error). Every input is
 checked before anything compiles: checkpoint and data paths, the run directory (no `[ ] * ?`: Orbax
-globs under it), the mesh against the devices, the batch against the processes, G ≥ 2; `--dry-run`
-stops there and prints the resolved config. An unknown key names the nearest real one. The resolved config is written to RUN_DIR/config.json; an existing
+globs under it, and it must take new files), the mesh against the devices, the batch against the
+processes, G ≥ 2, the rewards (each traced at the step's shapes: a failing one is named); it warns of
+model.param_dtype=bfloat16. `--dry-run` stops there and prints the resolved config. Process 0 then
+holds RUN_DIR/.lock while it runs: a second launch into the same directory is refused. An unknown key names the nearest real one. The resolved config is written to RUN_DIR/config.json; an existing
 run directory with checkpoints resumes, loading its compiled programs from RUN_DIR/xla_cache
 (`compile_cache`: "auto", "off" or a directory). Multi-host start-up (lgrpo_jax.distributed) runs first.
 
@@ -18,8 +20,10 @@ Prints the held-out accuracy (both orders) and contradiction rate before and aft
 held-out pairs are configured, and writes RUN_DIR/curves.png.
 
 Exit status: 0 when the run reached loop.steps (or its data ran out); 2 for a bad input (config,
-checkpoint, data: one line naming it); 75 when a data read hung past pipeline.stall_timeout_s (after
-saving: a retry resumes); 128 + the signal (143 SIGTERM, 130 SIGINT) when stopped by a signal on any
+checkpoint, data, a run directory in use by another launch: one line naming it); 75 when a data read
+hung past pipeline.stall_timeout_s (after saving: a retry resumes), or when the storage refused a
+write under run_dir (a full disk, a quota, a read-only mount: one line naming the step a restart
+resumes from); 128 + the signal (143 SIGTERM, 130 SIGINT) when stopped by a signal on any
 process after saving, so that a scheduler restarts it (docs/training.md, "Stopping").
 """
 
@@ -197,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
   ap.add_argument("overrides", nargs="*", help="key.path=value (e.g. loop.steps=20 step.loss.beta=0)")
   ap.add_argument("--dry-run", action="store_true",
                   help="check the config (fields, paths, mesh, the checkpoint's config.json) and print it "
-                       "resolved, then exit: nothing is loaded, compiled or written")
+                       "resolved, then exit: nothing is loaded, compiled or kept (a probe file tests that run_dir takes files)")
   distributed.add_args(ap)
   return ap
 

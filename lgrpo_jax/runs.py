@@ -1,9 +1,13 @@
 """A training run directory as a source of models: its config, its checkpoints, its parameters.
 
-    RUN_DIR/config.json            the resolved ExperimentConfig (`config.to_record`)
+    RUN_DIR/config.json            the resolved ExperimentConfig (`config.to_record`; an invalid one is
+                                   kept as config.unreadable-<time>.json)
+    RUN_DIR/.lock                  held by the launcher's process 0 while it runs (one run per directory)
     RUN_DIR/checkpoints/<step>/    training states (policy params, optimizer state, …)
     RUN_DIR/best/<step>/           the best by held-out accuracy
     RUN_DIR/sft/                   the warm start's parameters (the listener's, by default)
+    RUN_DIR/sft_checkpoints/       an interrupted warm start's state, until RUN_DIR/sft is saved
+    RUN_DIR/tokenizer/             the tiny preset's tokenizer (written by the first launch)
     RUN_DIR/eval/<name>/summary.json   evaluations (`python -m lgrpo_jax.evaluate`)
     RUN_DIR/xla_cache/             compiled programs for a restart (`compile_cache`, by default)
 

@@ -116,7 +116,7 @@ def test_the_step_reads_the_reference_and_the_listener_it_is_given(tmp_path):
 
 
 def test_the_policy_is_scored_at_the_sampling_temperature(tmp_path, temperature=0.5):
-  # The sampler's log-probs (the default old log-probs) are of softmax(logits / T); the update must
+  # The sampler's log-probs (the `sampler` old log-probs, and what `logprob_drift` reads) are of softmax(logits / T); the update must
   # score the same distribution, as TRL and tunix do: on the first pass the ratio is 1 and nothing is
   # clipped. Scored at T = 1 instead, T = 0.5 clipped ~30% of the tokens before any update.
   step, params, tx, batches, tables = tiny_step(tmp_path, temperature)

@@ -12,7 +12,7 @@ One jitted program per (image-grid signature, sampling settings):
 
 The answer-slot read uses the listener's machinery (lgrpo_jax.listener) with the reasoner's own
 prompt as prefix and the answer tag as suffix, so the reasoning is what the model wrote (up to the
-first answer tag, end-of-turn tokens dropped).
+first answer tag, without the tokens that spell no text: end of turn and every other special token, `listener.unspoken_ids`).
 """
 
 from __future__ import annotations

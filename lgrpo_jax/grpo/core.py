@@ -414,15 +414,16 @@ def advantages(rewards_bg, cfg: LossConfig, valid_b=None):
 def grpo_loss(logp, logp_old, advantages_bg, weights, cfg: LossConfig, logp_ref=None, entropy=None,
               batch_tokens=None):
   """(Σ w·ℓ − c·Σ_on H / batch_tokens, metrics) for per-token log-probs (B, G, N) of the policy
-  being optimised, the sampler's (`logp_old`) and the reference's; `weights` from `token_weights`
+  being optimised, the ratio's old ones (`logp_old`: by default the update's own, detached) and the
+  reference's; `weights` from `token_weights`
   (whole batch). The entropy bonus (c = `entropy_coef`) needs `entropy`, differentiable; it is
   the mean over the whole batch's loss tokens (`batch_tokens`, default: these), so micro-batches
   add up to the batch's, as the rest of the loss does.
 
   Metrics (over the tokens with weight > 0): KL, clip fractions (low: A < 0 and ρ < 1 − ε_low;
   high: A > 0 and ρ > 1 + ε_high — for cispo, the capped tokens), ratio mean/max, entropy (if
-  given), the log-prob drift mean |logp − logp_old| (on the first pass: trainer vs sampler
-  numerics), the fraction of tokens whose policy term the entropy / off-policy masks keep (when
+  given), the log-prob drift mean |logp − logp_old| (the training step replaces it by the drift
+  against the sampler), the fraction of tokens whose policy term the entropy / off-policy masks keep (when
   either is on), and `loss_tokens`, their number, by which micro-batches' means are weighted."""
   adv = jax.lax.stop_gradient(advantages_bg)
   on = weights > 0

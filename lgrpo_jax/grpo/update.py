@@ -6,7 +6,7 @@ Functional on purpose: the trainable state is (params, opt_state) pytrees, so th
 one pure function that jit can donate and Orbax can save; `nnx.update(model, params)` puts the
 parameters back into the module.
 
-    for pass in 1..μ:                                   # same rollouts, old log-probs fixed
+    for pass in 1..μ:                                   # same rollouts, old log-probs fixed (given, or pass 1's own)
         g = Σ_micro ∇ Σ w·ℓ(micro)                      # weights w from the whole batch: exact
         if loss and g are finite: params, opt = adamw(clip(g))
         else: params, opt unchanged; skipped += 1

@@ -4,7 +4,7 @@ with the answer removed, and gives P(Image 1), P(Image 2) by a softmax over the 
 Layout, with no dynamic shapes (docs/architecture.md):
 
     [listener prefix: system, images, prompt, "Here is someone's comparison:"]   once per pair
-    [completion slots (N): the reasoning, answer and EOS slots are holes | question suffix]   per sample
+    [completion slots (N): the reasoning; the answer's and every special token's (EOS, …) are holes | suffix]
 
 The prefix (vision tower included) runs once per pair and is cached; each sample's slots attend to
 it and causally to their own non-hole tokens, and positions count only the non-hole tokens, so the

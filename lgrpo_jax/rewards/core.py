@@ -91,7 +91,7 @@ def listener_reward(inputs: RewardInputs):
 @dataclasses.dataclass(frozen=True)
 class RewardConfig:
   # (registered reward, weight) pairs; the total reward is the weighted sum of the rewards that apply
-  # (NaN: does not apply; the paper: 1, 0.5, 0.5)
+  # (NaN: does not apply; weight 0: off, logged only; the paper: 1, 0.5, 0.5)
   weights: tuple[tuple[str, float], ...] = (("format", 1.0), ("accuracy", 0.5), ("listener", 0.5))
 
   def __post_init__(self):

@@ -6,7 +6,8 @@ log lines), Orbax checkpoints with exact resume.
       metrics.jsonl        one line per step: every scalar of the step + step time, tokens/s,
                            compiled programs, counted TFLOP/s and MFU (and eval/* every
                            `eval_every` steps; with `eval_at_start`, a step-0 line of eval/* only)
-      tensorboard/         the same scalars as TensorBoard event files (`loop.tensorboard`)
+      tensorboard/         the same scalars as TensorBoard event files (`loop.tensorboard`); the
+                           warm start's as the run tensorboard/sft
       checkpoints/<step>/  Orbax: state (policy params, optimizer state, step, RNG key) + data
                            (the pipeline's iterator state), every `save_every` steps and/or
                            `save_every_minutes`, at the end, and on SIGTERM/SIGINT or a data error
@@ -63,7 +64,7 @@ class LoopConfig:
   keep: int = 3  # checkpoints kept (plus the best by held-out accuracy)
   eval_every: int = 0  # steps between held-out evaluations (0: never; needs eval pairs)
   eval_at_start: bool = True  # also evaluate before the first step (a step-0 line), when evaluating
-  tensorboard: bool = True  # RUN_DIR/tensorboard/events.out.tfevents.*
+  tensorboard: bool = True  # RUN_DIR/tensorboard/events.out.tfevents.* (the warm start's: RUN_DIR/tensorboard/sft)
   wandb_project: str = ""  # also log to Weights & Biases (needs `pip install wandb`); "" = off
   # MFU = counted FLOPs per step / step time / peak. 0: the peak is the matmul rate measured on this
   # device at start-up (an honest ceiling on CPU; on accelerators give the datasheet number).

@@ -152,7 +152,7 @@ class SFTConfig:
   # right anyway when the preferred image is first (accuracy p + (1 − p)/2 over both orders)
   teacher_accuracy: float = 1.0
   listener_weight: float = 0.0  # > 0: also teach the listener role on the same targets (see sft_loss)
-  log_every: int = 25  # steps between lines of RUN_DIR/sft_metrics.jsonl (means over those steps) and TensorBoard
+  log_every: int = 25  # steps between lines of RUN_DIR/sft_metrics.jsonl (means over those steps) and, with loop.tensorboard, TensorBoard's run sft
   # Steps between RUN_DIR/sft_checkpoints saves (params, optimizer, data position), from which an
   # interrupted warm start resumes; 0: only when stopped by a signal. Removed once RUN_DIR/sft is saved.
   save_every: int = 100

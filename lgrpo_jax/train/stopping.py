@@ -246,7 +246,8 @@ def failure_error(failed: list[int], step: int | None, stalled: list[int] = (),
   return DataError(f"{names(bad)} stopped on a bad record (its log names the record); {saved}")
 
 
-TEMPFAIL = 75  # sysexits' EX_TEMPFAIL: a hung data source, which a restart may not meet again
+TEMPFAIL = 75  # sysexits' EX_TEMPFAIL: a hung data source, which a restart may not meet again, or a
+# write the storage refused (launch.py)
 
 
 def exit_code(e: BaseException) -> int:
