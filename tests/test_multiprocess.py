@@ -234,7 +234,12 @@ def run_launch(n_proc: int, run_dir, tok_overrides=()):
           "sft.steps=1", "sft.global_batch=4", "pipeline.global_batch=4", "step.sampling.num_samples=2",
           "step.sampling.max_new_tokens=6", "loop.steps=2", "loop.eval_every=2", "loop.eval_at_start=false",
           "data.eval_pairs=2",
-          "data.synthetic_pairs=16", "loop.save_every=2", *tok_overrides]
+          "data.synthetic_pairs=16", "loop.save_every=2",
+          # a step that moves the policy little: at the demo's rate (3e-4), once the listener's view
+          # dropped special tokens, step 1 still agreed to ~1e-5 but step 2 differed (reward/total
+          # 2e-5, grad_norm 4%): the layouts' fp32 differences, grown through one update and the
+          # next rollout. The comparison is of the multi-host plumbing, not of that growth.
+          "step.optim.learning_rate=1e-5", *tok_overrides]
   return spawn(base, n_proc, env, timeout=600)
 
 
@@ -273,9 +278,7 @@ def test_training_two_processes_equal_one(tmp_path):
   for ra, rb in zip(a, b):
     for k in ra:
       if k.startswith("eval/") or k in ("reward/total", "accuracy", "format_rate", "generated_tokens"):
-        # reward/total holds 0.5 × the listener's fp32 probabilities, computed on other layouts:
-        # 2.1e-5 apart since the listener's view drops the special tokens the tiny policy emits
-        np.testing.assert_allclose(rb[k], ra[k], atol=5e-5 if k == "reward/total" else 1e-5, err_msg=k)
+        np.testing.assert_allclose(rb[k], ra[k], atol=1e-5, err_msg=k)
     if "grad_norm" in ra:
       np.testing.assert_allclose(rb["grad_norm"], ra["grad_norm"], rtol=1e-4)
   assert (tmp_path / "two" / "checkpoints" / "2").is_dir() and (tmp_path / "two" / "sft").is_dir()

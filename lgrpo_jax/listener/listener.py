@@ -55,7 +55,7 @@ class ListenerSpec:
 
 
 def reasoning_view(tokens_bgn, lengths_bg, spec: ListenerSpec, answer_token=None):
-  """(tokens, keep) of shape (B, G, N): what the listener may see of each completion — the tokens
+  """(tokens, keep) of shape (B, G, N), the kept tokens first: what the listener may see of each completion — the tokens
   before the first answer tag (the answer, and anything after it, is removed), without the tokens
   that spell no text (`spec.drop_ids`: end of turn, other special tokens). Where the tag's first token had swallowed the end of the reasoning (">" in "><", "." in
   Qwen's ".<"), that slot is kept and holds the swallowed text alone, so the reasoning reads as
@@ -79,7 +79,10 @@ def reasoning_view(tokens_bgn, lengths_bg, spec: ListenerSpec, answer_token=None
   keep = (idx < cut) | at_tag
   if spec.drop_ids:
     keep &= ~jnp.isin(tokens, jnp.asarray(spec.drop_ids, tokens.dtype))
-  return tokens, keep
+  # The kept tokens first, in order: the same text is the same slots, so it scores bit-identically
+  # wherever a dropped token sat (with the holes in place, ~1e-7 apart: a near-tie in a group)
+  order = jnp.argsort(~keep, axis=-1, stable=True)
+  return jnp.take_along_axis(tokens, order, -1), jnp.take_along_axis(keep, order, -1)
 
 
 def listener_logits(model: Qwen25VL, prefix_ids, prefix_mask, pixel_values, grid, tokens_bgn, lengths_bg,
