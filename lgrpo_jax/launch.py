@@ -352,12 +352,17 @@ def _storage_error(e: BaseException, cfg, stage: str, trainer=None) -> int | Non
       saved = trainer.manager.latest_step()
     except Exception:  # noqa: BLE001
       pass
-  print(f"error: cannot write under run_dir={cfg.run_dir!r} during {stage} ({reason}); "
-        + (f"a restart resumes from the checkpoint of step {saved}" if saved is not None else
-           "no training checkpoint was written yet")
-        + ". Free space or fix the permissions, then run the same command.", file=sys.stderr, flush=True)
-  if _AS_COMMAND:  # the error stays the last line: Orbax's writer threads print their tracebacks until exit
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
+  line = (f"error: cannot write under run_dir={cfg.run_dir!r} during {stage} ({reason}); "
+          + (f"a restart resumes from the checkpoint of step {saved}" if saved is not None else
+             "no training checkpoint was written yet")
+          + ". Free space or fix the permissions, then run the same command.")
+  if _AS_COMMAND:  # the error is the last line: Orbax's writer threads print tracebacks until exit
+    sys.stderr.flush()
+    real = os.dup(2)
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)  # from now on theirs go nowhere; ours after all before
+    os.write(real, ("\n" + line + "\n").encode())  # on a line of its own (a thread's may be unfinished)
+  else:
+    print(line, file=sys.stderr, flush=True)
   return stopping.TEMPFAIL
 
 
