@@ -81,6 +81,13 @@ def check_creatable_dir(path, setting: str, error=None) -> None:
     raise error(f"{setting}={os.fspath(path)!r} {where} a file, not a directory")
 
 
+def first_line(e: BaseException | str, limit: int = 240) -> str:
+  """The first line of an error's message, cut at `limit` characters (Orbax's and TensorStore's go on
+  for pages)."""
+  line = (str(e).strip().splitlines() or [""])[0].strip()
+  return line[:limit] + ("…" if len(line) > limit else "")
+
+
 def check_writable_dir(path, setting: str, error=None) -> None:
   """`path` (or, before it exists, its nearest existing parent) takes new files: a probe file made
   and removed there; else an `error` naming `setting` and the reason (a read-only mount, no
@@ -153,12 +160,11 @@ def storage_failure(e: BaseException, under: str) -> str | None:
       # a file under the run directory; with no file named, only what is the storage's whatever the file
       if (where is not None and (where == under or where.startswith(under + os.sep))) or (
           where is None and code in ("ENOSPC", "EDQUOT", "EROFS", "EFBIG")):
-        return f"{_STORAGE_ERRNOS[code]}: {lines[0][:300]}"
+        return f"{_STORAGE_ERRNOS[code]}: {first_line(e)}"
     text_names_it = not isinstance(e, OSError) and (under + os.sep) in str(e)
     found = next((t for t in _STORAGE_TEXTS if t in str(e)), None) if text_names_it else None
     if found is not None:  # Orbax/TensorStore say it in text, among pages of detail
-      line = next(x for x in lines if found in x).strip()
-      return f"{found}: {line[:240]}" + ("…" if len(line) > 240 else "")
+      return f"{found}: {first_line(next(x for x in lines if found in x))}"
     e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)  # `raise … from None`: not its cause
   return None
 
@@ -274,15 +280,13 @@ def restore_params(cfg, path, key: str | None = None, mesh=None):
     got = ocp.PyTreeCheckpointer().restore(os.path.abspath(os.fspath(path)), args=ocp.args.PyTreeRestore(
         item=item, restore_args=args, partial_restore=key is not None))
   except Exception as e:  # a damaged checkpoint or one of another model
-    first = (str(e).strip().splitlines() or [""])[0]  # TensorStore's message goes on for pages
     hint = ""
     step_dir = os.path.dirname(os.path.abspath(os.fspath(path)))
     if os.path.basename(os.fspath(path)) == "state" and os.path.basename(step_dir).isdigit():
       others = [x for x in _steps(os.path.dirname(step_dir)) if str(x) != os.path.basename(step_dir)]
       hint = (f"; if it is damaged, the run's other checkpoints there are {others} (--step N)" if others else "") + (
           "; resuming the run sets a damaged latest checkpoint aside")
-    raise RunError(f"{path}: cannot restore the parameters ({type(e).__name__}: {first[:240]}"
-                   + ("…" if len(first) > 240 else "") + f"){hint}") from None
+    raise RunError(f"{path}: cannot restore the parameters ({type(e).__name__}: {first_line(e)}){hint}") from None
   return nnx.merge(graphdef, got[key] if key else got)
 
 

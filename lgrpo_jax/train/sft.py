@@ -372,15 +372,10 @@ class Teacher:
     return texts
 
 
-def _first_line(e: BaseException, limit: int = 240) -> str:
-  line = (str(e).strip().splitlines() or [""])[0]
-  return line[:limit] + ("…" if len(line) > limit else "")
-
-
-def _log_row(step: int, window: list[dict], learning_rate: float, seconds: float) -> tuple[dict, int]:
+def _log_row(step: int, window: list[dict], learning_rate: float, seconds: float) -> dict:
   """One line of sft_metrics.jsonl from the steps since the last one, as TRL's trainer logs: the loss
   (and its parts) averaged over those steps — skipped (non-finite) ones left out, NaN if all were
-  — the last step's gradient norm, before clipping; → (row, updates skipped in the window)."""
+  — the last step's gradient norm, before clipping, and the updates skipped in the window."""
   window = jax.device_get([{k: v.addressable_data(0) for k, v in w.items()} for w in window])  # one read
   ok = np.array([not bool(w["skipped"]) for w in window])
   row = {"step": step}
@@ -390,7 +385,7 @@ def _log_row(step: int, window: list[dict], learning_rate: float, seconds: float
       row[k] = float(v.mean()) if v.size else math.nan
   row.update(grad_norm=float(window[-1]["grad_norm"]), learning_rate=learning_rate,
              skipped_updates=int((~ok).sum()), time=seconds)
-  return row, int((~ok).sum())
+  return row
 
 
 def run_sft(model, tokenizer, pairs, cfg: SFTConfig, pipe_cfg, run_dir: str, *, seed: int = 0,
@@ -410,7 +405,7 @@ def run_sft(model, tokenizer, pairs, cfg: SFTConfig, pipe_cfg, run_dir: str, *, 
   import orbax.checkpoint as ocp
 
   from lgrpo_jax.data.pipeline import make_batches
-  from lgrpo_jax.runs import keep_jsonl_through
+  from lgrpo_jax.runs import first_line, keep_jsonl_through
   from lgrpo_jax.sharding import global_batch_array
   from lgrpo_jax.train import stopping
   from lgrpo_jax.train.loop import pair_grid_of, to_device
@@ -426,7 +421,7 @@ def run_sft(model, tokenizer, pairs, cfg: SFTConfig, pipe_cfg, run_dir: str, *, 
       restored = ocp.StandardCheckpointer().restore(path, abstract(params))
     except Exception as e:  # noqa: BLE001 — damaged: said in a line, not TensorStore's pages
       raise ValueError(f"{path} (the warm start's weights, which the reference and listener start from) "
-                       f"cannot be read ({type(e).__name__}: {_first_line(e)}); put back a good copy, or delete "
+                       f"cannot be read ({type(e).__name__}: {first_line(e)}); put back a good copy, or delete "
                        f"it and {os.path.join(run_dir, SETTINGS)} to run the warm start again") from None
     nnx.update(model, restored)
     changed = _settings_changed(recorded, record, with_steps=True) if cfg.steps else ""
@@ -479,7 +474,7 @@ def run_sft(model, tokenizer, pairs, cfg: SFTConfig, pipe_cfg, run_dir: str, *, 
           data=ocp.args.JsonRestore()))
     except Exception as e:  # noqa: BLE001 — damaged: said in a line
       raise ValueError(f"{manager.directory}/{done} (the interrupted warm start's state) cannot be read "
-                       f"({type(e).__name__}: {_first_line(e)}); delete {manager.directory} to run the warm "
+                       f"({type(e).__name__}: {first_line(e)}); delete {manager.directory} to run the warm "
                        "start again from its first step") from None
     params, opt_state = restored["state"]["params"], restored["state"]["opt_state"]
     batches.set_state(restored["data"])
@@ -535,7 +530,8 @@ def run_sft(model, tokenizer, pairs, cfg: SFTConfig, pipe_cfg, run_dir: str, *, 
                                                        put(mask), put(answer_at))
         window.append(dict(parts, loss=loss))  # device scalars: read once per logged line
         if s % cfg.log_every == 0 or s == cfg.steps:
-          row, n_skipped = _log_row(s, window, cfg.learning_rate, time.perf_counter() - t0)
+          row = _log_row(s, window, cfg.learning_rate, time.perf_counter() - t0)
+          n_skipped = row["skipped_updates"]
           window.clear()
           skipped += n_skipped
           log_file.write(json.dumps(row) + "\n")
