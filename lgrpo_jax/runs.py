@@ -56,6 +56,16 @@ def replace_file(path, text: str) -> None:
   os.replace(tmp, path)
 
 
+def sync_file(path) -> None:
+  """`path`'s written data onto the disk (fsync), if the file exists: an appended log (metrics.jsonl)
+  before the checkpoint of its step is saved, so that a machine going down after the save cannot
+  leave a checkpoint whose step's line was still in the page cache (a resume keeps the lines up to
+  its checkpoint and never writes that step's again)."""
+  if os.path.isfile(path):
+    with open(path, "a") as f:
+      os.fsync(f.fileno())
+
+
 def keep_jsonl_through(path, step: int) -> None:
   """Rewrite the JSON-lines file at `path` (if any) with only its records of steps ≤ `step` (torn
   lines dropped), atomically: what a resumed run keeps of an earlier attempt's metrics."""

@@ -66,6 +66,29 @@ def xla_compile_cache(tmp_path_factory):
     yield path
 
 
+def check_saves_follow_a_sync(monkeypatch, log_path, *owners) -> list:
+  """Makes every `owner.save(step, ...)` (a CheckpointManager, or its class) assert that the log at
+  `log_path` is on the disk as it stands (fsynced since its last write); returns the saved steps."""
+  import os
+  synced, saves = {}, []
+  real_fsync = os.fsync
+
+  def fsync(fd):
+    if os.path.realpath(f"/proc/self/fd/{fd}") == os.path.realpath(log_path):
+      synced["size"] = os.fstat(fd).st_size
+    return real_fsync(fd)
+
+  monkeypatch.setattr(os, "fsync", fsync)
+  for owner in owners:
+    def wrapped(*a, _save=owner.save, _bound=not isinstance(owner, type), **k):
+      step = a[0] if _bound else a[1]
+      saves.append(step)
+      assert synced.get("size") == os.path.getsize(log_path), f"saved step {step} before syncing {log_path}"
+      return _save(*a, **k)
+    monkeypatch.setattr(owner, "save", wrapped)
+  return saves
+
+
 class SignalOnRead:
   """Batches whose `read`-th read brings SIGINT to this process (a Ctrl-C, or SIGTERM alike,
   arriving while the run waits for its data)."""

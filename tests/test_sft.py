@@ -171,7 +171,7 @@ def test_an_interrupted_warm_start_resumes_exactly(tmp_path, monkeypatch):
   import json
   import os
 
-  from conftest import SignalOnRead, no_min_compile_time
+  from conftest import SignalOnRead, check_saves_follow_a_sync, no_min_compile_time
   from lgrpo_jax.data import pipeline
   from lgrpo_jax.train import compile_cache, stopping
   from lgrpo_jax.train.sft import SFTConfig, run_sft
@@ -192,9 +192,13 @@ def test_an_interrupted_warm_start_resumes_exactly(tmp_path, monkeypatch):
 
   make_batches = pipeline.make_batches
   monkeypatch.setattr(pipeline, "make_batches", lambda *a, **k: SignalOnRead(make_batches(*a, **k), read=3))
+  import orbax.checkpoint as ocp
+  # the state is saved after its steps' lines are on the disk (a resume keeps the lines up to it)
+  saves = check_saves_follow_a_sync(monkeypatch, tmp_path / "b" / "sft_metrics.jsonl", ocp.CheckpointManager)
   with pytest.raises(stopping.Stopped, match="SIGINT: saved warm start step 2 to .*sft_checkpoints"):
     stage("b")
   assert sorted(os.listdir(tmp_path / "b" / "sft_checkpoints")) == ["2"] and not (tmp_path / "b" / "sft").exists()
+  assert saves == [2]
   monkeypatch.setattr(pipeline, "make_batches", make_batches)
   said = []
   resumed = params(stage("b", said))

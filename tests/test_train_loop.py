@@ -11,7 +11,7 @@ import pytest
 from lgrpo_jax.data.tokenizer import build_tiny_tokenizer
 from lgrpo_jax.train.step import clear_compiled_steps
 from train_worker import make
-from conftest import xla_flags
+from conftest import check_saves_follow_a_sync, xla_flags
 
 
 def test_resume_is_bit_identical_and_metrics_are_written(tmp_path):
@@ -44,10 +44,15 @@ def test_resume_is_bit_identical_and_metrics_are_written(tmp_path):
   again.close()
 
 
-def test_periodic_eval_and_best_checkpoint(tmp_path):
+def test_periodic_eval_and_best_checkpoint(tmp_path, monkeypatch):
   tok_dir = build_tiny_tokenizer(tmp_path / "tok")
   t = make(tmp_path / "run", tok_dir, steps=4, save_every=2, eval_every=2)
+  # Every checkpoint (and best/) is saved after metrics.jsonl is on the disk as it stands: a machine
+  # that goes down after a save cannot leave that step without its line (a resume keeps the lines up
+  # to its checkpoint and never writes that step's again; best/'s accuracy is read back from it).
+  saves = check_saves_follow_a_sync(monkeypatch, tmp_path / "run" / "metrics.jsonl", t.manager, t.best)
   t.run()
+  assert 2 in saves and 4 in saves
   t.close()
   lines = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
   evals = [m for m in lines if "eval/accuracy" in m]

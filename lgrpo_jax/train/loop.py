@@ -18,7 +18,8 @@ A run directory that already holds checkpoints resumes from the latest readable 
 newest checkpoint is reported and skipped for the previous one): same parameters, optimizer state,
 RNG and next batch, so an interrupted run — even one killed with SIGKILL — ends exactly where an
 uninterrupted one does (tested bit for bit in a subprocess). Metrics lines past the checkpoint are
-dropped on resume (all of them when no checkpoint was left), so metrics.jsonl has each step once;
+dropped on resume (all of them when no checkpoint was left), so metrics.jsonl has each step once
+(it is fsynced before every save, so a checkpoint's own line is never the one a crash lost);
 best/ keeps its held-out accuracy across restarts (read back from metrics.jsonl), so a resumed run
 replaces it only with a better evaluation.
 """
@@ -334,6 +335,7 @@ class Trainer:
       raise RuntimeError(f"this Trainer is closed; build a new one on {self.run_dir} to go on from its checkpoint")
     step = int(self.state.step)
     if step not in self.manager.all_steps():
+      self.sinks.sync()
       self.manager.save(step, args=self._args(), force=True)
     self._last_save = time.monotonic()
 
@@ -684,6 +686,7 @@ class Trainer:
     if np.float32(metrics["eval/accuracy"]) > np.float32(self.best_accuracy):
       self.best_accuracy = metrics["eval/accuracy"]
       if step not in self.best.all_steps():  # else an earlier attempt saved this very step
+        self.sinks.sync()  # a restart reads best/'s accuracy from metrics.jsonl
         self.best.save(step, args=self._args(), force=True)
 
   def close(self) -> None:

@@ -100,6 +100,12 @@ class MetricSinks:
     if self.wandb is not None:
       self.wandb.log(scalars, step=step)
 
+  def sync(self) -> None:
+    """metrics.jsonl onto the disk: before a checkpoint is saved (`runs.sync_file`)."""
+    if self.primary:
+      from lgrpo_jax.runs import sync_file
+      sync_file(self.path)
+
   def close(self) -> None:
     if self.tb is not None:
       self.tb.close()

@@ -405,7 +405,7 @@ def run_sft(model, tokenizer, pairs, cfg: SFTConfig, pipe_cfg, run_dir: str, *, 
   import orbax.checkpoint as ocp
 
   from lgrpo_jax.data.pipeline import make_batches
-  from lgrpo_jax.runs import first_line, keep_jsonl_through
+  from lgrpo_jax.runs import first_line, keep_jsonl_through, sync_file
   from lgrpo_jax.sharding import global_batch_array
   from lgrpo_jax.train import stopping
   from lgrpo_jax.train.loop import pair_grid_of, to_device
@@ -488,6 +488,8 @@ def run_sft(model, tokenizer, pairs, cfg: SFTConfig, pipe_cfg, run_dir: str, *, 
 
   def save(step: int):
     if step not in manager.all_steps():
+      if primary:
+        sync_file(metrics_path)
       manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave({"params": params, "opt_state": opt_state}),
           data=ocp.args.JsonSave(feed.position())), force=True)
