@@ -250,6 +250,7 @@ def test_unreadable_newest_checkpoint_falls_back_to_the_previous(tmp_path, capsy
   assert again.resumed_from == 2
   err = capsys.readouterr().err
   assert "checkpoint 4 does not restore" in err and "set aside as checkpoints/4.unreadable-" in err
+  assert "this run saves step 4 again" in err
   # Set aside, not deleted, so that the resumed run saves step 4 again (a listed step is never
   # saved) and the next start, evaluate or convert takes that one, not the damaged copy.
   kept = [p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith("4.unreadable-")]

@@ -351,8 +351,10 @@ class Trainer:
       stamp = time.strftime("%Y%m%d-%H%M%S")
       for step, _ in failures:
         os.replace(os.path.join(where, str(step)), os.path.join(where, f"{step}.unreadable-{stamp}"))
-        print(f"warning: checkpoint {step} set aside as checkpoints/{step}.unreadable-{stamp}; this run "
-              f"saves step {step} again", file=sys.stderr)
+        again = (f"this run saves step {step} again" if step <= self.loop_cfg.steps else
+                 f"this run ends before step {step} (loop.steps={self.loop_cfg.steps})")
+        print(f"warning: checkpoint {step} set aside as checkpoints/{step}.unreadable-{stamp}; {again}",
+              file=sys.stderr)
     if jax.process_count() > 1:
       from lgrpo_jax.distributed import barrier
       barrier("lgrpo_jax: unreadable checkpoints set aside")
