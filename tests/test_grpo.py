@@ -552,3 +552,19 @@ def test_grpo_learns_a_toy_task():
   first, last = np.mean(means[:5]), np.mean(means[-5:])
   print("toy rewards", [round(m, 2) for m in means])
   assert last > first + 0.25 and last > 0.4, (first, last, means)
+
+
+def test_several_passes_report_the_ratios_mean_and_the_first_passs_other_metrics():
+  """optim.passes > 1: the ratio's metrics (1 and 0 on a first pass with the update's own old
+  log-probs) are averaged over the passes, as TRL averages its clip ratios over the iterations;
+  ratio_max is the max; the rest is the first pass's, with the last pass's loss beside it."""
+  from lgrpo_jax.grpo.update import PASS_MEAN_METRICS, combine_pass_metrics
+  stacked = {"clip_fraction_low": jnp.array([0.0, 0.3, 0.6]), "clip_fraction_high": jnp.array([0.0, 0.1, 0.2]),
+             "ratio_mean": jnp.array([1.0, 1.2, 1.4]), "policy_kept_fraction": jnp.array([1.0, 0.5, 0.0]),
+             "ratio_max": jnp.array([1.0, 3.0, 2.0]), "kl": jnp.array([0.1, 0.2, 0.3]),
+             "loss": jnp.array([0.5, 0.4, 0.3]), "grad_norm": jnp.array([2.0, 1.0, 1.0])}
+  out = {k: float(v) for k, v in combine_pass_metrics(stacked).items()}
+  for k in PASS_MEAN_METRICS:
+    assert out[k] == pytest.approx(float(jnp.mean(stacked[k]))), k
+  assert out["ratio_max"] == 3.0 and out["kl"] == pytest.approx(0.1) and out["grad_norm"] == 2.0
+  assert out["loss"] == 0.5 and out["loss_last_pass"] == pytest.approx(0.3)

@@ -137,18 +137,22 @@ def test_the_first_pass_ratio_is_exactly_one_with_the_updates_own_old_logprobs(t
   loss then differs from the first's; read against its own, it would equal it)."""
   gspo = LossConfig(beta=0.0, importance_sampling_level="sequence", eps_low=3e-4, eps_high=4e-4)
   out = {}
-  for old, passes in (("sampler", 1), ("current", 2)):
-    step, params, tx, batches, tables = tiny_step(tmp_path / old, loss=gspo, dtype="bfloat16", passes=passes,
-                                                  old_logprobs=old)
+  for old, passes in (("sampler", 1), ("current", 1), ("current", 2)):
+    step, params, tx, batches, tables = tiny_step(tmp_path / f"{old}{passes}", loss=gspo, dtype="bfloat16",
+                                                  passes=passes, old_logprobs=old)
     state = init_state(jax.tree.map(jnp.copy, params), tx, seed=0)  # donated: not the frozen copies' arrays
     _, m = step(state, params, params, device_batch(next(batches)), tables)
-    out[old] = {k: float(v) for k, v in m.items()}
-  cur, smp = out["current"], out["sampler"]
+    out[old, passes] = {k: float(v) for k, v in m.items()}
+  cur, smp, two = out["current", 1], out["sampler", 1], out["current", 2]
   assert cur["ratio_max"] == 1.0 and cur["ratio_mean"] == 1.0
   assert cur["clip_fraction_low"] == 0 == cur["clip_fraction_high"]
   assert cur["logprob_drift"] == smp["logprob_drift"] > 0  # the same rollout: the sampler's drift, reported
   assert smp["ratio_max"] != 1.0  # the control: the sampler's old log-probs are off by that drift
-  assert cur["loss_last_pass"] != cur["loss"]
+  assert two["loss_last_pass"] != two["loss"]
+  # Two passes: the ratio's metrics are the passes' mean (the first pass's are exactly 1 and 0, so
+  # reporting it alone, as before, always read 1 and 0); the rest are the first pass's.
+  assert two["ratio_mean"] != 1.0 and two["ratio_max"] >= 1.0
+  assert two["loss"] == pytest.approx(cur["loss"], rel=1e-6) and two["kl"] == cur["kl"]
 
 
 def test_truncated_completions_are_masked_from_the_loss_when_asked(tmp_path):

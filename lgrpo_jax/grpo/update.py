@@ -290,7 +290,20 @@ def update(params, opt_state, graphdef, tx: optax.GradientTransformation, batch:
   else:  # the old log-probs given: every pass the same program, one scan
     carry, metrics = jax.lax.scan(lambda c, _: one_pass(c, batch), carry, None, length=optim_cfg.passes)
   params, opt_state, skipped = carry
-  # Report the first pass (the policy that sampled) and the last pass's loss.
+  return params, opt_state, dict(combine_pass_metrics(metrics), skipped_updates=skipped)
+
+
+# Metrics of the ratio ρ = π/π_old: on the first pass with the update's own old log-probs ρ is
+# exactly 1 (nothing clipped), so over several passes they are the passes' mean (TRL logs its
+# clip ratios averaged over the `num_iterations` optimizer steps of a logging window).
+PASS_MEAN_METRICS = ("clip_fraction_low", "clip_fraction_high", "ratio_mean", "policy_kept_fraction")
+
+
+def combine_pass_metrics(metrics: dict) -> dict:
+  """One step's metrics from the (passes,)-stacked ones of its optimiser passes: the ratio's
+  (`PASS_MEAN_METRICS`) averaged over the passes and `ratio_max` their max; the rest are the first
+  pass's (the policy that sampled: kl, entropy, loss, grad_norm, drift), plus `loss_last_pass`."""
   out = {k: v[0] for k, v in metrics.items()}
-  out.update(loss_last_pass=metrics["loss"][-1], skipped_updates=skipped)
-  return params, opt_state, out
+  out.update({k: jnp.mean(metrics[k]) for k in PASS_MEAN_METRICS if k in metrics})
+  out.update(ratio_max=jnp.max(metrics["ratio_max"]), loss_last_pass=metrics["loss"][-1])
+  return out
