@@ -106,8 +106,10 @@ def load(args, mesh) -> Loaded:
     if args.step is not None or args.best:
       raise EvalError(f"--step/--best choose among a run directory's checkpoints; {path} is not one")
     cfg = ExperimentConfig()
-    if args.config:
-      cfg = load_config_file(args.config)  # a .py config or a run's config.json
+    if args.config:  # a .py config or a run's config.json; its loss and reward names are not needed here
+      from lgrpo_jax.grpo.core import unregistered_names_allowed
+      with unregistered_names_allowed():
+        cfg = load_config_file(args.config)
     model = runs.load_any(path, cfg.model.dtype, mesh)
     tok_dir = args.tokenizer or path
     listener = None if args.no_listener else (runs.load_any(args.listener, cfg.model.dtype, mesh) if args.listener

@@ -149,6 +149,11 @@ def check(cfg) -> None:
   from lgrpo_jax.rewards import check_rewards  # each reward traced at the step's shapes: named if it fails
   check_rewards(cfg.step.rewards, cfg.pipeline.global_batch, cfg.step.sampling.num_samples,
                 cfg.step.sampling.max_new_tokens)
+  from lgrpo_jax.grpo import check_loss  # the loss's registered pieces too (and its gradient)
+  warning = check_loss(cfg.step.loss, cfg.pipeline.global_batch, cfg.step.sampling.num_samples,
+                       cfg.step.sampling.max_new_tokens)
+  if warning:
+    print(f"warning: {warning}", file=sys.stderr)
   sizes = cfg.mesh.resolve(jax.device_count())  # MeshError if it does not fit
   from lgrpo_jax.sharding import check_parameters_split
   models = [_model_config(p) for p in sorted({cfg.model.checkpoint, cfg.model.listener} - {None})]

@@ -107,6 +107,9 @@ def test_the_extension_guide_runs(tmp_path):
   np.testing.assert_allclose(advantages(jnp.asarray([[0.1, 0.5, 0.3]]), cfg), [[-0.5, 0.5, 0.0]])
   np.testing.assert_allclose(advantages(jnp.asarray([[0.7, 0.7, 0.7, 0.7], [1.0, 0.0, 1.0, 0.0]]), cfg),
                              [[0.0] * 4, [1 / 3, -1 / 3, 1 / 3, -1 / 3]], atol=1e-7)  # ties share a rank
+  nan = float("nan")  # not scored: out of the ranking (the better of two scored was ranked below 0)
+  np.testing.assert_allclose(advantages(jnp.asarray([[1.0, 0.0, nan, nan], [0.3, 0.3, 0.3, nan]]), cfg),
+                             [[0.5, -0.5, 0.0, 0.0], [0.0] * 4], atol=1e-7)
 
 
 def test_the_evaluation_guide_example():

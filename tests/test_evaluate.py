@@ -318,6 +318,14 @@ def test_imagereward_end_to_end_counts_skips_resume_and_sharding(tiny_hf, imager
   from lgrpo_jax import evaluate
   assert evaluate.main(["--quiet", *data, "--out", str(out), "--config", str(tmp_path / "cfg.py")]) == 2
   assert "other settings (max_new_tokens, stop_sequences differ" in capsys.readouterr().err
+  # A run's config.json naming a loss its own process registered is read all the same (evaluating
+  # needs its prompt and sampling settings, not the loss).
+  from lgrpo_jax.config import ExperimentConfig, SamplingConfig, StepConfig, to_record
+  record = to_record(ExperimentConfig(step=StepConfig(sampling=SamplingConfig(max_new_tokens=5, num_samples=2))))
+  record["step"]["loss"]["loss"] = "seq_sum_of_that_run"
+  (tmp_path / "config.json").write_text(json.dumps(record))
+  assert evaluate.main(["--quiet", *data, "--out", str(out), "--config", str(tmp_path / "config.json")]) == 2
+  assert "other settings (max_new_tokens differ" in capsys.readouterr().err
   assert run_eval(*data[:-2], "--out", str(tmp_path / "strict")) == 2
   err = capsys.readouterr().err
   assert "image file not found" in err and records[1]["generations"][0] in err and "--bad-records skip" in err

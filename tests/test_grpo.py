@@ -568,3 +568,84 @@ def test_several_passes_report_the_ratios_mean_and_the_first_passs_other_metrics
     assert out[k] == pytest.approx(float(jnp.mean(stacked[k]))), k
   assert out["ratio_max"] == 3.0 and out["kl"] == pytest.approx(0.1) and out["grad_norm"] == 2.0
   assert out["loss"] == 0.5 and out["loss_last_pass"] == pytest.approx(0.3)
+
+
+def test_registered_loss_pieces_are_checked_and_named_before_the_first_step():
+  """`check_loss` (the launcher's checks, the Trainer's start) traces the configured pieces and the
+  loss's gradient at the step's shapes: a KL estimator or objective of the wrong shape, weights of
+  shape (B, G, 1) (which broadcast onto the wrong tokens, silently), Python control flow on traced
+  values — each an error naming the field and the name, saying what the piece takes."""
+  from lgrpo_jax.grpo import check_loss, register_kl, register_loss, register_objective
+  from lgrpo_jax.grpo.core import KL_ESTIMATORS, LOSSES, OBJECTIVES
+
+  def branchy(logp, ratio, adv, on, cfg):
+    return -ratio * adv if adv.sum() > 0 else ratio * adv
+
+  try:
+    register_kl("t_per_seq_kl", lambda logp, ref: (ref - logp).sum(-1))
+    register_loss("t_keepdims", lambda m: m.sum(-1, keepdims=True) / m.sum())
+    register_objective("t_branchy", branchy)
+    assert check_loss(LossConfig(), 2, 4, 8) is None
+    for cfg, match in ((LossConfig(kl="t_per_seq_kl"), r"LossConfig.kl='t_per_seq_kl' returned shape \(2, 4\); "
+                        r"A KL estimator is fn\(logp, logp_ref\)"),
+                       (LossConfig(loss="t_keepdims"), r"LossConfig.loss='t_keepdims' returned shape \(2, 4, 1\)"),
+                       (LossConfig(objective="t_branchy"), r"LossConfig.objective='t_branchy' failed: "
+                        r"TracerBoolConversionError")):
+      with pytest.raises(ValueError, match=match):
+        check_loss(cfg, 2, 4, 8)
+  finally:
+    for table, name in ((KL_ESTIMATORS, "t_per_seq_kl"), (LOSSES, "t_keepdims"), (OBJECTIVES, "t_branchy")):
+      table.pop(name, None)
+
+
+def test_a_kl_setting_without_beta_is_said_once():
+  from lgrpo_jax.grpo import check_loss
+  assert check_loss(LossConfig(beta=0.0), 2, 2, 4) is None
+  warning = check_loss(LossConfig(beta=0.0, kl="k1"), 2, 2, 4)
+  assert warning == "step.loss.kl='k1' has no effect: step.loss.beta=0 turns the KL term off"
+  assert check_loss(LossConfig(beta=0.0, kl="k1"), 2, 2, 4) is None  # the launcher said it; its Trainer does not
+  assert "use_bias_correction_kl=True has no effect" in check_loss(
+      LossConfig(beta=0.0, use_bias_correction_kl=True), 2, 2, 4)
+
+
+def test_registration_forms_and_built_in_names():
+  """`register_kl("name", fn)` as `register_reward` takes it; a bare `@register_kl` (no name) is an
+  error, not a silent no-op; built-in names keep their meaning (config.json records only names)."""
+  from lgrpo_jax.grpo import register_advantage, register_kl
+  from lgrpo_jax.grpo.core import KL_ESTIMATORS
+  fn = lambda logp, ref: ref - logp  # noqa: E731
+  try:
+    assert register_kl("t_two_args", fn) is fn and KL_ESTIMATORS["t_two_args"] is fn
+  finally:
+    KL_ESTIMATORS.pop("t_two_args", None)
+  with pytest.raises(TypeError, match=r'register_kl takes the name first: @register_kl\("my_name"\)'):
+    register_kl(fn)
+  with pytest.raises(TypeError, match="not callable"):
+    register_kl("t_number", 3)
+  for register, name in ((register_kl, "k3"), (register_advantage, "grpo")):
+    with pytest.raises(ValueError, match=f"'{name}' is built in: register yours under another name"):
+      register(name, fn, replace=True)
+
+
+def test_an_objective_undefined_off_the_loss_tokens_does_not_poison_the_loss():
+  """A custom objective normalised per sequence is 0/0 on a completion without loss tokens (e.g.
+  under mask_truncated_completions): its weight there is 0, but 0·NaN is NaN, so the whole update was
+  skipped. Only the loss tokens' policy terms are read."""
+  from lgrpo_jax.grpo import register_objective
+  from lgrpo_jax.grpo.core import OBJECTIVES
+
+  def per_sequence(logp, ratio, adv, on, cfg):
+    return -(ratio * adv) / on.sum(-1, keepdims=True)
+
+  try:
+    register_objective("t_per_sequence", per_sequence)
+    cfg = LossConfig(objective="t_per_sequence", beta=0.0)
+    logp = jax.random.normal(jax.random.key(0), (1, 2, 3)) - 2.0
+    mask = jnp.array([[[1, 1, 0], [0, 0, 0]]], bool)  # the second completion carries no loss
+    w = token_weights(mask, cfg)
+    f = lambda lp: grpo_loss(lp, jax.lax.stop_gradient(lp), jnp.array([[1.0, -1.0]]), w, cfg)[0]  # noqa: E731
+    loss, grad = jax.value_and_grad(f)(logp)
+    assert float(loss) == pytest.approx(-0.5)  # ρ = 1: −A/2 on each of the first completion's tokens, mean
+    assert np.isfinite(np.asarray(grad)).all() and float(jnp.abs(grad[0, 1]).sum()) == 0
+  finally:
+    OBJECTIVES.pop("t_per_sequence", None)

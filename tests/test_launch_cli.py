@@ -629,3 +629,28 @@ def test_dry_run_checks_and_prints_the_config_and_writes_nothing(tmp_path, capsy
   assert not run_dir.exists()
   assert launch.main(["--config", DEMO, "--dry-run", f"run_dir={run_dir}", "model.checkpoint=/nonexistent"]) == 2
   assert "model.checkpoint='/nonexistent': not found" in capsys.readouterr().err
+
+
+def test_dry_run_traces_the_configs_own_loss_pieces(tmp_path, capsys):
+  """A config file's registered KL estimator of the wrong shape is named by the checks (exit 2),
+  before a model loads or the warm start runs (it was a bare broadcasting error after the warm
+  start, exit 1); a KL estimator set with β = 0 is said to do nothing."""
+  from lgrpo_jax.grpo.core import KL_ESTIMATORS
+  cfg = tmp_path / "cfg.py"
+  cfg.write_text(
+      "import dataclasses\n"
+      "from lgrpo_jax.grpo import register_kl\n"
+      f"exec(open({DEMO!r}).read())\n"
+      "register_kl('t_per_pair_kl', lambda logp, ref: (ref - logp).sum(-1), replace=True)\n"
+      "_demo = config\n"
+      "def config():\n"
+      "  c = _demo()\n"
+      "  return dataclasses.replace(c, step=dataclasses.replace(c.step, loss=dataclasses.replace(\n"
+      "      c.step.loss, kl='t_per_pair_kl', beta=0.04)))\n")
+  try:
+    assert launch.main(["--config", str(cfg), "--dry-run", f"run_dir={tmp_path / 'run'}"]) == 2
+    assert "LossConfig.kl='t_per_pair_kl' returned shape" in capsys.readouterr().err
+    assert launch.main(["--config", DEMO, "--dry-run", f"run_dir={tmp_path / 'run'}", "step.loss.kl=k2"]) == 0
+    assert "warning: step.loss.kl='k2' has no effect: step.loss.beta=0" in capsys.readouterr().err
+  finally:
+    KL_ESTIMATORS.pop("t_per_pair_kl", None)

@@ -101,7 +101,9 @@ def test_registry_and_host_text_reward(tok):
   with pytest.raises(ValueError, match="unknown reward 'nope'"):
     RewardConfig(weights=(("nope", 1.0),))
   with pytest.raises(ValueError, match="already registered"):
-    register_reward("format", lambda i: i.lengths)
+    register_reward("chars", lambda i: i.lengths)
+  with pytest.raises(ValueError, match="'format' is built in"):  # config.json names it: one meaning
+    register_reward("format", lambda i: i.lengths, replace=True)
   with pytest.raises(ValueError, match="needs listener probabilities"):
     compute_rewards(inputs, RewardConfig())
 
@@ -223,7 +225,7 @@ def test_a_reward_or_advantage_of_the_wrong_shape_is_an_error_naming_it(tok):
   total, parts = compute_rewards(inputs, RewardConfig(weights=(("format", 1.0), ("constant", 1.0))))
   assert parts["constant"].shape == (2, 2) and float(total[0, 0]) == 1.5
   register_advantage("per_pair_adv", replace=True)(lambda r, eps, valid: r.mean(-1))
-  with pytest.raises(ValueError, match=r"advantage 'per_pair_adv' returned shape \(2,\)"):
+  with pytest.raises(ValueError, match=r"LossConfig.advantage='per_pair_adv' returned shape \(2,\)"):
     advantages(total, LossConfig(advantage="per_pair_adv"))
 
 

@@ -1,6 +1,8 @@
 """The GRPO step: one compiled program that samples, scores with the listener, rewards and updates;
 a second batch of the same shapes does not recompile; the reference and listener never change."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -202,6 +204,13 @@ def test_step_config_rejects_single_sample():
     StepConfig(sampling=SamplingConfig(num_samples=1))
 
 
+_SCALE = 1.0
+
+
+def _helper(x):
+  return x * _SCALE
+
+
 def test_the_step_function_is_kept_for_the_same_arguments_and_rebuilt_when_a_registry_changes(tmp_path):
   """A Trainer built again in the same process (a notebook cell run twice, an in-process resume)
   gets the same jitted step, so nothing is traced or compiled again; a reward, KL or loss replaced
@@ -228,13 +237,40 @@ def test_the_step_function_is_kept_for_the_same_arguments_and_rebuilt_when_a_reg
     register_reward("test_kept", lambda inputs: inputs.lengths * 1.0, replace=True)
     replaced = build()
     assert replaced is not step and build() is replaced
-    before = KL_ESTIMATORS["k3"]
     try:
-      register_kl("k3", replace=True)(lambda logp, logp_ref: logp - logp_ref)
-      assert build() is not replaced
+      register_kl("test_kept_kl", replace=True)(lambda logp, logp_ref: logp - logp_ref)
+      with_kl = build()
+      assert with_kl is not replaced and build() is with_kl
+      register_kl("test_kept_kl", lambda logp, logp_ref: logp_ref - logp, replace=True)
+      assert build() is not with_kl
     finally:
-      KL_ESTIMATORS["k3"] = before
+      KL_ESTIMATORS.pop("test_kept_kl", None)
     assert build() is replaced
+    # A constant or a helper the registered function reads, edited in the notebook: a new step too
+    # (the old program would compute with the old value); an unhashable callable object is taken.
+    global _SCALE, _helper
+    register_reward("test_kept", lambda inputs: _helper(inputs.lengths), replace=True)
+    reads_global = build()
+    assert build() is reads_global
+    _SCALE = 2.0
+    assert build() is not reads_global
+    reads_global = build()
+    _helper = lambda x: x * 0.0  # noqa: E731
+    assert build() is not reads_global
+
+    @dataclasses.dataclass
+    class Scaled:  # eq=True: unhashable
+      scale: float = 1.0
+
+      def __call__(self, inputs):
+        return inputs.lengths * self.scale
+
+    scaled = Scaled()
+    register_reward("test_kept", scaled, replace=True)
+    by_object = build()
+    assert build() is by_object
+    scaled.scale = 3.0
+    assert build() is not by_object
     with sharding.use_rules({**sharding.RULES, "embed": None}):
       assert build() is not replaced
     clear_compiled_steps()

@@ -46,21 +46,38 @@ OBJECTIVES: dict[str, Callable] = {}
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 
 
-def _register(table: dict, kind: str):
-  def register(name: str, *, replace: bool = False):
-    def wrap(fn):
+# The built-in names of each table (filled at the end of this module): not replaceable, because a
+# run's config.json records only the name, which must mean the same function in every process.
+_BUILT_IN: dict[int, frozenset] = {}
+
+
+def _register(table: dict, kind: str, api: str):
+  def register(name: str, fn: Callable | None = None, *, replace: bool = False):
+    """Register `fn` under `name`, as a decorator (`@register_kl("name")`) or called with the
+    function (`register_kl("name", fn)`). replace=True: re-running a notebook cell or a config file.
+    Built-in names cannot be replaced."""
+    if not isinstance(name, str) or not name:
+      raise TypeError(f"{api} takes the name first: @{api}(\"my_name\") or {api}(\"my_name\", fn), "
+                      f"not {name!r}")
+
+    def wrap(f):
+      if not callable(f):
+        raise TypeError(f"{api}({name!r}, {f!r}): not callable")
+      if name in _BUILT_IN.get(id(table), ()):
+        raise ValueError(f"{kind} {name!r} is built in: register yours under another name (a run's config.json "
+                         f"records only the name, so {name!r} must mean the same function in every process)")
       if name in table and not replace:  # replace=True: re-running a notebook cell
         raise ValueError(f"{kind} {name!r} is already registered (pass replace=True to override)")
-      table[name] = fn
-      return fn
-    return wrap
+      table[name] = f
+      return f
+    return wrap if fn is None else wrap(fn)
   return register
 
 
-register_kl = _register(KL_ESTIMATORS, "KL estimator")
-register_loss = _register(LOSSES, "loss")
-register_advantage = _register(ADVANTAGES, "advantage")
-register_objective = _register(OBJECTIVES, "objective")
+register_kl = _register(KL_ESTIMATORS, "KL estimator", "register_kl")
+register_loss = _register(LOSSES, "loss", "register_loss")
+register_advantage = _register(ADVANTAGES, "advantage", "register_advantage")
+register_objective = _register(OBJECTIVES, "objective", "register_objective")
 
 
 _READING_A_RECORD = contextvars.ContextVar("lgrpo_jax_reading_a_record", default=False)
@@ -91,6 +108,20 @@ def lookup(table: dict, name: str, field: str):
       return None
     raise ValueError(f"{field}={name!r}: choose one of {sorted(table)}")
   return table[name]
+
+
+def _apply(table: dict, name: str, field: str, args: tuple, shape: tuple, takes: str):
+  """table[name](*args), checked to be an array of `shape`: a registered function that fails or
+  returns another shape is an error naming it and saying what it takes (it used to be a bare JAX
+  broadcasting error from inside the step, or, for (B, G, 1) weights, silently the wrong tokens)."""
+  fn = lookup(table, name, field)
+  try:
+    out = jnp.asarray(fn(*args))
+  except Exception as e:  # noqa: BLE001 — re-raised, naming the function
+    raise ValueError(f"{field}={name!r} failed: {type(e).__name__}: {e}. {takes}") from e
+  if out.shape != tuple(shape):
+    raise ValueError(f"{field}={name!r} returned shape {out.shape}; {takes}")
+  return out
 
 
 # ---- advantages ---------------------------------------------------------------------------------
@@ -338,7 +369,9 @@ def token_terms(logp, logp_old, advantages_bg, cfg: LossConfig, logp_ref=None, o
     log_ratio = sequence_mean(log_ratio, on)
   ratio = jnp.exp(log_ratio)
   adv = advantages_bg[..., None]
-  policy = lookup(OBJECTIVES, cfg.objective, "LossConfig.objective")(logp, ratio, adv, on, cfg)
+  policy = _apply(OBJECTIVES, cfg.objective, "LossConfig.objective", (logp, ratio, adv, on, cfg), logp.shape,
+                  f"An objective is fn(logp, ratio, adv (B, G, 1), on (B, G, N) bool, cfg) -> the per-token policy "
+                  f"loss, shaped as logp: (B, G, N) = {logp.shape}")
   keep = jnp.ones(logp.shape, bool)
   if cfg.off_policy_mask_threshold is not None:
     drift = sequence_mean(logp_old - jax.lax.stop_gradient(logp), on)
@@ -350,12 +383,15 @@ def token_terms(logp, logp_old, advantages_bg, cfg: LossConfig, logp_ref=None, o
   if cfg.beta > 0:
     if logp_ref is None:
       raise ValueError("LossConfig.beta > 0 needs reference log-probs")
-    kl = lookup(KL_ESTIMATORS, cfg.kl, "LossConfig.kl")(logp, logp_ref)
+    kl = _apply(KL_ESTIMATORS, cfg.kl, "LossConfig.kl", (logp, logp_ref), logp.shape,
+                f"A KL estimator is fn(logp, logp_ref) -> the per-token KL, (B, G, N) = {logp.shape}")
     if cfg.use_bias_correction_kl:
       kl = kl * ratio
   else:
     kl = jnp.zeros_like(logp)
-  return TokenTerms(jnp.where(keep, policy, 0.0) + cfg.beta * kl, keep, kl, ratio)
+  # Only the loss tokens' policy terms: a custom objective may be NaN off them (an empty sequence's
+  # 0/0), which the aggregation's weight 0 would not cancel (0·NaN).
+  return TokenTerms(jnp.where(keep & on, policy, 0.0) + cfg.beta * kl, keep, kl, ratio)
 
 
 # A loss mode is the per-token weight w (B, G, N) with loss = Σ w·ℓ, computed from the masks of the
@@ -394,7 +430,8 @@ def token_weights(mask, cfg: LossConfig, valid_b=None):
   mask = mask.astype(f)
   if valid_b is not None:
     mask = mask * valid_b[:, None, None].astype(f)
-  return lookup(LOSSES, cfg.loss, "LossConfig.loss")(mask)
+  return _apply(LOSSES, cfg.loss, "LossConfig.loss", (mask,), mask.shape,
+                f"A loss aggregation is fn(mask (B, G, N) float) -> per-token weights, (B, G, N) = {mask.shape}")
 
 
 def advantages(rewards_bg, cfg: LossConfig, valid_b=None):
@@ -403,11 +440,9 @@ def advantages(rewards_bg, cfg: LossConfig, valid_b=None):
   NaN (not scored) gets advantage 0, whatever the mode; the built-in modes also leave it out of
   the means and spreads (TRL's rule for a completion every reward function returned None for)."""
   valid_b = jnp.ones(rewards_bg.shape[:1], jnp.float32) if valid_b is None else valid_b.astype(jnp.float32)
-  fn = lookup(ADVANTAGES, cfg.advantage, "LossConfig.advantage")
-  adv = jnp.asarray(fn(rewards_bg, cfg.adv_eps, valid_b))
-  if adv.shape != rewards_bg.shape:
-    raise ValueError(f"advantage {cfg.advantage!r} returned shape {adv.shape}; expected one per completion, "
-                     f"as the rewards: (B, G) = {rewards_bg.shape}")
+  adv = _apply(ADVANTAGES, cfg.advantage, "LossConfig.advantage", (rewards_bg, cfg.adv_eps, valid_b),
+               rewards_bg.shape, f"An advantage function is fn(rewards (B, G), eps, valid (B,)) -> one advantage "
+               f"per completion, as the rewards: (B, G) = {rewards_bg.shape}")
   return jax.lax.stop_gradient(jnp.where(scored(rewards_bg), adv, 0.0))
 
 
@@ -471,3 +506,36 @@ def advantage_metrics(rewards_bg, advantages_bg, valid_b=None) -> dict:
           "advantage_abs_max": jnp.max(jnp.where(w > 0, jnp.abs(advantages_bg), 0)),
           "zero_variance_groups": zero_variance_groups(rewards_bg, valid_b),
           "unscored_completions": jnp.sum(w * ~scored(rewards_bg))}
+
+
+def check_loss(cfg: LossConfig, b: int, g: int, n: int) -> str | None:
+  """Trace the configured advantage, aggregation, objective and KL estimator — the loss and its
+  gradient in the log-probs — on abstract inputs of the step's shapes (B pairs, G samples, N new
+  tokens): one that fails or returns the wrong shape is an error naming it before anything is
+  loaded or compiled. Returns a warning for settings that have no effect (a KL estimator with β = 0),
+  once per process (the launcher's checks and then its Trainer would say it twice)."""
+  f32 = jax.ShapeDtypeStruct((b, g, n), jnp.float32)
+  needs_entropy = cfg.top_entropy_quantile < 1 or cfg.entropy_coef != 0
+
+  def loss(logp, rewards, mask, entropy):
+    valid = jnp.ones((b,), jnp.float32)
+    adv = advantages(rewards, cfg, valid)
+    weights = token_weights(mask, cfg, valid)
+    return grpo_loss(logp, logp, adv, weights, cfg, logp_ref=logp if cfg.beta > 0 else None,
+                     entropy=entropy if needs_entropy else None)
+
+  jax.eval_shape(jax.value_and_grad(loss, has_aux=True), f32, jax.ShapeDtypeStruct((b, g), jnp.float32),
+                 jax.ShapeDtypeStruct((b, g, n), jnp.bool_), f32)
+  if cfg.beta == 0 and (cfg.kl != LossConfig.kl or cfg.use_bias_correction_kl):
+    what = f"kl={cfg.kl!r}" if cfg.kl != LossConfig.kl else "use_bias_correction_kl=True"
+    warning = f"step.loss.{what} has no effect: step.loss.beta=0 turns the KL term off"
+    if warning not in _WARNED:
+      _WARNED.add(warning)
+      return warning
+  return None
+
+
+_WARNED: set = set()
+
+
+_BUILT_IN.update({id(t): frozenset(t) for t in (KL_ESTIMATORS, LOSSES, ADVANTAGES, OBJECTIVES)})

@@ -32,6 +32,7 @@ import numpy as np
 from lgrpo_jax.rewards.text import Parsed
 
 REWARDS: dict[str, Callable] = {}
+_BUILT_IN: frozenset = frozenset()  # the built-in names (set below them): not replaceable
 USES_LISTENER: set[str] = set()  # rewards that read `listener_probs`: the step runs the listener for them
 
 
@@ -55,6 +56,9 @@ def register_reward(name: str, fn: Callable | None = None, *, replace: bool = Fa
     if not callable(f):
       raise ValueError(f"register_reward({name!r}, {f!r}): not callable; a reward is fn(inputs: RewardInputs) "
                        "-> (B, G) floats")
+    if name in _BUILT_IN:
+      raise ValueError(f"reward {name!r} is built in: register yours under another name (a run's config.json "
+                       f"records only the name, so {name!r} must mean the same reward in every process)")
     if name in REWARDS and not replace:
       raise ValueError(f"reward {name!r} is already registered (pass replace=True to override, e.g. "
                        "when a notebook cell or a config file runs again)")
@@ -86,6 +90,9 @@ def listener_reward(inputs: RewardInputs):
   probs = inputs.listener_probs
   idx = jnp.broadcast_to(inputs.labels[:, None, None].astype(jnp.int32), probs.shape[:2] + (1,))
   return jnp.take_along_axis(probs, idx, -1)[..., 0]
+
+
+_BUILT_IN = frozenset(REWARDS)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -45,6 +45,7 @@ from lgrpo_jax.data.pipeline import PipelineConfig, make_batches
 from lgrpo_jax.data.prompts import end_of_turn_ids
 from lgrpo_jax.grpo.update import make_optimizer
 from lgrpo_jax.listener import ListenerSpec
+from lgrpo_jax.grpo import check_loss
 from lgrpo_jax.rewards import ByteTable, check_rewards
 from lgrpo_jax.sharding import copy_tree, on_mesh, put, state_shardings
 from lgrpo_jax.models.qwen2_5_vl.flops import grpo_step_flops
@@ -192,6 +193,10 @@ class Trainer:
     # A reward that fails or returns the wrong shape: named now, not from inside the first step's trace
     check_rewards(step_cfg.rewards, pipe_cfg.global_batch, step_cfg.sampling.num_samples,
                   step_cfg.sampling.max_new_tokens)
+    warning = check_loss(step_cfg.loss, pipe_cfg.global_batch, step_cfg.sampling.num_samples,
+                         step_cfg.sampling.max_new_tokens)  # and the loss's pieces
+    if warning:
+      log.warning(warning)
     self.model_config = model.config
     # The model given is trained in place, as TRL's trainer trains the model it is given: its
     # parameters are the step's state (donated to each step, so no second copy is held), and every

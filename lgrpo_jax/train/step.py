@@ -223,13 +223,80 @@ def clear_compiled_steps() -> None:
 
 def _trace_globals() -> tuple:
   """What tracing the step reads besides its arguments: the registered rewards, KL estimators,
-  losses, advantages and objectives (a notebook may replace one under the same name), and the
-  activation-sharding rules in use (`sharding.use_rules`)."""
+  losses, advantages and objectives (a notebook may replace one under the same name, or edit a
+  constant or a helper one of them reads: `fingerprint`), and the activation-sharding rules in use
+  (`sharding.use_rules`)."""
   from lgrpo_jax.grpo import core as grpo_core
   from lgrpo_jax.rewards import core as reward_core
   tables = (reward_core.REWARDS, grpo_core.KL_ESTIMATORS, grpo_core.LOSSES, grpo_core.ADVANTAGES,
             grpo_core.OBJECTIVES)
-  return tuple(tuple(t.items()) for t in tables), rules_key()
+  return tuple(tuple((name, fingerprint(fn)) for name, fn in t.items()) for t in tables), rules_key()
+
+
+class _Same:
+  """Compares (and hashes) by identity, holding the object: a key part for an unhashable or mutable
+  value (an array, a callable dataclass) that cannot be taken for a later object at the same id."""
+  __slots__ = ("obj",)
+
+  def __init__(self, obj):
+    self.obj = obj
+
+  def __eq__(self, other):
+    return isinstance(other, _Same) and other.obj is self.obj
+
+  def __hash__(self):
+    return id(self.obj)
+
+
+_SCALARS = (bool, int, float, complex, str, bytes, type(None))
+
+
+def fingerprint(fn, depth: int = 3):
+  """A hashable key for what a registered function computes as far as a cache can see: the function
+  itself (by identity), the values of the module globals its code reads — numbers and strings by
+  value, functions by their own fingerprint, anything else by identity — and a callable object's
+  attributes. So a notebook that sets `SCALE = 0` or redefines a helper the function calls gets a
+  new step, not the program traced with the old value; a global mutated in place (an array or a
+  dict changed without rebinding) is not seen. Functions of lgrpo_jax itself are taken by identity."""
+  def value(v, d):
+    if isinstance(v, _SCALARS):
+      return type(v).__name__, repr(v)  # repr: a NaN constant equals itself
+    if isinstance(v, tuple):
+      return tuple(value(x, d) for x in v)
+    if callable(v) and not isinstance(v, type) and d > 0:
+      return fingerprint(v, d - 1)
+    return _Same(v)
+
+  module = getattr(fn, "__module__", "") or ""
+  if depth <= 0 or module.startswith("lgrpo_jax") or isinstance(fn, type):
+    return _Same(fn)
+  target = fn if hasattr(fn, "__code__") else getattr(type(fn), "__call__", None)
+  code, env = getattr(target, "__code__", None), getattr(target, "__globals__", {})
+  reads = []
+  if code is not None:
+    stack, names = [code], set()
+    while stack:  # the function's code and the code objects nested in it (lambdas, inner functions)
+      c = stack.pop()
+      names.update(c.co_names)
+      stack.extend(x for x in c.co_consts if hasattr(x, "co_names"))
+    reads = [(n, value(env[n], depth - 1)) for n in sorted(names) if n in env and not _is_module(env[n])]
+  cells = tuple(value(c.cell_contents, depth - 1) for c in (getattr(target, "__closure__", None) or ())
+                if _has_contents(c))
+  attrs = () if target is fn else tuple((k, value(v, depth - 1)) for k, v in sorted(vars(fn).items())) \
+      if hasattr(fn, "__dict__") else ()
+  return _Same(fn), tuple(reads), cells, attrs
+
+
+def _is_module(v) -> bool:
+  return type(v).__name__ == "module"
+
+
+def _has_contents(cell) -> bool:
+  try:
+    cell.cell_contents
+    return True
+  except ValueError:  # an empty cell (a name bound later)
+    return False
 
 
 def rules_key() -> str:
