@@ -51,7 +51,8 @@ from lgrpo_jax.sharding import copy_tree, on_mesh, put, state_shardings
 from lgrpo_jax.models.qwen2_5_vl.flops import grpo_step_flops
 from lgrpo_jax.train.metrics import CompileCounter, MetricSinks, measured_matmul_tflops
 from lgrpo_jax.train import stopping
-from lgrpo_jax.train.step import Batch, StepConfig, Tables, TrainState, _trace_globals, init_state, make_train_step
+from lgrpo_jax.train.step import (Batch, StepConfig, Tables, TrainState, _trace_globals, init_state, kept,
+                                  make_train_step)
 
 log = logging.getLogger("lgrpo_jax.train")
 
@@ -473,13 +474,13 @@ class Trainer:
     # Keyed on what the step reads at trace time too: a reward or loss registered again with
     # replace=True (a notebook cell edited, then run() again) is traced anew, not the old one reused.
     key = (pair_grid, _trace_globals())
-    if key not in self._steps:
-      if self.step_cfg.rewards.needs_listener and self.listener_params is None:
-        raise ValueError("a reward now reads the listener (registered with uses_listener=True after this "
-                         "Trainer was built), but the Trainer kept no listener copy: build a new Trainer")
-      self._steps[key] = make_train_step(self.graphdef, self.listener_graphdef, self.tx, self.step_cfg,
-                                         self.spec, pair_grid, self.state_shardings, self.listener_is_reference)
-    return self._steps[key]
+    if key not in self._steps and self.step_cfg.rewards.needs_listener and self.listener_params is None:
+      raise ValueError("a reward now reads the listener (registered with uses_listener=True after this "
+                       "Trainer was built), but the Trainer kept no listener copy: build a new Trainer")
+    # the last 8 (image grids × edits of a notebook's registered functions), as the process keeps
+    return kept(self._steps, key, lambda: make_train_step(
+        self.graphdef, self.listener_graphdef, self.tx, self.step_cfg, self.spec, pair_grid, self.state_shardings,
+        self.listener_is_reference))
 
   def _mesh_ctx(self):
     return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
