@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import types
 from typing import NamedTuple
 
 import jax
@@ -253,45 +254,40 @@ _SCALARS = (bool, int, float, complex, str, bytes, type(None))
 
 def fingerprint(fn, depth: int = 3):
   """A hashable key for what a registered function computes as far as a cache can see: the function
-  itself (by identity), the values of the module globals its code reads — numbers and strings by
-  value, functions by their own fingerprint, anything else by identity — and a callable object's
-  attributes. So a notebook that sets `SCALE = 0` or redefines a helper the function calls gets a
-  new step, not the program traced with the old value; a global mutated in place (an array or a
-  dict changed without rebinding) is not seen. Functions of lgrpo_jax itself are taken by identity."""
-  def value(v, d):
+  itself (by identity), the values of the module globals and closure cells its code reads —
+  numbers and strings by value, functions by their own fingerprint (`depth` levels down), anything
+  else by identity — and a callable object's attributes. So a notebook that sets `SCALE = 0` or
+  redefines a helper the function calls gets a new step, not the program traced with the old value;
+  a global mutated in place (an array or a dict changed without rebinding) is not seen. Functions
+  of lgrpo_jax itself are taken by identity."""
+  def value(v):
     if isinstance(v, _SCALARS):
       return type(v).__name__, repr(v)  # repr: a NaN constant equals itself
     if isinstance(v, tuple):
-      return tuple(value(x, d) for x in v)
-    if callable(v) and not isinstance(v, type) and d > 0:
-      return fingerprint(v, d - 1)
+      return tuple(value(x) for x in v)
+    if callable(v) and not isinstance(v, type):
+      return fingerprint(v, depth - 1)
     return _Same(v)
 
-  module = getattr(fn, "__module__", "") or ""
-  if depth <= 0 or module.startswith("lgrpo_jax") or isinstance(fn, type):
+  if depth <= 0 or isinstance(fn, type) or (getattr(fn, "__module__", None) or "").startswith("lgrpo_jax"):
     return _Same(fn)
-  target = fn if hasattr(fn, "__code__") else getattr(type(fn), "__call__", None)
+  is_function = hasattr(fn, "__code__")
+  target = fn if is_function else getattr(type(fn), "__call__", None)  # a callable object: its class's __call__
   code, env = getattr(target, "__code__", None), getattr(target, "__globals__", {})
-  reads = []
-  if code is not None:
-    stack, names = [code], set()
-    while stack:  # the function's code and the code objects nested in it (lambdas, inner functions)
-      c = stack.pop()
-      names.update(c.co_names)
-      stack.extend(x for x in c.co_consts if hasattr(x, "co_names"))
-    reads = [(n, value(env[n], depth - 1)) for n in sorted(names) if n in env and not _is_module(env[n])]
-  cells = tuple(value(c.cell_contents, depth - 1) for c in (getattr(target, "__closure__", None) or ())
-                if _has_contents(c))
-  attrs = () if target is fn else tuple((k, value(v, depth - 1)) for k, v in sorted(vars(fn).items())) \
-      if hasattr(fn, "__dict__") else ()
-  return _Same(fn), tuple(reads), cells, attrs
+  names = set()
+  stack = [code] if code is not None else []
+  while stack:  # the function's code and the code objects nested in it (lambdas, inner functions)
+    c = stack.pop()
+    names.update(c.co_names)
+    stack.extend(x for x in c.co_consts if isinstance(x, types.CodeType))
+  reads = tuple((n, value(env[n])) for n in sorted(names) if n in env and not isinstance(env[n], types.ModuleType))
+  cells = tuple(value(c.cell_contents) for c in (getattr(target, "__closure__", None) or ()) if _filled(c))
+  attrs = () if is_function or not hasattr(fn, "__dict__") else tuple(
+      (k, value(v)) for k, v in sorted(vars(fn).items()))
+  return _Same(fn), reads, cells, attrs
 
 
-def _is_module(v) -> bool:
-  return type(v).__name__ == "module"
-
-
-def _has_contents(cell) -> bool:
+def _filled(cell) -> bool:
   try:
     cell.cell_contents
     return True
