@@ -14,6 +14,7 @@ import importlib.util
 import json
 import re
 import os
+import sys
 import traceback
 import types
 import typing
@@ -147,6 +148,12 @@ def load_config_file(path: str) -> ExperimentConfig:
   if spec is None or spec.loader is None:
     raise ConfigError(f"{path}: a config file is a Python file (.py) defining config(), or a run's config.json")
   module = importlib.util.module_from_spec(spec)
+  # As `python file.py` does: the file's directory is importable while it runs, so a config can
+  # import the module beside it that registers its rewards or loss (from any working directory).
+  here = os.path.dirname(os.path.abspath(path))
+  added = here not in sys.path
+  if added:
+    sys.path.insert(0, here)
   try:
     spec.loader.exec_module(module)
     if not hasattr(module, "config"):
@@ -159,6 +166,9 @@ def load_config_file(path: str) -> ExperimentConfig:
         (fr.lineno for fr in reversed(traceback.extract_tb(e.__traceback__))
          if os.path.abspath(fr.filename) == os.path.abspath(path)), None)
     raise ConfigError(f"{path}{'' if line is None else f':{line}'}: {type(e).__name__}: {e}") from None
+  finally:
+    if added and here in sys.path:
+      sys.path.remove(here)
   if not isinstance(cfg, ExperimentConfig):
     raise ConfigError(f"{path}: config() returned {type(cfg).__name__}, not ExperimentConfig")
   return check_types(cfg, path)

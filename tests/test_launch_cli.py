@@ -654,3 +654,34 @@ def test_dry_run_traces_the_configs_own_loss_pieces(tmp_path, capsys):
     assert "warning: step.loss.kl='k2' has no effect: step.loss.beta=0" in capsys.readouterr().err
   finally:
     KL_ESTIMATORS.pop("t_per_pair_kl", None)
+
+
+def test_a_config_file_imports_the_module_beside_it_from_any_directory(tmp_path, monkeypatch):
+  """As `python file.py` would: a config file's own directory is importable while it loads (the
+  module registering its reward sits beside it), wherever the launch runs from; not afterwards."""
+  import sys
+
+  from lgrpo_jax.rewards.core import REWARDS
+  (tmp_path / "conf").mkdir()
+  (tmp_path / "conf" / "t_beside_rewards.py").write_text(
+      "from lgrpo_jax.rewards import register_reward\n"
+      "register_reward('t_beside', lambda inputs: inputs.lengths * 0.0, replace=True)\n")
+  (tmp_path / "conf" / "cfg.py").write_text(
+      "import dataclasses\n"
+      "import t_beside_rewards  # noqa: F401\n"
+      "from lgrpo_jax.config import ExperimentConfig\n"
+      "from lgrpo_jax.rewards import RewardConfig\n"
+      "def config():\n"
+      "  c = ExperimentConfig()\n"
+      "  return dataclasses.replace(c, step=dataclasses.replace(c.step, rewards=RewardConfig(\n"
+      "      weights=(('format', 1.0), ('t_beside', 0.5)))))\n")
+  (tmp_path / "elsewhere").mkdir()
+  monkeypatch.chdir(tmp_path / "elsewhere")
+  path_before = list(sys.path)
+  try:
+    cfg = load_config_file(os.path.join("..", "conf", "cfg.py"))
+    assert cfg.step.rewards.weights[1] == ("t_beside", 0.5) and "t_beside" in REWARDS
+    assert sys.path == path_before
+  finally:
+    REWARDS.pop("t_beside", None)
+    sys.modules.pop("t_beside_rewards", None)
