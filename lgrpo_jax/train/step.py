@@ -263,7 +263,7 @@ def fingerprint(fn, depth: int = 3):
   def value(v):
     if isinstance(v, _SCALARS):
       return type(v).__name__, repr(v)  # repr: a NaN constant equals itself
-    if isinstance(v, tuple):
+    if isinstance(v, tuple) and len(v) <= 64:  # a longer one (a table of values) by identity: cheap per step
       return tuple(value(x) for x in v)
     if callable(v) and not isinstance(v, type):
       return fingerprint(v, depth - 1)
