@@ -585,7 +585,9 @@ def test_registered_loss_pieces_are_checked_and_named_before_the_first_step():
     register_kl("t_per_seq_kl", lambda logp, ref: (ref - logp).sum(-1))
     register_loss("t_keepdims", lambda m: m.sum(-1, keepdims=True) / m.sum())
     register_objective("t_branchy", branchy)
+    register_kl("t_per_sequence_kl", lambda logp, ref: (ref - logp).mean(-1, keepdims=True))
     assert check_loss(LossConfig(), 2, 4, 8) is None
+    assert check_loss(LossConfig(kl="t_per_sequence_kl"), 2, 4, 8) is None  # (B, G, 1): each token's
     for cfg, match in ((LossConfig(kl="t_per_seq_kl"), r"LossConfig.kl='t_per_seq_kl' returned shape \(2, 4\); "
                         r"A KL estimator is fn\(logp, logp_ref\)"),
                        (LossConfig(loss="t_keepdims"), r"LossConfig.loss='t_keepdims' returned shape \(2, 4, 1\)"),
@@ -594,7 +596,8 @@ def test_registered_loss_pieces_are_checked_and_named_before_the_first_step():
       with pytest.raises(ValueError, match=match):
         check_loss(cfg, 2, 4, 8)
   finally:
-    for table, name in ((KL_ESTIMATORS, "t_per_seq_kl"), (LOSSES, "t_keepdims"), (OBJECTIVES, "t_branchy")):
+    for table, name in ((KL_ESTIMATORS, "t_per_seq_kl"), (KL_ESTIMATORS, "t_per_sequence_kl"), (LOSSES, "t_keepdims"),
+                        (OBJECTIVES, "t_branchy")):
       table.pop(name, None)
 
 
@@ -618,9 +621,9 @@ def test_registration_forms_and_built_in_names():
     assert register_kl("t_two_args", fn) is fn and KL_ESTIMATORS["t_two_args"] is fn
   finally:
     KL_ESTIMATORS.pop("t_two_args", None)
-  with pytest.raises(TypeError, match=r'register_kl takes the name first: @register_kl\("my_name"\)'):
+  with pytest.raises(ValueError, match=r'register_kl takes the name first: @register_kl\("my_name"\)'):
     register_kl(fn)
-  with pytest.raises(TypeError, match="not callable"):
+  with pytest.raises(ValueError, match="not callable"):
     register_kl("t_number", 3)
   for register, name in ((register_kl, "k3"), (register_advantage, "grpo")):
     with pytest.raises(ValueError, match=f"'{name}' is built in: register yours under another name"):

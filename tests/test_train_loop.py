@@ -667,3 +667,26 @@ def test_no_frozen_copy_is_held_that_nothing_reads(tmp_path):
               listener=lgrpo_jax.from_config(tiny_model_config(tok_dir)))
   assert t.ref_params is None and t.listener_params is not None and not t.listener_is_reference
   t.close()
+
+
+def test_a_trainer_keeps_a_step_per_image_grid_and_clear_compiled_steps_reaches_it(tmp_path):
+  """A dataset of many image grids interleaves them: each grid's step function stays (the process
+  keeps its last 8; an earlier cap of the Trainer's own at 8 recompiled every step past 8 grids).
+  A reward registered again, or `clear_compiled_steps()`, gives the next step a new function."""
+  from lgrpo_jax.rewards import register_reward
+  from lgrpo_jax.rewards.core import REWARDS
+  tok_dir = build_tiny_tokenizer(tmp_path / "tok")
+  t = make(tmp_path / "run", tok_dir, steps=1)
+  grids = [((1, 4, 2 * k), (1, 4, 4)) for k in range(1, 11)]
+  first = [t._step_fn(g) for g in grids]
+  assert [t._step_fn(g) for g in grids] == first  # jitted functions: none built again (nothing compiled here)
+  clear_compiled_steps()
+  assert t._step_fn(grids[0]) is not first[0]
+  again = t._step_fn(grids[0])
+  try:
+    register_reward("t_grid_reward", lambda inputs: inputs.lengths * 0.0)
+    assert t._step_fn(grids[0]) is not again  # a registry changed
+  finally:
+    REWARDS.pop("t_grid_reward", None)
+  assert len(t._steps) == len(grids)  # one per grid: replaced, not piled up
+  t.close()

@@ -57,12 +57,12 @@ def _register(table: dict, kind: str, api: str):
     function (`register_kl("name", fn)`). replace=True: re-running a notebook cell or a config file.
     Built-in names cannot be replaced."""
     if not isinstance(name, str) or not name:
-      raise TypeError(f"{api} takes the name first: @{api}(\"my_name\") or {api}(\"my_name\", fn), "
-                      f"not {name!r}")
+      raise ValueError(f"{api} takes the name first: @{api}(\"my_name\") or {api}(\"my_name\", fn), "
+                       f"not {name!r}")
 
     def wrap(f):
       if not callable(f):
-        raise TypeError(f"{api}({name!r}, {f!r}): not callable")
+        raise ValueError(f"{api}({name!r}, {f!r}): not callable")
       if name in _BUILT_IN.get(id(table), ()):
         raise ValueError(f"{kind} {name!r} is built in: register yours under another name (a run's config.json "
                          f"records only the name, so {name!r} must mean the same function in every process)")
@@ -110,15 +110,21 @@ def lookup(table: dict, name: str, field: str):
   return table[name]
 
 
-def _apply(table: dict, name: str, field: str, args: tuple, shape: tuple, takes: str):
+def _apply(table: dict, name: str, field: str, args: tuple, shape: tuple, takes: str, per_token: bool = False):
   """table[name](*args), checked to be an array of `shape`: a registered function that fails or
   returns another shape is an error naming it and saying what it takes (it used to be a bare JAX
-  broadcasting error from inside the step, or, for (B, G, 1) weights, silently the wrong tokens)."""
+  broadcasting error from inside the step, or, for (B, G, 1) weights, silently the wrong tokens).
+  `per_token` (an objective, a KL estimator): a scalar or a (B, G, 1) value is every token's."""
   fn = lookup(table, name, field)
+  if name in _BUILT_IN.get(id(table), ()):
+    return fn(*args)  # ours: their own errors say what is wrong
   try:
     out = jnp.asarray(fn(*args))
   except Exception as e:  # noqa: BLE001 — re-raised, naming the function
     raise ValueError(f"{field}={name!r} failed: {type(e).__name__}: {e}. {takes}") from e
+  b, g, *_ = tuple(shape) + (1,)
+  if per_token and out.shape in ((), (b, g, 1)):
+    out = jnp.broadcast_to(out, shape)
   if out.shape != tuple(shape):
     raise ValueError(f"{field}={name!r} returned shape {out.shape}; {takes}")
   return out
@@ -371,7 +377,8 @@ def token_terms(logp, logp_old, advantages_bg, cfg: LossConfig, logp_ref=None, o
   adv = advantages_bg[..., None]
   policy = _apply(OBJECTIVES, cfg.objective, "LossConfig.objective", (logp, ratio, adv, on, cfg), logp.shape,
                   f"An objective is fn(logp, ratio, adv (B, G, 1), on (B, G, N) bool, cfg) -> the per-token policy "
-                  f"loss, shaped as logp: (B, G, N) = {logp.shape}")
+                  f"loss, shaped as logp: (B, G, N) = {logp.shape} (or (B, G, 1): each token of the sequence)",
+                  per_token=True)
   keep = jnp.ones(logp.shape, bool)
   if cfg.off_policy_mask_threshold is not None:
     drift = sequence_mean(logp_old - jax.lax.stop_gradient(logp), on)
@@ -384,7 +391,7 @@ def token_terms(logp, logp_old, advantages_bg, cfg: LossConfig, logp_ref=None, o
     if logp_ref is None:
       raise ValueError("LossConfig.beta > 0 needs reference log-probs")
     kl = _apply(KL_ESTIMATORS, cfg.kl, "LossConfig.kl", (logp, logp_ref), logp.shape,
-                f"A KL estimator is fn(logp, logp_ref) -> the per-token KL, (B, G, N) = {logp.shape}")
+                f"A KL estimator is fn(logp, logp_ref) -> the per-token KL, (B, G, N) = {logp.shape}", per_token=True)
     if cfg.use_bias_correction_kl:
       kl = kl * ratio
   else:

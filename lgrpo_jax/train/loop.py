@@ -51,8 +51,7 @@ from lgrpo_jax.sharding import copy_tree, on_mesh, put, state_shardings
 from lgrpo_jax.models.qwen2_5_vl.flops import grpo_step_flops
 from lgrpo_jax.train.metrics import CompileCounter, MetricSinks, measured_matmul_tflops
 from lgrpo_jax.train import stopping
-from lgrpo_jax.train.step import (Batch, StepConfig, Tables, TrainState, _trace_globals, init_state, kept,
-                                  make_train_step)
+from lgrpo_jax.train.step import Batch, StepConfig, Tables, TrainState, _trace_globals, init_state, make_train_step
 
 log = logging.getLogger("lgrpo_jax.train")
 
@@ -471,16 +470,19 @@ class Trainer:
     return self.evaluator is not None and self.loop_cfg.eval_every > 0
 
   def _step_fn(self, pair_grid):
-    # Keyed on what the step reads at trace time too: a reward or loss registered again with
-    # replace=True (a notebook cell edited, then run() again) is traced anew, not the old one reused.
-    key = (pair_grid, _trace_globals())
-    if key not in self._steps and self.step_cfg.rewards.needs_listener and self.listener_params is None:
-      raise ValueError("a reward now reads the listener (registered with uses_listener=True after this "
-                       "Trainer was built), but the Trainer kept no listener copy: build a new Trainer")
-    # the last 8 (image grids × edits of a notebook's registered functions), as the process keeps
-    return kept(self._steps, key, lambda: make_train_step(
-        self.graphdef, self.listener_graphdef, self.tx, self.step_cfg, self.spec, pair_grid, self.state_shardings,
-        self.listener_is_reference))
+    # One step function per image grid (every grid's kept: a dataset with many grids interleaves
+    # them), replaced when what the step reads at trace time changed: a reward or loss registered
+    # again with replace=True (a notebook cell edited, then run() again), `clear_compiled_steps()`.
+    key = _trace_globals()
+    kept_key, fn = self._steps.get(pair_grid, (None, None))
+    if kept_key != key:
+      if self.step_cfg.rewards.needs_listener and self.listener_params is None:
+        raise ValueError("a reward now reads the listener (registered with uses_listener=True after this "
+                         "Trainer was built), but the Trainer kept no listener copy: build a new Trainer")
+      fn = make_train_step(self.graphdef, self.listener_graphdef, self.tx, self.step_cfg, self.spec, pair_grid,
+                           self.state_shardings, self.listener_is_reference)
+      self._steps[pair_grid] = (key, fn)
+    return fn
 
   def _mesh_ctx(self):
     return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
@@ -653,7 +655,7 @@ class Trainer:
       step = int(self.state.step)
       tflops = self.step_flops(host, int(metrics["decode_steps"])) / dt / 1e12
       metrics.update(step=step, step_time=dt, tokens_per_s=metrics["generated_tokens"] / dt,
-                     compiled_programs=sum(f._cache_size() for f in self._steps.values()),
+                     compiled_programs=sum(f._cache_size() for _, f in self._steps.values()),
                      **dict(zip(("compiles", "compile_s"), self.compiles.stats())),
                      compile_cache_hits=self.compiles.cache_hits(),
                      tflops=tflops, mfu=tflops / self.peak_tflops, skipped_records=self.skipped_records())

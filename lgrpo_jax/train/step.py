@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import types
 from typing import NamedTuple
 
 import jax
@@ -217,6 +216,7 @@ def clear_compiled_steps() -> None:
   """Forget the kept GRPO step, warm-start step and held-out judge functions (and their compiled
   programs): the next Trainer or warm start compiles afresh."""
   from lgrpo_jax.train import evaluation, sft
+  _CLEARED[0] += 1  # a Trainer's own step functions are keyed on it (`_trace_globals`)
   _TRAIN_STEPS.clear()
   evaluation._JUDGES.clear()
   sft._SFT_STEPS.clear()
@@ -224,19 +224,28 @@ def clear_compiled_steps() -> None:
 
 def _trace_globals() -> tuple:
   """What tracing the step reads besides its arguments: the registered rewards, KL estimators,
-  losses, advantages and objectives (a notebook may replace one under the same name, or edit a
-  constant or a helper one of them reads: `fingerprint`), and the activation-sharding rules in use
-  (`sharding.use_rules`)."""
+  losses, advantages and objectives (a notebook may replace one under the same name), the
+  activation-sharding rules in use (`sharding.use_rules`), and how many times
+  `clear_compiled_steps` was called (so that it reaches the Trainers built before it too).
+
+  As `jax.jit` does, a registered function's module constants and helpers are read when the step is
+  traced, and baked into it: a notebook that changes one registers the function again (its cell run
+  again: a new function object, a new step) or calls `clear_compiled_steps()`. Keying on what the
+  globals hold was tried and dropped: a counter that a host callback rebinds retraced every step."""
   from lgrpo_jax.grpo import core as grpo_core
   from lgrpo_jax.rewards import core as reward_core
   tables = (reward_core.REWARDS, grpo_core.KL_ESTIMATORS, grpo_core.LOSSES, grpo_core.ADVANTAGES,
             grpo_core.OBJECTIVES)
-  return tuple(tuple((name, fingerprint(fn)) for name, fn in t.items()) for t in tables), rules_key()
+  return (tuple(tuple((name, _Same(fn)) for name, fn in t.items()) for t in tables), rules_key(),
+          _CLEARED[0])
+
+
+_CLEARED = [0]  # calls of clear_compiled_steps
 
 
 class _Same:
-  """Compares (and hashes) by identity, holding the object: a key part for an unhashable or mutable
-  value (an array, a callable dataclass) that cannot be taken for a later object at the same id."""
+  """Compares (and hashes) by identity, holding the object: a key part for a registered function
+  that is an unhashable callable (a dataclass instance with __call__)."""
   __slots__ = ("obj",)
 
   def __init__(self, obj):
@@ -247,52 +256,6 @@ class _Same:
 
   def __hash__(self):
     return id(self.obj)
-
-
-_SCALARS = (bool, int, float, complex, str, bytes, type(None))
-
-
-def fingerprint(fn, depth: int = 3):
-  """A hashable key for what a registered function computes as far as a cache can see: the function
-  itself (by identity), the values of the module globals and closure cells its code reads —
-  numbers and strings by value, functions by their own fingerprint (`depth` levels down), anything
-  else by identity — and a callable object's attributes. So a notebook that sets `SCALE = 0` or
-  redefines a helper the function calls gets a new step, not the program traced with the old value;
-  a global mutated in place (an array or a dict changed without rebinding) is not seen. Functions
-  of lgrpo_jax itself are taken by identity."""
-  def value(v):
-    if isinstance(v, _SCALARS):
-      return type(v).__name__, repr(v)  # repr: a NaN constant equals itself
-    if isinstance(v, tuple) and len(v) <= 64:  # a longer one (a table of values) by identity: cheap per step
-      return tuple(value(x) for x in v)
-    if callable(v) and not isinstance(v, type):
-      return fingerprint(v, depth - 1)
-    return _Same(v)
-
-  if depth <= 0 or isinstance(fn, type) or (getattr(fn, "__module__", None) or "").startswith("lgrpo_jax"):
-    return _Same(fn)
-  is_function = hasattr(fn, "__code__")
-  target = fn if is_function else getattr(type(fn), "__call__", None)  # a callable object: its class's __call__
-  code, env = getattr(target, "__code__", None), getattr(target, "__globals__", {})
-  names = set()
-  stack = [code] if code is not None else []
-  while stack:  # the function's code and the code objects nested in it (lambdas, inner functions)
-    c = stack.pop()
-    names.update(c.co_names)
-    stack.extend(x for x in c.co_consts if isinstance(x, types.CodeType))
-  reads = tuple((n, value(env[n])) for n in sorted(names) if n in env and not isinstance(env[n], types.ModuleType))
-  cells = tuple(value(c.cell_contents) for c in (getattr(target, "__closure__", None) or ()) if _filled(c))
-  attrs = () if is_function or not hasattr(fn, "__dict__") else tuple(
-      (k, value(v)) for k, v in sorted(vars(fn).items()))
-  return _Same(fn), reads, cells, attrs
-
-
-def _filled(cell) -> bool:
-  try:
-    cell.cell_contents
-    return True
-  except ValueError:  # an empty cell (a name bound later)
-    return False
 
 
 def rules_key() -> str:
