@@ -204,6 +204,14 @@ def test_step_config_rejects_single_sample():
     StepConfig(sampling=SamplingConfig(num_samples=1))
 
 
+@pytest.mark.parametrize("greedy", [dict(temperature=0.0), dict(top_k=1)])
+def test_step_config_rejects_greedy_sampling(greedy):
+  # G identical completions: equal rewards, zero advantages, nothing learned (transformers refuses
+  # temperature 0 with sampling, so TRL cannot be set so either)
+  with pytest.raises(ValueError, match="samples greedily: the 8 completions of a pair would be the same"):
+    StepConfig(sampling=SamplingConfig(num_samples=8, **greedy))
+
+
 def test_the_step_function_is_kept_for_the_same_arguments_and_rebuilt_when_a_registry_changes(tmp_path):
   """A Trainer built again in the same process (a notebook cell run twice, an in-process resume)
   gets the same jitted step, so nothing is traced or compiled again; a reward, KL or loss replaced

@@ -56,6 +56,11 @@ class StepConfig:
     if self.sampling.num_samples < 2:
       raise ValueError(f"StepConfig.sampling.num_samples={self.sampling.num_samples}: GRPO needs G ≥ 2 "
                        "completions per pair (advantages are relative to the group)")
+    if self.sampling.temperature == 0 or self.sampling.top_k == 1:
+      what = "temperature=0" if self.sampling.temperature == 0 else "top_k=1"
+      raise ValueError(f"StepConfig.sampling.{what} samples greedily: the {self.sampling.num_samples} completions "
+                       "of a pair would be the same, every group's rewards equal and every advantage 0, so "
+                       "nothing would be learned; sample at a temperature > 0 (TRL's default: 1.0)")
     if self.logprob_chunk < 1:
       raise ValueError(f"StepConfig.logprob_chunk={self.logprob_chunk} must be ≥ 1 (vocabulary rows per chunk)")
     if self.old_logprobs not in OLD_LOGPROBS:
