@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import sys
 
@@ -384,9 +385,14 @@ def summary(run_dir: str, trained_here: bool = True) -> str:
     lines.append(f"trained to step {last['step']}: reward {last['reward/total']:.3f}, "
                  f"sampled accuracy {last['accuracy']:.3f}, {last['step_time']:.2f} s/step")
   if evals:
+    def contradiction(r):
+      if "eval/contradiction_rate" not in r:
+        return ""
+      c = r["eval/contradiction_rate"]
+      return f", contradiction rate {c:.3f}" if math.isfinite(c) else ", contradiction rate – (no well-formed answer)"
+
     fmt = lambda r: (f"{r['eval/accuracy']:.3f} (as given {r['eval/accuracy_as_given']:.3f}, swapped "
-                     f"{r['eval/accuracy_swapped']:.3f})" + (f", contradiction rate {r['eval/contradiction_rate']:.3f}"
-                                                            if "eval/contradiction_rate" in r else ""))
+                     f"{r['eval/accuracy_swapped']:.3f})" + contradiction(r))
     first, last = evals[0], evals[-1]
     lines.append(f"held-out accuracy at step {first['step']}: {fmt(first)}")
     if last is not first:

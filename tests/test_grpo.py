@@ -501,6 +501,16 @@ def test_passes_nan_skip_and_frozen_vision(rollout):
   n_trainable = sum(x.size for (k, x) in jax.tree_util.tree_leaves_with_path(params0)
                     if "visual" not in jax.tree_util.keystr(k) and "embed_tokens" not in jax.tree_util.keystr(k))
   assert n_moments < 2 * n_trainable + 100
+  # grad_norm (the norm max_grad_norm clips) counts the trainable parameters only: it counted the
+  # frozen embeddings' gradients too, reading far above the clip while nothing was clipped.
+  from lgrpo_jax.grpo.update import accumulate_grads
+  graphdef, params = nnx.split(model, nnx.Param)
+  _, grads, _ = jax.jit(lambda p: accumulate_grads(p, graphdef, pb, pair_grid, loss_cfg, 1))(params)
+  leaves = [(jax.tree_util.keystr(k), np.asarray(g)) for k, g in jax.tree_util.tree_leaves_with_path(grads)]
+  trainable = np.sqrt(sum(float((g.astype(np.float64) ** 2).sum()) for k, g in leaves if "embed_tokens" not in k))
+  everything = np.sqrt(sum(float((g.astype(np.float64) ** 2).sum()) for _, g in leaves))
+  _, _, m = run_update(model, pb, pair_grid, loss_cfg, dataclasses.replace(opt, freeze=("embeddings",)))
+  assert float(m["grad_norm"]) == pytest.approx(trainable, rel=1e-4) and trainable < everything * (1 - 1e-3)
 
 
 def test_optim_config_errors_name_the_field():
@@ -562,12 +572,17 @@ def test_several_passes_report_the_ratios_mean_and_the_first_passs_other_metrics
   stacked = {"clip_fraction_low": jnp.array([0.0, 0.3, 0.6]), "clip_fraction_high": jnp.array([0.0, 0.1, 0.2]),
              "ratio_mean": jnp.array([1.0, 1.2, 1.4]), "policy_kept_fraction": jnp.array([1.0, 0.5, 0.0]),
              "ratio_max": jnp.array([1.0, 3.0, 2.0]), "kl": jnp.array([0.1, 0.2, 0.3]),
-             "loss": jnp.array([0.5, 0.4, 0.3]), "grad_norm": jnp.array([2.0, 1.0, 1.0])}
+             "loss": jnp.array([0.5, 0.4, 0.3]), "grad_norm": jnp.array([2.0, 1.0, 1.0]),
+             "loss_tokens": jnp.array([7.0, 7.0, 7.0])}
   out = {k: float(v) for k, v in combine_pass_metrics(stacked).items()}
   for k in PASS_MEAN_METRICS:
     assert out[k] == pytest.approx(float(jnp.mean(stacked[k]))), k
   assert out["ratio_max"] == 3.0 and out["kl"] == pytest.approx(0.1) and out["grad_norm"] == 2.0
   assert out["loss"] == 0.5 and out["loss_last_pass"] == pytest.approx(0.3)
+  # No token carried loss (every completion truncated and masked): the token means are NaN, not 0
+  none = {k: float(v) for k, v in combine_pass_metrics(dict(stacked, loss_tokens=jnp.zeros(3))).items()}
+  assert all(np.isnan(none[k]) for k in ("ratio_mean", "ratio_max", "kl", "clip_fraction_low"))
+  assert none["loss"] == 0.5 and none["grad_norm"] == 2.0
 
 
 def test_registered_loss_pieces_are_checked_and_named_before_the_first_step():

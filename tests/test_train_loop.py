@@ -31,8 +31,9 @@ def test_resume_is_bit_identical_and_metrics_are_written(tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   lines = [json.loads(x) for x in open(tmp_path / "a" / "metrics.jsonl")]
   assert [m["step"] for m in lines] == [1, 2, 3, 4, 5]
-  assert {"reward/total", "accuracy", "format_rate", "contradiction_rate", "kl", "loss", "tokens_per_s",
+  assert {"reward/total", "accuracy", "format_rate", "contradiction_rate", "loss", "tokens_per_s",
           "compiled_programs"} <= set(lines[0])
+  assert "kl" not in lines[0]  # β = 0: no KL computed, none logged (as TRL)
   assert lines[-1]["compiled_programs"] == 1
   # Every XLA compilation happens before the first step ends (checkpoint saves included): none after.
   assert lines[0]["compiles"] > 0 and lines[0]["compile_s"] > 0

@@ -462,8 +462,9 @@ def grpo_loss(logp, logp_old, advantages_bg, weights, cfg: LossConfig, logp_ref=
   the mean over the whole batch's loss tokens (`batch_tokens`, default: these), so micro-batches
   add up to the batch's, as the rest of the loss does.
 
-  Metrics (over the tokens with weight > 0): KL, clip fractions (low: A < 0 and ρ < 1 − ε_low;
-  high: A > 0 and ρ > 1 + ε_high — for cispo, the capped tokens), ratio mean/max, entropy (if
+  Metrics (over the tokens with weight > 0): KL (when β > 0), clip fractions (low: A < 0 and
+  ρ < 1 − ε_low; high: A > 0 and ρ > 1 + ε_high — for cispo, the positive-advantage tokens whose
+  weight is capped, TRL's `cispo_clip_ratio`), ratio mean/max, entropy (if
   given), the log-prob drift mean |logp − logp_old| (the training step replaces it by the drift
   against the sampler), the fraction of tokens whose policy term the entropy / off-policy masks keep (when
   either is on), and `loss_tokens`, their number, by which micro-batches' means are weighted."""
@@ -488,7 +489,6 @@ def grpo_loss(logp, logp_old, advantages_bg, weights, cfg: LossConfig, logp_ref=
   mean = lambda x: (x * on).sum() / n_tok
   a = adv[..., None]
   metrics = {
-      "kl": mean(terms.kl),
       "clip_fraction_low": mean(((a < 0) & (terms.ratio < 1 - cfg.eps_low)).astype(jnp.float32)),
       "clip_fraction_high": mean(((a > 0) & (terms.ratio > 1 + cfg.eps_high)).astype(jnp.float32)),
       "ratio_mean": mean(terms.ratio),
@@ -500,6 +500,8 @@ def grpo_loss(logp, logp_old, advantages_bg, weights, cfg: LossConfig, logp_ref=
     metrics["policy_kept_fraction"] = mean(terms.keep.astype(jnp.float32))
   if entropy is not None:
     metrics["entropy"] = mean(entropy)
+  if cfg.beta > 0:  # with β = 0 no KL is computed (TRL logs none either)
+    metrics["kl"] = mean(terms.kl)
   return loss, metrics
 
 

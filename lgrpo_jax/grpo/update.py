@@ -265,6 +265,9 @@ def update(params, opt_state, graphdef, tx: optax.GradientTransformation, batch:
     params, opt_state, skipped = carry
     loss, grads, metrics = accumulate_grads(params, graphdef, batch, pair_grid, loss_cfg,
                                             optim_cfg.micro_batches, chunk, prefix_sharing, temperature)
+    if optim_cfg.freeze:  # frozen parts' gradients are not this update's: not in grad_norm or the finite check
+      grads = jax.tree.map(lambda g, part: jnp.zeros_like(g) if part == "frozen" else g, grads,
+                           param_labels(params, optim_cfg))
     ok = jnp.isfinite(loss) & all_finite(grads)
 
     def apply(args):
@@ -299,11 +302,20 @@ def update(params, opt_state, graphdef, tx: optax.GradientTransformation, batch:
 PASS_MEAN_METRICS = ("clip_fraction_low", "clip_fraction_high", "ratio_mean", "policy_kept_fraction")
 
 
+# Means (and the max) over the loss tokens: NaN in a step without any (every completion truncated
+# under mask_truncated_completions), where 0 would read as a collapsed entropy or ratio.
+TOKEN_METRICS = ("kl", "clip_fraction_low", "clip_fraction_high", "ratio_mean", "ratio_max", "logprob_drift",
+                 "entropy", "policy_kept_fraction")
+
+
 def combine_pass_metrics(metrics: dict) -> dict:
   """One step's metrics from the (passes,)-stacked ones of its optimiser passes: the ratio's
   (`PASS_MEAN_METRICS`) averaged over the passes and `ratio_max` their max; the rest are the first
-  pass's (the policy that sampled: kl, entropy, loss, grad_norm, drift), plus `loss_last_pass`."""
+  pass's (the policy that sampled: kl, entropy, loss, grad_norm, drift), plus `loss_last_pass`.
+  The token metrics are NaN when no token carried loss."""
   out = {k: v[0] for k, v in metrics.items()}
   out.update({k: jnp.mean(metrics[k]) for k in PASS_MEAN_METRICS if k in metrics})
   out.update(ratio_max=jnp.max(metrics["ratio_max"]), loss_last_pass=metrics["loss"][-1])
+  any_tokens = out["loss_tokens"] > 0
+  out.update({k: jnp.where(any_tokens, out[k], jnp.nan) for k in TOKEN_METRICS if k in out})
   return out

@@ -218,7 +218,8 @@ def reward_metrics(inputs: RewardInputs, total, parts, valid_b=None) -> dict:
     listener_choice = jnp.argmax(inputs.listener_probs, -1) + 1
     formed = inputs.parsed.format_ok.astype(jnp.float32) * w
     contra = (listener_choice != inputs.parsed.answer).astype(jnp.float32)
-    out["contradiction_rate"] = jnp.sum(contra * formed) / jnp.maximum(formed.sum(), 1)
+    # NaN without a well-formed completion (0 would read as "never contradicts", the paper's metric)
+    out["contradiction_rate"] = jnp.sum(contra * formed) / jnp.where(formed.sum() > 0, formed.sum(), jnp.nan)
   return out
 
 

@@ -120,5 +120,5 @@ class Evaluator:
            "eval/position_bias_gap": abs(a1 - a2), "eval/format_rate": float(np.mean(formed or [0])),
            "eval/pairs": len(correct[False])}
     if self.spec is not None:
-      out["eval/contradiction_rate"] = float(np.mean(contra)) if contra else 0.0
+      out["eval/contradiction_rate"] = float(np.mean(contra)) if contra else float("nan")  # none well-formed
     return out
