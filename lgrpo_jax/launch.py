@@ -147,12 +147,8 @@ def check(cfg) -> None:
                         f"{cfg.data.source!r} needs sft.teacher='targets' with sft.targets_path")
     if cfg.sft.teacher == "targets" and not os.path.isfile(cfg.sft.targets_path):
       raise ConfigError(f"sft.targets_path={cfg.sft.targets_path!r}: not found")
-  from lgrpo_jax.rewards import check_rewards  # each reward traced at the step's shapes: named if it fails
-  check_rewards(cfg.step.rewards, cfg.pipeline.global_batch, cfg.step.sampling.num_samples,
-                cfg.step.sampling.max_new_tokens)
-  from lgrpo_jax.grpo import check_loss  # the loss's registered pieces too (and its gradient)
-  warning = check_loss(cfg.step.loss, cfg.pipeline.global_batch, cfg.step.sampling.num_samples,
-                       cfg.step.sampling.max_new_tokens)
+  from lgrpo_jax.train.step import check_step_code  # rewards and loss pieces traced: named if one fails
+  warning = check_step_code(cfg.step, cfg.pipeline.global_batch)
   if warning:
     print(f"warning: {warning}", file=sys.stderr)
   sizes = cfg.mesh.resolve(jax.device_count())  # MeshError if it does not fit

@@ -45,13 +45,13 @@ from lgrpo_jax.data.pipeline import PipelineConfig, make_batches
 from lgrpo_jax.data.prompts import end_of_turn_ids
 from lgrpo_jax.grpo.update import make_optimizer
 from lgrpo_jax.listener import ListenerSpec
-from lgrpo_jax.grpo import check_loss
-from lgrpo_jax.rewards import ByteTable, check_rewards
+from lgrpo_jax.rewards import ByteTable
 from lgrpo_jax.sharding import copy_tree, on_mesh, put, state_shardings
 from lgrpo_jax.models.qwen2_5_vl.flops import grpo_step_flops
 from lgrpo_jax.train.metrics import CompileCounter, MetricSinks, measured_matmul_tflops
 from lgrpo_jax.train import stopping
-from lgrpo_jax.train.step import Batch, StepConfig, Tables, TrainState, _trace_globals, init_state, make_train_step
+from lgrpo_jax.train.step import (Batch, StepConfig, Tables, TrainState, _trace_globals, check_step_code, init_state,
+                                  make_train_step)
 
 log = logging.getLogger("lgrpo_jax.train")
 
@@ -190,11 +190,8 @@ class Trainer:
       step_cfg = dataclasses.replace(step_cfg, sampling=dataclasses.replace(
           step_cfg.sampling, eos_ids=end_of_turn_ids(tokenizer)))
     self.step_cfg, self.pipe_cfg, self.loop_cfg = step_cfg, pipe_cfg, loop_cfg
-    # A reward that fails or returns the wrong shape: named now, not from inside the first step's trace
-    check_rewards(step_cfg.rewards, pipe_cfg.global_batch, step_cfg.sampling.num_samples,
-                  step_cfg.sampling.max_new_tokens)
-    warning = check_loss(step_cfg.loss, pipe_cfg.global_batch, step_cfg.sampling.num_samples,
-                         step_cfg.sampling.max_new_tokens)  # and the loss's pieces
+    # A reward or loss piece that fails or returns the wrong shape: named now, not from inside the first step
+    warning = check_step_code(step_cfg, pipe_cfg.global_batch)
     if warning:
       log.warning(warning)
     self.model_config = model.config

@@ -67,6 +67,18 @@ class StepConfig:
       raise ValueError(f"StepConfig.old_logprobs={self.old_logprobs!r}: choose one of {OLD_LOGPROBS}")
 
 
+def check_step_code(cfg: StepConfig, global_batch: int) -> str | None:
+  """Trace the configured rewards and loss pieces (registered code: ours or a notebook's) on abstract
+  inputs of the step's shapes — before a model loads in the launcher's checks, and at a Trainer's
+  start — so that one that fails or returns the wrong shape is an error naming it, not a traceback
+  from inside the first step. Returns a warning for a setting that has no effect, or None."""
+  from lgrpo_jax.grpo import check_loss
+  from lgrpo_jax.rewards import check_rewards
+  b, g, n = global_batch, cfg.sampling.num_samples, cfg.sampling.max_new_tokens
+  check_rewards(cfg.rewards, b, g, n)
+  return check_loss(cfg.loss, b, g, n)
+
+
 class TrainState(NamedTuple):
   params: nnx.State
   opt_state: optax.OptState
