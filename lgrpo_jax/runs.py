@@ -54,6 +54,22 @@ def replace_file(path, text: str) -> None:
     f.flush()
     os.fsync(f.fileno())
   os.replace(tmp, path)
+  _sync_dir_of(path)
+
+
+def _sync_dir_of(path) -> None:
+  """The directory entry of `path` onto the disk: a file created (or renamed into place) since the
+  directory was last synced can otherwise vanish, or come back as its old version, after a crash."""
+  try:
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+  except OSError:  # a platform or file system that cannot open a directory: nothing more to do
+    return
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass
+  finally:
+    os.close(fd)
 
 
 def sync_file(path) -> None:
@@ -64,6 +80,7 @@ def sync_file(path) -> None:
   if os.path.isfile(path):
     with open(path, "a") as f:
       os.fsync(f.fileno())
+    _sync_dir_of(path)  # a newly created log's entry too
 
 
 def keep_jsonl_through(path, step: int) -> None:

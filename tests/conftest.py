@@ -68,7 +68,8 @@ def xla_compile_cache(tmp_path_factory):
 
 def check_saves_follow_a_sync(monkeypatch, log_path, *owners) -> list:
   """Makes every `owner.save(step, ...)` (a CheckpointManager, or its class) assert that the log at
-  `log_path` is on the disk as it stands (fsynced since its last write); returns the saved steps."""
+  `log_path` is on the disk as it stands (fsynced since its last write, and its directory entry
+  too); returns the saved steps."""
   import os
   synced, saves = {}, []
   real_fsync = os.fsync
@@ -76,6 +77,8 @@ def check_saves_follow_a_sync(monkeypatch, log_path, *owners) -> list:
   def fsync(fd):
     if os.path.realpath(f"/proc/self/fd/{fd}") == os.path.realpath(log_path):
       synced["size"] = os.fstat(fd).st_size
+    if os.path.realpath(f"/proc/self/fd/{fd}") == os.path.realpath(os.path.dirname(log_path)):
+      synced["dir"] = True
     return real_fsync(fd)
 
   monkeypatch.setattr(os, "fsync", fsync)
@@ -84,6 +87,7 @@ def check_saves_follow_a_sync(monkeypatch, log_path, *owners) -> list:
       step = a[0] if _bound else a[1]
       saves.append(step)
       assert synced.get("size") == os.path.getsize(log_path), f"saved step {step} before syncing {log_path}"
+      assert synced.get("dir"), f"saved step {step} before syncing {log_path}'s directory entry"
       return _save(*a, **k)
     monkeypatch.setattr(owner, "save", wrapped)
   return saves
