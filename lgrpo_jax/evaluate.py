@@ -116,10 +116,13 @@ def load(args, mesh) -> Loaded:
                                                else model)
     desc = {"kind": "checkpoint", "path": path}
   tok_dir = args.tokenizer or tok_dir
-  from lgrpo_jax.data.prompts import TokenizerError, load_tokenizer
+  from lgrpo_jax.data.prompts import TokenizerError, check_tokenizer_fits, load_tokenizer
   try:
     tokenizer = load_tokenizer(tok_dir, "--tokenizer" if args.tokenizer else "--checkpoint",
                                "" if args.tokenizer else "; give --tokenizer DIR")
+    check_tokenizer_fits(tokenizer, model.config, path)
+    if listener is not None and listener is not model:
+      check_tokenizer_fits(tokenizer, listener.config, "the listener")
   except TokenizerError as e:
     raise EvalError(str(e)) from None
   desc["tokenizer"] = os.path.abspath(tok_dir)

@@ -40,7 +40,7 @@ def build(cfg, mesh=None):
   """(model, listener or None, tokenizer, training pairs, held-out pairs or None) from a checked
   config; with a mesh, the models are created or loaded straight into their shards."""
   import lgrpo_jax
-  from lgrpo_jax.data.prompts import load_tokenizer
+  from lgrpo_jax.data.prompts import check_tokenizer_fits, load_tokenizer
 
   from lgrpo_jax import checkpoint
   from lgrpo_jax.data import sources
@@ -72,6 +72,9 @@ def build(cfg, mesh=None):
   if m.listener is not None and cfg.step.rewards.needs_listener:  # no reward reads it: not loaded
     listener = (checkpoint.load_model(m.listener, dtype=m.dtype, mesh=mesh) if checkpoint.is_checkpoint(m.listener)
                 else lgrpo_jax.load_hf(m.listener, dtype=m.dtype, mesh=mesh)).set_attention(m.attention)
+  check_tokenizer_fits(tokenizer, model.config, f"model.checkpoint={m.checkpoint!r}" if m.checkpoint else "the tiny preset")
+  if listener is not None:
+    check_tokenizer_fits(tokenizer, listener.config, f"model.listener={m.listener!r}")
   d = cfg.data
   report = sources.Report(cfg.pipeline.bad_records)
 

@@ -384,6 +384,37 @@ def test_a_checkpoint_without_its_tokenizer_is_one_clear_error(tmp_path, capsys)
     load_tokenizer(tmp_path / "bad_tok", "model.tokenizer")
 
 
+def test_a_tokenizer_that_is_not_the_models_is_refused(tmp_path, capsys):
+  # A checkpoint whose config's image_token_id is not the tokenizer's <|image_pad|>: it loaded and
+  # trained without a word, the images placed where no prompt token was (the logits equal with real
+  # and with blank pixels) and ordinary text tokens overwritten.
+  import lgrpo_jax
+  from lgrpo_jax.data.prompts import TokenizerError, check_tokenizer_fits, load_tokenizer
+  from lgrpo_jax.data.tokenizer import build_tiny_tokenizer, tiny_model_config
+  from lgrpo_jax.train import Trainer
+  tok_dir = build_tiny_tokenizer(tmp_path / "tok")
+  tok = load_tokenizer(tok_dir, "model.tokenizer")
+  good = tiny_model_config(tok_dir)
+  check_tokenizer_fits(tok, lgrpo_jax.from_config(good).config)  # its own tokenizer passes
+  pad = tok.convert_tokens_to_ids("<|image_pad|>")
+  for over, message in ((dict(image_token_id=5), rf"<\|image_pad\|> is {pad} in the tokenizer, image_token_id=5"),
+                        (dict(vision_start_token_id=6), r"<\|vision_start\|> is \d+ in the tokenizer, vision_start_token_id=6"),
+                        (dict(text_config=dict(good["text_config"], vocab_size=100)),
+                         rf"the tokenizer has {len(tok)} tokens, .*vocab_size is 100")):
+    bad = dict(good, **over)
+    bad.pop("vocab_size", None)
+    ckpt = tmp_path / f"ckpt_{len(list(tmp_path.iterdir()))}"
+    model = lgrpo_jax.from_config(bad)
+    lgrpo_jax.save_hf(model, ckpt)
+    assert launch.main(["--config", DEMO, f"run_dir={tmp_path / 'run'}", f"model.checkpoint={ckpt}",
+                        f"model.tokenizer={tok_dir}", "sft.steps=0"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(f"model.checkpoint='{ckpt}'.*" + message, err), err
+    assert "Traceback" not in err
+    with pytest.raises(TokenizerError, match=message):  # a notebook's Trainer says the same
+      Trainer(tmp_path / "nb", model, tok, [])
+
+
 def test_a_missing_image_found_while_training_is_one_clear_error(tmp_path, capsys):
   records = [{"prompt": f"a cat {k}", "human_preference": [1, 0], "image_path": [f"a{k}.png", f"b{k}.png"]}
              for k in range(4)]

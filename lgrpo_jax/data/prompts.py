@@ -169,3 +169,29 @@ def load_tokenizer(path, setting: str, hint: str = ""):
     raise TokenizerError(f"{where}: the tokenizer there has {' and '.join(missing)} (a weights-only "
                          f"directory?){hint}")
   return tokenizer
+
+
+# The model config's token ids that the prompts' tokens must be (the vision tower's output goes
+# where the ids say `image_token_id`; 3-D positions start at `vision_start_token_id`).
+_MODEL_TOKENS = (("image_token_id", IMAGE_PAD), ("vision_start_token_id", "<|vision_start|>"),
+                 ("vision_end_token_id", "<|vision_end|>"))
+
+
+def check_tokenizer_fits(tokenizer, model_config, what: str = "the model") -> None:
+  """A `TokenizerError` unless `tokenizer` writes the ids `model_config` reads: `<|image_pad|>`,
+  `<|vision_start|>`, `<|vision_end|>` as its `image_token_id`, … and no id past its vocabulary.
+  A mismatch is otherwise silent: the images go where no prompt token is (the model never sees
+  them) and ordinary text tokens are overwritten; an id past the embedding table is clamped by XLA."""
+  wrong = []
+  for field, token in _MODEL_TOKENS:
+    want = getattr(model_config, field, None)
+    got = tokenizer.convert_tokens_to_ids(token)
+    if want is not None and got != want:
+      wrong.append(f"{token} is {got} in the tokenizer, {field}={want} in {what}'s config")
+  size, vocab = len(tokenizer), model_config.text.vocab_size
+  if vocab is not None and size > vocab:
+    wrong.append(f"the tokenizer has {size} tokens, {what}'s vocab_size is {vocab}")
+  if wrong:
+    name = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
+    raise TokenizerError(f"{name}: the tokenizer does not belong to {what}: " + "; ".join(wrong)
+                         + " (give the tokenizer saved with the checkpoint: model.tokenizer / --tokenizer)")

@@ -178,6 +178,12 @@ class Trainer:
     `step_cfg.sampling.eos_ids`, by default (none given) the tokenizer's EOS and `<|im_end|>`."""
     if jax.process_count() > 1 and mesh is None:
       raise ValueError("several processes: the Trainer needs a mesh over all their devices (sharding.make_mesh)")
+    # A tokenizer that is not the models' (another checkpoint's, another vocabulary): the images
+    # would silently go nowhere
+    from lgrpo_jax.data.prompts import check_tokenizer_fits
+    for what, m in (("the model", model), ("the listener", listener), ("the reference", reference)):
+      if m is not None:
+        check_tokenizer_fits(tokenizer, m.config, what)
     # This run's XLA compilations: from the launcher's start when it hands its counter over (the
     # warm start included), else from here.
     self.compiles = compile_counter or CompileCounter()

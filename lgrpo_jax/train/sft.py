@@ -410,6 +410,8 @@ def run_sft(model, tokenizer, pairs, cfg: SFTConfig, pipe_cfg, run_dir: str, *, 
   from lgrpo_jax.train import stopping
   from lgrpo_jax.train.loop import pair_grid_of, to_device
 
+  from lgrpo_jax.data.prompts import check_tokenizer_fits
+  check_tokenizer_fits(tokenizer, model.config)
   run_dir = os.path.abspath(run_dir)
   path = os.path.join(run_dir, "sft")
   graphdef, params = nnx.split(model, nnx.Param)
