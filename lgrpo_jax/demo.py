@@ -35,4 +35,7 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
   from lgrpo_jax.hostmem import reexec_with_hugepages
   reexec_with_hugepages()  # huge-page malloc where the kernel offers it (see lgrpo_jax/hostmem.py)
-  sys.exit(main())
+  code = main()
+  from lgrpo_jax.train.stopping import exit_if_a_read_hangs
+  exit_if_a_read_hangs(code)  # a hung data read's thread would keep the interpreter from exiting
+  sys.exit(code)

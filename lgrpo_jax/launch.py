@@ -423,6 +423,8 @@ if __name__ == "__main__":
   reexec_with_hugepages()  # huge-page malloc where the kernel offers it (see lgrpo_jax/hostmem.py)
   _AS_COMMAND = True
   code = main()
+  from lgrpo_jax.train.stopping import exit_if_a_read_hangs
+  exit_if_a_read_hangs(code)
   if _WRITE_FAILED:  # Orbax's writer threads would print their tracebacks after the error line, at exit
     sys.stdout.flush()
     sys.stderr.flush()

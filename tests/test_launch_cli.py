@@ -415,7 +415,12 @@ def test_a_tokenizer_that_is_not_the_models_is_refused(tmp_path, capsys):
       Trainer(tmp_path / "nb", model, tok, [])
 
 
-def test_a_missing_image_found_while_training_is_one_clear_error(tmp_path, capsys):
+def test_a_missing_image_found_while_training_is_one_clear_error(tmp_path, capsys, monkeypatch):
+  # A read an earlier run in this process left hung (a stalled file system): main() called from
+  # Python returns (it used to end the whole process with os._exit; only the command does that).
+  from lgrpo_jax.train import stopping
+  monkeypatch.setattr(stopping.Watched, "_unfinished", {object()})
+  assert stopping.read_in_flight()
   records = [{"prompt": f"a cat {k}", "human_preference": [1, 0], "image_path": [f"a{k}.png", f"b{k}.png"]}
              for k in range(4)]
   (tmp_path / "train.json").write_text(json.dumps(records))

@@ -258,16 +258,17 @@ def exit_code(e: BaseException) -> int:
 
 def leave(code: int, tag: str) -> int:
   """The exit code, after every process has got here (process 0 may have reported while the others
-  waited); then `exit_if_a_read_hangs`."""
+  waited). A command calls `exit_if_a_read_hangs` after it; `main()` called from Python does not
+  (a notebook or a sweep driver would be ended by it)."""
   from lgrpo_jax import distributed
   distributed.finish(tag)
-  exit_if_a_read_hangs(code)
   return code
 
 
 def exit_if_a_read_hangs(code: int) -> None:
   """A batch read still hung in its thread (a stalled file system) would keep the interpreter from
-  exiting (Python joins the pipeline's decode threads at exit): then exit now, without waiting."""
+  exiting (Python joins the pipeline's decode threads at exit): then exit now, without waiting.
+  For a command's `__main__` only: it ends the process."""
   import os
   import sys
   if read_in_flight():
