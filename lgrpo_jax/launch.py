@@ -310,12 +310,13 @@ def _main(argv, scope) -> int:
   except (DataError, ImageError) as e:  # a bad record (bad_records='error') or a hung read, on any process
     trainer.close()  # pending checkpoint writes finish
     saved = trainer.manager.latest_step()
-    print(f"error: {e}\n(training stopped at step {int(trainer.state.step)}; "
+    print(f"error: {e}\n(training stopped at step {_step_of(trainer)}; "
           + (f"a restart resumes from the checkpoint of step {saved})" if saved is not None
              else "no checkpoint was saved yet)"), file=sys.stderr)
     return stopping.leave(stopping.exit_code(e), "lgrpo_jax.launch: stopped on a data error")
   except Exception as e:  # noqa: BLE001 — a checkpoint or metrics write that failed: said in a line
-    if (code := _storage_error(e, cfg, f"step {int(trainer.state.step)}", trainer)) is None:
+    if (code := _storage_error(e, cfg, f"step {_step_of(trainer)}", trainer)) is None:
+      trainer.close_quietly()  # the error is the one to see; the Trainer's files and threads go
       raise
     return stopping.leave(code, "lgrpo_jax.launch: stopped on a failed write")
   try:
@@ -329,6 +330,15 @@ def _main(argv, scope) -> int:
   if jax.process_index() == 0:
     print(summary(cfg.run_dir, trained_here=bool(trained)), flush=True)
   return stopping.leave(0, "lgrpo_jax.launch: done")
+
+
+def _step_of(trainer) -> str:
+  """The step the Trainer's state is at, or "?" when a step's program failed and took it (a raw
+  `jax.pure_callback` raising: the state was donated to it)."""
+  try:
+    return str(int(trainer.state.step))
+  except Exception:  # noqa: BLE001 — a deleted array
+    return "?"
 
 
 _WRITE_FAILED = False  # set by `_storage_error`: the command then exits without waiting for Orbax's threads

@@ -1,6 +1,8 @@
 """Rewards: format/answer parsing on a table of good and bad completions (on device, from token
 ids), the registry and weights, host text rewards, and the per-step metrics."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -201,10 +203,17 @@ def test_a_text_reward_that_fails_names_the_reward_it_was_registered_as(tok):
   inputs = inputs_for(tok, ["<think>a</think><answer>Image 1</answer>"] * 2, [0], g=2)
   register_reward("too_short", text_reward(lambda texts, labels: [1.0], tok), replace=True)
   register_reward("raises", text_reward(lambda texts, labels: 1 / 0, tok), replace=True)
+  from lgrpo_jax.rewards import RewardError
+  from lgrpo_jax.rewards.core import take_host_errors
   for name, match in (("too_short", r"text reward 'too_short' returned shape \(1,\), expected \(2,\)"),
                       ("raises", "text reward 'raises' failed: ZeroDivisionError")):
-    with pytest.raises(Exception, match=match):
-      jax.block_until_ready(jax.jit(lambda x: compute_rewards(x, RewardConfig(weights=((name, 1.0),))))(inputs))
+    # Not an error of the program (it would lose a training step's donated state): ∞ (the update
+    # is skipped), and the error kept for the training loop to raise after the step.
+    total, _ = jax.block_until_ready(jax.jit(lambda x: compute_rewards(x, RewardConfig(weights=((name, 1.0),))))(inputs))
+    assert np.isinf(np.asarray(total)).all()
+    (error,) = take_host_errors()
+    assert isinstance(error, RewardError) and re.search(match, str(error)), error
+  assert take_host_errors() == []
 
 
 def test_a_reward_or_advantage_of_the_wrong_shape_is_an_error_naming_it(tok):

@@ -642,6 +642,123 @@ def test_a_notebook_session_trains_the_model_given_saves_on_an_error_and_sees_an
   register_reward("nb_const", replace=True)(lambda inputs: jnp.ones(inputs.lengths.shape))
 
 
+def test_a_text_reward_raising_in_a_step_keeps_the_state_and_saves_the_steps_before(tmp_path):
+  """A text reward's Python function raising in the 3rd step: it failed the step's program, whose
+  state had been donated — the two steps trained were lost (the save found deleted arrays), the
+  model given held deleted arrays, run() again failed. Now the update is skipped (the reward is ∞),
+  step 2 is saved with the data position before step 3's batch, and a run() with the reward fixed
+  goes on exactly as a run that never failed."""
+  from flax import nnx
+  from transformers import AutoTokenizer
+
+  from lgrpo_jax.rewards import RewardConfig, RewardError, register_reward, text_reward
+  tok_dir = build_tiny_tokenizer(tmp_path / "tok")
+  tok = AutoTokenizer.from_pretrained(tok_dir)
+  calls = []
+
+  def flaky(texts, labels):
+    calls.append(1)
+    if len(calls) == 3:
+      raise ZeroDivisionError("a bug in my reward")
+    return [float(len(t) % 3) for t in texts]
+
+  register_reward("nb_text", text_reward(flaky, tok), replace=True)
+  rewards = RewardConfig(weights=(("format", 1.0), ("nb_text", 1.0)))
+  t = make(tmp_path / "a", tok_dir, steps=4, save_every=10, rewards=rewards)
+  with pytest.raises(RewardError, match=r"text reward 'nb_text' failed: ZeroDivisionError: a bug in my reward "
+                                        r"\(at step 3; the update was not applied, step 2 is saved") as e:
+    t.run()
+  assert isinstance(e.value.__cause__, ZeroDivisionError)
+  assert t.manager.all_steps() == [2] and int(t.state.step) == 2
+  for a, b in zip(jax.tree.leaves(nnx.state(t._model, nnx.Param)), jax.tree.leaves(t.state.params)):
+    assert not a.is_deleted() and not b.is_deleted()
+  resumed = t.run()  # the reward "fixed": it no longer raises
+  t.close()
+  straight = make(tmp_path / "b", tok_dir, steps=4, save_every=10, rewards=rewards)
+  whole = straight.run()  # (calls are past the raising one)
+  straight.close()
+  drop = ("step_time", "tokens_per_s", "tflops", "mfu", "compiles", "compile_s", "compile_cache_hits",
+          "compiled_programs")
+  text = lambda ms: [json.dumps({k: v for k, v in m.items() if k not in drop}, sort_keys=True) for m in ms]
+  assert [m["step"] for m in resumed] == [3, 4]
+  assert text(resumed) == text(whole[2:])
+  np.testing.assert_array_equal(np.asarray(jax.tree.leaves(t.state.params)[0]),
+                                np.asarray(jax.tree.leaves(straight.state.params)[0]))
+
+
+def test_a_resume_with_the_model_a_run_trained_in_place_is_refused(tmp_path):
+  """The model handed back by run() holds the trained weights: a new Trainer on the same run
+  directory built from it made the listener (and reference) the trained policy of the checkpoint's
+  step, not the run's initial weights — the resumed run diverged from an uninterrupted one from its
+  first step, while its warning said "the reference and the listener are the earlier run's"."""
+  import dataclasses
+
+  import lgrpo_jax
+  from lgrpo_jax.data.tokenizer import tiny_model_config
+  from lgrpo_jax.runs import RunError
+  from lgrpo_jax.train import Trainer
+  tok_dir = build_tiny_tokenizer(tmp_path / "tok")
+  t = make(tmp_path / "a", tok_dir, steps=1)
+  assert t.step_cfg.rewards.needs_listener
+  t.run()
+  t.close()
+  from transformers import AutoTokenizer
+
+  from lgrpo_jax.data.synthetic import synthetic
+  loop = dataclasses.replace(t.loop_cfg, steps=2)
+  tok, pairs = AutoTokenizer.from_pretrained(tok_dir), list(synthetic(6, seed=1, image_size=56))
+  with pytest.raises(RunError, match=r"resuming from step 1 with a model that holds that step's trained weights .*"
+                                     r"the listener would be copied from them"):
+    Trainer(tmp_path / "a", t._model, tok, pairs, t.step_cfg, t.pipe_cfg, loop)
+  # The initial weights again (as the launcher loads them): resumes
+  fresh = Trainer(tmp_path / "a", lgrpo_jax.from_config(tiny_model_config(tok_dir)), tok, pairs, t.step_cfg,
+                  t.pipe_cfg, loop)
+  assert fresh.resumed_from == 1
+  fresh.close()
+
+
+def test_stops_interrupts_and_shared_models_between_runs_in_one_process(tmp_path):
+  """A notebook's long life: a stop asked for between runs was dropped (the next run() trained on);
+  evaluate() after a stopped run always raised EvaluationStopped (the spent stop was kept); a
+  KeyboardInterrupt between reading a batch and training on it made run() again skip that batch;
+  a second Trainer built from the same model object found its arrays donated by the first's run()
+  ("Buffer has been deleted") and then put deleted arrays into the model."""
+  import signal
+
+  from flax import nnx
+  from transformers import AutoTokenizer
+
+  from lgrpo_jax.data.synthetic import synthetic
+  from lgrpo_jax.train import Trainer
+  tok_dir = build_tiny_tokenizer(tmp_path / "tok")
+  t = make(tmp_path / "a", tok_dir, steps=2, save_every=10, eval_every=10)
+  t.request_stop()  # a watchdog between runs: the next run stops at its start
+  assert t.run() == [] and t.stopped_by == signal.SIGTERM and int(t.state.step) == 0
+  assert t.evaluate()["eval/pairs"] > 0  # the stop was spent by the run
+  start = t.batches.get_state()
+  real = t._step_fn
+
+  def interrupted(pair_grid):
+    t._step_fn = real
+    raise KeyboardInterrupt
+
+  t._step_fn = interrupted
+  with pytest.raises(KeyboardInterrupt):
+    t.run()
+  assert int(t.state.step) == 0 and t.batches.get_state() == start  # the batch read goes back
+  assert [m["step"] for m in t.run() if "reward/total" in m] == [1, 2]
+  # Two Trainers from one model object: the second is told, and the model keeps the first's weights
+  tok, pairs = AutoTokenizer.from_pretrained(tok_dir), list(synthetic(6, seed=1, image_size=56))
+  b = Trainer(tmp_path / "b", t._model, tok, pairs, t.step_cfg, t.pipe_cfg, t.loop_cfg)
+  c = Trainer(tmp_path / "c", t._model, tok, pairs, t.step_cfg, t.pipe_cfg, t.loop_cfg)
+  b.run()
+  with pytest.raises(RuntimeError, match="deleted arrays: another Trainer built from the same model object has run"):
+    c.run()
+  assert not any(x.is_deleted() for x in jax.tree.leaves(nnx.state(t._model, nnx.Param)))
+  for x in (t, b, c):
+    x.close()
+
+
 def test_no_frozen_copy_is_held_that_nothing_reads(tmp_path):
   """β = 0 runs no reference pass (TRL then loads no reference model); without a listener reward
   there is no listener pass. The copy of the weights each would read is not made (at 7B ~15 GB)."""

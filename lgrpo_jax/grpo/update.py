@@ -245,9 +245,11 @@ def all_finite(tree) -> jax.Array:
 
 def update(params, opt_state, graphdef, tx: optax.GradientTransformation, batch: PolicyBatch, pair_grid,
            loss_cfg: LossConfig, optim_cfg: OptimConfig, chunk: int = 8192, prefix_sharing: bool = True,
-           temperature: float = 1.0):
+           temperature: float = 1.0, rewards_ok=None):
   """μ optimiser steps on the same rollouts → (params, opt_state, metrics). A pass whose loss or
-  gradients are not finite changes nothing (bit for bit) and is counted in `skipped_updates`.
+  gradients are not finite changes nothing (bit for bit) and is counted in `skipped_updates`; so
+  does every pass when `rewards_ok` (a () bool) is False — a broken (∞) reward, even where no loss
+  token would have read it.
 
   A frozen vision tower (`optim_cfg.freeze` has "vision") is run once, before the passes, unless
   `batch.image_embeds` already holds its features: the loss then reads them as constants, so no
@@ -269,6 +271,8 @@ def update(params, opt_state, graphdef, tx: optax.GradientTransformation, batch:
       grads = jax.tree.map(lambda g, part: jnp.zeros_like(g) if part == "frozen" else g, grads,
                            param_labels(params, optim_cfg))
     ok = jnp.isfinite(loss) & all_finite(grads)
+    if rewards_ok is not None:
+      ok &= rewards_ok
 
     def apply(args):
       p, s = args

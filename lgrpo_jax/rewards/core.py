@@ -229,24 +229,51 @@ def decode_completions(tokenizer, tokens, lengths) -> list[str]:
   return [tokenizer.decode(t[:n], skip_special_tokens=True) for t, n in zip(flat_t, lengths.reshape(-1))]
 
 
+class RewardError(ValueError):
+  """A text reward's Python function raised, or returned the wrong number of values, in a step."""
+
+
+# What text rewards' host functions raised in the step running (the callback thread appends): the
+# training loop takes them after each step whose update was skipped (`take_host_errors`).
+_HOST_ERRORS: list = []
+
+
+def take_host_errors() -> list:
+  """The `RewardError`s text rewards raised since the last call (and forget them)."""
+  out = _HOST_ERRORS[:]
+  del _HOST_ERRORS[:len(out)]
+  return out
+
+
 def text_reward(fn: Callable, tokenizer) -> Callable:
   """A device reward from a host Python function fn(texts: list[str], labels: list[int]) ->
   list[float] (one per completion, labels repeated per completion; None where the reward does not
   apply, as in TRL: NaN, see `compute_rewards`). Runs through
   `jax.pure_callback`: the device waits for the host, so prefer a token-level reward when speed
-  matters."""
+  matters.
+
+  fn raising (or returning the wrong number of values) does not fail the step's program — that
+  would lose the state it was given (donated): the reward is ∞ instead, so the update is skipped
+  and the state kept, and the training loop then raises the error (a `RewardError`, fn's own
+  exception as its cause) after the step, saving the steps trained before it."""
   def host(tokens, lengths, labels):
     texts = decode_completions(tokenizer, tokens, lengths)
     g = tokens.shape[1]
     flat_labels = [int(l) for l in np.repeat(np.asarray(labels), g)]
+    error = None
     try:
       out = fn(texts, flat_labels)
       values = np.asarray(out, np.float32)  # None → NaN
-    except Exception as e:  # noqa: BLE001 — it arrives wrapped in JAX's callback error: name it first
-      raise ValueError(f"text reward {reward.reward_name!r} failed: {type(e).__name__}: {e}") from e
-    if values.shape != (len(texts),):
-      raise ValueError(f"text reward {reward.reward_name!r} returned shape {values.shape}, "
-                       f"expected ({len(texts)},): one float (or None) per completion")
+    except Exception as e:  # noqa: BLE001 — said after the step, by the loop
+      error = RewardError(f"text reward {reward.reward_name!r} failed: {type(e).__name__}: {e}")
+      error.__cause__ = e
+    else:
+      if values.shape != (len(texts),):
+        error = RewardError(f"text reward {reward.reward_name!r} returned shape {values.shape}, "
+                            f"expected ({len(texts)},): one float (or None) per completion")
+    if error is not None:
+      _HOST_ERRORS.append(error)
+      return np.full(tokens.shape[:2], np.inf, np.float32)  # a broken reward: the update is skipped
     return values.reshape(tokens.shape[:2])
 
   def reward(inputs: RewardInputs):

@@ -224,6 +224,9 @@ class Trainer:
     self.listener_model_config = listener.config  # its own sizes, for the FLOP count
     self.listener_is_reference = listener is model and reference is None
     needs_listener, needs_reference = step_cfg.rewards.needs_listener, step_cfg.loss.beta > 0
+    # Which frozen copies are the given model's weights (for `_check_frozen_source` on a resume)
+    self._frozen_from_model = [name for name, yes in (("reference", needs_reference and reference is None),
+                                                      ("listener", needs_listener and listener is model)) if yes]
     self.ref_params = self.listener_params = None
     if needs_reference or (needs_listener and self.listener_is_reference):
       self.ref_params = copy(reference) if reference is not None else copy_tree(params, dt)
@@ -261,49 +264,57 @@ class Trainer:
                                 process_index=jax.process_index(), process_count=jax.process_count())
     self._steps: dict = {}
     self.manager, self.best = checkpoint_managers(self.run_dir, loop_cfg.keep)
-    self.evaluator = None
-    # Held-out pairs given: `evaluate()` scores them whenever asked; the loop itself evaluates only
-    # with `loop.eval_every` (`_in_run_eval`).
-    if eval_pairs is not None:
-      from lgrpo_jax.train.evaluation import Evaluator
-      self.evaluator = Evaluator(eval_pairs, tokenizer, pipe_cfg, step_cfg.sampling, self.graphdef,
-                                 self.listener_graphdef, self.spec if step_cfg.rewards.needs_listener else None,
-                                 self.tables, mesh)
-    self._signals, self.stopped_by, self._eval_error = stopping.StopSignals(), None, None
-    self.best_accuracy = self._best_accuracy()  # before _restore drops the metrics past its step
-    self._eval_missed = False  # the resumed step's evaluation was cut short: `run` does it first
-    self.resumed_from = self._restore(config_record)
-    if config_record is not None and jax.process_index() == 0:  # after the restore: a refused one keeps it
-      cfg_path = os.path.join(self.run_dir, "config.json")
-      try:
-        if os.path.isfile(cfg_path):
-          with open(cfg_path) as f:
-            json.load(f)
-      except ValueError as e:  # hand-edited or torn: kept, not written over (the run's only record of its settings)
-        kept = os.path.join(self.run_dir, f"config.unreadable-{time.strftime('%Y%m%d-%H%M%S')}.json")
-        os.replace(cfg_path, kept)
-        print(f"warning: {cfg_path} is not valid JSON ({e}); kept as {os.path.basename(kept)}, and this run's "
-              "settings are written in its place (the differences from it cannot be listed)", file=sys.stderr)
-      changed = config_changes(cfg_path, config_record, limit=20) if self.resumed_from is not None else ""
-      if changed:  # allowed (a longer run, another learning rate), said, and the old settings kept
-        sft_changed = any(k.startswith("sft.") for k, _, _ in config_diffs(cfg_path, config_record))
-        kept = os.path.join(self.run_dir, f"config.before-step-{self.resumed_from}.json")
-        n = 1
-        while os.path.exists(kept):  # resumed at this step before: each earlier config is kept
-          kept = os.path.join(self.run_dir, f"config.before-step-{self.resumed_from}.{n}.json")
-          n += 1
-        os.replace(cfg_path, kept)
-        print(f"warning: resumed from step {self.resumed_from} with settings that differ from the run's: "
-              f"{changed} (the earlier config.json is kept as {os.path.basename(kept)}; the data position, "
-              "the reference and the listener are the earlier run's"
-              + ("; the warm start is not run again: RUN_DIR/sft is loaded as it is" if sft_changed else "")
-              + ")", file=sys.stderr)
-      with open(cfg_path, "w") as f:
-        json.dump(config_record, f, indent=2, default=str)
-    self.sinks = MetricSinks(self.run_dir, tensorboard=loop_cfg.tensorboard, wandb_project=loop_cfg.wandb_project,
-                             config_record=config_record, resumed_from=self.resumed_from)
-    per_device = loop_cfg.peak_tflops_per_device or measured_matmul_tflops(jnp.dtype(model.config.dtype))
-    self.peak_tflops = per_device * jax.device_count()
+    try:  # a refused resume, a bad held-out set: the managers' threads and files are not left open
+      self.evaluator = None
+      # Held-out pairs given: `evaluate()` scores them whenever asked; the loop itself evaluates only
+      # with `loop.eval_every` (`_in_run_eval`).
+      if eval_pairs is not None:
+        from lgrpo_jax.train.evaluation import Evaluator
+        self.evaluator = Evaluator(eval_pairs, tokenizer, pipe_cfg, step_cfg.sampling, self.graphdef,
+                                   self.listener_graphdef, self.spec if step_cfg.rewards.needs_listener else None,
+                                   self.tables, mesh)
+      self._signals, self.stopped_by, self._eval_error = stopping.StopSignals(), None, None
+      self.best_accuracy = self._best_accuracy()  # before _restore drops the metrics past its step
+      self._eval_missed = False  # the resumed step's evaluation was cut short: `run` does it first
+      self.resumed_from = self._restore(config_record)
+      if config_record is not None and jax.process_index() == 0:  # after the restore: a refused one keeps it
+        cfg_path = os.path.join(self.run_dir, "config.json")
+        try:
+          if os.path.isfile(cfg_path):
+            with open(cfg_path) as f:
+              json.load(f)
+        except ValueError as e:  # hand-edited or torn: kept, not written over (the run's only record of its settings)
+          kept = os.path.join(self.run_dir, f"config.unreadable-{time.strftime('%Y%m%d-%H%M%S')}.json")
+          os.replace(cfg_path, kept)
+          print(f"warning: {cfg_path} is not valid JSON ({e}); kept as {os.path.basename(kept)}, and this run's "
+                "settings are written in its place (the differences from it cannot be listed)", file=sys.stderr)
+        changed = config_changes(cfg_path, config_record, limit=20) if self.resumed_from is not None else ""
+        if changed:  # allowed (a longer run, another learning rate), said, and the old settings kept
+          sft_changed = any(k.startswith("sft.") for k, _, _ in config_diffs(cfg_path, config_record))
+          kept = os.path.join(self.run_dir, f"config.before-step-{self.resumed_from}.json")
+          n = 1
+          while os.path.exists(kept):  # resumed at this step before: each earlier config is kept
+            kept = os.path.join(self.run_dir, f"config.before-step-{self.resumed_from}.{n}.json")
+            n += 1
+          os.replace(cfg_path, kept)
+          print(f"warning: resumed from step {self.resumed_from} with settings that differ from the run's: "
+                f"{changed} (the earlier config.json is kept as {os.path.basename(kept)}; the data position, "
+                "the reference and the listener are the earlier run's"
+                + ("; the warm start is not run again: RUN_DIR/sft is loaded as it is" if sft_changed else "")
+                + ")", file=sys.stderr)
+        with open(cfg_path, "w") as f:
+          json.dump(config_record, f, indent=2, default=str)
+      self.sinks = MetricSinks(self.run_dir, tensorboard=loop_cfg.tensorboard, wandb_project=loop_cfg.wandb_project,
+                               config_record=config_record, resumed_from=self.resumed_from)
+      per_device = loop_cfg.peak_tflops_per_device or measured_matmul_tflops(jnp.dtype(model.config.dtype))
+      self.peak_tflops = per_device * jax.device_count()
+    except BaseException:
+      for m in (self.manager, self.best):
+        try:
+          m.close()
+        except Exception:  # noqa: BLE001 — the error being raised is the one to see
+          pass
+      raise
 
   @property
   def batches(self):
@@ -398,6 +409,8 @@ class Trainer:
         self.state = jax.tree.map(put, self.state, self.state_shardings)
       else:
         self.state = jax.device_put(self.state, jax.devices()[0])
+      if step > 0:
+        self._check_frozen_source(step)
       self.batches.set_state(restored["data"])
       self._skips_at_restore = self._local_skips()
       self._skips_saved = int(restored["data"].get("skipped_records", self._skips_at_restore))
@@ -416,6 +429,26 @@ class Trainer:
           f"{self.run_dir}/checkpoints to start over (the newest one's failure: {failures[0][1]})")
     self._drop_metrics_after(-1)  # an earlier attempt that left no checkpoint: its lines are redone
     return None
+
+  def _check_frozen_source(self, step: int) -> None:
+    """A `RunError` when the model given holds exactly the weights of the checkpoint resumed (a
+    model that an earlier Trainer's `run()` trained in place and handed back) while a frozen copy
+    (reference, listener) is made from it: they would be the trained policy of step `step`, not the
+    run's initial weights, and the run would go on with another reward and KL than it started with."""
+    from lgrpo_jax.runs import RunError
+    if not self._frozen_from_model:
+      return
+    given = jax.tree.leaves(nnx.state(self._model, nnx.Param))
+    same = all(a.shape == b.shape and bool(jnp.array_equal(a, b))
+               for a, b in zip(given, jax.tree.leaves(self.state.params)))
+    if same and len(given) == len(jax.tree.leaves(self.state.params)):
+      which = " and ".join(self._frozen_from_model)
+      raise RunError(
+          f"{self.run_dir}: resuming from step {step} with a model that holds that step's trained weights "
+          f"(handed back by an earlier run()): the {which} would be copied from them, not from the weights "
+          f"the run started with. Give the initial model again (loaded afresh), or pass "
+          f"{', '.join(f'{w}=' for w in self._frozen_from_model)} a model with the initial weights "
+          "(`run()` again on the same Trainer goes on without this)")
 
   def _best_accuracy(self) -> float:
     """The held-out accuracy of the checkpoint in best/ (from its step's metrics line), or -1 when
@@ -525,7 +558,8 @@ class Trainer:
       raise error
 
   def request_stop(self, signum: int = signal.SIGTERM) -> None:
-    """Ask `run` to stop as SIGTERM does (callable from any thread: a watchdog, a callback)."""
+    """Ask `run` to stop as SIGTERM does (callable from any thread: a watchdog, a callback). Asked
+    between two runs, the next `run()` (or `evaluate()`) stops at its start."""
     self._signals.request(signum)
 
   def run(self, on_metrics=None) -> list[dict]:
@@ -540,29 +574,39 @@ class Trainer:
     running out (a finite `pipeline.num_epochs`) ends the run as reaching `loop.steps` does."""
     if self._closed:
       raise RuntimeError(f"this Trainer is closed; build a new one on {self.run_dir} to go on from its checkpoint")
+    deleted = [x for x in jax.tree.leaves(self.state) if x.is_deleted()]
+    if deleted:
+      raise RuntimeError(
+          f"this Trainer's state has {len(deleted)} deleted arrays: another Trainer built from the same model "
+          "object has run (a Trainer trains the model's arrays in place, donating them to each step), or a step's "
+          "program failed (a reward's own jax.pure_callback raising). Build each Trainer from a model loaded "
+          f"afresh; the checkpoints in {self.run_dir} are kept")
     out = []
     tty = sys.stderr.isatty()
-    self._signals, self.stopped_by, self._eval_error = stopping.StopSignals(), None, None
+    self.stopped_by, self._eval_error = None, None  # (a stop asked for since the last run is kept)
     self.skipped_steps = 0
     self._untrained = False
     try:
       self._run(out, tty, on_metrics)
-    except Exception:
+    except BaseException as e:
       # An error in the caller's code (an `on_metrics` callback, a registered reward) or a bug: the
       # steps trained are saved (unless the last save has them), so that a new run() or Trainer
       # resumes there. One process only: with several, a save is collective and the others are
-      # not here.
+      # not here. A KeyboardInterrupt (a second Ctrl-C: out without saving) still puts back the
+      # batch not trained on, so that run() again reads it.
       if jax.process_count() == 1 and not self._closed:
         try:
           if self._untrained:  # the batch taken was not trained on: the saved position is before it
             self.feed.rewind()
             self._untrained = False
-          self.save()
-          self.manager.wait_until_finished()
+          if isinstance(e, Exception):
+            self.save()
+            self.manager.wait_until_finished()
         except Exception:  # noqa: BLE001 — the original error is the one to see
           log.exception("saving the step reached after an error failed")
       raise
     finally:
+      self._signals = stopping.StopSignals()  # this run's stop is spent: `evaluate()` after it runs
       self._hand_back()
     return out
 
@@ -650,10 +694,13 @@ class Trainer:
       self._untrained = True  # until the state has the step: an error before then rewinds the data
       step_fn = self._step_fn(pair_grid_of(host))
       with self._mesh_ctx():
+        key_before = jnp.copy(self.state.key)  # the state is donated: for `_raise_reward_errors`
         self.state, metrics = step_fn(self.state, self.ref_params, self.listener_params,
                                       to_device(host, self.mesh), self.tables)
       self._untrained = False
       metrics = {k: host_scalar(v) for k, v in metrics.items()}
+      if metrics["skipped_updates"]:  # the same on every process
+        self._raise_reward_errors(key_before)
       dt = time.perf_counter() - t0
       step = int(self.state.step)
       tflops = self.step_flops(host, int(metrics["decode_steps"])) / dt / 1e12
@@ -693,6 +740,34 @@ class Trainer:
     if tty and out:
       print(file=sys.stderr)
 
+  def _raise_reward_errors(self, key_before) -> None:
+    """After a step whose update was skipped: if a text reward's Python function raised in it on
+    any process (`rewards.text_reward`), the state goes back to the step before — the reward was
+    ∞, so parameters and optimizer state are unchanged — the step is saved with the data position
+    before its batch, and the error is raised on every process (the reward's own on the processes
+    where it raised)."""
+    from lgrpo_jax.rewards.core import RewardError, take_host_errors
+    mine = take_host_errors()
+    failed = [0] if mine else []
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      flags = np.asarray(multihost_utils.process_allgather(np.int32(bool(mine)))).reshape(-1)
+      failed = [int(i) for i in np.flatnonzero(flags)]
+    if not failed:
+      return
+    self.state = self.state._replace(step=self.state.step - 1, key=key_before)
+    self.feed.rewind()
+    self.save()
+    self.manager.wait_until_finished()
+    step = int(self.state.step)
+    if mine:
+      error = mine[0]
+      error.args = (f"{error.args[0]} (at step {step + 1}; the update was not applied, step {step} is "
+                    f"saved and a new run() or restart reads that batch again)",)
+      raise error
+    raise RewardError(f"a text reward failed at step {step + 1} on process {', '.join(map(str, failed))} of "
+                      f"{jax.process_count()} (its log names it); every process saved step {step} and stops")
+
   def _keep_if_best(self, step: int, metrics: dict) -> None:
     """Saves the state into `RUN_DIR/best` when `metrics`' held-out accuracy beats the best so far."""
     # compared in float32: the restored best accuracy was broadcast to every process as one
@@ -701,6 +776,14 @@ class Trainer:
       if step not in self.best.all_steps():  # else an earlier attempt saved this very step
         self.sinks.sync()  # a restart reads best/'s accuracy from metrics.jsonl
         self.best.save(step, args=self._args(), force=True)
+
+  def close_quietly(self) -> None:
+    """`close`, for a caller on its way out with an error (the launcher): a failure here is logged,
+    not raised over that error."""
+    try:
+      self.close()
+    except Exception:  # noqa: BLE001
+      log.exception("closing the Trainer after an error failed")
 
   def close(self) -> None:
     self._closed = True

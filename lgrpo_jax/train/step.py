@@ -168,7 +168,8 @@ def train_step(state: TrainState, ref_params, listener_params, batch: Batch, tab
                    None if cfg.old_logprobs == "sampler" else rollout.logprobs)
   params, opt_state, update_metrics = update(state.params, state.opt_state, graphdef, tx, pb, pair_grid,
                                              cfg.loss, cfg.optim, cfg.logprob_chunk, cfg.prefix_sharing,
-                                             cfg.sampling.logprob_temperature)
+                                             cfg.sampling.logprob_temperature,
+                                             rewards_ok=~jnp.any(jnp.isinf(total) & (batch.valid[:, None] > 0)))
 
   valid = batch.valid.astype(jnp.float32)
   metrics = {**reward_metrics(inputs, total, parts, batch.valid), **advantage_metrics(total, adv, batch.valid),
