@@ -32,10 +32,12 @@ def read_json(path, error=None):
   naming the file."""
   error = error or CheckpointError
   try:
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
       return json.load(f)
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise error(f"{os.fspath(path)}: not valid JSON ({e})") from None
+  except (RecursionError, ValueError) as e:  # nested too deep; an integer of over 4300 digits
+    raise error(f"{os.fspath(path)}: not JSON this reader can take ({type(e).__name__}: {str(e)[:200]})") from None
   except OSError as e:
     raise error(f"{os.fspath(path)}: cannot read it ({e.strerror or e})") from None
 
@@ -53,11 +55,12 @@ class SafetensorsDir:
     if os.path.isfile(single):
       self.file_of = {k: single for k in self._keys_of(single)}
     elif os.path.isfile(index):
-      try:
-        with open(index) as f:
-          weight_map = json.load(f)["weight_map"]
-      except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from None
+      raw = read_json(index)
+      weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+      if not isinstance(weight_map, dict) or not all(
+          isinstance(k, str) and isinstance(v, str) and v for k, v in weight_map.items()):
+        raise CheckpointError(f"{index}: not a valid safetensors index (expected {{\"weight_map\": {{tensor "
+                              "name: shard file name, ...}}}})")
       self.file_of = {k: os.path.join(self.path, v) for k, v in weight_map.items()}
     else:
       found = sorted(os.listdir(self.path))

@@ -143,6 +143,14 @@ def test_errors_in_a_sharded_checkpoint_name_the_shard(tmp_path):
   index_path.write_text(json.dumps(index))
   with pytest.raises(lgrpo_jax.CheckpointError, match=rf"{wrong}: cannot read tensor '{key}'"):
     lgrpo_jax.load_hf(tmp_path / "out")
+  # Index files of another shape: one error naming the index (bare AttributeError/TypeError/
+  # UnicodeDecodeError/RecursionError before)
+  for bad in (b'{"weight_map": ["a"]}', b'{"weight_map": {"k": null}}', b'{"weight_map": {"k": 3}}', b"[1]",
+              b'{"weight_map": {"k": "\xff.safetensors"}}',
+              b"[" * 100000 + b"]" * 100000):
+    index_path.write_bytes(bad)
+    with pytest.raises(lgrpo_jax.CheckpointError, match=r"model\.safetensors\.index\.json: not"):
+      lgrpo_jax.load_hf(tmp_path / "out")
 
 
 def test_export_copies_tokenizer_files_and_writes_generation_config(tmp_path):

@@ -53,6 +53,7 @@ DIRTY_TRAIN = [
     {"prompt": "a cow", "human_preference": [None, 1], "image_path": ["m.png", "n.png"]},  # bad label: null
     {"prompt": "a pig", "human_preference": [True, False], "image_path": ["o.png", "p.png"]},  # bad label: bools
     "not a record",
+    {"prompt": "a \ud800 rat", "human_preference": [1, 0], "image_path": ["q.png", "r.png"]},  # a lone surrogate
 ]
 
 
@@ -62,7 +63,8 @@ def test_hpdv2_train_skip_policy_counts_every_reason(tmp_path):
   pairs = list(hpdv2_train(path, image_root="/root", report=report))
   assert [(p.prompt, p.label) for p in pairs] == [("a cat", 1), ("a dog", 0)]
   assert pairs[0].images == ("/root/a.png", "/root/b.png")
-  assert report.skipped == {"empty_prompt": 1, "bad_label": 5, "bad_schema": 2}
+  # (a lone surrogate, valid JSON, made the pipeline's tokenizer raise a bare TypeError/UnicodeEncodeError)
+  assert report.skipped == {"empty_prompt": 1, "bad_label": 5, "bad_schema": 2, "bad_prompt": 1}
   assert report.examples["bad_label"] == [f"{path} record {k}" for k in (3, 5, 6, 7, 8)]
 
 
@@ -137,7 +139,10 @@ def test_imagereward_duplicate_ids_and_single_images_are_counted(tmp_path):
 
 
 @pytest.mark.parametrize("content,match", [
-    ("{not json", "not valid JSON"), (json.dumps({"a": 1}), "expected a JSON list of records")])
+    ("{not json", "not valid JSON"), (json.dumps({"a": 1}), "expected a JSON list of records"),
+    # a bare RecursionError / ValueError from the json module before
+    ("[" * 100000 + "]" * 100000, r"x\.json: not JSON this reader can take \(RecursionError"),
+    ('[{"id": ' + "9" * 5000 + "}]", r"x\.json: not JSON this reader can take \(ValueError: Exceeds the limit")])
 def test_bad_files(tmp_path, content, match):
   (tmp_path / "x.json").write_text(content)
   with pytest.raises(DataError, match=match):

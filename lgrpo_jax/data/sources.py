@@ -103,6 +103,8 @@ def _load_json_list(path: str) -> list:
     raise DataError(f"{path}: not valid JSON ({e})") from None
   except UnicodeDecodeError as e:
     raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); JSON files must be UTF-8") from None
+  except (RecursionError, ValueError) as e:  # nested too deep; an integer of over 4300 digits
+    raise DataError(f"{path}: not JSON this reader can take ({type(e).__name__}: {str(e)[:200]})") from None
   if not isinstance(data, list):
     raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
   return data
@@ -125,6 +127,12 @@ def _prompt(rec, where, report):
   if prompt is not None and not prompt.strip():
     report.bad("empty_prompt", where, "empty prompt")
     return None
+  if prompt is not None:
+    try:
+      prompt.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate ("\ud800" in the JSON): no text can hold it
+      report.bad("bad_prompt", where, f"prompt is not valid Unicode text ({e.reason} at character {e.start})")
+      return None
   return prompt
 
 
