@@ -382,6 +382,19 @@ def test_a_checkpoint_without_its_tokenizer_is_one_clear_error(tmp_path, capsys)
   (tmp_path / "bad_tok" / "tokenizer.json").write_text('{"model": "oops"}')
   with pytest.raises(TokenizerError, match=r"model.tokenizer='\S+bad_tok': cannot load a tokenizer"):
     load_tokenizer(tmp_path / "bad_tok", "model.tokenizer")
+  # A chat template that does not render, or drops the images: named at load (it was jinja2's bare
+  # error, or "text has 0 image placeholders", at the first batch)
+  cfg = json.loads((tmp_path / "tok" / "tokenizer_config.json").read_text())
+  for template, message in (("{% for m in messages %}", "does not render a prompt .*TemplateSyntaxError"),
+                            ("{{ raise_exception('no images here') }}", "does not render a prompt .*no images here"),
+                            ("{% for m in messages %}{{ m.role }}{% endfor %}", r"writes 0 <\|image_pad\|> for a message with 2 images")):
+    shutil.rmtree(tmp_path / "bad_tok")
+    shutil.copytree(tmp_path / "tok", tmp_path / "bad_tok")
+    for f in ("chat_template.jinja", "chat_template.json"):
+      (tmp_path / "bad_tok" / f).unlink(missing_ok=True)
+    (tmp_path / "bad_tok" / "tokenizer_config.json").write_text(json.dumps(dict(cfg, chat_template=template)))
+    with pytest.raises(TokenizerError, match=r"model.tokenizer='\S+bad_tok': its chat template " + message):
+      load_tokenizer(tmp_path / "bad_tok", "model.tokenizer")
 
 
 def test_a_tokenizer_that_is_not_the_models_is_refused(tmp_path, capsys):

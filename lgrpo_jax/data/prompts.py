@@ -168,6 +168,15 @@ def load_tokenizer(path, setting: str, hint: str = ""):
   if missing:
     raise TokenizerError(f"{where}: the tokenizer there has {' and '.join(missing)} (a weights-only "
                          f"directory?){hint}")
+  # The chat template renders a prompt with two images (a broken or another model's template failed
+  # at the first batch, naming no directory)
+  try:
+    text = _chat(tokenizer, user_content("x", PromptConfig()), PromptConfig(), True)
+  except Exception as e:  # noqa: BLE001 — jinja2's and the template's own (raise_exception) errors
+    raise TokenizerError(f"{where}: its chat template does not render a prompt ({type(e).__name__}: {e}){hint}") from None
+  if text.count(IMAGE_PAD) != 2:
+    raise TokenizerError(f"{where}: its chat template writes {text.count(IMAGE_PAD)} {IMAGE_PAD} for a message "
+                         f"with 2 images (Qwen2.5-VL's writes one per image){hint}")
   return tokenizer
 
 
