@@ -292,3 +292,15 @@ def test_a_field_the_config_leaves_out_defaults_as_in_transformers():
   d["text_config"].pop("rms_norm_eps")
   theirs = Qwen2_5_VLConfig(**{k: v for k, v in d.items() if k != "model_type"})
   assert Qwen25VLConfig.from_hf_dict(d).text.rms_norm_eps == theirs.text_config.rms_norm_eps == 1e-5
+
+
+def test_a_sweep_over_model_shapes_keeps_a_bounded_number_of_initialisers(monkeypatch):
+  # One compiled initialiser per config was kept for the process's life (~20 MB each on the tiny
+  # model, ~21 MB of RSS per shape in a review's sweep, released by nothing).
+  from lgrpo_jax.models.qwen2_5_vl import hf
+  monkeypatch.setattr(hf, "_INITIALIZERS", {})
+  monkeypatch.setattr(hf, "_KEEP_INITIALIZERS", 2)
+  for layers in (1, 2, 3):
+    lgrpo_jax.from_config(config_dict("a", text_config={"num_hidden_layers": layers}))
+  assert len(hf._INITIALIZERS) == 2
+  assert [k[0].text.num_hidden_layers for k in hf._INITIALIZERS] == [2, 3]

@@ -32,6 +32,14 @@ def test_scalars_read_back_by_tensorboard(tmp_path):
     assert math.isclose(v, 0.5 + 0.1 * s, rel_tol=1e-6)
   assert [e.value for e in acc.Scalars("loss")] == [float(__import__("numpy").float32(-s / 3)) for s in range(1, 6)]
   assert acc.Scalars("big_step")[0].step == 2**40
+  # Two writers of one process in the same second (a close and a resume): each its own file (they
+  # appended to one, against TensorBoard's one-writer-per-file rule)
+  import unittest.mock
+  with unittest.mock.patch("time.time", return_value=1.7e9):
+    a, b = EventWriter(str(tmp_path / "two")), EventWriter(str(tmp_path / "two"))
+  assert a.path != b.path
+  a.close()
+  b.close()
 
 
 def test_a_resumed_run_replaces_the_steps_it_logs_again(tmp_path):

@@ -80,8 +80,14 @@ class EventWriter:
   def __init__(self, log_dir: str):
     os.makedirs(log_dir, exist_ok=True)
     name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
-    self.path = os.path.join(log_dir, name)
-    self._f = open(self.path, "ab")
+    self.path, n = os.path.join(log_dir, name), 0
+    while True:  # a second writer of this process in the same second (a close and a resume): its own file
+      try:
+        self._f = open(self.path, "xb")
+        break
+      except FileExistsError:
+        n += 1
+        self.path = os.path.join(log_dir, f"{name}.{n}")
     self._record(_event(time.time(), 0, file_version="brain.Event:2"))
 
   def _record(self, data: bytes) -> None:

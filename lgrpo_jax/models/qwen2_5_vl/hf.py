@@ -75,12 +75,15 @@ def from_config(config, *, dtype=None, param_dtype=None, seed: int = 0, mesh=Non
   rules_key = None if rules is None else repr(sorted(rules.items()))
   init = _INITIALIZERS.get((cfg, mesh, rules_key))
   if init is None:  # one compiled init per config and layout in a process (seeds are its input)
+    if len(_INITIALIZERS) >= _KEEP_INITIALIZERS:  # a sweep over shapes: the oldest goes
+      _INITIALIZERS.pop(next(iter(_INITIALIZERS)))
     init = _INITIALIZERS[cfg, mesh, rules_key] = sharding.creator(
         lambda key: Qwen25VL(cfg, rngs=nnx.Rngs(key)), mesh, rules)
   return init(jax.random.key(seed))
 
 
 _INITIALIZERS: dict = {}
+_KEEP_INITIALIZERS = 8  # compiled initialisers kept (each holds its program: ~20 MB on the tiny model)
 
 
 def abstract_model(cfg: Qwen25VLConfig):
