@@ -82,7 +82,7 @@ class DataConfig:
   source: str = "synthetic"  # synthetic | hpdv2 | hpdv2_test | imagereward | rapidata
   path: str | None = None  # the source's file (train.json, test.json, .parquet)
   image_root: str | None = None  # relative image paths are under this folder
-  fraction: float = 1.0  # deterministic subsample (the paper trains on ~16% of HPDv2)
+  fraction: float = 1.0  # deterministic subsample by pair id and loop.seed, every source alike (the paper trains on ~16% of HPDv2)
   synthetic_pairs: int = 256  # data.source=synthetic: number of generated pairs
   synthetic_image_size: int = 112  # synthetic images are this many pixels square
   synthetic_n_wrong: int = 1  # attributes the worse image gets wrong (0: a colour cast instead)

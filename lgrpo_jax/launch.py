@@ -83,7 +83,7 @@ def build(cfg, mesh=None):
       return list(synthetic(d.synthetic_pairs, seed=seed, n_wrong=d.synthetic_n_wrong,
                             image_size=d.synthetic_image_size))
     if source == "hpdv2":
-      return list(sources.hpdv2_train(path, root, report, fraction=fraction))
+      return list(sources.hpdv2_train(path, root, report, fraction=fraction, seed=cfg.loop.seed))
     readers = {"hpdv2_test": sources.hpdv2_test, "imagereward": sources.imagereward, "rapidata": sources.rapidata}
     got = list(readers[source](path, root, report))
     return [p for p in got if sources.subsample(p.pair_id, fraction, cfg.loop.seed)]

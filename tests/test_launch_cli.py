@@ -548,6 +548,24 @@ def test_hpdv2_test_split_as_the_held_out_pairs(tmp_path):
   assert seven_b.loop.eval_every and seven_b.data.eval_source == "hpdv2_test"
 
 
+def test_data_fraction_follows_loop_seed_for_every_source(tmp_path):
+  # hpdv2's subset was always seed 0's while the other sources' followed loop.seed: a multi-seed
+  # study changed the training subset for some sources only.
+  from lgrpo_jax.data.sources import subsample
+  records = [{"prompt": f"p{k}", "human_preference": [1, 0], "image_path": [f"a{k}.png", f"b{k}.png"]}
+             for k in range(24)]
+  (tmp_path / "train.json").write_text(json.dumps(records))
+  kept = {}
+  for seed in (0, 1):
+    cfg = apply_overrides(load_config_file(DEMO), [f"run_dir={tmp_path / 'run'}", "data.source=hpdv2",
+                                                   f"data.path={tmp_path / 'train.json'}", f"data.image_root={tmp_path}",
+                                                   "data.fraction=0.5", f"loop.seed={seed}", "loop.eval_every=0"])
+    _, _, _, pairs, _ = launch.build(cfg)
+    kept[seed] = [p.pair_id for p in pairs]
+    assert kept[seed] and all(subsample(pid, 0.5, seed) for pid in kept[seed])
+  assert kept[0] != kept[1]
+
+
 def test_short_run_writes_config_and_metrics(tmp_path, monkeypatch):
   import jax
   monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)  # compile_cache=auto: RUN_DIR/xla_cache

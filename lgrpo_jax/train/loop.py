@@ -59,7 +59,9 @@ log = logging.getLogger("lgrpo_jax.train")
 @dataclasses.dataclass(frozen=True)
 class LoopConfig:
   steps: int = 100  # GRPO steps (a resumed run continues to this step)
-  seed: int = 0  # data order, order swaps and sampling
+  # data order, order swaps and sampling; in the launcher also the data.fraction subset and the
+  # synthetic pairs (the held-out ones from seed + 1000)
+  seed: int = 0
   log_every: int = 1  # steps between log lines (metrics.jsonl has every step)
   save_every: int = 50  # steps between checkpoints (the last step is always saved)
   save_every_minutes: float = 0.0  # also save when this much time has passed since the last save (0: off)
