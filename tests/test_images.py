@@ -172,3 +172,22 @@ def test_a_multi_frame_file_is_closed_after_decoding(tmp_path, monkeypatch):
       open_image((tmp_path / "anim.gif").read_bytes())
     gc.collect()
   assert not unclosed, unclosed
+
+
+def test_an_image_declaring_more_pixels_than_the_limit_is_refused_before_decoding(tmp_path, monkeypatch):
+  # A PNG of a few KB declaring 13000x13000 (under Pillow's own refusal at 179 M pixels) was decoded
+  # in full: 3.4 GB for one image, several at once in the pipeline. Here the limit is lowered.
+  from lgrpo_jax.data.images import ImageConfig, ImageError, image_grid, process_image
+  path = tmp_path / "big.png"
+  Image.new("L", (300, 200)).save(path)
+  cfg = ImageConfig(max_decoded_pixels=300 * 200 - 1)
+  decoded = []
+  monkeypatch.setattr(Image.Image, "load", lambda self, *a: decoded.append(1) or None)
+  for read in (image_grid, process_image):
+    with pytest.raises(ImageError, match=r"big\.png.*300x200 = 60,000 pixels, over pipeline\.image\.max_decoded_pixels=59,999"):
+      read(str(path), cfg)
+  assert not decoded  # refused from the header
+  monkeypatch.undo()
+  assert image_grid(str(path), ImageConfig(max_decoded_pixels=300 * 200))[0] == 1
+  with pytest.raises(ValueError, match="max_decoded_pixels=0 must be"):
+    ImageConfig(max_decoded_pixels=0)

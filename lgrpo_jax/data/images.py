@@ -67,6 +67,10 @@ class ImageConfig:
   # aspect ratio and pads with white (centred).
   grid_buckets: tuple[tuple[int, int], ...] | None = None
   fit: str = "stretch"  # with grid_buckets: stretch | pad
+  # Largest image decoded, in pixels (Pillow warns above this, and refuses only at twice it): a file
+  # declaring more is a bad image (~4 bytes a pixel while decoding: 89.5 M pixels ≈ 0.36 GB each,
+  # and the pipeline decodes several at once); it is resized to at most max_pixels anyway.
+  max_decoded_pixels: int = 89_478_485
 
   def __post_init__(self):
     if self.fit not in ("stretch", "pad"):
@@ -77,6 +81,8 @@ class ImageConfig:
         or not all(abs(m) < float("inf") for m in self.mean):
       raise ValueError(f"ImageConfig: mean and std need three finite values each, std > 0; got mean={self.mean}, "
                        f"std={self.std}")
+    if self.max_decoded_pixels < 1:
+      raise ValueError(f"ImageConfig.max_decoded_pixels={self.max_decoded_pixels} must be ≥ 1")
     if not 0 < self.min_pixels <= self.max_pixels:
       raise ValueError(f"ImageConfig: need 0 < min_pixels ≤ max_pixels, got min_pixels={self.min_pixels}, "
                        f"max_pixels={self.max_pixels}")
@@ -166,18 +172,27 @@ def _orientation(img) -> int:
     return 1
 
 
-def open_image(src, source: str | None = None) -> Image.Image:
+def open_image(src, source: str | None = None, max_decoded_pixels: int = ImageConfig.max_decoded_pixels) -> Image.Image:
   """A decoded RGB image from a path, bytes or a PIL image; see `_open_image`. A file we open is
-  closed here (Pillow keeps a multi-frame file open after `load`)."""
+  closed here (Pillow keeps a multi-frame file open after `load`). A file declaring more than
+  `max_decoded_pixels` pixels is an `ImageError` before it is decoded."""
   opened: list = []
   try:
-    return _open_image(src, source, opened)
+    return _open_image(src, source, opened, max_decoded_pixels)
   finally:
     for f in opened:
       f.close()
 
 
-def _open_image(src, source: str | None, opened: list) -> Image.Image:
+def _too_large(size, limit: int) -> str | None:
+  w, h = size
+  if w * h > limit:
+    return (f"{w}x{h} = {w * h:,} pixels, over pipeline.image.max_decoded_pixels={limit:,} (decoding would take "
+            f"~{4 * w * h / 2**30:.1f} GB)")
+  return None
+
+
+def _open_image(src, source: str | None, opened: list, max_decoded_pixels: int = ImageConfig.max_decoded_pixels) -> Image.Image:
   """A decoded RGB image from a path, bytes or a PIL image; transparency composited onto white.
   A file (path or bytes) is turned upright by its EXIF orientation, as a browser shows it and as
   transformers' `load_image` reads a path; a PIL image is taken as given (as the processor does)."""
@@ -194,6 +209,8 @@ def _open_image(src, source: str | None, opened: list) -> Image.Image:
       img = Image.open(src)
       opened.append(img)
     orientation = 1 if isinstance(src, Image.Image) else _orientation(img)
+    if not isinstance(src, Image.Image) and (why := _too_large(img.size, max_decoded_pixels)):
+      raise ImageError(name, why)
     img.load()  # decode now: truncated or corrupt data fails here, with the source named
     if orientation in _UPRIGHT:
       img = img.transpose(_UPRIGHT[orientation])
@@ -236,6 +253,8 @@ def image_grid(src, cfg: ImageConfig = ImageConfig(), source: str | None = None)
   w, h = size
   if min(h, w) <= 0:
     raise ImageError(name, f"empty image ({w}x{h})")
+  if not isinstance(src, Image.Image) and (why := _too_large(size, cfg.max_decoded_pixels)):
+    raise ImageError(name, why)
   rh, rw = smart_resize(h, w, cfg.factor, cfg.min_pixels, cfg.max_pixels, name)
   if cfg.grid_buckets is not None:
     rh, rw = nearest_bucket(h, w, cfg.grid_buckets)
@@ -253,7 +272,7 @@ def _lut(mean: tuple, std: tuple) -> np.ndarray:
 
 def process_image(src, cfg: ImageConfig = ImageConfig(), source: str | None = None):
   """One image → (patches (grid_h·grid_w, 3·T·P·P) float32, (1, grid_h, grid_w))."""
-  img = open_image(src, source)
+  img = open_image(src, source, cfg.max_decoded_pixels)
   name = os.fspath(source or (src if isinstance(src, (str, os.PathLike)) else "<image>"))
   u8 = _fit(img, cfg, name)  # (H, W, 3) uint8
   h, w = u8.shape[:2]
