@@ -106,6 +106,20 @@ def test_plain_vision_rope_theta_and_absent_full_attention_blocks_read_as_transf
     (lambda d: d["text_config"].update(num_hidden_layers=2.5), "'text_config.num_hidden_layers'=2.5 must be an integer"),
     (lambda d: d["vision_config"].update(patch_size="14"), "'vision_config.patch_size'='14' must be an integer"),
     (lambda d: d["vision_config"].update(depth=True), "'vision_config.depth'=True must be an integer"),
+    # bare ZeroDivisionError / ValueError / TypeError, or silently accepted, before
+    (lambda d: d["text_config"].update(num_attention_heads=0), "text_config.num_attention_heads=0 must be at least 1"),
+    (lambda d: d["vision_config"].update(spatial_merge_size=0), "vision_config.spatial_merge_size=0 must be at least 1"),
+    (lambda d: d["vision_config"].update(window_size=0), "vision_config.window_size=0 must be at least 1"),
+    (lambda d: d["text_config"].update(num_hidden_layers=-1), "text_config.num_hidden_layers=-1 must be at least 1"),
+    (lambda d: d["text_config"].update(max_position_embeddings=-1), "max_position_embeddings=-1 must be at least 1"),
+    (lambda d: d["text_config"].update(rms_norm_eps="abc"), "'text_config.rms_norm_eps'='abc' must be a number"),
+    (lambda d: d["text_config"].update(rms_norm_eps=0), "text_config.rms_norm_eps=0.0 must be a positive number"),
+    (lambda d: d["text_config"]["rope_parameters"].update(mrope_section="16,24,24"), "mrope_section'='16,24,24' must be a list"),
+    (lambda d: d["text_config"]["rope_parameters"].update(mrope_section=[4.7, 6, 6]), r"mrope_section'=4\.7 must be an integer"),
+    (lambda d: d["vision_config"].update(fullatt_block_indexes="0,1"), "fullatt_block_indexes'='0,1' must be a list"),
+    (lambda d: d.update(image_token_id="abc"), "'image_token_id'='abc' must be an integer"),
+    (lambda d: d.update(tie_word_embeddings="false"), "'tie_word_embeddings'='false' must be true or false"),
+    (lambda d: d["text_config"].update(eos_token_id=[2, "x"]), "'text_config.eos_token_id'='x' must be an integer"),
 ])
 def test_bad_configs_name_the_field(edit, match):
   d = config_dict("a")

@@ -218,6 +218,33 @@ def _as_int(value, source: str, field: str) -> int:
   return int(value)
 
 
+def _as_float(value, source: str, field: str) -> float:
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise ConfigError(f"{source}: '{field}'={value!r} must be a number")
+  return float(value)
+
+
+def _as_bool(value, source: str, field: str) -> bool:
+  if not isinstance(value, bool):  # "false" is a truthy string
+    raise ConfigError(f"{source}: '{field}'={value!r} must be true or false")
+  return value
+
+
+def _as_ints(value, source: str, field: str) -> tuple[int, ...]:
+  if not isinstance(value, (list, tuple)):
+    raise ConfigError(f"{source}: '{field}'={value!r} must be a list of integers")
+  return tuple(_as_int(v, source, field) for v in value)
+
+
+def _as_token_id(value, source: str, field: str):
+  """An id, a list of ids (EOS), or null."""
+  if value is None:
+    return None
+  if isinstance(value, (list, tuple)):
+    return _as_ints(value, source, field)
+  return _as_int(value, source, field)
+
+
 def _pick_int(d: dict, source: str, where: str, key: str, required: bool, default=None, aliases=()) -> int:
   return _as_int(_pick(d, source, where, key, required, default, aliases), source, where + key)
 
@@ -258,7 +285,7 @@ def from_hf_dict(raw: dict[str, Any], *, source: str = "config") -> Qwen25VLConf
   rope_theta = rp.get("rope_theta", _pick(text_raw, source, tw, "rope_theta", False, None))
   if rope_theta is None:
     rope_theta = raw.get("rope_theta", 1000000.0)
-  mrope = tuple(int(x) for x in rp.get("mrope_section", (16, 24, 24)))
+  mrope = _as_ints(rp.get("mrope_section", (16, 24, 24)), source, tw + "rope_parameters.mrope_section")
   # transformers' defaults where a field is absent: 8 KV heads (an explicit null means one KV head
   # per query head), and Qwen's <|endoftext|> / <|im_end|> as BOS / EOS.
   def token_id(key, hf_default):  # an explicit null stays None, as in transformers
@@ -269,14 +296,14 @@ def from_hf_dict(raw: dict[str, Any], *, source: str = "config") -> Qwen25VLConf
   text = TextConfig(
       **{k: _as_int(v, source, tw + k) for k, v in tp.items()},
       num_key_value_heads=_as_int(kv_heads, source, tw + "num_key_value_heads"),
-      rms_norm_eps=float(_pick(text_raw, source, tw, "rms_norm_eps", False, 1e-5)),  # transformers' default
-      rope_theta=float(rope_theta),
+      rms_norm_eps=_as_float(_pick(text_raw, source, tw, "rms_norm_eps", False, 1e-5), source, tw + "rms_norm_eps"),
+      rope_theta=_as_float(rope_theta, source, tw + "rope_theta"),
       mrope_section=mrope,  # type: ignore[arg-type]
       hidden_act=str(_pick(text_raw, source, tw, "hidden_act", False, "silu")),
       max_position_embeddings=_pick_int(text_raw, source, tw, "max_position_embeddings", False, 32768),
-      bos_token_id=token_id("bos_token_id", _HF_BOS),
-      eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
-      pad_token_id=token_id("pad_token_id", None),
+      bos_token_id=_as_token_id(token_id("bos_token_id", _HF_BOS), source, tw + "bos_token_id"),
+      eos_token_id=_as_token_id(eos, source, tw + "eos_token_id"),
+      pad_token_id=_as_token_id(token_id("pad_token_id", None), source, tw + "pad_token_id"),
   )
   if text_raw.get("use_sliding_window"):
     raise ConfigError(f"{source}: '{tw}use_sliding_window'=true is not supported (Qwen2.5-VL "
@@ -291,26 +318,27 @@ def from_hf_dict(raw: dict[str, Any], *, source: str = "config") -> Qwen25VLConf
       spatial_merge_size=_pick_int(vision_raw, source, vw, "spatial_merge_size", False, 2),
       window_size=_pick_int(vision_raw, source, vw, "window_size", False, 112),
       # absent: transformers' default, whose blocks past `depth` do not exist (all-window when depth ≤ 7)
-      fullatt_block_indexes=tuple(int(i) for i in _pick(
+      fullatt_block_indexes=_as_ints(_pick(
           vision_raw, source, vw, "fullatt_block_indexes", False, tuple(i for i in (7, 15, 23, 31)
-                                                                         if i < vp["depth"]))),
+                                                                         if i < vp["depth"])), source,
+          vw + "fullatt_block_indexes"),
       in_channels=_pick_int(vision_raw, source, vw, "in_channels", False, 3, aliases=("in_chans",)),
       hidden_act=str(_pick(vision_raw, source, vw, "hidden_act", False, "silu")),
       tokens_per_second=_pick_int(vision_raw, source, vw, "tokens_per_second", False, 4),
       # (transformers moves a plain vision rope_theta into rope_parameters)
-      rope_theta=float((vrp if isinstance(vrp, dict) else {}).get("rope_theta",
-                                                                   vision_raw.get("rope_theta", 10000.0))),
+      rope_theta=_as_float((vrp if isinstance(vrp, dict) else {}).get(
+          "rope_theta", vision_raw.get("rope_theta", 10000.0)), source, vw + "rope_theta"),
   )
-  tie = bool(raw.get("tie_word_embeddings", False)) or bool(
-      raw.get("text_config", {}).get("tie_word_embeddings", False)
+  tie = _as_bool(raw.get("tie_word_embeddings", False), source, "tie_word_embeddings") or (
+      _as_bool(raw["text_config"].get("tie_word_embeddings", False), source, "text_config.tie_word_embeddings")
       if isinstance(raw.get("text_config"), dict) else False)
   cfg = Qwen25VLConfig(
       text=text,
       vision=vision,
-      image_token_id=int(raw.get("image_token_id", 151655)),
-      video_token_id=int(raw.get("video_token_id", 151656)),
-      vision_start_token_id=int(raw.get("vision_start_token_id", 151652)),
-      vision_end_token_id=int(raw.get("vision_end_token_id", 151653)),
+      image_token_id=_pick_int(raw, source, "", "image_token_id", False, 151655),
+      video_token_id=_pick_int(raw, source, "", "video_token_id", False, 151656),
+      vision_start_token_id=_pick_int(raw, source, "", "vision_start_token_id", False, 151652),
+      vision_end_token_id=_pick_int(raw, source, "", "vision_end_token_id", False, 151653),
       tie_word_embeddings=tie,
   )
   validate(cfg, source)
@@ -319,6 +347,21 @@ def from_hf_dict(raw: dict[str, Any], *, source: str = "config") -> Qwen25VLConf
 
 def validate(cfg: Qwen25VLConfig, source: str = "config") -> None:
   t, v = cfg.text, cfg.vision
+  # Sizes before anything divides by them (a 0 was a bare ZeroDivisionError; a negative layer count a
+  # JAX shape error at the first forward)
+  for where, c, names in (("text_config", t, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                              "num_attention_heads", "num_key_value_heads", "max_position_embeddings")),
+                          ("vision_config", v, ("depth", "hidden_size", "num_heads", "intermediate_size",
+                                                "out_hidden_size", "patch_size", "temporal_patch_size",
+                                                "spatial_merge_size", "window_size", "in_channels",
+                                                "tokens_per_second"))):
+    for name in names:
+      if getattr(c, name) < 1:
+        raise ConfigError(f"{source}: {where}.{name}={getattr(c, name)} must be at least 1")
+  for where, value in (("text_config.rms_norm_eps", t.rms_norm_eps), ("text_config.rope_theta", t.rope_theta),
+                       ("vision_config.rope_theta", v.rope_theta)):
+    if not 0 < value < float("inf"):
+      raise ConfigError(f"{source}: {where}={value} must be a positive number")
   if t.hidden_size % t.num_attention_heads:
     raise ConfigError(f"{source}: text hidden_size={t.hidden_size} is not divisible by "
                       f"num_attention_heads={t.num_attention_heads}")
