@@ -184,6 +184,29 @@ def test_last_partial_batch_is_kept_and_buckets_are_reported(tok):
   assert it.report.examples["prompt_too_long"] == [f"pair {PAIRS[3].pair_id}"]
 
 
+def test_a_prompt_the_normaliser_lengthens_is_skipped_not_fatal(tok, tmp_path):
+  # Qwen2's tokenizer.json declares an NFC normaliser, which turns U+FB2C's 3 UTF-8 bytes into 6: a
+  # prompt planned as fitting (one token per byte at most) was 857 tokens against a bucket of 512,
+  # and under bad_records=skip the run stopped on a DataError naming an innocent pair beside it.
+  import shutil
+
+  from lgrpo_jax.data.pipeline import _prompts
+  d = tmp_path / "nfc"
+  shutil.copytree(tok.name_or_path, d)
+  spec = json.loads((d / "tokenizer.json").read_text())
+  spec["normalizer"] = {"type": "NFC"}
+  (d / "tokenizer.json").write_text(json.dumps(spec))
+  nfc = AutoTokenizer.from_pretrained(d)
+  cfg = PipelineConfig(global_batch=2, num_epochs=1, shuffle=False, length_buckets=(512,), bad_records="skip")
+  grids = make_batches(PAIRS[:1], nfc, cfg).__next__()["image_grid_thw"]
+  base = len(_prompts(nfc, "", [tuple(g) for g in grids[:2]], cfg)["input_ids"])
+  long = dataclass_replace(PAIRS[3], prompt="\ufb2c" * ((512 - base - 8) // 3))
+  assert len(_prompts(nfc, long.prompt, [tuple(g) for g in grids[:2]], cfg)["input_ids"]) > 512
+  it = make_batches([long] + list(PAIRS[:3]), nfc, cfg)
+  kept = [i for b in it for i, v in zip(b["pair_ids"], b["valid"]) if v]
+  assert sorted(kept) == sorted(p.pair_id for p in PAIRS[:3]) and it.report.skipped == {"prompt_too_long": 1}
+
+
 @pytest.mark.parametrize("grouped", [True, False], ids=["threads (grouped)", "processes (plain)"])
 def test_workers_give_the_same_batches_and_counts(tok, tmp_path, grouped):
   cfg = PipelineConfig(global_batch=3, seed=5, num_epochs=1, bad_records="skip", group_by_grid=grouped)

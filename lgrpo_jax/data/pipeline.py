@@ -350,13 +350,16 @@ class _Plan:
   def _may_be_too_long(self, prompt: str, grids) -> bool:
     """Whether the pair's prompts might exceed the largest bucket, from a bound and no tokenising
     (1.7 ms a pair, on the batch read's critical path): the tokens of the prompts with an empty
-    text-to-image prompt and these grids, plus at most one token per UTF-8 byte of the prompt (a
-    byte-level BPE token holds ≥ 1 byte) and a margin for merges it breaks where it is inserted."""
+    text-to-image prompt and these grids, plus at most one token per UTF-8 byte of the prompt as
+    the tokenizer normalises it (a byte-level BPE token holds ≥ 1 byte; Qwen's NFC normaliser can
+    lengthen a text: U+FB2C's 3 bytes become 6) and a margin for merges it breaks where it is inserted."""
     base = self._empty_prompt_tokens.get(grids)
     if base is None:
       base = max(len(x) for x in _prompts(self.tokenizer, "", grids, self.cfg).values())
       self._empty_prompt_tokens[grids] = base
-    return base + len(prompt.encode("utf-8")) + 8 > max(self.cfg.length_buckets)
+    normalizer = getattr(getattr(self.tokenizer, "backend_tokenizer", None), "normalizer", None)
+    text = normalizer.normalize_str(prompt) if normalizer is not None else prompt
+    return base + max(len(text.encode("utf-8")), len(prompt.encode("utf-8"))) + 8 > max(self.cfg.length_buckets)
 
 
 class _GroupedIterator(grain.DatasetIterator):
