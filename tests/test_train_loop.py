@@ -707,8 +707,8 @@ def test_a_resume_with_the_model_a_run_trained_in_place_is_refused(tmp_path):
   from lgrpo_jax.data.synthetic import synthetic
   loop = dataclasses.replace(t.loop_cfg, steps=2)
   tok, pairs = AutoTokenizer.from_pretrained(tok_dir), list(synthetic(6, seed=1, image_size=56))
-  with pytest.raises(RunError, match=r"resuming from step 1 with a model that holds that step's trained weights .*"
-                                     r"the listener would be copied from them"):
+  with pytest.raises(RunError, match=r"resuming from step 1 with a model an earlier Trainer of this run trained in "
+                                     r"place .*the listener would be copied from them"):
     Trainer(tmp_path / "a", t._model, tok, pairs, t.step_cfg, t.pipe_cfg, loop)
   # The initial weights again (as the launcher loads them): resumes
   fresh = Trainer(tmp_path / "a", lgrpo_jax.from_config(tiny_model_config(tok_dir)), tok, pairs, t.step_cfg,

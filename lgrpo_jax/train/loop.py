@@ -34,6 +34,7 @@ import os
 import signal
 import sys
 import time
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -163,6 +164,10 @@ def config_changes(path: str, record: dict | None, limit: int = 8) -> str:
   or "" when either is missing."""
   diffs = [f"{k}: {json.dumps(o)} → {json.dumps(n)}" for k, o, n in config_diffs(path, record)]
   return ", ".join(diffs[:limit]) + (f" and {len(diffs) - limit} more" if len(diffs) > limit else "")
+
+
+# Models whose weights a Trainer's run() trained in place and handed back → that run's directory
+_HANDED_BACK: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 class Trainer:
@@ -433,24 +438,22 @@ class Trainer:
     return None
 
   def _check_frozen_source(self, step: int) -> None:
-    """A `RunError` when the model given holds exactly the weights of the checkpoint resumed (a
-    model that an earlier Trainer's `run()` trained in place and handed back) while a frozen copy
-    (reference, listener) is made from it: they would be the trained policy of step `step`, not the
-    run's initial weights, and the run would go on with another reward and KL than it started with."""
+    """A `RunError` when the model given was trained in place by an earlier Trainer on this run
+    directory (its `run()` handed the weights back: `_HANDED_BACK`) while a frozen copy (reference,
+    listener) is made from it: they would be that run's trained policy, not the run's initial
+    weights, and the run would go on with another reward and KL than it started with. (Known by the
+    model object, not by comparing weights: no device program only a resume would compile.)"""
     from lgrpo_jax.runs import RunError
-    if not self._frozen_from_model:
+    trained_here = _HANDED_BACK.get(self._model)
+    if not self._frozen_from_model or trained_here != self.run_dir:
       return
-    given = jax.tree.leaves(nnx.state(self._model, nnx.Param))
-    same = all(a.shape == b.shape and bool(jnp.array_equal(a, b))
-               for a, b in zip(given, jax.tree.leaves(self.state.params)))
-    if same and len(given) == len(jax.tree.leaves(self.state.params)):
-      which = " and ".join(self._frozen_from_model)
-      raise RunError(
-          f"{self.run_dir}: resuming from step {step} with a model that holds that step's trained weights "
-          f"(handed back by an earlier run()): the {which} would be copied from them, not from the weights "
-          f"the run started with. Give the initial model again (loaded afresh), or pass "
-          f"{', '.join(f'{w}=' for w in self._frozen_from_model)} a model with the initial weights "
-          "(`run()` again on the same Trainer goes on without this)")
+    which = " and ".join(self._frozen_from_model)
+    raise RunError(
+        f"{self.run_dir}: resuming from step {step} with a model an earlier Trainer of this run trained in "
+        f"place (its run() handed the trained weights back): the {which} would be copied from them, not from "
+        f"the weights the run started with. Give the initial model again (loaded afresh), or pass "
+        f"{', '.join(f'{w}=' for w in self._frozen_from_model)} a model with the initial weights "
+        "(`run()` again on the same Trainer goes on without this)")
 
   def _best_accuracy(self) -> float:
     """The held-out accuracy of the checkpoint in best/ (from its step's metrics line), or -1 when
@@ -617,6 +620,8 @@ class Trainer:
     the next step donates: `run` hands them back again when it returns)."""
     try:
       nnx.update(self._model, self.state.params)
+      if int(self.state.step) > 0:
+        _HANDED_BACK[self._model] = self.run_dir
     except Exception:  # noqa: BLE001 — a state deleted by a failed step: nothing to hand back
       log.warning("could not put the trained parameters back into the model")
 
