@@ -56,7 +56,7 @@ def test_odd_sizes_and_modes_match_transformers(name):
   np.testing.assert_array_equal(got, ref)
 
 
-@pytest.mark.parametrize("fmt", ["jpg", "png", "tiff"])
+@pytest.mark.parametrize("fmt", ["jpg", "png", "tiff", "png_late", "png_text_late"])
 @pytest.mark.parametrize("orientation", [1, 3, 6, 8])
 def test_a_file_is_turned_upright_by_its_exif_orientation_as_transformers_load_image_does(tmp_path, orientation, fmt):
   """A camera JPEG stored sideways with an EXIF orientation: read from its path or bytes it is
@@ -69,8 +69,23 @@ def test_a_file_is_turned_upright_by_its_exif_orientation_as_transformers_load_i
   img = Image.fromarray(rng.integers(0, 256, (80, 200, 3), dtype=np.uint8))
   exif = Image.Exif()
   exif[0x0112] = orientation
-  path = tmp_path / f"sideways.{fmt}"
+  path = tmp_path / f"sideways.{fmt.split('_')[0]}"
   img.save(path, exif=exif.tobytes())
+  if fmt.startswith("png_"):  # the EXIF after the image data (Pillow reads it only after decoding):
+    # as an eXIf chunk, or as ImageMagick's "Raw profile type exif" text chunk. Ours read neither.
+    import struct
+    import zlib
+    png = path.read_bytes()
+    at = png.index(b"eXIf") - 4
+    png = png[:at] + png[at + 12 + struct.unpack(">I", png[at:at + 4])[0]:]  # the early eXIf removed
+    if fmt == "png_late":
+      kind, data = b"eXIf", exif.tobytes()
+    else:
+      hexed = (b"Exif\0\0" + exif.tobytes()).hex().encode()
+      kind, data = b"tEXt", b"Raw profile type exif\0\nexif\n" + str(len(hexed) // 2).encode() + b"\n" + hexed
+    end = png.rindex(b"IEND") - 4
+    png = png[:end] + struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data)) + png[end:]
+    path.write_bytes(png)
   ref, ref_grid = reference([load_image(str(path))])
   for src in (str(path), path.read_bytes()):
     got, grid = process_image(src, CFG, source=path.name)

@@ -25,6 +25,7 @@ import functools
 import io
 import math
 import os
+import struct
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -153,16 +154,55 @@ _UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4
             8: Image.Transpose.ROTATE_90}  # as ImageOps.exif_transpose
 
 
+_EXIF_PROFILE = b"Raw profile type exif\0"  # a PNG text chunk Pillow reads EXIF from
+
+
+def _png_metadata_after_data(img) -> bool:
+  """Whether a PNG holds, after its image data, a chunk Pillow reads EXIF from (eXIf, or a text
+  chunk with the EXIF profile): Pillow — so transformers' `load_image` — sees it only once the
+  image is decoded. Read from the chunk headers, without decoding."""
+  fp = getattr(img, "fp", None)
+  if fp is None:
+    return False
+  pos, seen_data = fp.tell(), False
+  try:
+    fp.seek(8)
+    while True:
+      head = fp.read(8)
+      if len(head) < 8:
+        return False
+      length, kind = struct.unpack(">I4s", head)
+      if kind == b"IEND":
+        return False
+      if kind == b"IDAT":
+        seen_data = True
+      elif seen_data and kind == b"eXIf":
+        return True
+      elif seen_data and kind in (b"tEXt", b"zTXt", b"iTXt"):
+        if fp.read(len(_EXIF_PROFILE)) == _EXIF_PROFILE:
+          return True
+        fp.seek(-len(_EXIF_PROFILE), 1)
+      fp.seek(length + 4, 1)  # the data and its CRC
+  except (OSError, struct.error):
+    return False
+  finally:
+    fp.seek(pos)
+
+
 def _orientation(img) -> int:
-  """The EXIF orientation (1: upright) from what opening the file read, without decoding it: a
-  JPEG's/WebP's EXIF block, TIFF tags, or a PNG eXIf chunk before the image data (one after it
-  would need the whole file read; the header-only grid must agree with the decode)."""
+  """The EXIF orientation (1: upright) as Pillow's `getexif` gives it (transformers' `load_image`
+  applies it), from what opening the file read where that is all of it — a JPEG's/WebP's EXIF
+  block, TIFF tags, a PNG eXIf chunk before the image data — so the header-only grid agrees with
+  the decode. A PNG with its EXIF after the image data, or as a text profile, is decoded to read it
+  (rare; Pillow does the same)."""
   if img.format == "TIFF":  # Pillow turns a TIFF upright itself: its size at open, and its load
     return 1
   try:
     if img.format == "PNG":
       raw = img.info.get("exif")
       if not raw:
+        if "Raw profile type exif" in img.info or _png_metadata_after_data(img):
+          return int(img.getexif().get(0x0112, 1))  # decodes, as Pillow's getexif does for a PNG
         return 1
       exif = Image.Exif()
       exif.load(raw)
@@ -208,9 +248,9 @@ def _open_image(src, source: str | None, opened: list, max_decoded_pixels: int =
       _require_file(src, name)
       img = Image.open(src)
       opened.append(img)
-    orientation = 1 if isinstance(src, Image.Image) else _orientation(img)
     if not isinstance(src, Image.Image) and (why := _too_large(img.size, max_decoded_pixels)):
       raise ImageError(name, why)
+    orientation = 1 if isinstance(src, Image.Image) else _orientation(img)
     img.load()  # decode now: truncated or corrupt data fails here, with the source named
     if orientation in _UPRIGHT:
       img = img.transpose(_UPRIGHT[orientation])
@@ -227,8 +267,11 @@ def _open_image(src, source: str | None, opened: list, max_decoded_pixels: int =
   return img.convert("RGB")
 
 
-def _upright_size(img) -> tuple[int, int]:
-  """(width, height) after `open_image` applies the EXIF orientation (read from the header)."""
+def _upright_size(img, max_decoded_pixels: int, name: str) -> tuple[int, int]:
+  """(width, height) after `open_image` applies the EXIF orientation (read from the header); an
+  `ImageError` past `max_decoded_pixels` first (reading a PNG's late EXIF decodes it)."""
+  if why := _too_large(img.size, max_decoded_pixels):
+    raise ImageError(name, why)
   return (img.height, img.width) if _orientation(img) in _TRANSPOSED else img.size
 
 
@@ -241,11 +284,11 @@ def image_grid(src, cfg: ImageConfig = ImageConfig(), source: str | None = None)
       size = src.size
     elif isinstance(src, (bytes, bytearray, memoryview)):
       with Image.open(io.BytesIO(bytes(src))) as img:
-        size = _upright_size(img)
+        size = _upright_size(img, cfg.max_decoded_pixels, name)
     else:
       _require_file(src, name)
       with Image.open(src) as img:
-        size = _upright_size(img)
+        size = _upright_size(img, cfg.max_decoded_pixels, name)
   except ImageError:
     raise
   except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
@@ -253,8 +296,6 @@ def image_grid(src, cfg: ImageConfig = ImageConfig(), source: str | None = None)
   w, h = size
   if min(h, w) <= 0:
     raise ImageError(name, f"empty image ({w}x{h})")
-  if not isinstance(src, Image.Image) and (why := _too_large(size, cfg.max_decoded_pixels)):
-    raise ImageError(name, why)
   rh, rw = smart_resize(h, w, cfg.factor, cfg.min_pixels, cfg.max_pixels, name)
   if cfg.grid_buckets is not None:
     rh, rw = nearest_bucket(h, w, cfg.grid_buckets)
