@@ -686,7 +686,7 @@ def test_a_text_reward_raising_in_a_step_keeps_the_state_and_saves_the_steps_bef
                                 np.asarray(jax.tree.leaves(straight.state.params)[0]))
 
 
-def test_a_resume_with_the_model_a_run_trained_in_place_is_refused(tmp_path):
+def test_a_resume_with_the_model_a_run_trained_in_place_is_refused(tmp_path, monkeypatch):
   """The model handed back by run() holds the trained weights: a new Trainer on the same run
   directory built from it made the listener (and reference) the trained policy of the checkpoint's
   step, not the run's initial weights — the resumed run diverged from an uninterrupted one from its
@@ -710,6 +710,16 @@ def test_a_resume_with_the_model_a_run_trained_in_place_is_refused(tmp_path):
   with pytest.raises(RunError, match=r"resuming from step 1 with a model an earlier Trainer of this run trained in "
                                      r"place .*the listener would be copied from them"):
     Trainer(tmp_path / "a", t._model, tok, pairs, t.step_cfg, t.pipe_cfg, loop)
+  # The refused start closed the checkpoint managers it had opened (their threads and files outlived
+  # it, through the exception's traceback in a notebook)
+  import orbax.checkpoint as ocp
+  closed = []
+  real_close = ocp.CheckpointManager.close
+  monkeypatch.setattr(ocp.CheckpointManager, "close", lambda self: closed.append(self) or real_close(self))
+  with pytest.raises(RunError):
+    Trainer(tmp_path / "a", t._model, tok, pairs, t.step_cfg, t.pipe_cfg, loop)
+  assert len(closed) == 2
+  monkeypatch.undo()
   # The initial weights again (as the launcher loads them): resumes
   fresh = Trainer(tmp_path / "a", lgrpo_jax.from_config(tiny_model_config(tok_dir)), tok, pairs, t.step_cfg,
                   t.pipe_cfg, loop)

@@ -453,116 +453,123 @@ def run_sft(model, tokenizer, pairs, cfg: SFTConfig, pipe_cfg, run_dir: str, *, 
   manager = ocp.CheckpointManager(os.path.join(run_dir, "sft_checkpoints"), options=ocp.CheckpointManagerOptions(
       max_to_keep=1, enable_async_checkpointing=True,
       multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix="sft")))
-  primary = jax.process_index() == 0
-  metrics_path = os.path.join(run_dir, "sft_metrics.jsonl")
-  done = 0
-  latest = manager.latest_step()
-  # Interrupted before this version recorded its settings: what it ran with (its optimizer) is known.
-  changed = _settings_changed(recorded if recorded is not None or latest is None else {}, record)
-  if latest == 0 and changed:  # stopped before its first step: nothing trained, start afresh
-    say(f"warm start: {manager.directory}/0 (nothing trained yet) was saved with other settings; starting afresh")
-    manager.delete(0)  # else a stop at step 0 would keep it, and the next resume would read it
-    latest = None
-  if latest is not None:  # an interrupted warm start: go on from where it stopped
-    done = latest
-    if changed or cfg.steps < done:  # one warm start of two settings would be neither
-      raise ValueError(f"the interrupted warm start in {manager.directory} (step {done}) was run with other "
-                       f"settings: " + (changed or f"sft.steps={cfg.steps} < the {done} steps done") +
-                       f"; give the same sft settings to resume it, or delete {manager.directory} and "
-                       f"{os.path.join(run_dir, SETTINGS)} to start it again")
+  try:  # on any error, the manager's threads and files are not left open (a notebook goes on)
+    primary = jax.process_index() == 0
+    metrics_path = os.path.join(run_dir, "sft_metrics.jsonl")
+    done = 0
+    latest = manager.latest_step()
+    # Interrupted before this version recorded its settings: what it ran with (its optimizer) is known.
+    changed = _settings_changed(recorded if recorded is not None or latest is None else {}, record)
+    if latest == 0 and changed:  # stopped before its first step: nothing trained, start afresh
+      say(f"warm start: {manager.directory}/0 (nothing trained yet) was saved with other settings; starting afresh")
+      manager.delete(0)  # else a stop at step 0 would keep it, and the next resume would read it
+      latest = None
+    if latest is not None:  # an interrupted warm start: go on from where it stopped
+      done = latest
+      if changed or cfg.steps < done:  # one warm start of two settings would be neither
+        raise ValueError(f"the interrupted warm start in {manager.directory} (step {done}) was run with other "
+                         f"settings: " + (changed or f"sft.steps={cfg.steps} < the {done} steps done") +
+                         f"; give the same sft settings to resume it, or delete {manager.directory} and "
+                         f"{os.path.join(run_dir, SETTINGS)} to start it again")
+      try:
+        restored = manager.restore(done, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract({"params": params, "opt_state": opt_state})),
+            data=ocp.args.JsonRestore()))
+      except Exception as e:  # noqa: BLE001 — damaged: said in a line
+        raise ValueError(f"{manager.directory}/{done} (the interrupted warm start's state) cannot be read "
+                         f"({type(e).__name__}: {first_line(e)}); delete {manager.directory} to run the warm "
+                         "start again from its first step") from None
+      params, opt_state = restored["state"]["params"], restored["state"]["opt_state"]
+      batches.set_state(restored["data"])
+      say(f"warm start: resumed from {manager.directory}/{done}")
+    if primary:  # the lines of the steps done, each once
+      keep_jsonl_through(metrics_path, done)
+      _write_settings(run_dir, record)
+    put = (lambda a: jnp.asarray(a)) if mesh is None else (lambda a: global_batch_array(np.asarray(a), mesh))
+    feed = stopping.Feed(batches, pipe.stall_timeout_s)
+    texts, arrays = [], []  # the teacher's targets of the batch read, and as token arrays
+
+    def save(step: int):
+      if step not in manager.all_steps():
+        if primary:
+          sync_file(metrics_path)
+        manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave({"params": params, "opt_state": opt_state}),
+            data=ocp.args.JsonSave(feed.position())), force=True)
+      manager.wait_until_finished()
+
+    def targets(host):  # a missing or too long target fails like a bad record: on every process at once
+      texts[:] = [t + end_token for t in teacher(host, s)]
+      arrays[:] = target_tokens(tokenizer, texts, cfg.max_target_tokens, host["pair_ids"])
+
+    window: list[dict] = []  # the steps since the last logged line
+    skipped = 0
+    tb = None
+    if primary and tensorboard:  # its own TensorBoard run: the GRPO run's restarts purge by step
+      from lgrpo_jax.train.tensorboard import EventWriter
+      tb = EventWriter(os.path.join(run_dir, "tensorboard", "sft"))
+      if done:
+        tb.restart_at(done + 1)
+    t0 = time.perf_counter()
     try:
-      restored = manager.restore(done, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract({"params": params, "opt_state": opt_state})),
-          data=ocp.args.JsonRestore()))
-    except Exception as e:  # noqa: BLE001 — damaged: said in a line
-      raise ValueError(f"{manager.directory}/{done} (the interrupted warm start's state) cannot be read "
-                       f"({type(e).__name__}: {first_line(e)}); delete {manager.directory} to run the warm "
-                       "start again from its first step") from None
-    params, opt_state = restored["state"]["params"], restored["state"]["opt_state"]
-    batches.set_state(restored["data"])
-    say(f"warm start: resumed from {manager.directory}/{done}")
-  if primary:  # the lines of the steps done, each once
-    keep_jsonl_through(metrics_path, done)
-    _write_settings(run_dir, record)
-  put = (lambda a: jnp.asarray(a)) if mesh is None else (lambda a: global_batch_array(np.asarray(a), mesh))
-  feed = stopping.Feed(batches, pipe.stall_timeout_s)
-  texts, arrays = [], []  # the teacher's targets of the batch read, and as token arrays
-
-  def save(step: int):
-    if step not in manager.all_steps():
-      if primary:
-        sync_file(metrics_path)
-      manager.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave({"params": params, "opt_state": opt_state}),
-          data=ocp.args.JsonSave(feed.position())), force=True)
-    manager.wait_until_finished()
-
-  def targets(host):  # a missing or too long target fails like a bad record: on every process at once
-    texts[:] = [t + end_token for t in teacher(host, s)]
-    arrays[:] = target_tokens(tokenizer, texts, cfg.max_target_tokens, host["pair_ids"])
-
-  window: list[dict] = []  # the steps since the last logged line
-  skipped = 0
-  tb = None
-  if primary and tensorboard:  # its own TensorBoard run: the GRPO run's restarts purge by step
-    from lgrpo_jax.train.tensorboard import EventWriter
-    tb = EventWriter(os.path.join(run_dir, "tensorboard", "sft"))
-    if done:
-      tb.restart_at(done + 1)
-  t0 = time.perf_counter()
-  try:
-    with open(metrics_path if primary else os.devnull, "a") as log_file, stopping.StopSignals() as stop:
-      for s in range(done + 1, cfg.steps + 1):
-        signum, failed, ended = feed.next(stop, check=targets)
-        if failed or ended:
-          save(s - 1)
-          if failed:
-            raise feed.error(failed, s - 1)
-          raise ValueError(f"the warm start's data ran out after step {s - 1} of sft.steps={cfg.steps} "
-                           f"(pipeline.num_epochs={pipe.num_epochs})")
-        if signum:
-          save(s - 1)
-          manager.close()
-          raise stopping.Stopped(signum, f"warm start step {s - 1}", manager.directory)
-        host = feed.take()
-        grid = pair_grid_of(host)
-        if grid not in steps:
-          steps[grid] = make_sft_step(graphdef, tx, grid, listener_spec=spec, listener_weight=cfg.listener_weight)
-        tokens, mask, answer_at = arrays
-        with (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
-          params, opt_state, loss, parts = steps[grid](params, opt_state, to_device(host, mesh), put(tokens),
-                                                       put(mask), put(answer_at))
-        window.append(dict(parts, loss=loss))  # device scalars: read once per logged line
-        if s % cfg.log_every == 0 or s == cfg.steps:
-          row = _log_row(s, window, cfg.learning_rate, time.perf_counter() - t0)
-          n_skipped = row["skipped_updates"]
-          window.clear()
-          skipped += n_skipped
-          log_file.write(json.dumps(row) + "\n")
-          log_file.flush()
-          if tb is not None:
-            tb.scalars(s, {k: v for k, v in row.items() if k != "step"})
-          if primary:
-            say(f"warm start {s}/{cfg.steps}  loss {row['loss']:.4f}  ({row['time']:.0f} s)")
-          if n_skipped and primary:
-            print(f"warm start: {n_skipped} update(s) before step {s} skipped: the loss or the gradients were "
-                  f"not finite (NaN/inf), the parameters not changed by them; {skipped} in this stage so far",
-                  file=sys.stderr, flush=True)
-        if cfg.save_every and s % cfg.save_every == 0 and s < cfg.steps:
-          save(s)
-  finally:  # the model holds the parameters reached, also when stopped or failed (they were donated)
-    if tb is not None:
-      tb.close()
+      with open(metrics_path if primary else os.devnull, "a") as log_file, stopping.StopSignals() as stop:
+        for s in range(done + 1, cfg.steps + 1):
+          signum, failed, ended = feed.next(stop, check=targets)
+          if failed or ended:
+            save(s - 1)
+            if failed:
+              raise feed.error(failed, s - 1)
+            raise ValueError(f"the warm start's data ran out after step {s - 1} of sft.steps={cfg.steps} "
+                             f"(pipeline.num_epochs={pipe.num_epochs})")
+          if signum:
+            save(s - 1)
+            manager.close()
+            raise stopping.Stopped(signum, f"warm start step {s - 1}", manager.directory)
+          host = feed.take()
+          grid = pair_grid_of(host)
+          if grid not in steps:
+            steps[grid] = make_sft_step(graphdef, tx, grid, listener_spec=spec, listener_weight=cfg.listener_weight)
+          tokens, mask, answer_at = arrays
+          with (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
+            params, opt_state, loss, parts = steps[grid](params, opt_state, to_device(host, mesh), put(tokens),
+                                                         put(mask), put(answer_at))
+          window.append(dict(parts, loss=loss))  # device scalars: read once per logged line
+          if s % cfg.log_every == 0 or s == cfg.steps:
+            row = _log_row(s, window, cfg.learning_rate, time.perf_counter() - t0)
+            n_skipped = row["skipped_updates"]
+            window.clear()
+            skipped += n_skipped
+            log_file.write(json.dumps(row) + "\n")
+            log_file.flush()
+            if tb is not None:
+              tb.scalars(s, {k: v for k, v in row.items() if k != "step"})
+            if primary:
+              say(f"warm start {s}/{cfg.steps}  loss {row['loss']:.4f}  ({row['time']:.0f} s)")
+            if n_skipped and primary:
+              print(f"warm start: {n_skipped} update(s) before step {s} skipped: the loss or the gradients were "
+                    f"not finite (NaN/inf), the parameters not changed by them; {skipped} in this stage so far",
+                    file=sys.stderr, flush=True)
+          if cfg.save_every and s % cfg.save_every == 0 and s < cfg.steps:
+            save(s)
+    finally:  # the model holds the parameters reached, also when stopped or failed (they were donated)
+      if tb is not None:
+        tb.close()
+      try:
+        nnx.update(model, params)
+      except Exception:  # noqa: BLE001 — a step that failed mid-way left nothing to hand back
+        pass
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save(path, params)
+    ckpt.wait_until_finished()
+    manager.close()
+    if primary:  # the stage's result is in RUN_DIR/sft: its optimizer state is no longer needed
+      import shutil
+      shutil.rmtree(manager.directory, ignore_errors=True)
+    nnx.update(model, params)
+    return model
+  except BaseException:
     try:
-      nnx.update(model, params)
-    except Exception:  # noqa: BLE001 — a step that failed mid-way left nothing to hand back
+      manager.close()
+    except Exception:  # noqa: BLE001 — the error being raised is the one to see
       pass
-  ckpt = ocp.StandardCheckpointer()
-  ckpt.save(path, params)
-  ckpt.wait_until_finished()
-  manager.close()
-  if primary:  # the stage's result is in RUN_DIR/sft: its optimizer state is no longer needed
-    import shutil
-    shutil.rmtree(manager.directory, ignore_errors=True)
-  nnx.update(model, params)
-  return model
+    raise
