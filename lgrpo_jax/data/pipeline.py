@@ -34,6 +34,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
+import logging
 import os
 from typing import Sequence
 
@@ -46,6 +47,7 @@ from lgrpo_jax.data.prompts import PromptConfig, listener_parts, reasoner_ids
 from lgrpo_jax.data.sources import DataError, Report
 
 MAX_SKIPS_PER_BATCH = 1000
+WARN_WAITING_GROUPS = 256  # grid groups waiting for a batch past which the grouped pipeline warns
 
 
 @dataclasses.dataclass(frozen=True)
@@ -375,6 +377,7 @@ class _GroupedIterator(grain.DatasetIterator):
     # Decoding and resizing release the GIL, so threads use the cores (0: one per core).
     self._pool = concurrent.futures.ThreadPoolExecutor(cfg.worker_count or os.cpu_count() or 1)
     self.final_skips: list = []  # plan-time skips after the last batch (reported by `Batches`)
+    self._warned_waiting = False
 
   def _next_global(self) -> tuple[list[dict], list[dict]]:
     skipped = []
@@ -397,6 +400,13 @@ class _GroupedIterator(grain.DatasetIterator):
       group.append(rec)
       if len(group) == self._cfg.global_batch:
         return self._groups.pop(rec["grids"]), skipped
+      if not self._warned_waiting and len(self._groups) > WARN_WAITING_GROUPS:
+        self._warned_waiting = True
+        logging.getLogger(__name__).warning(
+            "pipeline: %d pairs wait in %d image-grid groups for a batch of %d (a batch's pairs share their "
+            "grids): with this many image sizes the data is read far ahead and the resume state grows with "
+            "it; set pipeline.image.grid_buckets (a few grids for all images) or pipeline.group_by_grid=false "
+            "(one process)", sum(map(len, self._groups.values())), len(self._groups), self._cfg.global_batch)
 
   def _example(self, rec: dict, valid: bool, skipped: list) -> dict:
     item = self._base[rec["index"]]
