@@ -684,6 +684,18 @@ def test_a_text_reward_raising_in_a_step_keeps_the_state_and_saves_the_steps_bef
   assert text(resumed) == text(whole[2:])
   np.testing.assert_array_equal(np.asarray(jax.tree.leaves(t.state.params)[0]),
                                 np.asarray(jax.tree.leaves(straight.state.params)[0]))
+  # A text reward of weight 0 (a metric) raising: said too (its ∞ reached no total: the errors piled
+  # up, and the next update skipped for any reason raised them, in another Trainer, at its step)
+  def broken(texts, labels):
+    raise ZeroDivisionError("a metric's bug")
+
+  register_reward("nb_text0", text_reward(broken, tok), replace=True)
+  metric_only = make(tmp_path / "c", tok_dir, steps=1, save_every=10,
+                     rewards=RewardConfig(weights=(("format", 1.0), ("nb_text0", 0.0))))
+  with pytest.raises(RewardError, match="text reward 'nb_text0' failed: ZeroDivisionError: a metric's bug"):
+    metric_only.run()
+  assert int(metric_only.state.step) == 0
+  metric_only.close()
 
 
 def test_a_resume_with_the_model_a_run_trained_in_place_is_refused(tmp_path, monkeypatch):

@@ -47,6 +47,7 @@ from lgrpo_jax.data.prompts import end_of_turn_ids
 from lgrpo_jax.grpo.update import make_optimizer
 from lgrpo_jax.listener import ListenerSpec
 from lgrpo_jax.rewards import ByteTable
+from lgrpo_jax.rewards.core import REWARDS, take_host_errors
 from lgrpo_jax.sharding import copy_tree, on_mesh, put, state_shardings
 from lgrpo_jax.models.qwen2_5_vl.flops import grpo_step_flops
 from lgrpo_jax.train.metrics import CompileCounter, MetricSinks, measured_matmul_tflops
@@ -589,7 +590,6 @@ class Trainer:
     out = []
     tty = sys.stderr.isatty()
     self.stopped_by, self._eval_error = None, None  # (a stop asked for since the last run is kept)
-    from lgrpo_jax.rewards.core import REWARDS, take_host_errors
     self._host_rewards = any(hasattr(REWARDS.get(name), "reward_name") for name, _ in self.step_cfg.rewards.weights)
     take_host_errors()  # none left from elsewhere (a test's own call of the reward)
     self.skipped_steps = 0
@@ -711,8 +711,12 @@ class Trainer:
                                       to_device(host, self.mesh), self.tables)
       self._untrained = False
       metrics = {k: host_scalar(v) for k, v in metrics.items()}
+      errors = take_host_errors()  # what text rewards raised in this step (host side)
       if metrics["skipped_updates"]:  # the same on every process
-        self._raise_reward_errors(key_before)
+        self._raise_reward_errors(key_before, errors)
+      elif errors:  # a text reward called from inside another reward: its ∞ did not reach the update
+        log.warning("step %d: %s (it did not stop the update: a text reward called from inside another "
+                    "reward)", int(self.state.step), errors[0])
       dt = time.perf_counter() - t0
       step = int(self.state.step)
       tflops = self.step_flops(host, int(metrics["decode_steps"])) / dt / 1e12
@@ -752,15 +756,14 @@ class Trainer:
     if tty and out:
       print(file=sys.stderr)
 
-  def _raise_reward_errors(self, key_before) -> None:
+  def _raise_reward_errors(self, key_before, mine: list) -> None:
     """After a step whose update was skipped: if a text reward's Python function raised in it on
     any process (`rewards.text_reward`), the state goes back to the step before — the reward was
     ∞, so parameters and optimizer state are unchanged — the step is saved with the data position
     before its batch, and the error is raised on every process (the reward's own on the processes
     where it raised)."""
-    from lgrpo_jax.rewards.core import RewardError, take_host_errors
-    mine = take_host_errors()
-    failed = [0] if mine else []
+    from lgrpo_jax.rewards.core import RewardError
+    failed = [jax.process_index()] if mine else []
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
       flags = np.asarray(multihost_utils.process_allgather(np.int32(bool(mine)))).reshape(-1)

@@ -112,6 +112,19 @@ class Tables:
                                               for c in self.choices))
 
 
+def _rewards_ok(total, parts, valid_b):
+  """() bool: no broken (∞) reward on a real row — in the total, or in any text reward, of weight 0
+  too: its Python function raised (`rewards.text_reward`), so the update is skipped and the loop
+  raises the error after the step."""
+  from lgrpo_jax.rewards.core import REWARDS
+  rows = valid_b[:, None] > 0
+  ok = ~jnp.any(jnp.isinf(total) & rows)
+  for name, part in parts.items():
+    if hasattr(REWARDS.get(name), "reward_name"):
+      ok &= ~jnp.any(jnp.isinf(part) & rows)
+  return ok
+
+
 def train_step(state: TrainState, ref_params, listener_params, batch: Batch, tables: Tables, *,
                graphdef, listener_graphdef, tx, cfg: StepConfig, spec: ListenerSpec | None, pair_grid,
                listener_is_reference: bool = False):
@@ -169,7 +182,7 @@ def train_step(state: TrainState, ref_params, listener_params, batch: Batch, tab
   params, opt_state, update_metrics = update(state.params, state.opt_state, graphdef, tx, pb, pair_grid,
                                              cfg.loss, cfg.optim, cfg.logprob_chunk, cfg.prefix_sharing,
                                              cfg.sampling.logprob_temperature,
-                                             rewards_ok=~jnp.any(jnp.isinf(total) & (batch.valid[:, None] > 0)))
+                                             rewards_ok=_rewards_ok(total, parts, batch.valid))
 
   valid = batch.valid.astype(jnp.float32)
   metrics = {**reward_metrics(inputs, total, parts, batch.valid), **advantage_metrics(total, adv, batch.valid),
