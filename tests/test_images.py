@@ -56,12 +56,43 @@ def test_odd_sizes_and_modes_match_transformers(name):
   np.testing.assert_array_equal(got, ref)
 
 
-@pytest.mark.parametrize("fmt", ["jpg", "png", "tiff", "png_late", "png_text_late"])
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+  import struct
+  import zlib
+  return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_with_late_orientation(png: bytes, exif: bytes, how: str) -> bytes:
+  """`png` (its early eXIf chunk removed) with the orientation after the image data, where Pillow
+  reads it only after decoding: an eXIf chunk, ImageMagick's "Raw profile type exif" text chunk, or
+  XMP's tiff:Orientation in an iTXt chunk."""
+  import struct
+  if b"eXIf" in png:
+    at = png.index(b"eXIf") - 4
+    png = png[:at] + png[at + 12 + struct.unpack(">I", png[at:at + 4])[0]:]
+  if how == "exif":
+    chunk = png_chunk(b"eXIf", exif)
+  elif how == "text":
+    hexed = (b"Exif\0\0" + exif).hex().encode()
+    chunk = png_chunk(b"tEXt", b"Raw profile type exif\0\nexif\n" + str(len(hexed) // 2).encode() + b"\n" + hexed)
+  else:
+    orientation = Image.Exif()
+    orientation.load(exif)
+    xmp = (f'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+           f'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="{orientation[0x0112]}"/>'
+           f'</rdf:RDF></x:xmpmeta>').encode()
+    chunk = png_chunk(b"iTXt", b"XML:com.adobe.xmp\0\0\0\0\0" + xmp)
+  end = png.rindex(b"IEND") - 4
+  return png[:end] + chunk + png[end:]
+
+
+@pytest.mark.parametrize("fmt", ["jpg", "png", "tiff", "png_late_exif", "png_late_text", "png_late_xmp"])
 @pytest.mark.parametrize("orientation", [1, 3, 6, 8])
 def test_a_file_is_turned_upright_by_its_exif_orientation_as_transformers_load_image_does(tmp_path, orientation, fmt):
   """A camera JPEG stored sideways with an EXIF orientation: read from its path or bytes it is
   turned as a browser shows it and as transformers' `load_image` gives it to the processor — the
-  grid from the header alone (`image_grid`) included."""
+  grid from the header alone (`image_grid`) included. PNGs with the orientation after the image
+  data (read by Pillow only after decoding) were not turned."""
   from transformers.image_utils import load_image
 
   from lgrpo_jax.data.images import image_grid
@@ -71,27 +102,29 @@ def test_a_file_is_turned_upright_by_its_exif_orientation_as_transformers_load_i
   exif[0x0112] = orientation
   path = tmp_path / f"sideways.{fmt.split('_')[0]}"
   img.save(path, exif=exif.tobytes())
-  if fmt.startswith("png_"):  # the EXIF after the image data (Pillow reads it only after decoding):
-    # as an eXIf chunk, or as ImageMagick's "Raw profile type exif" text chunk. Ours read neither.
-    import struct
-    import zlib
-    png = path.read_bytes()
-    at = png.index(b"eXIf") - 4
-    png = png[:at] + png[at + 12 + struct.unpack(">I", png[at:at + 4])[0]:]  # the early eXIf removed
-    if fmt == "png_late":
-      kind, data = b"eXIf", exif.tobytes()
-    else:
-      hexed = (b"Exif\0\0" + exif.tobytes()).hex().encode()
-      kind, data = b"tEXt", b"Raw profile type exif\0\nexif\n" + str(len(hexed) // 2).encode() + b"\n" + hexed
-    end = png.rindex(b"IEND") - 4
-    png = png[:end] + struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data)) + png[end:]
-    path.write_bytes(png)
+  if fmt.startswith("png_late_"):
+    path.write_bytes(png_with_late_orientation(path.read_bytes(), exif.tobytes(), fmt.split("_")[-1]))
   ref, ref_grid = reference([load_image(str(path))])
   for src in (str(path), path.read_bytes()):
     got, grid = process_image(src, CFG, source=path.name)
     assert grid == tuple(ref_grid[0]) == image_grid(src, CFG, source=path.name)
     np.testing.assert_array_equal(got, ref)
   assert (ref_grid[0][1] > ref_grid[0][2]) == (orientation in (6, 8))  # 6 and 8 stand it upright
+
+
+def test_a_corrupt_png_read_for_its_late_orientation_is_a_bad_image(tmp_path):
+  # Reading the orientation decoded the image inside a guard for garbled EXIF: the decode error was
+  # swallowed, and the image came out black instead of a bad image.
+  buf = io.BytesIO()
+  Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 64, 3), dtype=np.uint8)).save(buf, "PNG")
+  exif = Image.Exif()
+  exif[0x0112] = 6
+  png = bytearray(png_with_late_orientation(buf.getvalue(), exif.tobytes(), "exif"))
+  at = png.index(b"IDAT") + 20
+  png[at:at + 40] = bytes(40)  # the compressed data damaged
+  (tmp_path / "bad.png").write_bytes(bytes(png))
+  with pytest.raises(ImageError, match=r"bad\.png: cannot decode image"):
+    process_image(str(tmp_path / "bad.png"), CFG)
 
 
 def test_batch_of_images_and_default_config():

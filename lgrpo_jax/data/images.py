@@ -154,19 +154,32 @@ _UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4
             8: Image.Transpose.ROTATE_90}  # as ImageOps.exif_transpose
 
 
-_EXIF_PROFILE = b"Raw profile type exif\0"  # a PNG text chunk Pillow reads EXIF from
+# What Pillow's `getexif` reads a PNG's orientation from besides an eXIf chunk: ImageMagick's text
+# profile, and XMP's tiff:Orientation (keywords of text chunks)
+_PNG_ORIENTATION_KEYS = ("Raw profile type exif", "XML:com.adobe.xmp")
+_TAIL = 1 << 16  # bytes read from a PNG's end to find the chunks after its image data
 
 
 def _png_metadata_after_data(img) -> bool:
-  """Whether a PNG holds, after its image data, a chunk Pillow reads EXIF from (eXIf, or a text
-  chunk with the EXIF profile): Pillow — so transformers' `load_image` — sees it only once the
-  image is decoded. Read from the chunk headers, without decoding."""
+  """Whether a PNG may hold, after its image data, a chunk Pillow reads the orientation from (eXIf,
+  or a text chunk of `_PNG_ORIENTATION_KEYS`): Pillow — so transformers' `load_image` — sees it
+  only once the image is decoded. One read of the file's last 64 KB (the plan pass reads headers
+  only: no walk over every chunk); a byte pattern that only looks like one costs a decode, never a
+  wrong answer. Past 64 KB of chunks after the data, the chunk headers are walked."""
   fp = getattr(img, "fp", None)
   if fp is None:
     return False
-  pos, seen_data = fp.tell(), False
+  pos = fp.tell()
   try:
-    fp.seek(8)
+    size = fp.seek(0, 2)
+    fp.seek(max(0, size - _TAIL))
+    tail = fp.read(_TAIL)
+    at = tail.rfind(b"IDAT")
+    if at >= 0 or size <= _TAIL:
+      rest = tail[at:] if at >= 0 else b""
+      return b"eXIf" in rest or any(k.encode() + b"\0" in rest for k in _PNG_ORIENTATION_KEYS)
+    fp.seek(8)  # the chunks after the data are over 64 KB: walk the chunk headers
+    seen_data = False
     while True:
       head = fp.read(8)
       if len(head) < 8:
@@ -179,9 +192,10 @@ def _png_metadata_after_data(img) -> bool:
       elif seen_data and kind == b"eXIf":
         return True
       elif seen_data and kind in (b"tEXt", b"zTXt", b"iTXt"):
-        if fp.read(len(_EXIF_PROFILE)) == _EXIF_PROFILE:
+        keyword = fp.read(min(length, 80)).split(b"\0")[0]
+        if keyword.decode("latin-1") in _PNG_ORIENTATION_KEYS:
           return True
-        fp.seek(-len(_EXIF_PROFILE), 1)
+        fp.seek(-min(length, 80), 1)
       fp.seek(length + 4, 1)  # the data and its CRC
   except (OSError, struct.error):
     return False
@@ -193,20 +207,25 @@ def _orientation(img) -> int:
   """The EXIF orientation (1: upright) as Pillow's `getexif` gives it (transformers' `load_image`
   applies it), from what opening the file read where that is all of it — a JPEG's/WebP's EXIF
   block, TIFF tags, a PNG eXIf chunk before the image data — so the header-only grid agrees with
-  the decode. A PNG with its EXIF after the image data, or as a text profile, is decoded to read it
-  (rare; Pillow does the same)."""
+  the decode. A PNG whose orientation may come from elsewhere (a chunk after the image data, a text
+  profile, XMP) is decoded first, as Pillow's `getexif` does (rare); a decode error there is the
+  caller's (a bad image)."""
   if img.format == "TIFF":  # Pillow turns a TIFF upright itself: its size at open, and its load
     return 1
+  if img.format == "PNG":
+    raw = img.info.get("exif")
+    if raw:
+      try:
+        exif = Image.Exif()
+        exif.load(raw)
+        if 0x0112 in exif:
+          return int(exif[0x0112])
+      except Exception:  # noqa: BLE001 — garbled: Pillow's getexif below decides
+        pass
+    if not (any(k in img.info for k in _PNG_ORIENTATION_KEYS) or _png_metadata_after_data(img)):
+      return 1
+    img.load()  # what Pillow's getexif does for a PNG; outside the guard below: corrupt data raises
   try:
-    if img.format == "PNG":
-      raw = img.info.get("exif")
-      if not raw:
-        if "Raw profile type exif" in img.info or _png_metadata_after_data(img):
-          return int(img.getexif().get(0x0112, 1))  # decodes, as Pillow's getexif does for a PNG
-        return 1
-      exif = Image.Exif()
-      exif.load(raw)
-      return int(exif.get(0x0112, 1))
     return int(img.getexif().get(0x0112, 1))
   except Exception:  # noqa: BLE001 — a garbled EXIF block: no orientation, as browsers do
     return 1
