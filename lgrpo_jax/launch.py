@@ -68,11 +68,11 @@ def build(cfg, mesh=None):
   model.set_decode_matmul(m.decode_matmul)
   tokenizer = load_tokenizer(tok_dir, "model.tokenizer" if m.tokenizer else "model.checkpoint",
                              "" if m.tokenizer else "; set model.tokenizer to a directory with the model's tokenizer")
+  check_tokenizer_fits(tokenizer, model.config, f"model.checkpoint={m.checkpoint!r}" if m.checkpoint else "the tiny preset")
   listener = None
   if m.listener is not None and cfg.step.rewards.needs_listener:  # no reward reads it: not loaded
     listener = (checkpoint.load_model(m.listener, dtype=m.dtype, mesh=mesh) if checkpoint.is_checkpoint(m.listener)
                 else lgrpo_jax.load_hf(m.listener, dtype=m.dtype, mesh=mesh)).set_attention(m.attention)
-  check_tokenizer_fits(tokenizer, model.config, f"model.checkpoint={m.checkpoint!r}" if m.checkpoint else "the tiny preset")
   if listener is not None:
     check_tokenizer_fits(tokenizer, listener.config, f"model.listener={m.listener!r}")
   d = cfg.data
@@ -317,7 +317,11 @@ def _main(argv, scope) -> int:
   except Exception as e:  # noqa: BLE001 — a checkpoint or metrics write that failed: said in a line
     if (code := _storage_error(e, cfg, f"step {_step_of(trainer)}", trainer)) is None:
       trainer.close_quietly()  # the error is the one to see; the Trainer's files and threads go
-      raise
+      from lgrpo_jax.rewards import RewardError
+      if not isinstance(e, RewardError):
+        raise
+      print(f"error: {e}", file=sys.stderr)  # a text reward's function raised: it names itself
+      return stopping.leave(2, "lgrpo_jax.launch: stopped on a reward's error")
     return stopping.leave(code, "lgrpo_jax.launch: stopped on a failed write")
   try:
     trainer.close()

@@ -13,6 +13,8 @@ reach every process.
    well-formed where that label is 0, the listener always disagreeing): answers computed on the
    mesh and labels read by each process must be gathered in the same row order to score 1.0.
 5. The same evaluation where process 1's held-out read hangs: both raise `DataStall`.
+6. A text reward raising in a step (its function runs on process 0, on every row): both roll back
+   to step 0, save it and raise (process 1 an error naming process 0); run() again goes on.
 Each process prints one line per part."""
 
 import argparse
@@ -127,4 +129,27 @@ with jax.set_mesh(t.mesh):
     print(f"eval hung: {type(e).__name__}: {e}", flush=True)
 Hanging.release.set()
 t.close()
+
+from lgrpo_jax.rewards import RewardConfig, RewardError, register_reward, text_reward  # noqa: E402
+
+calls = []
+
+
+def flaky(texts, labels):
+  calls.append(len(texts))
+  if len(calls) == 1:
+    raise ZeroDivisionError("a bug in my reward")
+  return [0.5] * len(texts)
+
+
+register_reward("mp_text", text_reward(flaky, tok))
+r = make(args.run_dir + "_reward", args.tok_dir, steps=2, save_every=10, batch=2, samples=2, mesh=t.mesh,
+         rewards=RewardConfig(weights=(("format", 1.0), ("mp_text", 1.0))))
+try:
+  r.run()
+  print("reward: nothing raised", flush=True)
+except RewardError as e:
+  print(f"reward: {e}; step {int(r.state.step)}, saved {r.manager.all_steps()}", flush=True)
+print(f"reward then: steps {[m['step'] for m in r.run()]}, calls here {calls}", flush=True)
+r.close()
 distributed.finish("stop_worker: done")

@@ -192,3 +192,23 @@ def test_configuration_reference_is_generated_from_the_code():
   rows = {line.split("`")[1]: line for line in text.splitlines() if line.startswith("| `")}
   for key in leaves(ExperimentConfig()):
     assert key in rows and not rows[key].rstrip().endswith("|  |"), key
+
+
+def test_a_setting_added_since_a_run_started_is_no_change_at_its_default(tmp_path):
+  # An old run's config.json lacks settings added later: resuming warned "pipeline.image.
+  # max_decoded_pixels: null → 89478485" and set the run's config.json aside as changed.
+  import dataclasses
+  import json
+
+  from lgrpo_jax.config import ExperimentConfig, to_record
+  from lgrpo_jax.train.loop import config_diffs
+  record = json.loads(json.dumps(to_record(ExperimentConfig()), default=str))
+  old = json.loads(json.dumps(record))
+  del old["pipeline"]["image"]["max_decoded_pixels"]
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  assert config_diffs(str(tmp_path / "config.json"), record) == []
+  cfg = ExperimentConfig()
+  changed = dataclasses.replace(cfg, pipeline=dataclasses.replace(cfg.pipeline, image=dataclasses.replace(
+      cfg.pipeline.image, max_decoded_pixels=1000)))
+  assert config_diffs(str(tmp_path / "config.json"), to_record(changed)) == [
+      ("pipeline.image.max_decoded_pixels", None, 1000)]

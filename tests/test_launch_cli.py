@@ -445,6 +445,23 @@ def test_a_missing_image_found_while_training_is_one_clear_error(tmp_path, capsy
   assert f"({tmp_path / 'a'}" in err and "image file not found" in err
 
 
+def test_a_text_reward_raising_while_training_is_one_line(tmp_path, capsys, monkeypatch):
+  # It went out as a traceback (exit 1); the Trainer has already saved the step before it.
+  from lgrpo_jax.rewards import RewardError
+  from lgrpo_jax.train import Trainer
+
+  def run(self, on_metrics=None):
+    raise RewardError("text reward 'mine' failed: ZeroDivisionError: x (at step 1; the update was not applied, "
+                      "step 0 is saved and a new run() or restart reads that batch again)")
+
+  monkeypatch.setattr(Trainer, "run", run)
+  rc = launch.main(["--config", DEMO, f"run_dir={tmp_path / 'run'}", "sft.steps=0", "loop.eval_every=0",
+                    "loop.steps=2"])
+  err = capsys.readouterr().err
+  assert rc == 2 and "Traceback" not in err
+  assert "error: text reward 'mine' failed: ZeroDivisionError: x (at step 1;" in err
+
+
 def test_records_left_out_under_skip_are_reported_not_only_counted(tmp_path, capsys):
   """bad_records=skip: what the source reader left out is printed once the data is read, what the
   pipeline leaves out while training is `skipped_records` in every metrics line (all processes

@@ -318,7 +318,8 @@ def test_a_stop_or_a_bad_record_on_one_process_stops_every_process(tmp_path):
   worker = os.path.join(os.path.dirname(__file__), "stop_worker.py")
   outs = spawn([sys.executable, worker, str(tmp_path / "run"), build_tiny_tokenizer(tmp_path / "tok")], 2, env,
                timeout=240)
-  lines = [[ln for ln in out.splitlines() if ln.startswith(("stopped", "failed", "hung", "evaluated", "eval hung"))]
+  lines = [[ln for ln in out.splitlines() if ln.startswith(("stopped", "failed", "hung", "evaluated", "eval hung",
+                                                              "reward"))]
            for out in outs]
   assert lines[0][0] == ("failed: DataError: process 1 of 2 stopped on a bad record (its log names the record); "
                          "every process saved step 0 and stops; step 0, saved [0]"), lines[0]
@@ -338,6 +339,15 @@ def test_a_stop_or_a_bad_record_on_one_process_stops_every_process(tmp_path):
           "eval/position_bias_gap": 0.0, "eval/format_rate": 0.5, "eval/pairs": 3, "eval/contradiction_rate": 1.0}
   for got in lines:
     assert json.loads(got[3].removeprefix("evaluated: ")) == want, got
+  # A text reward raising in step 1 (run on process 0, which holds the mesh's first device, for
+  # every row): every process rolls back to step 0, saves it and raises; run() again goes on.
+  assert lines[0][5] == ("reward: text reward 'mp_text' failed: ZeroDivisionError: a bug in my reward (at step 1; "
+                         "the update was not applied, step 0 is saved and a new run() or restart reads that batch "
+                         "again); step 0, saved [0]"), lines[0]
+  assert lines[1][5] == ("reward: a text reward failed at step 1 on process 0 of 2 (its log names it); every process "
+                         "saved step 0 and stops; step 0, saved [0]"), lines[1]
+  assert lines[0][6] == "reward then: steps [1, 2], calls here [4, 4, 4]", lines[0]
+  assert lines[1][6] == "reward then: steps [1, 2], calls here []", lines[1]
   # Process 1's held-out read hangs: it raises its own DataStall, process 0 one naming it.
   assert lines[0][4] == ("eval hung: DataStall: process 1 of 2 got no batch within pipeline.stall_timeout_s (its "
                          "data source hangs); every process stops"), lines[0]

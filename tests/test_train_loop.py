@@ -757,6 +757,11 @@ def test_stops_interrupts_and_shared_models_between_runs_in_one_process(tmp_path
   t.request_stop()  # a watchdog between runs: the next run stops at its start
   assert t.run() == [] and t.stopped_by == signal.SIGTERM and int(t.state.step) == 0
   assert t.evaluate()["eval/pairs"] > 0  # the stop was spent by the run
+  from lgrpo_jax.train.stopping import EvaluationStopped
+  t.request_stop()  # … or by the evaluation it stops (it stopped every later one)
+  with pytest.raises(EvaluationStopped):
+    t.evaluate()
+  assert t.evaluate()["eval/pairs"] > 0
   start = t.batches.get_state()
   real = t._step_fn
 

@@ -157,7 +157,11 @@ def config_diffs(path: str, record: dict | None) -> list[tuple]:
                             if isinstance(d, dict) else {pre[:-1]: d})
   new = json.loads(json.dumps(record, default=str))  # as it would be written: tuples as lists
   a, b = flat(old), flat(new)
-  return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+  # A setting added since the run was started (absent from its record) at its default is no change
+  from lgrpo_jax.config import ExperimentConfig, to_record
+  default = flat(json.loads(json.dumps(to_record(ExperimentConfig()), default=str)))
+  return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+          if a.get(k) != b.get(k) and not (k not in a and k in default and b.get(k) == default[k])]
 
 
 def config_changes(path: str, record: dict | None, limit: int = 8) -> str:
@@ -534,8 +538,12 @@ class Trainer:
     failing or hanging (past `pipeline.stall_timeout_s`) on any process raises on every process."""
     if self.evaluator is None:
       return {}
-    with self._mesh_ctx():
-      return self.evaluator(self.state.params, self.listener_params, signals=self._signals)
+    try:
+      with self._mesh_ctx():
+        return self.evaluator(self.state.params, self.listener_params, signals=self._signals)
+    finally:
+      if self._signals.signum:  # a stop asked for between runs is spent by the evaluation it stopped
+        self._signals = stopping.StopSignals()
 
   def _evaluate_in_run(self) -> dict:
     """`evaluate` inside `run`. A stop asked for during it ends it early: {} is returned and
@@ -713,7 +721,8 @@ class Trainer:
       metrics = {k: host_scalar(v) for k, v in metrics.items()}
       errors = take_host_errors()  # what text rewards raised in this step (host side)
       if metrics["skipped_updates"]:  # the same on every process
-        self._raise_reward_errors(key_before, errors)
+        self._raise_reward_errors(key_before, errors,
+                                  rolled_back=metrics["skipped_updates"] == self.step_cfg.optim.passes)
       elif errors:  # a text reward called from inside another reward: its ∞ did not reach the update
         log.warning("step %d: %s (it did not stop the update: a text reward called from inside another "
                     "reward)", int(self.state.step), errors[0])
@@ -756,12 +765,14 @@ class Trainer:
     if tty and out:
       print(file=sys.stderr)
 
-  def _raise_reward_errors(self, key_before, mine: list) -> None:
+  def _raise_reward_errors(self, key_before, mine: list, rolled_back: bool = True) -> None:
     """After a step whose update was skipped: if a text reward's Python function raised in it on
     any process (`rewards.text_reward`), the state goes back to the step before — the reward was
     ∞, so parameters and optimizer state are unchanged — the step is saved with the data position
     before its batch, and the error is raised on every process (the reward's own on the processes
-    where it raised)."""
+    where it raised). `rolled_back` False (an update pass was applied after all: the failing text
+    reward was called from inside another reward, whose ∞ did not stop it): the step is kept and saved.
+    """
     from lgrpo_jax.rewards.core import RewardError
     failed = [jax.process_index()] if mine else []
     if jax.process_count() > 1:
@@ -772,18 +783,21 @@ class Trainer:
       return
     # (a text reward called from another reward: no key was kept; the run differs from one that
     # never failed only in its sampling from here)
-    self.state = self.state._replace(step=self.state.step - 1,
-                                     **({} if key_before is None else {"key": key_before}))
-    self.feed.rewind()
+    at = int(self.state.step)
+    if rolled_back:
+      self.state = self.state._replace(step=self.state.step - 1,
+                                       **({} if key_before is None else {"key": key_before}))
+      self.feed.rewind()
     self.save()
     self.manager.wait_until_finished()
     step = int(self.state.step)
     if mine:
       error = mine[0]
-      error.args = (f"{error.args[0]} (at step {step + 1}; the update was not applied, step {step} is "
-                    f"saved and a new run() or restart reads that batch again)",)
+      error.args = (f"{error.args[0]} (at step {at}; " + (
+          f"the update was not applied, step {step} is saved and a new run() or restart reads that batch again)"
+          if rolled_back else f"step {step} is saved)"),)
       raise error
-    raise RewardError(f"a text reward failed at step {step + 1} on process {', '.join(map(str, failed))} of "
+    raise RewardError(f"a text reward failed at step {at} on process {', '.join(map(str, failed))} of "
                       f"{jax.process_count()} (its log names it); every process saved step {step} and stops")
 
   def _keep_if_best(self, step: int, metrics: dict) -> None:

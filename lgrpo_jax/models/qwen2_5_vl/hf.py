@@ -73,8 +73,10 @@ def from_config(config, *, dtype=None, param_dtype=None, seed: int = 0, mesh=Non
   the mesh: JAX's partitionable threefry RNG)."""
   cfg = resolve_config(config, dtype=dtype, param_dtype=param_dtype)
   rules_key = None if rules is None else repr(sorted(rules.items()))
-  init = _INITIALIZERS.get((cfg, mesh, rules_key))
-  if init is None:  # one compiled init per config and layout in a process (seeds are its input)
+  init = _INITIALIZERS.pop((cfg, mesh, rules_key), None)
+  if init is not None:
+    _INITIALIZERS[cfg, mesh, rules_key] = init  # the most recently used last
+  else:  # one compiled init per config and layout in a process (seeds are its input)
     if len(_INITIALIZERS) >= _KEEP_INITIALIZERS:  # a sweep over shapes: the oldest goes
       _INITIALIZERS.pop(next(iter(_INITIALIZERS)))
     init = _INITIALIZERS[cfg, mesh, rules_key] = sharding.creator(
