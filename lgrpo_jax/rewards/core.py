@@ -255,7 +255,9 @@ def text_reward(fn: Callable, tokenizer) -> Callable:
   fn raising (or returning the wrong number of values) does not fail the step's program — that
   would lose the state it was given (donated): the reward is ∞ instead, so the update is skipped
   and the state kept, and the training loop then raises the error (a `RewardError`, fn's own
-  exception as its cause) after the step, saving the steps trained before it."""
+  exception as its cause) after the step, saving the steps trained before it. Called outside a
+  Trainer (a notebook's own `compute_rewards`), an ∞ means that: `take_host_errors()` gives the
+  errors."""
   def host(tokens, lengths, labels):
     texts = decode_completions(tokenizer, tokens, lengths)
     g = tokens.shape[1]
