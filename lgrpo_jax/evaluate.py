@@ -439,8 +439,15 @@ def evaluate(args, scope: contextlib.ExitStack) -> int:
   if args.single_device and jax.process_count() > 1:
     raise EvalError("--single-device with several processes: each process must feed the mesh")
   if jax.device_count() > 1 and not args.single_device:
-    from lgrpo_jax.sharding import MeshConfig
-    mesh = make_mesh(run_cfg.mesh if run_cfg is not None else MeshConfig())
+    from lgrpo_jax.sharding import MeshConfig, MeshError
+    try:
+      mesh = make_mesh(run_cfg.mesh if run_cfg is not None else MeshConfig())
+    except MeshError as e:  # the run's explicit sizes, for another device count: the judgements do not depend on it
+      if run_cfg is None:
+        raise
+      mesh = make_mesh(MeshConfig())
+      if jax.process_index() == 0:
+        print(f"the run's {e}: evaluating on the default mesh ({dict(mesh.shape)})", file=sys.stderr)
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if args.batch % shards:
       raise EvalError(f"--batch {args.batch} does not split over the mesh's {shards} data shards "

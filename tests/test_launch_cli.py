@@ -635,6 +635,23 @@ def evaluate_the_run(run_dir, last_eval):
   for k in ("accuracy", "accuracy_as_given", "accuracy_swapped", "format_rate"):
     assert m[k] == pytest.approx(last_eval[f"eval/{k}"])
   assert evaluate.main(["--checkpoint", str(run_dir), "--data", "synthetic:2", "--step", "1"]) == 2
+  # A run trained with explicit mesh sizes, evaluated on another device count: the default mesh (it
+  # was an error naming a mesh the command was never given, with no way to give another)
+  import contextlib
+  import io
+  record = (run_dir / "config.json").read_text()
+  cfg = json.loads(record)
+  cfg["mesh"].update(data=2, fsdp=2)  # 4 devices; the tests have 8
+  (run_dir / "config.json").write_text(json.dumps(cfg))
+  err = io.StringIO()
+  with contextlib.redirect_stderr(err):
+    assert evaluate.main(["--checkpoint", str(run_dir), "--data", "synthetic:2", "--quiet",
+                          "--out", str(run_dir / "eval" / "other_mesh")]) == 0
+  (run_dir / "config.json").write_text(record)
+  assert "the run's mesh (data=2, fsdp=2, tensor=1): 2×2×1 = 4 devices, but 8 are available: evaluating on the " \
+         "default mesh" in err.getvalue(), err.getvalue()
+  again = json.load(open(run_dir / "eval" / "other_mesh" / "summary.json"))["metrics"]
+  assert again["accuracy"] == pytest.approx(m["accuracy"]) and again["format_rate"] == pytest.approx(m["format_rate"])
   release_the_run(run_dir, loaded.model, m)
 
 

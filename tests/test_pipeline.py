@@ -96,6 +96,17 @@ def test_resume_from_state_gives_the_same_next_batches(tok):
   again.set_state(state)
   assert [b["pair_ids"] for b in take(again, 8)] == [b["pair_ids"] for b in expected]
   assert again.report.pairs == it.report.pairs
+  # The other mode's position (pipeline.group_by_grid changed on a resume, as moving a one-process
+  # run to several processes needs): one error saying so, both ways (a bare KeyError: 'plan' /
+  # 'next_index' before)
+  plain_cfg = dataclass_replace(cfg, group_by_grid=False)
+  plain = make_batches(PAIRS, tok, plain_cfg)
+  take(plain, 1)
+  for saved, reader, now in ((state, make_batches(PAIRS, tok, plain_cfg), "false"),
+                             (json.loads(json.dumps(plain.get_state())), make_batches(PAIRS, tok, cfg), "true")):
+    with pytest.raises(DataError, match=rf"saved data position is the pipeline's with pipeline.group_by_grid="
+                                        rf"{'true' if now == 'false' else 'false'}, and this run has {now}"):
+      reader.set_state(saved)
 
 
 def bad_pairs(tmp_path):

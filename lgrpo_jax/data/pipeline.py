@@ -310,6 +310,8 @@ class _BatchIterator(grain.DatasetIterator):
     return self._parent.get_state()
 
   def set_state(self, state):
+    if isinstance(state, dict) and "plan" in state:
+      raise DataError(_OTHER_MODE.format(saved="true", now="false"))
     self._parent.set_state(state)
 
 
@@ -453,11 +455,19 @@ class _GroupedIterator(grain.DatasetIterator):
             "waiting": [[r["index"], r["swap"], [list(g) for g in r["grids"]]] for r in waiting]}
 
   def set_state(self, state):
+    if not isinstance(state, dict) or "plan" not in state:
+      raise DataError(_OTHER_MODE.format(saved="false", now="true"))
     self._parent.set_state(state["plan"])
     self._groups = {}
     for index, swap, grids in state["waiting"]:
       grids = tuple(tuple(g) for g in grids)
       self._groups.setdefault(grids, []).append({"index": index, "swap": swap, "grids": grids})
+
+
+_OTHER_MODE = ("the saved data position is the pipeline's with pipeline.group_by_grid={saved}, and this run has "
+               "{now}: one cannot read the other's. Resume with pipeline.group_by_grid={saved} (false needs one "
+               "process), or start a new run from its weights (`python -m lgrpo_jax.convert to-hf RUN_DIR OUT`, then "
+               "model.checkpoint=OUT)")
 
 
 class _GroupedDataset(grain.IterDataset):
