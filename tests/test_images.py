@@ -62,28 +62,31 @@ def png_chunk(kind: bytes, data: bytes) -> bytes:
   return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
+def orientation_chunk(exif: bytes, how: str) -> bytes:
+  """A PNG chunk with an orientation Pillow reads: eXIf, ImageMagick's "Raw profile type exif" text
+  chunk, or XMP's tiff:Orientation in an iTXt chunk."""
+  if how == "exif":
+    return png_chunk(b"eXIf", exif)
+  if how == "text":
+    hexed = (b"Exif\0\0" + exif).hex().encode()
+    return png_chunk(b"tEXt", b"Raw profile type exif\0\nexif\n" + str(len(hexed) // 2).encode() + b"\n" + hexed)
+  orientation = Image.Exif()
+  orientation.load(exif)
+  xmp = (f'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+         f'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="{orientation[0x0112]}"/>'
+         f'</rdf:RDF></x:xmpmeta>').encode()
+  return png_chunk(b"iTXt", b"XML:com.adobe.xmp\0\0\0\0\0" + xmp)
+
+
 def png_with_late_orientation(png: bytes, exif: bytes, how: str) -> bytes:
   """`png` (its early eXIf chunk removed) with the orientation after the image data, where Pillow
-  reads it only after decoding: an eXIf chunk, ImageMagick's "Raw profile type exif" text chunk, or
-  XMP's tiff:Orientation in an iTXt chunk."""
+  reads it only after decoding (`orientation_chunk`)."""
   import struct
   if b"eXIf" in png:
     at = png.index(b"eXIf") - 4
     png = png[:at] + png[at + 12 + struct.unpack(">I", png[at:at + 4])[0]:]
-  if how == "exif":
-    chunk = png_chunk(b"eXIf", exif)
-  elif how == "text":
-    hexed = (b"Exif\0\0" + exif).hex().encode()
-    chunk = png_chunk(b"tEXt", b"Raw profile type exif\0\nexif\n" + str(len(hexed) // 2).encode() + b"\n" + hexed)
-  else:
-    orientation = Image.Exif()
-    orientation.load(exif)
-    xmp = (f'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
-           f'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="{orientation[0x0112]}"/>'
-           f'</rdf:RDF></x:xmpmeta>').encode()
-    chunk = png_chunk(b"iTXt", b"XML:com.adobe.xmp\0\0\0\0\0" + xmp)
   end = png.rindex(b"IEND") - 4
-  return png[:end] + chunk + png[end:]
+  return png[:end] + orientation_chunk(exif, how) + png[end:]
 
 
 @pytest.mark.parametrize("fmt", ["jpg", "png", "tiff", "png_late_exif", "png_late_text", "png_late_xmp"])
@@ -239,3 +242,35 @@ def test_an_image_declaring_more_pixels_than_the_limit_is_refused_before_decodin
   assert image_grid(str(path), ImageConfig(max_decoded_pixels=300 * 200))[0] == 1
   with pytest.raises(ValueError, match="max_decoded_pixels=0 must be"):
     ImageConfig(max_decoded_pixels=0)
+
+
+@pytest.mark.parametrize("case", ["idat_in_text", "big_late_chunk", "early_xmp"])
+def test_png_orientation_found_without_walking_or_decoding_where_it_can_be(tmp_path, monkeypatch, case):
+  """The late-orientation scan reads the file's end: the bytes "IDAT" in a text chunk after the data
+  took it for the image data's end (the orientation was missed); a chunk after the data longer than
+  the end read goes through a walk of the chunk headers; XMP before the data is read from the header
+  (a full decode per image in the plan pass before)."""
+  from transformers.image_utils import load_image
+
+  from lgrpo_jax.data.images import image_grid
+  img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (80, 200, 3), dtype=np.uint8))
+  exif = Image.Exif()
+  exif[0x0112] = 6
+  buf = io.BytesIO()
+  img.save(buf, "PNG")
+  png = buf.getvalue()
+  if case == "early_xmp":
+    png = png[:33] + orientation_chunk(exif.tobytes(), "xmp") + png[33:]  # right after IHDR
+  else:
+    png = png_with_late_orientation(png, exif.tobytes(), "exif")
+    end = png.rindex(b"IEND") - 4
+    text = b"Comment\0" + (b"mentions IDAT " if case == "idat_in_text" else b"x" * 300_000)
+    png = png[:end] + png_chunk(b"tEXt", text) + png[end:]
+  path = tmp_path / "p.png"
+  path.write_bytes(png)
+  want = load_image(str(path)).size
+  assert want == (80, 200)  # transformers turns it
+  if case == "early_xmp":
+    monkeypatch.setattr(Image.Image, "load", lambda self, *a: pytest.fail("decoded to plan"))
+  _, h, w = image_grid(str(path), CFG)
+  assert h > w  # turned upright, as transformers'

@@ -26,6 +26,7 @@ import io
 import math
 import os
 import struct
+import zlib
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -157,28 +158,58 @@ _UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4
 # What Pillow's `getexif` reads a PNG's orientation from besides an eXIf chunk: ImageMagick's text
 # profile, and XMP's tiff:Orientation (keywords of text chunks)
 _PNG_ORIENTATION_KEYS = ("Raw profile type exif", "XML:com.adobe.xmp")
-_TAIL = 1 << 16  # bytes read from a PNG's end to find the chunks after its image data
+_TAIL = 1 << 17  # bytes read from a PNG's end to find the chunks after its image data
+
+
+def _orientation_chunk(kind: bytes, data_head: bytes) -> bool:
+  """Whether a chunk (its type, the first bytes of its data) is one Pillow reads an orientation from."""
+  return kind == b"eXIf" or (kind in (b"tEXt", b"zTXt", b"iTXt")
+                             and data_head.split(b"\0")[0].decode("latin-1") in _PNG_ORIENTATION_KEYS)
+
+
+def _chunks_from(buf: bytes, at: int):
+  """The chunks (type, the first 80 bytes of data) of `buf` from offset `at` when they run, each whole (the metadata ones
+  with a right CRC; the image data's are not summed, for speed: a false start must still land exactly
+  on each next header), to an IEND that ends `buf`; else None (`at` is no chunk boundary)."""
+  out = []
+  while at + 12 <= len(buf):
+    length, kind = struct.unpack(">I4s", buf[at:at + 8])
+    end = at + 12 + length
+    if end > len(buf) or not kind.isalpha() or (
+        kind != b"IDAT" and zlib.crc32(buf[at + 4:end - 4]) != struct.unpack(">I", buf[end - 4:end])[0]):
+      return None
+    out.append((kind, buf[at + 8:min(end - 4, at + 88)]))  # a data's head is all that is read
+    if kind == b"IEND":
+      return out if end == len(buf) else None
+    at = end
+  return None
 
 
 def _png_metadata_after_data(img) -> bool:
-  """Whether a PNG may hold, after its image data, a chunk Pillow reads the orientation from (eXIf,
+  """Whether a PNG holds, after its image data, a chunk Pillow reads the orientation from (eXIf,
   or a text chunk of `_PNG_ORIENTATION_KEYS`): Pillow — so transformers' `load_image` — sees it
-  only once the image is decoded. One read of the file's last 64 KB (the plan pass reads headers
-  only: no walk over every chunk); a byte pattern that only looks like one costs a decode, never a
-  wrong answer. Past 64 KB of chunks after the data, the chunk headers are walked."""
+  only once the image is decoded. Without decoding, and for the plan pass without reading more than
+  the file's end: the last 128 KB are parsed from the first image-data chunk header in them whose
+  chunks run to the file's IEND (a byte pattern that only looks like a chunk header fails there, or
+  its CRC); when no image-data chunk starts there (one chunk of image data longer than that: few chunks
+  in all), the chunk headers are walked from the start."""
   fp = getattr(img, "fp", None)
   if fp is None:
     return False
   pos = fp.tell()
   try:
     size = fp.seek(0, 2)
-    fp.seek(max(0, size - _TAIL))
-    tail = fp.read(_TAIL)
-    at = tail.rfind(b"IDAT")
-    if at >= 0 or size <= _TAIL:
-      rest = tail[at:] if at >= 0 else b""
-      return b"eXIf" in rest or any(k.encode() + b"\0" in rest for k in _PNG_ORIENTATION_KEYS)
-    fp.seek(8)  # the chunks after the data are over 64 KB: walk the chunk headers
+    start = max(8, size - _TAIL)
+    fp.seek(start)
+    tail = fp.read(size - start)
+    at = tail.find(b"IDAT")
+    while at >= 4:
+      chunks = _chunks_from(tail, at - 4)
+      if chunks is not None:
+        last = max(k for k, (kind, _) in enumerate(chunks) if kind == b"IDAT")
+        return any(_orientation_chunk(kind, head) for kind, head in chunks[last + 1:])
+      at = tail.find(b"IDAT", at + 1)
+    fp.seek(8)  # no chunk boundary found before the image data's end in the tail: walk the headers
     seen_data = False
     while True:
       head = fp.read(8)
@@ -189,13 +220,11 @@ def _png_metadata_after_data(img) -> bool:
         return False
       if kind == b"IDAT":
         seen_data = True
-      elif seen_data and kind == b"eXIf":
-        return True
-      elif seen_data and kind in (b"tEXt", b"zTXt", b"iTXt"):
-        keyword = fp.read(min(length, 80)).split(b"\0")[0]
-        if keyword.decode("latin-1") in _PNG_ORIENTATION_KEYS:
+      elif seen_data and kind in (b"eXIf", b"tEXt", b"zTXt", b"iTXt"):
+        data_head = fp.read(min(length, 80))
+        if _orientation_chunk(kind, data_head):
           return True
-        fp.seek(-min(length, 80), 1)
+        fp.seek(-len(data_head), 1)
       fp.seek(length + 4, 1)  # the data and its CRC
   except (OSError, struct.error):
     return False
@@ -206,10 +235,9 @@ def _png_metadata_after_data(img) -> bool:
 def _orientation(img) -> int:
   """The EXIF orientation (1: upright) as Pillow's `getexif` gives it (transformers' `load_image`
   applies it), from what opening the file read where that is all of it — a JPEG's/WebP's EXIF
-  block, TIFF tags, a PNG eXIf chunk before the image data — so the header-only grid agrees with
-  the decode. A PNG whose orientation may come from elsewhere (a chunk after the image data, a text
-  profile, XMP) is decoded first, as Pillow's `getexif` does (rare); a decode error there is the
-  caller's (a bad image)."""
+  block, TIFF tags, a PNG's chunks before the image data (eXIf, text profile, XMP) — so the
+  header-only grid agrees with the decode. A PNG with such a chunk after the image data is decoded
+  first, as Pillow's `getexif` does (rare); a decode error there is the caller's (a bad image)."""
   if img.format == "TIFF":  # Pillow turns a TIFF upright itself: its size at open, and its load
     return 1
   if img.format == "PNG":
@@ -222,9 +250,14 @@ def _orientation(img) -> int:
           return int(exif[0x0112])
       except Exception:  # noqa: BLE001 — garbled: Pillow's getexif below decides
         pass
-    if not (any(k in img.info for k in _PNG_ORIENTATION_KEYS) or _png_metadata_after_data(img)):
+    if _png_metadata_after_data(img):
+      img.load()  # what Pillow's getexif does for a PNG; outside the guard below: corrupt data raises
+    elif not (raw or any(k in img.info for k in _PNG_ORIENTATION_KEYS)):
       return 1
-    img.load()  # what Pillow's getexif does for a PNG; outside the guard below: corrupt data raises
+    try:  # Image's own getexif: the PNG's override would decode, and nothing comes after the data
+      return int(Image.Image.getexif(img).get(0x0112, 1))
+    except Exception:  # noqa: BLE001 — a garbled EXIF block: no orientation, as browsers do
+      return 1
   try:
     return int(img.getexif().get(0x0112, 1))
   except Exception:  # noqa: BLE001 — a garbled EXIF block: no orientation, as browsers do
