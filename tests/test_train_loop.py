@@ -696,6 +696,14 @@ def test_a_text_reward_raising_in_a_step_keeps_the_state_and_saves_the_steps_bef
     metric_only.run()
   assert int(metric_only.state.step) == 0
   metric_only.close()
+  # … while a weight-0 text reward that gives −∞ (a metric's log-probability) is no failure: the
+  # update goes on (an ∞ check on the text rewards' values skipped every update, silently)
+  register_reward("nb_text0", text_reward(lambda texts, labels: [float("-inf")] * len(texts), tok), replace=True)
+  metric_only = make(tmp_path / "d", tok_dir, steps=1, save_every=10,
+                     rewards=RewardConfig(weights=(("format", 1.0), ("nb_text0", 0.0))))
+  (m,) = metric_only.run()
+  assert m["skipped_updates"] == 0 and m["reward/nb_text0"] == float("-inf")
+  metric_only.close()
 
 
 def test_a_resume_with_the_model_a_run_trained_in_place_is_refused(tmp_path, monkeypatch):

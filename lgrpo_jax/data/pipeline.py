@@ -466,8 +466,8 @@ class _GroupedIterator(grain.DatasetIterator):
 
 _OTHER_MODE = ("the saved data position is the pipeline's with pipeline.group_by_grid={saved}, and this run has "
                "{now}: one cannot read the other's. Resume with pipeline.group_by_grid={saved} (false needs one "
-               "process), or start a new run from its weights (`python -m lgrpo_jax.convert to-hf RUN_DIR OUT`, then "
-               "model.checkpoint=OUT)")
+               "process), or start a new run_dir (a finished run's weights: `python -m lgrpo_jax.convert to-hf RUN_DIR "
+               "OUT`, then model.checkpoint=OUT)")
 
 
 class _GroupedDataset(grain.IterDataset):

@@ -180,6 +180,19 @@ def compute_rewards(inputs: RewardInputs, cfg: RewardConfig = RewardConfig()):
   return jnp.where(unscored, jnp.nan, total), parts
 
 
+def compute_rewards_and_failures(inputs: RewardInputs, cfg: RewardConfig = RewardConfig()):
+  """`compute_rewards`, and a () bool: whether the Python function of a text reward called in them
+  (of any weight, configured or called by another reward) raised — the step then skips its update
+  and the training loop raises the error."""
+  del _TRACED_FAILURES[:]
+  try:
+    total, parts = compute_rewards(inputs, cfg)
+    failed = functools.reduce(jnp.logical_or, _TRACED_FAILURES, jnp.bool_(False))
+  finally:
+    del _TRACED_FAILURES[:]
+  return total, parts, failed
+
+
 def check_rewards(cfg: RewardConfig, b: int, g: int, n: int) -> None:
   """Trace the configured rewards on abstract inputs of the step's shapes (B pairs, G samples, N
   new tokens), with listener probabilities exactly when the step will compute them: a reward that
@@ -234,8 +247,11 @@ class RewardError(ValueError):
 
 
 # What text rewards' host functions raised in the step running (the callback thread appends): the
-# training loop takes them after each step whose update was skipped (`take_host_errors`).
+# training loop takes them after every step (`take_host_errors`).
 _HOST_ERRORS: list = []
+# While rewards are traced (`compute_rewards_and_failures`): each text reward's traced "its function
+# raised" flag, wherever it was called from (configured, or inside another reward).
+_TRACED_FAILURES: list = []
 
 
 def take_host_errors() -> list:
@@ -275,12 +291,14 @@ def text_reward(fn: Callable, tokenizer) -> Callable:
                             f"expected ({len(texts)},): one float (or None) per completion")
     if error is not None:
       _HOST_ERRORS.append(error)
-      return np.full(tokens.shape[:2], np.inf, np.float32)  # a broken reward: the update is skipped
-    return values.reshape(tokens.shape[:2])
+      return np.full(tokens.shape[:2], np.inf, np.float32), np.bool_(True)
+    return values.reshape(tokens.shape[:2]), np.bool_(False)
 
   def reward(inputs: RewardInputs):
-    shape = jax.ShapeDtypeStruct(inputs.lengths.shape, jnp.float32)
-    return jax.pure_callback(host, shape, inputs.tokens, inputs.lengths, inputs.labels)
+    shapes = (jax.ShapeDtypeStruct(inputs.lengths.shape, jnp.float32), jax.ShapeDtypeStruct((), jnp.bool_))
+    values, failed = jax.pure_callback(host, shapes, inputs.tokens, inputs.lengths, inputs.labels)
+    _TRACED_FAILURES.append(failed)  # the step skips its update on it (`compute_rewards_and_failures`)
+    return values
 
   reward.reward_name = getattr(fn, "__name__", repr(fn))  # register_reward renames it
   return reward

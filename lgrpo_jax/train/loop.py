@@ -286,6 +286,7 @@ class Trainer:
                                    self.listener_graphdef, self.spec if step_cfg.rewards.needs_listener else None,
                                    self.tables, mesh)
       self._signals, self.stopped_by, self._eval_error = stopping.StopSignals(), None, None
+      self._running = False
       self.best_accuracy = self._best_accuracy()  # before _restore drops the metrics past its step
       self._eval_missed = False  # the resumed step's evaluation was cut short: `run` does it first
       self.resumed_from = self._restore(config_record)
@@ -541,9 +542,10 @@ class Trainer:
     try:
       with self._mesh_ctx():
         return self.evaluator(self.state.params, self.listener_params, signals=self._signals)
-    finally:
-      if self._signals.signum:  # a stop asked for between runs is spent by the evaluation it stopped
+    except stopping.EvaluationStopped:
+      if not self._running:  # a stop asked for between runs is spent by the evaluation it stopped
         self._signals = stopping.StopSignals()
+      raise
 
   def _evaluate_in_run(self) -> dict:
     """`evaluate` inside `run`. A stop asked for during it ends it early: {} is returned and
@@ -602,6 +604,7 @@ class Trainer:
     take_host_errors()  # none left from elsewhere (a test's own call of the reward)
     self.skipped_steps = 0
     self._untrained = False
+    self._running = True
     try:
       self._run(out, tty, on_metrics)
     except BaseException as e:
@@ -622,6 +625,7 @@ class Trainer:
           log.exception("saving the step reached after an error failed")
       raise
     finally:
+      self._running = False
       self._signals = stopping.StopSignals()  # this run's stop is spent: `evaluate()` after it runs
       self._hand_back()
     return out

@@ -28,7 +28,8 @@ from lgrpo_jax.grpo.core import LossConfig, advantage_metrics, advantages, token
 from lgrpo_jax.grpo.update import OptimConfig, PolicyBatch, policy_logprobs, update
 from lgrpo_jax.listener import ListenerSpec, listener_probs
 from lgrpo_jax.models.qwen2_5_vl.rope import get_rope_index
-from lgrpo_jax.rewards import RewardConfig, RewardInputs, compute_rewards, parse, reward_metrics
+from lgrpo_jax.rewards import RewardConfig, RewardInputs, parse, reward_metrics
+from lgrpo_jax.rewards.core import compute_rewards_and_failures
 from lgrpo_jax.sampling import SamplingConfig, sample_from_embeddings
 
 
@@ -112,19 +113,6 @@ class Tables:
                                               for c in self.choices))
 
 
-def _rewards_ok(total, parts, valid_b):
-  """() bool: no broken (∞) reward on a real row — in the total, or in any text reward, of weight 0
-  too: its Python function raised (`rewards.text_reward`), so the update is skipped and the loop
-  raises the error after the step."""
-  from lgrpo_jax.rewards.core import REWARDS
-  rows = valid_b[:, None] > 0
-  ok = ~jnp.any(jnp.isinf(total) & rows)
-  for name, part in parts.items():
-    if hasattr(REWARDS.get(name), "reward_name"):
-      ok &= ~jnp.any(jnp.isinf(part) & rows)
-  return ok
-
-
 def train_step(state: TrainState, ref_params, listener_params, batch: Batch, tables: Tables, *,
                graphdef, listener_graphdef, tx, cfg: StepConfig, spec: ListenerSpec | None, pair_grid,
                listener_is_reference: bool = False):
@@ -157,7 +145,8 @@ def train_step(state: TrainState, ref_params, listener_params, batch: Batch, tab
                            rollout.tokens, rollout.lengths, spec, cfg.prefix_sharing, frozen_feats,
                            parsed.answer_token)
   inputs = RewardInputs(rollout.tokens, rollout.mask, rollout.lengths, batch.labels, parsed, probs)
-  total, parts = compute_rewards(inputs, cfg.rewards)
+  # (a text reward whose Python function raised: the update is skipped, the loop raises it)
+  total, parts, reward_failed = compute_rewards_and_failures(inputs, cfg.rewards)
   adv = advantages(total, cfg.loss, batch.valid)
 
   # 3. Old and reference log-probs (prompt once per pair), then the update.
@@ -182,7 +171,8 @@ def train_step(state: TrainState, ref_params, listener_params, batch: Batch, tab
   params, opt_state, update_metrics = update(state.params, state.opt_state, graphdef, tx, pb, pair_grid,
                                              cfg.loss, cfg.optim, cfg.logprob_chunk, cfg.prefix_sharing,
                                              cfg.sampling.logprob_temperature,
-                                             rewards_ok=_rewards_ok(total, parts, batch.valid))
+                                             rewards_ok=~reward_failed & ~jnp.any(
+                                                 jnp.isinf(total) & (batch.valid[:, None] > 0)))
 
   valid = batch.valid.astype(jnp.float32)
   metrics = {**reward_metrics(inputs, total, parts, batch.valid), **advantage_metrics(total, adv, batch.valid),
