@@ -248,8 +248,8 @@ def update(params, opt_state, graphdef, tx: optax.GradientTransformation, batch:
            temperature: float = 1.0, rewards_ok=None):
   """μ optimiser steps on the same rollouts → (params, opt_state, metrics). A pass whose loss or
   gradients are not finite changes nothing (bit for bit) and is counted in `skipped_updates`; so
-  does every pass when `rewards_ok` (a () bool) is False — a broken (∞) reward, even where no loss
-  token would have read it.
+  does every pass when `rewards_ok` (a () bool) is False — a broken (∞) reward, or a text reward
+  whose Python function raised, even where no loss token would have read it.
 
   A frozen vision tower (`optim_cfg.freeze` has "vision") is run once, before the passes, unless
   `batch.image_embeds` already holds its features: the loss then reads them as constants, so no

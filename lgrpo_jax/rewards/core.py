@@ -269,9 +269,10 @@ def text_reward(fn: Callable, tokenizer) -> Callable:
   matters.
 
   fn raising (or returning the wrong number of values) does not fail the step's program — that
-  would lose the state it was given (donated): the reward is ∞ instead, so the update is skipped
-  and the state kept, and the training loop then raises the error (a `RewardError`, fn's own
-  exception as its cause) after the step, saving the steps trained before it. Called outside a
+  would lose the state it was given (donated): the reward is ∞ instead and a traced flag makes the
+  step skip its update (`compute_rewards_and_failures`), so the state is kept; the training loop
+  then raises the error (a `RewardError`, fn's own exception as its cause) after the step, saving
+  the steps trained before it. Called outside a
   Trainer (a notebook's own `compute_rewards`), an ∞ means that: `take_host_errors()` gives the
   errors."""
   def host(tokens, lengths, labels):

@@ -723,13 +723,9 @@ class Trainer:
                                       to_device(host, self.mesh), self.tables)
       self._untrained = False
       metrics = {k: host_scalar(v) for k, v in metrics.items()}
-      errors = take_host_errors()  # what text rewards raised in this step (host side)
-      if metrics["skipped_updates"]:  # the same on every process
-        self._raise_reward_errors(key_before, errors,
-                                  rolled_back=metrics["skipped_updates"] == self.step_cfg.optim.passes)
-      elif errors:  # a text reward called from inside another reward: its ∞ did not reach the update
-        log.warning("step %d: %s (it did not stop the update: a text reward called from inside another "
-                    "reward)", int(self.state.step), errors[0])
+      errors = take_host_errors()  # what text rewards raised in this step (on the process that ran them)
+      if metrics["skipped_updates"]:  # (the same on every process) a text reward failing skips every pass
+        self._raise_reward_errors(key_before, errors)
       dt = time.perf_counter() - t0
       step = int(self.state.step)
       tflops = self.step_flops(host, int(metrics["decode_steps"])) / dt / 1e12
@@ -769,14 +765,12 @@ class Trainer:
     if tty and out:
       print(file=sys.stderr)
 
-  def _raise_reward_errors(self, key_before, mine: list, rolled_back: bool = True) -> None:
+  def _raise_reward_errors(self, key_before, mine: list) -> None:
     """After a step whose update was skipped: if a text reward's Python function raised in it on
-    any process (`rewards.text_reward`), the state goes back to the step before — the reward was
-    ∞, so parameters and optimizer state are unchanged — the step is saved with the data position
-    before its batch, and the error is raised on every process (the reward's own on the processes
-    where it raised). `rolled_back` False (an update pass was applied after all: the failing text
-    reward was called from inside another reward, whose ∞ did not stop it): the step is kept and saved.
-    """
+    any process (`rewards.text_reward`; `mine`: this process's errors), the state goes back to the
+    step before — its failure skipped every update pass, so parameters and optimizer state are
+    unchanged — the step is saved with the data position before its batch, and the error is raised
+    on every process (the reward's own on the processes where it raised)."""
     from lgrpo_jax.rewards.core import RewardError
     failed = [jax.process_index()] if mine else []
     if jax.process_count() > 1:
@@ -785,23 +779,19 @@ class Trainer:
       failed = [int(i) for i in np.flatnonzero(flags)]
     if not failed:
       return
-    # (a text reward called from another reward: no key was kept; the run differs from one that
-    # never failed only in its sampling from here)
-    at = int(self.state.step)
-    if rolled_back:
-      self.state = self.state._replace(step=self.state.step - 1,
-                                       **({} if key_before is None else {"key": key_before}))
-      self.feed.rewind()
+    # (a text reward called from inside another reward: no key was kept; the run differs from one
+    # that never failed only in its sampling from here)
+    self.state = self.state._replace(step=self.state.step - 1, **({} if key_before is None else {"key": key_before}))
+    self.feed.rewind()
     self.save()
     self.manager.wait_until_finished()
     step = int(self.state.step)
     if mine:
       error = mine[0]
-      error.args = (f"{error.args[0]} (at step {at}; " + (
-          f"the update was not applied, step {step} is saved and a new run() or restart reads that batch again)"
-          if rolled_back else f"step {step} is saved)"),)
+      error.args = (f"{error.args[0]} (at step {step + 1}; the update was not applied, step {step} is saved and "
+                    "a new run() or restart reads that batch again)",)
       raise error
-    raise RewardError(f"a text reward failed at step {at} on process {', '.join(map(str, failed))} of "
+    raise RewardError(f"a text reward failed at step {step + 1} on process {', '.join(map(str, failed))} of "
                       f"{jax.process_count()} (its log names it); every process saved step {step} and stops")
 
   def _keep_if_best(self, step: int, metrics: dict) -> None:
