@@ -34,8 +34,10 @@ def read_json(path, error=None):
   try:
     with open(path, encoding="utf-8") as f:
       return json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+  except json.JSONDecodeError as e:
     raise error(f"{os.fspath(path)}: not valid JSON ({e})") from None
+  except UnicodeDecodeError as e:
+    raise error(f"{os.fspath(path)}: not UTF-8 text (byte {e.start}: {e.reason}); JSON files must be UTF-8") from None
   except (RecursionError, ValueError) as e:  # nested too deep; an integer of over 4300 digits
     raise error(f"{os.fspath(path)}: not JSON this reader can take ({type(e).__name__}: {str(e)[:200]})") from None
   except OSError as e:

@@ -193,12 +193,11 @@ def check_tokenizer_fits(tokenizer, model_config, what: str = "the model") -> No
   them) and ordinary text tokens are overwritten; an id past the embedding table is clamped by XLA."""
   wrong = []
   for field, token in _MODEL_TOKENS:
-    want = getattr(model_config, field, None)
-    got = tokenizer.convert_tokens_to_ids(token)
-    if want is not None and got != want:
+    want, got = getattr(model_config, field), tokenizer.convert_tokens_to_ids(token)
+    if got != want:
       wrong.append(f"{token} is {got} in the tokenizer, {field}={want} in {what}'s config")
   size, vocab = len(tokenizer), model_config.text.vocab_size
-  if vocab is not None and size > vocab:
+  if size > vocab:
     wrong.append(f"the tokenizer has {size} tokens, {what}'s vocab_size is {vocab}")
   if wrong:
     name = getattr(tokenizer, "name_or_path", "") or "the tokenizer"

@@ -19,7 +19,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
-import json
 import logging
 import math
 import os
@@ -96,15 +95,8 @@ def subsample(pair_id: str, fraction: float, seed: int = 0) -> bool:
 def _load_json_list(path: str) -> list:
   if not os.path.isfile(path):
     raise DataError(f"{path}: " + ("a directory, not a JSON file" if os.path.isdir(path) else "file not found"))
-  try:
-    with open(path, encoding="utf-8") as f:
-      data = json.load(f)
-  except json.JSONDecodeError as e:
-    raise DataError(f"{path}: not valid JSON ({e})") from None
-  except UnicodeDecodeError as e:
-    raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); JSON files must be UTF-8") from None
-  except (RecursionError, ValueError) as e:  # nested too deep; an integer of over 4300 digits
-    raise DataError(f"{path}: not JSON this reader can take ({type(e).__name__}: {str(e)[:200]})") from None
+  from lgrpo_jax.safetensors_io import read_json
+  data = read_json(path, DataError)
   if not isinstance(data, list):
     raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
   return data
